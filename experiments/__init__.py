@@ -1,0 +1,1 @@
+"""Experiment files: each defines get_config() -> ml_collections.ConfigDict."""

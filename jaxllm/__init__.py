@@ -1,0 +1,9 @@
+"""jaxllm: train, shard, quantize and serve decoder-only LLMs with JAX."""
+
+__version__ = "0.1.0"
+
+
+def load(path):
+  """Loads a model for inference; see `jaxllm.api.load`."""
+  from jaxllm.api import load as _load  # jax is imported on first use, not on `import jaxllm`
+  return _load(path)

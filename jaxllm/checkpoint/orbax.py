@@ -1,0 +1,96 @@
+"""Training checkpoints with orbax.
+
+Each step directory holds four items, so a reader can take only what it needs:
+  params       the model parameters (StandardSave: sharded arrays, restorable onto any mesh)
+  train_state  {"opt_state", "step", "rng"}
+  data         the grain iterator state, one JSON file per process (grain's own handler)
+orbax writes each step into a temporary directory and renames it when complete, so a crash
+mid-save never damages an earlier checkpoint; `keep` bounds how many are kept.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be restored into the requested structure; message says why."""
+
+
+def _abstract(tree):
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)
+
+
+class Checkpointer:
+  """Saves and restores TrainState dicts (see `jaxllm.train.step`) under `directory`."""
+
+  def __init__(self, directory: str | os.PathLike[str], keep: int = 3, *, read_only=False):
+    # Readers only restore; orbax's own read_only mode logs three warnings per open.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only, enable_async_checkpointing=False)
+    self.directory = os.path.abspath(os.fspath(directory))
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("params", "train_state", "data"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, state: dict[str, Any], data_iterator=None) -> int:
+    step = int(jax.device_get(state["step"]))
+    items = {
+        "params": ocp.args.StandardSave(state["params"]),
+        "train_state": ocp.args.StandardSave(
+            {"opt_state": state["opt_state"], "step": state["step"], "rng": state["rng"]}),
+    }
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._manager.wait_until_finished()
+    return step
+
+  def restore(self, abstract_state: dict[str, Any], data_iterator=None,
+              step: int | None = None) -> dict[str, Any]:
+    """Restores into the shapes/dtypes/shardings of `abstract_state` (arrays or ShapeDtypeStructs)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    abstract_state = _abstract(abstract_state)
+    items = {
+        "params": ocp.args.StandardRestore(abstract_state["params"]),
+        "train_state": ocp.args.StandardRestore({k: abstract_state[k]
+                                                 for k in ("opt_state", "step", "rng")}),
+    }
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} does not match this "
+                            f"model/optimizer: {str(e).splitlines()[0][:300]}") from None
+    return {"params": restored["params"], **restored["train_state"]}
+
+  def restore_params(self, abstract_params, step: int | None = None):
+    """Only the parameters (for inference), into `abstract_params`' shapes and shardings."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(_abstract(abstract_params))))
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} does not match this "
+                            f"model: {str(e).splitlines()[0][:300]}") from None
+    return restored["params"]
+
+  def close(self) -> None:
+    self._manager.close()

@@ -1,0 +1,99 @@
+"""Flags and error handling shared by every entry point (absl apps)."""
+
+from __future__ import annotations
+
+import functools
+import re
+import os
+import sys
+
+from absl import flags, logging
+
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for multi-host runs "
+    "(discovered automatically on Cloud TPU VMs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the run.")
+
+
+def initialize_distributed() -> None:
+  from jaxllm.parallel.mesh import initialize_distributed as init
+  init(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+
+def default_experiment(name: str = "tiny") -> str:
+  """experiments/<name>.py in the working directory if there, else the installed copy."""
+  local = os.path.join("experiments", f"{name}.py")
+  if os.path.exists(local):
+    return local
+  import experiments
+  return os.path.join(os.path.dirname(experiments.__file__), f"{name}.py")
+
+
+def user_errors():
+  """Error types that are the user's input, printed as one line instead of a traceback."""
+  from jaxllm.checkpoint.orbax import CheckpointError
+  from jaxllm.config import ConfigError
+  from jaxllm.data.corpus import CorpusError
+  from jaxllm.train.loop import TrainingDiverged
+  return (ConfigError, CorpusError, CheckpointError, TrainingDiverged, FileNotFoundError)
+
+
+def one_line_errors(main):
+  """Wraps an absl main: quiet library logs, and user errors exit 2 with a one-line message."""
+  @functools.wraps(main)
+  def wrapped(argv):
+    if not flags.FLAGS["verbosity"].present:
+      # orbax logs every file it writes at INFO; keep the terminal for the progress bar.
+      logging.set_verbosity(logging.WARNING)
+    try:
+      return main(argv)
+    except user_errors() as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+  return wrapped
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing whose errors (bad flag, bad config file or key) are one line, exit 2."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+    message = str(e).strip().splitlines()
+    print(f"error: {message[0] if message else type(e).__name__}", file=sys.stderr)
+    sys.exit(2)
+
+
+def define_config_flag(default_experiment: str):
+  """`--config=FILE` plus `--config.key=value` overrides, with one-line errors.
+
+  ml_collections applies overrides while the flag is defined (at import), so a misspelt key
+  raises there rather than in `parse_flags`.
+  """
+  from ml_collections import config_flags
+  try:
+    return config_flags.DEFINE_config_file(
+        "config", default_experiment, "Experiment file (get_config() -> ConfigDict); "
+        "override keys with --config.section.key=value.", lock_config=True)
+  except (AttributeError, KeyError) as e:
+    # ml_collections nests reprs: "'\\'foo\\'\\nDid you mean ...'"; keep the key alone.
+    key = re.split(r"\\n|\n", str(e))[0].replace("\\", "").strip("\"' ")
+    print(f"error: unknown config key {key!r} in a --config.* flag", file=sys.stderr)
+  except (OSError, ValueError, TypeError, SyntaxError) as e:
+    print(f"error: cannot load the experiment config: {str(e).strip().splitlines()[0]}",
+          file=sys.stderr)
+  sys.exit(2)
+
+
+def config_value(holder):
+  """The ConfigDict of a `define_config_flag` flag; a missing or broken file is a ConfigError."""
+  from ml_collections import config_flags
+  from jaxllm.config import ConfigError
+  try:
+    value = holder.value
+    value.to_dict()  # a config that failed to load raises on first use, not on `.value`
+    return value
+  except OSError:
+    path = config_flags.get_config_filename(flags.FLAGS[holder.name])
+    raise ConfigError(f"cannot load experiment file {path!r} (missing, or no get_config())"
+                      ) from None

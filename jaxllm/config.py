@@ -1,0 +1,262 @@
+"""Typed, validated experiment configs.
+
+Experiment files in `experiments/` return an `ml_collections.ConfigDict` from `get_config()`;
+`from_config_dict` turns it into frozen dataclasses, one per concern, and checks every
+constraint that can be checked before anything is compiled. A failed check raises
+`ConfigError` whose message names the offending key; the CLIs print it as one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """An invalid configuration; the message names the key and the reason."""
+
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("auto", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Llama-style decoder. Shapes: V vocab, D d_model, H heads, K kv heads, Dh head_dim, F d_ff."""
+  vocab_size: int = 2048
+  d_model: int = 256
+  n_layers: int = 4
+  n_heads: int = 4
+  n_kv_heads: int = 2
+  head_dim: int = 64
+  d_ff: int = 768
+  max_seq_len: int = 2048
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  # Master params are always `param_dtype`; matmuls run in `dtype`.
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+  attention_impl: str = "auto"
+  init_std: float = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  # Empty: the running Python's standard library `.py` files (found via sysconfig).
+  paths: tuple[str, ...] = ()
+  # Share of files (chosen by a hash of their path, so stable) held out for evaluation.
+  eval_fraction: float = 0.05
+  # Empty: train a sentencepiece model on the train split and store it in the workdir.
+  tokenizer: str = ""
+  tokenizer_max_sentences: int = 300_000
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 1000
+  batch_size: int = 16
+  seq_len: int = 256
+  lr: float = 3e-3
+  min_lr_ratio: float = 0.1
+  warmup_steps: int = 50
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  clip_norm: float = 1.0
+  grad_accum: int = 1
+  z_loss: float = 0.0
+  log_every: int = 10
+  eval_every: int = 200
+  eval_batches: int = 8
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 3
+  seed: int = 0
+  microbatches: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device counts per mesh axis; -1 means all devices not used by the other axes."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  stage: int = 1
+  expert: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  name: str
+  model: ModelConfig
+  data: DataConfig
+  train: TrainConfig
+  mesh: MeshConfig
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+  """Converts a ConfigDict value to the dataclass field's type, or raises ConfigError."""
+  if isinstance(default, bool):
+    if isinstance(value, bool):
+      return value
+    raise ConfigError(f"{key}={value!r} must be a bool")
+  if isinstance(default, int):
+    if isinstance(value, bool) or not isinstance(value, int):
+      if isinstance(value, float) and value.is_integer():
+        return int(value)
+      raise ConfigError(f"{key}={value!r} must be an integer")
+    return value
+  if isinstance(default, float):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"{key}={value!r} must be a number")
+    return float(value)
+  if isinstance(default, tuple):
+    if isinstance(value, str):
+      return tuple(p for p in value.split(",") if p)
+    if isinstance(value, (list, tuple)):
+      return tuple(str(v) for v in value)
+    raise ConfigError(f"{key}={value!r} must be a list of strings or a comma-separated string")
+  if isinstance(default, str):
+    if not isinstance(value, str):
+      raise ConfigError(f"{key}={value!r} must be a string")
+    return value
+  return value
+
+
+def _section(name: str, cls: type, values: Mapping[str, Any]):
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  kwargs = {}
+  for key, value in values.items():
+    if key not in fields:
+      known = ", ".join(sorted(fields))
+      raise ConfigError(f"unknown config key {name}.{key} (known keys of {name}: {known})")
+    default = fields[key].default
+    kwargs[key] = _coerce(f"{name}.{key}", value, default)
+  return cls(**kwargs)
+
+
+def from_config_dict(cd: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
+  """Builds and validates a Config; raises ConfigError naming the first bad key."""
+  values = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
+  name = values.pop("name", "experiment")
+  if not isinstance(name, str) or not name:
+    raise ConfigError("name must be a non-empty string")
+  sections = {}
+  for key, value in values.items():
+    if key not in _SECTIONS:
+      raise ConfigError(f"unknown config section {key!r} (known: name, {', '.join(_SECTIONS)})")
+    if not isinstance(value, Mapping):
+      raise ConfigError(f"config section {key} must be a mapping, got {value!r}")
+    sections[key] = _section(key, _SECTIONS[key], value)
+  for key, cls in _SECTIONS.items():
+    sections.setdefault(key, cls())
+  config = Config(name=name, **sections)
+  validate(config)
+  return config
+
+
+def from_dict(values: Mapping[str, Any]) -> Config:
+  """Inverse of `Config.to_dict` (used to read a workdir's config.json)."""
+  return from_config_dict(values)
+
+
+def _positive(key: str, value: float) -> None:
+  if value <= 0:
+    raise ConfigError(f"{key}={value} must be positive")
+
+
+def validate(config: Config) -> None:
+  """Checks constraints between keys; raises ConfigError with a one-line reason."""
+  m, t, d, mesh = config.model, config.train, config.data, config.mesh
+  for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+              "max_seq_len"):
+    _positive(f"model.{key}", getattr(m, key))
+  _positive("model.rope_theta", m.rope_theta)
+  _positive("model.norm_eps", m.norm_eps)
+  _positive("model.init_std", m.init_std)
+  if m.n_heads % m.n_kv_heads:
+    raise ConfigError(
+        f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}")
+  if m.head_dim % 2:
+    raise ConfigError(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs)")
+  for key in ("dtype", "param_dtype"):
+    if getattr(m, key) not in DTYPES:
+      raise ConfigError(f"model.{key}={getattr(m, key)!r} is not one of {', '.join(DTYPES)}")
+  if m.remat not in REMAT_POLICIES:
+    raise ConfigError(f"model.remat={m.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
+  if m.attention_impl not in ATTENTION_IMPLS:
+    raise ConfigError(
+        f"model.attention_impl={m.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+
+  for key in ("steps", "batch_size", "seq_len", "lr", "grad_accum", "log_every", "eval_every",
+              "eval_batches", "checkpoint_every", "keep_checkpoints", "microbatches"):
+    _positive(f"train.{key}", getattr(t, key))
+  if t.warmup_steps < 0:
+    raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be >= 0")
+  if not 0.0 <= t.min_lr_ratio <= 1.0:
+    raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+  if t.weight_decay < 0 or t.z_loss < 0 or t.clip_norm < 0:
+    raise ConfigError("train.weight_decay, train.z_loss and train.clip_norm must be >= 0")
+  if t.seq_len > m.max_seq_len:
+    raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+  if t.batch_size % t.grad_accum:
+    raise ConfigError(
+        f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+  if not 0.0 < d.eval_fraction < 1.0:
+    raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in (0, 1)")
+  if d.tokenizer_max_sentences <= 0:
+    raise ConfigError("data.tokenizer_max_sentences must be positive")
+  for key in ("data", "fsdp", "tensor", "stage", "expert"):
+    value = getattr(mesh, key)
+    if value == 0 or value < -1:
+      raise ConfigError(f"mesh.{key}={value} must be a positive device count or -1")
+  if sum(getattr(mesh, k) == -1 for k in ("data", "fsdp", "tensor", "stage", "expert")) > 1:
+    raise ConfigError("at most one mesh axis may be -1 (all remaining devices)")
+
+
+def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
+  """Mesh axis sizes with -1 filled in; raises ConfigError if they do not tile the devices."""
+  sizes = {k: getattr(mesh, k) for k in ("data", "fsdp", "tensor", "stage", "expert")}
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if num_devices % fixed:
+    raise ConfigError(
+        f"mesh {sizes} needs a multiple of {fixed} devices, but {num_devices} are available")
+  for k, v in sizes.items():
+    if v == -1:
+      sizes[k] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ConfigError(f"mesh {sizes} uses {math.prod(sizes.values())} devices, "
+                      f"but {num_devices} are available (set one axis to -1)")
+  return sizes
+
+
+def validate_for_devices(config: Config, num_devices: int) -> dict[str, int]:
+  """Device-dependent checks (run before compiling); returns the resolved mesh shape."""
+  sizes = resolve_mesh_shape(config.mesh, num_devices)
+  t, m = config.train, config.model
+  batch_shards = sizes["data"] * sizes["fsdp"]
+  micro = t.batch_size // t.grad_accum
+  if micro % batch_shards:
+    raise ConfigError(
+        f"train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum} = {micro} is not "
+        f"divisible by the {batch_shards} batch shards (mesh.data x mesh.fsdp)")
+  if sizes["tensor"] > 1 and (m.n_kv_heads % sizes["tensor"] or m.n_heads % sizes["tensor"]):
+    raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} and model.n_heads={m.n_heads} must be "
+                      f"divisible by mesh.tensor={sizes['tensor']}")
+  if sizes["stage"] > 1 or sizes["expert"] > 1:
+    raise ConfigError("mesh.stage and mesh.expert > 1 are not supported yet "
+                      "(pipeline and expert parallelism are not built)")
+  return sizes

@@ -1,0 +1,154 @@
+"""Text corpora: which documents exist, how to read one, and the held-out split.
+
+A corpus is a list of `DocRef`s, cheap references that the grain pipeline reads lazily. The
+default corpus is the running Python's standard library (`.py` files below `sysconfig`'s stdlib
+path, without test suites and site-packages). User corpora are `.txt`/`.py`/`.md` files (one
+document each) and `.jsonl` files (one document per line, in its "text" field), given as paths,
+directories or globs. The held-out split is by file, decided by a hash of the file's path, so it
+is stable across runs and machines; a corpus too small to split by file is split inside each
+document instead (its last lines are held out).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import sysconfig
+import zlib
+
+TEXT_SUFFIXES = (".txt", ".py", ".md")
+_STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+class CorpusError(ValueError):
+  """The corpus is missing, empty or unreadable; the message says which."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DocRef:
+  """One document: a whole text file, one line of a .jsonl file, or a line range of a text file."""
+  path: str
+  jsonl_offset: int = -1  # byte offset of the line in a .jsonl file, -1 for text files
+  line_start: int = 0  # [line_start, line_end) of a text file, line_end -1 = to the end
+  line_end: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  train: tuple[DocRef, ...]
+  eval: tuple[DocRef, ...]
+
+
+def stdlib_files() -> list[str]:
+  root = sysconfig.get_paths()["stdlib"]
+  files = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS)
+    files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
+  return files
+
+
+def expand_paths(patterns: tuple[str, ...] | list[str]) -> list[str]:
+  """Files named by paths, directories (searched recursively) and globs; sorted, unique."""
+  files: set[str] = set()
+  for pattern in patterns:
+    matches = glob.glob(os.path.expanduser(pattern), recursive=True)
+    if not matches:
+      raise CorpusError(f"data.paths entry {pattern!r} matches no file")
+    for match in matches:
+      if os.path.isdir(match):
+        for dirpath, _, filenames in os.walk(match):
+          files.update(os.path.join(dirpath, f) for f in filenames
+                       if f.endswith(TEXT_SUFFIXES + (".jsonl",)))
+      else:
+        files.add(match)
+  return sorted(files)
+
+
+def read_document(ref: DocRef) -> str:
+  """The text of one document (undecodable bytes replaced)."""
+  if ref.jsonl_offset >= 0:
+    with open(ref.path, "rb") as f:
+      f.seek(ref.jsonl_offset)
+      record = json.loads(f.readline())
+    return record["text"] if isinstance(record, dict) else str(record)
+  with open(ref.path, encoding="utf-8", errors="replace") as f:
+    text = f.read()
+  if ref.line_start == 0 and ref.line_end == -1:
+    return text
+  lines = text.splitlines(keepends=True)
+  return "".join(lines[ref.line_start:None if ref.line_end == -1 else ref.line_end])
+
+
+def _jsonl_docs(path: str) -> list[DocRef]:
+  docs, offset = [], 0
+  with open(path, "rb") as f:
+    for number, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise CorpusError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if isinstance(record, dict) and not isinstance(record.get("text"), str):
+          raise CorpusError(f"{path}:{number}: JSON object has no string field 'text'")
+        docs.append(DocRef(path, jsonl_offset=offset))
+      offset += len(line)
+  return docs
+
+
+def _is_held_out(path: str, root: str, eval_fraction: float) -> bool:
+  key = os.path.relpath(path, root).replace(os.sep, "/")
+  return zlib.crc32(key.encode()) % 10_000 < eval_fraction * 10_000
+
+
+def build_corpus(paths: tuple[str, ...] | list[str], eval_fraction: float) -> Corpus:
+  """Finds the documents and splits them into train and held-out sets."""
+  if paths:
+    files = expand_paths(paths)
+    root = os.path.commonpath([os.path.abspath(f) for f in files]) if files else ""
+  else:
+    files = stdlib_files()
+    root = sysconfig.get_paths()["stdlib"]
+  train, held_out, readable = [], [], []
+  for path in files:
+    try:
+      if path.endswith(".jsonl"):
+        docs = _jsonl_docs(path)
+      else:
+        docs = [DocRef(path)] if os.path.getsize(path) > 0 else []
+    except OSError as e:
+      raise CorpusError(f"cannot read {path}: {e.strerror}") from None
+    if docs:
+      readable.append((path, docs))
+      (held_out if _is_held_out(os.path.abspath(path), root, eval_fraction) else train).extend(docs)
+  if not readable:
+    where = ", ".join(paths) if paths else sysconfig.get_paths()["stdlib"]
+    raise CorpusError(f"the corpus is empty: no non-empty text found in {where}")
+  if not train or not held_out:
+    train, held_out = _split_inside_documents(readable, eval_fraction)
+  return Corpus(tuple(train), tuple(held_out))
+
+
+def _split_inside_documents(readable, eval_fraction):
+  """Holds out the last lines of each text file (or the last records of each .jsonl file)."""
+  train, held_out = [], []
+  for path, docs in readable:
+    if path.endswith(".jsonl"):
+      cut = max(1, round(len(docs) * (1 - eval_fraction))) if len(docs) > 1 else len(docs)
+      train.extend(docs[:cut])
+      held_out.extend(docs[cut:])
+      continue
+    with open(path, encoding="utf-8", errors="replace") as f:
+      n_lines = len(f.read().splitlines())
+    cut = min(n_lines - 1, max(1, round(n_lines * (1 - eval_fraction))))
+    if cut < 1:
+      train.append(DocRef(path))
+      continue
+    train.append(DocRef(path, line_start=0, line_end=cut))
+    held_out.append(DocRef(path, line_start=cut, line_end=-1))
+  if not train or not held_out:
+    raise CorpusError("the corpus is too small to hold out evaluation data "
+                      "(give more files or longer documents)")
+  return train, held_out

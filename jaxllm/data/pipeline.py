@@ -1,0 +1,162 @@
+"""grain input pipeline: documents -> tokens -> packed sequences -> batches.
+
+Batches are dicts of numpy arrays, all `[batch, length]`:
+  inputs       int32 token ids
+  targets      int32 next-token ids
+  weights      float32, 1 where the target belongs to the same document as the input
+  segment_ids  int32, 1.. per packed document, 0 for padding
+  positions    int32, position inside the document (restarts at each document)
+
+Packing concatenates documents and splits them into rows of `seq_len + 1` tokens
+(`grain.experimental.ConcatThenSplitIterDataset`), so no row is padding except at the very end
+of a finite dataset. Each process reads its own slice of the documents.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator, Sequence
+
+import grain
+import numpy as np
+
+from jaxllm.data import corpus as corpus_lib
+from jaxllm.data.tokenizer import Tokenizer
+
+Batch = dict[str, np.ndarray]
+
+
+class _Tokenize:
+  """`DocRef -> {'tokens': [bos] + ids + [eos]}` (a class so grain can pickle it)."""
+
+  def __init__(self, tokenizer: Tokenizer):
+    self._tokenizer = tokenizer
+
+  def __call__(self, ref: corpus_lib.DocRef) -> dict[str, np.ndarray]:
+    ids = self._tokenizer.encode(corpus_lib.read_document(ref))
+    return {"tokens": np.asarray([self._tokenizer.bos_id, *ids, self._tokenizer.eos_id], np.int32)}
+
+
+def _to_model_batch(packed: dict[str, np.ndarray]) -> Batch:
+  tokens, seg, pos = packed["tokens"], packed["tokens_segment_ids"], packed["tokens_positions"]
+  same_doc = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+  return {
+      "inputs": tokens[:, :-1].astype(np.int32),
+      "targets": tokens[:, 1:].astype(np.int32),
+      "weights": same_doc.astype(np.float32),
+      "segment_ids": seg[:, :-1].astype(np.int32),
+      "positions": pos[:, :-1].astype(np.int32),
+  }
+
+
+def _tuplify(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {k: _tuplify(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return tuple(_tuplify(v) for v in x)
+  return x
+
+
+class CheckpointableIterator:
+  """A grain dataset iterator whose state is JSON bytes that survive a round trip.
+
+  grain's packing iterator keeps tuples in its state and rejects the lists JSON gives back, so
+  `set_state` turns lists into tuples. grain's orbax handler
+  (`grain.checkpoint.CheckpointSave/Restore`) stores these bytes, one file per process.
+  """
+
+  def __init__(self, iterator):
+    self._iterator = iterator
+
+  def __iter__(self) -> "CheckpointableIterator":
+    return self
+
+  def __next__(self) -> Batch:
+    return next(self._iterator)
+
+  def get_state(self) -> bytes:
+    return json.dumps(self._iterator.get_state(), indent=1).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self._iterator.set_state(_tuplify(json.loads(state)))
+
+  def start_prefetch(self) -> None:
+    """Called by grain's handler after a restore; prefetching restarts on the next read."""
+
+  def close(self) -> None:
+    """Stops the prefetch thread (otherwise it is stopped noisily at interpreter exit)."""
+    close = getattr(self._iterator, "close", None)
+    if close is not None:
+      close()
+
+
+def packed_dataset(docs: Sequence[corpus_lib.DocRef], tokenizer: Tokenizer, *, seq_len: int,
+                   batch_size: int, seed: int, shuffle: bool, repeat: bool,
+                   process_index: int = 0, process_count: int = 1,
+                   shuffle_window: int = 1024) -> grain.IterDataset:
+  """Per-process batches of `batch_size` packed rows of `seq_len` tokens.
+
+  With `shuffle`, documents are shuffled and then packed rows are shuffled again within a
+  window of `shuffle_window` rows: a long file fills many consecutive rows, and without the
+  second shuffle consecutive batches would all come from the same file.
+  """
+  ds = grain.MapDataset.source(list(docs))
+  if process_count > 1:
+    ds = ds[process_index::process_count]
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if repeat:
+    ds = ds.repeat()
+  ds = ds.map(_Tokenize(tokenizer)).to_iter_dataset()
+  ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
+  if shuffle:
+    ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=shuffle_window,
+                                                     seed=seed + 1)
+  return ds.batch(batch_size, drop_remainder=repeat).map(_to_model_batch)
+
+
+def train_iterator(docs, tokenizer, *, seq_len: int, batch_size: int, seed: int,
+                   process_index: int = 0, process_count: int = 1) -> CheckpointableIterator:
+  """An endless, shuffled, checkpointable iterator over training batches."""
+  ds = packed_dataset(docs, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                      shuffle=True, repeat=True, process_index=process_index,
+                      process_count=process_count)
+  # A background thread tokenizes and packs the next batches while the device computes.
+  ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=4)
+  return CheckpointableIterator(iter(ds))
+
+
+def eval_batches(docs, tokenizer, *, seq_len: int, batch_size: int, num_batches: int,
+                 process_index: int = 0, process_count: int = 1) -> list[Batch]:
+  """The fixed held-out set: the first `num_batches` batches, a short last one padded."""
+  ds = packed_dataset(docs, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=0,
+                      shuffle=False, repeat=False, process_index=process_index,
+                      process_count=process_count)
+  batches = []
+  for batch in ds:
+    if len(batches) == num_batches:
+      break
+    rows = batch["inputs"].shape[0]
+    if rows < batch_size:  # keep one compiled shape: pad rows carry zero weight
+      batch = {k: np.concatenate([v, np.zeros((batch_size - rows,) + v.shape[1:], v.dtype)])
+               for k, v in batch.items()}
+    batches.append(batch)
+  if not batches:
+    raise corpus_lib.CorpusError("the held-out split produced no evaluation tokens")
+  return batches
+
+
+def sentences_for_tokenizer(docs: Sequence[corpus_lib.DocRef], max_sentences: int) -> Iterator[str]:
+  """Lines of the training documents, spread over all of them, for sentencepiece training."""
+  total = 0
+  # Visiting documents in a strided order spreads the sample when the corpus is larger than
+  # `max_sentences` lines, without reading everything first.
+  stride = 7 if len(docs) > 7 else 1
+  order = [i for r in range(stride) for i in range(r, len(docs), stride)]
+  for i in order:
+    for line in corpus_lib.read_document(docs[i]).split("\n"):
+      if line:
+        yield line
+        total += 1
+        if total >= max_sentences:
+          return

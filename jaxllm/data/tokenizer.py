@@ -1,0 +1,81 @@
+"""Tokenizers behind one small interface.
+
+`SentencePieceTokenizer` wraps a sentencepiece model file; `train_sentencepiece` builds one from
+text with settings that keep source code exact: identity normalisation, no dummy prefix, runs of
+spaces as pieces, newlines as their own symbol and byte fallback, so decode(encode(s)) == s for
+any string.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Iterable, Protocol
+
+import sentencepiece as spm
+
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+
+
+class Tokenizer(Protocol):
+  vocab_size: int
+  bos_id: int
+  eos_id: int
+  pad_id: int
+
+  def encode(self, text: str) -> list[int]: ...
+
+  def decode(self, ids: Iterable[int]) -> str: ...
+
+
+class SentencePieceTokenizer:
+  """A sentencepiece model; ids below `vocab_size`."""
+
+  def __init__(self, path: str | os.PathLike[str] | None = None, *, model_proto: bytes | None = None):
+    if (path is None) == (model_proto is None):
+      raise ValueError("give exactly one of path or model_proto")
+    if model_proto is None:
+      with open(path, "rb") as f:
+        model_proto = f.read()
+    self.model_proto = model_proto
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    self.vocab_size = self._sp.get_piece_size()
+    self.bos_id = self._sp.bos_id()
+    self.eos_id = self._sp.eos_id()
+    self.pad_id = self._sp.pad_id()
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+  def save(self, path: str | os.PathLike[str]) -> None:
+    _atomic_write(path, self.model_proto)
+
+
+def train_sentencepiece(lines: Iterable[str], vocab_size: int, *, max_sentences: int = 300_000,
+                        num_threads: int = 2) -> SentencePieceTokenizer:
+  """Trains a BPE sentencepiece model on `lines` (text without newlines)."""
+  buffer = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buffer, vocab_size=vocab_size,
+        model_type="bpe", normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
+        byte_fallback=True, character_coverage=0.9999, user_defined_symbols=["\n"],
+        pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID, num_threads=num_threads,
+        input_sentence_size=max_sentences, shuffle_input_sentence=True,
+        max_sentence_length=16384, minloglevel=2)
+  except RuntimeError as e:
+    # sentencepiece reports e.g. "Vocabulary size too high" for small corpora.
+    raise ValueError(f"could not train a {vocab_size}-piece tokenizer on this corpus: "
+                     f"{str(e).strip().splitlines()[-1]}") from None
+  return SentencePieceTokenizer(model_proto=buffer.getvalue())
+
+
+def _atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+  tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)

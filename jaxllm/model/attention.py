@@ -1,0 +1,66 @@
+"""Attention block: Q/K/V projections, RoPE, optional cache update, output projection.
+
+Shapes: x `[B, T, D]`; q `[B, T, H, Dh]`; k, v `[B, T, K, Dh]`; per-layer cache `[B, S, K, Dh]`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxllm.config import ModelConfig
+from jaxllm.inference import kv_cache
+from jaxllm.model.layers import param
+from jaxllm.model.positions import apply_rope
+from jaxllm.ops import attention as attention_ops
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    pd = jnp.dtype(cfg.param_dtype)
+    D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    self.q = param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), cfg.init_std, pd)
+    self.k = param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), cfg.init_std, pd)
+    self.v = param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), cfg.init_std, pd)
+    out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+    self.o = param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), out_std, pd)
+    self.rope_theta = cfg.rope_theta
+    self.impl = cfg.attention_impl
+
+  def _project(self, x_BTD, positions_BT):
+    dt = x_BTD.dtype
+    q = jnp.einsum("btd,dhk->bthk", x_BTD, self.q[...].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x_BTD, self.k[...].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x_BTD, self.v[...].astype(dt))
+    return apply_rope(q, positions_BT, self.rope_theta), apply_rope(k, positions_BT,
+                                                                   self.rope_theta), v
+
+  def _out(self, attn_BTHDh):
+    return jnp.einsum("bthk,hkd->btd", attn_BTHDh, self.o[...].astype(attn_BTHDh.dtype))
+
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
+               segment_ids_BT: jax.Array | None) -> jax.Array:
+    """Self-attention over the T tokens of x (training / full forward)."""
+    q, k, v = self._project(x_BTD, positions_BT)
+    B, T = positions_BT.shape
+    index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    out = attention_ops.attention(q, k, v, q_index=index_BT, kv_index=index_BT,
+                                  q_segment_ids=segment_ids_BT, kv_segment_ids=segment_ids_BT,
+                                  impl=self.impl)
+    return self._out(out)
+
+  def extend(self, x_BTD: jax.Array, cache_k_BSKDh: jax.Array, cache_v_BSKDh: jax.Array,
+             lengths_B: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Attends T new tokens per sequence, written at slots lengths[b] .. lengths[b] + T - 1."""
+    B, T, _ = x_BTD.shape
+    S = cache_k_BSKDh.shape[1]
+    q_index_BT = lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    q, k, v = self._project(x_BTD, q_index_BT)
+    cache_k_BSKDh = kv_cache.write(cache_k_BSKDh, k, lengths_B)
+    cache_v_BSKDh = kv_cache.write(cache_v_BSKDh, v, lengths_B)
+    kv_index_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    out = attention_ops.attention(q, cache_k_BSKDh.astype(q.dtype), cache_v_BSKDh.astype(q.dtype),
+                                  q_index=q_index_BT, kv_index=kv_index_BS, impl=self.impl)
+    return self._out(out), cache_k_BSKDh, cache_v_BSKDh

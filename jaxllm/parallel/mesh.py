@@ -1,0 +1,38 @@
+"""Device mesh from the `mesh.*` config keys, and multi-host start-up."""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import Mesh
+
+from jaxllm.config import MeshConfig, resolve_mesh_shape
+
+AXES = ("data", "fsdp", "tensor", "stage", "expert")
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
+  """A mesh over all (or the given) devices with axes data, fsdp, tensor, stage, expert.
+
+  Axes are `Auto` (GSPMD propagation from the shardings we place on params and batches), so the
+  same code behaves alike on jax versions whose default axis type differs.
+  """
+  devices = jax.devices() if devices is None else devices
+  sizes = resolve_mesh_shape(mesh_cfg, len(devices))
+  shape = tuple(sizes[a] for a in AXES)
+  axis_types = (jax.sharding.AxisType.Auto,) * len(AXES)
+  return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+  """Joins a multi-process JAX system; no-op for a single process.
+
+  With no flags on a Cloud TPU VM, `jax.distributed.initialize()` discovers the pod itself; on
+  CPU, gloo collectives make several local processes one system (tests use this).
+  """
+  if coordinator_address is None and num_processes is None:
+    return
+  # Only the CPU backend reads this; it must be set before the backend starts.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)

@@ -1,0 +1,67 @@
+"""Logical axis names -> mesh axes.
+
+Logical axes (on parameters and activations): batch, length, embed, heads, kv_heads, head_dim,
+mlp, vocab, expert, layers. Mesh axes: data, fsdp, tensor, stage, expert.
+
+FSDP shards parameters along `embed` over `fsdp`; tensor parallelism splits heads, kv_heads,
+mlp and vocab over `tensor`; the batch is split over data x fsdp. A dimension whose size does not
+divide evenly by its mesh axes is replicated instead (e.g. 2 kv heads on tensor=4).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("expert", "expert"),
+    ("layers", "stage"),
+)
+
+
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+             rules=DEFAULT_RULES) -> PartitionSpec:
+  """PartitionSpec for an array of `shape` whose dims are named by logical `axes`."""
+  table: Mapping[str, str | tuple[str, ...] | None] = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(axes, shape):
+    target = table.get(name) if name is not None else None
+    mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+    # A mesh axis may shard only one dim; size-1 axes shard nothing.
+    mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape.get(a, 1) > 1)
+    n = 1
+    for a in mesh_axes:
+      n *= mesh.shape[a]
+    if not mesh_axes or size % n:
+      spec.append(None)
+      continue
+    used.update(mesh_axes)
+    spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+  return PartitionSpec(*spec)
+
+
+def tree_shardings(axes_tree, shapes_tree, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings for a tree of arrays, given a same-structured tree of logical axes."""
+  return jax.tree.map(
+      lambda axes, x: NamedSharding(mesh, spec_for(axes, x.shape, mesh, rules)),
+      axes_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+  """Sharding of `[batch, length]` input arrays."""
+  table = dict(rules)
+  target = table["batch"]
+  axes = tuple(a for a in ((target,) if isinstance(target, str) else target)
+               if mesh.shape.get(a, 1) > 1)
+  return NamedSharding(mesh, PartitionSpec(axes or None, None))

@@ -1,0 +1,39 @@
+"""`python -m jaxllm.train [--config=experiments/tiny.py] [--config.a.b=v ...] [--workdir=DIR]`
+
+Trains the experiment, or resumes it from the latest checkpoint in the workdir.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from jaxllm.cli import common
+
+_CONFIG = common.define_config_flag(common.default_experiment())
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<config name>).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+@common.one_line_errors
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from jaxllm import config as config_lib
+  cfg = config_lib.from_config_dict(common.config_value(_CONFIG))  # validated before any JAX work
+  common.initialize_distributed()
+  from jaxllm.train import loop
+  workdir = _WORKDIR.value or f"runs/{cfg.name}"
+  result = loop.train(cfg, workdir, progress=_PROGRESS.value)
+  summary = {k: v for k, v in result.items() if k != "params"}
+  if result["preempted_by"] is not None:
+    print(f"stopped by signal {result['preempted_by']} after step {result['step']}; "
+          f"checkpoint step {result['checkpoint_step']} saved in {workdir}; "
+          "run the same command to resume", file=sys.stderr)
+    sys.exit(128 + result["preempted_by"])
+  print(f"done: {summary}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=common.parse_flags)

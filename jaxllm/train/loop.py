@@ -1,0 +1,204 @@
+"""The training loop: data, sharded state, jitted steps, eval, metrics, checkpoints, preemption."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jaxllm import config as config_lib
+from jaxllm.checkpoint.orbax import Checkpointer
+from jaxllm.data import corpus as corpus_lib
+from jaxllm.data import pipeline
+from jaxllm.model import transformer
+from jaxllm.parallel import mesh as mesh_lib
+from jaxllm.parallel import rules
+from jaxllm.train import metrics as metrics_lib
+from jaxllm.train import optim, step as step_lib
+from jaxllm.train import workdir as workdir_lib
+
+
+class TrainingDiverged(RuntimeError):
+  """Loss or gradients became non-finite; the last good checkpoint is kept."""
+
+
+class _PreemptionGuard:
+  """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then saves and stops)."""
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C stops at once
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def state_shardings(cfg: config_lib.Config, mesh):
+  """(graphdef, abstract state, its shardings, optimizer) without allocating anything."""
+  graphdef, abstract_params = transformer.abstract_params(cfg.model)
+  optimizer = optim.make_optimizer(cfg.train)
+  param_sh = rules.tree_shardings(transformer.logical_axes(cfg.model), abstract_params, mesh)
+  init = jax.jit(lambda p: step_lib.init_state(p, optimizer, cfg.train.seed),
+                 in_shardings=(param_sh,))
+  compiled = init.lower(abstract_params).compile()
+  abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, optimizer, cfg.train.seed),
+                                  abstract_params)
+  shardings = compiled.output_shardings
+  shardings["params"] = param_sh
+  return graphdef, abstract_state, shardings, optimizer
+
+
+def _init_state(cfg: config_lib.Config, optimizer, shardings):
+  def init():
+    _, params = transformer.split(transformer.create(cfg.model, cfg.train.seed))
+    return step_lib.init_state(params, optimizer, cfg.train.seed)
+  return jax.jit(init, out_shardings=shardings)()
+
+
+def _to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def evaluate(eval_step, params, batches, sharding) -> dict[str, float]:
+  nll, weight = 0.0, 0.0
+  for batch in batches:
+    n, w = eval_step(params, _to_global(batch, sharding))
+    nll, weight = nll + float(n), weight + float(w)
+  loss = nll / max(weight, 1.0)
+  return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0)), "eval_tokens": weight}
+
+
+def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
+          on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+  """Trains (or resumes) `cfg` in `workdir`; returns a summary of the last step and eval.
+
+  `on_step(step)` is called after each completed step (tests use it to simulate preemption).
+  """
+  process_index, process_count = jax.process_index(), jax.process_count()
+  is_main = process_index == 0
+  say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress and is_main else (lambda _: None)
+  mesh_shape = config_lib.validate_for_devices(cfg, jax.device_count())
+  workdir_lib.check_resumable(workdir, cfg)
+  os.makedirs(workdir, exist_ok=True)
+
+  corpus = corpus_lib.build_corpus(cfg.data.paths, cfg.data.eval_fraction)
+  say(f"corpus: {len(corpus.train)} train / {len(corpus.eval)} held-out documents"
+      f"{'' if cfg.data.paths else ' (Python standard library)'}")
+  if not os.path.exists(os.path.join(workdir, workdir_lib.TOKENIZER_FILE)):
+    say(f"tokenizer: building {cfg.model.vocab_size} pieces -> {workdir}/"
+        f"{workdir_lib.TOKENIZER_FILE}")
+  tokenizer = workdir_lib.prepare_tokenizer(workdir, cfg, corpus)
+  local_batch = cfg.train.batch_size // process_count
+  train_iter = pipeline.train_iterator(
+      corpus.train, tokenizer, seq_len=cfg.train.seq_len, batch_size=local_batch,
+      seed=cfg.data.seed, process_index=process_index, process_count=process_count)
+  eval_data = pipeline.eval_batches(
+      corpus.eval, tokenizer, seq_len=cfg.train.seq_len, batch_size=local_batch,
+      num_batches=cfg.train.eval_batches, process_index=process_index,
+      process_count=process_count)
+
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  graphdef, abstract_state, shardings, optimizer = state_shardings(cfg, mesh)
+  batch_sh = rules.batch_sharding(mesh)
+  checkpointer = Checkpointer(os.path.join(workdir, workdir_lib.CHECKPOINT_DIR),
+                              cfg.train.keep_checkpoints)
+  resume_step = checkpointer.latest_step()
+  n_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
+  say(f"model: {n_params / 1e6:.2f}M params; mesh {mesh_shape} over {jax.device_count()} "
+      f"{jax.default_backend()} device(s); workdir {workdir}")
+  if resume_step is not None:
+    say(f"resuming from checkpoint step {resume_step}")
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract_state, shardings)
+    state = checkpointer.restore(abstract, train_iter, step=resume_step)
+  else:
+    state = _init_state(cfg, optimizer, shardings)
+  if is_main:
+    workdir_lib.write_config(workdir, cfg)
+
+  train_step = jax.jit(step_lib.make_train_step(graphdef, optimizer, cfg.train),
+                       in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
+                       donate_argnums=0)
+  eval_step = jax.jit(step_lib.make_eval_step(graphdef), in_shardings=(shardings["params"], batch_sh))
+  writer = metrics_lib.MetricsWriter(
+      os.path.join(workdir, workdir_lib.METRICS_FILE) if is_main else None,
+      os.path.join(workdir, workdir_lib.TB_DIR) if is_main else None, resume_step=resume_step)
+
+  start = int(jax.device_get(state["step"]))
+  last: dict[str, Any] = {"step": start}
+  bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and is_main),
+             desc=f"train {cfg.name}", unit="step", dynamic_ncols=True)
+  interval_start, interval_tokens, saved_step = time.perf_counter(), 0.0, resume_step
+  stopped_by: int | None = None
+  try:
+    with _PreemptionGuard() as guard:
+      for step in range(start + 1, cfg.train.steps + 1):
+        batch = _to_global(next(train_iter), batch_sh)
+        state, metrics = train_step(state, batch)
+        interval_tokens += cfg.train.batch_size * cfg.train.seq_len
+        final = step == cfg.train.steps
+        due_log = step % cfg.train.log_every == 0 or final or step == start + 1
+        due_ckpt = step % cfg.train.checkpoint_every == 0 or final or guard.signum is not None
+        if due_log or due_ckpt:
+          values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+            raise TrainingDiverged(
+                f"non-finite loss {values['loss']} / grad norm {values['grad_norm']} at step "
+                f"{step}; last good checkpoint: step {saved_step} (kept)")
+        if due_log:
+          elapsed = time.perf_counter() - interval_start
+          last = {"step": step, "loss": values["loss"], "lr": values["lr"],
+                  "grad_norm": values["grad_norm"],
+                  "tokens_per_s": interval_tokens / max(elapsed, 1e-9)}
+          writer.write(last)
+          bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+          interval_start, interval_tokens = time.perf_counter(), 0.0
+        if step % cfg.train.eval_every == 0 or final:
+          ev = {"step": step, **evaluate(eval_step, state["params"], eval_data, batch_sh)}
+          writer.write({k: v for k, v in ev.items() if k != "eval_tokens"})
+          last.update(ev)
+          bar.write(f"step {step}: eval_loss {ev['eval_loss']:.4f}  eval_ppl {ev['eval_ppl']:.2f}")
+          interval_start = time.perf_counter()  # eval time is not training throughput
+        if due_ckpt:
+          saved_step = checkpointer.save(state, train_iter)
+          interval_start = time.perf_counter()
+        bar.update(1)
+        if on_step is not None:
+          on_step(step)
+        if guard.signum is not None and saved_step == step:
+          stopped_by = guard.signum
+          break
+        if guard.signum is not None:  # signal arrived after this step's save decision
+          saved_step = checkpointer.save(state, train_iter)
+          stopped_by = guard.signum
+          break
+  finally:
+    train_iter.close()
+    bar.close()
+    writer.close()
+    checkpointer.close()
+  last["checkpoint_step"] = saved_step
+  last["preempted_by"] = stopped_by
+  last["params"] = state["params"]
+  return last

@@ -1,0 +1,56 @@
+"""Metrics sinks: metrics.jsonl (one JSON object per line) and TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+class MetricsWriter:
+  """Appends metric dicts (each with a "step") to metrics.jsonl and TensorBoard.
+
+  On resume from step N, lines written after N by the interrupted run are dropped first (all of
+  them on a fresh start), so the file reads as one uninterrupted run.
+  """
+
+  def __init__(self, jsonl_path: str | None, tb_dir: str | None,
+               resume_step: int | None = None):
+    """Both paths None: a writer that discards (processes other than 0 of a multi-host run)."""
+    self._file = self._tb = None
+    if jsonl_path is None:
+      return
+    if os.path.exists(jsonl_path):
+      with open(jsonl_path) as f:
+        kept = [line for line in f if line.strip() and _step_of(line) <= (resume_step or 0)]
+      tmp = f"{jsonl_path}.tmp{os.getpid()}"
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+      os.replace(tmp, jsonl_path)
+    self._file = open(jsonl_path, "a", buffering=1)
+    if tb_dir is not None:
+      from tensorboardX import SummaryWriter  # imported late: a heavy import, rank 0 only
+      self._tb = SummaryWriter(tb_dir, flush_secs=10)
+
+  def write(self, metrics: dict[str, Any]) -> None:
+    if self._file is None:
+      return
+    self._file.write(json.dumps(metrics, sort_keys=True) + "\n")
+    if self._tb is not None:
+      step = metrics["step"]
+      for key, value in metrics.items():
+        if key != "step" and isinstance(value, (int, float)):
+          self._tb.add_scalar(key, value, step)
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _step_of(line: str) -> int:
+  try:
+    return int(json.loads(line).get("step", -1))
+  except (ValueError, AttributeError):
+    return -1

@@ -1,0 +1,86 @@
+"""The training workdir: config.json, tokenizer.model, checkpoints/, metrics.jsonl, tb/.
+
+Resuming is refused, before anything in the workdir changes, when the model shapes in the new
+config differ from those the checkpoints were written with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from jaxllm import config as config_lib
+from jaxllm.data import corpus as corpus_lib
+from jaxllm.data import pipeline, tokenizer as tokenizer_lib
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+
+# Model keys that change parameter shapes or meaning; train.* may change between runs.
+_SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+               "tie_embeddings", "param_dtype")
+
+
+def read_config(workdir: str) -> config_lib.Config:
+  path = os.path.join(workdir, CONFIG_FILE)
+  with open(path) as f:
+    return config_lib.from_dict(json.load(f))
+
+
+def write_config(workdir: str, config: config_lib.Config) -> None:
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def has_checkpoints(workdir: str) -> bool:
+  ckpt = os.path.join(workdir, CHECKPOINT_DIR)
+  return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
+
+
+def check_resumable(workdir: str, config: config_lib.Config) -> None:
+  """Raises ConfigError if the workdir holds checkpoints of a differently shaped model."""
+  if not has_checkpoints(workdir) or not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    return
+  try:
+    saved = read_config(workdir)
+  except (OSError, ValueError) as e:
+    raise config_lib.ConfigError(f"{workdir}/{CONFIG_FILE} is unreadable ({e}); "
+                                 "use a new --workdir") from None
+  for key in _SHAPE_KEYS:
+    old, new = getattr(saved.model, key), getattr(config.model, key)
+    if old != new:
+      raise config_lib.ConfigError(
+          f"model.{key}={new!r} differs from {old!r} in the checkpoints of {workdir}; "
+          "use a new --workdir or the original value (checkpoints left untouched)")
+
+
+def prepare_tokenizer(workdir: str, config: config_lib.Config,
+                      corpus: corpus_lib.Corpus) -> tokenizer_lib.SentencePieceTokenizer:
+  """The workdir's tokenizer; copied from data.tokenizer or trained on the train split first."""
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  if os.path.exists(path):
+    tok = tokenizer_lib.SentencePieceTokenizer(path)
+  elif config.data.tokenizer:
+    try:
+      tok = tokenizer_lib.SentencePieceTokenizer(config.data.tokenizer)
+    except (OSError, RuntimeError) as e:
+      raise config_lib.ConfigError(f"data.tokenizer={config.data.tokenizer!r} cannot be loaded "
+                                   f"as a sentencepiece model: {e}") from None
+    tok.save(path)
+  else:
+    lines = pipeline.sentences_for_tokenizer(corpus.train, config.data.tokenizer_max_sentences)
+    tok = tokenizer_lib.train_sentencepiece(lines, config.model.vocab_size,
+                                            max_sentences=config.data.tokenizer_max_sentences)
+    tok.save(path)
+  if tok.vocab_size > config.model.vocab_size:
+    raise config_lib.ConfigError(
+        f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+        f"{tok.vocab_size} pieces ({path})")
+  return tok

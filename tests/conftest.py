@@ -1,0 +1,32 @@
+"""Test setup: 8 simulated CPU devices (for mesh tests), strict rank promotion, test tiers.
+
+Tests marked `slow` run when CI=true (as .ci/run sets) or with `pytest --slow`; the default
+local `pytest` skips them to stay fast.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (after XLA_FLAGS on purpose)
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_addoption(parser):
+  parser.addoption("--slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: heavy test (run by CI and with --slow)")
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("--slow") or os.environ.get("CI", "").lower() == "true":
+    return
+  skip = pytest.mark.skip(reason="slow: runs in CI (CI=true) or with --slow")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)

@@ -1,0 +1,75 @@
+"""Config validation: clear one-line errors naming the key, before any compilation."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxllm import config as config_lib
+from tests.helpers import tiny_experiment
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_default_experiment_is_valid():
+  sys.path.insert(0, REPO)
+  from experiments import tiny
+  cfg = config_lib.from_config_dict(tiny.get_config())
+  assert cfg.name == "tiny"
+  assert cfg.model.n_heads % cfg.model.n_kv_heads == 0
+  assert config_lib.validate_for_devices(cfg, 1)["data"] == 1
+
+
+@pytest.mark.parametrize("section, values, fragment", [
+    ("model", dict(n_heads=6, n_kv_heads=4), "model.n_heads=6 is not a multiple of model.n_kv_heads=4"),
+    ("model", dict(dtype="int4"), "model.dtype='int4'"),
+    ("model", dict(head_dim=7), "model.head_dim=7 must be even"),
+    ("model", dict(d_model=0), "model.d_model=0 must be positive"),
+    ("model", dict(remat="sometimes"), "model.remat='sometimes'"),
+    ("train", dict(seq_len=4096), "train.seq_len=4096 exceeds model.max_seq_len"),
+    ("train", dict(batch_size=8, grad_accum=3), "train.batch_size=8 is not divisible by train.grad_accum=3"),
+    ("train", dict(steps="many"), "train.steps='many' must be an integer"),
+    ("train", dict(stepz=3), "unknown config key train.stepz"),
+    ("mesh", dict(data=-1, fsdp=-1), "at most one mesh axis may be -1"),
+    ("data", dict(eval_fraction=1.5), "data.eval_fraction=1.5"),
+])
+def test_invalid_values_name_the_key(section, values, fragment):
+  with pytest.raises(config_lib.ConfigError, match=None) as info:
+    tiny_experiment(**{section: values})
+  assert fragment in str(info.value)
+  assert "\n" not in str(info.value)
+
+
+def test_unknown_section():
+  with pytest.raises(config_lib.ConfigError, match="unknown config section 'trian'"):
+    config_lib.from_config_dict({"trian": {}})
+
+
+def test_batch_must_divide_over_devices():
+  cfg = tiny_experiment(train=dict(batch_size=6), mesh=dict(data=4))
+  with pytest.raises(config_lib.ConfigError, match="not divisible by the 4 batch shards"):
+    config_lib.validate_for_devices(cfg, 4)
+  with pytest.raises(config_lib.ConfigError, match="needs a multiple of 4 devices"):
+    config_lib.validate_for_devices(tiny_experiment(mesh=dict(data=4)), 6)
+
+
+def test_round_trips_through_dict():
+  cfg = tiny_experiment()
+  assert config_lib.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--config.model.n_kv_heads=3"], "model.n_heads=4 is not a multiple of model.n_kv_heads=3"),
+    (["--config.train.nope=1"], "unknown config key 'nope'"),
+    (["--config.train.steps=abc"], "--config.train.steps=abc"),
+    (["--config=experiments/missing.py"], "cannot load experiment file 'experiments/missing.py'"),
+])
+def test_cli_rejects_bad_config_in_one_line(args, fragment, tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "jaxllm.train", f"--workdir={tmp_path}/w", *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1, proc.stderr
+  assert fragment in lines[0] and "Traceback" not in proc.stderr
+  assert not os.path.exists(tmp_path / "w"), "nothing is written for an invalid config"

@@ -1,0 +1,37 @@
+"""The README's main job, end to end: the default experiment on this machine's stdlib.
+
+Slow (minutes): runs in CI (CI=true) and with `pytest --slow`.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_default_training_reaches_half_log_vocab_and_generates_python(tmp_path):
+  workdir = tmp_path / "tiny"
+  env = {**os.environ, "XLA_FLAGS": ""}  # the real default: one CPU device
+  train = subprocess.run([sys.executable, "-m", "jaxllm.train", f"--workdir={workdir}",
+                          "--noprogress"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=900)
+  assert train.returncode == 0, train.stderr[-2000:]
+  config = json.loads((workdir / "config.json").read_text())
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  evals = [r for r in rows if "eval_loss" in r]
+  assert evals[-1]["step"] == config["train"]["steps"]
+  target = math.log(config["model"]["vocab_size"]) / 2
+  assert evals[-1]["eval_loss"] < target, (evals[-1], target)
+  gen = subprocess.run([sys.executable, "-m", "jaxllm.generate", f"--checkpoint={workdir}",
+                        "--prompt=def fibonacci(n):", "--max_tokens=64", "--temperature=0"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert gen.returncode == 0, gen.stderr[-2000:]
+  continuation = gen.stdout[len("def fibonacci(n):"):]
+  assert "\n    " in continuation  # an indented body
+  assert any(word in continuation for word in ("return", "if ", "self", "for ", "=", "("))

@@ -1,0 +1,134 @@
+"""Training: loss falls, exact resume after preemption, refusals that keep checkpoints safe."""
+
+import json
+import os
+import signal
+
+import chex
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm import config as config_lib
+from jaxllm.model import transformer
+from jaxllm.train import loop, optim, step as step_lib
+from jaxllm.train.workdir import METRICS_FILE
+from tests.helpers import tiny_experiment
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
+    rows = [json.loads(l) for l in f]
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  result = loop.train(tiny_experiment(), workdir, progress=False)
+  return workdir, result
+
+
+def test_short_run_loss_falls_and_workdir_is_complete(straight_run):
+  workdir, result = straight_run
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, 21))
+  assert np.mean([losses[s] for s in range(16, 21)]) < losses[1] - 0.5
+  for name in ("config.json", "tokenizer.model", "metrics.jsonl", "checkpoints", "tb"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert os.listdir(os.path.join(workdir, "tb"))
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                if s.isdigit()) == [10, 20]
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
+    evals = [json.loads(l) for l in f if "eval_loss" in l]
+  assert [e["step"] for e in evals] == [10, 20]
+  assert all(np.isclose(e["eval_ppl"], np.exp(e["eval_loss"])) for e in evals)
+  assert result["preempted_by"] is None and result["checkpoint_step"] == 20
+
+
+def test_resume_after_preemption_is_bitwise_exact(straight_run, tmp_path):
+  straight_dir, straight = straight_run
+  workdir = str(tmp_path / "resumed")
+
+  def preempt_at_13(step):
+    if step == 13:
+      signal.raise_signal(signal.SIGTERM)
+
+  first = loop.train(tiny_experiment(), workdir, progress=False, on_step=preempt_at_13)
+  assert first["preempted_by"] == signal.SIGTERM and first["checkpoint_step"] == 13
+  second = loop.train(tiny_experiment(), workdir, progress=False)
+  assert second["step"] == 20
+  want, got = _losses(straight_dir), _losses(workdir)
+  assert sorted(got) == list(range(1, 21))  # the file reads as one run, no duplicates
+  for s in range(1, 21):
+    assert got[s] == want[s], (s, got[s], want[s])
+  chex.assert_trees_all_equal(jax.device_get(second["params"]),
+                              jax.device_get(straight["params"]))
+
+
+def test_resume_with_other_shapes_is_refused_and_keeps_checkpoints(straight_run):
+  workdir, _ = straight_run
+  ckpt = os.path.join(workdir, "checkpoints")
+  before = {name: os.stat(os.path.join(ckpt, name)).st_mtime_ns for name in os.listdir(ckpt)}
+  config_before = open(os.path.join(workdir, "config.json")).read()
+  other = tiny_experiment(model=dict(d_model=48, head_dim=12))
+  with pytest.raises(config_lib.ConfigError, match="model.d_model=48 differs from 32"):
+    loop.train(other, workdir, progress=False)
+  after = {name: os.stat(os.path.join(ckpt, name)).st_mtime_ns for name in os.listdir(ckpt)}
+  assert before == after
+  assert open(os.path.join(workdir, "config.json")).read() == config_before
+
+
+def test_divergence_stops_without_saving(tmp_path):
+  cfg = tiny_experiment(train=dict(lr=1e30, warmup_steps=0, clip_norm=0.0, steps=10,
+                                   checkpoint_every=5, eval_every=5))
+  with pytest.raises(loop.TrainingDiverged, match="non-finite"):
+    loop.train(cfg, str(tmp_path), progress=False)
+  ckpt = tmp_path / "checkpoints"
+  assert not ckpt.exists() or not [s for s in os.listdir(ckpt) if s.isdigit()]
+
+
+def _batch(B, T, vocab, seed):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, size=(B, T + 1)).astype(np.int32)
+  weights = np.ones((B, T), np.float32)
+  weights[0, :3] = 0  # uneven weights make accumulation order matter
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights,
+          "segment_ids": np.ones((B, T), np.int32),
+          "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()}
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  base = tiny_experiment(train=dict(batch_size=8, grad_accum=1))
+  cfg = base.model
+  graphdef, params = transformer.split(transformer.create(cfg, 0))
+  batch = _batch(8, 16, cfg.vocab_size, 0)
+  results = []
+  for accum in (1, 4):
+    tcfg = tiny_experiment(train=dict(batch_size=8, grad_accum=accum)).train
+    opt = optim.make_optimizer(tcfg)
+    state = step_lib.init_state(params, opt, 0)
+    step = jax.jit(step_lib.make_train_step(graphdef, opt, tcfg))
+    results.append(step(state, batch))
+  np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-6)
+  chex.assert_trees_all_close(results[0][0]["params"], results[1][0]["params"], atol=1e-6)
+
+
+def test_weight_decay_mask_spares_norms_and_embeddings():
+  cfg = tiny_experiment(model=dict(tie_embeddings=False)).model
+  _, params = transformer.abstract_params(cfg)
+  mask = optim.decay_mask(params)
+  assert mask["embed"] is False
+  assert mask["final_norm"]["scale"] is False
+  assert mask["blocks"]["attn_norm"]["scale"] is False
+  assert mask["blocks"]["attn"]["q"] is True and mask["blocks"]["mlp"]["down"] is True
+  assert mask["lm_head"] is True
+
+
+def test_schedule_warms_up_then_decays_to_floor():
+  tcfg = tiny_experiment(train=dict(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)).train
+  sched = optim.learning_rate_schedule(tcfg)
+  assert float(sched(0)) == 0.0 and np.isclose(float(sched(10)), 1.0)
+  assert np.isclose(float(sched(100)), 0.1) and float(sched(55)) < 1.0
