@@ -1,6 +1,7 @@
-"""The default experiment: a ~3.7M-parameter Llama-style model trained on the Python standard
+"""The default experiment: a 3.7M-parameter Llama-style model trained on the Python standard
 library's own sources, sized to reach a held-out loss below ln(vocab)/2 on a 2-core CPU in
-under 10 minutes (float32; bfloat16 is slower on CPU).
+under 10 minutes. bfloat16 compute (float32 master weights) is ~30% faster than float32 on
+that CPU (`python -m jaxllm.bench train`) and reaches the same held-out loss.
 
 Override any key: python -m jaxllm.train --config.train.steps=100 --config.model.n_layers=2
 """
@@ -13,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.name = "tiny"
   c.model = dict(vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
                  d_ff=768, max_seq_len=1024, rope_theta=10_000.0, norm_eps=1e-5,
-                 tie_embeddings=True, dtype="float32", param_dtype="float32", remat="none",
+                 tie_embeddings=True, dtype="bfloat16", param_dtype="float32", remat="none",
                  attention_impl="auto", init_std=0.02)
   c.data = dict(paths=(), eval_fraction=0.05, tokenizer="", tokenizer_max_sentences=300_000,
                 seed=0)

@@ -1,6 +1,10 @@
 """Small configs and helpers shared by tests."""
 
+import os
+
 from jaxllm import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_model(**overrides) -> config_lib.ModelConfig:

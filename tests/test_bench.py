@@ -5,7 +5,8 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
+
 SMALL = ["--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.head_dim=8",
          "--config.model.d_ff=64", "--config.model.vocab_size=256", "--config.train.seq_len=32",
          "--config.train.batch_size=4", "--steps=2"]

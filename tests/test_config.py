@@ -7,9 +7,8 @@ import sys
 import pytest
 
 from jaxllm import config as config_lib
-from tests.helpers import tiny_experiment
+from tests.helpers import REPO, tiny_experiment
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_default_experiment_is_valid():

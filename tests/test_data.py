@@ -119,3 +119,12 @@ def test_corpus_errors_are_clear(tmp_path):
   (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
   with pytest.raises(corpus_lib.CorpusError, match="bad.jsonl:2: not valid JSON"):
     corpus_lib.build_corpus((str(tmp_path / "bad.jsonl"),), 0.1)
+
+
+def test_a_vanished_document_is_a_clear_error(tmp_path):
+  path = tmp_path / "gone.txt"
+  path.write_text("x")
+  ref = corpus_lib.DocRef(str(path))
+  path.unlink()
+  with pytest.raises(corpus_lib.CorpusError, match="cannot read .*gone.txt"):
+    corpus_lib.read_document(ref)

@@ -17,9 +17,8 @@ from jaxllm.inference import generate as generate_lib
 from jaxllm.inference import sampling
 from jaxllm.model import transformer
 from jaxllm.train import loop
-from tests.helpers import tiny_experiment, tiny_model
+from tests.helpers import REPO, tiny_experiment, tiny_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_greedy_and_top_k_1_are_argmax():

@@ -69,13 +69,16 @@ def expand_paths(patterns: tuple[str, ...] | list[str]) -> list[str]:
 
 def read_document(ref: DocRef) -> str:
   """The text of one document (undecodable bytes replaced)."""
-  if ref.jsonl_offset >= 0:
-    with open(ref.path, "rb") as f:
-      f.seek(ref.jsonl_offset)
-      record = json.loads(f.readline())
-    return record["text"] if isinstance(record, dict) else str(record)
-  with open(ref.path, encoding="utf-8", errors="replace") as f:
-    text = f.read()
+  try:
+    if ref.jsonl_offset >= 0:
+      with open(ref.path, "rb") as f:
+        f.seek(ref.jsonl_offset)
+        record = json.loads(f.readline())
+      return record["text"] if isinstance(record, dict) else str(record)
+    with open(ref.path, encoding="utf-8", errors="replace") as f:
+      text = f.read()
+  except OSError as e:  # e.g. deleted or made unreadable since the corpus was listed
+    raise CorpusError(f"cannot read {ref.path}: {e.strerror}") from None
   if ref.line_start == 0 and ref.line_end == -1:
     return text
   lines = text.splitlines(keepends=True)
