@@ -20,6 +20,7 @@ class ConfigError(ValueError):
 
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla")
 
@@ -36,6 +37,15 @@ class ModelConfig:
   d_ff: int = 768
   max_seq_len: int = 2048
   rope_theta: float = 10_000.0
+  # Context extension: "none", "linear" (positions / factor) or "llama3" (Llama 3.1's
+  # wavelength-dependent frequency scaling).
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  # Local attention (Mistral): a query sees the `sliding_window` keys ending at itself; 0 = off.
+  sliding_window: int = 0
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
   # Master params are always `param_dtype`; matmuls run in `dtype`.
@@ -190,6 +200,17 @@ def validate(config: Config) -> None:
   if m.n_heads % m.n_kv_heads:
     raise ConfigError(
         f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}")
+  if m.rope_scaling not in ROPE_SCALINGS:
+    raise ConfigError(
+        f"model.rope_scaling={m.rope_scaling!r} is not one of {', '.join(ROPE_SCALINGS)}")
+  if m.rope_scaling != "none":
+    _positive("model.rope_scaling_factor", m.rope_scaling_factor)
+  if m.rope_scaling == "llama3" and not (
+      0 < m.rope_low_freq_factor < m.rope_high_freq_factor and m.rope_original_max_len > 0):
+    raise ConfigError("model.rope_low_freq_factor must be positive and below "
+                      "model.rope_high_freq_factor, with model.rope_original_max_len > 0")
+  if m.sliding_window < 0:
+    raise ConfigError(f"model.sliding_window={m.sliding_window} must be >= 0 (0 = off)")
   if m.head_dim % 2:
     raise ConfigError(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs)")
   for key in ("dtype", "param_dtype"):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxllm.ops.attention import attention
 
 
-def reference(q, k, v, q_index, kv_index, q_seg=None, kv_seg=None):
+def reference(q, k, v, q_index, kv_index, q_seg=None, kv_seg=None, window=None):
   B, T, H, Dh = q.shape
   K = k.shape[2]
   out = np.zeros((B, T, H, Dh), np.float64)
@@ -18,6 +18,8 @@ def reference(q, k, v, q_index, kv_index, q_seg=None, kv_seg=None):
       kh = h // (H // K)
       for t in range(T):
         visible = kv_index[b] <= q_index[b, t]
+        if window is not None:
+          visible &= kv_index[b] > q_index[b, t] - window
         if q_seg is not None:
           visible &= kv_seg[b] == q_seg[b, t]
         if not visible.any():
@@ -55,6 +57,20 @@ def test_segments_and_offsets():
   got = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), q_index=q_index,
                   kv_index=kv_index, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
   np.testing.assert_allclose(got, reference(q, k, v, q_index, kv_index, q_seg, kv_seg), atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 3, 6])
+def test_sliding_window(window):
+  rng = np.random.default_rng(2)
+  B, T, H, K, Dh = 2, 9, 4, 2, 8
+  q = rng.normal(size=(B, T, H, Dh)).astype(np.float32)
+  k = rng.normal(size=(B, T, K, Dh)).astype(np.float32)
+  v = rng.normal(size=(B, T, K, Dh)).astype(np.float32)
+  idx = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+  got = attention(q, k, v, q_index=idx, kv_index=idx, sliding_window=window)
+  np.testing.assert_allclose(got, reference(q, k, v, idx, idx, window=window), atol=1e-5)
+  if window == 1:  # each query sees only itself: the output is its own value
+    np.testing.assert_allclose(got, np.repeat(v, H // K, axis=2), atol=1e-6)
 
 
 def test_rejects_bad_shapes():

@@ -105,7 +105,7 @@ def test_load_workdir_and_step(trained):
   assert not np.array_equal(early.params["embed"], model.params["embed"])
   ids = [model.tokenizer.bos_id, *model.tokenizer.encode("def f(x):")]
   logits = model.logits([ids])
-  chex.assert_shape(logits, (1, len(ids), model.config.model.vocab_size))
+  chex.assert_shape(logits, (1, len(ids), model.config.vocab_size))
   text = model.generate("def f(x):", max_tokens=5, temperature=0.0)
   assert isinstance(text, str)
 

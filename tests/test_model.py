@@ -55,10 +55,13 @@ def test_causal():
   assert np.abs(a[:, 8:] - b[:, 8:]).max() > 1e-4
 
 
-@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
-def test_cached_decoding_equals_full_forward(n_kv_heads):
+@pytest.mark.parametrize("overrides", [
+    dict(n_kv_heads=4), dict(n_kv_heads=2), dict(n_kv_heads=1), dict(sliding_window=4),
+    dict(rope_scaling="llama3", rope_scaling_factor=8.0, rope_original_max_len=16),
+    dict(rope_scaling="linear", rope_scaling_factor=2.0)])
+def test_cached_decoding_equals_full_forward(overrides):
   """Prefill of different-length prompts + token-by-token decode = one full pass (fp32, 1e-5)."""
-  cfg = tiny_model(n_kv_heads=n_kv_heads)
+  cfg = tiny_model(**overrides)
   graphdef, params = transformer.split(transformer.create(cfg, 2))
   B, T = 3, 14
   tokens = jax.random.randint(jax.random.PRNGKey(3), (B, T), 0, cfg.vocab_size)

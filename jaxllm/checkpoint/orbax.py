@@ -58,6 +58,12 @@ class Checkpointer:
     self._manager.wait_until_finished()
     return step
 
+  def save_params(self, step: int, params) -> None:
+    """Parameters alone (converted or exported models, which have no optimizer state)."""
+    self._manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
+                       force=True)
+    self._manager.wait_until_finished()
+
   def restore(self, abstract_state: dict[str, Any], data_iterator=None,
               step: int | None = None) -> dict[str, Any]:
     """Restores into the shapes/dtypes/shardings of `abstract_state` (arrays or ShapeDtypeStructs)."""

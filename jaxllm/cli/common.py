@@ -30,13 +30,19 @@ def default_experiment(name: str = "tiny") -> str:
   return os.path.join(os.path.dirname(experiments.__file__), f"{name}.py")
 
 
+class CommandError(RuntimeError):
+  """A failure an entry point reports in one line (exit status 2)."""
+
+
 def user_errors():
   """Error types that are the user's input, printed as one line instead of a traceback."""
+  from jaxllm.checkpoint.errors import UnsupportedCheckpoint
   from jaxllm.checkpoint.orbax import CheckpointError
   from jaxllm.config import ConfigError
   from jaxllm.data.corpus import CorpusError
   from jaxllm.train.loop import TrainingDiverged
-  return (ConfigError, CorpusError, CheckpointError, TrainingDiverged, FileNotFoundError)
+  return (ConfigError, CorpusError, CheckpointError, UnsupportedCheckpoint, TrainingDiverged,
+          FileNotFoundError, CommandError)
 
 
 def one_line_errors(main):

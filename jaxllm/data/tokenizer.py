@@ -79,3 +79,62 @@ def _atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
   with open(tmp, "wb") as f:
     f.write(data)
   os.replace(tmp, path)
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizers` tokenizer (tokenizer.json, or built from GGUF vocabularies)."""
+
+  def __init__(self, tokenizer, *, bos_id: int | None, eos_id: int | None,
+               pad_id: int | None = None, add_bos: bool = False,
+               chat_template: str | None = None):
+    self._tok = tokenizer
+    self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    self.bos_id = -1 if bos_id is None else bos_id
+    self.eos_id = -1 if eos_id is None else eos_id
+    self.pad_id = self.eos_id if pad_id is None else pad_id
+    self.add_bos = add_bos
+    self.chat_template = chat_template
+
+  @classmethod
+  def from_file(cls, path: str | os.PathLike[str], **kwargs) -> "HFTokenizer":
+    from tokenizers import Tokenizer as _Tokenizer
+    return cls(_Tokenizer.from_file(os.fspath(path)), **kwargs)
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  def token_id(self, piece: str) -> int | None:
+    return self._tok.token_to_id(piece)
+
+  def save(self, path: str | os.PathLike[str]) -> None:
+    _atomic_write(path, self._tok.to_str().encode())
+
+
+def tokenizer_from_gguf_vocab(tokens: list[str], merges: list[str], token_types: list[int],
+                              pre: str | None):
+  """A byte-level BPE `tokenizers.Tokenizer` from GGUF's `tokenizer.ggml.*` fields.
+
+  Control tokens (type 3) become special tokens matched whole. The pre-tokenizer follows
+  llama.cpp's `tokenizer.ggml.pre`: GPT-2's regex, with digits split one by one for the
+  `smollm` family.
+  """
+  from tokenizers import AddedToken, Tokenizer as _Tokenizer, decoders, models, pre_tokenizers
+  vocab = {tok: i for i, tok in enumerate(tokens)}
+  pairs = [tuple(m.split(" ", 1)) for m in merges]
+  tok = _Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  if pre in ("smollm", "starcoder", "refact"):
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), byte_level])
+  elif pre in (None, "default", "gpt2", "gpt-2"):
+    tok.pre_tokenizer = byte_level
+  else:
+    raise ValueError(f"GGUF tokenizer pre-tokenizer {pre!r} is not supported")
+  tok.decoder = decoders.ByteLevel()
+  control = [AddedToken(t, special=True, normalized=False)
+             for t, kind in zip(tokens, token_types) if kind == 3]
+  tok.add_special_tokens(control)
+  return tok

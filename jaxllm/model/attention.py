@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.inference import kv_cache
 from jaxllm.model.layers import param
-from jaxllm.model.positions import apply_rope
+from jaxllm.model.positions import apply_rope, scaled_inverse_frequencies
 from jaxllm.ops import attention as attention_ops
 
 
@@ -26,7 +27,9 @@ class Attention(nnx.Module):
     self.v = param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), cfg.init_std, pd)
     out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
     self.o = param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), out_std, pd)
-    self.rope_theta = cfg.rope_theta
+    # A tuple, not an array: module attributes that are arrays would become graph state.
+    self.inv_freq = tuple(float(f) for f in scaled_inverse_frequencies(cfg))
+    self.sliding_window = cfg.sliding_window or None
     self.impl = cfg.attention_impl
 
   def _project(self, x_BTD, positions_BT):
@@ -34,8 +37,8 @@ class Attention(nnx.Module):
     q = jnp.einsum("btd,dhk->bthk", x_BTD, self.q[...].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x_BTD, self.k[...].astype(dt))
     v = jnp.einsum("btd,dhk->bthk", x_BTD, self.v[...].astype(dt))
-    return apply_rope(q, positions_BT, self.rope_theta), apply_rope(k, positions_BT,
-                                                                   self.rope_theta), v
+    inv_freq = np.asarray(self.inv_freq, np.float32)
+    return apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq), v
 
   def _out(self, attn_BTHDh):
     return jnp.einsum("bthk,hkd->btd", attn_BTHDh, self.o[...].astype(attn_BTHDh.dtype))
@@ -48,7 +51,7 @@ class Attention(nnx.Module):
     index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     out = attention_ops.attention(q, k, v, q_index=index_BT, kv_index=index_BT,
                                   q_segment_ids=segment_ids_BT, kv_segment_ids=segment_ids_BT,
-                                  impl=self.impl)
+                                  sliding_window=self.sliding_window, impl=self.impl)
     return self._out(out)
 
   def extend(self, x_BTD: jax.Array, cache_k_BSKDh: jax.Array, cache_v_BSKDh: jax.Array,
@@ -62,5 +65,6 @@ class Attention(nnx.Module):
     cache_v_BSKDh = kv_cache.write(cache_v_BSKDh, v, lengths_B)
     kv_index_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     out = attention_ops.attention(q, cache_k_BSKDh.astype(q.dtype), cache_v_BSKDh.astype(q.dtype),
-                                  q_index=q_index_BT, kv_index=kv_index_BS, impl=self.impl)
+                                  q_index=q_index_BT, kv_index=kv_index_BS,
+                                  sliding_window=self.sliding_window, impl=self.impl)
     return self._out(out), cache_k_BSKDh, cache_v_BSKDh

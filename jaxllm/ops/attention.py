@@ -7,7 +7,8 @@ Masking is by token index, not RoPE position, so one rule serves training and ca
 query t of sequence b sits at index `q_index[b, t]` and may see key s iff
 `kv_index[b, s] <= q_index[b, t]` (causal) and, when segment ids are given, both carry the same
 non-padding segment. In training q_index = kv_index = arange(T); with a cache, q_index is the
-slot the query's own K/V was written to and kv_index = arange(max_len).
+slot the query's own K/V was written to and kv_index = arange(max_len). With
+`sliding_window=W` a query also needs `kv_index > q_index - W` (it sees W keys, itself included).
 
 `impl`: "xla" is the plain-jnp reference; "auto" picks the best implementation available for the
 backend (only "xla" exists today; the Pallas kernels plug in here).
@@ -24,8 +25,8 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_index: jax.Array,
               kv_index: jax.Array, q_segment_ids: jax.Array | None = None,
-              kv_segment_ids: jax.Array | None = None, impl: str = "auto",
-              sm_scale: float | None = None) -> jax.Array:
+              kv_segment_ids: jax.Array | None = None, sliding_window: int | None = None,
+              impl: str = "auto", sm_scale: float | None = None) -> jax.Array:
   """Causal multi-head attention; returns `[B, T, H, Dh]` in q's dtype.
 
   q_index `[B, T]`, kv_index `[B, S]` int32; segment ids `[B, T]` / `[B, S]` int32 (0 = padding).
@@ -45,6 +46,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_index: jax.Array,
   scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGDh, k,
                       preferred_element_type=jnp.float32) * scale
   mask_BTS = kv_index[:, None, :] <= q_index[:, :, None]
+  if sliding_window is not None:
+    mask_BTS &= kv_index[:, None, :] > q_index[:, :, None] - sliding_window
   if q_segment_ids is not None:
     mask_BTS &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
   scores = jnp.where(mask_BTS[:, None, None], scores, _MASK_VALUE)

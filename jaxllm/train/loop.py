@@ -178,7 +178,7 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
           ev = {"step": step, **evaluate(eval_step, state["params"], eval_data, batch_sh)}
           writer.write({k: v for k, v in ev.items() if k != "eval_tokens"})
           last.update(ev)
-          bar.write(f"step {step}: eval_loss {ev['eval_loss']:.4f}  eval_ppl {ev['eval_ppl']:.2f}")
+          say(f"step {step}: eval_loss {ev['eval_loss']:.4f}  eval_ppl {ev['eval_ppl']:.2f}")
           interval_start = time.perf_counter()  # eval time is not training throughput
         if due_ckpt:
           saved_step = checkpointer.save(state, train_iter)

