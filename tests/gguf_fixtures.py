@@ -4,6 +4,7 @@ import gguf
 import numpy as np
 
 from jaxllm.checkpoint import layouts
+from jaxllm.checkpoint.gguf_format import LAYER_NAMES
 from jaxllm.config import ModelConfig
 
 TOKENS = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["Ġ", "ab"]
@@ -42,12 +43,8 @@ def write_llama_gguf(path, cfg: ModelConfig, params: dict, *, qtype="F32", arch=
 
   add("token_embd.weight", state["model.embed_tokens.weight"])
   add("output_norm.weight", state["model.norm.weight"])
-  gguf_names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-                "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
   for i in range(cfg.n_layers):
-    for hf_name, g_name in gguf_names.items():
+    for g_name, hf_name in LAYER_NAMES.items():
       t = state[f"model.layers.{i}.{hf_name}.weight"]
       if g_name == "attn_q":
         t = layouts.half_to_interleaved(t, cfg.n_heads)

@@ -51,20 +51,23 @@ def read_hf_tokenizer(path: str):
     with open(jinja_file) as f:
       template = f.read()
   if os.path.isfile(os.path.join(path, "tokenizer.json")):
-    tok = tokenizer_lib.HFTokenizer.from_file(os.path.join(path, "tokenizer.json"),
-                                              bos_id=None, eos_id=None)
+    from tokenizers import Tokenizer
+    try:
+      raw = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    except Exception as e:  # tokenizers raises plain Exception for malformed files
+      raise UnsupportedCheckpoint(f"{path}/tokenizer.json is unreadable: {e}") from None
     bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
     gen = os.path.join(path, "generation_config.json")
     ids: dict[str, Any] = {}
     if os.path.isfile(gen):
       with open(gen) as f:
         ids = json.load(f)
-    bos_id = tok.token_id(bos) if bos else ids.get("bos_token_id")
-    eos_id = tok.token_id(eos) if eos else ids.get("eos_token_id")
+    bos_id = raw.token_to_id(bos) if bos else ids.get("bos_token_id")
+    eos_id = raw.token_to_id(eos) if eos else ids.get("eos_token_id")
     if isinstance(eos_id, list):
       eos_id = eos_id[0]
     return tokenizer_lib.HFTokenizer(
-        tok._tok, bos_id=bos_id, eos_id=eos_id, add_bos=bool(config.get("add_bos_token", False)),
+        raw, bos_id=bos_id, eos_id=eos_id, add_bos=bool(config.get("add_bos_token", False)),
         chat_template=template)
   if os.path.isfile(os.path.join(path, "tokenizer.model")):
     return tokenizer_lib.SentencePieceTokenizer(os.path.join(path, "tokenizer.model"))
@@ -145,9 +148,9 @@ def _save_tokenizer(tokenizer, dst: str) -> None:
     tokenizer.save(os.path.join(dst, "tokenizer.model"))
     return
   tokenizer.save(os.path.join(dst, "tokenizer.json"))
-  piece = lambda i: tokenizer._tok.id_to_token(i) if i is not None and i >= 0 else None
-  config = {"bos_token": piece(tokenizer.bos_id), "eos_token": piece(tokenizer.eos_id),
-            "pad_token": piece(tokenizer.pad_id), "add_bos_token": tokenizer.add_bos,
+  config = {"bos_token": tokenizer.piece(tokenizer.bos_id),
+            "eos_token": tokenizer.piece(tokenizer.eos_id),
+            "pad_token": tokenizer.piece(tokenizer.pad_id), "add_bos_token": tokenizer.add_bos,
             "tokenizer_class": "PreTrainedTokenizerFast",
             "clean_up_tokenization_spaces": False}
   if tokenizer.chat_template:

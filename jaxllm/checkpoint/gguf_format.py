@@ -18,6 +18,11 @@ from jaxllm.config import ModelConfig
 
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 SUPPORTED_ARCHITECTURES = ("llama",)
+# Per-layer tensors: llama.cpp's `blk.{i}.<name>.weight` -> HF's `model.layers.{i}.<name>.weight`.
+LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 
 
 class GGUFFile:
@@ -92,12 +97,8 @@ class GGUFFile:
            "model.norm.weight": self.tensor("output_norm.weight")}
     if not cfg.tie_embeddings:
       out["lm_head.weight"] = self.tensor("output.weight")
-    names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-             "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-             "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
     for i in range(cfg.n_layers):
-      for gguf_name, hf_name in names.items():
+      for gguf_name, hf_name in LAYER_NAMES.items():
         w = self.tensor(f"blk.{i}.{gguf_name}.weight")
         if gguf_name == "attn_q":
           w = layouts.interleaved_to_half(w, cfg.n_heads)

@@ -95,11 +95,6 @@ class HFTokenizer:
     self.add_bos = add_bos
     self.chat_template = chat_template
 
-  @classmethod
-  def from_file(cls, path: str | os.PathLike[str], **kwargs) -> "HFTokenizer":
-    from tokenizers import Tokenizer as _Tokenizer
-    return cls(_Tokenizer.from_file(os.fspath(path)), **kwargs)
-
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
 
@@ -108,6 +103,12 @@ class HFTokenizer:
 
   def token_id(self, piece: str) -> int | None:
     return self._tok.token_to_id(piece)
+
+  def piece(self, token_id: int | None) -> str | None:
+    """The vocabulary entry of an id (None for None or a negative id)."""
+    if token_id is None or token_id < 0:
+      return None
+    return self._tok.id_to_token(token_id)
 
   def save(self, path: str | os.PathLike[str]) -> None:
     _atomic_write(path, self._tok.to_str().encode())
