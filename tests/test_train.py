@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import jax
-import jax.numpy as jnp
 
 from jaxllm import config as config_lib
 from jaxllm.model import transformer
