@@ -39,12 +39,11 @@ class LoadedModel:
     """Token ids of a raw-text prompt, with BOS first where the model expects one."""
     ids = self.tokenizer.encode(text)
     bos = self.tokenizer.bos_id
-    wants_bos = getattr(self.tokenizer, "add_bos", True)
-    return ([bos] if wants_bos and bos >= 0 else []) + ids
+    return ([bos] if self.tokenizer.add_bos and bos >= 0 else []) + ids
 
   def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a conversation rendered with the model's chat template."""
-    template = getattr(self.tokenizer, "chat_template", None)
+    template = self.tokenizer.chat_template
     if not template:
       raise ValueError("this model has no chat template; use a prompt instead")
     return self.tokenizer.encode(chat_lib.render(template, messages, self.tokenizer))

@@ -19,9 +19,11 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 
 class Tokenizer(Protocol):
   vocab_size: int
-  bos_id: int
+  bos_id: int  # -1 when the vocabulary has none
   eos_id: int
   pad_id: int
+  add_bos: bool  # whether a raw-text prompt starts with bos_id
+  chat_template: str | None  # jinja2 source, if the model ships one
 
   def encode(self, text: str) -> list[int]: ...
 
@@ -43,6 +45,8 @@ class SentencePieceTokenizer:
     self.bos_id = self._sp.bos_id()
     self.eos_id = self._sp.eos_id()
     self.pad_id = self._sp.pad_id()
+    self.add_bos = True  # our training documents start with BOS
+    self.chat_template = None
 
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
