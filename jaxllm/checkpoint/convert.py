@@ -20,8 +20,9 @@ from jaxllm import config as config_lib
 from jaxllm.checkpoint import hf_format, layouts
 from jaxllm.checkpoint.errors import UnsupportedCheckpoint
 from jaxllm.data import tokenizer as tokenizer_lib
+from jaxllm.train import workdir as workdir_lib
+from jaxllm.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
 
-CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclasses.dataclass
@@ -108,8 +109,7 @@ def _jaxllm_checkpoint(workdir: str, step: int | None) -> Checkpoint:
   import jax
   from jaxllm.checkpoint.orbax import Checkpointer
   from jaxllm.model import transformer
-  with open(os.path.join(workdir, "config.json")) as f:
-    cfg = config_lib.from_dict(json.load(f))
+  cfg = workdir_lib.read_config(workdir)
   _, abstract = transformer.abstract_params(cfg.model)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
@@ -137,7 +137,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     path = os.path.dirname(os.path.dirname(path))
   if hf_format.is_hf_dir(path):
     return _hf_checkpoint(path)
-  if os.path.isfile(os.path.join(path, "config.json")):
+  if os.path.isfile(os.path.join(path, CONFIG_FILE)):
     return _jaxllm_checkpoint(path, step)
   raise UnsupportedCheckpoint(f"{path} is neither a jaxllm workdir, a Hugging Face directory "
                               "nor a .gguf file")
@@ -179,8 +179,7 @@ def export_orbax(ckpt: Checkpoint, dst: str, name: str = "converted") -> None:
   seq_len = min(config_lib.TrainConfig.seq_len, ckpt.model.max_seq_len)
   cfg = config_lib.from_config_dict({"name": name, "model": dataclasses.asdict(ckpt.model),
                                      "train": {"seq_len": seq_len}})
-  with open(os.path.join(dst, "config.json"), "w") as f:
-    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+  workdir_lib.write_config(dst, cfg)
   _save_tokenizer(ckpt.tokenizer, dst)
   checkpointer = Checkpointer(os.path.join(dst, CHECKPOINT_DIR), keep=1)
   try:
