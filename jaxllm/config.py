@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("auto", "xla")
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +221,9 @@ def validate(config: Config) -> None:
   if m.attention_impl not in ATTENTION_IMPLS:
     raise ConfigError(
         f"model.attention_impl={m.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+  if m.attention_impl == "pallas" and m.head_dim not in (64, 128, 256):
+    raise ConfigError(f"model.attention_impl=pallas needs model.head_dim in 64/128/256, "
+                      f"not {m.head_dim}")
 
   for key in ("steps", "batch_size", "seq_len", "lr", "grad_accum", "log_every", "eval_every",
               "eval_batches", "checkpoint_every", "keep_checkpoints", "microbatches"):
@@ -264,8 +267,12 @@ def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
   return sizes
 
 
-def validate_for_devices(config: Config, num_devices: int) -> dict[str, int]:
-  """Device-dependent checks (run before compiling); returns the resolved mesh shape."""
+def validate_for_devices(config: Config, num_devices: int,
+                         platform: str | None = None) -> dict[str, int]:
+  """Device-dependent checks (run before compiling); returns the resolved mesh shape.
+
+  `platform` is JAX's default backend ("cpu", "gpu", "tpu") where known.
+  """
   sizes = resolve_mesh_shape(config.mesh, num_devices)
   t, m = config.train, config.model
   batch_shards = sizes["data"] * sizes["fsdp"]
@@ -277,6 +284,8 @@ def validate_for_devices(config: Config, num_devices: int) -> dict[str, int]:
   if sizes["tensor"] > 1 and (m.n_kv_heads % sizes["tensor"] or m.n_heads % sizes["tensor"]):
     raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} and model.n_heads={m.n_heads} must be "
                       f"divisible by mesh.tensor={sizes['tensor']}")
+  if m.attention_impl == "cudnn" and platform not in (None, "gpu"):
+    raise ConfigError(f"model.attention_impl=cudnn needs a GPU (this machine runs {platform})")
   if sizes["stage"] > 1 or sizes["expert"] > 1:
     raise ConfigError("mesh.stage and mesh.expert > 1 are not supported yet "
                       "(pipeline and expert parallelism are not built)")

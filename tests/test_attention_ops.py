@@ -6,7 +6,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jaxllm.ops.attention import attention
+from jaxllm.ops.attention import _dot_product_attention, attention, resolve_impl, self_attention
 
 
 def reference(q, k, v, q_index, kv_index, q_seg=None, kv_seg=None, window=None):
@@ -79,3 +79,40 @@ def test_rejects_bad_shapes():
   idx = jnp.zeros((1, 2), jnp.int32)
   with pytest.raises(ValueError, match="multiple of kv heads"):
     attention(q, kv, kv, q_index=idx, kv_index=idx)
+
+
+def _packed(seed, B=2, T=40, H=4, K=2, Dh=64):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.normal(size=(B, T, H, Dh)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(B, T, K, Dh)), jnp.float32) for _ in range(2))
+  seg = np.ones((B, T), np.int32)
+  seg[:, 15:] = 2
+  seg[1, 33:] = 0  # trailing padding, as the packer writes it
+  return q, k, v, jnp.asarray(seg)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_self_attention_pallas_matches_xla(window):
+  q, k, v, seg = _packed(0)
+  want = self_attention(q, k, v, segment_ids=seg, sliding_window=window, impl="xla")
+  got = self_attention(q, k, v, segment_ids=seg, sliding_window=window, impl="pallas")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_cudnn_path_masking_conventions_match_xla(window):
+  """The cudnn route's mask translation, run through jax.nn's XLA implementation on CPU."""
+  q, k, v, seg = _packed(1)
+  want = self_attention(q, k, v, segment_ids=seg, sliding_window=window, impl="xla")
+  got = _dot_product_attention(q, k, v, seg, window, None, "xla")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+
+
+def test_auto_picks_pallas_only_where_it_runs_natively():
+  assert resolve_impl("auto", 64, "gpu") == "pallas"
+  assert resolve_impl("auto", 64, "tpu") == "pallas"
+  assert resolve_impl("auto", 64, "cpu") == "xla"
+  assert resolve_impl("auto", 8, "gpu") == "xla"  # head size the kernel does not take
+  assert resolve_impl("cudnn", 64, "gpu") == "cudnn"
+  with pytest.raises(ValueError, match="unknown attention impl"):
+    resolve_impl("flash", 64)

@@ -37,3 +37,27 @@ def test_bench_table_and_usage():
   assert "tokens/s" in proc.stdout and "MFU vs matmul peer" in proc.stdout
   bad = _run("nonsense")
   assert bad.returncode != 0 and "usage: python -m jaxllm.bench" in bad.stderr
+
+
+def test_bench_attention_json_on_cpu(tmp_path):
+  """The suite's plumbing on CPU (kernels interpreted): every peer measured or its error noted,
+  ratios computed, and our temporaries flat per token while XLA's grow with the sequence."""
+  proc = _run("attention", "--json", "--seq_lens=128,512", "--head_dims=64", "--causal=true",
+              "--tokens=512", "--width=128", "--repeats=1")
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["suite"] == "attention" and result["interpret"] is True
+  short, long = result["rows"]
+  assert (short["seq_len"], short["batch"], long["seq_len"], long["batch"]) == (128, 4, 512, 1)
+  for row in (short, long):
+    for mode in ("fwd", "fwd_bwd"):
+      assert row[f"ours_{mode}_tflops"] > 0 and row[f"xla_{mode}_tflops"] > 0
+      assert row[f"jax_pallas_{mode}_tflops"] > 0
+      assert row[f"ours_vs_jax_pallas_{mode}"] == (row[f"ours_{mode}_tflops"]
+                                                   / row[f"jax_pallas_{mode}_tflops"])
+      assert row[f"cudnn_{mode}_tflops"] is None and f"cudnn_{mode}" in row["errors"]
+  # Same tokens per problem: flash memory stays flat, materialised scores grow ~T.
+  assert long["ours_fwd_bwd_temp_bytes"] < 1.5 * short["ours_fwd_bwd_temp_bytes"]
+  assert long["xla_fwd_bwd_temp_bytes"] > 2 * short["xla_fwd_bwd_temp_bytes"]
+  bad = _run("attention", "--peers=ours,flashier")
+  assert bad.returncode == 2 and "unknown ['flashier']" in bad.stderr

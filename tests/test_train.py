@@ -131,3 +131,17 @@ def test_schedule_warms_up_then_decays_to_floor():
   sched = optim.learning_rate_schedule(tcfg)
   assert float(sched(0)) == 0.0 and np.isclose(float(sched(10)), 1.0)
   assert np.isclose(float(sched(100)), 0.1) and float(sched(55)) < 1.0
+
+
+def test_pallas_attention_trains_like_xla(tmp_path):
+  """model.attention_impl=pallas (the flash kernel, interpreted on CPU) gives the xla losses."""
+  model = dict(d_model=64, n_heads=2, n_kv_heads=1, head_dim=64)
+  train = dict(steps=5, eval_every=100, checkpoint_every=100)
+  losses = {}
+  for impl in ("xla", "pallas"):
+    cfg = tiny_experiment(model=dict(model, attention_impl=impl), train=train)
+    loop.train(cfg, str(tmp_path / impl), progress=False)
+    losses[impl] = _losses(str(tmp_path / impl))
+  assert sorted(losses["pallas"]) == list(range(1, 6))
+  np.testing.assert_allclose([losses["pallas"][s] for s in range(1, 6)],
+                             [losses["xla"][s] for s in range(1, 6)], rtol=1e-5)

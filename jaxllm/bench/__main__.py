@@ -1,6 +1,7 @@
 """`python -m jaxllm.bench <suite> [--config=...] [--json] [--out=FILE]`
 
-Suites: train (step time, tokens/s, MFU of the configured train step).
+Suites: train (step time, tokens/s, MFU of the configured train step); attention (our
+flash-attention kernel against cuDNN, XLA and JAX's bundled Pallas kernel, TFLOP/s and memory).
 """
 
 from __future__ import annotations
@@ -11,27 +12,63 @@ from absl import app, flags
 
 from jaxllm.cli import common
 
-SUITES = ("train",)
+SUITES = ("train", "attention")
 
 _CONFIG = common.define_config_flag(common.default_experiment())
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON result to this file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).", lower_bound=1)
+_SEQ_LENS = flags.DEFINE_list(
+    "seq_lens", None, "attention: sequence lengths (default 1024..16384 on GPU/TPU, 256 on CPU).")
+_HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "attention: head sizes.")
+_PEERS = flags.DEFINE_list("peers", ["ours", "xla", "cudnn", "jax_pallas"],
+                           "attention: implementations to measure.")
+_CAUSAL = flags.DEFINE_list("causal", ["true", "false"], "attention: mask modes.")
+_TOKENS = flags.DEFINE_integer("tokens", None, "attention: batch x seq_len per problem "
+                               "(default 16384; 512 on CPU).", lower_bound=1)
+_WIDTH = flags.DEFINE_integer("width", None, "attention: heads x head_dim (default 2048; 128 on "
+                              "CPU).", lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", 5, "attention: timed calls per measurement.",
+                                lower_bound=1)
+
+
+def _attention_suite() -> tuple[dict, str]:
+  import jax
+  from jaxllm.bench import attention
+  cpu = jax.default_backend() == "cpu"
+  try:
+    seq_lens = [int(x) for x in (_SEQ_LENS.value or (["256"] if cpu else
+                                 ["1024", "2048", "4096", "8192", "16384"]))]
+    head_dims = [int(x) for x in _HEAD_DIMS.value]
+  except ValueError as e:
+    raise common.CommandError(f"--seq_lens and --head_dims take integers: {e}") from None
+  unknown = set(_PEERS.value) - set(attention.PEERS)
+  if unknown:
+    raise common.CommandError(f"--peers: unknown {sorted(unknown)} (one of {attention.PEERS})")
+  causal = [c.lower() in ("1", "true", "yes") for c in _CAUSAL.value]
+  result = attention.run(seq_lens, head_dims, peers=tuple(_PEERS.value), causal_modes=causal,
+                         tokens=_TOKENS.value or (512 if cpu else 16384),
+                         width=_WIDTH.value or (128 if cpu else 2048), repeats=_REPEATS.value)
+  return result, attention.table(result)
 
 
 @common.one_line_errors
 def main(argv):
   if len(argv) != 2 or argv[1] not in SUITES:
     raise app.UsageError(f"usage: python -m jaxllm.bench {{{'|'.join(SUITES)}}} [flags]")
-  from jaxllm import config as config_lib
-  cfg = config_lib.from_config_dict(common.config_value(_CONFIG))
-  common.initialize_distributed()
-  from jaxllm.bench import train
-  result = train.run(cfg, steps=_STEPS.value)
+  if argv[1] == "attention":
+    result, text = _attention_suite()
+  else:
+    from jaxllm import config as config_lib
+    cfg = config_lib.from_config_dict(common.config_value(_CONFIG))
+    common.initialize_distributed()
+    from jaxllm.bench import train
+    result = train.run(cfg, steps=_STEPS.value)
+    text = train.table(result)
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(result, f, indent=2)
-  print(json.dumps(result) if _JSON.value else train.table(result))
+  print(json.dumps(result) if _JSON.value else text)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def matmul_peak_flops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
 
 
 def run(cfg: config_lib.Config, steps: int = 10, warmup: int = 2) -> dict:
-  config_lib.validate_for_devices(cfg, jax.device_count())
+  config_lib.validate_for_devices(cfg, jax.device_count(), jax.default_backend())
   mesh = mesh_lib.make_mesh(cfg.mesh)
   graphdef, _, shardings, optimizer = loop.state_shardings(cfg, mesh)
   state = loop._init_state(cfg, optimizer, shardings)

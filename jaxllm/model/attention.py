@@ -47,11 +47,8 @@ class Attention(nnx.Module):
                segment_ids_BT: jax.Array | None) -> jax.Array:
     """Self-attention over the T tokens of x (training / full forward)."""
     q, k, v = self._project(x_BTD, positions_BT)
-    B, T = positions_BT.shape
-    index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    out = attention_ops.attention(q, k, v, q_index=index_BT, kv_index=index_BT,
-                                  q_segment_ids=segment_ids_BT, kv_segment_ids=segment_ids_BT,
-                                  sliding_window=self.sliding_window, impl=self.impl)
+    out = attention_ops.self_attention(q, k, v, segment_ids=segment_ids_BT,
+                                       sliding_window=self.sliding_window, impl=self.impl)
     return self._out(out)
 
   def extend(self, x_BTD: jax.Array, cache_k_BSKDh: jax.Array, cache_v_BSKDh: jax.Array,
@@ -66,5 +63,5 @@ class Attention(nnx.Module):
     kv_index_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     out = attention_ops.attention(q, cache_k_BSKDh.astype(q.dtype), cache_v_BSKDh.astype(q.dtype),
                                   q_index=q_index_BT, kv_index=kv_index_BS,
-                                  sliding_window=self.sliding_window, impl=self.impl)
+                                  sliding_window=self.sliding_window)
     return self._out(out), cache_k_BSKDh, cache_v_BSKDh

@@ -10,14 +10,23 @@ non-padding segment. In training q_index = kv_index = arange(T); with a cache, q
 slot the query's own K/V was written to and kv_index = arange(max_len). With
 `sliding_window=W` a query also needs `kv_index > q_index - W` (it sees W keys, itself included).
 
-`impl`: "xla" is the plain-jnp reference; "auto" picks the best implementation available for the
-backend (only "xla" exists today; the Pallas kernels plug in here).
+Two entry points: `self_attention` (training, prefill: the T tokens attend to themselves) picks
+an implementation by `impl`; `attention` (extending a contiguous KV cache) is the XLA path.
+
+`impl`: "xla" is the plain-jnp reference below; "pallas" is our flash-attention kernel
+(`pallas_kernels`, Triton on GPU, Mosaic on TPU, the interpreter on CPU); "cudnn" is
+`jax.nn.dot_product_attention(implementation="cudnn")` (GPU only); "auto" is pallas on GPU/TPU
+when the head size suits the kernel, else xla.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+import pallas_kernels
+
+IMPLS = ("auto", "xla", "pallas", "cudnn")
 
 # Finite, so a fully masked row (padding) gives a uniform average instead of NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -26,8 +35,8 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_index: jax.Array,
               kv_index: jax.Array, q_segment_ids: jax.Array | None = None,
               kv_segment_ids: jax.Array | None = None, sliding_window: int | None = None,
-              impl: str = "auto", sm_scale: float | None = None) -> jax.Array:
-  """Causal multi-head attention; returns `[B, T, H, Dh]` in q's dtype.
+              impl: str = "xla", sm_scale: float | None = None) -> jax.Array:
+  """Causal multi-head attention by token index (XLA); returns `[B, T, H, Dh]` in q's dtype.
 
   q_index `[B, T]`, kv_index `[B, S]` int32; segment ids `[B, T]` / `[B, S]` int32 (0 = padding).
   """
@@ -39,8 +48,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_index: jax.Array,
     raise ValueError(f"query heads {H} must be a multiple of kv heads {K}")
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
-  if impl not in ("auto", "xla"):
-    raise ValueError(f"unknown attention impl {impl!r} (available: auto, xla)")
+  del impl  # a contiguous cache has per-sequence lengths: the XLA path serves every impl
   scale = Dh ** -0.5 if sm_scale is None else sm_scale
   q_BTKGDh = q.reshape(B, T, K, H // K, Dh)
   scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGDh, k,
@@ -54,3 +62,46 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_index: jax.Array,
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
   return out.reshape(B, T, H, Dh).astype(q.dtype)
+
+
+def resolve_impl(impl: str, head_dim: int, platform: str | None = None) -> str:
+  """The concrete implementation `impl` names on `platform` (default: JAX's default backend)."""
+  if impl not in IMPLS:
+    raise ValueError(f"unknown attention impl {impl!r} (one of {', '.join(IMPLS)})")
+  platform = platform or jax.default_backend()
+  if impl == "auto":
+    suits = head_dim in pallas_kernels.flash_attention_head_dims()
+    return "pallas" if platform in ("gpu", "tpu") and suits else "xla"
+  return impl
+
+
+def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                   segment_ids: jax.Array | None = None, sliding_window: int | None = None,
+                   impl: str = "auto", sm_scale: float | None = None) -> jax.Array:
+  """Causal self-attention of T packed tokens: q `[B, T, H, Dh]`, k/v `[B, T, K, Dh]`.
+
+  segment_ids `[B, T]` int32 (0 = padding) keep packed documents apart. Returns q's shape/dtype.
+  """
+  B, T = q.shape[:2]
+  impl = resolve_impl(impl, q.shape[-1])
+  if impl == "pallas":
+    # On CPU the kernel runs in the Pallas interpreter (tests, not speed).
+    return pallas_kernels.flash_attention(
+        q, k, v, causal=True, segment_ids=segment_ids, sliding_window=sliding_window,
+        sm_scale=sm_scale, interpret=jax.default_backend() == "cpu")
+  if impl == "cudnn":
+    return _dot_product_attention(q, k, v, segment_ids, sliding_window, sm_scale, "cudnn")
+  index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  return attention(q, k, v, q_index=index_BT, kv_index=index_BT, q_segment_ids=segment_ids,
+                   kv_segment_ids=segment_ids, sliding_window=sliding_window, sm_scale=sm_scale)
+
+
+def _dot_product_attention(q, k, v, segment_ids, sliding_window, sm_scale, implementation):
+  """`jax.nn.dot_product_attention` with our masking conventions (GQA is native to it)."""
+  bias = None
+  if segment_ids is not None:
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
+    bias = jnp.where(same, 0.0, _MASK_VALUE).astype(q.dtype)[:, None]
+  window = None if sliding_window is None else (sliding_window - 1, 0)
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=sm_scale, is_causal=True,
+                                      local_window_size=window, implementation=implementation)

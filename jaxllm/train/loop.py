@@ -98,7 +98,7 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
   say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress and is_main else (lambda _: None)
-  mesh_shape = config_lib.validate_for_devices(cfg, jax.device_count())
+  mesh_shape = config_lib.validate_for_devices(cfg, jax.device_count(), jax.default_backend())
   workdir_lib.check_resumable(workdir, cfg)
   os.makedirs(workdir, exist_ok=True)
 
