@@ -59,7 +59,7 @@ def _median_seconds(fn, args, repeats: int) -> float:
 
 def _fwd_bwd(attn):
   def loss_grads(q, k, v, do):
-    out, vjp = jax.vjp(attn, q, k, v)
+    _, vjp = jax.vjp(attn, q, k, v)
     return vjp(do)
   return loss_grads
 
