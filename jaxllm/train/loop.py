@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+import optax
 from tqdm import tqdm
 
 from jaxllm import config as config_lib
@@ -59,13 +60,15 @@ def state_shardings(cfg: config_lib.Config, mesh):
   graphdef, abstract_params = transformer.abstract_params(cfg.model)
   optimizer = optim.make_optimizer(cfg.train)
   param_sh = rules.tree_shardings(transformer.logical_axes(cfg.model), abstract_params, mesh)
-  init = jax.jit(lambda p: step_lib.init_state(p, optimizer, cfg.train.seed),
-                 in_shardings=(param_sh,))
-  compiled = init.lower(abstract_params).compile()
   abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, optimizer, cfg.train.seed),
                                   abstract_params)
-  shardings = compiled.output_shardings
-  shardings["params"] = param_sh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  # Optimizer moments take their parameter's sharding (ZeRO: FSDP shards them too); counters
+  # and other non-parameter leaves are replicated.
+  opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, abstract_state["opt_state"],
+                                 param_sh, transform_non_params=lambda _: replicated)
+  shardings = jax.tree.map(lambda _: replicated, abstract_state)
+  shardings["params"], shardings["opt_state"] = param_sh, opt_sh
   return graphdef, abstract_state, shardings, optimizer
 
 
