@@ -3,17 +3,18 @@
 Each step directory holds four items, so a reader can take only what it needs:
   params       the model parameters (StandardSave: sharded arrays, restorable onto any mesh)
   train_state  {"opt_state", "step", "rng"}
-  data         the grain iterator state, one JSON file per process (grain's own handler)
+  data         the data iterator's state as JSON, written once: it is the same in every process
+               (see `jaxllm.data.pipeline`), so any number of processes can resume from it
 orbax writes each step into a temporary directory and renames it when complete, so a crash
 mid-save never damages an earlier checkpoint; `keep` bounds how many are kept.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -53,7 +54,7 @@ class Checkpointer:
             {"opt_state": state["opt_state"], "step": state["step"], "rng": state["rng"]}),
     }
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+      items["data"] = ocp.args.JsonSave(json.loads(data_iterator.get_state()))
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     self._manager.wait_until_finished()
     return step
@@ -76,14 +77,28 @@ class Checkpointer:
         "train_state": ocp.args.StandardRestore({k: abstract_state[k]
                                                  for k in ("opt_state", "step", "rng")}),
     }
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    legacy_data = self._legacy_data_state(step)
+    if data_iterator is not None and legacy_data is None:
+      items["data"] = ocp.args.JsonRestore()
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointError(f"checkpoint step {step} in {self.directory} does not match this "
                             f"model/optimizer: {str(e).splitlines()[0][:300]}") from None
+    if data_iterator is not None:
+      data_iterator.set_state(legacy_data if legacy_data is not None
+                              else json.dumps(restored["data"]).encode())
     return {"params": restored["params"], **restored["train_state"]}
+
+  def _legacy_data_state(self, step: int) -> bytes | None:
+    """Checkpoints written before 2026-11-22 kept grain's per-process files; read process 0's."""
+    data_dir = os.path.join(self.directory, str(step), "data")
+    legacy = [f for f in (os.listdir(data_dir) if os.path.isdir(data_dir) else [])
+              if f.startswith("process_0-of-")]
+    if not legacy:
+      return None
+    with open(os.path.join(data_dir, legacy[0]), "rb") as f:
+      return f.read()
 
   def restore_params(self, abstract_params, step: int | None = None):
     """Only the parameters (for inference), into `abstract_params`' shapes and shardings."""

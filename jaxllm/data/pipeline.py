@@ -9,7 +9,12 @@ Batches are dicts of numpy arrays, all `[batch, length]`:
 
 Packing concatenates documents and splits them into rows of `seq_len + 1` tokens
 (`grain.experimental.ConcatThenSplitIterDataset`), so no row is padding except at the very end
-of a finite dataset. Each process reads its own slice of the documents.
+of a finite dataset.
+
+Multi-process: every process runs the same global stream of `batch_size`-row batches and keeps
+only its `rows` of each (the rows its devices hold). Batches and iterator state are then the same
+whatever the number of processes, so a checkpoint written by N processes resumes on M. The price
+is that each process tokenizes every document, which is small beside a training step.
 """
 
 from __future__ import annotations
@@ -61,8 +66,8 @@ class CheckpointableIterator:
   """A grain dataset iterator whose state is JSON bytes that survive a round trip.
 
   grain's packing iterator keeps tuples in its state and rejects the lists JSON gives back, so
-  `set_state` turns lists into tuples. grain's orbax handler
-  (`grain.checkpoint.CheckpointSave/Restore`) stores these bytes, one file per process.
+  `set_state` turns lists into tuples. `jaxllm.checkpoint.orbax` stores the state once per
+  checkpoint (it is the same in every process).
   """
 
   def __init__(self, iterator):
@@ -80,9 +85,6 @@ class CheckpointableIterator:
   def set_state(self, state: bytes) -> None:
     self._iterator.set_state(_tuplify(json.loads(state)))
 
-  def start_prefetch(self) -> None:
-    """Called by grain's handler after a restore; prefetching restarts on the next read."""
-
   def close(self) -> None:
     """Stops the prefetch thread (otherwise it is stopped noisily at interpreter exit)."""
     close = getattr(self._iterator, "close", None)
@@ -90,19 +92,26 @@ class CheckpointableIterator:
       close()
 
 
+class _TakeRows:
+  """`Batch -> Batch[start:stop]` (a class so grain can pickle it)."""
+
+  def __init__(self, rows: tuple[int, int]):
+    self._start, self._stop = rows
+
+  def __call__(self, batch: Batch) -> Batch:
+    return {k: v[self._start:self._stop] for k, v in batch.items()}
+
+
 def packed_dataset(docs: Sequence[corpus_lib.DocRef], tokenizer: Tokenizer, *, seq_len: int,
                    batch_size: int, seed: int, shuffle: bool, repeat: bool,
-                   process_index: int = 0, process_count: int = 1,
                    shuffle_window: int = 1024) -> grain.IterDataset:
-  """Per-process batches of `batch_size` packed rows of `seq_len` tokens.
+  """Global batches of `batch_size` packed rows of `seq_len` tokens.
 
   With `shuffle`, documents are shuffled and then packed rows are shuffled again within a
   window of `shuffle_window` rows: a long file fills many consecutive rows, and without the
   second shuffle consecutive batches would all come from the same file.
   """
   ds = grain.MapDataset.source(list(docs))
-  if process_count > 1:
-    ds = ds[process_index::process_count]
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if repeat:
@@ -116,31 +125,34 @@ def packed_dataset(docs: Sequence[corpus_lib.DocRef], tokenizer: Tokenizer, *, s
 
 
 def train_iterator(docs, tokenizer, *, seq_len: int, batch_size: int, seed: int,
-                   process_index: int = 0, process_count: int = 1) -> CheckpointableIterator:
-  """An endless, shuffled, checkpointable iterator over training batches."""
+                   rows: tuple[int, int] | None = None) -> CheckpointableIterator:
+  """An endless, shuffled, checkpointable iterator over this process's `rows` of each global
+  batch of `batch_size` rows (all of them by default)."""
   ds = packed_dataset(docs, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                      shuffle=True, repeat=True, process_index=process_index,
-                      process_count=process_count)
+                      shuffle=True, repeat=True)
+  if rows is not None and rows != (0, batch_size):
+    ds = ds.map(_TakeRows(rows))
   # A background thread tokenizes and packs the next batches while the device computes.
   ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=4)
   return CheckpointableIterator(iter(ds))
 
 
 def eval_batches(docs, tokenizer, *, seq_len: int, batch_size: int, num_batches: int,
-                 process_index: int = 0, process_count: int = 1) -> list[Batch]:
-  """The fixed held-out set: the first `num_batches` batches, a short last one padded."""
+                 rows: tuple[int, int] | None = None) -> list[Batch]:
+  """The fixed held-out set: the first `num_batches` global batches (a short last one padded),
+  this process's `rows` of each."""
   ds = packed_dataset(docs, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=0,
-                      shuffle=False, repeat=False, process_index=process_index,
-                      process_count=process_count)
+                      shuffle=False, repeat=False)
+  take = _TakeRows(rows or (0, batch_size))
   batches = []
   for batch in ds:
     if len(batches) == num_batches:
       break
-    rows = batch["inputs"].shape[0]
-    if rows < batch_size:  # keep one compiled shape: pad rows carry zero weight
-      batch = {k: np.concatenate([v, np.zeros((batch_size - rows,) + v.shape[1:], v.dtype)])
+    n = batch["inputs"].shape[0]
+    if n < batch_size:  # keep one compiled shape: pad rows carry zero weight
+      batch = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
                for k, v in batch.items()}
-    batches.append(batch)
+    batches.append(take(batch))
   if not batches:
     raise corpus_lib.CorpusError("the held-out split produced no evaluation tokens")
   return batches

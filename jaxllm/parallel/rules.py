@@ -65,3 +65,19 @@ def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
   axes = tuple(a for a in ((target,) if isinstance(target, str) else target)
                if mesh.shape.get(a, 1) > 1)
   return NamedSharding(mesh, PartitionSpec(axes or None, None))
+
+
+def process_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
+  """[start, stop) of the global batch rows this process's devices hold under `sharding`.
+
+  `jax.make_array_from_process_local_data` expects exactly these rows from each process.
+  """
+  indices = sharding.addressable_devices_indices_map((global_batch, 1)).values()
+  starts = sorted({idx[0].start or 0 for idx in indices})
+  stops = sorted({global_batch if idx[0].stop is None else idx[0].stop for idx in indices})
+  start, stop = starts[0], stops[-1]
+  held = sum(b - a for a, b in set(zip(starts, stops)))
+  if held != stop - start:
+    raise ValueError(f"this process's batch rows are not contiguous ({starts}, {stops}); "
+                     "order the mesh so each process holds one block of the batch")
+  return start, stop

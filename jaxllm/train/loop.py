@@ -12,6 +12,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxllm import config as config_lib
@@ -111,19 +112,23 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
   if not os.path.exists(os.path.join(workdir, workdir_lib.TOKENIZER_FILE)):
     say(f"tokenizer: building {cfg.model.vocab_size} pieces -> {workdir}/"
         f"{workdir_lib.TOKENIZER_FILE}")
+  if process_count > 1:
+    # One process builds the tokenizer into the shared workdir; the others then read that file,
+    # so every process surely tokenizes alike.
+    if is_main:
+      workdir_lib.prepare_tokenizer(workdir, cfg, corpus)
+    multihost_utils.sync_global_devices("jaxllm:tokenizer")
   tokenizer = workdir_lib.prepare_tokenizer(workdir, cfg, corpus)
-  local_batch = cfg.train.batch_size // process_count
-  train_iter = pipeline.train_iterator(
-      corpus.train, tokenizer, seq_len=cfg.train.seq_len, batch_size=local_batch,
-      seed=cfg.data.seed, process_index=process_index, process_count=process_count)
-  eval_data = pipeline.eval_batches(
-      corpus.eval, tokenizer, seq_len=cfg.train.seq_len, batch_size=local_batch,
-      num_batches=cfg.train.eval_batches, process_index=process_index,
-      process_count=process_count)
-
   mesh = mesh_lib.make_mesh(cfg.mesh)
   graphdef, abstract_state, shardings, optimizer = state_shardings(cfg, mesh)
   batch_sh = rules.batch_sharding(mesh)
+  rows = rules.process_rows(batch_sh, cfg.train.batch_size)
+  train_iter = pipeline.train_iterator(
+      corpus.train, tokenizer, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
+      seed=cfg.data.seed, rows=rows)
+  eval_data = pipeline.eval_batches(
+      corpus.eval, tokenizer, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
+      num_batches=cfg.train.eval_batches, rows=rows)
   checkpointer = Checkpointer(os.path.join(workdir, workdir_lib.CHECKPOINT_DIR),
                               cfg.train.keep_checkpoints)
   resume_step = checkpointer.latest_step()
