@@ -52,8 +52,9 @@ def _train(cfg, devices):
   graphdef, _, shardings, optimizer = loop.state_shardings(cfg, mesh)
   state = loop._init_state(cfg, optimizer, shardings)
   batch_sh = rules.batch_sharding(mesh)
-  step = jax.jit(step_lib.make_train_step(graphdef, optimizer, cfg.train),
-                 in_shardings=(shardings, batch_sh), out_shardings=(shardings, None))
+  step = mesh_lib.under_mesh(jax.jit(step_lib.make_train_step(graphdef, optimizer, cfg.train),
+                                     in_shardings=(shardings, batch_sh),
+                                     out_shardings=(shardings, None)), mesh)
   losses = []
   for batch in _batches(cfg):
     state, metrics = step(state, {k: jax.device_put(v, batch_sh) for k, v in batch.items()})

@@ -55,7 +55,8 @@ def run(cfg: config_lib.Config, steps: int = 10, warmup: int = 2) -> dict:
                        in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
                        donate_argnums=0)
   start = time.perf_counter()
-  compiled = train_step.lower(state, batch).compile()
+  with jax.set_mesh(mesh):
+    compiled = train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
   for _ in range(warmup):
     state, metrics = compiled(state, batch)

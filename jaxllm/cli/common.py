@@ -65,8 +65,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
-    message = str(e).strip().splitlines()
-    print(f"error: {message[0] if message else type(e).__name__}", file=sys.stderr)
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    # "Error whilst parsing config file:" is followed by a traceback whose last line is the cause.
+    message = f"{lines[0]} {lines[-1]}" if len(lines) > 1 and lines[0].endswith(":") else (
+        lines or [""])[0]
+    print(f"error: {message or type(e).__name__}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -20,6 +20,7 @@ from jaxllm.inference.kv_cache import KVCache
 from jaxllm.model.attention import Attention
 from jaxllm.model.layers import RMSNorm, param
 from jaxllm.model.mlp import MLP
+from jaxllm.parallel import rules
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -100,10 +101,12 @@ class Transformer(nnx.Module):
     graphdef, stacked = nnx.split(self.blocks)
 
     def layer(x_BTD, layer_params):
-      return nnx.merge(graphdef, layer_params)(x_BTD, positions_BT, segment_ids_BT), None
+      x_BTD = nnx.merge(graphdef, layer_params)(x_BTD, positions_BT, segment_ids_BT)
+      return rules.constrain(x_BTD, rules.ACTIVATION_AXES_BTD), None
 
-    x_BTD, _ = jax.lax.scan(self._remat(layer), self._embed(tokens_BT), stacked)
-    return self._logits(x_BTD)
+    x_BTD = rules.constrain(self._embed(tokens_BT), rules.ACTIVATION_AXES_BTD)
+    x_BTD, _ = jax.lax.scan(self._remat(layer), x_BTD, stacked)
+    return rules.constrain(self._logits(x_BTD), rules.ACTIVATION_AXES_BTV)
 
   def extend(self, tokens_BT: jax.Array, cache: KVCache,
              num_new_B: jax.Array | None = None) -> tuple[jax.Array, KVCache]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from jax.sharding import Mesh
 
@@ -21,6 +23,16 @@ def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
   shape = tuple(sizes[a] for a in AXES)
   axis_types = (jax.sharding.AxisType.Auto,) * len(AXES)
   return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
+
+
+def under_mesh(fn, mesh: Mesh):
+  """`fn` called with `mesh` in context, so `rules.constrain` in the model (traced on the first
+  call of a jitted `fn`) can place activations on it."""
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+  return call
 
 
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,

@@ -51,6 +51,22 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
   return PartitionSpec(*spec)
 
 
+# Activations between blocks: batch split like the input batch, everything else whole. (The
+# parameter rule embed -> fsdp must not reach activations: XLA would then shard them by
+# d_model and run the batch unsplit on every FSDP device.)
+ACTIVATION_AXES_BTD = ("batch", None, None)
+ACTIVATION_AXES_BTV = ("batch", None, "vocab")
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], rules=DEFAULT_RULES) -> jax.Array:
+  """`with_sharding_constraint` of activation `x` by logical `axes` on the mesh in context
+  (`jax.set_mesh`); a no-op without one (single device, tests of bare modules)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, spec_for(axes, x.shape, mesh, rules))
+
+
 def tree_shardings(axes_tree, shapes_tree, mesh: Mesh, rules=DEFAULT_RULES):
   """NamedShardings for a tree of arrays, given a same-structured tree of logical axes."""
   return jax.tree.map(

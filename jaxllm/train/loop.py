@@ -145,10 +145,11 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
   if is_main:
     workdir_lib.write_config(workdir, cfg)
 
-  train_step = jax.jit(step_lib.make_train_step(graphdef, optimizer, cfg.train),
-                       in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
-                       donate_argnums=0)
-  eval_step = jax.jit(step_lib.make_eval_step(graphdef), in_shardings=(shardings["params"], batch_sh))
+  train_step = mesh_lib.under_mesh(jax.jit(
+      step_lib.make_train_step(graphdef, optimizer, cfg.train),
+      in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0), mesh)
+  eval_step = mesh_lib.under_mesh(jax.jit(
+      step_lib.make_eval_step(graphdef), in_shardings=(shardings["params"], batch_sh)), mesh)
   writer = metrics_lib.MetricsWriter(
       os.path.join(workdir, workdir_lib.METRICS_FILE) if is_main else None,
       os.path.join(workdir, workdir_lib.TB_DIR) if is_main else None, resume_step=resume_step)

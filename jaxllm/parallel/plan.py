@@ -1,0 +1,170 @@
+"""Per-device memory plan of a training config, without allocating the model.
+
+Parameter, gradient and optimizer-state bytes come from abstract evaluation (`jax.eval_shape`)
+and the sharding rules applied to the configured mesh shape, so any mesh can be planned on a
+laptop. Activation bytes are an estimate from the shapes and the remat policy (below). When the
+mesh fits the local devices, the compiled train step's own memory analysis is reported beside it.
+
+Activation estimate, per token of the local microbatch, per layer (c = compute dtype bytes,
+heads and mlp divided by mesh.tensor):
+  remat none           c * (4 D + 2 (H + K) Dh + 3 F) (+ 4 H T for XLA's materialised softmax)
+  remat dots*          c * (2 D + (2 H + 2 K) Dh + 2 F)   matmul outputs only
+  remat full           c * D                               the layer input; one layer recomputed
+plus the float32 logits and their gradient (8 V / tensor bytes per token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxllm import config as config_lib
+from jaxllm.model import transformer
+from jaxllm.parallel import rules
+from jaxllm.train import optim, step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class _MeshShape:
+  """Just enough of a Mesh for `rules.spec_for`: the axis sizes."""
+  shape: dict
+
+
+def _per_device_bytes(abstract_tree, spec_tree, sizes) -> float:
+  total = 0.0
+  for x, spec in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(
+      spec_tree, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))):
+    shards = 1
+    for entry in spec:
+      for axis in (entry,) if isinstance(entry, str) else (entry or ()):
+        shards *= sizes[axis]
+    total += x.size * x.dtype.itemsize / shards
+  return total
+
+
+def _activation_bytes(cfg: config_lib.Config, sizes: dict, layers_per_stage: int) -> float:
+  m, t = cfg.model, cfg.train
+  c = jnp.dtype(m.dtype).itemsize
+  tp = sizes["tensor"]
+  H, K, F = m.n_heads / tp, max(m.n_kv_heads / tp, 1), m.d_ff / tp
+  D, Dh, T = m.d_model, m.head_dim, t.seq_len
+  micro = t.batch_size / t.grad_accum / (sizes["data"] * sizes["fsdp"])
+  micro /= max(t.microbatches, 1) if sizes["stage"] > 1 else 1
+  if m.remat == "full":
+    per_token_layer = c * D
+    recompute = c * (4 * D + 2 * (H + K) * Dh + 3 * F)  # one layer live during its backward
+  elif m.remat in ("dots", "dots_no_batch"):
+    per_token_layer, recompute = c * (2 * D + (2 * H + 2 * K) * Dh + 2 * F), 0.0
+  else:
+    per_token_layer, recompute = c * (4 * D + 2 * (H + K) * Dh + 3 * F), 0.0
+  xla_attention = m.attention_impl == "xla" or (m.attention_impl == "auto"
+                                                and jax.default_backend() == "cpu")
+  if m.remat != "full" and xla_attention:
+    per_token_layer += 4 * H * T
+  tokens = micro * T
+  in_flight = 1
+  if sizes["stage"] > 1:  # GPipe keeps every microbatch's activations until the flush
+    in_flight = max(t.microbatches, 1)
+  logits = 8 * m.vocab_size / tp * tokens
+  return tokens * (per_token_layer * layers_per_stage + recompute) * in_flight + logits
+
+
+def plan(cfg: config_lib.Config, num_devices: int, *, compile_check: bool = True) -> dict:
+  """The per-device memory plan (bytes) of `cfg` on `num_devices` devices."""
+  sizes = config_lib.resolve_mesh_shape(cfg.mesh, num_devices)
+  mesh = _MeshShape(sizes)
+  graphdef, abstract_params = transformer.abstract_params(cfg.model)
+  axes = transformer.logical_axes(cfg.model)
+  param_specs = jax.tree.map(lambda a, x: rules.spec_for(a, x.shape, mesh), axes,
+                             abstract_params, is_leaf=lambda x: isinstance(x, tuple))
+  optimizer = optim.make_optimizer(cfg.train)
+  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+  replicated = jax.sharding.PartitionSpec()
+  opt_specs = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_specs,
+                                    transform_non_params=lambda _: replicated,
+                                    is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+  n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
+  stage = sizes["stage"]
+  layers_per_stage = math.ceil(cfg.model.n_layers / stage)
+  # The stacked layers' leading axis is `layers` -> `stage`, so the rules split them over stages.
+  params = _per_device_bytes(abstract_params, param_specs, sizes)
+  result = {
+      "config": cfg.name, "devices": num_devices, "mesh": sizes, "params": n_params,
+      "param_bytes": params,
+      "grad_bytes": params,  # gradients take the params' dtype and sharding
+      "optimizer_bytes": _per_device_bytes(abstract_opt, opt_specs, sizes),
+      "activation_bytes": _activation_bytes(cfg, sizes, layers_per_stage),
+      "remat": cfg.model.remat,
+      "microbatches": cfg.train.microbatches,
+  }
+  result["state_bytes_per_param"] = (result["param_bytes"] + result["grad_bytes"]
+                                     + result["optimizer_bytes"]) / n_params
+  result["total_bytes"] = (result["param_bytes"] + result["grad_bytes"]
+                           + result["optimizer_bytes"] + result["activation_bytes"])
+  m = max(cfg.train.microbatches, 1)
+  result["bubble"] = {
+      "gpipe": (stage - 1) / (m + stage - 1),
+      "1f1b": (stage - 1) / (m + stage - 1),  # same bubble, activations of <= stage microbatches
+      "1f1b_activation_share": min(stage, m) / m,
+  }
+  result["compiled"] = None
+  if compile_check and stage == 1 and num_devices <= jax.device_count():
+    result["compiled"] = _compiled_memory(cfg, graphdef, jax.devices()[:num_devices])
+  return result
+
+
+def _compiled_memory(cfg, graphdef, devices) -> dict | None:
+  """The compiler's per-device memory analysis of the real train step (no allocation)."""
+  from jaxllm.parallel import mesh as mesh_lib
+  from jaxllm.train import loop
+  mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+  _, abstract_state, shardings, optimizer = loop.state_shardings(cfg, mesh)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       abstract_state, shardings)
+  batch_sh = rules.batch_sharding(mesh)
+  B, T = cfg.train.batch_size, cfg.train.seq_len
+  batch = {k: jax.ShapeDtypeStruct((B, T), dt, sharding=batch_sh) for k, dt in (
+      ("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32),
+      ("segment_ids", jnp.int32), ("positions", jnp.int32))}
+  step = jax.jit(step_lib.make_train_step(graphdef, optimizer, cfg.train),
+                 out_shardings=(shardings, None))
+  with jax.set_mesh(mesh):
+    analysis = step.lower(state, batch).compile().memory_analysis()
+  if analysis is None:
+    return None
+  return {"argument_bytes": analysis.argument_size_in_bytes,
+          "output_bytes": analysis.output_size_in_bytes,
+          "temp_bytes": analysis.temp_size_in_bytes,
+          "alias_bytes": analysis.alias_size_in_bytes}
+
+
+def table(result: dict) -> str:
+  def gib(x):
+    return f"{x / 2**30:.3f} GiB"
+
+  mesh = " x ".join(f"{k}={v}" for k, v in result["mesh"].items() if v > 1) or "1 device"
+  rows = [
+      ("config", f"{result['config']}: {result['params'] / 1e9:.3f}B params"),
+      ("mesh", f"{mesh} ({result['devices']} devices)"),
+      ("params / device", gib(result["param_bytes"])),
+      ("grads / device", gib(result["grad_bytes"])),
+      ("optimizer / device", gib(result["optimizer_bytes"])),
+      ("state bytes / param", f"{result['state_bytes_per_param']:.2f} (per device)"),
+      (f"activations (remat {result['remat']})", gib(result["activation_bytes"]) + " (estimate)"),
+      ("total / device", gib(result["total_bytes"])),
+  ]
+  if result["mesh"]["stage"] > 1:
+    b = result["bubble"]
+    rows.append(("pipeline bubble", f"GPipe {b['gpipe']:.1%}, 1F1B {b['1f1b']:.1%} with "
+                 f"{b['1f1b_activation_share']:.0%} of GPipe's activations "
+                 f"({result['microbatches']} microbatches)"))
+  if result["compiled"]:
+    c = result["compiled"]
+    rows.append(("compiled (per device)", f"arguments {gib(c['argument_bytes'])}, temporaries "
+                 f"{gib(c['temp_bytes'])}, outputs {gib(c['output_bytes'])}"))
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,87 @@
+"""`jaxllm.plan`: per-device memory from abstract shapes, checked against measured shards and
+the compiler, for real model sizes without allocating them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from jaxllm import config as config_lib
+from jaxllm.parallel import mesh as mesh_lib
+from jaxllm.parallel import plan as plan_lib
+from jaxllm.train import loop
+from tests.helpers import REPO, tiny_experiment
+
+import experiments.llama3_8b as llama3_8b
+
+
+def _experiment(module, preset):
+  return config_lib.from_config_dict(module.get_config(preset).to_dict())
+
+
+def test_llama3_8b_fsdp8_holds_an_eighth_of_mixed_precision_adam():
+  cfg = _experiment(llama3_8b, "gpu8")
+  result = plan_lib.plan(cfg, 8, compile_check=False)
+  assert 8.0e9 < result["params"] < 8.1e9
+  # fp32 master params (4) + fp32 grads (4) + Adam mu and nu (8) = 16 bytes/param, over 8.
+  assert result["state_bytes_per_param"] == pytest.approx(16 / 8, rel=0.02)
+  assert result["optimizer_bytes"] == pytest.approx(2 * result["param_bytes"], rel=0.01)
+
+
+def test_plan_agrees_with_measured_shards_and_the_compiler():
+  cfg = tiny_experiment(mesh=dict(data=1, fsdp=8))
+  result = plan_lib.plan(cfg, 8)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  _, _, shardings, optimizer = loop.state_shardings(cfg, mesh)
+  state = loop._init_state(cfg, optimizer, shardings)
+  device0 = jax.devices()[0]
+
+  def held(tree):
+    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
+               if s.device == device0)
+
+  assert result["param_bytes"] == held(state["params"])
+  assert result["optimizer_bytes"] == pytest.approx(held(state["opt_state"]), abs=16)
+  compiled = result["compiled"]
+  # The step's arguments: params + optimizer state, step (int32), rng key (2 x uint32), and
+  # this device's batch rows (5 int32/float32 arrays of [rows, seq_len]).
+  rows = cfg.train.batch_size // 8
+  batch_bytes = 5 * 4 * rows * cfg.train.seq_len
+  assert compiled["argument_bytes"] == (result["param_bytes"] + result["optimizer_bytes"]
+                                        + 4 + 8 + batch_bytes)
+  assert compiled["temp_bytes"] > 0
+
+
+def test_pipeline_bubble_is_gpipe_formula():
+  cfg = tiny_experiment(mesh=dict(data=1, stage=4), train=dict(microbatches=8))
+  bubble = plan_lib.plan(cfg, 4, compile_check=False)["bubble"]
+  assert bubble["gpipe"] == pytest.approx(3 / 11)
+  assert bubble["1f1b_activation_share"] == pytest.approx(4 / 8)
+
+
+def _plan(*args):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  return subprocess.run([sys.executable, "-m", "jaxllm.plan", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_plans_a_70b_pod_without_its_devices():
+  proc = _plan("--config=experiments/llama2_70b.py:gpu64", "--num_devices=64", "--json")
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["mesh"]["fsdp"] == 8 and result["mesh"]["tensor"] == 8
+  assert result["compiled"] is None  # 64 devices are not here: the plan is analytic
+  assert result["state_bytes_per_param"] == pytest.approx(16 / 64, rel=0.02)
+
+
+def test_cli_table_and_errors():
+  proc = _plan("--config.mesh.data=1", "--config.mesh.fsdp=8")
+  assert proc.returncode == 0, proc.stderr
+  assert "optimizer / device" in proc.stdout and "compiled (per device)" in proc.stdout
+  bad = _plan("--config.mesh.data=3")
+  assert bad.returncode == 2 and bad.stderr.startswith("error: mesh")
+  preset = _plan("--config=experiments/llama3_8b.py:tpu9000")
+  assert preset.returncode == 2 and "unknown mesh preset" in preset.stderr
