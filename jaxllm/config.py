@@ -286,7 +286,13 @@ def validate_for_devices(config: Config, num_devices: int,
                       f"divisible by mesh.tensor={sizes['tensor']}")
   if m.attention_impl == "cudnn" and platform not in (None, "gpu"):
     raise ConfigError(f"model.attention_impl=cudnn needs a GPU (this machine runs {platform})")
-  if sizes["stage"] > 1 or sizes["expert"] > 1:
-    raise ConfigError("mesh.stage and mesh.expert > 1 are not supported yet "
-                      "(pipeline and expert parallelism are not built)")
+  if sizes["expert"] > 1:
+    raise ConfigError("mesh.expert > 1 is not supported yet (expert parallelism is not built)")
+  if sizes["stage"] > 1:
+    if m.n_layers % sizes["stage"]:
+      raise ConfigError(f"model.n_layers={m.n_layers} must be divisible by the "
+                        f"mesh.stage={sizes['stage']} pipeline stages")
+    if micro % t.microbatches:
+      raise ConfigError(f"train.batch_size / train.grad_accum = {micro} is not divisible by "
+                        f"train.microbatches={t.microbatches}")
   return sizes

@@ -12,8 +12,8 @@ SMALL = ["--config.model.d_model=32", "--config.model.n_layers=2", "--config.mod
          "--config.train.batch_size=4", "--steps=2"]
 
 
-def _run(*args):
-  env = {**os.environ, "XLA_FLAGS": ""}
+def _run(*args, xla_flags=""):
+  env = {**os.environ, "XLA_FLAGS": xla_flags}
   return subprocess.run([sys.executable, "-m", "jaxllm.bench", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
 
@@ -61,3 +61,14 @@ def test_bench_attention_json_on_cpu(tmp_path):
   assert long["xla_fwd_bwd_temp_bytes"] > 2 * short["xla_fwd_bwd_temp_bytes"]
   bad = _run("attention", "--peers=ours,flashier")
   assert bad.returncode == 2 and "unknown ['flashier']" in bad.stderr
+
+
+def test_bench_pipeline_json():
+  proc = _run("pipeline", "--json", "--stages=2", "--repeats=1", *SMALL[:-1],
+              xla_flags="--xla_force_host_platform_device_count=2")
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  rows = result["rows"]
+  assert [(r["stages"], r["microbatches"]) for r in rows] == [(2, 1), (2, 2), (2, 4), (2, 8)]
+  assert [r["formula_bubble"] for r in rows] == [1 / 2, 1 / 3, 1 / 5, 1 / 9]
+  assert all(r["step_s"] > 0 and r["measured_bubble"] < 1 for r in rows)

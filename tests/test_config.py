@@ -53,6 +53,22 @@ def test_batch_must_divide_over_devices():
     config_lib.validate_for_devices(tiny_experiment(mesh=dict(data=4)), 6)
 
 
+def test_pipeline_and_kernel_choices_are_checked_before_compiling():
+  with pytest.raises(config_lib.ConfigError, match="n_layers=2 must be divisible by the "
+                     "mesh.stage=4"):
+    config_lib.validate_for_devices(tiny_experiment(mesh=dict(data=1, stage=4)), 4)
+  with pytest.raises(config_lib.ConfigError, match="not divisible by train.microbatches=3"):
+    config_lib.validate_for_devices(
+        tiny_experiment(mesh=dict(data=1, stage=2), train=dict(microbatches=3)), 2)
+  with pytest.raises(config_lib.ConfigError, match="mesh.expert > 1"):
+    config_lib.validate_for_devices(tiny_experiment(mesh=dict(data=1, expert=2)), 2)
+  with pytest.raises(config_lib.ConfigError, match="cudnn needs a GPU"):
+    config_lib.validate_for_devices(tiny_experiment(model=dict(attention_impl="cudnn")), 8,
+                                    "cpu")
+  with pytest.raises(config_lib.ConfigError, match="head_dim in 64/128/256"):
+    tiny_experiment(model=dict(attention_impl="pallas"))
+
+
 def test_round_trips_through_dict():
   cfg = tiny_experiment()
   assert config_lib.from_dict(cfg.to_dict()) == cfg

@@ -1,7 +1,8 @@
 """`python -m jaxllm.bench <suite> [--config=...] [--json] [--out=FILE]`
 
 Suites: train (step time, tokens/s, MFU of the configured train step); attention (our
-flash-attention kernel against cuDNN, XLA and JAX's bundled Pallas kernel, TFLOP/s and memory).
+flash-attention kernel against cuDNN, XLA and JAX's bundled Pallas kernel, TFLOP/s and memory);
+pipeline (the measured GPipe bubble against (p - 1) / (m + p - 1)).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from absl import app, flags
 
 from jaxllm.cli import common
 
-SUITES = ("train", "attention")
+SUITES = ("train", "attention", "pipeline")
 
 _CONFIG = common.define_config_flag(common.default_experiment())
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
@@ -28,8 +29,9 @@ _TOKENS = flags.DEFINE_integer("tokens", None, "attention: batch x seq_len per p
                                "(default 16384; 512 on CPU).", lower_bound=1)
 _WIDTH = flags.DEFINE_integer("width", None, "attention: heads x head_dim (default 2048; 128 on "
                               "CPU).", lower_bound=1)
-_REPEATS = flags.DEFINE_integer("repeats", 5, "attention: timed calls per measurement.",
-                                lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", 5, "attention, pipeline: timed calls per "
+                                "measurement.", lower_bound=1)
+_STAGES = flags.DEFINE_list("stages", ["2", "4"], "pipeline: stage counts to measure.")
 
 
 def _attention_suite() -> tuple[dict, str]:
@@ -58,6 +60,16 @@ def main(argv):
     raise app.UsageError(f"usage: python -m jaxllm.bench {{{'|'.join(SUITES)}}} [flags]")
   if argv[1] == "attention":
     result, text = _attention_suite()
+  elif argv[1] == "pipeline":
+    from jaxllm import config as config_lib
+    from jaxllm.bench import pipeline
+    cfg = config_lib.from_config_dict(common.config_value(_CONFIG))
+    try:
+      stages = tuple(int(x) for x in _STAGES.value)
+    except ValueError as e:
+      raise common.CommandError(f"--stages takes integers: {e}") from None
+    result = pipeline.run(cfg, stages=stages, repeats=_REPEATS.value)
+    text = pipeline.table(result)
   else:
     from jaxllm import config as config_lib
     cfg = config_lib.from_config_dict(common.config_value(_CONFIG))

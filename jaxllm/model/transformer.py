@@ -20,7 +20,7 @@ from jaxllm.inference.kv_cache import KVCache
 from jaxllm.model.attention import Attention
 from jaxllm.model.layers import RMSNorm, param
 from jaxllm.model.mlp import MLP
-from jaxllm.parallel import rules
+from jaxllm.parallel import pipeline, rules
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -93,19 +93,29 @@ class Transformer(nnx.Module):
     return jax.checkpoint(fn, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
 
   def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
-               segment_ids_BT: jax.Array | None = None) -> jax.Array:
-    """Full forward (training, evaluation, reference). positions default to arange(T)."""
+               segment_ids_BT: jax.Array | None = None, *, microbatches: int = 1) -> jax.Array:
+    """Full forward (training, evaluation, reference). positions default to arange(T).
+
+    Under a mesh whose `stage` axis is > 1 the layers run as a pipeline of `microbatches`
+    microbatches (`jaxllm.parallel.pipeline`); otherwise `microbatches` is ignored.
+    """
     B, T = tokens_BT.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     graphdef, stacked = nnx.split(self.blocks)
 
-    def layer(x_BTD, layer_params):
-      x_BTD = nnx.merge(graphdef, layer_params)(x_BTD, positions_BT, segment_ids_BT)
-      return rules.constrain(x_BTD, rules.ACTIVATION_AXES_BTD), None
+    def block(x_BTD, layer_params, positions_BT, segment_ids_BT):
+      return nnx.merge(graphdef, layer_params)(x_BTD, positions_BT, segment_ids_BT)
 
     x_BTD = rules.constrain(self._embed(tokens_BT), rules.ACTIVATION_AXES_BTD)
-    x_BTD, _ = jax.lax.scan(self._remat(layer), x_BTD, stacked)
+    if pipeline.num_stages() > 1:
+      x_BTD = pipeline.gpipe(self._remat(block), x_BTD, stacked, positions_BT, segment_ids_BT,
+                             microbatches=microbatches)
+    else:
+      def layer(x_BTD, layer_params):
+        x_BTD = block(x_BTD, layer_params, positions_BT, segment_ids_BT)
+        return rules.constrain(x_BTD, rules.ACTIVATION_AXES_BTD), None
+      x_BTD, _ = jax.lax.scan(self._remat(layer), x_BTD, stacked)
     return rules.constrain(self._logits(x_BTD), rules.ACTIVATION_AXES_BTV)
 
   def extend(self, tokens_BT: jax.Array, cache: KVCache,

@@ -24,7 +24,7 @@ import optax
 
 from jaxllm import config as config_lib
 from jaxllm.model import transformer
-from jaxllm.parallel import rules
+from jaxllm.parallel import pipeline, rules
 from jaxllm.train import optim, step as step_lib
 
 
@@ -106,11 +106,7 @@ def plan(cfg: config_lib.Config, num_devices: int, *, compile_check: bool = True
   result["total_bytes"] = (result["param_bytes"] + result["grad_bytes"]
                            + result["optimizer_bytes"] + result["activation_bytes"])
   m = max(cfg.train.microbatches, 1)
-  result["bubble"] = {
-      "gpipe": (stage - 1) / (m + stage - 1),
-      "1f1b": (stage - 1) / (m + stage - 1),  # same bubble, activations of <= stage microbatches
-      "1f1b_activation_share": min(stage, m) / m,
-  }
+  result["bubble"] = {"gpipe": pipeline.bubble_fraction(stage, m)}
   result["compiled"] = None
   if compile_check and stage == 1 and num_devices <= jax.device_count():
     result["compiled"] = _compiled_memory(cfg, graphdef, jax.devices()[:num_devices])
@@ -159,9 +155,8 @@ def table(result: dict) -> str:
   ]
   if result["mesh"]["stage"] > 1:
     b = result["bubble"]
-    rows.append(("pipeline bubble", f"GPipe {b['gpipe']:.1%}, 1F1B {b['1f1b']:.1%} with "
-                 f"{b['1f1b_activation_share']:.0%} of GPipe's activations "
-                 f"({result['microbatches']} microbatches)"))
+    rows.append(("pipeline bubble", f"GPipe {b['gpipe']:.1%} ({result['microbatches']} "
+                 f"microbatches over {result['mesh']['stage']} stages)"))
   if result["compiled"]:
     c = result["compiled"]
     rows.append(("compiled (per device)", f"arguments {gib(c['argument_bytes'])}, temporaries "

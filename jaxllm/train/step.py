@@ -28,8 +28,9 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> Tr
           "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(seed)}
 
 
-def _batch_loss(graphdef, params, batch, z_loss: float):
-  logits = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
+def _batch_loss(graphdef, params, batch, z_loss: float, microbatches: int = 1):
+  logits = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"],
+                                       microbatches=microbatches)
   nll, zl, weight = losses.cross_entropy_sums(logits, batch["targets"], batch["weights"], z_loss)
   return nll + zl, (nll, weight)
 
@@ -42,7 +43,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
   weight, so accumulation gives the same update as one large batch.
   """
   schedule = learning_rate_schedule(cfg)
-  grad_fn = jax.value_and_grad(lambda p, b: _batch_loss(graphdef, p, b, cfg.z_loss), has_aux=True)
+  grad_fn = jax.value_and_grad(
+      lambda p, b: _batch_loss(graphdef, p, b, cfg.z_loss, cfg.microbatches), has_aux=True)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     params = state["params"]
