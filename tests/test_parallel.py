@@ -149,3 +149,18 @@ def test_bf16_pipeline_trains_like_bf16_single_device():
     return _train(cfg, jax.devices()[:n])[1]
 
   np.testing.assert_allclose(run(dict(stage=2), 2), run({}, 1), rtol=1e-3)
+
+
+def test_pallas_attention_under_a_mesh_trains_like_single_device_xla():
+  """The flash kernel is wrapped in shard_map per batch / head shard (inside the pipeline too)."""
+  model = dict(MODEL, n_heads=4, n_kv_heads=2, head_dim=64)
+
+  def run(mesh, n, impl):
+    cfg = tiny_experiment(model=dict(model, attention_impl=impl),
+                          train=dict(batch_size=8, seq_len=32, microbatches=2),
+                          mesh={"data": 1, "fsdp": 1, "tensor": 1, **mesh})
+    return _train(cfg, jax.devices()[:n])[1]
+
+  want = run({}, 1, "xla")
+  np.testing.assert_allclose(run(dict(fsdp=2, tensor=2, stage=2), 8, "pallas"), want, rtol=1e-5)
+  np.testing.assert_allclose(run(dict(data=2, fsdp=2, tensor=2), 8, "pallas"), want, rtol=1e-5)

@@ -85,15 +85,53 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   B, T = q.shape[:2]
   impl = resolve_impl(impl, q.shape[-1])
   if impl == "pallas":
-    # On CPU the kernel runs in the Pallas interpreter (tests, not speed).
-    return pallas_kernels.flash_attention(
-        q, k, v, causal=True, segment_ids=segment_ids, sliding_window=sliding_window,
-        sm_scale=sm_scale, interpret=jax.default_backend() == "cpu")
+    return _pallas_self_attention(q, k, v, segment_ids, sliding_window, sm_scale)
   if impl == "cudnn":
     return _dot_product_attention(q, k, v, segment_ids, sliding_window, sm_scale, "cudnn")
   index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   return attention(q, k, v, q_index=index_BT, kv_index=index_BT, q_segment_ids=segment_ids,
                    kv_segment_ids=segment_ids, sliding_window=sliding_window, sm_scale=sm_scale)
+
+
+def _pallas_self_attention(q, k, v, segment_ids, sliding_window, sm_scale):
+  """The flash kernel, run per shard when a mesh is in context.
+
+  A Pallas call is opaque to XLA's partitioner, so under a mesh it is wrapped in `shard_map`:
+  the batch split like the activations (data, fsdp) and, when both head counts divide, the
+  heads over `tensor` (each device then holds whole GQA groups). Other mesh axes see it whole.
+  """
+  def kernel(q, k, v, segment_ids):
+    # On CPU the kernel runs in the Pallas interpreter (tests, not speed).
+    return pallas_kernels.flash_attention(
+        q, k, v, causal=True, segment_ids=segment_ids, sliding_window=sliding_window,
+        sm_scale=sm_scale, interpret=jax.default_backend() == "cpu")
+
+  mesh = jax.sharding.get_abstract_mesh()
+  sizes = {} if mesh.empty else dict(mesh.shape)
+  manual = set(getattr(mesh, "manual_axes", ()) or ())
+  batch_axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1 and a not in manual)
+  batch = 1
+  for a in batch_axes:
+    batch *= sizes[a]
+  if batch_axes and q.shape[0] % batch:
+    batch_axes = ()
+  tp = sizes.get("tensor", 1)
+  head_axis = ("tensor" if tp > 1 and "tensor" not in manual and q.shape[2] % tp == 0
+               and k.shape[2] % tp == 0 else None)
+  if not batch_axes and head_axis is None:
+    return kernel(q, k, v, segment_ids)
+  b = batch_axes or None
+  qkv = jax.sharding.PartitionSpec(b, None, head_axis, None)
+  seg = jax.sharding.PartitionSpec(b, None)
+  axes = set(batch_axes) | ({head_axis} if head_axis else set())
+  if segment_ids is None:
+    run = jax.shard_map(lambda q, k, v: kernel(q, k, v, None), mesh=mesh,
+                        in_specs=(qkv, qkv, qkv), out_specs=qkv, axis_names=axes,
+                        check_vma=False)
+    return run(q, k, v)
+  run = jax.shard_map(kernel, mesh=mesh, in_specs=(qkv, qkv, qkv, seg), out_specs=qkv,
+                      axis_names=axes, check_vma=False)
+  return run(q, k, v, segment_ids)
 
 
 def _dot_product_attention(q, k, v, segment_ids, sliding_window, sm_scale, implementation):
