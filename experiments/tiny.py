@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = dict(steps=600, batch_size=16, seq_len=256, lr=3e-3, min_lr_ratio=0.1,
                  warmup_steps=30, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0,
                  grad_accum=1, z_loss=1e-4, log_every=10, eval_every=100, eval_batches=8,
-                 checkpoint_every=100, keep_checkpoints=3, seed=0, microbatches=1)
+                 checkpoint_every=100, keep_checkpoints=3, seed=0, microbatches=1,
+                 pipeline_chunks=1)
   c.mesh = dict(data=-1, fsdp=1, tensor=1, stage=1, expert=1)
   return ml_collections.ConfigDict(c)

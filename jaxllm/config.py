@@ -90,6 +90,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   seed: int = 0
   microbatches: int = 1
+  pipeline_chunks: int = 1  # 1 = GPipe; v > 1 = circular schedule, v layer chunks per stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +227,8 @@ def validate(config: Config) -> None:
                       f"not {m.head_dim}")
 
   for key in ("steps", "batch_size", "seq_len", "lr", "grad_accum", "log_every", "eval_every",
-              "eval_batches", "checkpoint_every", "keep_checkpoints", "microbatches"):
+              "eval_batches", "checkpoint_every", "keep_checkpoints", "microbatches",
+              "pipeline_chunks"):
     _positive(f"train.{key}", getattr(t, key))
   if t.warmup_steps < 0:
     raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be >= 0")
@@ -289,9 +291,14 @@ def validate_for_devices(config: Config, num_devices: int,
   if sizes["expert"] > 1:
     raise ConfigError("mesh.expert > 1 is not supported yet (expert parallelism is not built)")
   if sizes["stage"] > 1:
-    if m.n_layers % sizes["stage"]:
+    if m.n_layers % (sizes["stage"] * t.pipeline_chunks):
       raise ConfigError(f"model.n_layers={m.n_layers} must be divisible by the "
-                        f"mesh.stage={sizes['stage']} pipeline stages")
+                        f"mesh.stage={sizes['stage']} pipeline stages x "
+                        f"train.pipeline_chunks={t.pipeline_chunks}")
+    if t.pipeline_chunks > 1 and t.microbatches < sizes["stage"]:
+      raise ConfigError(f"the circular schedule (train.pipeline_chunks="
+                        f"{t.pipeline_chunks}) needs train.microbatches >= mesh.stage="
+                        f"{sizes['stage']}")
     if micro % t.microbatches:
       raise ConfigError(f"train.batch_size / train.grad_accum = {micro} is not divisible by "
                         f"train.microbatches={t.microbatches}")

@@ -30,8 +30,9 @@ MESHES = {
 }
 
 
-def _config(mesh):
-  return tiny_experiment(model=MODEL, train=dict(batch_size=8, seq_len=32, microbatches=4),
+def _config(mesh, chunks=1):
+  return tiny_experiment(model=MODEL, train=dict(batch_size=8, seq_len=32, microbatches=4,
+                                                 pipeline_chunks=chunks),
                          mesh={"data": 1, "fsdp": 1, "tensor": 1, **mesh})
 
 
@@ -70,10 +71,16 @@ def single_device():
   return _train(_config({"data": 1}), jax.devices()[:1])
 
 
-@pytest.mark.parametrize("name", list(MESHES))
+CIRCULAR = {"pp2_circular": dict(data=1, stage=2),
+            "fsdp2_tp2_pp2_circular": dict(data=1, fsdp=2, tensor=2, stage=2)}
+
+
+@pytest.mark.parametrize("name", list(MESHES) + list(CIRCULAR))
 def test_sharded_training_equals_single_device(name, single_device):
-  n = int(np.prod(list(MESHES[name].values())))
-  state, losses = _train(_config(MESHES[name]), jax.devices()[:n])
+  mesh = {**MESHES, **CIRCULAR}[name]
+  n = int(np.prod(list(mesh.values())))
+  # Circular: 4 layers in 2 stages x 2 chunks, 4 microbatches going around the ring twice.
+  state, losses = _train(_config(mesh, chunks=2 if name in CIRCULAR else 1), jax.devices()[:n])
   want_state, want_losses = single_device
   np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
   flat = jax.tree_util.tree_leaves_with_path(jax.device_get(state["params"]))

@@ -58,7 +58,11 @@ def test_plan_agrees_with_measured_shards_and_the_compiler():
 def test_pipeline_bubble_is_gpipe_formula():
   cfg = tiny_experiment(mesh=dict(data=1, stage=4), train=dict(microbatches=8))
   bubble = plan_lib.plan(cfg, 4, compile_check=False)["bubble"]
-  assert bubble["gpipe"] == pytest.approx(3 / 11)
+  assert bubble["gpipe"] == bubble["configured"] == pytest.approx(3 / 11)
+  cfg = tiny_experiment(model=dict(n_layers=8), mesh=dict(data=1, stage=4),
+                        train=dict(microbatches=8, pipeline_chunks=2))
+  bubble = plan_lib.plan(cfg, 4, compile_check=False)["bubble"]
+  assert bubble["configured"] == pytest.approx(3 / 19) and bubble["schedule"] == "circular x2"
 
 
 def _plan(*args):

@@ -4,7 +4,8 @@ For each stage count p, the forward+backward of the configured model runs as a p
 with m = 1, 2, 4, 8 microbatches of a fixed size, so each tick costs the same time tau and a
 step takes (m + p - 1) ticks. A least-squares line t(m) = tau * m + overhead gives tau; the
 measured bubble is 1 - m * tau / t(m), printed beside the formula (p - 1) / (m + p - 1) and the
-fitted overhead in ticks (p - 1 expected). Needs p devices (on CPU: XLA_FLAGS=
+fitted overhead in ticks (p - 1 expected). With `--config.train.pipeline_chunks=v` (circular
+schedule) a tick is 1/v of a microbatch's trip and the formula is (p - 1) / (m v + p - 1). Needs p devices (on CPU: XLA_FLAGS=
 --xla_force_host_platform_device_count=8).
 """
 
@@ -47,32 +48,38 @@ def _step_seconds(cfg: config_lib.Config, devices, repeats: int) -> float:
 
 def run(cfg: config_lib.Config, stages=(2, 4), microbatches=(1, 2, 4, 8),
         microbatch_rows: int = 2, repeats: int = 3) -> dict:
+  v = cfg.train.pipeline_chunks
   rows = []
   for p in stages:
-    if p > jax.device_count() or cfg.model.n_layers % p:
-      raise config_lib.ConfigError(f"{p} stages need {p} devices and n_layers divisible by {p}")
+    if p > jax.device_count() or cfg.model.n_layers % (p * v):
+      raise config_lib.ConfigError(f"{p} stages need {p} devices and n_layers divisible by "
+                                   f"{p} x train.pipeline_chunks={v}")
+    # The circular schedule needs microbatches >= stages.
+    ms_here = [m for m in microbatches if v == 1 or m >= p]
     mesh = dataclasses.replace(cfg.mesh, data=1, fsdp=1, tensor=1, stage=p, expert=1)
     times = {}
-    for m in microbatches:
+    for m in ms_here:
       train = dataclasses.replace(cfg.train, batch_size=m * microbatch_rows, grad_accum=1,
                                   microbatches=m)
       times[m] = _step_seconds(dataclasses.replace(cfg, mesh=mesh, train=train),
                                jax.devices()[:p], repeats)
-    ms = np.asarray(microbatches, float)
-    ts = np.asarray([times[m] for m in microbatches])
-    tau, overhead = np.polyfit(ms, ts, 1)
-    for m in microbatches:
-      rows.append({"stages": p, "microbatches": m, "step_s": times[m],
+    ms = np.asarray(ms_here, float)
+    ts = np.asarray([times[m] for m in ms_here])
+    tau, overhead = np.polyfit(ms, ts, 1)  # tau: one microbatch's full trip through the ring
+    for m in ms_here:
+      rows.append({"stages": p, "microbatches": m, "chunks": v, "step_s": times[m],
                    "measured_bubble": 1.0 - m * tau / times[m],
-                   "formula_bubble": pipeline.bubble_fraction(p, m),
-                   "overhead_ticks": overhead / tau})
+                   "formula_bubble": pipeline.bubble_fraction(p, m, v),
+                   "overhead_ticks": overhead / tau * v})
   return {"suite": "pipeline", "config": cfg.name, "backend": jax.default_backend(),
           "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
           "microbatch_rows": microbatch_rows, "rows": rows}
 
 
 def table(result: dict) -> str:
-  lines = [f"GPipe bubble: {result['config']} on {result['device_kind']} "
+  chunks = result["rows"][0]["chunks"] if result["rows"] else 1
+  schedule = "GPipe" if chunks == 1 else f"circular x{chunks}"
+  lines = [f"{schedule} bubble: {result['config']} on {result['device_kind']} "
            f"({result['backend']}, jax {result['jax']}), {result['microbatch_rows']} rows per "
            "microbatch",
            f"{'stages':>6} {'micro':>6} {'step s':>9} {'measured':>9} {'formula':>9} "

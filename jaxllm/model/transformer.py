@@ -93,11 +93,13 @@ class Transformer(nnx.Module):
     return jax.checkpoint(fn, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
 
   def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
-               segment_ids_BT: jax.Array | None = None, *, microbatches: int = 1) -> jax.Array:
+               segment_ids_BT: jax.Array | None = None, *, microbatches: int = 1,
+               pipeline_chunks: int = 1) -> jax.Array:
     """Full forward (training, evaluation, reference). positions default to arange(T).
 
     Under a mesh whose `stage` axis is > 1 the layers run as a pipeline of `microbatches`
-    microbatches (`jaxllm.parallel.pipeline`); otherwise `microbatches` is ignored.
+    microbatches, GPipe or (pipeline_chunks > 1) circular (`jaxllm.parallel.pipeline`);
+    otherwise both are ignored.
     """
     B, T = tokens_BT.shape
     if positions_BT is None:
@@ -109,8 +111,8 @@ class Transformer(nnx.Module):
 
     x_BTD = rules.constrain(self._embed(tokens_BT), rules.ACTIVATION_AXES_BTD)
     if pipeline.num_stages() > 1:
-      x_BTD = pipeline.gpipe(self._remat(block), x_BTD, stacked, positions_BT, segment_ids_BT,
-                             microbatches=microbatches)
+      x_BTD = pipeline.run(self._remat(block), x_BTD, stacked, positions_BT, segment_ids_BT,
+                           microbatches=microbatches, chunks=pipeline_chunks)
     else:
       def layer(x_BTD, layer_params):
         x_BTD = block(x_BTD, layer_params, positions_BT, segment_ids_BT)

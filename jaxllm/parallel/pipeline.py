@@ -1,15 +1,21 @@
 """Pipeline parallelism over the mesh axis `stage`: the stacked layers split into stages.
 
-The layers' leading `[L]` axis is sharded over `stage` by the rules (`layers -> stage`), so stage
-s holds layers [s L/p, (s+1) L/p). The batch is cut into m microbatches; `shard_map` runs one
-program per stage (manual over `stage` only: data, fsdp and tensor stay with the compiler), and a
-loop of m + p - 1 ticks moves activations one stage forward per tick with `ppermute`:
+The layers' leading `[L]` axis is sharded over `stage` by the rules (`layers -> stage`). The
+batch is cut into m microbatches; `shard_map` runs one program per stage (manual over `stage`
+only: data, fsdp and tensor stay with the compiler), and a loop of ticks moves activations one
+stage forward per tick with `ppermute`. The backward pass is the transpose of the forward (JAX
+autodiff through the loop and the ppermutes), so activations are kept until the flush.
 
-  GPipe: at tick t stage s runs microbatch t - s; the backward pass is the transpose of the
-  forward (JAX autodiff through the scan and the ppermutes), so every microbatch's activations
-  are kept until the flush. Bubble (idle stage-ticks): (p - 1) / (m + p - 1).
+  GPipe (chunks v = 1): stage s holds layers [s L/p, (s+1) L/p); at tick t it runs microbatch
+  t - s. m + p - 1 ticks; bubble (p - 1) / (m + p - 1).
+  Circular (v > 1, needs m >= p): the layers are cut into p v chunks and stage s holds chunks
+  s, s + p, s + 2p, ...; each microbatch goes around the ring v times, and stage 0 parks the
+  microbatches coming back from stage p - 1 until their next round. m v + p - 1 ticks of 1/v
+  the work; bubble (p - 1) / (m v + p - 1). The chunk-to-stage assignment differs from the
+  contiguous one the parameters are stored in, so the stacked parameters are permuted (and
+  their gradients permuted back) on entry: one all-to-all of the layer weights per step.
 
-Stage-ticks outside [0, m) compute on placeholder data and are discarded (that is the bubble).
+Stage-ticks with no work item compute on placeholder data and are discarded (that is the bubble).
 """
 
 from __future__ import annotations
@@ -29,15 +35,21 @@ def num_stages() -> int:
   return 1 if mesh.empty else dict(mesh.shape).get(AXIS, 1)
 
 
-def gpipe(layer: Callable, x_BTD: jax.Array, stacked_params, positions_BT: jax.Array,
-          segment_ids_BT: jax.Array | None, *, microbatches: int) -> jax.Array:
+def run(layer: Callable, x_BTD: jax.Array, stacked_params, positions_BT: jax.Array,
+        segment_ids_BT: jax.Array | None, *, microbatches: int, chunks: int = 1) -> jax.Array:
   """Runs `layer(x_BTD, layer_params, positions_BT, segment_ids_BT) -> x_BTD` over the stacked
-  layers `[L, ...]` as a GPipe pipeline over the mesh's `stage` axis; returns `[B, T, D]`."""
+  layers `[L, ...]` as a pipeline over the mesh's `stage` axis (GPipe for chunks=1, circular
+  with `chunks` chunks per stage otherwise); returns `[B, T, D]`."""
   mesh = jax.sharding.get_abstract_mesh()
-  p, m = num_stages(), microbatches
+  p, m, v = num_stages(), microbatches, chunks
   B, T, D = x_BTD.shape
+  L = jax.tree.leaves(stacked_params)[0].shape[0]
   if B % m:
     raise ValueError(f"batch {B} is not divisible into {m} microbatches")
+  if L % (p * v):
+    raise ValueError(f"{L} layers do not split into {p} stages x {v} chunks")
+  if v > 1 and m < p:
+    raise ValueError(f"the circular schedule needs microbatches ({m}) >= stages ({p})")
   has_segments = segment_ids_BT is not None
   if not has_segments:
     segment_ids_BT = jnp.zeros((B, T), jnp.int32)  # a placeholder the layer never sees
@@ -47,36 +59,52 @@ def gpipe(layer: Callable, x_BTD: jax.Array, stacked_params, positions_BT: jax.A
   # the final sum of zeros are exact in float32 anyway.
   compute_dtype = x_BTD.dtype
   xs, pos, seg = split(x_BTD.astype(jnp.float32)), split(positions_BT), split(segment_ids_BT)
+  if v > 1:  # chunk r * p + s must land on stage s, at local slot r
+    stacked_params = jax.tree.map(
+        lambda a: a.reshape((v, p, L // (p * v)) + a.shape[1:]).swapaxes(0, 1).reshape(a.shape),
+        stacked_params)
 
   def stage_program(local_params, xs, pos, seg):
     s = jax.lax.axis_index(AXIS)
+    chunk_params = jax.tree.map(lambda a: a.reshape((v, a.shape[0] // v) + a.shape[1:]),
+                                local_params)
 
-    def run_stage(h, pos_mb, seg_mb):
+    def run_chunk(h, r, pos_mb, seg_mb):
       def one(h, layer_params):
         return layer(h, layer_params, pos_mb, seg_mb if has_segments else None), None
-      return jax.lax.scan(one, h, local_params)[0]
+      return jax.lax.scan(one, h, jax.tree.map(lambda a: a[r], chunk_params))[0]
 
     def tick(carry, t):
-      state, outputs = carry
-      i = jnp.clip(t - s, 0, m - 1)  # the microbatch this stage works on (if any)
-      h = jnp.where(s == 0, xs[i], state).astype(compute_dtype)
-      out = run_stage(h, pos[i], seg[i]).astype(jnp.float32)
-      keep = (s == p - 1) & (t - s >= 0) & (t - s < m)
-      outputs = outputs.at[i].set(jnp.where(keep, out, outputs[i]))
-      state = jax.lax.ppermute(out, AXIS, [(j, (j + 1) % p) for j in range(p)])
-      return (state, outputs), None
+      state, parked, outputs = carry
+      w = t - s  # this stage's work item: round r of microbatch j
+      live = (w >= 0) & (w < m * v)
+      wc = jnp.clip(w, 0, m * v - 1)
+      r, j = wc // m, wc % m
+      first = jnp.where(r == 0, xs[j], parked[j])  # stage 0: fresh input or back from the ring
+      h = jnp.where(s == 0, first, state).astype(compute_dtype)
+      out = run_chunk(h, r, pos[j], seg[j]).astype(jnp.float32)
+      keep = live & (s == p - 1) & (r == v - 1)
+      outputs = outputs.at[j].set(jnp.where(keep, out, outputs[j]))
+      state = jax.lax.ppermute(out, AXIS, [(i, (i + 1) % p) for i in range(p)])
+      # What stage 0 just received left stage p - 1 at this tick: park it for its next round.
+      w_back = t - (p - 1)
+      back_j = jnp.clip(w_back, 0, m * v - 1) % m
+      park = (s == 0) & (w_back >= 0) & (w_back < m * v)
+      parked = parked.at[back_j].set(jnp.where(park, state, parked[back_j]))
+      return (state, parked, outputs), None
 
-    init = (jnp.zeros(xs.shape[1:], jnp.float32), jnp.zeros(xs.shape, jnp.float32))
-    (_, outputs), _ = jax.lax.scan(tick, init, jnp.arange(m + p - 1))
+    zeros = jnp.zeros(xs.shape, jnp.float32)
+    init = (jnp.zeros(xs.shape[1:], jnp.float32), zeros, zeros)
+    (_, _, outputs), _ = jax.lax.scan(tick, init, jnp.arange(m * v + p - 1))
     # Only the last stage holds results; the sum hands them to every stage.
     return jax.lax.psum(jnp.where(s == p - 1, outputs, jnp.zeros_like(outputs)), AXIS)
 
   param_specs = jax.tree.map(lambda _: P(AXIS), stacked_params)
-  run = jax.shard_map(stage_program, mesh=mesh, in_specs=(param_specs, P(), P(), P()),
-                      out_specs=P(), axis_names={AXIS}, check_vma=False)
-  return run(stacked_params, xs, pos, seg).reshape(B, T, D).astype(compute_dtype)
+  program = jax.shard_map(stage_program, mesh=mesh, in_specs=(param_specs, P(), P(), P()),
+                          out_specs=P(), axis_names={AXIS}, check_vma=False)
+  return program(stacked_params, xs, pos, seg).reshape(B, T, D).astype(compute_dtype)
 
 
-def bubble_fraction(stages: int, microbatches: int) -> float:
-  """GPipe's idle fraction of stage-ticks."""
-  return (stages - 1) / (microbatches + stages - 1)
+def bubble_fraction(stages: int, microbatches: int, chunks: int = 1) -> float:
+  """Idle fraction of stage time: GPipe (chunks=1) or circular with `chunks` per stage."""
+  return (stages - 1) / (microbatches * chunks + stages - 1)

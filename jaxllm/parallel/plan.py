@@ -106,7 +106,10 @@ def plan(cfg: config_lib.Config, num_devices: int, *, compile_check: bool = True
   result["total_bytes"] = (result["param_bytes"] + result["grad_bytes"]
                            + result["optimizer_bytes"] + result["activation_bytes"])
   m = max(cfg.train.microbatches, 1)
-  result["bubble"] = {"gpipe": pipeline.bubble_fraction(stage, m)}
+  v = cfg.train.pipeline_chunks
+  result["bubble"] = {"gpipe": pipeline.bubble_fraction(stage, m),
+                      "configured": pipeline.bubble_fraction(stage, m, v),
+                      "schedule": "gpipe" if v == 1 else f"circular x{v}"}
   result["compiled"] = None
   if compile_check and stage == 1 and num_devices <= jax.device_count():
     result["compiled"] = _compiled_memory(cfg, graphdef, jax.devices()[:num_devices])
@@ -155,8 +158,9 @@ def table(result: dict) -> str:
   ]
   if result["mesh"]["stage"] > 1:
     b = result["bubble"]
-    rows.append(("pipeline bubble", f"GPipe {b['gpipe']:.1%} ({result['microbatches']} "
-                 f"microbatches over {result['mesh']['stage']} stages)"))
+    rows.append(("pipeline bubble", f"{b['configured']:.1%} ({b['schedule']}, "
+                 f"{result['microbatches']} microbatches over {result['mesh']['stage']} stages; "
+                 f"GPipe: {b['gpipe']:.1%})"))
   if result["compiled"]:
     c = result["compiled"]
     rows.append(("compiled (per device)", f"arguments {gib(c['argument_bytes'])}, temporaries "

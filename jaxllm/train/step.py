@@ -28,9 +28,10 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> Tr
           "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(seed)}
 
 
-def _batch_loss(graphdef, params, batch, z_loss: float, microbatches: int = 1):
+def _batch_loss(graphdef, params, batch, z_loss: float, microbatches: int = 1,
+                pipeline_chunks: int = 1):
   logits = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"],
-                                       microbatches=microbatches)
+                                       microbatches=microbatches, pipeline_chunks=pipeline_chunks)
   nll, zl, weight = losses.cross_entropy_sums(logits, batch["targets"], batch["weights"], z_loss)
   return nll + zl, (nll, weight)
 
@@ -44,7 +45,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
   """
   schedule = learning_rate_schedule(cfg)
   grad_fn = jax.value_and_grad(
-      lambda p, b: _batch_loss(graphdef, p, b, cfg.z_loss, cfg.microbatches), has_aux=True)
+      lambda p, b: _batch_loss(graphdef, p, b, cfg.z_loss, cfg.microbatches,
+                               cfg.pipeline_chunks), has_aux=True)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     params = state["params"]
