@@ -13,6 +13,9 @@ import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Start the backend now, while XLA_FLAGS is ours: a test module that changes the environment
+# at import (collection) can no longer change how many devices every test sees.
+jax.devices()
 
 
 def pytest_addoption(parser):

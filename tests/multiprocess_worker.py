@@ -8,12 +8,9 @@ import os
 import signal
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-os.environ["JAX_PLATFORMS"] = "cpu"
-
-from jaxllm.parallel import mesh as mesh_lib  # noqa: E402
-from jaxllm.train import loop  # noqa: E402
-from tests.helpers import tiny_experiment  # noqa: E402
+from jaxllm.parallel import mesh as mesh_lib
+from jaxllm.train import loop
+from tests.helpers import tiny_experiment
 
 FSDP = dict(data=1, fsdp=-1)
 
@@ -30,4 +27,8 @@ def main(port, num_processes, process_id, workdir, stop_at):
 
 
 if __name__ == "__main__":
+  # Set here, not at import: the test process imports FSDP from this module and must keep its
+  # own 8 devices. JAX reads these when its backend starts, after this.
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  os.environ["JAX_PLATFORMS"] = "cpu"
   main(*sys.argv[1:])
