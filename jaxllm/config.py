@@ -222,6 +222,7 @@ def validate(config: Config) -> None:
   if m.attention_impl not in ATTENTION_IMPLS:
     raise ConfigError(
         f"model.attention_impl={m.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+  # The flash kernel's head sizes (pallas_kernels HEAD_DIMS; this module stays free of JAX).
   if m.attention_impl == "pallas" and m.head_dim not in (64, 128, 256):
     raise ConfigError(f"model.attention_impl=pallas needs model.head_dim in 64/128/256, "
                       f"not {m.head_dim}")

@@ -89,11 +89,10 @@ def process_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
   `jax.make_array_from_process_local_data` expects exactly these rows from each process.
   """
   indices = sharding.addressable_devices_indices_map((global_batch, 1)).values()
-  starts = sorted({idx[0].start or 0 for idx in indices})
-  stops = sorted({global_batch if idx[0].stop is None else idx[0].stop for idx in indices})
-  start, stop = starts[0], stops[-1]
-  held = sum(b - a for a, b in set(zip(starts, stops)))
-  if held != stop - start:
-    raise ValueError(f"this process's batch rows are not contiguous ({starts}, {stops}); "
-                     "order the mesh so each process holds one block of the batch")
-  return start, stop
+  # Devices that differ only along non-batch axes hold the same rows: one span each.
+  spans = sorted({(rows.start or 0, global_batch if rows.stop is None else rows.stop)
+                  for rows, _ in indices})
+  if any(stop != next_start for (_, stop), (next_start, _) in zip(spans, spans[1:])):
+    raise ValueError(f"this process's batch rows {spans} are not contiguous; order the mesh so "
+                     "each process holds one block of the batch")
+  return spans[0][0], spans[-1][1]
