@@ -171,3 +171,19 @@ def test_pallas_attention_under_a_mesh_trains_like_single_device_xla():
   want = run({}, 1, "xla")
   np.testing.assert_allclose(run(dict(fsdp=2, tensor=2, stage=2), 8, "pallas"), want, rtol=1e-5)
   np.testing.assert_allclose(run(dict(data=2, fsdp=2, tensor=2), 8, "pallas"), want, rtol=1e-5)
+
+
+def test_four_stage_circular_pipeline_equals_single_device():
+  """8 layers in 4 stages x 2 chunks (each stage holds layers s and s + 4)."""
+  def run(mesh, n, chunks):
+    cfg = tiny_experiment(model=dict(MODEL, n_layers=8),
+                          train=dict(batch_size=8, seq_len=32, microbatches=4,
+                                     pipeline_chunks=chunks),
+                          mesh={"data": 1, "fsdp": 1, "tensor": 1, **mesh})
+    return _train(cfg, jax.devices()[:n])
+
+  (state, losses), (want_state, want_losses) = run(dict(stage=4), 4, 2), run({}, 1, 1)
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+  for got, ref in zip(jax.tree.leaves(jax.device_get(state["params"])),
+                      jax.tree.leaves(jax.device_get(want_state["params"]))):
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 1e-5
