@@ -9,7 +9,11 @@ from jax.sharding import Mesh
 
 from jaxllm.config import MeshConfig, resolve_mesh_shape
 
-AXES = ("data", "fsdp", "tensor", "stage", "expert")
+# Outermost to innermost (jax.make_mesh gives the last axes the closest devices): pipeline stages
+# across hosts/slices, tensor parallelism inside a host or ICI ring. XLA also wants the manual
+# axes of nested shard_maps (the pipeline's stage, then the kernels' batch and head axes) in
+# mesh order, so `stage` must come first.
+AXES = ("stage", "data", "fsdp", "expert", "tensor")
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
