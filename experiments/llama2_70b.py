@@ -12,21 +12,19 @@ does not fit one 8-GPU host; the presets shard it over pods:
 
 import ml_collections
 
+import experiments
 from experiments import tiny
 
-MESHES = {
-    "fsdp": dict(data=1, fsdp=-1, tensor=1, stage=1, expert=1),
-    "gpu64": dict(data=1, fsdp=8, tensor=8, stage=1, expert=1),
-    "v5p-256": dict(data=1, fsdp=128, tensor=1, stage=1, expert=1),
-    "v6e-256": dict(data=1, fsdp=64, tensor=4, stage=1, expert=1),
+# name -> (mesh axes, grad_accum)
+PRESETS = {
+    "fsdp": (dict(fsdp=-1), 1),
+    "gpu64": (dict(fsdp=8, tensor=8), 128),
+    "v5p-256": (dict(fsdp=128), 8),
+    "v6e-256": (dict(fsdp=64, tensor=4), 16),
 }
-
-GRAD_ACCUM = {'fsdp': 1, 'gpu64': 128, 'v5p-256': 8, 'v6e-256': 16}
 
 
 def get_config(mesh: str = "fsdp") -> ml_collections.ConfigDict:
-  if mesh not in MESHES:
-    raise ValueError(f"unknown mesh preset {mesh!r} (one of {', '.join(MESHES)})")
   c = tiny.get_config()
   c.name = "llama2_70b"
   c.model.update(vocab_size=32000, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8,
@@ -34,7 +32,4 @@ def get_config(mesh: str = "fsdp") -> ml_collections.ConfigDict:
                  tie_embeddings=False, dtype="bfloat16", param_dtype="float32", remat="full")
   c.train.update(steps=100_000, batch_size=1024, seq_len=4096, lr=1.5e-4, warmup_steps=2000,
                  eval_every=1000, checkpoint_every=1000, log_every=10)
-  c.mesh.update(MESHES[mesh])
-  # One sequence per device per microbatch; the global batch is reached by accumulation.
-  c.train.grad_accum = GRAD_ACCUM[mesh]
-  return c
+  return experiments.apply_mesh_preset(c, PRESETS, mesh)

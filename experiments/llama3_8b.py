@@ -9,21 +9,19 @@ DCN), `:fsdp` (the default: FSDP over every device). Plan before launching:
 
 import ml_collections
 
+import experiments
 from experiments import tiny
 
-MESHES = {
-    "fsdp": dict(data=1, fsdp=-1, tensor=1, stage=1, expert=1),
-    "gpu8": dict(data=1, fsdp=8, tensor=1, stage=1, expert=1),
-    "v5p-64": dict(data=1, fsdp=32, tensor=1, stage=1, expert=1),
-    "v6e-256": dict(data=4, fsdp=64, tensor=1, stage=1, expert=1),
+# name -> (mesh axes, grad_accum)
+PRESETS = {
+    "fsdp": (dict(fsdp=-1), 1),
+    "gpu8": (dict(fsdp=8), 32),
+    "v5p-64": (dict(fsdp=32), 8),
+    "v6e-256": (dict(data=4, fsdp=64), 1),
 }
-
-GRAD_ACCUM = {'fsdp': 1, 'gpu8': 32, 'v5p-64': 8, 'v6e-256': 1}
 
 
 def get_config(mesh: str = "fsdp") -> ml_collections.ConfigDict:
-  if mesh not in MESHES:
-    raise ValueError(f"unknown mesh preset {mesh!r} (one of {', '.join(MESHES)})")
   c = tiny.get_config()
   c.name = "llama3_8b"
   c.model.update(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
@@ -32,7 +30,4 @@ def get_config(mesh: str = "fsdp") -> ml_collections.ConfigDict:
                  tie_embeddings=False, dtype="bfloat16", param_dtype="float32", remat="full")
   c.train.update(steps=100_000, batch_size=256, seq_len=8192, lr=3e-4, warmup_steps=2000,
                  eval_every=1000, checkpoint_every=1000, log_every=10)
-  c.mesh.update(MESHES[mesh])
-  # One sequence per device per microbatch; the global batch is reached by accumulation.
-  c.train.grad_accum = GRAD_ACCUM[mesh]
-  return c
+  return experiments.apply_mesh_preset(c, PRESETS, mesh)

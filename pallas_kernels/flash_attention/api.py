@@ -142,7 +142,9 @@ def _flash_fwd(q, k, v, q_seg, k_seg, slopes, opts, backend, interpret, bs):
 
 def _flash_bwd(opts, backend, interpret, bs, residuals, do):
   q, k, v, q_seg, k_seg, slopes, out, lse = residuals
-  dq, dk, dv = _LOWERINGS[backend].backward(q, k, v, q_seg, k_seg, slopes, out, lse, do,
+  # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the softmax Jacobian's row term, `[B, H, Tp]`.
+  delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), out.astype(jnp.float32))
+  dq, dk, dv = _LOWERINGS[backend].backward(q, k, v, q_seg, k_seg, slopes, lse, delta, do,
                                             opts=opts, bs=bs, interpret=interpret)
   return dq, dk, dv, None, None, None
 

@@ -145,7 +145,8 @@ def dot_tn(a, b):
 
 
 def split_refs(refs, opts: Options, n_main: int):
-  """Kernel refs -> (the n_main leading refs, q_seg, k_seg, slopes (each None when unused), rest)."""
+  """Kernel refs -> (the n_main leading refs, q_seg, k_seg, slopes, rest); the optional three
+  are None when unused."""
   main, rest = refs[:n_main], refs[n_main:]
   q_seg = k_seg = slope = None
   if opts.has_segments:

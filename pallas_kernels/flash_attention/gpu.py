@@ -171,14 +171,12 @@ def _dkdv_kernel(*refs, opts: Options, bq: int, bk: int, nq: int):
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward(q, k, v, q_seg, k_seg, slopes, out, lse, do, *, opts: Options, bs: BlockSizes,
+def backward(q, k, v, q_seg, k_seg, slopes, lse, delta, do, *, opts: Options, bs: BlockSizes,
              interpret: bool):
-  """-> (dq, dk, dv) shaped like q, k, v (padded)."""
+  """-> (dq, dk, dv) shaped like q, k, v (padded); lse and delta `[B, H, Tp]` float32."""
   B, Tp, H, Dh = q.shape
   Sp, K = k.shape[1], k.shape[2]
   G = opts.groups
-  # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the softmax Jacobian's row term.
-  delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), out.astype(jnp.float32))
   extra = _optional_args(opts, q_seg, k_seg, slopes)
 
   bq, bk = bs.block_q, bs.block_k

@@ -67,6 +67,25 @@ def _optional(opts, q_seg, k_seg, slopes, q_spec, k_spec):
   return specs, args
 
 
+def _query_major_specs(opts: Options, bq: int, bk: int, nk: int, Dh: int, q_seg, k_seg, slopes):
+  """BlockSpecs of the (batch, head, query block, key block) grid shared by forward and dq:
+  (q/out/do spec, k/v spec, row-statistics spec, optional specs, optional args). Key blocks
+  outside the query block's reach are clamped to the nearest needed one (no new DMA)."""
+  G = opts.groups
+
+  def key_block(i, j):
+    lo, hi = common.kv_block_range(i, bq, bk, nk, opts)
+    return _clamp(j, lo, hi)
+
+  specs, extra = _optional(opts, q_seg, k_seg, slopes,
+                           pl.BlockSpec((None, bq, 1), lambda b, h, i, j: (b, i, 0)),
+                           pl.BlockSpec((None, 1, bk), lambda b, h, i, j: (b, 0, key_block(i, j))))
+  q_spec = pl.BlockSpec((None, None, bq, Dh), lambda b, h, i, j: (b, h, i, 0))
+  kv_spec = pl.BlockSpec((None, None, bk, Dh), lambda b, h, i, j: (b, h // G, key_block(i, j), 0))
+  row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j: (b, h, i, 0))
+  return q_spec, kv_spec, row_spec, specs, extra
+
+
 def _heads_major(x):
   return jnp.swapaxes(x, 1, 2)
 
@@ -118,26 +137,13 @@ def forward(q, k, v, q_seg, k_seg, slopes, *, opts: Options, bs: BlockSizes, int
   Sp = k.shape[1]
   bq, bk = bs.block_q, bs.block_k
   nq, nk = Tp // bq, Sp // bk
-  G = opts.groups
-
-  def kv_map(b, h, i, j):
-    lo, hi = common.kv_block_range(i, bq, bk, nk, opts)
-    return b, h // G, _clamp(j, lo, hi), 0
-
-  def kseg_map(b, h, i, j):
-    lo, hi = common.kv_block_range(i, bq, bk, nk, opts)
-    return b, 0, _clamp(j, lo, hi)
-
-  specs, extra = _optional(opts, q_seg, k_seg, slopes,
-                           pl.BlockSpec((None, bq, 1), lambda b, h, i, j: (b, i, 0)),
-                           pl.BlockSpec((None, 1, bk), kseg_map))
-  q_spec = pl.BlockSpec((None, None, bq, Dh), lambda b, h, i, j: (b, h, i, 0))
+  q_spec, kv_spec, row_spec, specs, extra = _query_major_specs(opts, bq, bk, nk, Dh, q_seg,
+                                                               k_seg, slopes)
   out, lse = _call(
       functools.partial(_fwd_kernel, opts=opts, bq=bq, bk=bk, nk=nk),
       grid=(B, H, nq, nk),
-      in_specs=[q_spec, pl.BlockSpec((None, None, bk, Dh), kv_map),
-                pl.BlockSpec((None, None, bk, Dh), kv_map)] + specs,
-      out_specs=[q_spec, pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j: (b, h, i, 0))],
+      in_specs=[q_spec, kv_spec, kv_spec] + specs,
+      out_specs=[q_spec, row_spec],
       out_shape=[jax.ShapeDtypeStruct((B, H, Tp, Dh), q.dtype),
                  jax.ShapeDtypeStruct((B, H, Tp, 1), jnp.float32)],
       scratch=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
@@ -212,37 +218,23 @@ def _dkdv_kernel(*refs, opts: Options, bq: int, bk: int, nq: int):
     dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
-def backward(q, k, v, q_seg, k_seg, slopes, out, lse, do, *, opts: Options, bs: BlockSizes,
+def backward(q, k, v, q_seg, k_seg, slopes, lse, delta, do, *, opts: Options, bs: BlockSizes,
              interpret: bool):
-  """-> (dq, dk, dv) shaped like q, k, v (padded)."""
+  """-> (dq, dk, dv) shaped like q, k, v (padded); lse and delta `[B, H, Tp]` float32."""
   B, Tp, H, Dh = q.shape
   Sp, K = k.shape[1], k.shape[2]
   G = opts.groups
-  delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), out.astype(jnp.float32))
   qh, kh, vh, doh = (_heads_major(x) for x in (q, k, v, do))
   lse4, delta4 = lse[..., None], delta[..., None]
 
   bq, bk = bs.block_q, bs.block_k
   nq, nk = Tp // bq, Sp // bk
-
-  def kv_map(b, h, i, j):
-    lo, hi = common.kv_block_range(i, bq, bk, nk, opts)
-    return b, h // G, _clamp(j, lo, hi), 0
-
-  def kseg_map(b, h, i, j):
-    lo, hi = common.kv_block_range(i, bq, bk, nk, opts)
-    return b, 0, _clamp(j, lo, hi)
-
-  specs, extra = _optional(opts, q_seg, k_seg, slopes,
-                           pl.BlockSpec((None, bq, 1), lambda b, h, i, j: (b, i, 0)),
-                           pl.BlockSpec((None, 1, bk), kseg_map))
-  q_spec = pl.BlockSpec((None, None, bq, Dh), lambda b, h, i, j: (b, h, i, 0))
-  row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j: (b, h, i, 0))
+  q_spec, kv_spec, row_spec, specs, extra = _query_major_specs(opts, bq, bk, nk, Dh, q_seg,
+                                                               k_seg, slopes)
   dq = _call(
       functools.partial(_dq_kernel, opts=opts, bq=bq, bk=bk, nk=nk),
       grid=(B, H, nq, nk),
-      in_specs=[q_spec, pl.BlockSpec((None, None, bk, Dh), kv_map),
-                pl.BlockSpec((None, None, bk, Dh), kv_map), q_spec, row_spec, row_spec] + specs,
+      in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + specs,
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
       scratch=[pltpu.VMEM((bq, Dh), jnp.float32)],
