@@ -20,6 +20,7 @@ from jaxllm.checkpoint import convert
 from jaxllm.config import ModelConfig
 from jaxllm.data import chat as chat_lib
 from jaxllm.inference import generate as generate_lib
+from jaxllm.inference import sampling, speculative
 from jaxllm.model import transformer
 
 
@@ -50,22 +51,69 @@ class LoadedModel:
 
   def generate(self, prompt: str | Sequence[int] | Sequence[Sequence[int]], *,
                max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int = 0):
-    """Continues a text prompt (returns text), or token prompts (returns lists of ids)."""
-    if isinstance(prompt, str):
-      out = self.generate([self.prompt_ids(prompt)], max_tokens=max_tokens,
-                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)[0]
-      return self.tokenizer.decode(out)
-    prompts = [list(prompt)] if prompt and np.ndim(prompt[0]) == 0 else [list(p) for p in prompt]
-    return generate_lib.generate(
-        self.graphdef, self.params, prompts, max_tokens=max_tokens, temperature=temperature,
-        top_k=top_k, top_p=top_p, seed=seed, eos_id=self.tokenizer.eos_id,
-        max_seq_len=self.config.max_seq_len)
+               top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+               frequency_penalty: float = 0.0, presence_penalty: float = 0.0, seed: int = 0,
+               stop: str | Sequence[str] = (), stop_token_ids: Sequence[int] = (),
+               cache: str = "contiguous", draft: speculative.Draft | None = None, k: int = 4,
+               details: bool = False):
+    """Continues a text prompt (returns text), or token prompts (returns lists of ids).
+
+    `draft` (`speculative.ngram_draft()`, `.layer_skip_draft(...)`, `.model_draft(...)`)
+    turns on speculative decoding with `k` proposals per step. With `details=True` every
+    result is a `Generation` (tokens, logprobs, finish_reason; `.text` for text prompts).
+    """
+    sp = sampling.SamplingParams(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty, seed=seed, max_tokens=max_tokens, stop=stop,
+        stop_token_ids=tuple(stop_token_ids))
+    text_in = isinstance(prompt, str)
+    if text_in:
+      prompts = [self.prompt_ids(prompt)]
+    elif prompt and np.ndim(prompt[0]) == 0:
+      prompts = [list(prompt)]
+    else:
+      prompts = [list(p) for p in prompt]
+    common = dict(eos_id=self.tokenizer.eos_id, max_seq_len=self.config.max_seq_len, cache=cache)
+    if draft is None:
+      results = generate_lib.generate_requests(self.graphdef, self.params, prompts,
+                                               [sp] * len(prompts), **common)
+    else:
+      results, _ = speculative.speculative_generate(self.graphdef, self.params, prompts,
+                                                    [sp] * len(prompts), draft, k=k, **common)
+    for r in results:
+      if sp.stop:
+        ids, r.text, hit = sampling.apply_stop_strings(r.tokens, sp.stop, self.tokenizer.decode)
+        if hit:
+          r.tokens, r.logprobs, r.finish_reason = ids, r.logprobs[:len(ids)], "stop"
+      else:
+        r.text = self.tokenizer.decode(r.tokens)
+    if details:
+      return results[0] if text_in else results
+    return results[0].text if text_in else [r.tokens for r in results]
 
   def chat(self, message: str, **kwargs) -> str:
     """The model's reply to one user message (chat template applied)."""
     ids = self.chat_ids([{"role": "user", "content": message}])
-    return self.tokenizer.decode(self.generate([ids], **kwargs)[0])
+    return self.generate([ids], details=True, **kwargs)[0].text
+
+  def draft(self, spec: str) -> speculative.Draft:
+    """A speculative draft from a short spec: `ngram[:N]` (prompt lookup over the last N
+    tokens, default 3), `layer_skip:N` (this model's first N layers), or a checkpoint path
+    (a smaller model with the same tokenizer)."""
+    kind, _, arg = spec.partition(":")
+    try:
+      if kind == "ngram":
+        return speculative.ngram_draft(int(arg) if arg else 3)
+      if kind == "layer_skip":
+        return speculative.layer_skip_draft(self.graphdef, self.params, int(arg))
+    except ValueError as e:
+      raise ValueError(f"draft {spec!r}: {e}") from None
+    other = load(spec)
+    if other.config.vocab_size != self.config.vocab_size:
+      raise ValueError(f"draft {spec!r} has vocabulary {other.config.vocab_size}, this model "
+                       f"{self.config.vocab_size}: it needs the same tokenizer")
+    return speculative.model_draft(other.graphdef, other.params)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -1,9 +1,10 @@
 """`python -m jaxllm.generate --checkpoint=PATH (--prompt=TEXT | --chat=TEXT) [--max_tokens
---temperature --top_k --top_p --seed]`
+--temperature --top_k --top_p --min_p --repetition_penalty --seed --stop --cache --draft --k]`
 
 PATH: a training workdir, a converted jaxllm directory, a Hugging Face directory or a .gguf
 file. `--prompt` continues raw text; `--chat` answers one user message through the model's
-chat template. KV-cached decoding.
+chat template. KV-cached decoding (contiguous or paged cache), optionally speculative
+(`--draft=ngram`, `--draft=layer_skip:N` or `--draft=PATH` of a smaller model).
 """
 
 from __future__ import annotations
@@ -21,7 +22,18 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens 
                               lower_bound=0)
 _TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass.", lower_bound=0.0,
                             upper_bound=1.0)
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same output).")
+_MIN_P = flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p x the top probability.",
+                            lower_bound=0.0, upper_bound=1.0)
+_REPETITION_PENALTY = flags.DEFINE_float("repetition_penalty", 1.0,
+                                         "Penalise tokens already seen (1 = off).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same output).",
+                             lower_bound=0)
+_STOP = flags.DEFINE_multi_string("stop", [], "Stop at this text (repeatable).")
+_CACHE = flags.DEFINE_enum("cache", "contiguous", ["contiguous", "paged"], "KV cache layout.")
+_DRAFT = flags.DEFINE_string("draft", None, "Speculative draft: ngram[:N], layer_skip:N or a "
+                             "checkpoint path of a smaller model with the same tokenizer.")
+_K = flags.DEFINE_integer("k", 4, "Speculative: draft tokens per step.", lower_bound=1,
+                          upper_bound=16)
 flags.mark_flag_as_required("checkpoint")
 flags.mark_flags_as_mutual_exclusive(["prompt", "chat"], required=True)
 
@@ -33,12 +45,18 @@ def main(argv):
   common.initialize_distributed()
   import jaxllm
   model = jaxllm.load(_CHECKPOINT.value)
-  sampling = dict(max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value,
-                  top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
-  if _CHAT.value is not None:
-    print(model.chat(_CHAT.value, **sampling))
-  else:
-    print(_PROMPT.value + model.generate(_PROMPT.value, **sampling))
+  try:
+    sampling = dict(max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value,
+                    top_k=_TOP_K.value, top_p=_TOP_P.value, min_p=_MIN_P.value,
+                    repetition_penalty=_REPETITION_PENALTY.value, seed=_SEED.value,
+                    stop=tuple(_STOP.value), cache=_CACHE.value, k=_K.value,
+                    draft=model.draft(_DRAFT.value) if _DRAFT.value else None)
+    if _CHAT.value is not None:
+      print(model.chat(_CHAT.value, **sampling))
+    else:
+      print(_PROMPT.value + model.generate(_PROMPT.value, **sampling))
+  except ValueError as e:  # bad settings for this model (lengths, draft, sampling values)
+    raise common.CommandError(str(e)) from None
 
 
 if __name__ == "__main__":

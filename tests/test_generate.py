@@ -108,6 +108,12 @@ def test_load_workdir_and_step(trained):
   chex.assert_shape(logits, (1, len(ids), model.config.vocab_size))
   text = model.generate("def f(x):", max_tokens=5, temperature=0.0)
   assert isinstance(text, str)
+  full = model.generate("def f(x):", max_tokens=12, temperature=0.0, details=True)
+  assert full.text == model.tokenizer.decode(full.tokens) and len(full.logprobs) == 12
+  stop = full.text[len(full.text) // 2:][:2]
+  cut = model.generate("def f(x):", max_tokens=12, temperature=0.0, stop=[stop], details=True)
+  assert cut.text == full.text[:full.text.index(stop)] and cut.finish_reason == "stop"
+  assert model.generate("def f(x):", max_tokens=12, draft=model.draft("ngram:2")) == full.text
 
 
 def test_generate_cli(trained):
@@ -118,6 +124,17 @@ def test_generate_cli(trained):
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.startswith("def fibonacci(n):")
+  spec = subprocess.run(
+      [sys.executable, "-m", "jaxllm.generate", f"--checkpoint={workdir}",
+       "--prompt=def fibonacci(n):", "--max_tokens=8", "--temperature=0", "--cache=paged",
+       "--draft=layer_skip:1", "--k=3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert spec.returncode == 0, spec.stderr
+  assert spec.stdout == proc.stdout  # greedy speculative output is the target's
+  bad_draft = subprocess.run(
+      [sys.executable, "-m", "jaxllm.generate", f"--checkpoint={workdir}", "--prompt=x",
+       "--draft=layer_skip:9"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert bad_draft.returncode != 0 and "Traceback" not in bad_draft.stderr
+  assert "layers=9 must be in [1, 2)" in bad_draft.stderr
   bad = subprocess.run([sys.executable, "-m", "jaxllm.generate", "--checkpoint=/no/such/dir",
                         "--prompt=x"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "Traceback" not in bad.stderr

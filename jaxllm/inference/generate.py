@@ -1,11 +1,22 @@
-"""KV-cached generation: one jitted prefill + `lax.while_loop` decode per call.
+"""KV-cached generation: chunked prefill, then one jitted `lax.while_loop` decode per call.
 
-Prompts are right-padded to a power-of-two bucket and the cache is sized to bucket + max_tokens,
-so a handful of compiled shapes serve all prompt lengths.
+The hot functions are pure and jitted over `(graphdef, params, ..., cache)` with the cache
+donated, so it is updated in place:
+  `extend_chunk`   T tokens per sequence (T from a few power-of-two buckets) -> last logits;
+  `decode_step`    one token per sequence, all sequences at once (per-sequence lengths);
+  `_decode_loop`   decode_step + sampling in a `lax.while_loop` that exits when all stop.
+Prompts are processed in chunks of `prefill_chunk` tokens, the cache length and output buffer
+are rounded up to powers of two, so a handful of compiled shapes serve all prompt lengths
+(`trace_counts` tells how many were built).
+
+Both cache layouts work everywhere: `cache="contiguous"` (`[L, B, S, K, Dh]`) or `"paged"`
+(a page pool and a page table filled by `PageAllocator`).
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -16,64 +27,222 @@ from flax import nnx
 
 from jaxllm.inference import kv_cache, sampling
 
+CACHE_KINDS = ("contiguous", "paged")
+FINISH_REASONS = {1: "stop", 2: "length"}
 
-def _bucket(n: int, minimum: int = 16) -> int:
-  return max(minimum, 1 << (n - 1).bit_length())
+# How often each jitted function was traced (= compiled) in this process.
+_TRACES: collections.Counter = collections.Counter()
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_tokens", "top_k", "eos_id",
-                                             "cache_dtype"))
-def _generate(graphdef, params, tokens_BP, lengths_B, key, temperature, top_p, *,
-              max_tokens: int, top_k: int, eos_id: int, cache_dtype):
+def trace_counts() -> dict[str, int]:
+  return dict(_TRACES)
+
+
+@dataclasses.dataclass
+class Generation:
+  """One request's output: tokens (stop token excluded), their logprobs, why it ended."""
+  tokens: list[int]
+  logprobs: list[float]
+  finish_reason: str  # "stop" (stop token / string) or "length" (max_tokens)
+  text: str | None = None  # filled in by callers with a tokenizer
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """n rounded up to a power of two (at least `minimum`)."""
+  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def new_cache(cfg, kind: str, lengths_needed: Sequence[int], *, max_len: int,
+              page_size: int = 16, dtype=jnp.float32):
+  """An empty cache for len(lengths_needed) sequences of up to `max_len` tokens.
+
+  Paged: sequence b gets pages for lengths_needed[b] tokens from a `PageAllocator`, allocated a
+  page at a time round-robin so no sequence's pages are adjacent (the table is exercised).
+  """
+  B = len(lengths_needed)
+  if kind == "contiguous":
+    return kv_cache.init_cache(cfg.n_layers, B, max_len, cfg.n_kv_heads, cfg.head_dim, dtype)
+  if kind != "paged":
+    raise ValueError(f"cache={kind!r}: one of {', '.join(CACHE_KINDS)}")
+  max_pages = kv_cache.pages_for(max_len, page_size)
+  allocator = kv_cache.PageAllocator(B * max_pages)
+  want = [kv_cache.pages_for(n, page_size) for n in lengths_needed]
+  pages: list[list[int]] = [[] for _ in range(B)]
+  for i in range(max(want, default=0)):
+    for b in range(B):
+      if i < want[b]:
+        pages[b] += allocator.allocate(1)
+  table = kv_cache.page_table_array(pages, max_pages)
+  return kv_cache.init_paged_cache(cfg.n_layers, B * max_pages, page_size, cfg.n_kv_heads,
+                                   cfg.head_dim, table, dtype=dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "last_BV"))
+def extend_chunk(graphdef, params, tokens_BT, cache, num_new_B, last_BV):
+  """Extends the cache by one prompt chunk; `last_BV` takes the logits after each sequence's
+  last real token where this chunk has any (others keep theirs)."""
+  _TRACES["extend_chunk"] += 1
+  logits_B1V, cache = nnx.merge(graphdef, params).extend(tokens_BT, cache, num_new_B,
+                                                         last_only=True)
+  return jnp.where((num_new_B > 0)[:, None], logits_B1V[:, 0], last_BV), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def decode_step(graphdef, params, tokens_B, cache, active_B=None):
+  """One new token per sequence -> (logits `[B, V]`, cache); inactive rows store nothing."""
+  _TRACES["decode_step"] += 1
+  num_new_B = None if active_B is None else active_B.astype(jnp.int32)
+  logits_B1V, cache = nnx.merge(graphdef, params).extend(tokens_B[:, None], cache, num_new_B)
+  return logits_B1V[:, 0], cache
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], chunk: int) -> tuple[np.ndarray, np.ndarray]:
+  """`[B, P]` right-padded tokens with P a multiple of the chunk, and `[B]` lengths."""
+  longest = max(len(p) for p in prompts)
+  P = -(-longest // chunk) * chunk
+  tokens = np.zeros((len(prompts), P), np.int32)
+  for b, p in enumerate(prompts):
+    tokens[b, :len(p)] = p
+  return tokens, np.asarray([len(p) for p in prompts], np.int32)
+
+
+def chunk_size(longest: int, prefill_chunk: int) -> int:
+  return min(bucket(prefill_chunk, minimum=1), bucket(longest))
+
+
+def prefill(graphdef, params, prompts: Sequence[Sequence[int]], cache, *,
+            prefill_chunk: int = 256, vocab_size: int):
+  """Runs the prompts into an empty cache chunk by chunk -> (logits `[B, V]` after each
+  prompt's last token, cache)."""
+  chunk = chunk_size(max(len(p) for p in prompts), prefill_chunk)
+  tokens, lengths = pad_prompts(prompts, chunk)
+  last = jnp.zeros((len(prompts), vocab_size), jnp.float32)
+  for start in range(0, tokens.shape[1], chunk):
+    num_new = np.clip(lengths - start, 0, chunk).astype(np.int32)
+    last, cache = extend_chunk(graphdef, params, jnp.asarray(tokens[:, start:start + chunk]),
+                                cache, jnp.asarray(num_new), last)
+  return last, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "out_len", "penalties"))
+def _decode_loop(graphdef, params, cache, logits_BV, arrays, max_new_B, stop_ids_BX,
+                 prompt_mask_BV, *, out_len: int, penalties: bool):
+  _TRACES["decode_loop"] += 1
   model = nnx.merge(graphdef, params)
-  cfg = model.cfg
-  B, P = tokens_BP.shape
-  cache = kv_cache.init_cache(cfg.n_layers, B, P + max_tokens, cfg.n_kv_heads, cfg.head_dim,
-                              cache_dtype)
-  logits_BPV, cache = model.extend(tokens_BP, cache, lengths_B)
-  last_BV = jnp.take_along_axis(logits_BPV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  B, V = logits_BV.shape
+  rows_B = jnp.arange(B)
 
-  def cond(carry):
-    i, _, _, _, _, done_B = carry
-    return (i < max_tokens) & ~jnp.all(done_B)
+  def cond(c):
+    return (c["i"] < out_len) & ~jnp.all(c["done"])
 
-  def body(carry):
-    i, cache, last_BV, key, out_BN, done_B = carry
-    key, sub = jax.random.split(key)
-    tok_B = sampling.sample(last_BV, sub, temperature=temperature, top_k=top_k, top_p=top_p)
-    tok_B = jnp.where(done_B, eos_id, tok_B)
-    out_BN = out_BN.at[:, i].set(tok_B)
-    done_B = done_B | (tok_B == eos_id)
-    logits_B1V, cache = model.extend(tok_B[:, None], cache)
-    return i + 1, cache, logits_B1V[:, 0], key, out_BN, done_B
+  def body(c):
+    logits = c["logits"]
+    if penalties:
+      logits = sampling.apply_penalties(logits, arrays, c["counts"], prompt_mask_BV)
+    tok_B = sampling.draw(logits, arrays, sampling.row_keys(arrays, c["n"]))
+    logp_B = sampling.token_logprobs(c["logits"], tok_B)
+    active_B = ~c["done"]
+    stop_B = jnp.any(tok_B[:, None] == stop_ids_BX, axis=-1)
+    emit_B = active_B & ~stop_B
+    slot_B = jnp.where(emit_B, c["n"], out_len)  # out of range: dropped
+    out = c["out"].at[rows_B, slot_B].set(tok_B, mode="drop")
+    logp = c["logp"].at[rows_B, slot_B].set(logp_B, mode="drop")
+    n_B = c["n"] + emit_B
+    length_B = emit_B & (n_B >= max_new_B)
+    reason = jnp.where(active_B & stop_B, 1, jnp.where(length_B, 2, c["reason"]))
+    done_B = c["done"] | (active_B & stop_B) | length_B
+    counts = c["counts"]
+    if penalties:
+      counts = counts + jax.nn.one_hot(tok_B, V, dtype=jnp.int32) * emit_B[:, None]
+    logits_B1V, cache = model.extend(tok_B[:, None], c["cache"], (~done_B).astype(jnp.int32))
+    return dict(i=c["i"] + 1, cache=cache, logits=logits_B1V[:, 0], out=out, logp=logp, n=n_B,
+                done=done_B, reason=reason, counts=counts)
 
-  out_BN = jnp.full((B, max_tokens), eos_id, jnp.int32)
-  init = (jnp.int32(0), cache, last_BV, key, out_BN, jnp.zeros((B,), bool))
-  return jax.lax.while_loop(cond, body, init)[4]
+  init = dict(i=jnp.int32(0), cache=cache, logits=logits_BV,
+              out=jnp.zeros((B, out_len), jnp.int32), logp=jnp.zeros((B, out_len), jnp.float32),
+              n=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool),
+              reason=jnp.zeros((B,), jnp.int32),
+              counts=jnp.zeros((B, V) if penalties else (1, 1), jnp.int32))
+  final = jax.lax.while_loop(cond, body, init)
+  return final["out"], final["logp"], final["n"], final["reason"]
+
+
+def stop_id_array(params: Sequence[sampling.SamplingParams], eos_id: int) -> np.ndarray:
+  """`[B, X]` int32 stop tokens per request (eos included), padded with -1; X a power of two."""
+  ids = [sorted(set(p.stop_token_ids) | ({eos_id} if eos_id >= 0 else set())) for p in params]
+  width = bucket(max((len(x) for x in ids), default=1), minimum=1)
+  out = np.full((len(params), width), -1, np.int32)
+  for b, x in enumerate(ids):
+    out[b, :len(x)] = x
+  return out
+
+
+def prompt_mask(prompts: Sequence[Sequence[int]], vocab_size: int) -> jax.Array:
+  mask = np.zeros((len(prompts), vocab_size), bool)
+  for b, p in enumerate(prompts):
+    mask[b, np.asarray(p, np.int64)] = True
+  return jnp.asarray(mask)
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], params: Sequence[sampling.SamplingParams],
+                  vocab_size: int, max_seq_len: int | None) -> None:
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt needs at least one token")
+  if len(params) != len(prompts):
+    raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+  for b, (p, sp) in enumerate(zip(prompts, params)):
+    if min(p) < 0 or max(p) >= vocab_size:
+      raise ValueError(f"prompt {b} has token ids outside [0, {vocab_size})")
+    if max_seq_len is not None and len(p) + sp.max_tokens > max_seq_len:
+      raise ValueError(f"prompt ({len(p)} tokens) + max_tokens ({sp.max_tokens}) exceeds the "
+                       f"model's max_seq_len {max_seq_len}")
+
+
+def generate_requests(graphdef, params, prompts: Sequence[Sequence[int]],
+                      sampling_params: Sequence[sampling.SamplingParams], *, eos_id: int = -1,
+                      max_seq_len: int | None = None, cache: str = "contiguous",
+                      page_size: int = 16, prefill_chunk: int = 256,
+                      cache_dtype=jnp.float32) -> list[Generation]:
+  """Continues each prompt under its own SamplingParams (stop strings are the caller's)."""
+  cfg = model_config(graphdef, params)
+  check_prompts(prompts, sampling_params, cfg.vocab_size, max_seq_len)
+  chunk = chunk_size(max(len(p) for p in prompts), prefill_chunk)
+  padded = -(-max(len(p) for p in prompts) // chunk) * chunk
+  max_new = max(sp.max_tokens for sp in sampling_params)
+  S = bucket(padded + max_new)
+  needed = [len(p) + sp.max_tokens for p, sp in zip(prompts, sampling_params)]
+  kv = new_cache(cfg, cache, needed, max_len=S, page_size=page_size, dtype=cache_dtype)
+  last, kv = prefill(graphdef, params, prompts, kv, prefill_chunk=prefill_chunk,
+                     vocab_size=cfg.vocab_size)
+  penalties = any(sp.uses_penalties for sp in sampling_params)
+  mask = prompt_mask(prompts, cfg.vocab_size) if penalties else jnp.zeros((1, 1), bool)
+  out, logp, n, reason = _decode_loop(
+      graphdef, params, kv, last, sampling.SamplingArrays.of(sampling_params),
+      jnp.asarray([sp.max_tokens for sp in sampling_params], jnp.int32),
+      jnp.asarray(stop_id_array(sampling_params, eos_id)), mask, out_len=bucket(max_new),
+      penalties=penalties)
+  out, logp, n, reason = jax.device_get((out, logp, n, reason))
+  return [Generation(out[b, :n[b]].tolist(), logp[b, :n[b]].tolist(),
+                     FINISH_REASONS.get(int(reason[b]), "length")) for b in range(len(prompts))]
+
+
+def model_config(graphdef, params):
+  """The ModelConfig a Transformer (graphdef, params) pair was built with."""
+  return nnx.merge(graphdef, params).cfg
 
 
 def generate(graphdef, params, prompts: Sequence[Sequence[int]], *, max_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eos_id: int = -1, max_seq_len: int | None = None,
+             eos_id: int = -1, max_seq_len: int | None = None, cache: str = "contiguous",
              cache_dtype=jnp.float32) -> list[list[int]]:
-  """Continues each prompt by up to `max_tokens` tokens (stopping at `eos_id`, not included)."""
-  if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("every prompt needs at least one token")
+  """Continues each prompt by up to `max_tokens` tokens (stopping at `eos_id`, not included).
+
+  Every row samples with the same settings and seed (identical prompts, identical outputs).
+  """
   if max_tokens <= 0:
     raise ValueError(f"max_tokens={max_tokens} must be positive")
-  longest = max(len(p) for p in prompts)
-  if max_seq_len is not None and longest + max_tokens > max_seq_len:
-    raise ValueError(f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the "
-                     f"model's max_seq_len {max_seq_len}")
-  P = _bucket(longest)
-  tokens = np.zeros((len(prompts), P), np.int32)
-  for b, p in enumerate(prompts):
-    tokens[b, :len(p)] = p
-  lengths = np.asarray([len(p) for p in prompts], np.int32)
-  out = _generate(graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths),
-                  jax.random.PRNGKey(seed), jnp.float32(temperature), jnp.float32(top_p),
-                  max_tokens=max_tokens, top_k=top_k, eos_id=eos_id, cache_dtype=cache_dtype)
-  results = []
-  for row in np.asarray(out).tolist():
-    results.append(row[:row.index(eos_id)] if eos_id in row else row)
-  return results
+  sp = sampling.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                               max_tokens=max_tokens)
+  results = generate_requests(graphdef, params, prompts, [sp] * len(prompts), eos_id=eos_id,
+                              max_seq_len=max_seq_len, cache=cache, cache_dtype=cache_dtype)
+  return [r.tokens for r in results]

@@ -51,17 +51,34 @@ class Attention(nnx.Module):
                                        sliding_window=self.sliding_window, impl=self.impl)
     return self._out(out)
 
-  def extend(self, x_BTD: jax.Array, cache_k_BSKDh: jax.Array, cache_v_BSKDh: jax.Array,
-             lengths_B: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Attends T new tokens per sequence, written at slots lengths[b] .. lengths[b] + T - 1."""
+  def extend(self, x_BTD: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer: jax.Array,
+             lengths_B: jax.Array, num_new_B: jax.Array | None = None,
+             page_table_BM: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Attends T new tokens per sequence, stored at positions lengths[b] .. lengths[b] + T - 1.
+
+    cache_k/v: all layers' contiguous cache `[L, B, S, K, Dh]`, or all layers' page pools
+    `[L, N, P, K, Dh]` when `page_table_BM` is given; this block is layer `layer`. Only the
+    first num_new_B[b] tokens are stored (right padding is dropped); the outputs of the
+    padding tokens are meaningless.
+    """
     B, T, _ = x_BTD.shape
-    S = cache_k_BSKDh.shape[1]
     q_index_BT = lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     q, k, v = self._project(x_BTD, q_index_BT)
-    cache_k_BSKDh = kv_cache.write(cache_k_BSKDh, k, lengths_B)
-    cache_v_BSKDh = kv_cache.write(cache_v_BSKDh, v, lengths_B)
+    if page_table_BM is not None:
+      cache_k = kv_cache.write_paged(cache_k, layer, k, page_table_BM, lengths_B, num_new_B)
+      cache_v = kv_cache.write_paged(cache_v, layer, v, page_table_BM, lengths_B, num_new_B)
+      # Layer l's pages are pages l*N .. of the flattened pool: no per-layer copy of the pool.
+      L, N = cache_k.shape[:2]
+      flat = lambda pages: pages.reshape(L * N, *pages.shape[2:])
+      out = attention_ops.paged_attention(q, flat(cache_k), flat(cache_v), lengths_B + T,
+                                          page_table_BM + layer * N,
+                                          sliding_window=self.sliding_window, impl=self.impl)
+      return self._out(out), cache_k, cache_v
+    S = cache_k.shape[2]
+    cache_k = kv_cache.write(cache_k, layer, k, lengths_B, num_new_B)
+    cache_v = kv_cache.write(cache_v, layer, v, lengths_B, num_new_B)
     kv_index_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    out = attention_ops.attention(q, cache_k_BSKDh.astype(q.dtype), cache_v_BSKDh.astype(q.dtype),
+    out = attention_ops.attention(q, cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype),
                                   q_index=q_index_BT, kv_index=kv_index_BS,
                                   sliding_window=self.sliding_window)
-    return self._out(out), cache_k_BSKDh, cache_v_BSKDh
+    return self._out(out), cache_k, cache_v

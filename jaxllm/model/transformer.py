@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.inference.kv_cache import KVCache
+from jaxllm.inference.kv_cache import KVCache, PagedKVCache
 from jaxllm.model.attention import Attention
 from jaxllm.model.layers import RMSNorm, param
 from jaxllm.model.mlp import MLP
@@ -43,8 +43,9 @@ class Block(nnx.Module):
     x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
     return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
-  def extend(self, x_BTD, cache_k, cache_v, lengths_B):
-    h, cache_k, cache_v = self.attn.extend(self.attn_norm(x_BTD), cache_k, cache_v, lengths_B)
+  def extend(self, x_BTD, cache_k, cache_v, layer, lengths_B, num_new_B, page_table_BM):
+    h, cache_k, cache_v = self.attn.extend(self.attn_norm(x_BTD), cache_k, cache_v, layer,
+                                           lengths_B, num_new_B, page_table_BM)
     x_BTD = x_BTD + h
     return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache_k, cache_v
 
@@ -120,26 +121,38 @@ class Transformer(nnx.Module):
       x_BTD, _ = jax.lax.scan(self._remat(layer), x_BTD, stacked)
     return rules.constrain(self._logits(x_BTD), rules.ACTIVATION_AXES_BTV)
 
-  def extend(self, tokens_BT: jax.Array, cache: KVCache,
-             num_new_B: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-    """Runs T new tokens per sequence against the cache (prefill: T = prompt chunk; decode: 1).
+  def extend(self, tokens_BT: jax.Array, cache: KVCache | PagedKVCache,
+             num_new_B: jax.Array | None = None, *, last_only: bool = False
+             ) -> tuple[jax.Array, KVCache | PagedKVCache]:
+    """Runs T new tokens per sequence against the cache (prefill chunk: T > 1; decode: T = 1).
 
-    Writes their K/V at slots cache.lengths[b] ..; advances lengths by num_new_B (default T;
-    smaller for right-padded prompts, whose padding slots are overwritten later).
+    Token t of sequence b goes to position cache.lengths[b] + t; only the first num_new_B[b]
+    (default T) are real and stored, the rest is right padding, and lengths advance by num_new.
+    Returns logits `[B, T, V]`, or with `last_only` `[B, 1, V]` at each sequence's last real
+    token (the head is then computed once per sequence, not T times).
+
+    The whole `[L, ...]` cache rides in the scan carry and each layer scatters only its new
+    tokens into it, so a step costs the new K/V, not a copy of the cache.
     """
     B, T = tokens_BT.shape
     graphdef, stacked = nnx.split(self.blocks)
     lengths_B = cache.lengths
+    page_table = getattr(cache, "page_table", None)
 
-    def layer(x_BTD, xs):
-      layer_params, k_BSKDh, v_BSKDh = xs
-      x_BTD, k_BSKDh, v_BSKDh = nnx.merge(graphdef, layer_params).extend(
-          x_BTD, k_BSKDh, v_BSKDh, lengths_B)
-      return x_BTD, (k_BSKDh, v_BSKDh)
+    def layer(carry, xs):
+      x_BTD, k, v = carry
+      layer_params, index = xs
+      x_BTD, k, v = nnx.merge(graphdef, layer_params).extend(x_BTD, k, v, index, lengths_B,
+                                                             num_new_B, page_table)
+      return (x_BTD, k, v), None
 
-    x_BTD, (k, v) = jax.lax.scan(layer, self._embed(tokens_BT), (stacked, cache.k, cache.v))
+    (x_BTD, k, v), _ = jax.lax.scan(layer, (self._embed(tokens_BT), cache.k, cache.v),
+                                    (stacked, jnp.arange(self.cfg.n_layers, dtype=jnp.int32)))
     num_new_B = jnp.full((B,), T, jnp.int32) if num_new_B is None else num_new_B
-    return self._logits(x_BTD), KVCache(k, v, lengths_B + num_new_B)
+    if last_only:
+      last_B = jnp.clip(num_new_B - 1, 0, T - 1)
+      x_BTD = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
+    return self._logits(x_BTD), cache._replace(k=k, v=v, lengths=lengths_B + num_new_B)
 
 
 def create(cfg: ModelConfig, seed: int | jax.Array = 0) -> Transformer:

@@ -10,8 +10,10 @@ non-padding segment. In training q_index = kv_index = arange(T); with a cache, q
 slot the query's own K/V was written to and kv_index = arange(max_len). With
 `sliding_window=W` a query also needs `kv_index > q_index - W` (it sees W keys, itself included).
 
-Two entry points: `self_attention` (training, prefill: the T tokens attend to themselves) picks
-an implementation by `impl`; `attention` (extending a contiguous KV cache) is the XLA path.
+Three entry points: `self_attention` (training, full forward: the T tokens attend to
+themselves) picks an implementation by `impl`; `attention` (extending a contiguous KV cache) is
+the XLA path; `paged_attention` (extending a paged KV cache) is our Pallas kernel on GPU/TPU and
+a gather-then-`attention` XLA path elsewhere.
 
 `impl`: "xla" is the plain-jnp reference below; "pallas" is our flash-attention kernel
 (`pallas_kernels`, Triton on GPU, Mosaic on TPU, the interpreter on CPU); "cudnn" is
@@ -91,6 +93,30 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   return attention(q, k, v, q_index=index_BT, kv_index=index_BT, q_segment_ids=segment_ids,
                    kv_segment_ids=segment_ids, sliding_window=sliding_window, sm_scale=sm_scale)
+
+
+def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, lengths: jax.Array,
+                    page_table: jax.Array, *, sliding_window: int | None = None,
+                    impl: str = "auto") -> jax.Array:
+  """q `[B, T, H, Dh]`: the last T of each sequence's `lengths[b]` tokens, their K/V already in
+  the pages `[N, P, K, Dh]` (`pallas_kernels.paged_attention` conventions). Returns q's shape.
+  """
+  B, T, H, Dh = q.shape
+  P = k_pages.shape[1]
+  platform = jax.default_backend()
+  impl = resolve_impl(impl, Dh, platform)
+  kernel_fits = ((platform == "gpu" and P >= 16 and not P & (P - 1))
+                 or (platform == "tpu" and P % 8 == 0))
+  if impl == "pallas" and kernel_fits:
+    return pallas_kernels.paged_attention(q, k_pages, v_pages, lengths, page_table,
+                                          sliding_window=sliding_window)
+  # XLA: gather the sequence's pages into a contiguous view, then the index-masked path.
+  M = page_table.shape[1]
+  k = k_pages[page_table].reshape(B, M * P, *k_pages.shape[2:]).astype(q.dtype)
+  v = v_pages[page_table].reshape(B, M * P, *v_pages.shape[2:]).astype(q.dtype)
+  q_index = lengths[:, None] - T + jnp.arange(T, dtype=jnp.int32)[None, :]
+  kv_index = jnp.broadcast_to(jnp.arange(M * P, dtype=jnp.int32), (B, M * P))
+  return attention(q, k, v, q_index=q_index, kv_index=kv_index, sliding_window=sliding_window)
 
 
 def _pallas_self_attention(q, k, v, segment_ids, sliding_window, sm_scale):
