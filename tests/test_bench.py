@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO
 
 SMALL = ["--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.head_dim=8",
@@ -72,3 +74,30 @@ def test_bench_pipeline_json():
   assert [(r["stages"], r["microbatches"]) for r in rows] == [(2, 1), (2, 2), (2, 4), (2, 8)]
   assert [r["formula_bubble"] for r in rows] == [1 / 2, 1 / 3, 1 / 5, 1 / 9]
   assert all(r["step_s"] > 0 and r["measured_bubble"] < 1 for r in rows)
+
+
+def test_bench_decode_json(tmp_path):
+  """The decode suite's plumbing on SmolLM2 at toy sizes: every peer measured, ratios
+  consistent, speculative output identical to plain greedy, compile counts reported."""
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  proc = _run("decode", "--json", "--batches=1,2", "--prompt_tokens=12", "--new_tokens=6",
+              "--decode_peers=jaxllm_fp32,transformers", "--drafts=ngram:2,layer_skip:4",
+              "--k=2", "--repeats=1")
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["suite"] == "decode" and result["new_tokens"] == 6
+  rows = {(r["peer"], r["batch"]): r for r in result["rows"]}
+  assert set(rows) == {("jaxllm_fp32", 1), ("jaxllm_fp32", 2), ("transformers", 1),
+                       ("transformers", 2)}
+  for (peer, batch), r in rows.items():
+    assert abs(r["tokens_per_s"] - batch * 6 / r["seconds"]) < 1e-6 * r["tokens_per_s"]
+    assert r["decode_tokens_per_s"] > 0 and 0 < r["prefill_seconds"]
+    assert r["vs_transformers"] == r["tokens_per_s"] / rows["transformers", batch]["tokens_per_s"]
+  # Same weights, same prompts, greedy: the same tokens as transformers.
+  assert result["greedy_matches_transformers"] == {"1": True, "2": True}
+  assert [s["draft"] for s in result["speculative"]] == ["ngram:2", "layer_skip:4"]
+  assert all(s["identical"] and 0 <= s["acceptance_rate"] <= 1 for s in result["speculative"])
+  assert result["compiles"]["decode_loop"] >= 1
+  bad = _run("decode", "--decode_peers=vllm")
+  assert bad.returncode == 2 and "unknown ['vllm']" in bad.stderr

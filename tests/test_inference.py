@@ -1,6 +1,7 @@
 """Inference core: cache layouts against the full forward, per-row sampling, compile counts."""
 
 import collections
+import dataclasses
 
 import numpy as np
 import pytest
@@ -95,6 +96,21 @@ def test_cache_layouts_equal_the_full_forward_at_every_step(overrides):
   for kind in gen.CACHE_KINDS:
     got = _teacher_forced_logits(graphdef, params, prompts, continuation, kind, chunk=4)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=kind)
+
+
+def test_paged_cache_through_the_pallas_kernel():
+  """attention_impl=pallas sends the paged cache through our kernel (interpreted on CPU),
+  which reads each layer's pages from the flattened `[L * N, ...]` pool."""
+  cfg = tiny_model(head_dim=64, n_heads=2, n_kv_heads=1, init_std=0.3, attention_impl="pallas")
+  graphdef, params = transformer.split(transformer.create(cfg, 4))
+  xla_graphdef, _ = transformer.abstract_params(dataclasses.replace(cfg, attention_impl="xla"))
+  rng = np.random.default_rng(2)
+  prompts = [rng.integers(0, 64, n).tolist() for n in (3, 20)]
+  continuation = rng.integers(0, 64, (2, 2))
+  want = _full_forward_logits(xla_graphdef, params, prompts, continuation)
+  got = _teacher_forced_logits(graphdef, params, prompts, continuation, "paged", chunk=8,
+                               page_size=16)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_compiled_shapes_are_bounded():

@@ -2,7 +2,8 @@
 
 Suites: train (step time, tokens/s, MFU of the configured train step); attention (our
 flash-attention kernel against cuDNN, XLA and JAX's bundled Pallas kernel, TFLOP/s and memory);
-pipeline (the measured GPipe bubble against (p - 1) / (m + p - 1)).
+pipeline (the measured GPipe bubble against (p - 1) / (m + p - 1)); decode (generation
+tokens/s beside Hugging Face transformers, and speculative decoding speedups).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from absl import app, flags
 
 from jaxllm.cli import common
 
-SUITES = ("train", "attention", "pipeline")
+SUITES = ("train", "attention", "pipeline", "decode")
 
 _CONFIG = common.define_config_flag(common.default_experiment())
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
@@ -29,9 +30,22 @@ _TOKENS = flags.DEFINE_integer("tokens", None, "attention: batch x seq_len per p
                                "(default 16384; 512 on CPU).", lower_bound=1)
 _WIDTH = flags.DEFINE_integer("width", None, "attention: heads x head_dim (default 2048; 128 on "
                               "CPU).", lower_bound=1)
-_REPEATS = flags.DEFINE_integer("repeats", 5, "attention, pipeline: timed calls per "
+_REPEATS = flags.DEFINE_integer("repeats", 5, "attention, pipeline, decode: timed calls per "
                                 "measurement.", lower_bound=1)
 _STAGES = flags.DEFINE_list("stages", ["2", "4"], "pipeline: stage counts to measure.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "decode: model to load (default: "
+                                  "SmolLM2-135M-Instruct via jaxllm.fetch).")
+_BATCHES = flags.DEFINE_list("batches", ["1", "8", "32"], "decode: batch sizes.")
+_DECODE_PEERS = flags.DEFINE_list("decode_peers", ["jaxllm_fp32", "jaxllm_bf16", "transformers"],
+                                  "decode: generators to measure.")
+_DRAFTS = flags.DEFINE_list("drafts", ["ngram:3", "layer_skip:10"],
+                            "decode: speculative draft sources (ngram[:N], layer_skip:N, PATH).")
+_K = flags.DEFINE_integer("k", 4, "decode: speculative draft tokens per step.", lower_bound=1,
+                          upper_bound=16)
+_PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 64, "decode: tokens per prompt.",
+                                      lower_bound=1)
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "decode: tokens generated per prompt.",
+                                   lower_bound=1)
 
 
 def _attention_suite() -> tuple[dict, str]:
@@ -60,6 +74,29 @@ def main(argv):
     raise app.UsageError(f"usage: python -m jaxllm.bench {{{'|'.join(SUITES)}}} [flags]")
   if argv[1] == "attention":
     result, text = _attention_suite()
+  elif argv[1] == "decode":
+    from jaxllm.bench import decode
+    try:
+      batches = tuple(int(x) for x in _BATCHES.value)
+    except ValueError as e:
+      raise common.CommandError(f"--batches takes integers: {e}") from None
+    unknown = set(_DECODE_PEERS.value) - set(decode.PEERS)
+    if unknown:
+      raise common.CommandError(f"--decode_peers: unknown {sorted(unknown)} (one of "
+                                f"{decode.PEERS})")
+    if _CHECKPOINT.value:
+      path = _CHECKPOINT.value
+    else:
+      from jaxllm.fetch import fetch
+      path = fetch("smollm2-135m")
+    try:
+      result = decode.run(path, batches=batches, peers=tuple(_DECODE_PEERS.value),
+                          drafts=tuple(_DRAFTS.value), k=_K.value,
+                          prompt_tokens=_PROMPT_TOKENS.value, new_tokens=_NEW_TOKENS.value,
+                          repeats=_REPEATS.value)
+    except ValueError as e:
+      raise common.CommandError(str(e)) from None
+    text = decode.table(result)
   elif argv[1] == "pipeline":
     from jaxllm import config as config_lib
     from jaxllm.bench import pipeline

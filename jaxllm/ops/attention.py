@@ -105,11 +105,13 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
   P = k_pages.shape[1]
   platform = jax.default_backend()
   impl = resolve_impl(impl, Dh, platform)
-  kernel_fits = ((platform == "gpu" and P >= 16 and not P & (P - 1))
-                 or (platform == "tpu" and P % 8 == 0))
-  if impl == "pallas" and kernel_fits:
+  gpu_fits = P >= 16 and not P & (P - 1)
+  if impl == "pallas" and ((platform == "gpu" and gpu_fits) or (platform == "tpu" and P % 8 == 0)
+                           or (platform == "cpu" and gpu_fits)):
+    # On CPU the kernel runs in the Pallas interpreter (tests, not speed).
     return pallas_kernels.paged_attention(q, k_pages, v_pages, lengths, page_table,
-                                          sliding_window=sliding_window)
+                                          sliding_window=sliding_window,
+                                          interpret=platform == "cpu")
   # XLA: gather the sequence's pages into a contiguous view, then the index-masked path.
   M = page_table.shape[1]
   k = k_pages[page_table].reshape(B, M * P, *k_pages.shape[2:]).astype(q.dtype)

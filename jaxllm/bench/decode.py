@@ -1,0 +1,201 @@
+"""`jaxllm.bench decode`: generation throughput beside Hugging Face, and speculative speedups.
+
+Workload: B prompts, each the first `prompt_tokens` tokens of a different Python stdlib file
+(fixed list), continued greedily by exactly `new_tokens` tokens (no early stop, so every peer
+does the same work). tokens/s = B * new_tokens / wall time of the whole call (prefill
+included), timed after one warm-up call that compiles: the best of `repeats` rounds, each
+round timing every peer once in turn. decode tokens/s
+leaves the prompt out: B * (new_tokens - 1) / (that time - the time of the same call with one
+new token). Peers, same weights and prompts:
+  jaxllm_fp32   float32 params and compute (the default)
+  jaxllm_bf16   params cast to bfloat16, bfloat16 compute
+  transformers  `model.generate` (torch, float32, all CPU threads)
+Speculative rows run batch 1 (greedy) per draft source and report the speedup over plain
+jaxllm_fp32 decoding of the same prompts, the acceptance rate, tokens per target pass, and
+whether the output equals plain greedy decoding token for token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PEERS = ("jaxllm_fp32", "jaxllm_bf16", "transformers")
+
+
+def stdlib_prompts(tokenizer, count: int, length: int, bos: int | None) -> list[list[int]]:
+  """`count` prompts of exactly `length` tokens from the starts of stdlib files."""
+  from jaxllm.data import corpus
+  prompts = []
+  for path in corpus.stdlib_files():
+    with open(path, encoding="utf-8", errors="replace") as f:
+      ids = tokenizer.encode(f.read(20_000))
+    ids = ([bos] if bos is not None else []) + ids
+    if len(ids) >= length:
+      prompts.append(ids[:length])
+    if len(prompts) == count:
+      return prompts
+  raise RuntimeError(f"found only {len(prompts)} stdlib files with {length} tokens")
+
+
+def _bf16(model):
+  from jaxllm.model import transformer
+  cfg = dataclasses.replace(model.config, dtype="bfloat16", param_dtype="bfloat16")
+  graphdef, _ = transformer.abstract_params(cfg)
+  return graphdef, jax.tree.map(lambda x: x.astype(jnp.bfloat16), model.params)
+
+
+def _interleaved(calls: dict, repeats: int) -> tuple[dict, dict]:
+  """Best wall time and last output of each no-argument call, timed round-robin.
+
+  Every call runs once first (compiles), then `repeats` rounds time each call once in turn,
+  so a slow spell of a shared machine hits all peers alike instead of one.
+  """
+  outputs = {name: fn() for name, fn in calls.items()}
+  best = {name: float("inf") for name in calls}
+  for _ in range(repeats):
+    for name, fn in calls.items():
+      t = time.perf_counter()
+      outputs[name] = fn()
+      best[name] = min(best[name], time.perf_counter() - t)
+  return best, outputs
+
+
+def _jaxllm_call(graphdef, params, prompts, new_tokens, draft=None, k=4):
+  """A no-argument callable running one generation -> (outputs, speculative stats or None)."""
+  from jaxllm.inference import generate as gen
+  from jaxllm.inference import sampling, speculative
+  sp = [sampling.SamplingParams(max_tokens=new_tokens)] * len(prompts)
+  if draft is None:
+    return lambda: (gen.generate_requests(graphdef, params, prompts, sp), None)
+  return lambda: speculative.speculative_generate(graphdef, params, prompts, sp, draft, k=k)
+
+
+@functools.lru_cache(maxsize=1)
+def _transformers_model(path):
+  import torch
+  import transformers
+  torch.set_num_threads(os.cpu_count() or 1)
+  if path.endswith(".gguf"):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+  else:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+  return hf.eval()
+
+
+def _transformers_call(path, prompts, new_tokens):
+  import torch
+  hf = _transformers_model(path)
+  ids = torch.tensor(prompts)
+
+  def call():
+    with torch.no_grad():
+      out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return [row[len(prompts[0]):] for row in out.tolist()], None
+  return call
+
+
+def run(path: str, *, batches=(1, 8, 32), peers=PEERS, drafts=("ngram:3", "layer_skip:10"),
+        k: int = 4, prompt_tokens: int = 64, new_tokens: int = 64, repeats: int = 1) -> dict:
+  import jaxllm
+  from jaxllm.inference import generate as gen
+  model = jaxllm.load(path)
+  tok = model.tokenizer
+  bos = tok.bos_id if tok.add_bos and tok.bos_id >= 0 else None
+  prompts = stdlib_prompts(tok, max(batches), prompt_tokens, bos)
+  errors, calls = {}, {}
+  for peer in peers:
+    if peer == "transformers":
+      try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+      except ImportError as e:
+        errors[peer] = f"{type(e).__name__}: {e}"
+        continue
+      make = functools.partial(_transformers_call, path)
+    elif peer == "jaxllm_bf16":
+      make = functools.partial(_jaxllm_call, *_bf16(model))
+    elif peer == "jaxllm_fp32":
+      make = functools.partial(_jaxllm_call, model.graphdef, model.params)
+    else:
+      raise ValueError(f"unknown peer {peer!r} (one of {', '.join(PEERS)})")
+    for B in batches:
+      calls[peer, B, new_tokens] = make(prompts[:B], new_tokens)
+      calls[peer, B, 1] = make(prompts[:B], 1)
+  for spec in drafts or ():
+    calls["spec", spec] = _jaxllm_call(model.graphdef, model.params, prompts[:1], new_tokens,
+                                       model.draft(spec), k)
+  best, outputs = _interleaved(calls, repeats)
+
+  rows = []
+  tokens = lambda out: [o if isinstance(o, list) else o.tokens for o in out[0]]
+  for peer in peers:
+    for B in batches:
+      if (peer, B, new_tokens) not in best:
+        continue
+      seconds, first_s = best[peer, B, new_tokens], best[peer, B, 1]
+      rows.append(dict(peer=peer, batch=B, seconds=seconds, prefill_seconds=first_s,
+                       tokens_per_s=B * new_tokens / seconds,
+                       decode_tokens_per_s=B * (new_tokens - 1) / max(seconds - first_s, 1e-9)))
+  by = {(r["peer"], r["batch"]): r for r in rows}
+  for r in rows:
+    base = by.get(("transformers", r["batch"]))
+    one = by.get((r["peer"], 1))
+    for key in ("tokens_per_s", "decode_tokens_per_s"):
+      prefix = "" if key == "tokens_per_s" else "decode_"
+      r[f"{prefix}vs_transformers"] = r[key] / base[key] if base else None
+      r[f"{prefix}scaling_vs_batch1"] = r[key] / one[key] if one else None
+  spec_rows = []
+  if drafts:
+    if ("jaxllm_fp32", 1, new_tokens) not in best:
+      raise ValueError("speculative rows compare against jaxllm_fp32 at batch 1: keep both")
+    plain_s = best["jaxllm_fp32", 1, new_tokens]
+    plain = tokens(outputs["jaxllm_fp32", 1, new_tokens])[0]
+    for spec in drafts:
+      seconds, (out, st) = best["spec", spec], outputs["spec", spec]
+      spec_rows.append(dict(draft=spec, k=k, seconds=seconds, plain_seconds=plain_s,
+                            speedup=plain_s / seconds, acceptance_rate=st.acceptance_rate,
+                            tokens_per_target_pass=new_tokens / max(st.iterations + 1, 1),
+                            identical=out[0].tokens == plain))
+  matches = {B: tokens(outputs["jaxllm_fp32", B, new_tokens])
+             == tokens(outputs["transformers", B, new_tokens])
+             for B in batches if ("jaxllm_fp32", B, new_tokens) in outputs
+             and ("transformers", B, new_tokens) in outputs}
+  return dict(suite="decode", checkpoint=path, backend=jax.default_backend(),
+              prompt_tokens=prompt_tokens, new_tokens=new_tokens, rows=rows,
+              speculative=spec_rows, compiles=gen.trace_counts(), errors=errors,
+              repeats=repeats, greedy_matches_transformers=matches)
+
+
+def table(result: dict) -> str:
+  lines = [f"decode: {result['checkpoint']} on {result['backend']}, "
+           f"{result['prompt_tokens']} prompt + {result['new_tokens']} new tokens, greedy",
+           f"{'':<20}{'| whole call (prefill included)':<40}{'| decode only':<40}",
+           f"{'peer':<14}{'batch':>6}" + f"{'tokens/s':>11}{'vs transformers':>17}"
+           f"{'vs batch 1':>12}" * 2]
+  fmt = lambda x, spec: "-" if x is None else format(x, spec)
+  for r in result["rows"]:
+    cells = "".join(
+        f"{r[p + 'tokens_per_s']:>11.1f}{fmt(r[p + 'vs_transformers'], '>16.2f')}x"
+        f"{fmt(r[p + 'scaling_vs_batch1'], '>11.2f')}x" for p in ("", "decode_"))
+    lines.append(f"{r['peer']:<14}{r['batch']:>6}{cells}")
+  if result["speculative"]:
+    lines.append(f"{'draft (batch 1)':<18}{'k':>3}{'speedup':>9}{'accepted':>10}"
+                 f"{'tok/pass':>10}{'identical':>11}")
+    for r in result["speculative"]:
+      lines.append(f"{r['draft']:<18}{r['k']:>3}{r['speedup']:>8.2f}x"
+                   f"{r['acceptance_rate']:>10.1%}{r['tokens_per_target_pass']:>10.2f}"
+                   f"{str(r['identical']):>11}")
+  lines.append(f"greedy output equals transformers': {result['greedy_matches_transformers']}")
+  lines.append(f"compiled functions: {result['compiles']}")
+  for peer, err in result["errors"].items():
+    lines.append(f"{peer}: not measured ({err})")
+  return "\n".join(lines)
