@@ -1,0 +1,164 @@
+"""Continuous batching: every request's output equals running it alone, whatever the traffic."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from jaxllm.inference import engine as engine_lib
+from jaxllm.inference import generate as gen
+from jaxllm.inference import sampling
+from jaxllm.model import transformer
+from tests.helpers import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+  return transformer.split(transformer.create(tiny_model(n_layers=2, init_std=0.4), 3))
+
+
+def _workload(n, seed=0, system=()):
+  """n (prompt, params) pairs with lengths and settings drawn from a fixed seeded distribution."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    prompt = list(system) + rng.integers(0, 64, int(rng.integers(1, 40))).tolist()
+    kind = i % 4
+    params = sampling.SamplingParams(
+        max_tokens=int(rng.integers(1, 25)), seed=int(rng.integers(0, 2 ** 31)),
+        temperature=0.0 if kind == 0 else float(rng.choice([0.7, 1.0, 1.3])),
+        top_k=8 if kind == 2 else 0, top_p=0.9 if kind == 3 else 1.0,
+        repetition_penalty=1.3 if i % 5 == 0 else 1.0,
+        stop_token_ids=(int(rng.integers(0, 64)),) if i % 3 == 0 else ())
+    out.append((prompt, params))
+  return out
+
+
+def _alone(model, prompt, params, eos_id=-1):
+  graphdef, weights = model
+  return gen.generate_requests(graphdef, weights, [prompt], [params], eos_id=eos_id)[0]
+
+
+def _check_equal_alone(model, requests):
+  for r in requests:
+    want = _alone(model, r.prompt, r.params)
+    assert r.tokens == want.tokens, r.id
+    assert r.finish_reason == want.finish_reason, r.id
+    np.testing.assert_allclose(r.logprobs, want.logprobs, atol=1e-4)
+
+
+def _all_pages_back(engine):
+  engine.prefix_cache.evict(engine.allocator.num_pages)
+  return engine.allocator.num_free == engine.allocator.num_pages
+
+
+def test_mixed_workload_arriving_over_time_equals_each_request_alone(model):
+  graphdef, weights = model
+  engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
+      max_slots=8, num_pages=96, page_size=8, prefill_chunk=16))
+  work = _workload(64)
+  rng = np.random.default_rng(1)
+  arrivals = np.sort(rng.integers(0, 60, len(work)))  # engine step at which each arrives
+  requests, step = [], 0
+  while len(requests) < len(work) or not engine.idle:
+    while len(requests) < len(work) and arrivals[len(requests)] <= step:
+      requests.append(engine.submit(*work[len(requests)]))
+    engine.step()
+    step += 1
+  assert all(r.done for r in requests)
+  _check_equal_alone(model, requests)
+  assert engine.stats["decode_steps"] < sum(len(r.tokens) + 1 for r in requests) / 3
+  assert _all_pages_back(engine)
+  # Fixed shapes: one prefill and at most two decode programs (with / without penalties).
+  traces = gen.trace_counts()
+  assert traces["engine_prefill"] == 1 and traces["engine_decode"] <= 2
+
+
+def test_preemption_in_a_tiny_pool_completes_every_request(model):
+  graphdef, weights = model
+  # 8 pages of 8 tokens hold one full-length sequence; 12 requests compete for them.
+  engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
+      max_slots=4, num_pages=8, page_size=8, prefill_chunk=8, max_seq_len=64))
+  work = [(p[:30], sampling.SamplingParams(**{**_params_dict(sp), "max_tokens": 30}))
+          for p, sp in _workload(12, seed=2)]
+  requests = engine_lib.generate_all(engine, *zip(*work))
+  assert engine.stats["preemptions"] > 0
+  _check_equal_alone(model, requests)
+  assert _all_pages_back(engine)
+
+
+def _params_dict(sp):
+  return {f: getattr(sp, f) for f in sp.__dataclass_fields__}
+
+
+def test_shared_prefix_pages_are_reused(model):
+  graphdef, weights = model
+  system = list(range(1, 41))  # a 40-token "system prompt": 5 full pages of 8
+  engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
+      max_slots=4, num_pages=64, page_size=8, prefill_chunk=16))
+  work = _workload(8, seed=3, system=system)
+  first = engine_lib.generate_all(engine, *zip(*work[:1]))
+  rest = engine_lib.generate_all(engine, *zip(*work[1:]))
+  assert engine.stats["prefix_hit_tokens"] == 7 * 40
+  _check_equal_alone(model, first + rest)
+  assert _all_pages_back(engine)
+
+
+def test_cancel_frees_the_pages(model):
+  graphdef, weights = model
+  engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
+      max_slots=2, num_pages=32, page_size=8, prefix_caching=False))
+  long = engine.submit([1, 2, 3], sampling.SamplingParams(max_tokens=60))
+  waiting = [engine.submit([4], sampling.SamplingParams(max_tokens=60)) for _ in range(2)]
+  for _ in range(5):
+    engine.step()
+  assert long.tokens and not long.done
+  engine.cancel(long)
+  engine.cancel(waiting[1])  # still queued
+  engine.run_until_idle()
+  assert long.finish_reason == "cancelled" and waiting[1].finish_reason == "cancelled"
+  assert waiting[0].finish_reason == "length" and len(waiting[0].tokens) == 60
+  assert engine.allocator.num_free == engine.allocator.num_pages
+
+
+def test_concurrent_streaming_clients_lose_and_duplicate_nothing(model):
+  graphdef, weights = model
+  engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
+      max_slots=8, num_pages=48, page_size=8, prefill_chunk=16))
+  engine.start()
+  work = _workload(64, seed=4)
+  streamed = {}
+  done = threading.Barrier(len(work) + 1)
+
+  def client(i):
+    prompt, params = work[i]
+    finished = threading.Event()
+    got = []
+    r = engine.submit(prompt, params, on_token=lambda req, t: got.append(t),
+                      on_finish=lambda req: finished.set())
+    finished.wait(timeout=600)
+    streamed[i] = (r, got)
+    done.wait()
+
+  threads = [threading.Thread(target=client, args=(i,)) for i in range(len(work))]
+  for t in threads:
+    t.start()
+  done.wait(timeout=600)
+  engine.shutdown()
+  requests = [streamed[i][0] for i in range(len(work))]
+  for r, got in streamed.values():
+    assert got == r.tokens  # every token streamed once, in order
+  _check_equal_alone(model, requests)
+  assert _all_pages_back(engine)
+
+
+def test_bad_requests_are_refused(model):
+  graphdef, weights = model
+  engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(num_pages=16,
+                                                                        page_size=8))
+  with pytest.raises(ValueError, match="exceeds the context of 128 tokens"):
+    engine.submit([1] * 120, sampling.SamplingParams(max_tokens=10))
+  with pytest.raises(ValueError, match="at least one token"):
+    engine.submit([], sampling.SamplingParams())
+  with pytest.raises(ValueError, match="cannot hold one sequence"):
+    engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(num_pages=4, page_size=8))
