@@ -101,3 +101,20 @@ def test_bench_decode_json(tmp_path):
   assert result["compiles"]["decode_loop"] >= 1
   bad = _run("decode", "--decode_peers=vllm")
   assert bad.returncode == 2 and "unknown ['vllm']" in bad.stderr
+
+
+def test_bench_serve_json():
+  """The serve suite's plumbing on SmolLM2 at toy sizes: both modes measured over the same
+  requests, utilisation a fraction, prefix caching reuses the shared pages and changes no
+  output."""
+  # 10 prefix requests on 8 slots: the 2 admitted later find the first ones' pages cached.
+  proc = _run("serve", "--json", "--requests=6", "--rate=50", "--prefix_requests=10")
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  cont, static = result["rows"]["continuous"], result["rows"]["static"]
+  assert cont["output_tokens"] == static["output_tokens"] > 0
+  assert result["continuous_vs_static"] == cont["tokens_per_s"] / static["tokens_per_s"]
+  assert 0.5 < cont["kv_utilisation"] <= 1.0
+  assert 0 <= cont["ttft_p50"] <= cont["ttft_p99"]
+  prefix = result["prefix"]
+  assert prefix["identical"] and prefix["prefix_hit_tokens"] == 2 * 256

@@ -69,9 +69,10 @@ def test_mixed_workload_arriving_over_time_equals_each_request_alone(model):
   _check_equal_alone(model, requests)
   assert engine.stats["decode_steps"] < sum(len(r.tokens) + 1 for r in requests) / 3
   assert _all_pages_back(engine)
-  # Fixed shapes: one prefill and at most two decode programs (with / without penalties).
+  # Fixed shapes: one program per page-table width (1, 2, 4, 8, 16 pages of 8 tokens for a
+  # 128-token context), decode with and without penalties.
   traces = gen.trace_counts()
-  assert traces["engine_prefill"] == 1 and traces["engine_decode"] <= 2
+  assert traces["engine_prefill"] <= 5 and traces["engine_decode"] <= 10
 
 
 def test_preemption_in_a_tiny_pool_completes_every_request(model):

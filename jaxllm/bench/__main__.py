@@ -3,7 +3,8 @@
 Suites: train (step time, tokens/s, MFU of the configured train step); attention (our
 flash-attention kernel against cuDNN, XLA and JAX's bundled Pallas kernel, TFLOP/s and memory);
 pipeline (the measured GPipe bubble against (p - 1) / (m + p - 1)); decode (generation
-tokens/s beside Hugging Face transformers, and speculative decoding speedups).
+tokens/s beside Hugging Face transformers, and speculative decoding speedups); serve
+(continuous against static batching, KV utilisation, prefix-cache speedup).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from absl import app, flags
 
 from jaxllm.cli import common
 
-SUITES = ("train", "attention", "pipeline", "decode")
+SUITES = ("train", "attention", "pipeline", "decode", "serve")
 
 _CONFIG = common.define_config_flag(common.default_experiment())
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
@@ -33,7 +34,7 @@ _WIDTH = flags.DEFINE_integer("width", None, "attention: heads x head_dim (defau
 _REPEATS = flags.DEFINE_integer("repeats", 5, "attention, pipeline, decode: timed calls per "
                                 "measurement.", lower_bound=1)
 _STAGES = flags.DEFINE_list("stages", ["2", "4"], "pipeline: stage counts to measure.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "decode: model to load (default: "
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "decode, serve: model to load (default: "
                                   "SmolLM2-135M-Instruct via jaxllm.fetch).")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8", "32"], "decode: batch sizes.")
 _DECODE_PEERS = flags.DEFINE_list("decode_peers", ["jaxllm_fp32", "jaxllm_bf16", "transformers"],
@@ -44,6 +45,12 @@ _K = flags.DEFINE_integer("k", 4, "decode: speculative draft tokens per step.", 
                           upper_bound=16)
 _PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 64, "decode: tokens per prompt.",
                                       lower_bound=1)
+_REQUESTS = flags.DEFINE_integer("requests", 64, "serve: requests in the workload.",
+                                 lower_bound=1)
+_RATE = flags.DEFINE_float("rate", 8.0, "serve: mean arrivals per second.", lower_bound=0.01)
+_PREFIX_REQUESTS = flags.DEFINE_integer("prefix_requests", 32, "serve: requests sharing a "
+                                        "system prompt in the prefix-cache workload.",
+                                        lower_bound=1)
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "decode: tokens generated per prompt.",
                                    lower_bound=1)
 
@@ -74,6 +81,16 @@ def main(argv):
     raise app.UsageError(f"usage: python -m jaxllm.bench {{{'|'.join(SUITES)}}} [flags]")
   if argv[1] == "attention":
     result, text = _attention_suite()
+  elif argv[1] == "serve":
+    from jaxllm.bench import serve
+    if _CHECKPOINT.value:
+      path = _CHECKPOINT.value
+    else:
+      from jaxllm.fetch import fetch
+      path = fetch("smollm2-135m")
+    result = serve.run(path, requests=_REQUESTS.value, rate=_RATE.value,
+                       prefix_requests=_PREFIX_REQUESTS.value)
+    text = serve.table(result)
   elif argv[1] == "decode":
     from jaxllm.bench import decode
     try:

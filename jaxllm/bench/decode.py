@@ -24,7 +24,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 PEERS = ("jaxllm_fp32", "jaxllm_bf16", "transformers")
 

@@ -2,7 +2,8 @@
 
 The device holds one page pool per layer `[L, N, P, K, Dh]` shared by `max_slots` decode slots,
 and per slot the logits its next token will be drawn from. Two jitted functions do all device
-work, each with one fixed shape:
+work, each with fixed shapes (the page table's width is rounded up to a power of two, so there
+are at most log2(max pages per sequence) + 1 variants of each):
   `_prefill`  one chunk of `prefill_chunk` tokens of one request into its pages;
   `_decode`   draw a token for every slot from its logits (per-request sampling), feed it,
               keep the new logits; empty slots store nothing.
@@ -195,6 +196,8 @@ class Engine:
     self._counts = jnp.zeros((B, V), jnp.int32)
     self._prompt_mask = np.zeros((B, V), bool)
     self._slots: list[Request | None] = [None] * B
+    self._arrays_for: tuple | None = None  # the slot occupants _arrays was built for
+    self._arrays = None
     self._waiting: collections.deque[Request] = collections.deque()
     self._lock = threading.Lock()
     self._wake = threading.Condition(self._lock)
@@ -240,9 +243,11 @@ class Engine:
                 **self.stats)
 
   def kv_utilisation(self) -> float:
-    """Tokens stored / capacity of the pages running requests hold."""
+    """Tokens the running requests keep in the cache (prompt and output so far, whether or not
+    prefill has reached them yet) / capacity of the pages they hold."""
     held = {p for s in self._slots if s is not None for p in s.pages}
-    tokens = sum(s.prefilled for s in self._slots if s is not None)
+    tokens = sum(min(len(s.sequence), len(s.pages) * self.config.page_size)
+                 for s in self._slots if s is not None)
     return tokens / max(len(held) * self.config.page_size, 1)
 
   # ---- the loop ---------------------------------------------------------------------------
@@ -336,7 +341,7 @@ class Engine:
       request = self._waiting[0]
       seq = request.sequence
       shared = self.prefix_cache.lookup(seq) if self.config.prefix_caching else []
-      need = kv_cache.pages_for(len(seq) + 1, self.config.page_size) - len(shared)
+      need = kv_cache.pages_for(len(seq), self.config.page_size) - len(shared)
       # Admission never preempts: a request waits for pages rather than evicting a runner.
       if self.allocator.num_free < need:
         self.prefix_cache.evict(need - self.allocator.num_free)
@@ -354,8 +359,13 @@ class Engine:
       self._prompt_mask[slot] = False
       self._prompt_mask[slot, request.prompt] = True
 
+  def _table_width(self, pages: int) -> int:
+    """Page-table columns for `pages` pages: a power of two, so attention reads (and gathers)
+    what the longest sequence holds, not max_seq_len, with a handful of compiled widths."""
+    return min(gen.bucket(pages, minimum=1), self.max_pages)
+
   def _page_row(self, request: Request) -> np.ndarray:
-    return kv_cache.page_table_array([request.pages], self.max_pages)
+    return kv_cache.page_table_array([request.pages], self._table_width(len(request.pages)))
 
   def _prefill_one_chunk(self) -> None:
     """The oldest request still prefilling advances by one chunk."""
@@ -399,21 +409,25 @@ class Engine:
     if not ready:
       return
     B = self.config.max_slots
-    table = np.zeros((B, self.max_pages), np.int32)
+    table = np.zeros((B, self._table_width(max(len(r.pages) for r in ready))), np.int32)
     lengths = np.zeros((B,), np.int32)
     active = np.zeros((B,), bool)
     steps = np.zeros((B,), np.int32)
-    params = [sampling.SamplingParams()] * B
     for r in ready:
       table[r.slot, :len(r.pages)] = r.pages
       lengths[r.slot] = r.prefilled
       active[r.slot] = True
       steps[r.slot] = len(r.tokens)
-      params[r.slot] = r.params
-    penalties = any(p.uses_penalties for p in params)
+    occupants = tuple(r.params if r is not None else None for r in self._slots)
+    if self._arrays_for is None or any(a is not b for a, b in zip(occupants, self._arrays_for)):
+      # Rebuilt only when a slot changes hands (held objects, so identity is safe).
+      params = [r.params if r is not None else sampling.SamplingParams() for r in self._slots]
+      self._arrays, self._arrays_for = sampling.SamplingArrays.of(params), occupants
+      self._penalties = any(p.uses_penalties for p in params)
+    penalties = self._penalties
     tok, logp, self._logits, self._counts, self._k, self._v = _decode(
         self.graphdef, self.params, self._k, self._v, jnp.asarray(table), jnp.asarray(lengths),
-        jnp.asarray(active), self._logits, sampling.SamplingArrays.of(params),
+        jnp.asarray(active), self._logits, self._arrays,
         jnp.asarray(steps), self._counts, jnp.asarray(self._prompt_mask), penalties=penalties)
     tok, logp = jax.device_get((tok, logp))
     self.stats["decode_steps"] += 1

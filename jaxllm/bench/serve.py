@@ -1,0 +1,170 @@
+"""`jaxllm.bench serve`: continuous against static batching on one workload, in one run.
+
+Workload (fixed seed): `requests` prompts cut from stdlib files with lengths drawn uniformly
+from [16, 128] tokens and output lengths from an exponential distribution (mean 128) clipped
+to [4, 512] (stop at exactly that many: no eos; outputs about twice the prompts, as in
+ShareGPT-style chat traffic), arriving as a Poisson process at `rate` requests/s. Both modes
+see the same arrival times, on the same engine-sized batch of `max_slots`:
+  continuous  the engine: a request is admitted as soon as a slot and its pages are free, and
+              streams its tokens (time to first token = its first token's time - arrival);
+  static      batches of `max_slots` requests in arrival order, each batch started when it is
+              full (or the last one) and the previous batch is done, run to its longest
+              request with `generate_requests`; tokens arrive when the batch returns.
+Throughput = output tokens / (last completion - first arrival). KV utilisation of the paged
+cache = tokens stored / capacity of the pages running requests hold, averaged over decode
+steps. The prefix-cache rows run a second workload whose prompts share a long system prompt,
+with prefix caching on and off.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from jaxllm.bench import decode as decode_bench
+
+
+def _workload(tokenizer, n, seed, bos, *, system=None, prompt_range=(16, 128),
+              out_range=(4, 512)):
+  rng = np.random.default_rng(seed)
+  pool = decode_bench.stdlib_prompts(tokenizer, n, prompt_range[1], bos)
+  assert len(pool) == n
+  prompts, outs = [], []
+  for i in range(n):
+    length = int(rng.integers(prompt_range[0], prompt_range[1] + 1))
+    prompts.append((list(system) if system else []) + pool[i][:length])
+    # Long tail: most requests short, a few long (what static batching handles worst).
+    outs.append(int(np.clip(rng.exponential(out_range[1] / 4), out_range[0], out_range[1])))
+  return prompts, outs
+
+
+def _continuous(model, engine_cfg, prompts, outs, arrivals, *, prefix_caching=True):
+  import dataclasses
+  from jaxllm.inference import engine as engine_lib
+  from jaxllm.inference import sampling
+  engine = engine_lib.Engine(model.graphdef, model.params,
+                             dataclasses.replace(engine_cfg, prefix_caching=prefix_caching))
+  # Compile the programs (one per page-table width) before the clock starts.
+  width = 1
+  while width <= engine.max_pages:
+    n = max(1, min(width * engine_cfg.page_size, engine.max_seq_len - 2) - 1)
+    engine_lib.generate_all(engine, [[prompts[0][0]] * n], [sampling.SamplingParams(max_tokens=2)])
+    width *= 2
+  engine.prefix_cache.evict(engine.allocator.num_pages)
+  engine.stats.clear()
+  start = time.monotonic()
+  requests, util = [], []
+  while len(requests) < len(prompts) or not engine.idle:
+    now = time.monotonic() - start
+    while len(requests) < len(prompts) and arrivals[len(requests)] <= now:
+      i = len(requests)
+      r = engine.submit(prompts[i], sampling.SamplingParams(max_tokens=outs[i]))
+      r.arrival = start + arrivals[i]
+      requests.append(r)
+    if engine.idle:
+      time.sleep(min(0.005, max(arrivals[len(requests)] - now, 0)))
+      continue
+    engine.step()
+    if any(s is not None for s in engine._slots):
+      util.append(engine.kv_utilisation())
+  end = time.monotonic()
+  ttft = [r.first_token_at - r.arrival for r in requests]
+  return dict(seconds=end - start, tokens=sum(len(r.tokens) for r in requests),
+              ttft=ttft, kv_utilisation=float(np.mean(util)) if util else None,
+              preemptions=engine.stats["preemptions"],
+              prefix_hit_tokens=engine.stats["prefix_hit_tokens"], requests=requests)
+
+
+def _static(model, slots, prompts, outs, arrivals):
+  from jaxllm.inference import generate as gen
+  from jaxllm.inference import sampling
+  sp = lambda i: sampling.SamplingParams(max_tokens=outs[i])
+  # Compile the shapes the batches will use, outside the clock.
+  batches = [list(range(i, min(i + slots, len(prompts)))) for i in range(0, len(prompts), slots)]
+  for b in batches:
+    gen.generate_requests(model.graphdef, model.params, [prompts[i] for i in b],
+                          [sp(i) for i in b])
+  start = time.monotonic()
+  ttft, tokens = [], 0
+  for b in batches:
+    wait = arrivals[b[-1]] - (time.monotonic() - start)
+    if wait > 0:
+      time.sleep(wait)
+    out = gen.generate_requests(model.graphdef, model.params, [prompts[i] for i in b],
+                                [sp(i) for i in b])
+    done = time.monotonic() - start
+    ttft += [done - arrivals[i] for i in b]
+    tokens += sum(len(o.tokens) for o in out)
+  return dict(seconds=time.monotonic() - start, tokens=tokens, ttft=ttft)
+
+
+def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
+        page_size: int = 16, prefill_chunk: int = 64, seed: int = 0,
+        prefix_requests: int = 32, system_tokens: int = 256) -> dict:
+  import jaxllm
+  from jaxllm.inference import engine as engine_lib
+  from jaxllm.inference import kv_cache
+  model = jaxllm.load(path)
+  tok = model.tokenizer
+  bos = tok.bos_id if tok.add_bos and tok.bos_id >= 0 else None
+  prompts, outs = _workload(tok, requests, seed, bos)
+  rng = np.random.default_rng(seed + 1)
+  arrivals = np.cumsum(rng.exponential(1.0 / rate, requests))
+  max_len = 1024
+  cfg = engine_lib.EngineConfig(max_slots=max_slots, page_size=page_size,
+                                prefill_chunk=prefill_chunk, max_seq_len=max_len,
+                                num_pages=max_slots * kv_cache.pages_for(max_len, page_size))
+  cont = _continuous(model, cfg, prompts, outs, arrivals)
+  stat = _static(model, max_slots, prompts, outs, arrivals)
+
+  def summary(r):
+    return dict(seconds=r["seconds"], output_tokens=r["tokens"],
+                tokens_per_s=r["tokens"] / r["seconds"],
+                ttft_p50=float(np.percentile(r["ttft"], 50)),
+                ttft_p99=float(np.percentile(r["ttft"], 99)))
+
+  rows = {"continuous": summary(cont), "static": summary(stat)}
+  rows["continuous"].update(kv_utilisation=cont["kv_utilisation"],
+                            preemptions=cont["preemptions"])
+  # Shared system prompt: the same requests with prefix caching on and off, all at once.
+  system = decode_bench.stdlib_prompts(tok, prefix_requests + 1, system_tokens, bos)[-1]
+  p_prompts, _ = _workload(tok, prefix_requests, seed + 2, None, system=system,
+                           prompt_range=(8, 32))
+  p_outs = [16] * prefix_requests
+  p_arrivals = np.zeros(prefix_requests)
+  on = _continuous(model, cfg, p_prompts, p_outs, p_arrivals, prefix_caching=True)
+  off = _continuous(model, cfg, p_prompts, p_outs, p_arrivals, prefix_caching=False)
+  same = all(a.tokens == b.tokens for a, b in zip(on["requests"], off["requests"]))
+  prefix = dict(requests=prefix_requests, system_tokens=system_tokens,
+                on=summary(on), off=summary(off),
+                speedup=off["seconds"] / on["seconds"],
+                ttft_p50_ratio=float(np.percentile(off["ttft"], 50)
+                                     / np.percentile(on["ttft"], 50)),
+                prefix_hit_tokens=on["prefix_hit_tokens"], identical=same)
+  return dict(suite="serve", checkpoint=path, backend=jax.default_backend(),
+              requests=requests, rate=rate, max_slots=max_slots, page_size=page_size,
+              rows=rows, continuous_vs_static=rows["continuous"]["tokens_per_s"]
+              / rows["static"]["tokens_per_s"], prefix=prefix)
+
+
+def table(result: dict) -> str:
+  rows = result["rows"]
+  lines = [f"serve: {result['checkpoint']} on {result['backend']}, {result['requests']} "
+           f"requests at {result['rate']}/s, {result['max_slots']} slots, pages of "
+           f"{result['page_size']}",
+           f"{'mode':<12}{'tokens/s':>10}{'TTFT p50 s':>12}{'TTFT p99 s':>12}{'seconds':>9}"]
+  for mode in ("continuous", "static"):
+    r = rows[mode]
+    lines.append(f"{mode:<12}{r['tokens_per_s']:>10.1f}{r['ttft_p50']:>12.2f}"
+                 f"{r['ttft_p99']:>12.2f}{r['seconds']:>9.1f}")
+  lines.append(f"continuous / static throughput: {result['continuous_vs_static']:.2f}x; KV "
+               f"utilisation {rows['continuous']['kv_utilisation']:.1%}; preemptions "
+               f"{rows['continuous']['preemptions']}")
+  p = result["prefix"]
+  lines.append(f"prefix cache ({p['requests']} requests sharing {p['system_tokens']} tokens): "
+               f"{p['speedup']:.2f}x faster, TTFT p50 {p['ttft_p50_ratio']:.2f}x lower, "
+               f"{p['prefix_hit_tokens']} prompt tokens reused, outputs identical: "
+               f"{p['identical']}")
+  return "\n".join(lines)

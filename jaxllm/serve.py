@@ -1,0 +1,77 @@
+"""`python -m jaxllm.serve --checkpoint=PATH [--host=127.0.0.1 --port=8000 --api_key=KEY
+--max_slots=8 --num_pages=N --page_size=16 --prefill_chunk=64 --model_name=NAME]`
+
+An OpenAI-compatible server (`/v1/completions`, `/v1/chat/completions`, `/v1/models`,
+`/health`, `/metrics`) over the continuous-batching engine. Binds to 127.0.0.1 unless told
+otherwise. Needs the serve extra: `pip install 'jaxllm[serve]'`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+
+from jaxllm.cli import common
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, jaxllm/HF directory or .gguf.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to bind (0.0.0.0 exposes it).")
+_PORT = flags.DEFINE_integer("port", 8000, "TCP port.", lower_bound=0, upper_bound=65535)
+_API_KEY = flags.DEFINE_string("api_key", None, "Require `Authorization: Bearer KEY` "
+                               "(default: $JAXLLM_API_KEY, else no auth).")
+_MODEL_NAME = flags.DEFINE_string("model_name", None, "Name served in /v1/models (default: "
+                                  "the checkpoint's base name).")
+_MAX_SLOTS = flags.DEFINE_integer("max_slots", 8, "Requests decoded together.", lower_bound=1)
+_NUM_PAGES = flags.DEFINE_integer("num_pages", None, "KV pages in the pool (default: enough "
+                                  "for max_slots full-length sequences).", lower_bound=1)
+_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.", lower_bound=1)
+_PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 64, "Prompt tokens per prefill step.",
+                                      lower_bound=1)
+_MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", None, "Context length (default: the "
+                                    "model's).", lower_bound=2)
+flags.mark_flag_as_required("checkpoint")
+
+
+def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill_chunk=64,
+          max_seq_len=None, model_name=None, api_key=None):
+  """(app, engine) for a checkpoint; the engine's loop is started."""
+  import jaxllm
+  from jaxllm.inference import engine as engine_lib
+  from jaxllm.inference import kv_cache, server
+  model = jaxllm.load(checkpoint)
+  max_len = max_seq_len or model.config.max_seq_len
+  pages = num_pages or max_slots * kv_cache.pages_for(max_len, page_size)
+  engine = engine_lib.Engine(
+      model.graphdef, model.params,
+      engine_lib.EngineConfig(max_slots=max_slots, num_pages=pages, page_size=page_size,
+                              prefill_chunk=prefill_chunk, max_seq_len=max_len),
+      eos_id=model.tokenizer.eos_id, decode=model.tokenizer.decode)
+  engine.start()
+  name = model_name or os.path.basename(os.path.normpath(checkpoint))
+  return server.create_app(model, engine, model_name=name, api_key=api_key), engine
+
+
+@common.one_line_errors
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    import uvicorn
+  except ImportError:
+    raise common.CommandError("serving needs the serve extra: pip install 'jaxllm[serve]'")
+  try:
+    application, engine = build(
+        _CHECKPOINT.value, max_slots=_MAX_SLOTS.value, num_pages=_NUM_PAGES.value,
+        page_size=_PAGE_SIZE.value, prefill_chunk=_PREFILL_CHUNK.value,
+        max_seq_len=_MAX_SEQ_LEN.value, model_name=_MODEL_NAME.value,
+        api_key=_API_KEY.value or os.environ.get("JAXLLM_API_KEY"))
+  except ValueError as e:
+    raise common.CommandError(str(e)) from None
+  try:
+    uvicorn.run(application, host=_HOST.value, port=_PORT.value, log_level="warning")
+  finally:
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=common.parse_flags)

@@ -1,0 +1,181 @@
+"""A real server on 127.0.0.1 with SmolLM2-135M, driven by the official `openai` client."""
+
+import concurrent.futures
+import socket
+import threading
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+import httpx  # noqa: E402
+
+from jaxllm import serve  # noqa: E402
+from jaxllm.fetch import fetch  # noqa: E402
+from jaxllm.inference import generate as gen  # noqa: E402
+from jaxllm.inference import sampling  # noqa: E402
+
+NAME = "smollm2"
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+  app, engine = serve.build(fetch("smollm2-135m"), max_slots=8, page_size=16, num_pages=160,
+                            max_seq_len=320, prefill_chunk=64, model_name=NAME)
+  port = _free_port()
+  srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+  thread = threading.Thread(target=srv.run, daemon=True)
+  thread.start()
+  while not srv.started:
+    time.sleep(0.05)
+  import jaxllm
+  model = jaxllm.load(fetch("smollm2-135m"))
+  base = f"http://127.0.0.1:{port}"
+  yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="unused"), model, engine, app
+  srv.should_exit = True
+  thread.join(timeout=30)
+  engine.shutdown()
+
+
+def _metrics(base):
+  text = httpx.get(f"{base}/metrics").text
+  return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+          if line and not line.startswith("#")}
+
+
+def _wait_idle(base, engine):
+  for _ in range(200):
+    m = _metrics(base)
+    if m["jaxllm_active_slots"] == 0 and m["jaxllm_queue_depth"] == 0:
+      break
+    time.sleep(0.05)
+  assert m["jaxllm_active_slots"] == 0
+  # Only the prefix cache still holds pages.
+  assert m["jaxllm_pages_in_use"] == m["jaxllm_prefix_cached_pages"]
+
+
+def test_models_health_metrics(server):
+  base, client, _, _, _ = server
+  assert [m.id for m in client.models.list().data] == [NAME]
+  assert httpx.get(f"{base}/health").json() == {"status": "ok"}
+  m = _metrics(base)
+  assert {"jaxllm_queue_depth", "jaxllm_active_slots", "jaxllm_pages_in_use",
+          "jaxllm_tokens_per_second", "jaxllm_time_to_first_token_seconds_count"} <= set(m)
+
+
+def test_greedy_chat_and_completion_equal_jaxllm_generate(server):
+  base, client, model, engine, _ = server
+  question = "What is the capital of France?"
+  want = model.chat(question, max_tokens=12, temperature=0.0)
+  chat = client.chat.completions.create(model=NAME, max_tokens=12, temperature=0,
+                                        messages=[{"role": "user", "content": question}])
+  assert chat.choices[0].message.content == want
+  assert chat.usage.completion_tokens == len(model.tokenizer.encode(want)) or \
+      chat.choices[0].finish_reason == "length"
+  stream = client.chat.completions.create(model=NAME, max_tokens=12, temperature=0,
+                                          stream=True,
+                                          messages=[{"role": "user", "content": question}])
+  assert "".join(c.choices[0].delta.content or "" for c in stream) == want
+
+  prompt = "def fibonacci(n):"
+  want = model.generate(prompt, max_tokens=16, temperature=0.0)
+  done = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0)
+  assert done.choices[0].text == want
+  streamed = client.completions.create(model=NAME, prompt=prompt, max_tokens=16,
+                                       temperature=0, stream=True)
+  chunks = list(streamed)
+  assert "".join(c.choices[0].text for c in chunks) == want
+  assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+  _wait_idle(base, engine)
+
+
+def test_seeded_sampling_n_logprobs_and_stop(server):
+  base, client, model, engine, _ = server
+  kw = dict(model=NAME, prompt="import os\n", max_tokens=10, temperature=0.9, top_p=0.95,
+            seed=7, n=2, logprobs=1)
+  a, b = client.completions.create(**kw), client.completions.create(**kw)
+  assert [c.text for c in a.choices] == [c.text for c in b.choices]
+  assert a.choices[0].text != a.choices[1].text or a.choices[0].text == ""
+  # Choice i samples with seed + i, exactly as the library does.
+  ids = model.prompt_ids("import os\n")
+  want = gen.generate_requests(model.graphdef, model.params, [ids], [sampling.SamplingParams(
+      temperature=0.9, top_p=0.95, seed=8, max_tokens=10)], eos_id=model.tokenizer.eos_id)[0]
+  assert a.choices[1].logprobs.token_logprobs == pytest.approx(want.logprobs, abs=1e-4)
+  assert a.choices[1].text == model.tokenizer.decode(want.tokens)
+  full = client.completions.create(model=NAME, prompt="def f(x):", max_tokens=20,
+                                   temperature=0).choices[0].text
+  stop = full[5:8]
+  cut = client.completions.create(model=NAME, prompt="def f(x):", max_tokens=20, temperature=0,
+                                  stop=[stop])
+  assert cut.choices[0].text == full[:full.index(stop)]
+  assert cut.choices[0].finish_reason == "stop"
+  streamed = "".join(c.choices[0].text for c in client.completions.create(
+      model=NAME, prompt="def f(x):", max_tokens=20, temperature=0, stop=[stop], stream=True))
+  assert streamed == cut.choices[0].text
+  _wait_idle(base, engine)
+
+
+def test_bad_requests_get_openai_errors(server):
+  base, client, _, _, app = server
+  with pytest.raises(openai.BadRequestError) as e:
+    client.completions.create(model=NAME, prompt="x " * 400, max_tokens=10)
+  assert e.value.code == "context_length_exceeded"
+  with pytest.raises(openai.BadRequestError, match="temperature=-1.0 must be >= 0"):
+    client.completions.create(model=NAME, prompt="x", temperature=-1)
+  with pytest.raises(openai.BadRequestError, match="n=0"):
+    client.completions.create(model=NAME, prompt="x", n=0)
+  with pytest.raises(openai.NotFoundError) as e:
+    client.completions.create(model="gpt-4", prompt="x")
+  assert e.value.code == "model_not_found"
+  bad = httpx.post(f"{base}/v1/completions", json={"model": NAME})
+  assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+
+
+def test_api_key(server):
+  from fastapi.testclient import TestClient
+  from jaxllm.inference import server as server_lib
+  _, _, model, engine, _ = server
+  guarded = TestClient(server_lib.create_app(model, engine, model_name=NAME, api_key="s3cret"))
+  assert guarded.get("/v1/models").status_code == 401
+  assert guarded.get("/v1/models").json()["error"]["code"] == "invalid_api_key"
+  ok = guarded.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+  assert ok.status_code == 200
+  assert guarded.get("/health").status_code == 200
+
+
+def test_64_concurrent_streams_and_disconnects(server):
+  base, client, model, engine, _ = server
+  prompts = [f"def function_{i}(x):\n    return x" + " +" * (i % 7) for i in range(64)]
+  ids = [model.prompt_ids(p) for p in prompts]
+  want = gen.generate_requests(model.graphdef, model.params, ids,
+                               [sampling.SamplingParams(max_tokens=8)] * 64,
+                               eos_id=model.tokenizer.eos_id)
+
+  def one(i):
+    stream = client.completions.create(model=NAME, prompt=prompts[i], max_tokens=8,
+                                       temperature=0, stream=True)
+    return "".join(c.choices[0].text for c in stream)
+
+  with concurrent.futures.ThreadPoolExecutor(64) as pool:
+    got = list(pool.map(one, range(64)))
+  assert got == [model.tokenizer.decode(w.tokens) for w in want]
+  _wait_idle(base, engine)
+
+  # A client that hangs up mid-stream cancels its request and frees its pages.
+  before = _metrics(base)["jaxllm_generated_tokens_total"]
+  with httpx.stream("POST", f"{base}/v1/completions",
+                    json={"model": NAME, "prompt": "Once upon a time", "max_tokens": 200,
+                          "temperature": 0, "stream": True}) as r:
+    for line in r.iter_lines():
+      if line.startswith("data:"):
+        break
+  _wait_idle(base, engine)
+  assert _metrics(base)["jaxllm_generated_tokens_total"] - before < 200
