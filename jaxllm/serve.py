@@ -32,25 +32,6 @@ _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", None, "Context length (defaul
 flags.mark_flag_as_required("checkpoint")
 
 
-def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill_chunk=64,
-          max_seq_len=None, model_name=None, api_key=None):
-  """(app, engine) for a checkpoint; the engine's loop is started."""
-  import jaxllm
-  from jaxllm.inference import engine as engine_lib
-  from jaxllm.inference import kv_cache, server
-  model = jaxllm.load(checkpoint)
-  max_len = max_seq_len or model.config.max_seq_len
-  pages = num_pages or max_slots * kv_cache.pages_for(max_len, page_size)
-  engine = engine_lib.Engine(
-      model.graphdef, model.params,
-      engine_lib.EngineConfig(max_slots=max_slots, num_pages=pages, page_size=page_size,
-                              prefill_chunk=prefill_chunk, max_seq_len=max_len),
-      eos_id=model.tokenizer.eos_id, decode=model.tokenizer.decode)
-  engine.start()
-  name = model_name or os.path.basename(os.path.normpath(checkpoint))
-  return server.create_app(model, engine, model_name=name, api_key=api_key), engine
-
-
 @common.one_line_errors
 def main(argv):
   if len(argv) > 1:
@@ -60,7 +41,8 @@ def main(argv):
   except ImportError:
     raise common.CommandError("serving needs the serve extra: pip install 'jaxllm[serve]'")
   try:
-    application, engine = build(
+    from jaxllm.inference import server
+    application, engine = server.build(
         _CHECKPOINT.value, max_slots=_MAX_SLOTS.value, num_pages=_NUM_PAGES.value,
         page_size=_PAGE_SIZE.value, prefill_chunk=_PREFILL_CHUNK.value,
         max_seq_len=_MAX_SEQ_LEN.value, model_name=_MODEL_NAME.value,

@@ -2,6 +2,8 @@
 
 import concurrent.futures
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,10 +14,11 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 import httpx  # noqa: E402
 
-from jaxllm import serve  # noqa: E402
+from jaxllm.inference import server as server_lib  # noqa: E402
 from jaxllm.fetch import fetch  # noqa: E402
 from jaxllm.inference import generate as gen  # noqa: E402
 from jaxllm.inference import sampling  # noqa: E402
+from tests.helpers import REPO  # noqa: E402
 
 NAME = "smollm2"
 
@@ -28,7 +31,7 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def server():
-  app, engine = serve.build(fetch("smollm2-135m"), max_slots=8, page_size=16, num_pages=160,
+  app, engine = server_lib.build(fetch("smollm2-135m"), max_slots=8, page_size=16, num_pages=160,
                             max_seq_len=320, prefill_chunk=64, model_name=NAME)
   port = _free_port()
   srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -141,7 +144,6 @@ def test_bad_requests_get_openai_errors(server):
 
 def test_api_key(server):
   from fastapi.testclient import TestClient
-  from jaxllm.inference import server as server_lib
   _, _, model, engine, _ = server
   guarded = TestClient(server_lib.create_app(model, engine, model_name=NAME, api_key="s3cret"))
   assert guarded.get("/v1/models").status_code == 401
@@ -179,3 +181,10 @@ def test_64_concurrent_streams_and_disconnects(server):
         break
   _wait_idle(base, engine)
   assert _metrics(base)["jaxllm_generated_tokens_total"] - before < 200
+
+
+def test_serve_cli_reports_bad_checkpoints_in_one_line():
+  bad = subprocess.run([sys.executable, "-m", "jaxllm.serve", "--checkpoint=/no/such/dir"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr
+  assert bad.stderr.strip() == "error: no such checkpoint: /no/such/dir"

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import time
 import uuid
 from typing import Any
 
 from jaxllm.inference import engine as engine_lib
-from jaxllm.inference import sampling
+from jaxllm.inference import kv_cache, sampling
 
 try:
   import fastapi
@@ -364,3 +365,20 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
     return await _run(request, body, ids, chat=True)
 
   return app
+
+
+def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill_chunk=64,
+          max_seq_len=None, model_name=None, api_key=None):
+  """(app, engine) for a checkpoint; the engine's loop is started."""
+  import jaxllm
+  model = jaxllm.load(checkpoint)
+  max_len = max_seq_len or model.config.max_seq_len
+  pages = num_pages or max_slots * kv_cache.pages_for(max_len, page_size)
+  engine = engine_lib.Engine(
+      model.graphdef, model.params,
+      engine_lib.EngineConfig(max_slots=max_slots, num_pages=pages, page_size=page_size,
+                              prefill_chunk=prefill_chunk, max_seq_len=max_len),
+      eos_id=model.tokenizer.eos_id, decode=model.tokenizer.decode)
+  engine.start()
+  name = model_name or os.path.basename(os.path.normpath(checkpoint))
+  return create_app(model, engine, model_name=name, api_key=api_key), engine
