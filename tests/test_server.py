@@ -188,3 +188,13 @@ def test_serve_cli_reports_bad_checkpoints_in_one_line():
                        cwd=REPO, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "Traceback" not in bad.stderr
   assert bad.stderr.strip() == "error: no such checkpoint: /no/such/dir"
+
+
+def test_streamed_logprobs_equal_the_whole_response(server):
+  """logprobs=0 (chosen tokens only) comes back streamed exactly as it does unstreamed."""
+  _, client, _, _, _ = server
+  kw = dict(model=NAME, prompt="for i in range(", max_tokens=6, temperature=0, logprobs=0)
+  whole = client.completions.create(**kw).choices[0].logprobs.token_logprobs
+  streamed = [lp for c in client.completions.create(stream=True, **kw)
+              if c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+  assert len(whole) == 6 and streamed == pytest.approx(whole, abs=1e-6)

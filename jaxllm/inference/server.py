@@ -211,12 +211,13 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
     return r.text if r.finish_reason == "stop" and r.params.stop and r.text else tok.decode(
         r.tokens)
 
-  def _logprobs(body, r, chat):
+  def _logprobs(body, chat, tokens, logprobs):
+    """OpenAI's logprobs object for these tokens, or None when the request did not ask."""
     if chat and body.logprobs:
       return {"content": [{"token": tok.decode([t]), "logprob": lp, "bytes": None,
-                           "top_logprobs": []} for t, lp in zip(r.tokens, r.logprobs)]}
+                           "top_logprobs": []} for t, lp in zip(tokens, logprobs)]}
     if not chat and body.logprobs is not None:
-      return {"tokens": [tok.decode([t]) for t in r.tokens], "token_logprobs": r.logprobs,
+      return {"tokens": [tok.decode([t]) for t in tokens], "token_logprobs": list(logprobs),
               "top_logprobs": None, "text_offset": None}
     return None
 
@@ -232,7 +233,7 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
     choices = []
     for i, r in enumerate(reqs):
       c: dict[str, Any] = {"index": i, "finish_reason": _finish_reason(r),
-                           "logprobs": _logprobs(body, r, chat)}
+                           "logprobs": _logprobs(body, chat, r.tokens, r.logprobs)}
       if chat:
         c["message"] = {"role": "assistant", "content": _text(r)}
       else:
@@ -248,19 +249,14 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
     obj = "chat.completion.chunk" if chat else "text_completion"
     stops = reqs[0].params.stop
 
-    def chunk(i, text, finish=None, logprob_tokens=()):
+    def chunk(i, text, finish=None, tokens=(), logprobs=()):
       if chat:
         delta = {"content": text} if text or finish is None else {}
         c = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
       else:
         c = {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
-      if logprob_tokens and ((chat and body.logprobs) or (not chat and body.logprobs)):
-        toks = [tok.decode([t]) for t, _ in logprob_tokens]
-        lps = [lp for _, lp in logprob_tokens]
-        c["logprobs"] = ({"content": [{"token": s, "logprob": lp, "bytes": None,
-                                       "top_logprobs": []} for s, lp in zip(toks, lps)]}
-                         if chat else {"tokens": toks, "token_logprobs": lps,
-                                       "top_logprobs": None, "text_offset": None})
+      if tokens:
+        c["logprobs"] = _logprobs(body, chat, tokens, logprobs)
       data = {"id": rid, "object": obj, "created": int(time.time()), "model": model_name,
               "choices": [c]}
       return f"data: {json.dumps(data)}\n\n"
@@ -285,9 +281,9 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
           if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
             continue
           text = text[:len(text) - _stop_holdback(text, stops)] if stops else text
-        new_tokens = list(zip(r.tokens[ntok[i]:], r.logprobs[ntok[i]:]))
+        new_tokens, new_logprobs = r.tokens[ntok[i]:], r.logprobs[ntok[i]:]
         if len(text) > sent[i] or new_tokens:
-          yield chunk(i, text[sent[i]:], logprob_tokens=new_tokens)
+          yield chunk(i, text[sent[i]:], tokens=new_tokens, logprobs=new_logprobs)
           sent[i] = max(sent[i], len(text))
           ntok[i] = len(r.tokens)
         if kind == "finish":
