@@ -26,6 +26,12 @@ def resolve(backend: str | None, interpret: bool) -> str:
   return backend
 
 
+def runs_natively(backend: str) -> bool:
+  """Whether the default device compiles this lowering (a GPU for "gpu", a TPU for "tpu");
+  elsewhere it runs only in the Pallas interpreter."""
+  return resolve(None, True) == backend and jax.default_backend() != "cpu"
+
+
 def tpu_interpret_params():
   """TPU semantics (VMEM/SMEM, grid order, DMA) emulated on CPU."""
   from jax.experimental.pallas import tpu as pltpu

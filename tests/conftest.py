@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices (for mesh tests), strict rank promotion, test tiers.
 
+JAX_PLATFORMS=cuda runs the kernel tests compiled on a GPU instead of interpreted.
 Tests marked `slow` run when CI=true (as .ci/run sets) or with `pytest --slow`; the default
 local `pytest` skips them to stay fast.
 """
@@ -13,6 +14,10 @@ import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+if jax.default_backend() != "cpu":
+  # On a GPU (JAX_PLATFORMS=cuda) float32 matmuls default to TF32: the float32 references the
+  # kernels are checked against must be float32.
+  jax.config.update("jax_default_matmul_precision", "highest")
 # Start the backend now, while XLA_FLAGS is ours: a test module that changes the environment
 # at import (collection) can no longer change how many devices every test sees.
 jax.devices()

@@ -1,4 +1,5 @@
-"""Paged attention, both lowerings in the Pallas interpreter, against gathering the pages and
+"""Paged attention, both lowerings in the Pallas interpreter (or compiled, on the device that runs
+one natively), against gathering the pages and
 running the plain reference; and against flash attention on the same (contiguous) keys."""
 
 import numpy as np
@@ -10,6 +11,9 @@ import jax.numpy as jnp
 import pallas_kernels as pk
 from pallas_kernels import backends
 from pallas_kernels.paged_attention import gather_pages
+
+# The compiled kernel where the default device runs it (a GPU for "gpu"), else the interpreter.
+INTERPRET = {b: not backends.runs_natively(b) for b in backends.BACKENDS}
 
 # (B, T (0 = decode, q [B, H, Dh]), H, K, Dh, page_size, pool pages, max_pages, lengths, extra)
 CASES = {
@@ -45,7 +49,8 @@ def _inputs(case, dtype=jnp.float32, seed=0):
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_gathered_reference(backend, name):
   q, kp, vp, lengths, table, kw = _inputs(CASES[name])
-  got = pk.paged_attention(q, kp, vp, lengths, table, backend=backend, interpret=True, **kw)
+  got = pk.paged_attention(q, kp, vp, lengths, table, backend=backend,
+                           interpret=INTERPRET[backend], **kw)
   want = pk.paged_attention_reference(q, kp, vp, lengths, table, **kw)
   assert got.shape == q.shape and got.dtype == q.dtype
   assert float(jnp.abs(got - want).max()) <= 2e-5
@@ -54,7 +59,8 @@ def test_matches_gathered_reference(backend, name):
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_bfloat16(backend):
   q, kp, vp, lengths, table, kw = _inputs(CASES["verify_T4"], jnp.bfloat16)
-  got = pk.paged_attention(q, kp, vp, lengths, table, backend=backend, interpret=True, **kw)
+  got = pk.paged_attention(q, kp, vp, lengths, table, backend=backend,
+                           interpret=INTERPRET[backend], **kw)
   want = pk.paged_attention_reference(q.astype(jnp.float32), kp.astype(jnp.float32),
                                       vp.astype(jnp.float32), lengths, table, **kw)
   assert got.dtype == jnp.bfloat16
@@ -64,11 +70,12 @@ def test_bfloat16(backend):
 def test_agrees_with_flash_attention_on_contiguous_keys():
   """An independent route: the same keys laid out contiguously, through the flash kernel."""
   q, kp, vp, lengths, table, _ = _inputs(CASES["verify_T4"])
-  got = pk.paged_attention(q, kp, vp, lengths, table, backend="gpu", interpret=True)
+  got = pk.paged_attention(q, kp, vp, lengths, table, backend="gpu",
+                           interpret=INTERPRET["gpu"])
   k, v = gather_pages(kp, table), gather_pages(vp, table)
   for b, n in enumerate(np.asarray(lengths)):
     want = pk.flash_attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], causal=True,
-                              backend="gpu", interpret=True)
+                              backend="gpu", interpret=INTERPRET["gpu"])
     assert float(jnp.abs(got[b:b + 1] - want).max()) <= 2e-5
 
 

@@ -15,7 +15,7 @@ from absl import app, flags
 
 from jaxllm.cli import common
 
-SUITES = ("train", "attention", "pipeline", "decode", "serve")
+SUITES = ("train", "attention", "pipeline", "decode", "serve", "quant_matmul")
 
 _CONFIG = common.define_config_flag(common.default_experiment())
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
@@ -81,6 +81,16 @@ def main(argv):
     raise app.UsageError(f"usage: python -m jaxllm.bench {{{'|'.join(SUITES)}}} [flags]")
   if argv[1] == "attention":
     result, text = _attention_suite()
+  elif argv[1] == "quant_matmul":
+    import jax
+    from jaxllm.bench import quant_matmul
+    if jax.default_backend() == "gpu":
+      shapes = [(m, i, o) for m in (1, 16, 64) for i, o in ((4096, 4096), (4096, 14336),
+                                                             (14336, 4096))]
+    else:
+      shapes = [(1, 512, 128), (16, 512, 128)]
+    result = quant_matmul.run(shapes, repeats=max(_REPEATS.value, 20 if shapes[0][1] > 512 else 2))
+    text = quant_matmul.table(result)
   elif argv[1] == "serve":
     from jaxllm.bench import serve
     if _CHECKPOINT.value:
