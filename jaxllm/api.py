@@ -54,10 +54,12 @@ class LoadedModel:
                top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                frequency_penalty: float = 0.0, presence_penalty: float = 0.0, seed: int = 0,
                stop: str | Sequence[str] = (), stop_token_ids: Sequence[int] = (),
-               cache: str = "contiguous", draft: speculative.Draft | None = None, k: int = 4,
-               details: bool = False):
+               cache: str = "contiguous", kv_cache_dtype: str = "float32",
+               draft: speculative.Draft | None = None, k: int = 4, details: bool = False):
     """Continues a text prompt (returns text), or token prompts (returns lists of ids).
 
+    `cache` is the KV layout (contiguous | paged) and `kv_cache_dtype` its storage (float32 |
+    bfloat16 | int8: int8 values with a scale per token and head).
     `draft` (`speculative.ngram_draft()`, `.layer_skip_draft(...)`, `.model_draft(...)`)
     turns on speculative decoding with `k` proposals per step. With `details=True` every
     result is a `Generation` (tokens, logprobs, finish_reason; `.text` for text prompts).
@@ -74,7 +76,10 @@ class LoadedModel:
       prompts = [list(prompt)]
     else:
       prompts = [list(p) for p in prompt]
-    common = dict(eos_id=self.tokenizer.eos_id, max_seq_len=self.config.max_seq_len, cache=cache)
+    if kv_cache_dtype not in ("float32", "bfloat16", "int8"):
+      raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} must be float32, bfloat16 or int8")
+    common = dict(eos_id=self.tokenizer.eos_id, max_seq_len=self.config.max_seq_len, cache=cache,
+                  cache_dtype=jnp.dtype(kv_cache_dtype))
     if draft is None:
       results = generate_lib.generate_requests(self.graphdef, self.params, prompts,
                                                [sp] * len(prompts), **common)
@@ -97,16 +102,29 @@ class LoadedModel:
     ids = self.chat_ids([{"role": "user", "content": message}])
     return self.generate([ids], details=True, **kwargs)[0].text
 
+  def quantized(self, bits: int = 4, group_size: int | None = None) -> LoadedModel:
+    """This model with its block weights rounded to int8/int4 in memory (`jaxllm.quantize`
+    writes GPTQ/AWQ checkpoints); group_size defaults to per-channel for int8, 128 for int4."""
+    from jaxllm.quant import params as qparams
+    group = group_size if group_size is not None else (0 if bits == 8 else 128)
+    params, _ = qparams.quantize_params(self.params, qparams.QuantSpec(bits=bits,
+                                                                      group_size=group))
+    return dataclasses.replace(self, params=params)
+
   def draft(self, spec: str) -> speculative.Draft:
     """A speculative draft from a short spec: `ngram[:N]` (prompt lookup over the last N
-    tokens, default 3), `layer_skip:N` (this model's first N layers), or a checkpoint path
-    (a smaller model with the same tokenizer)."""
+    tokens, default 3), `layer_skip:N` (this model's first N layers), `int4[:G]` / `int8`
+    (this model's weights rounded to int4 in groups of G (default 128) or int8), or a
+    checkpoint path (a smaller or quantized model with the same tokenizer)."""
     kind, _, arg = spec.partition(":")
     try:
       if kind == "ngram":
         return speculative.ngram_draft(int(arg) if arg else 3)
       if kind == "layer_skip":
         return speculative.layer_skip_draft(self.graphdef, self.params, int(arg))
+      if kind in ("int4", "int8"):
+        low = self.quantized(int(kind[3]), int(arg) if arg else None)
+        return speculative.model_draft(low.graphdef, low.params)
     except ValueError as e:
       raise ValueError(f"draft {spec!r}: {e}") from None
     other = load(spec)

@@ -91,6 +91,8 @@ class TrainConfig:
   seed: int = 0
   microbatches: int = 1
   pipeline_chunks: int = 1  # 1 = GPipe; v > 1 = circular schedule, v layer chunks per stage
+  qat_bits: int = 0  # quantization-aware training: 0 off, 8 or 4 (fake-quantized block weights)
+  qat_group_size: int = 128  # rows per scale group for qat_bits (0: per channel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +235,11 @@ def validate(config: Config) -> None:
     _positive(f"train.{key}", getattr(t, key))
   if t.warmup_steps < 0:
     raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be >= 0")
+  if t.qat_bits not in (0, 4, 8):
+    raise ConfigError(f"train.qat_bits={t.qat_bits} must be 0 (off), 4 or 8")
+  if t.qat_group_size < 0 or (t.qat_bits == 4 and t.qat_group_size % 2):
+    raise ConfigError(f"train.qat_group_size={t.qat_group_size} must be 0 (per channel) or a "
+                      "positive (for int4: even) number of rows")
   if not 0.0 <= t.min_lr_ratio <= 1.0:
     raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
   if t.weight_decay < 0 or t.z_loss < 0 or t.clip_norm < 0:

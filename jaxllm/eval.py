@@ -1,4 +1,5 @@
-"""`python -m jaxllm.eval --checkpoint=PATH --data=FILES [--max_len=N --stride=S --batch_size=B]`
+"""`python -m jaxllm.eval --checkpoint=PATH --data=FILES [--max_len=N --stride=S --batch_size=B
+[--kv_cache_dtype=int8]]`
 
 Per-token loss and perplexity of a model over text files (comma-separated paths, directories or
 globs). Long files are scored with a sliding window: windows of `max_len` tokens advance by
@@ -23,6 +24,10 @@ _STRIDE = flags.DEFINE_integer("stride", None, "Window step (default max_len // 
                                lower_bound=1)
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Windows per forward pass.", lower_bound=1)
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_KV_CACHE = flags.DEFINE_enum("kv_cache_dtype", None, ["float32", "bfloat16", "int8"],
+                              "Score through a KV cache of this dtype (each window prefilled "
+                              "into it, attention reading the cached K/V), as decoding would; "
+                              "default: a plain forward pass.")
 flags.mark_flags_as_required(["checkpoint", "data"])
 
 
@@ -44,19 +49,29 @@ def windows(ids: list[int], max_len: int, stride: int):
     begin += stride
 
 
-def evaluate(model, texts, *, max_len: int, stride: int, batch_size: int, progress: bool = True):
-  """Sum of NLL and token count over `texts` with the sliding window."""
+def evaluate(model, texts, *, max_len: int, stride: int, batch_size: int, progress: bool = True,
+             kv_cache_dtype: str | None = None):
+  """Sum of NLL and token count over `texts` with the sliding window (through a KV cache of
+  `kv_cache_dtype` when given)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   from flax import nnx
   from tqdm import tqdm
 
+  from jaxllm.inference import kv_cache
   from jaxllm.train import losses
 
   @jax.jit
   def score(params, tokens_BT, targets_BT, weights_BT):
-    logits_BTV = nnx.merge(model.graphdef, params)(tokens_BT)
+    net = nnx.merge(model.graphdef, params)
+    if kv_cache_dtype is None:
+      logits_BTV = net(tokens_BT)
+    else:
+      cfg = model.config
+      cache = kv_cache.init_cache(cfg.n_layers, tokens_BT.shape[0], tokens_BT.shape[1],
+                                  cfg.n_kv_heads, cfg.head_dim, jnp.dtype(kv_cache_dtype))
+      logits_BTV, _ = net.extend(tokens_BT, cache)
     nll, _, w = losses.cross_entropy_sums(logits_BTV, targets_BT, weights_BT)
     return nll, w
 
@@ -98,7 +113,8 @@ def main(argv):
   if stride > _MAX_LEN.value - 1:
     raise common.CommandError(f"--stride={stride} must be below --max_len={_MAX_LEN.value}")
   nll, tokens = evaluate(model, texts, max_len=_MAX_LEN.value, stride=stride,
-                         batch_size=_BATCH.value, progress=_PROGRESS.value)
+                         batch_size=_BATCH.value, progress=_PROGRESS.value,
+                         kv_cache_dtype=_KV_CACHE.value)
   if tokens == 0:
     raise common.CommandError("no tokens to score (empty files?)")
   loss = nll / tokens

@@ -30,6 +30,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same output).
                              lower_bound=0)
 _STOP = flags.DEFINE_multi_string("stop", [], "Stop at this text (repeatable).")
 _CACHE = flags.DEFINE_enum("cache", "contiguous", ["contiguous", "paged"], "KV cache layout.")
+_KV_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "float32", ["float32", "bfloat16", "int8"],
+                              "KV cache storage (int8: a scale per token and head).")
 _DRAFT = flags.DEFINE_string("draft", None, "Speculative draft: ngram[:N], layer_skip:N or a "
                              "checkpoint path of a smaller model with the same tokenizer.")
 _K = flags.DEFINE_integer("k", 4, "Speculative: draft tokens per step.", lower_bound=1,
@@ -50,6 +52,7 @@ def main(argv):
                     top_k=_TOP_K.value, top_p=_TOP_P.value, min_p=_MIN_P.value,
                     repetition_penalty=_REPETITION_PENALTY.value, seed=_SEED.value,
                     stop=tuple(_STOP.value), cache=_CACHE.value, k=_K.value,
+                    kv_cache_dtype=_KV_DTYPE.value,
                     draft=model.draft(_DRAFT.value) if _DRAFT.value else None)
     if _CHAT.value is not None:
       print(model.chat(_CHAT.value, **sampling))

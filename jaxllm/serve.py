@@ -24,6 +24,9 @@ _MODEL_NAME = flags.DEFINE_string("model_name", None, "Name served in /v1/models
 _MAX_SLOTS = flags.DEFINE_integer("max_slots", 8, "Requests decoded together.", lower_bound=1)
 _NUM_PAGES = flags.DEFINE_integer("num_pages", None, "KV pages in the pool (default: enough "
                                   "for max_slots full-length sequences).", lower_bound=1)
+_KV_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "float32", ["float32", "bfloat16", "int8"],
+                              "KV page storage (int8: a scale per token and head, a quarter of "
+                              "float32's memory).")
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.", lower_bound=1)
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 64, "Prompt tokens per prefill step.",
                                       lower_bound=1)
@@ -46,7 +49,8 @@ def main(argv):
         _CHECKPOINT.value, max_slots=_MAX_SLOTS.value, num_pages=_NUM_PAGES.value,
         page_size=_PAGE_SIZE.value, prefill_chunk=_PREFILL_CHUNK.value,
         max_seq_len=_MAX_SEQ_LEN.value, model_name=_MODEL_NAME.value,
-        api_key=_API_KEY.value or os.environ.get("JAXLLM_API_KEY"))
+        api_key=_API_KEY.value or os.environ.get("JAXLLM_API_KEY"),
+        kv_cache_dtype=_KV_DTYPE.value)
   except ValueError as e:
     raise common.CommandError(str(e)) from None
   try:

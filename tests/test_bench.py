@@ -82,21 +82,22 @@ def test_bench_decode_json(tmp_path):
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
   proc = _run("decode", "--json", "--batches=1,2", "--prompt_tokens=12", "--new_tokens=6",
-              "--decode_peers=jaxllm_fp32,transformers", "--drafts=ngram:2,layer_skip:4",
+              "--decode_peers=jaxllm_fp32,jaxllm_int4,transformers",
+              "--drafts=ngram:2,layer_skip:4,int4",
               "--k=2", "--repeats=1")
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["suite"] == "decode" and result["new_tokens"] == 6
   rows = {(r["peer"], r["batch"]): r for r in result["rows"]}
-  assert set(rows) == {("jaxllm_fp32", 1), ("jaxllm_fp32", 2), ("transformers", 1),
-                       ("transformers", 2)}
+  assert set(rows) == {(p, b) for p in ("jaxllm_fp32", "jaxllm_int4", "transformers")
+                       for b in (1, 2)}
   for (peer, batch), r in rows.items():
     assert abs(r["tokens_per_s"] - batch * 6 / r["seconds"]) < 1e-6 * r["tokens_per_s"]
     assert r["decode_tokens_per_s"] > 0 and 0 < r["prefill_seconds"]
     assert r["vs_transformers"] == r["tokens_per_s"] / rows["transformers", batch]["tokens_per_s"]
   # Same weights, same prompts, greedy: the same tokens as transformers.
   assert result["greedy_matches_transformers"] == {"1": True, "2": True}
-  assert [s["draft"] for s in result["speculative"]] == ["ngram:2", "layer_skip:4"]
+  assert [s["draft"] for s in result["speculative"]] == ["ngram:2", "layer_skip:4", "int4"]
   assert all(s["identical"] and 0 <= s["acceptance_rate"] <= 1 for s in result["speculative"])
   assert result["compiles"]["decode_loop"] >= 1
   bad = _run("decode", "--decode_peers=vllm")

@@ -37,10 +37,12 @@ _STAGES = flags.DEFINE_list("stages", ["2", "4"], "pipeline: stage counts to mea
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "decode, serve: model to load (default: "
                                   "SmolLM2-135M-Instruct via jaxllm.fetch).")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8", "32"], "decode: batch sizes.")
-_DECODE_PEERS = flags.DEFINE_list("decode_peers", ["jaxllm_fp32", "jaxllm_bf16", "transformers"],
+_DECODE_PEERS = flags.DEFINE_list("decode_peers", ["jaxllm_fp32", "jaxllm_bf16", "jaxllm_int8",
+                                                   "jaxllm_int4", "transformers"],
                                   "decode: generators to measure.")
-_DRAFTS = flags.DEFINE_list("drafts", ["ngram:3", "layer_skip:10"],
-                            "decode: speculative draft sources (ngram[:N], layer_skip:N, PATH).")
+_DRAFTS = flags.DEFINE_list("drafts", ["ngram:3", "layer_skip:10", "int4"],
+                            "decode: speculative draft sources (ngram[:N], layer_skip:N, int4[:G], "
+                            "int8, PATH).")
 _K = flags.DEFINE_integer("k", 4, "decode: speculative draft tokens per step.", lower_bound=1,
                           upper_bound=16)
 _PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 64, "decode: tokens per prompt.",

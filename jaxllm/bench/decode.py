@@ -9,6 +9,8 @@ leaves the prompt out: B * (new_tokens - 1) / (that time - the time of the same 
 new token). Peers, same weights and prompts:
   jaxllm_fp32   float32 params and compute (the default)
   jaxllm_bf16   params cast to bfloat16, bfloat16 compute
+  jaxllm_int8   block weights int8 per channel (round to nearest), float32 compute
+  jaxllm_int4   block weights int4 in groups of 128 (round to nearest), float32 compute
   transformers  `model.generate` (torch, float32, all CPU threads)
 Speculative rows run batch 1 (greedy) per draft source and report the speedup over plain
 jaxllm_fp32 decoding of the same prompts, the acceptance rate, tokens per target pass, and
@@ -25,7 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-PEERS = ("jaxllm_fp32", "jaxllm_bf16", "transformers")
+PEERS = ("jaxllm_fp32", "jaxllm_bf16", "jaxllm_int8", "jaxllm_int4", "transformers")
 
 
 def stdlib_prompts(tokenizer, count: int, length: int, bos: int | None) -> list[list[int]]:
@@ -124,6 +126,9 @@ def run(path: str, *, batches=(1, 8, 32), peers=PEERS, drafts=("ngram:3", "layer
       make = functools.partial(_jaxllm_call, *_bf16(model))
     elif peer == "jaxllm_fp32":
       make = functools.partial(_jaxllm_call, model.graphdef, model.params)
+    elif peer in ("jaxllm_int8", "jaxllm_int4"):
+      low = model.quantized(int(peer[-1]))
+      make = functools.partial(_jaxllm_call, low.graphdef, low.params)
     else:
       raise ValueError(f"unknown peer {peer!r} (one of {', '.join(PEERS)})")
     for B in batches:

@@ -109,8 +109,13 @@ def _jaxllm_checkpoint(workdir: str, step: int | None) -> Checkpoint:
   import jax
   from jaxllm.checkpoint.orbax import Checkpointer
   from jaxllm.model import transformer
+  from jaxllm.quant import params as quant_params
   cfg = workdir_lib.read_config(workdir)
   _, abstract = transformer.abstract_params(cfg.model)
+  model_shapes = abstract
+  spec = quant_params.QuantSpec.load(workdir)  # a quantized checkpoint (jaxllm.quantize)
+  if spec is not None:
+    abstract = quant_params.abstract_storage(abstract, spec)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           abstract)
@@ -119,6 +124,8 @@ def _jaxllm_checkpoint(workdir: str, step: int | None) -> Checkpoint:
     params = checkpointer.restore_params(abstract, step=step)
   finally:
     checkpointer.close()
+  if spec is not None:
+    params = quant_params.from_storage(params, model_shapes, spec)
   return Checkpoint(cfg.model, params, read_hf_tokenizer(workdir), "jaxllm")
 
 
@@ -183,7 +190,9 @@ def export_orbax(ckpt: Checkpoint, dst: str, name: str = "converted") -> None:
   _save_tokenizer(ckpt.tokenizer, dst)
   checkpointer = Checkpointer(os.path.join(dst, CHECKPOINT_DIR), keep=1)
   try:
-    checkpointer.save_params(0, jax.tree.map(jax.numpy.asarray, ckpt.params))
+    from jaxllm.quant import params as quant_params
+    params = quant_params.to_storage(ckpt.params)  # QTensors as plain arrays
+    checkpointer.save_params(0, jax.tree.map(jax.numpy.asarray, params))
   finally:
     checkpointer.close()
 

@@ -190,8 +190,8 @@ class Engine:
     self.prefix_cache = PrefixCache(self.allocator, config.page_size)
     B, V = config.max_slots, cfg.vocab_size
     shape = (cfg.n_layers, config.num_pages, config.page_size, cfg.n_kv_heads, cfg.head_dim)
-    self._k = jnp.zeros(shape, config.cache_dtype)
-    self._v = jnp.zeros(shape, config.cache_dtype)
+    self._k = kv_cache.zeros(shape, config.cache_dtype)
+    self._v = kv_cache.zeros(shape, config.cache_dtype)
     self._logits = jnp.zeros((B, V), jnp.float32)
     self._counts = jnp.zeros((B, V), jnp.int32)
     self._prompt_mask = np.zeros((B, V), bool)

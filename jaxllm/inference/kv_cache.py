@@ -12,6 +12,9 @@ Which pages a sequence owns is host-side bookkeeping (`PageAllocator`); the devi
 table. Table entries past a sequence's length may name any page: they are never read, and writes
 there are dropped (`write`/`write_paged` only store the `num_new` valid tokens).
 
+With dtype int8 each of k, v is an `Int8KV` (int8 values, a float32 scale per token and head),
+in either layout; `read` and the paged attention kernels dequantize.
+
 Rolling back (speculative decoding) is setting `lengths` lower: slots past the length are
 overwritten before any query can see them, because attention masks by slot index.
 """
@@ -24,6 +27,62 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+class Int8KV(NamedTuple):
+  """An int8 cache array with a float32 scale per token and head: K/V = values * scales.
+
+  values `[L, B, S, K, Dh]` (contiguous) or `[L, N, P, K, Dh]` (pages) int8; scales the same
+  without Dh. Symmetric, scale = max|x| / 127 over the head dim of each token: a token's keys
+  keep their own range, so an outlier token costs no other token precision.
+  """
+  values: jax.Array
+  scales: jax.Array
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.values.shape
+
+  @property
+  def dtype(self):
+    return self.values.dtype
+
+  def reshape(self, *shape):
+    """Reshape of the leading axes (the trailing [K, Dh] / [K] stay)."""
+    lead = shape[:-2]
+    return Int8KV(self.values.reshape(*lead, *self.values.shape[-2:]),
+                  self.scales.reshape(*lead, self.scales.shape[-1]))
+
+
+def zeros(shape: tuple[int, ...], dtype) -> jax.Array | Int8KV:
+  """A zeroed cache array `[..., K, Dh]`; dtype int8 gives an `Int8KV`."""
+  if jnp.dtype(dtype) == jnp.int8:
+    return Int8KV(jnp.zeros(shape, jnp.int8), jnp.zeros(shape[:-1], jnp.float32))
+  return jnp.zeros(shape, dtype)
+
+
+def quantize_kv(x_BTKDh: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """-> (int8 values, float32 scales `[B, T, K]`), one scale per token and head."""
+  x = x_BTKDh.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
+  scale = jnp.where(scale > 0, scale, 1.0)
+  return jnp.clip(jnp.round(x / scale[..., None]), -127, 127).astype(jnp.int8), scale
+
+
+def read(cache_L, layer, dtype) -> jax.Array:
+  """Layer `layer` of a contiguous cache, `[B, S, K, Dh]` in `dtype` (dequantized if int8)."""
+  if isinstance(cache_L, Int8KV):
+    return (cache_L.values[layer].astype(jnp.float32)
+            * cache_L.scales[layer][..., None]).astype(dtype)
+  return cache_L[layer].astype(dtype)
+
+
+def _set(cache_L, index, new_BTKDh):
+  if isinstance(cache_L, Int8KV):
+    values, scales = quantize_kv(new_BTKDh)
+    return Int8KV(cache_L.values.at[index].set(values, mode="drop"),
+                  cache_L.scales.at[index].set(scales, mode="drop"))
+  return cache_L.at[index].set(new_BTKDh.astype(cache_L.dtype), mode="drop")
 
 
 class KVCache(NamedTuple):
@@ -54,7 +113,7 @@ class PagedKVCache(NamedTuple):
 def init_cache(n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
                dtype=jnp.float32) -> KVCache:
   shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+  return KVCache(zeros(shape, dtype), zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 
 
 def init_paged_cache(n_layers: int, num_pages: int, page_size: int, n_kv_heads: int,
@@ -64,7 +123,7 @@ def init_paged_cache(n_layers: int, num_pages: int, page_size: int, n_kv_heads: 
   page_table = jnp.asarray(page_table, jnp.int32)
   if lengths is None:
     lengths = jnp.zeros((page_table.shape[0],), jnp.int32)
-  return PagedKVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), page_table,
+  return PagedKVCache(zeros(shape, dtype), zeros(shape, dtype), page_table,
                       jnp.asarray(lengths, jnp.int32))
 
 
@@ -78,7 +137,7 @@ def _valid_BT(B: int, T: int, num_new_B: jax.Array | None) -> jax.Array:
   return jnp.ones((B, T), bool) if num_new_B is None else t < num_new_B[:, None]
 
 
-def write(cache_LBSKDh: jax.Array, layer: jax.Array | int, new_BTKDh: jax.Array,
+def write(cache_LBSKDh: jax.Array | Int8KV, layer: jax.Array | int, new_BTKDh: jax.Array,
           starts_B: jax.Array, num_new_B: jax.Array | None = None) -> jax.Array:
   """Stores new_BTKDh[b, t] at layer `layer`, slot starts_B[b] + t, for t < num_new_B[b].
 
@@ -90,11 +149,10 @@ def write(cache_LBSKDh: jax.Array, layer: jax.Array | int, new_BTKDh: jax.Array,
   slot_BT = starts_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
   slot_BT = jnp.where(_valid_BT(B, T, num_new_B), slot_BT, S)
   batch_BT = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
-  return cache_LBSKDh.at[layer, batch_BT, slot_BT].set(new_BTKDh.astype(cache_LBSKDh.dtype),
-                                                       mode="drop")
+  return _set(cache_LBSKDh, (layer, batch_BT, slot_BT), new_BTKDh)
 
 
-def write_paged(pages_LNPKDh: jax.Array, layer: jax.Array | int, new_BTKDh: jax.Array,
+def write_paged(pages_LNPKDh: jax.Array | Int8KV, layer: jax.Array | int, new_BTKDh: jax.Array,
                 page_table_BM: jax.Array, starts_B: jax.Array,
                 num_new_B: jax.Array | None = None) -> jax.Array:
   """Stores new_BTKDh[b, t] at position starts_B[b] + t of sequence b's pages in layer `layer`
@@ -105,8 +163,7 @@ def write_paged(pages_LNPKDh: jax.Array, layer: jax.Array | int, new_BTKDh: jax.
   page_BT = jnp.take_along_axis(page_table_BM,
                                 jnp.minimum(pos_BT // P, page_table_BM.shape[1] - 1), axis=1)
   page_BT = jnp.where(_valid_BT(B, T, num_new_B), page_BT, N)
-  return pages_LNPKDh.at[layer, page_BT, pos_BT % P].set(new_BTKDh.astype(pages_LNPKDh.dtype),
-                                                         mode="drop")
+  return _set(pages_LNPKDh, (layer, page_BT, pos_BT % P), new_BTKDh)
 
 
 class OutOfPages(RuntimeError):

@@ -15,6 +15,7 @@ from jaxllm.inference import kv_cache
 from jaxllm.model.layers import param
 from jaxllm.model.positions import apply_rope, scaled_inverse_frequencies
 from jaxllm.ops import attention as attention_ops
+from jaxllm.quant.matmul import project
 
 
 class Attention(nnx.Module):
@@ -33,23 +34,26 @@ class Attention(nnx.Module):
     self.impl = cfg.attention_impl
 
   def _project(self, x_BTD, positions_BT):
-    dt = x_BTD.dtype
-    q = jnp.einsum("btd,dhk->bthk", x_BTD, self.q[...].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", x_BTD, self.k[...].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", x_BTD, self.v[...].astype(dt))
+    q = project(x_BTD, self.q[...])  # [B, T, H, Dh]
+    k = project(x_BTD, self.k[...])  # [B, T, K, Dh]
+    v = project(x_BTD, self.v[...])
     inv_freq = np.asarray(self.inv_freq, np.float32)
     return apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq), v
 
   def _out(self, attn_BTHDh):
-    return jnp.einsum("bthk,hkd->btd", attn_BTHDh, self.o[...].astype(attn_BTHDh.dtype))
+    return project(attn_BTHDh, self.o[...], in_axes=2)  # [B, T, D]
+
+  def attend(self, x_BTD: jax.Array, positions_BT: jax.Array,
+             segment_ids_BT: jax.Array | None) -> jax.Array:
+    """Self-attention before the output projection, `[B, T, H, Dh]`."""
+    q, k, v = self._project(x_BTD, positions_BT)
+    return attention_ops.self_attention(q, k, v, segment_ids=segment_ids_BT,
+                                        sliding_window=self.sliding_window, impl=self.impl)
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
                segment_ids_BT: jax.Array | None) -> jax.Array:
     """Self-attention over the T tokens of x (training / full forward)."""
-    q, k, v = self._project(x_BTD, positions_BT)
-    out = attention_ops.self_attention(q, k, v, segment_ids=segment_ids_BT,
-                                       sliding_window=self.sliding_window, impl=self.impl)
-    return self._out(out)
+    return self._out(self.attend(x_BTD, positions_BT, segment_ids_BT))
 
   def extend(self, x_BTD: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer: jax.Array,
              lengths_B: jax.Array, num_new_B: jax.Array | None = None,
@@ -70,15 +74,22 @@ class Attention(nnx.Module):
       # Layer l's pages are pages l*N .. of the flattened pool: no per-layer copy of the pool.
       L, N = cache_k.shape[:2]
       flat = lambda pages: pages.reshape(L * N, *pages.shape[2:])
-      out = attention_ops.paged_attention(q, flat(cache_k), flat(cache_v), lengths_B + T,
+      scales = {}
+      k_pages, v_pages = flat(cache_k), flat(cache_v)
+      if isinstance(cache_k, kv_cache.Int8KV):
+        scales = dict(k_scales=k_pages.scales, v_scales=v_pages.scales)
+        k_pages, v_pages = k_pages.values, v_pages.values
+      out = attention_ops.paged_attention(q, k_pages, v_pages, lengths_B + T,
                                           page_table_BM + layer * N,
-                                          sliding_window=self.sliding_window, impl=self.impl)
+                                          sliding_window=self.sliding_window, impl=self.impl,
+                                          **scales)
       return self._out(out), cache_k, cache_v
     S = cache_k.shape[2]
     cache_k = kv_cache.write(cache_k, layer, k, lengths_B, num_new_B)
     cache_v = kv_cache.write(cache_v, layer, v, lengths_B, num_new_B)
     kv_index_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    out = attention_ops.attention(q, cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype),
+    out = attention_ops.attention(q, kv_cache.read(cache_k, layer, q.dtype),
+                                  kv_cache.read(cache_v, layer, q.dtype),
                                   q_index=q_index_BT, kv_index=kv_index_BS,
                                   sliding_window=self.sliding_window)
     return self._out(out), cache_k, cache_v

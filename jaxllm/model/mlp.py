@@ -1,4 +1,4 @@
-"""SwiGLU feed-forward block: down(silu(x @ gate) * (x @ up))."""
+"""SwiGLU feed-forward block: down(silu(x @ gate) * (x @ up)); weights float or QTensor."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.model.layers import param
+from jaxllm.quant.matmul import project
 
 
 class MLP(nnx.Module):
@@ -19,8 +20,12 @@ class MLP(nnx.Module):
     self.up = param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg.init_std, pd)
     self.down = param(rngs, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), out_std, pd)
 
+  def hidden(self, x_BTD: jax.Array) -> jax.Array:
+    """silu(x @ gate) * (x @ up) `[B, T, F]`: the down projection's input."""
+    gate_BTF = project(x_BTD, self.gate[...])
+    up_BTF = project(x_BTD, self.up[...])
+    return jax.nn.silu(gate_BTF) * up_BTF
+
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    dt = x_BTD.dtype
-    gate_BTF = jnp.einsum("btd,df->btf", x_BTD, self.gate[...].astype(dt))
-    up_BTF = jnp.einsum("btd,df->btf", x_BTD, self.up[...].astype(dt))
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate_BTF) * up_BTF, self.down[...].astype(dt))
+    hidden_BTF = self.hidden(x_BTD)
+    return project(hidden_BTF, self.down[...])

@@ -97,9 +97,11 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, lengths: jax.Array,
                     page_table: jax.Array, *, sliding_window: int | None = None,
-                    impl: str = "auto") -> jax.Array:
+                    impl: str = "auto", k_scales: jax.Array | None = None,
+                    v_scales: jax.Array | None = None) -> jax.Array:
   """q `[B, T, H, Dh]`: the last T of each sequence's `lengths[b]` tokens, their K/V already in
-  the pages `[N, P, K, Dh]` (`pallas_kernels.paged_attention` conventions). Returns q's shape.
+  the pages `[N, P, K, Dh]` (`pallas_kernels.paged_attention` conventions; int8 pages with
+  `[N, P, K]` scales). Returns q's shape.
   """
   B, T, H, Dh = q.shape
   P = k_pages.shape[1]
@@ -110,12 +112,18 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
                            or (platform == "cpu" and gpu_fits)):
     # On CPU the kernel runs in the Pallas interpreter (tests, not speed).
     return pallas_kernels.paged_attention(q, k_pages, v_pages, lengths, page_table,
+                                          k_scales=k_scales, v_scales=v_scales,
                                           sliding_window=sliding_window,
                                           interpret=platform == "cpu")
   # XLA: gather the sequence's pages into a contiguous view, then the index-masked path.
   M = page_table.shape[1]
-  k = k_pages[page_table].reshape(B, M * P, *k_pages.shape[2:]).astype(q.dtype)
-  v = v_pages[page_table].reshape(B, M * P, *v_pages.shape[2:]).astype(q.dtype)
+
+  def gather(pages, scales):
+    x = pages[page_table].astype(jnp.float32 if scales is not None else q.dtype)
+    if scales is not None:
+      x = x * scales[page_table][..., None]
+    return x.reshape(B, M * P, *pages.shape[2:]).astype(q.dtype)
+  k, v = gather(k_pages, k_scales), gather(v_pages, v_scales)
   q_index = lengths[:, None] - T + jnp.arange(T, dtype=jnp.int32)[None, :]
   kv_index = jnp.broadcast_to(jnp.arange(M * P, dtype=jnp.int32), (B, M * P))
   return attention(q, k, v, q_index=q_index, kv_index=kv_index, sliding_window=sliding_window)

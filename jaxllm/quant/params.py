@@ -38,6 +38,7 @@ class QuantSpec:
   group_size: int = 0  # 0: per output channel
   symmetric: bool = True
   method: str = "rtn"
+  clip_search: bool = False  # shrink each group's range to its least squared rounding error
   exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # regexes over params paths
   quantized: tuple[str, ...] = ()  # filled in by quantize_params
 
@@ -110,7 +111,7 @@ def quantize_params(params: dict, spec: QuantSpec,
     if quantize_fn is None:
       flat[path] = qtensor.quantize(w, bits=spec.bits, group_size=spec.group_size,
                                     symmetric=spec.symmetric, in_axes=in_axes,
-                                    batch_axes=batch_axes)
+                                    batch_axes=batch_axes, clip_search=spec.clip_search)
     else:
       flat[path] = quantize_fn(path, w, in_axes, batch_axes)
     done.append(path)

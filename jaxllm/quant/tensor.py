@@ -111,11 +111,14 @@ def _as_matrix(w: jax.Array, in_axes: int, batch_axes: int):
 
 def quantize(w: jax.Array, *, bits: int, group_size: int = 0, symmetric: bool = True,
              in_axes: int = 1, batch_axes: int = 0, scales: jax.Array | None = None,
-             zeros: jax.Array | None = None) -> QTensor:
+             zeros: jax.Array | None = None, clip_search: bool = False,
+             clip_ratio: jax.Array | None = None) -> QTensor:
   """Round-to-nearest quantization of `w` `[*batch, *in, *out]`.
 
   Scales default to each group's range (symmetric: max|w| / qmax; asymmetric: (max - min) /
-  (2^bits - 1), with an integer zero point); GPTQ passes its own `scales`/`zeros`.
+  (2^bits - 1), with an integer zero point), or with `clip_search` the clipped range of least
+  squared error (`group_params`), or each group's range times `clip_ratio` `[..., G, O]` (AWQ's
+  activation-aware clipping); GPTQ passes its own `scales`/`zeros`.
   """
   if bits not in BITS:
     raise ValueError(f"bits={bits} must be one of {BITS}")
@@ -127,8 +130,10 @@ def quantize(w: jax.Array, *, bits: int, group_size: int = 0, symmetric: bool = 
   G = -(-rows // g)
   m = jnp.pad(m, [(0, 0)] * (m.ndim - 2) + [(0, G * g - rows), (0, 0)])
   grouped = m.reshape(*m.shape[:-2], G, g, m.shape[-1])
-  if scales is None:
-    scales, zeros = group_params(grouped, bits, symmetric)
+  if scales is None and clip_ratio is not None:
+    scales, zeros = group_params(grouped * clip_ratio[..., None, :], bits, symmetric)
+  elif scales is None:
+    scales, zeros = group_params(grouped, bits, symmetric, clip_search)
   q = quantize_values(grouped, scales, zeros, bits).reshape(m.shape)
   if bits == 8:
     values = q.astype(jnp.int8)
@@ -137,8 +142,45 @@ def quantize(w: jax.Array, *, bits: int, group_size: int = 0, symmetric: bool = 
   return QTensor(values, scales, zeros, bits, g, tuple(shape), in_axes)
 
 
-def group_params(grouped: jax.Array, bits: int, symmetric: bool):
-  """(scales, zeros) `[..., G, O]` from weights `[..., G, g, O]` (zeros None when symmetric)."""
+def from_integers(q: np.ndarray, scales, zeros, *, bits: int, group_size: int,
+                  shape: tuple[int, ...], in_axes: int) -> QTensor:
+  """A QTensor from integers already chosen (GPTQ): q `[I, O]` in the stored range
+  (int8: signed; int4: [0, 15]), scales/zeros `[G, O]`."""
+  q = np.asarray(q)
+  rows = q.shape[0]
+  G = scales.shape[0]
+  q = np.pad(q, ((0, G * group_size - rows), (0, 0)),
+             constant_values=0 if bits == 8 or zeros is not None else 8)
+  values = (jnp.asarray(q, jnp.int8) if bits == 8 else pack_int4(jnp.asarray(q), group_size))
+  return QTensor(values, jnp.asarray(scales, jnp.float32),
+                 None if zeros is None else jnp.asarray(zeros, jnp.float32), bits, group_size,
+                 tuple(shape), in_axes)
+
+
+CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # range shrink factors 1.0 .. 0.5
+
+
+def group_params(grouped: jax.Array, bits: int, symmetric: bool, clip_search: bool = False):
+  """(scales, zeros) `[..., G, O]` from weights `[..., G, g, O]` (zeros None when symmetric).
+
+  By default each group's range is its full min/max. With `clip_search` the range is shrunk by
+  the factor of `CLIP_GRID` that minimises the group's squared rounding error, per group and
+  column: clipping a few outliers buys a finer step for all the other weights.
+  """
+  if clip_search:
+    best = None
+    for shrink in CLIP_GRID:
+      scales, zeros = group_params(grouped * shrink, bits, symmetric)
+      q = quantize_values(grouped, scales, zeros, bits).astype(jnp.float32)
+      zero = zeros[..., None, :] if zeros is not None else (8.0 if bits == 4 else 0.0)
+      err = jnp.sum(((q - zero) * scales[..., None, :] - grouped) ** 2, axis=-2)
+      if best is None:
+        best = (err, scales, zeros)
+      else:
+        better = err < best[0]
+        best = (jnp.where(better, err, best[0]), jnp.where(better, scales, best[1]),
+                None if zeros is None else jnp.where(better, zeros, best[2]))
+    return best[1], best[2]
   if symmetric:
     qmax = 127 if bits == 8 else 7
     scales = jnp.max(jnp.abs(grouped), axis=-2) / qmax

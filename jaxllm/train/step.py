@@ -44,8 +44,13 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
   weight, so accumulation gives the same update as one large batch.
   """
   schedule = learning_rate_schedule(cfg)
+  view = lambda p: p
+  if cfg.qat_bits:  # quantization-aware: the forward sees rounded weights (straight-through)
+    from jaxllm.quant import fake, params as qparams
+    spec = qparams.QuantSpec(bits=cfg.qat_bits, group_size=cfg.qat_group_size)
+    view = lambda p: fake.fake_quant_params(p, spec)
   grad_fn = jax.value_and_grad(
-      lambda p, b: _batch_loss(graphdef, p, b, cfg.z_loss, cfg.microbatches,
+      lambda p, b: _batch_loss(graphdef, view(p), b, cfg.z_loss, cfg.microbatches,
                                cfg.pipeline_chunks), has_aux=True)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:

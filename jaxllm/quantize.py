@@ -1,0 +1,114 @@
+"""`python -m jaxllm.quantize --checkpoint=PATH --method=rtn|gptq|awq --bits=8|4 --out=DIR`
+
+Reads any checkpoint `jaxllm.load` reads and writes a quantized jaxllm directory (config,
+tokenizer, quant.json, orbax params) that `jaxllm.load`, generate, serve and eval accept.
+GPTQ and AWQ calibrate on `--calib_rows` rows of `--calib_len` tokens packed from
+`--calib_data` (default: the training split of the Python standard library). The directory
+is written under a temporary name and renamed when complete, so a failed run leaves nothing
+half-written; the last stdout line is one JSON object with the sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+from absl import app, flags
+
+from jaxllm.cli import common
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint to quantize.")
+_OUT = flags.DEFINE_string("out", None, "Directory to write (must not exist or be empty).")
+_METHOD = flags.DEFINE_enum("method", "rtn", ["rtn", "gptq", "awq"], "Quantization method.")
+_BITS = flags.DEFINE_enum("bits", "8", ["8", "4"], "Bits per weight.")
+_GROUP = flags.DEFINE_integer("group_size", None, "Rows per scale group (0: per output "
+                              "channel). Default: 0 for int8, 128 for int4.", lower_bound=0)
+_SYMMETRIC = flags.DEFINE_bool("symmetric", True, "Symmetric (no zero points).")
+_CLIP = flags.DEFINE_bool("clip_search", False, "Shrink each group's range to the clipping of "
+                          "least squared rounding error (a grid of 21 factors, 1.0 to 0.5).")
+_EXCLUDE = flags.DEFINE_list("exclude", ["lm_head"], "Params paths (regexes) kept in full "
+                             "precision, e.g. blocks/mlp/down. The embedding always is.")
+_CALIB_DATA = flags.DEFINE_list("calib_data", [], "Calibration text files/dirs/globs "
+                                "(default: the Python standard library).")
+_CALIB_ROWS = flags.DEFINE_integer("calib_rows", 64, "Calibration rows.", lower_bound=1)
+_CALIB_LEN = flags.DEFINE_integer("calib_len", 512, "Tokens per calibration row.",
+                                  lower_bound=8)
+_ACT_ORDER = flags.DEFINE_bool("act_order", False, "GPTQ: quantize inputs with the largest "
+                               "Hessian diagonal first.")
+_DAMP = flags.DEFINE_float("damp", 0.01, "GPTQ: diagonal damping, a fraction of its mean.",
+                           lower_bound=0.0)
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+flags.mark_flags_as_required(["checkpoint", "out"])
+
+
+def _dir_bytes(path: str) -> int:
+  if os.path.isfile(path):
+    return os.path.getsize(path)
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+@common.one_line_errors
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  out = os.path.abspath(_OUT.value)
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise common.CommandError(f"--out={_OUT.value} exists and is not empty (nothing written)")
+  bits = int(_BITS.value)
+  group = _GROUP.value if _GROUP.value is not None else (0 if bits == 8 else 128)
+  from jaxllm.quant import params as qparams
+  try:
+    spec = qparams.QuantSpec(bits=bits, group_size=group, symmetric=_SYMMETRIC.value,
+                             method=_METHOD.value, exclude=tuple(_EXCLUDE.value),
+                             clip_search=_CLIP.value)
+  except ValueError as e:
+    raise common.CommandError(str(e)) from None
+  common.initialize_distributed()
+  import jaxllm
+  from jaxllm.checkpoint import convert
+  from jaxllm.quant import calibrate, methods
+  from jaxllm.quant import tensor as qtensor
+
+  model = jaxllm.load(_CHECKPOINT.value)
+  if qparams.QuantSpec.load(os.path.abspath(_CHECKPOINT.value)) is not None:
+    raise common.CommandError(f"{_CHECKPOINT.value} is already quantized")
+  start = time.time()
+  rows = None
+  if spec.method != "rtn":
+    rows = calibrate.calibration_rows(model.tokenizer, paths=_CALIB_DATA.value,
+                                      num_rows=_CALIB_ROWS.value, seq_len=_CALIB_LEN.value)
+  try:
+    params, spec = methods.quantize_model(model.graphdef, model.params, spec, rows,
+                                          act_order=_ACT_ORDER.value, damp=_DAMP.value,
+                                          progress=_PROGRESS.value)
+  except ValueError as e:
+    raise common.CommandError(str(e)) from None
+  seconds = time.time() - start
+  tmp = f"{out}.partial-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    convert.export_orbax(convert.Checkpoint(model.config, params, model.tokenizer, "jaxllm"),
+                         tmp, name=f"{spec.method}-int{bits}")
+    spec.save(tmp)
+    if os.path.isdir(out):
+      os.rmdir(out)  # empty (checked above)
+    os.replace(tmp, out)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  report = {"method": spec.method, "bits": bits, "group_size": group,
+            "symmetric": spec.symmetric, "quantized": list(spec.quantized),
+            "memory_bytes_before": qtensor.tree_nbytes(model.params),
+            "memory_bytes_after": qtensor.tree_nbytes(params),
+            "disk_bytes_before": _dir_bytes(os.path.abspath(_CHECKPOINT.value)),
+            "disk_bytes_after": _dir_bytes(out), "seconds": round(seconds, 1), "out": out}
+  print(f"quantized {len(spec.quantized)} weight tensors ({spec.method}, int{bits}, "
+        f"group {group or 'per-channel'}): weights in memory "
+        f"{report['memory_bytes_before'] / 2**20:.1f} -> {report['memory_bytes_after'] / 2**20:.1f}"
+        f" MiB, on disk {report['disk_bytes_after'] / 2**20:.1f} MiB, written to {out}")
+  print(json.dumps(report))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=common.parse_flags)
