@@ -35,7 +35,7 @@ _CALIB_DATA = flags.DEFINE_list("calib_data", [], "Calibration text files/dirs/g
 _CALIB_ROWS = flags.DEFINE_integer("calib_rows", 64, "Calibration rows.", lower_bound=1)
 _CALIB_LEN = flags.DEFINE_integer("calib_len", 512, "Tokens per calibration row.",
                                   lower_bound=8)
-_ACT_ORDER = flags.DEFINE_bool("act_order", False, "GPTQ: quantize inputs with the largest "
+_ACT_ORDER = flags.DEFINE_bool("act_order", True, "GPTQ: quantize inputs with the largest "
                                "Hessian diagonal first.")
 _DAMP = flags.DEFINE_float("damp", 0.01, "GPTQ: diagonal damping, a fraction of its mean.",
                            lower_bound=0.0)

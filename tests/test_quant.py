@@ -239,3 +239,17 @@ def test_clip_search_never_rounds_worse(symmetric):
       w, bits=4, group_size=64, symmetric=symmetric, **kw).dequantize() - w) ** 2, axis=0))
   plain, clipped = err(), err(clip_search=True)
   assert np.all(clipped <= plain + 1e-6) and clipped.sum() < 0.97 * plain.sum()
+
+
+@pytest.mark.parametrize("symmetric, in_axes, rows", [(True, 1, 100), (False, 2, 64)])
+def test_int4_projection_by_halves_equals_dequantize_then_dot(symmetric, in_axes, rows):
+  from jaxllm.quant import matmul
+  rng = np.random.default_rng(rows)
+  shape = (rows, 24) if in_axes == 1 else (4, rows // 4, 24)
+  w = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  q = qtensor.quantize(w, bits=4, group_size=32, symmetric=symmetric, in_axes=in_axes)
+  x = jnp.asarray(rng.standard_normal((2, 3, *shape[:in_axes])), jnp.float32)
+  want = jnp.tensordot(x, q.dequantize(), axes=in_axes)
+  got = matmul.project(x, q, in_axes)
+  assert got.shape == (2, 3, 24)
+  chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-5)

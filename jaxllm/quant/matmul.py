@@ -1,8 +1,9 @@
 """`project(x, w, in_axes)`: x `[..., *in]` times a weight `[*in, *out]`, float or QTensor.
 
-Float weights (and QTensors off GPU) contract with one `dot_general` (a QTensor dequantizes
-first, inside the same jitted step). On a GPU an int4 QTensor goes through the fused Pallas
-kernel (`pallas_kernels.int4_matmul`), which reads the packed weight directly.
+Float weights contract with one `dot_general`; an int8 QTensor dequantizes first, inside the
+same jitted step (XLA:CPU folds the int8 convert into the dot); an int4 QTensor is multiplied
+as its two nibble halves (`_int4_halves`). On a GPU an int4 QTensor goes through the fused
+Pallas kernel (`pallas_kernels.int4_matmul`), which reads the packed weight directly.
 """
 
 from __future__ import annotations
@@ -35,4 +36,26 @@ def project(x: jax.Array, w, in_axes: int = 1) -> jax.Array:
     x2 = x.reshape(math.prod(lead), w.rows)
     y = int4_matmul(x2, w.values, w.scales, w.zeros, interpret=jax.default_backend() != "gpu")
     return y.reshape(*lead, *w.shape[in_axes:])
+  if qtensor.is_qtensor(w) and w.bits == 4 and w.values.ndim == 2:
+    lead = x.shape[:x.ndim - in_axes]
+    y = _int4_halves(x.reshape(*lead, w.rows), w)
+    return y.reshape(*lead, *w.shape[in_axes:])
   return jnp.tensordot(x, w.astype(x.dtype), axes=in_axes)
+
+
+def _int4_halves(x, w) -> jax.Array:
+  """x `[..., I]` times an int4 QTensor `[I, O]` without unpacking into one array: each group's
+  low nibbles hold its first half of rows and the high nibbles its second half, so x's columns
+  split the same way and two dots read the nibbles where they lie. (Interleaving the halves back
+  into one `[I, O]` array, as `dequantize` does, costs XLA:CPU about 3x the matmul.)"""
+  G, g, O = w.num_groups, w.group_size, w.cols
+  h = g // 2
+  packed = w.values.reshape(G, h, O)
+  zero = 8.0 if w.zeros is None else w.zeros[:, None, :]
+  scale = w.scales[:, None, :]
+  low = (((packed & 0xF).astype(jnp.float32) - zero) * scale).astype(x.dtype)
+  high = (((packed >> 4).astype(jnp.float32) - zero) * scale).astype(x.dtype)
+  lead = x.shape[:-1]
+  xg = jnp.pad(x, [(0, 0)] * len(lead) + [(0, G * g - w.rows)]).reshape(*lead, G, 2, h)
+  return (jnp.einsum("...gk,gko->...o", xg[..., 0, :], low)
+          + jnp.einsum("...gk,gko->...o", xg[..., 1, :], high))
