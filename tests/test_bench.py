@@ -119,3 +119,6 @@ def test_bench_serve_json():
   assert 0 <= cont["ttft_p50"] <= cont["ttft_p99"]
   prefix = result["prefix"]
   assert prefix["identical"] and prefix["prefix_hit_tokens"] == 2 * 256
+  spec = result["rows"]["speculative"]  # greedy: proposals change the speed, not the tokens
+  assert spec["identical"] and spec["output_tokens"] == cont["output_tokens"]
+  assert 0 <= spec["acceptance"] <= 1

@@ -163,3 +163,49 @@ def test_bad_requests_are_refused(model):
     engine.submit([], sampling.SamplingParams())
   with pytest.raises(ValueError, match="cannot hold one sequence"):
     engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(num_pages=4, page_size=8))
+
+
+def _repetitive_prompts(n, seed=0):
+  """Prompts that repeat a short motif, so prompt lookup has something to propose."""
+  rng = np.random.default_rng(seed)
+  return [(rng.integers(0, 64, int(rng.integers(2, 6))).tolist() * 6)[:int(rng.integers(8, 30))]
+          for _ in range(n)]
+
+
+def test_speculative_engine_greedy_equals_each_request_alone(model):
+  graphdef, weights = model
+  engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
+      max_slots=4, num_pages=64, page_size=8, prefill_chunk=16, speculative_k=4))
+  params = [sampling.SamplingParams(max_tokens=int(m), stop_token_ids=(5,) if i % 3 else ())
+            for i, m in enumerate(np.random.default_rng(2).integers(1, 30, 12))]
+  requests = engine_lib.generate_all(engine, _repetitive_prompts(12), params)
+  _check_equal_alone(model, requests)
+  assert engine.stats["speculative_accepted"] > 0
+  assert engine.stats["decode_steps"] < sum(len(r.tokens) for r in requests)
+  assert _all_pages_back(engine)
+
+
+def test_speculative_engine_samples_only_what_the_target_allows(model):
+  """top_k=2 sampling with proposals: every emitted token is one of the target's two most
+  likely at its position (a proposal accepted outside the filter would break this), and a
+  penalised request in the batch turns proposals off without breaking anything."""
+  import jax.numpy as jnp
+  from flax import nnx
+  graphdef, weights = model
+  engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
+      max_slots=4, num_pages=64, page_size=8, prefill_chunk=16, speculative_k=3))
+  prompts = _repetitive_prompts(10, seed=1)
+  params = [sampling.SamplingParams(max_tokens=20, temperature=1.0, top_k=2, seed=i,
+                                    repetition_penalty=1.3 if i == 9 else 1.0)
+            for i in range(10)]
+  requests = engine_lib.generate_all(engine, prompts, params)
+  assert all(len(r.tokens) == 20 for r in requests)
+  assert engine.stats["speculative_accepted"] > 0
+  net = nnx.merge(graphdef, weights)
+  for r in requests[:9]:
+    seq = r.prompt + r.tokens
+    logits = np.asarray(net(jnp.asarray([seq]))[0])
+    top2 = np.argsort(-logits, axis=-1)[:, :2]
+    for i, t in enumerate(r.tokens):
+      assert t in top2[len(r.prompt) - 1 + i], (r.id, i)
+  assert _all_pages_back(engine)

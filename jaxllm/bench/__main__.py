@@ -43,8 +43,8 @@ _DECODE_PEERS = flags.DEFINE_list("decode_peers", ["jaxllm_fp32", "jaxllm_bf16",
 _DRAFTS = flags.DEFINE_list("drafts", ["ngram:3", "layer_skip:10", "int4"],
                             "decode: speculative draft sources (ngram[:N], layer_skip:N, int4[:G], "
                             "int8, PATH).")
-_K = flags.DEFINE_integer("k", 4, "decode: speculative draft tokens per step.", lower_bound=1,
-                          upper_bound=16)
+_K = flags.DEFINE_integer("k", 4, "decode, serve: speculative draft tokens per step.",
+                          lower_bound=1, upper_bound=16)
 _PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 64, "decode: tokens per prompt.",
                                       lower_bound=1)
 _REQUESTS = flags.DEFINE_integer("requests", 64, "serve: requests in the workload.",
@@ -101,7 +101,7 @@ def main(argv):
       from jaxllm.fetch import fetch
       path = fetch("smollm2-135m")
     result = serve.run(path, requests=_REQUESTS.value, rate=_RATE.value,
-                       prefix_requests=_PREFIX_REQUESTS.value)
+                       prefix_requests=_PREFIX_REQUESTS.value, speculative_k=_K.value)
     text = serve.table(result)
   elif argv[1] == "decode":
     from jaxllm.bench import decode

@@ -40,12 +40,14 @@ def _workload(tokenizer, n, seed, bos, *, system=None, prompt_range=(16, 128),
   return prompts, outs
 
 
-def _continuous(model, engine_cfg, prompts, outs, arrivals, *, prefix_caching=True):
+def _continuous(model, engine_cfg, prompts, outs, arrivals, *, prefix_caching=True,
+                speculative_k=0):
   import dataclasses
   from jaxllm.inference import engine as engine_lib
   from jaxllm.inference import sampling
   engine = engine_lib.Engine(model.graphdef, model.params,
-                             dataclasses.replace(engine_cfg, prefix_caching=prefix_caching))
+                             dataclasses.replace(engine_cfg, prefix_caching=prefix_caching,
+                                                 speculative_k=speculative_k))
   # Compile the programs (one per page-table width) before the clock starts.
   width = 1
   while width <= engine.max_pages:
@@ -74,7 +76,9 @@ def _continuous(model, engine_cfg, prompts, outs, arrivals, *, prefix_caching=Tr
   return dict(seconds=end - start, tokens=sum(len(r.tokens) for r in requests),
               ttft=ttft, kv_utilisation=float(np.mean(util)) if util else None,
               preemptions=engine.stats["preemptions"],
-              prefix_hit_tokens=engine.stats["prefix_hit_tokens"], requests=requests)
+              prefix_hit_tokens=engine.stats["prefix_hit_tokens"], requests=requests,
+              proposed=engine.stats["speculative_proposed"],
+              accepted=engine.stats["speculative_accepted"])
 
 
 def _static(model, slots, prompts, outs, arrivals):
@@ -102,7 +106,7 @@ def _static(model, slots, prompts, outs, arrivals):
 
 def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
         page_size: int = 16, prefill_chunk: int = 64, seed: int = 0,
-        prefix_requests: int = 32, system_tokens: int = 256) -> dict:
+        prefix_requests: int = 32, system_tokens: int = 256, speculative_k: int = 4) -> dict:
   import jaxllm
   from jaxllm.inference import engine as engine_lib
   from jaxllm.inference import kv_cache
@@ -128,6 +132,14 @@ def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
   rows = {"continuous": summary(cont), "static": summary(stat)}
   rows["continuous"].update(kv_utilisation=cont["kv_utilisation"],
                             preemptions=cont["preemptions"])
+  if speculative_k:  # the same traffic with prompt-lookup proposals verified in each step
+    spec = _continuous(model, cfg, prompts, outs, arrivals, speculative_k=speculative_k)
+    rows["speculative"] = summary(spec)
+    rows["speculative"].update(
+        k=speculative_k, acceptance=spec["accepted"] / max(spec["proposed"], 1),
+        vs_continuous=cont["seconds"] / spec["seconds"],
+        identical=all(a.tokens == b.tokens for a, b in zip(cont["requests"],
+                                                           spec["requests"])))
   # Shared system prompt: the same requests with prefix caching on and off, all at once.
   system = decode_bench.stdlib_prompts(tok, prefix_requests + 1, system_tokens, bos)[-1]
   p_prompts, _ = _workload(tok, prefix_requests, seed + 2, None, system=system,
@@ -159,6 +171,12 @@ def table(result: dict) -> str:
     r = rows[mode]
     lines.append(f"{mode:<12}{r['tokens_per_s']:>10.1f}{r['ttft_p50']:>12.2f}"
                  f"{r['ttft_p99']:>12.2f}{r['seconds']:>9.1f}")
+  if "speculative" in rows:
+    r = rows["speculative"]
+    lines.append(f"{'+ lookup k=' + str(r['k']):<12}{r['tokens_per_s']:>10.1f}"
+                 f"{r['ttft_p50']:>12.2f}{r['ttft_p99']:>12.2f}{r['seconds']:>9.1f}"
+                 f"   {r['vs_continuous']:.2f}x continuous, {r['acceptance']:.1%} of proposals "
+                 f"accepted, outputs identical: {r['identical']}")
   lines.append(f"continuous / static throughput: {result['continuous_vs_static']:.2f}x; KV "
                f"utilisation {rows['continuous']['kv_utilisation']:.1%}; preemptions "
                f"{rows['continuous']['preemptions']}")

@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.inference import generate as gen
-from jaxllm.inference import kv_cache, sampling
+from jaxllm.inference import kv_cache, sampling, speculative
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +51,20 @@ class EngineConfig:
   max_seq_len: int | None = None  # default: the model's
   prefix_caching: bool = True
   cache_dtype: str = "float32"
+  # Speculative decoding by prompt lookup: each step verifies up to k proposed tokens per slot
+  # (0: off). Steps where some running request uses penalties decode one token per slot.
+  speculative_k: int = 0
+  speculative_ngram: int = 3
 
   def __post_init__(self):
     for name in ("max_slots", "num_pages", "page_size", "prefill_chunk"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+    if not 0 <= self.speculative_k <= 16 or self.speculative_ngram < 1:
+      raise ValueError(f"speculative_k={self.speculative_k} must be in [0, 16] and "
+                       f"speculative_ngram={self.speculative_ngram} >= 1")
+    if self.cache_dtype not in ("float32", "bfloat16", "int8"):
+      raise ValueError(f"cache_dtype={self.cache_dtype!r} must be float32, bfloat16 or int8")
 
 
 @dataclasses.dataclass
@@ -117,6 +126,53 @@ def _decode(graphdef, params, k, v, page_table_BM, lengths_B, active_B, logits_B
                                                       active_B.astype(jnp.int32))
   logits_BV = jnp.where(active_B[:, None], new_B1V[:, 0], logits_BV)
   return tok_B, logp_B, logits_BV, counts_BV, cache.k, cache.v
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "k", "max_ngram"),
+                   donate_argnames=("k_pages", "v_pages", "logits_BV"))
+def _decode_speculative(graphdef, params, k_pages, v_pages, page_table_BM, lengths_B, active_B,
+                        logits_BV, arrays, steps_B, exclude_B, hist_BH, drafts_B, *, k: int,
+                        max_ngram: int):
+  """One step that emits 1 to 1 + drafts_B[b] tokens per slot.
+
+  The slot's logits give t0 (drawn from the target's distribution with `exclude_B[b]` removed:
+  the correction owed by the previous step's rejected proposal); prompt lookup over the history
+  plus t0 proposes d_1..d_k; the target scores [t0, d_1..d_k] in one pass; d_i is accepted
+  while u_i < p_{i-1}(d_i) (one-hot proposals, so this keeps the target's distribution, and
+  greedy rows accept exactly the argmax). The new slot logits are those after the last accepted
+  token, and the first rejected proposal becomes the next step's exclusion.
+  """
+  gen._TRACES["engine_decode_speculative"] += 1
+  B, V = logits_BV.shape
+  rows_B = jnp.arange(B)
+  keys_B2 = sampling.row_keys(arrays, steps_B)
+  p0_BV = sampling.probabilities(logits_BV, arrays)
+  resid_BV = p0_BV * (jnp.arange(V)[None, :] != exclude_B[:, None])
+  resid_BV = jnp.where(jnp.sum(resid_BV, -1, keepdims=True) > 0, resid_BV, p0_BV)
+  t0_B = jnp.where(exclude_B >= 0, speculative._sample_from(resid_BV, keys_B2),
+                   sampling.draw(logits_BV, arrays, keys_B2))
+  hist_BH = hist_BH.at[rows_B, lengths_B].set(t0_B, mode="drop")
+  d_Bk = speculative._ngram_proposals(hist_BH, lengths_B + 1, t0_B, k=k, max_ngram=max_ngram)
+  cache = kv_cache.PagedKVCache(k_pages, v_pages, page_table_BM, lengths_B)
+  tokens_BT = jnp.concatenate([t0_B[:, None], d_Bk], axis=1)
+  fed_B = (1 + drafts_B) * active_B.astype(jnp.int32)
+  logits_BTV, cache = nnx.merge(graphdef, params).extend(tokens_BT, cache, fed_B)
+  p_BTV = sampling.probabilities(logits_BTV.reshape(B * (k + 1), V),
+                                 jax.tree.map(lambda a: jnp.repeat(a, k + 1, axis=0), arrays)
+                                 ).reshape(B, k + 1, V)
+  u_Bk = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 1), (k,)))(keys_B2)
+  p_at_d = jnp.take_along_axis(p_BTV[:, :k], d_Bk[..., None], axis=-1)[..., 0]
+  accept_Bk = (u_Bk < p_at_d) & (jnp.arange(k)[None, :] < drafts_B[:, None])
+  n_acc_B = jnp.sum(jnp.cumprod(accept_Bk, axis=1), axis=1).astype(jnp.int32)
+  logp_BT = jnp.concatenate([
+      sampling.token_logprobs(logits_BV, t0_B)[:, None],
+      jnp.take_along_axis(jax.nn.log_softmax(logits_BTV[:, :k], axis=-1), d_Bk[..., None],
+                          axis=-1)[..., 0]], axis=1)
+  new_BV = jnp.take_along_axis(logits_BTV, n_acc_B[:, None, None], axis=1)[:, 0]
+  logits_BV = jnp.where(active_B[:, None], new_BV, logits_BV)
+  rejected_B = jnp.take_along_axis(d_Bk, jnp.minimum(n_acc_B, k - 1)[:, None], axis=1)[:, 0]
+  exclude_B = jnp.where(active_B & (n_acc_B < drafts_B), rejected_B, -1)
+  return tokens_BT, logp_BT, n_acc_B, logits_BV, exclude_B, cache.k, cache.v
 
 
 class PrefixCache:
@@ -195,6 +251,7 @@ class Engine:
     self._logits = jnp.zeros((B, V), jnp.float32)
     self._counts = jnp.zeros((B, V), jnp.int32)
     self._prompt_mask = np.zeros((B, V), bool)
+    self._exclude = np.full((B,), -1, np.int32)  # speculative correction owed per slot
     self._slots: list[Request | None] = [None] * B
     self._arrays_for: tuple | None = None  # the slot occupants _arrays was built for
     self._arrays = None
@@ -356,6 +413,7 @@ class Engine:
       slot = self._slots.index(None)
       self._slots[slot] = request
       request.slot = slot
+      self._exclude[slot] = -1
       self._prompt_mask[slot] = False
       self._prompt_mask[slot, request.prompt] = True
 
@@ -408,6 +466,12 @@ class Engine:
     ready = [r for r in self._slots if r is not None and r.prefilled == len(r.sequence)]
     if not ready:
       return
+    self._refresh_arrays()
+    if self.config.speculative_k and not self._penalties:
+      return self._speculative_step(ready)
+    # A step without proposals cannot pay a correction owed by an earlier speculative step (a
+    # penalised request arrived in between): it is dropped, a bias on that one token only.
+    self._exclude[:] = -1
     B = self.config.max_slots
     table = np.zeros((B, self._table_width(max(len(r.pages) for r in ready))), np.int32)
     lengths = np.zeros((B,), np.int32)
@@ -418,12 +482,6 @@ class Engine:
       lengths[r.slot] = r.prefilled
       active[r.slot] = True
       steps[r.slot] = len(r.tokens)
-    occupants = tuple(r.params if r is not None else None for r in self._slots)
-    if self._arrays_for is None or any(a is not b for a, b in zip(occupants, self._arrays_for)):
-      # Rebuilt only when a slot changes hands (held objects, so identity is safe).
-      params = [r.params if r is not None else sampling.SamplingParams() for r in self._slots]
-      self._arrays, self._arrays_for = sampling.SamplingArrays.of(params), occupants
-      self._penalties = any(p.uses_penalties for p in params)
     penalties = self._penalties
     tok, logp, self._logits, self._counts, self._k, self._v = _decode(
         self.graphdef, self.params, self._k, self._v, jnp.asarray(table), jnp.asarray(lengths),
@@ -433,26 +491,90 @@ class Engine:
     self.stats["decode_steps"] += 1
     now = time.monotonic()
     for r in ready:
-      t = int(tok[r.slot])
       r.prefilled += 1  # the drawn token was fed and stored
-      if t == self.eos_id or t in r.params.stop_token_ids:
+      self._emit(r, int(tok[r.slot]), float(logp[r.slot]), now)
+
+  def _refresh_arrays(self) -> None:
+    occupants = tuple(r.params if r is not None else None for r in self._slots)
+    if self._arrays_for is None or any(a is not b for a, b in zip(occupants, self._arrays_for)):
+      # Rebuilt only when a slot changes hands (held objects, so identity is safe).
+      params = [r.params if r is not None else sampling.SamplingParams() for r in self._slots]
+      self._arrays, self._arrays_for = sampling.SamplingArrays.of(params), occupants
+      self._penalties = any(p.uses_penalties for p in params)
+
+  def _emit(self, r: Request, t: int, logp: float, now: float) -> bool:
+    """Hands one produced token to its request; returns whether the request goes on."""
+    if t == self.eos_id or t in r.params.stop_token_ids:
+      self._finish(r, "stop")
+      return False
+    r.tokens.append(t)
+    r.logprobs.append(logp)
+    if r.first_token_at is None:
+      r.first_token_at = now
+    self.stats["generated_tokens"] += 1
+    if r.params.stop and self.decode_text is not None:
+      ids, text, hit = sampling.apply_stop_strings(r.tokens, r.params.stop, self.decode_text)
+      if hit:
+        r.tokens, r.logprobs, r.text = ids, r.logprobs[:len(ids)], text
         self._finish(r, "stop")
-        continue
-      r.tokens.append(t)
-      r.logprobs.append(float(logp[r.slot]))
-      if r.first_token_at is None:
-        r.first_token_at = now
-      self.stats["generated_tokens"] += 1
-      if r.params.stop and self.decode_text is not None:
-        ids, text, hit = sampling.apply_stop_strings(r.tokens, r.params.stop, self.decode_text)
-        if hit:
-          r.tokens, r.logprobs, r.text = ids, r.logprobs[:len(ids)], text
-          self._finish(r, "stop")
-          continue
-      if r.on_token is not None:
-        r.on_token(r, t)
-      if len(r.tokens) >= r.params.max_tokens:
-        self._finish(r, "length")
+        return False
+    if r.on_token is not None:
+      r.on_token(r, t)
+    if len(r.tokens) >= r.params.max_tokens:
+      self._finish(r, "length")
+      return False
+    return True
+
+  def _speculative_step(self, ready: list[Request]) -> None:
+    """Decodes with prompt-lookup proposals; each slot emits 1 + (accepted proposals) tokens.
+
+    A slot proposes only as many tokens as its pages, max_tokens and the context have room
+    for; pages for proposals are taken from the free list (and the prefix cache) only, never
+    by preempting another request.
+    """
+    k, P = self.config.speculative_k, self.config.page_size
+    drafts = np.zeros((self.config.max_slots,), np.int32)
+    for r in ready:
+      want = min(k, r.params.max_tokens - len(r.tokens) - 1,
+                 self.max_seq_len - r.prefilled - 1)
+      extra = kv_cache.pages_for(r.prefilled + 1 + max(want, 0), P) - len(r.pages)
+      if extra > 0:
+        if self.allocator.num_free < extra:
+          self.prefix_cache.evict(extra - self.allocator.num_free)
+        if self.allocator.num_free >= extra:
+          r.pages += self.allocator.allocate(extra)
+      drafts[r.slot] = max(0, min(want, len(r.pages) * P - r.prefilled - 1))
+    B = self.config.max_slots
+    width = self._table_width(max(len(r.pages) for r in ready))
+    table = np.zeros((B, width), np.int32)
+    lengths = np.zeros((B,), np.int32)
+    active = np.zeros((B,), bool)
+    steps = np.zeros((B,), np.int32)
+    hist = np.zeros((B, width * P), np.int32)
+    for r in ready:
+      table[r.slot, :len(r.pages)] = r.pages
+      lengths[r.slot] = r.prefilled
+      active[r.slot] = True
+      steps[r.slot] = len(r.tokens)
+      seq = r.sequence
+      hist[r.slot, :len(seq)] = seq
+    tokens, logp, n_acc, self._logits, exclude, self._k, self._v = _decode_speculative(
+        self.graphdef, self.params, self._k, self._v, jnp.asarray(table), jnp.asarray(lengths),
+        jnp.asarray(active), self._logits, self._arrays, jnp.asarray(steps),
+        jnp.asarray(self._exclude), jnp.asarray(hist), jnp.asarray(drafts), k=k,
+        max_ngram=self.config.speculative_ngram)
+    tokens, logp, n_acc, exclude = jax.device_get((tokens, logp, n_acc, exclude))
+    self._exclude = np.array(exclude, np.int32)
+    self.stats["decode_steps"] += 1
+    now = time.monotonic()
+    for r in ready:
+      slot, accepted = r.slot, int(n_acc[r.slot])
+      self.stats["speculative_proposed"] += int(drafts[slot])
+      self.stats["speculative_accepted"] += accepted
+      r.prefilled += 1 + accepted  # t0 and the accepted proposals stay in the cache
+      for j in range(1 + accepted):
+        if not self._emit(r, int(tokens[slot, j]), float(logp[slot, j]), now):
+          break
 
 
 def generate_all(engine: Engine, prompts: Sequence[Sequence[int]],

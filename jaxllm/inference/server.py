@@ -364,7 +364,8 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
 
 
 def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill_chunk=64,
-          max_seq_len=None, model_name=None, api_key=None, kv_cache_dtype="float32"):
+          max_seq_len=None, model_name=None, api_key=None, kv_cache_dtype="float32",
+          speculative_k=0):
   """(app, engine) for a checkpoint (quantized ones too); the engine's loop is started."""
   import jaxllm
   model = jaxllm.load(checkpoint)
@@ -374,7 +375,7 @@ def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill
       model.graphdef, model.params,
       engine_lib.EngineConfig(max_slots=max_slots, num_pages=pages, page_size=page_size,
                               prefill_chunk=prefill_chunk, max_seq_len=max_len,
-                              cache_dtype=kv_cache_dtype),
+                              cache_dtype=kv_cache_dtype, speculative_k=speculative_k),
       eos_id=model.tokenizer.eos_id, decode=model.tokenizer.decode)
   engine.start()
   name = model_name or os.path.basename(os.path.normpath(checkpoint))
