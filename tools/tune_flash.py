@@ -9,15 +9,14 @@ that do not compile (shared memory, registers) are listed with the reason. The d
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from jaxllm.bench.attention import _median_seconds
 from pallas_kernels.flash_attention.common import BlockSizes
 
 CANDIDATES = {
@@ -29,16 +28,6 @@ CANDIDATES = {
           BlockSizes(64, 64, 64, 64, 4, 3), BlockSizes(128, 32, 64, 32, 4, 3),
           BlockSizes(128, 64, 64, 128, 8, 2)],
 }
-
-
-def _time(fn, args, repeats=10):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def main(seq_len: int = 4096):
@@ -63,8 +52,8 @@ def main(seq_len: int = 4096):
           reference = outs
         err = max(float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
                   for a, b in zip(outs, reference))
-        fwd = flops / _time(jax.jit(attn), (q, k, v)) / 1e12
-        both = 3.5 * flops / _time(jax.jit(fwd_bwd), (q, k, v, do)) / 1e12
+        fwd = flops / _median_seconds(jax.jit(attn), (q, k, v), 10) / 1e12
+        both = 3.5 * flops / _median_seconds(jax.jit(fwd_bwd), (q, k, v, do), 10) / 1e12
         rows.append((Dh, bs, f"{fwd:7.1f}", f"{both:7.1f}", f"{err:.1e}"))
       except Exception as e:  # noqa: BLE001 - report and go on to the next candidate
         rows.append((Dh, bs, "-", "-", f"{type(e).__name__}: {str(e)[:90]}"))
