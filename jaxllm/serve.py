@@ -27,9 +27,11 @@ _NUM_PAGES = flags.DEFINE_integer("num_pages", None, "KV pages in the pool (defa
 _KV_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "float32", ["float32", "bfloat16", "int8"],
                               "KV page storage (int8: a scale per token and head, a quarter of "
                               "float32's memory).")
-_SPEC_K = flags.DEFINE_integer("speculative_k", 0, "Prompt-lookup speculative decoding: "
-                               "tokens proposed per request per step (0: off).",
-                               lower_bound=0, upper_bound=16)
+_SPEC_K = flags.DEFINE_integer("speculative_k", 0, "Speculative decoding: tokens proposed per "
+                               "request per step (0: off).", lower_bound=0, upper_bound=16)
+_DRAFT = flags.DEFINE_string("draft", "ngram", "What proposes them: ngram[:N] (prompt lookup), "
+                             "layer_skip:N, int4[:G], int8 or the PATH of a smaller model with "
+                             "the same tokenizer.")
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.", lower_bound=1)
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 64, "Prompt tokens per prefill step.",
                                       lower_bound=1)
@@ -53,7 +55,8 @@ def main(argv):
         page_size=_PAGE_SIZE.value, prefill_chunk=_PREFILL_CHUNK.value,
         max_seq_len=_MAX_SEQ_LEN.value, model_name=_MODEL_NAME.value,
         api_key=_API_KEY.value or os.environ.get("JAXLLM_API_KEY"),
-        kv_cache_dtype=_KV_DTYPE.value, speculative_k=_SPEC_K.value)
+        kv_cache_dtype=_KV_DTYPE.value, speculative_k=_SPEC_K.value,
+        draft=_DRAFT.value if _SPEC_K.value else None)
   except ValueError as e:
     raise common.CommandError(str(e)) from None
   try:

@@ -76,11 +76,13 @@ def test_mixed_workload_arriving_over_time_equals_each_request_alone(model):
   assert traces["engine_prefill"] <= 5 and traces["engine_decode"] <= 10
 
 
-def test_preemption_in_a_tiny_pool_completes_every_request(model):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_preemption_in_a_tiny_pool_completes_every_request(model, overlap):
   graphdef, weights = model
   # 8 pages of 8 tokens hold one full-length sequence; 12 requests compete for them.
   engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
-      max_slots=4, num_pages=8, page_size=8, prefill_chunk=8, max_seq_len=64))
+      max_slots=4, num_pages=8, page_size=8, prefill_chunk=8, max_seq_len=64,
+      overlap=overlap))
   work = [(p[:30], sampling.SamplingParams(**{**_params_dict(sp), "max_tokens": 30}))
           for p, sp in _workload(12, seed=2)]
   requests = engine_lib.generate_all(engine, *zip(*work))
@@ -104,6 +106,38 @@ def test_shared_prefix_pages_are_reused(model):
   assert engine.stats["prefix_hit_tokens"] == 7 * 40
   _check_equal_alone(model, first + rest)
   assert _all_pages_back(engine)
+
+
+def test_prompts_arriving_together_compute_their_shared_prefix_once(model):
+  graphdef, weights = model
+  system = list(range(1, 41))
+  engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
+      max_slots=4, num_pages=64, page_size=8, prefill_chunk=16))
+  requests = engine_lib.generate_all(engine, *zip(*_workload(8, seed=5, system=system)))
+  # The first admitted computes the 5 system pages; the rest wait for them, then share them.
+  assert engine.stats["prefix_hit_tokens"] == 7 * 40
+  assert engine.stats["prefill_tokens"] == sum(len(r.prompt) for r in requests) - 7 * 40
+  _check_equal_alone(model, requests)
+  assert _all_pages_back(engine)
+
+
+def test_decode_steps_are_dispatched_before_the_last_ones_tokens_are_read(model):
+  """With overlap, after each step one decode step is still in flight: its token is fed (in
+  the cache length) but not yet emitted; without it, every token is emitted within its step."""
+  graphdef, weights = model
+  for overlap in (True, False):
+    engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
+        max_slots=2, num_pages=32, page_size=8, overlap=overlap))
+    r = engine.submit([1, 2, 3], sampling.SamplingParams(max_tokens=6))
+    for step in range(1, 4):
+      engine.step()
+      assert r.inflight == int(overlap)
+      assert len(r.tokens) == step - int(overlap)
+      assert r.prefilled == len(r.prompt) + step
+    engine.run_until_idle()
+    assert r.finish_reason == "length" and r.tokens == _alone(model, r.prompt, r.params).tokens
+    assert engine.stats["decode_steps"] == 6  # none wasted past max_tokens
+    assert engine.allocator.num_free + len(engine.prefix_cache) == engine.allocator.num_pages
 
 
 def test_cancel_frees_the_pages(model):
@@ -202,6 +236,8 @@ def test_speculative_engine_samples_only_what_the_target_allows(model):
   requests = engine_lib.generate_all(engine, prompts, params)
   assert all(len(r.tokens) == 20 for r in requests)
   assert engine.stats["speculative_accepted"] > 0
+  # The penalised request drafts nothing and draws exactly as plain decoding does.
+  assert requests[9].tokens == _alone(model, prompts[9], params[9]).tokens
   net = nnx.merge(graphdef, weights)
   for r in requests[:9]:
     seq = r.prompt + r.tokens
@@ -210,3 +246,67 @@ def test_speculative_engine_samples_only_what_the_target_allows(model):
     for i, t in enumerate(r.tokens):
       assert t in top2[len(r.prompt) - 1 + i], (r.id, i)
   assert _all_pages_back(engine)
+
+
+@pytest.fixture(scope="module")
+def draft_model():
+  """A different, smaller model with the same vocabulary (its proposals are often wrong)."""
+  return transformer.split(transformer.create(tiny_model(n_layers=1, init_std=0.4), 7))
+
+
+@pytest.mark.parametrize("kind", ["self", "layer_skip"])
+def test_model_draft_in_the_engine_greedy_equals_each_request_alone(model, kind):
+  """The target as its own draft must see every greedy proposal accepted: that holds only if
+  the draft's cache (filled by prefill, recomputed after preemption, rolled by lengths) holds
+  what the target's does."""
+  from jaxllm.inference import speculative
+  graphdef, weights = model
+  draft = (speculative.model_draft(graphdef, weights) if kind == "self"
+           else speculative.layer_skip_draft(graphdef, weights, 1))
+  # A small pool, so proposals sometimes find no page and preemption recomputes both caches.
+  engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
+      max_slots=4, num_pages=12, page_size=8, prefill_chunk=16, max_seq_len=64,
+      speculative_k=3), draft=draft)
+  params = [sampling.SamplingParams(max_tokens=int(m), stop_token_ids=(5,) if i % 3 else (),
+                                    repetition_penalty=1.3 if i == 4 else 1.0)
+            for i, m in enumerate(np.random.default_rng(3).integers(1, 30, 10))]
+  requests = engine_lib.generate_all(engine, _repetitive_prompts(10, seed=4), params)
+  _check_equal_alone(model, requests)
+  assert engine.stats["preemptions"] > 0
+  accepted = engine.stats["speculative_accepted"] / engine.stats["speculative_proposed"]
+  assert accepted > (0.95 if kind == "self" else 0.05), accepted
+  assert _all_pages_back(engine)
+
+
+def test_model_draft_in_the_engine_samples_only_what_the_target_allows(model, draft_model):
+  import jax.numpy as jnp
+  from flax import nnx
+  from jaxllm.inference import speculative
+  graphdef, weights = model
+  engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
+      max_slots=4, num_pages=64, page_size=8, prefill_chunk=16, speculative_k=3),
+      draft=speculative.model_draft(*draft_model))
+  prompts = _repetitive_prompts(8, seed=6)
+  params = [sampling.SamplingParams(max_tokens=16, temperature=1.0, top_k=2, seed=i)
+            for i in range(8)]
+  requests = engine_lib.generate_all(engine, prompts, params)
+  assert engine.stats["speculative_accepted"] > 0
+  net = nnx.merge(graphdef, weights)
+  for r in requests:
+    assert len(r.tokens) == 16
+    logits = np.asarray(net(jnp.asarray([r.prompt + r.tokens]))[0])
+    top2 = np.argsort(-logits, axis=-1)[:, :2]
+    for i, t in enumerate(r.tokens):
+      assert t in top2[len(r.prompt) - 1 + i], (r.id, i)
+
+
+def test_engine_refuses_a_draft_it_cannot_use(model):
+  from jaxllm.inference import speculative
+  graphdef, weights = model
+  other = transformer.split(transformer.create(tiny_model(n_layers=1, vocab_size=80), 1))
+  cfg = engine_lib.EngineConfig(num_pages=64, page_size=8, speculative_k=2)
+  with pytest.raises(ValueError, match="vocabulary"):
+    engine_lib.Engine(graphdef, weights, cfg, draft=speculative.model_draft(*other))
+  with pytest.raises(ValueError, match="speculative_k"):
+    engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(num_pages=64, page_size=8),
+                      draft=speculative.model_draft(*other))

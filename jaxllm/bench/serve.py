@@ -7,6 +7,8 @@ ShareGPT-style chat traffic), arriving as a Poisson process at `rate` requests/s
 see the same arrival times, on the same engine-sized batch of `max_slots`:
   continuous  the engine: a request is admitted as soon as a slot and its pages are free, and
               streams its tokens (time to first token = its first token's time - arrival);
+  lockstep    the same engine with `overlap=False`: the host reads each decode step's tokens
+              before dispatching the next, instead of while the next one runs;
   static      batches of `max_slots` requests in arrival order, each batch started when it is
               full (or the last one) and the previous batch is done, run to its longest
               request with `generate_requests`; tokens arrive when the batch returns.
@@ -41,13 +43,14 @@ def _workload(tokenizer, n, seed, bos, *, system=None, prompt_range=(16, 128),
 
 
 def _continuous(model, engine_cfg, prompts, outs, arrivals, *, prefix_caching=True,
-                speculative_k=0):
+                speculative_k=0, overlap=True, draft=None):
   import dataclasses
   from jaxllm.inference import engine as engine_lib
   from jaxllm.inference import sampling
   engine = engine_lib.Engine(model.graphdef, model.params,
                              dataclasses.replace(engine_cfg, prefix_caching=prefix_caching,
-                                                 speculative_k=speculative_k))
+                                                 speculative_k=speculative_k,
+                                                 overlap=overlap), draft=draft)
   # Compile the programs (one per page-table width) before the clock starts.
   width = 1
   while width <= engine.max_pages:
@@ -106,7 +109,8 @@ def _static(model, slots, prompts, outs, arrivals):
 
 def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
         page_size: int = 16, prefill_chunk: int = 64, seed: int = 0,
-        prefix_requests: int = 32, system_tokens: int = 256, speculative_k: int = 4) -> dict:
+        prefix_requests: int = 32, system_tokens: int = 256, speculative_k: int = 4,
+        draft: str = "ngram") -> dict:
   import jaxllm
   from jaxllm.inference import engine as engine_lib
   from jaxllm.inference import kv_cache
@@ -132,11 +136,19 @@ def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
   rows = {"continuous": summary(cont), "static": summary(stat)}
   rows["continuous"].update(kv_utilisation=cont["kv_utilisation"],
                             preemptions=cont["preemptions"])
-  if speculative_k:  # the same traffic with prompt-lookup proposals verified in each step
-    spec = _continuous(model, cfg, prompts, outs, arrivals, speculative_k=speculative_k)
+  # The same engine with the host in lockstep: each decode step's tokens read before the next
+  # step is dispatched (what `EngineConfig.overlap` saves).
+  lock = _continuous(model, cfg, prompts, outs, arrivals, overlap=False)
+  rows["lockstep"] = summary(lock)
+  rows["lockstep"].update(
+      overlap_speedup=lock["seconds"] / cont["seconds"],
+      identical=all(a.tokens == b.tokens for a, b in zip(cont["requests"], lock["requests"])))
+  if speculative_k:  # the same traffic with `draft`'s proposals verified in each step
+    spec = _continuous(model, cfg, prompts, outs, arrivals, speculative_k=speculative_k,
+                       draft=model.draft(draft))
     rows["speculative"] = summary(spec)
     rows["speculative"].update(
-        k=speculative_k, acceptance=spec["accepted"] / max(spec["proposed"], 1),
+        k=speculative_k, draft=draft, acceptance=spec["accepted"] / max(spec["proposed"], 1),
         vs_continuous=cont["seconds"] / spec["seconds"],
         identical=all(a.tokens == b.tokens for a, b in zip(cont["requests"],
                                                            spec["requests"])))
@@ -167,13 +179,17 @@ def table(result: dict) -> str:
            f"requests at {result['rate']}/s, {result['max_slots']} slots, pages of "
            f"{result['page_size']}",
            f"{'mode':<12}{'tokens/s':>10}{'TTFT p50 s':>12}{'TTFT p99 s':>12}{'seconds':>9}"]
-  for mode in ("continuous", "static"):
+  for mode in ("continuous", "lockstep", "static"):
+    if mode not in rows:
+      continue
     r = rows[mode]
     lines.append(f"{mode:<12}{r['tokens_per_s']:>10.1f}{r['ttft_p50']:>12.2f}"
-                 f"{r['ttft_p99']:>12.2f}{r['seconds']:>9.1f}")
+                 f"{r['ttft_p99']:>12.2f}{r['seconds']:>9.1f}"
+                 + (f"   overlap makes continuous {r['overlap_speedup']:.2f}x faster, outputs "
+                    f"identical: {r['identical']}" if mode == "lockstep" else ""))
   if "speculative" in rows:
     r = rows["speculative"]
-    lines.append(f"{'+ lookup k=' + str(r['k']):<12}{r['tokens_per_s']:>10.1f}"
+    lines.append(f"{'+ ' + r['draft'] + ' k=' + str(r['k']):<12}{r['tokens_per_s']:>10.1f}"
                  f"{r['ttft_p50']:>12.2f}{r['ttft_p99']:>12.2f}{r['seconds']:>9.1f}"
                  f"   {r['vs_continuous']:.2f}x continuous, {r['acceptance']:.1%} of proposals "
                  f"accepted, outputs identical: {r['identical']}")

@@ -365,8 +365,9 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
 
 def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill_chunk=64,
           max_seq_len=None, model_name=None, api_key=None, kv_cache_dtype="float32",
-          speculative_k=0):
-  """(app, engine) for a checkpoint (quantized ones too); the engine's loop is started."""
+          speculative_k=0, draft=None):
+  """(app, engine) for a checkpoint (quantized ones too); the engine's loop is started.
+  `draft`: a `LoadedModel.draft` spec (ngram[:N], layer_skip:N, int4[:G], int8, PATH)."""
   import jaxllm
   model = jaxllm.load(checkpoint)
   max_len = max_seq_len or model.config.max_seq_len
@@ -376,7 +377,8 @@ def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill
       engine_lib.EngineConfig(max_slots=max_slots, num_pages=pages, page_size=page_size,
                               prefill_chunk=prefill_chunk, max_seq_len=max_len,
                               cache_dtype=kv_cache_dtype, speculative_k=speculative_k),
-      eos_id=model.tokenizer.eos_id, decode=model.tokenizer.decode)
+      eos_id=model.tokenizer.eos_id, decode=model.tokenizer.decode,
+      draft=model.draft(draft) if draft else None)
   engine.start()
   name = model_name or os.path.basename(os.path.normpath(checkpoint))
   return create_app(model, engine, model_name=name, api_key=api_key), engine
