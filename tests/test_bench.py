@@ -110,9 +110,11 @@ def test_bench_serve_json():
   output."""
   # 10 prefix requests arriving together: the first computes the 256 shared tokens, the other
   # 9 wait for its pages and reuse them.
-  proc = _run("serve", "--json", "--requests=6", "--rate=50", "--prefix_requests=10")
+  proc = _run("serve", "--json", "--requests=6", "--rate=50", "--max_output_tokens=64",
+              "--prefix_requests=10")
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["max_output_tokens"] == 64
   cont, static = result["rows"]["continuous"], result["rows"]["static"]
   assert cont["output_tokens"] == static["output_tokens"] > 0
   assert result["continuous_vs_static"] == cont["tokens_per_s"] / static["tokens_per_s"]

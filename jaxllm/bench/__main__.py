@@ -53,6 +53,9 @@ _RATE = flags.DEFINE_float("rate", 8.0, "serve: mean arrivals per second.", lowe
 _PREFIX_REQUESTS = flags.DEFINE_integer("prefix_requests", 32, "serve: requests sharing a "
                                         "system prompt in the prefix-cache workload.",
                                         lower_bound=1)
+_MAX_OUTPUT = flags.DEFINE_integer("max_output_tokens", 512, "serve: output lengths are drawn "
+                                   "with mean a quarter of this and clipped to it.",
+                                   lower_bound=4, upper_bound=896)
 _SERVE_DRAFT = flags.DEFINE_string("serve_draft", "ngram", "serve: what proposes tokens in the "
                                    "speculative row (ngram[:N], layer_skip:N, int4[:G], int8, "
                                    "PATH).")
@@ -105,7 +108,7 @@ def main(argv):
       path = fetch("smollm2-135m")
     result = serve.run(path, requests=_REQUESTS.value, rate=_RATE.value,
                        prefix_requests=_PREFIX_REQUESTS.value, speculative_k=_K.value,
-                       draft=_SERVE_DRAFT.value)
+                       draft=_SERVE_DRAFT.value, max_output_tokens=_MAX_OUTPUT.value)
     text = serve.table(result)
   elif argv[1] == "decode":
     from jaxllm.bench import decode

@@ -3,7 +3,7 @@
 Workload (fixed seed): `requests` prompts cut from stdlib files with lengths drawn uniformly
 from [16, 128] tokens and output lengths from an exponential distribution (mean 128) clipped
 to [4, 512] (stop at exactly that many: no eos; outputs about twice the prompts, as in
-ShareGPT-style chat traffic), arriving as a Poisson process at `rate` requests/s. Both modes
+ShareGPT-style chat traffic; `max_output_tokens` moves the clip and the mean with it), arriving as a Poisson process at `rate` requests/s. Both modes
 see the same arrival times, on the same engine-sized batch of `max_slots`:
   continuous  the engine: a request is admitted as soon as a slot and its pages are free, and
               streams its tokens (time to first token = its first token's time - arrival);
@@ -110,14 +110,14 @@ def _static(model, slots, prompts, outs, arrivals):
 def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
         page_size: int = 16, prefill_chunk: int = 64, seed: int = 0,
         prefix_requests: int = 32, system_tokens: int = 256, speculative_k: int = 4,
-        draft: str = "ngram") -> dict:
+        draft: str = "ngram", max_output_tokens: int = 512) -> dict:
   import jaxllm
   from jaxllm.inference import engine as engine_lib
   from jaxllm.inference import kv_cache
   model = jaxllm.load(path)
   tok = model.tokenizer
   bos = tok.bos_id if tok.add_bos and tok.bos_id >= 0 else None
-  prompts, outs = _workload(tok, requests, seed, bos)
+  prompts, outs = _workload(tok, requests, seed, bos, out_range=(4, max_output_tokens))
   rng = np.random.default_rng(seed + 1)
   arrivals = np.cumsum(rng.exponential(1.0 / rate, requests))
   max_len = 1024
@@ -168,7 +168,8 @@ def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
                                      / np.percentile(on["ttft"], 50)),
                 prefix_hit_tokens=on["prefix_hit_tokens"], identical=same)
   return dict(suite="serve", checkpoint=path, backend=jax.default_backend(),
-              requests=requests, rate=rate, max_slots=max_slots, page_size=page_size,
+              requests=requests, rate=rate, max_output_tokens=max_output_tokens,
+              max_slots=max_slots, page_size=page_size,
               rows=rows, continuous_vs_static=rows["continuous"]["tokens_per_s"]
               / rows["static"]["tokens_per_s"], prefix=prefix)
 
