@@ -55,7 +55,8 @@ _PREFIX_REQUESTS = flags.DEFINE_integer("prefix_requests", 32, "serve: requests 
                                         lower_bound=1)
 _MAX_OUTPUT = flags.DEFINE_integer("max_output_tokens", 512, "serve: output lengths are drawn "
                                    "with mean a quarter of this and clipped to it.",
-                                   lower_bound=4, upper_bound=896)
+                                   # The engine's 1024-token context less the longest prompt.
+                                   lower_bound=4, upper_bound=1024 - 128)
 _SERVE_DRAFT = flags.DEFINE_string("serve_draft", "ngram", "serve: what proposes tokens in the "
                                    "speculative row (ngram[:N], layer_skip:N, int4[:G], int8, "
                                    "PATH).")

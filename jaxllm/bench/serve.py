@@ -3,8 +3,9 @@
 Workload (fixed seed): `requests` prompts cut from stdlib files with lengths drawn uniformly
 from [16, 128] tokens and output lengths from an exponential distribution (mean 128) clipped
 to [4, 512] (stop at exactly that many: no eos; outputs about twice the prompts, as in
-ShareGPT-style chat traffic; `max_output_tokens` moves the clip and the mean with it), arriving as a Poisson process at `rate` requests/s. Both modes
-see the same arrival times, on the same engine-sized batch of `max_slots`:
+ShareGPT-style chat traffic; `max_output_tokens=N` clips at N instead, with mean N / 4),
+arriving as a Poisson process at `rate` requests/s. Both modes see the same arrival times,
+on the same engine-sized batch of `max_slots`:
   continuous  the engine: a request is admitted as soon as a slot and its pages are free, and
               streams its tokens (time to first token = its first token's time - arrival);
   lockstep    the same engine with `overlap=False`: the host reads each decode step's tokens
