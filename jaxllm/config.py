@@ -23,6 +23,8 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
+ROUTERS = ("softmax", "sigmoid")
+MOE_IMPLS = ("auto", "xla", "tiled", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,32 @@ class ModelConfig:
   remat: str = "none"
   attention_impl: str = "auto"
   init_std: float = 0.02
+  # Attention variants: biases on the q/k/v projections (Qwen2); RMSNorm over each query and
+  # key head before RoPE (Qwen3, OLMo 2).
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  # Mixture of Experts (`jaxllm.model.moe`); n_experts = 0: every layer dense. Layer layout:
+  # `first_dense_layers` dense layers, then groups of `moe_every` layers whose last is MoE
+  # (Hugging Face's decoder_sparse_step), then dense layers for any remainder.
+  n_experts: int = 0
+  experts_per_token: int = 2  # top-k
+  moe_d_ff: int = 0  # each expert's hidden width; 0: d_ff
+  n_shared_experts: int = 0  # always-on experts (Qwen2-MoE, DeepSeek), one MLP of their widths
+  shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x @ w) scales the shared output
+  first_dense_layers: int = 0
+  moe_every: int = 1
+  # "softmax": top-k of softmax(logits); "sigmoid": top-k of sigmoid(logits) (DeepSeek-V3).
+  router: str = "softmax"
+  norm_topk_prob: bool = False  # renormalise the k chosen weights to sum to 1 (Mixtral: yes)
+  # Expert capacity per batch shard, in multiples of the balanced load (tokens * k / E); tokens
+  # beyond it are dropped (GShard). 0: dropless (grouped matmuls over the sorted tokens).
+  capacity_factor: float = 0.0
+  # Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for
+  # selection only, moved by this rate towards the mean load after every step. 0: off.
+  router_bias_update_rate: float = 0.0
+  # The experts' grouped matmul (`jaxllm.ops.moe`): "xla" (jax.lax.ragged_dot), "tiled" (XLA
+  # gathers into row tiles; fast on CPU), "pallas" (our kernel, GPU) or "auto".
+  moe_impl: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +121,11 @@ class TrainConfig:
   pipeline_chunks: int = 1  # 1 = GPipe; v > 1 = circular schedule, v layer chunks per stage
   qat_bits: int = 0  # quantization-aware training: 0 off, 8 or 4 (fake-quantized block weights)
   qat_group_size: int = 128  # rows per scale group for qat_bits (0: per channel)
+  # MoE models: coefficients of the load-balancing loss (Switch/GShard: E * sum_e f_e P_e per
+  # MoE layer, averaged over layers; 1 at perfect balance) and the router z-loss (mean squared
+  # log-sum-exp of the router logits).
+  moe_aux_loss: float = 0.01
+  router_z_loss: float = 0.001
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +261,7 @@ def validate(config: Config) -> None:
   if m.attention_impl == "pallas" and m.head_dim not in (64, 128, 256):
     raise ConfigError(f"model.attention_impl=pallas needs model.head_dim in 64/128/256, "
                       f"not {m.head_dim}")
+  _validate_moe(m)
 
   for key in ("steps", "batch_size", "seq_len", "lr", "grad_accum", "log_every", "eval_every",
               "eval_batches", "checkpoint_every", "keep_checkpoints", "microbatches",
@@ -244,6 +278,8 @@ def validate(config: Config) -> None:
     raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
   if t.weight_decay < 0 or t.z_loss < 0 or t.clip_norm < 0:
     raise ConfigError("train.weight_decay, train.z_loss and train.clip_norm must be >= 0")
+  if t.moe_aux_loss < 0 or t.router_z_loss < 0:
+    raise ConfigError("train.moe_aux_loss and train.router_z_loss must be >= 0")
   if t.seq_len > m.max_seq_len:
     raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
   if t.batch_size % t.grad_accum:
@@ -259,6 +295,59 @@ def validate(config: Config) -> None:
       raise ConfigError(f"mesh.{key}={value} must be a positive device count or -1")
   if sum(getattr(mesh, k) == -1 for k in ("data", "fsdp", "tensor", "stage", "expert")) > 1:
     raise ConfigError("at most one mesh axis may be -1 (all remaining devices)")
+
+
+def _validate_moe(m: ModelConfig) -> None:
+  if m.n_experts < 0:
+    raise ConfigError(f"model.n_experts={m.n_experts} must be >= 0 (0 = dense)")
+  if m.moe_impl not in MOE_IMPLS:
+    raise ConfigError(f"model.moe_impl={m.moe_impl!r} is not one of {', '.join(MOE_IMPLS)}")
+  if m.n_experts == 0:
+    return
+  if not 1 <= m.experts_per_token <= m.n_experts:
+    raise ConfigError(f"model.experts_per_token={m.experts_per_token} must be in "
+                      f"[1, model.n_experts={m.n_experts}]")
+  if m.moe_d_ff < 0 or m.n_shared_experts < 0:
+    raise ConfigError("model.moe_d_ff and model.n_shared_experts must be >= 0")
+  if m.shared_expert_gate and not m.n_shared_experts:
+    raise ConfigError("model.shared_expert_gate needs model.n_shared_experts > 0")
+  if m.moe_every < 1:
+    raise ConfigError(f"model.moe_every={m.moe_every} must be >= 1")
+  if not 0 <= m.first_dense_layers or m.n_layers - m.first_dense_layers < m.moe_every:
+    raise ConfigError(f"model.first_dense_layers={m.first_dense_layers} and model.moe_every="
+                      f"{m.moe_every} leave no MoE layer among model.n_layers={m.n_layers}")
+  if m.router not in ROUTERS:
+    raise ConfigError(f"model.router={m.router!r} is not one of {', '.join(ROUTERS)}")
+  if m.capacity_factor < 0 or m.router_bias_update_rate < 0:
+    raise ConfigError("model.capacity_factor and model.router_bias_update_rate must be >= 0")
+
+
+def _validate_pipeline(m: ModelConfig, t: TrainConfig, sizes: dict[str, int], micro: int,
+                       batch_shards: int) -> None:
+  """The pipeline cuts the stacked layers into equal units: layers of a dense model, groups of
+  `moe_every` layers (the last MoE) of an MoE model, whose MoE layers also need each
+  microbatch to split over the batch shards."""
+  units, what = m.n_layers, f"model.n_layers={m.n_layers}"
+  if m.n_experts:
+    if m.first_dense_layers or m.n_layers % m.moe_every:
+      raise ConfigError("pipeline stages (mesh.stage > 1) need an MoE layout of whole groups: "
+                        "model.first_dense_layers=0 and model.n_layers divisible by "
+                        "model.moe_every")
+    units = m.n_layers // m.moe_every
+    what = f"the {units} MoE layer groups (model.n_layers / model.moe_every)"
+  if units % (sizes["stage"] * t.pipeline_chunks):
+    raise ConfigError(f"{what} must be divisible by the mesh.stage={sizes['stage']} pipeline "
+                      f"stages x train.pipeline_chunks={t.pipeline_chunks}")
+  if t.pipeline_chunks > 1 and t.microbatches < sizes["stage"]:
+    raise ConfigError(f"the circular schedule (train.pipeline_chunks={t.pipeline_chunks}) needs "
+                      f"train.microbatches >= mesh.stage={sizes['stage']}")
+  if micro % t.microbatches:
+    raise ConfigError(f"train.batch_size / train.grad_accum = {micro} is not divisible by "
+                      f"train.microbatches={t.microbatches}")
+  if m.n_experts and (micro // t.microbatches) % batch_shards:
+    raise ConfigError(f"each of the train.microbatches={t.microbatches} microbatches "
+                      f"({micro // t.microbatches} rows) must split over the {batch_shards} "
+                      "batch shards (the MoE layers dispatch per shard)")
 
 
 def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
@@ -285,29 +374,25 @@ def validate_for_devices(config: Config, num_devices: int,
   """
   sizes = resolve_mesh_shape(config.mesh, num_devices)
   t, m = config.train, config.model
-  batch_shards = sizes["data"] * sizes["fsdp"]
+  # The expert axis splits the batch too (the MoE layers exchange tokens over it).
+  batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
   micro = t.batch_size // t.grad_accum
   if micro % batch_shards:
     raise ConfigError(
         f"train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum} = {micro} is not "
-        f"divisible by the {batch_shards} batch shards (mesh.data x mesh.fsdp)")
+        f"divisible by the {batch_shards} batch shards (mesh.data x mesh.fsdp x mesh.expert)")
   if sizes["tensor"] > 1 and (m.n_kv_heads % sizes["tensor"] or m.n_heads % sizes["tensor"]):
     raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} and model.n_heads={m.n_heads} must be "
                       f"divisible by mesh.tensor={sizes['tensor']}")
   if m.attention_impl == "cudnn" and platform not in (None, "gpu"):
     raise ConfigError(f"model.attention_impl=cudnn needs a GPU (this machine runs {platform})")
   if sizes["expert"] > 1:
-    raise ConfigError("mesh.expert > 1 is not supported yet (expert parallelism is not built)")
+    if not m.n_experts:
+      raise ConfigError(f"mesh.expert={sizes['expert']} needs an MoE model (model.n_experts > 0);"
+                        " a dense model splits its batch over mesh.data instead")
+    if m.n_experts % sizes["expert"]:
+      raise ConfigError(f"model.n_experts={m.n_experts} is not divisible by "
+                        f"mesh.expert={sizes['expert']}")
   if sizes["stage"] > 1:
-    if m.n_layers % (sizes["stage"] * t.pipeline_chunks):
-      raise ConfigError(f"model.n_layers={m.n_layers} must be divisible by the "
-                        f"mesh.stage={sizes['stage']} pipeline stages x "
-                        f"train.pipeline_chunks={t.pipeline_chunks}")
-    if t.pipeline_chunks > 1 and t.microbatches < sizes["stage"]:
-      raise ConfigError(f"the circular schedule (train.pipeline_chunks="
-                        f"{t.pipeline_chunks}) needs train.microbatches >= mesh.stage="
-                        f"{sizes['stage']}")
-    if micro % t.microbatches:
-      raise ConfigError(f"train.batch_size / train.grad_accum = {micro} is not divisible by "
-                        f"train.microbatches={t.microbatches}")
+    _validate_pipeline(m, t, sizes, micro, batch_shards)
   return sizes

@@ -33,10 +33,14 @@ def main(argv):
   num_devices = _NUM_DEVICES.value or jax.device_count()
   micro = cfg.train.batch_size // cfg.train.grad_accum
   sizes = config_lib.resolve_mesh_shape(cfg.mesh, num_devices)
-  if micro % (sizes["data"] * sizes["fsdp"]):
+  shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+  if micro % shards:
     raise config_lib.ConfigError(
         f"train.batch_size / train.grad_accum = {micro} is not divisible by the "
-        f"{sizes['data'] * sizes['fsdp']} batch shards (mesh.data x mesh.fsdp)")
+        f"{shards} batch shards (mesh.data x mesh.fsdp x mesh.expert)")
+  if sizes["expert"] > 1 and cfg.model.n_experts % sizes["expert"]:
+    raise config_lib.ConfigError(f"model.n_experts={cfg.model.n_experts} is not divisible by "
+                                 f"mesh.expert={sizes['expert']}")
   result = plan.plan(cfg, num_devices, compile_check=_COMPILE.value)
   print(json.dumps(result) if _JSON.value else plan.table(result))
 

@@ -1,10 +1,13 @@
-"""Pallas attention kernels, each with a GPU (Triton) and a TPU (Mosaic) lowering.
+"""Pallas kernels: attention, each with a GPU (Triton) and a TPU (Mosaic) lowering, and the MoE
+grouped matmul (GPU).
 
 `flash_attention` for training and prefill; `paged_attention` for decoding against a paged KV
-cache. Both run on CPU in the Pallas interpreter (`interpret=True`).
+cache; `grouped_matmul` for the experts of an MoE layer. All run on CPU in the Pallas
+interpreter (`interpret=True`).
 """
 
 from pallas_kernels.flash_attention import BlockSizes, attention_reference, flash_attention
+from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_reference
 from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
 
 
@@ -16,6 +19,6 @@ def flash_attention_head_dims() -> tuple[int, ...]:
 
 
 __all__ = [
-    "BlockSizes", "attention_reference", "flash_attention", "flash_attention_head_dims", "paged_attention",
-    "paged_attention_reference"
+    "BlockSizes", "attention_reference", "flash_attention", "flash_attention_head_dims",
+    "grouped_matmul", "grouped_matmul_reference", "paged_attention", "paged_attention_reference"
 ]

@@ -10,13 +10,13 @@ from jaxllm.config import ModelConfig
 TOKENS = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["Ġ", "ab"]
 
 
-def write_llama_gguf(path, cfg: ModelConfig, params: dict, *, qtype="F32", arch="llama"):
-  """A GGUF file of `params` (jaxllm layout) in llama.cpp's layout and naming."""
+def _writer(path, cfg: ModelConfig, arch: str, feed_forward: int):
+  """A GGUFWriter with the model and tokenizer metadata of `cfg` written."""
   w = gguf.GGUFWriter(str(path), arch)
   w.add_block_count(cfg.n_layers)
   w.add_context_length(cfg.max_seq_len)
   w.add_embedding_length(cfg.d_model)
-  w.add_feed_forward_length(cfg.d_ff)
+  w.add_feed_forward_length(feed_forward)
   w.add_head_count(cfg.n_heads)
   w.add_head_count_kv(cfg.n_kv_heads)
   w.add_rope_dimension_count(cfg.head_dim)
@@ -31,6 +31,19 @@ def write_llama_gguf(path, cfg: ModelConfig, params: dict, *, qtype="F32", arch=
   w.add_token_merges(["a b"])
   w.add_bos_token_id(1)
   w.add_eos_token_id(2)
+  return w
+
+
+def _finish(w):
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+def write_llama_gguf(path, cfg: ModelConfig, params: dict, *, qtype="F32", arch="llama"):
+  """A GGUF file of `params` (jaxllm layout) in llama.cpp's layout and naming."""
+  w = _writer(path, cfg, arch, cfg.d_ff)
   qt = getattr(gguf.GGMLQuantizationType, qtype)
   state = layouts.hf_from_params(params, cfg)
 
@@ -51,7 +64,33 @@ def write_llama_gguf(path, cfg: ModelConfig, params: dict, *, qtype="F32", arch=
       elif g_name == "attn_k":
         t = layouts.half_to_interleaved(t, cfg.n_kv_heads)
       add(f"blk.{i}.{g_name}.weight", t)
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
+  _finish(w)
+
+
+def write_mixtral_gguf(path, cfg: ModelConfig, params: dict):
+  """An MoE model as llama.cpp converts Mixtral: architecture `llama` with `expert_count`, the
+  experts stacked in `ffn_{gate,up,down}_exps`, the router in `ffn_gate_inp` (float32)."""
+  w = _writer(path, cfg, "llama", cfg.moe_d_ff)
+  w.add_expert_count(cfg.n_experts)
+  w.add_expert_used_count(cfg.experts_per_token)
+  state = layouts.hf_from_params(params, cfg, "mixtral")
+  add = lambda name, a: w.add_tensor(name, np.ascontiguousarray(a, np.float32))
+  add("token_embd.weight", state["model.embed_tokens.weight"])
+  add("output_norm.weight", state["model.norm.weight"])
+  if not cfg.tie_embeddings:
+    add("output.weight", state["lm_head.weight"])
+  for i in range(cfg.n_layers):
+    pre = f"model.layers.{i}."
+    for g_name, hf_name in LAYER_NAMES.items():
+      if g_name.startswith("ffn_") and g_name != "ffn_norm":
+        continue
+      t = state[f"{pre}{hf_name}.weight"]
+      if g_name in ("attn_q", "attn_k"):
+        t = layouts.half_to_interleaved(t, cfg.n_heads if g_name == "attn_q" else cfg.n_kv_heads)
+      add(f"blk.{i}.{g_name}.weight", t)
+    moe = pre + "block_sparse_moe."
+    add(f"blk.{i}.ffn_gate_inp.weight", state[moe + "gate.weight"])
+    for ours, theirs in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
+      add(f"blk.{i}.ffn_{ours}_exps.weight",
+          np.stack([state[f"{moe}experts.{e}.{theirs}.weight"] for e in range(cfg.n_experts)]))
+  _finish(w)

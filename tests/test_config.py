@@ -60,7 +60,7 @@ def test_pipeline_and_kernel_choices_are_checked_before_compiling():
   with pytest.raises(config_lib.ConfigError, match="not divisible by train.microbatches=3"):
     config_lib.validate_for_devices(
         tiny_experiment(mesh=dict(data=1, stage=2), train=dict(microbatches=3)), 2)
-  with pytest.raises(config_lib.ConfigError, match="mesh.expert > 1"):
+  with pytest.raises(config_lib.ConfigError, match="mesh.expert=2 needs an MoE model"):
     config_lib.validate_for_devices(tiny_experiment(mesh=dict(data=1, expert=2)), 2)
   with pytest.raises(config_lib.ConfigError, match="cudnn needs a GPU"):
     config_lib.validate_for_devices(tiny_experiment(model=dict(attention_impl="cudnn")), 8,
@@ -88,3 +88,26 @@ def test_cli_rejects_bad_config_in_one_line(args, fragment, tmp_path):
   assert len(lines) == 1, proc.stderr
   assert fragment in lines[0] and "Traceback" not in proc.stderr
   assert not os.path.exists(tmp_path / "w"), "nothing is written for an invalid config"
+
+
+def test_moe_keys_are_checked_before_compiling():
+  bad = [(dict(n_experts=4, experts_per_token=5), "experts_per_token=5 must be in"),
+         (dict(n_experts=4, router="topk"), "model.router='topk'"),
+         (dict(n_experts=4, moe_every=3), "leave no MoE layer"),
+         (dict(n_experts=4, shared_expert_gate=True), "needs model.n_shared_experts"),
+         (dict(n_experts=4, capacity_factor=-1.0), "capacity_factor"),
+         (dict(moe_impl="cuda"), "model.moe_impl='cuda'")]
+  for model, match in bad:
+    with pytest.raises(config_lib.ConfigError, match=match):
+      tiny_experiment(model=model)
+  moe = dict(n_experts=6)
+  with pytest.raises(config_lib.ConfigError, match="n_experts=6 is not divisible by "
+                     "mesh.expert=4"):
+    config_lib.validate_for_devices(tiny_experiment(model=moe, mesh=dict(data=1, expert=4)), 4)
+  with pytest.raises(config_lib.ConfigError, match="mesh.data x mesh.fsdp x mesh.expert"):
+    config_lib.validate_for_devices(
+        tiny_experiment(model=moe, train=dict(batch_size=4), mesh=dict(data=1, expert=3,
+                                                                       fsdp=2)), 6)
+  with pytest.raises(config_lib.ConfigError, match="first_dense_layers=0"):
+    config_lib.validate_for_devices(
+        tiny_experiment(model=dict(moe, first_dense_layers=1), mesh=dict(data=1, stage=2)), 2)

@@ -284,4 +284,6 @@ def test_smollm2_cache_layouts_equal_recompute_at_every_step(smollm2):
   for kind in gen.CACHE_KINDS:
     got = _teacher_forced_logits(m.graphdef, m.params, prompts, continuation, kind, chunk=16,
                                  page_size=16)
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=kind)
+    # float32 reduction order over 30 layers (logits up to ~20): 6.5e-5 on one CPU, 1.0e-4 on
+    # another of the same machine kind (2026-11-30), for the unchanged code.
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=0, err_msg=kind)

@@ -1,6 +1,7 @@
-"""Two processes x 4 CPU devices (gloo collectives over 127.0.0.1) train with FSDP and are
-preempted; one process with 8 devices resumes their checkpoint, data iterator included, and
-continues on the loss trajectory of an uninterrupted single-process run."""
+"""Two processes x 4 CPU devices (gloo collectives over 127.0.0.1) train and are preempted; one
+process with 8 devices resumes their checkpoint on another mesh, data iterator included, and
+continues on the loss trajectory of an uninterrupted single-process run. Dense with FSDP, and
+MoE with experts over mesh.expert (all-to-all across the two processes)."""
 
 import json
 import os
@@ -13,8 +14,8 @@ import pytest
 
 from jaxllm.train import loop
 from jaxllm.train.workdir import METRICS_FILE
-from tests.helpers import REPO, tiny_experiment
-from tests.multiprocess_worker import FSDP
+from tests.helpers import REPO
+from tests.multiprocess_worker import FSDP, experiment
 
 
 def _free_port():
@@ -28,25 +29,42 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
+# kind -> (mesh of the single-process reference, mesh the resumed run uses)
+RESUME = {"fsdp": (FSDP, FSDP), "moe": (dict(expert=8), dict(fsdp=4, expert=2))}
+
+
 @pytest.mark.slow
-def test_two_processes_save_and_one_process_resumes(tmp_path):
+@pytest.mark.parametrize("kind", list(RESUME))
+def test_two_processes_save_and_one_process_resumes(tmp_path, kind):
+  reference_mesh, resume_mesh = RESUME[kind]
   reference = str(tmp_path / "reference")
-  loop.train(tiny_experiment(mesh=FSDP), reference, progress=False)
+  loop.train(experiment(kind, reference_mesh), reference, progress=False)
 
   workdir = str(tmp_path / "multi")
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   procs = [subprocess.Popen([sys.executable, "-m", "tests.multiprocess_worker", str(port), "2",
-                             str(i), workdir, "12"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+                             str(i), workdir, "12", kind], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
     assert "stopped at 12, saved 12" in out, out[-3000:]
 
-  result = loop.train(tiny_experiment(mesh=FSDP), workdir, progress=False)  # 8 devices, 1 process
+  # 8 devices, 1 process, another mesh
+  result = loop.train(experiment(kind, resume_mesh), workdir, progress=False)
   assert result["step"] == 20
   got, want = _losses(workdir), _losses(reference)
   assert sorted(got) == list(range(1, 21))
   np.testing.assert_allclose([got[s] for s in range(1, 21)], [want[s] for s in range(1, 21)],
                              rtol=1e-5)
+  if kind == "moe":  # router metrics per MoE layer, in metrics.jsonl and TensorBoard
+    with open(os.path.join(workdir, METRICS_FILE)) as f:
+      last = [r for r in map(json.loads, f) if "loss" in r][-1]
+    load = np.asarray(last["moe_load"])
+    assert load.shape == (2, 8) and np.allclose(load.sum(axis=1), 1.0)
+    assert len(last["moe_load_entropy"]) == 2 and all(1.0 <= m <= 8.0
+                                                     for m in last["moe_max_load"])
+    assert 0 < last["moe_aux_loss"] < 8 and last["moe_dropped"] == 0.0
+    assert os.listdir(os.path.join(workdir, "tb"))

@@ -54,7 +54,7 @@ def _batches(cfg, n=3):
 def _train(cfg, devices):
   mesh = mesh_lib.make_mesh(cfg.mesh, devices)
   graphdef, _, shardings, optimizer = loop.state_shardings(cfg, mesh)
-  state = loop._init_state(cfg, optimizer, shardings)
+  state = loop.initial_state(cfg, optimizer, shardings)
   batch_sh = rules.batch_sharding(mesh)
   step = mesh_lib.under_mesh(jax.jit(step_lib.make_train_step(graphdef, optimizer, cfg.train),
                                      in_shardings=(shardings, batch_sh),
@@ -105,7 +105,7 @@ def test_fsdp8_holds_an_eighth_of_params_and_optimizer_state():
   cfg = _config(MESHES["fsdp8"])
   mesh = mesh_lib.make_mesh(cfg.mesh)
   _, _, shardings, optimizer = loop.state_shardings(cfg, mesh)
-  state = loop._init_state(cfg, optimizer, shardings)
+  state = loop.initial_state(cfg, optimizer, shardings)
   assert abs(_device0_fraction(state["params"]) - 1 / 8) <= 0.02 / 8
   assert abs(_device0_fraction(state["opt_state"]) - 1 / 8) <= 0.02 / 8
 
@@ -124,7 +124,7 @@ def test_tensor_parallel_splits_megatron_style():
   assert blocks["mlp"]["down"] == P(None, "tensor", None)
   assert specs["embed"] == P("tensor", None)  # vocab-parallel embedding / tied head
   assert blocks["attn_norm"]["scale"] == P(None, None)  # norms replicated
-  state = loop._init_state(cfg, optimizer, shardings)
+  state = loop.initial_state(cfg, optimizer, shardings)
   q = state["params"]["blocks"]["attn"]["q"]
   assert {s.data.shape for s in q.addressable_shards} == {(4, 64, 2, 8)}  # [L, D, H/4, Dh]
 

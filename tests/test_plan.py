@@ -36,7 +36,7 @@ def test_plan_agrees_with_measured_shards_and_the_compiler():
   result = plan_lib.plan(cfg, 8)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   _, _, shardings, optimizer = loop.state_shardings(cfg, mesh)
-  state = loop._init_state(cfg, optimizer, shardings)
+  state = loop.initial_state(cfg, optimizer, shardings)
   device0 = jax.devices()[0]
 
   def held(tree):
@@ -88,3 +88,30 @@ def test_cli_table_and_errors():
   assert bad.returncode == 2 and bad.stderr.startswith("error: mesh")
   preset = _plan("--config=experiments/llama3_8b.py:tpu9000")
   assert preset.returncode == 2 and "unknown mesh preset" in preset.stderr
+
+
+def test_moe_plan_counts_experts_active_params_and_all_to_all_buffers():
+  import experiments.mixtral_8x7b as mixtral
+  cfg = _experiment(mixtral, "gpu64")
+  moe = plan_lib.plan(cfg, 64, compile_check=False)["moe"]
+  assert 46.6e9 < moe["total_params"] < 46.8e9 and 12.8e9 < moe["active_params"] < 13.0e9
+  # Experts: [32, 8, 4096, 14336] x 3, float32, split over expert 8 x fsdp 8 (embed).
+  assert moe["expert_params"] == 3 * 32 * 8 * 4096 * 14336
+  assert moe["expert_param_bytes"] == moe["expert_params"] * 4 / 64
+  # One sequence of 4096 tokens per device, k = 2: send + receive, there and back, bf16.
+  assert moe["all_to_all_bytes_per_layer"] == 4 * 8 * (4096 * 2) * 4096 * 2
+
+
+def test_moe_plan_agrees_with_measured_expert_shards():
+  cfg = tiny_experiment(model=dict(n_experts=8, moe_d_ff=32), mesh=dict(data=1, expert=4, fsdp=2))
+  result = plan_lib.plan(cfg, 8, compile_check=False)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  _, _, shardings, optimizer = loop.state_shardings(cfg, mesh)
+  state = loop.initial_state(cfg, optimizer, shardings)
+  device0 = jax.devices()[0]
+  held = lambda tree: sum(s.data.nbytes for x in jax.tree.leaves(tree)
+                          for s in x.addressable_shards if s.device == device0)
+  assert result["param_bytes"] == held(state["params"])
+  experts = {k: v for k, v in state["params"]["moe_blocks"]["moe"].items()
+             if k in ("gate", "up", "down")}
+  assert result["moe"]["expert_param_bytes"] == held(experts)

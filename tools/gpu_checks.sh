@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks and benchmarks that need a GPU, in one call (the figures in BUILD.md came from it).
-# Usage: tools/gpu_checks.sh OUTDIR [kernels] [attention] [tune] [quant]
+# Usage: tools/gpu_checks.sh OUTDIR [kernels] [attention] [tune] [quant] [moe]
 # Runs from the repo root with the machine's own jax (0.11.x + CUDA plugin); no install.
 set -uo pipefail
 out=${1:?output directory}; shift
@@ -23,6 +23,13 @@ for part in "$@"; do
         | tee "$out/quant_tests.log" | tail -15
       timeout 300 python3 -m jaxllm.bench quant_matmul --out="$out/quant.json" \
         2>&1 | tee "$out/quant.log" | tail -30 ;;
+    moe)  # grouped-matmul kernel + MoE layer compiled on the GPU; tile sweep; bench moe
+      python3 -m pytest -q -p no:cacheprovider tests/test_grouped_matmul.py tests/test_moe.py \
+        -k "not gptq and not awq and not speculative" 2>&1 | tee "$out/moe_tests.log" | tail -15
+      PYTHONPATH=.:${PYTHONPATH:-} timeout 240 python3 tools/tune_gmm.py 2>&1 \
+        | tee "$out/tune_gmm.log" | tail -12
+      timeout 300 python3 -m jaxllm.bench moe --out="$out/moe.json" \
+        2>&1 | tee "$out/moe.log" | tail -25 ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac
 done

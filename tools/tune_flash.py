@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
-from jaxllm.bench.attention import _median_seconds
+from jaxllm.bench.timing import median_seconds
 from pallas_kernels.flash_attention.common import BlockSizes
 
 CANDIDATES = {
@@ -52,8 +52,8 @@ def main(seq_len: int = 4096):
           reference = outs
         err = max(float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
                   for a, b in zip(outs, reference))
-        fwd = flops / _median_seconds(jax.jit(attn), (q, k, v), 10) / 1e12
-        both = 3.5 * flops / _median_seconds(jax.jit(fwd_bwd), (q, k, v, do), 10) / 1e12
+        fwd = flops / median_seconds(jax.jit(attn), (q, k, v), 10) / 1e12
+        both = 3.5 * flops / median_seconds(jax.jit(fwd_bwd), (q, k, v, do), 10) / 1e12
         rows.append((Dh, bs, f"{fwd:7.1f}", f"{both:7.1f}", f"{err:.1e}"))
       except Exception as e:  # noqa: BLE001 - report and go on to the next candidate
         rows.append((Dh, bs, "-", "-", f"{type(e).__name__}: {str(e)[:90]}"))

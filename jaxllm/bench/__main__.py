@@ -4,18 +4,28 @@ Suites: train (step time, tokens/s, MFU of the configured train step); attention
 flash-attention kernel against cuDNN, XLA and JAX's bundled Pallas kernel, TFLOP/s and memory);
 pipeline (the measured GPipe bubble against (p - 1) / (m + p - 1)); decode (generation
 tokens/s beside Hugging Face transformers, and speculative decoding speedups); serve
-(continuous against static batching, KV utilisation, prefix-cache speedup).
+(continuous against static batching, KV utilisation, prefix-cache speedup); moe (dispatch
+modes, the grouped-matmul kernel, an expert-parallel train step).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+
+if "moe" in sys.argv[1:2] and "xla_force_host_platform_device_count" not in os.environ.get(
+    "XLA_FLAGS", ""):
+  # The expert-parallel step wants 8 devices; on CPU they are simulated (set before JAX starts;
+  # other platforms ignore it).
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
 
 from absl import app, flags
 
 from jaxllm.cli import common
 
-SUITES = ("train", "attention", "pipeline", "decode", "serve", "quant_matmul")
+SUITES = ("train", "attention", "pipeline", "decode", "serve", "quant_matmul", "moe")
 
 _CONFIG = common.define_config_flag(common.default_experiment())
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
@@ -90,6 +100,16 @@ def main(argv):
     raise app.UsageError(f"usage: python -m jaxllm.bench {{{'|'.join(SUITES)}}} [flags]")
   if argv[1] == "attention":
     result, text = _attention_suite()
+  elif argv[1] == "moe":
+    import jax
+    from jaxllm.bench import moe
+    if jax.default_backend() == "gpu":  # Mixtral-like and fine-grained (64 experts, top-6)
+      layer = [(8192, 4096, 14336, 8, 2), (16384, 2048, 1408, 64, 6)]
+      gmm = [(16384, 4096, 14336, 8), (16384, 14336, 4096, 8), (98304, 2048, 1408, 64)]
+    else:
+      layer, gmm = [(4096, 256, 384, 8, 2), (4096, 256, 128, 32, 4)], []
+    result = moe.run(layer, gmm, repeats=_REPEATS.value)
+    text = moe.table(result)
   elif argv[1] == "quant_matmul":
     import jax
     from jaxllm.bench import quant_matmul

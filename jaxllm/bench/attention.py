@@ -14,7 +14,6 @@ backward. On CPU the Pallas kernels only run interpreted: the numbers check the 
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import jax
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels
+from jaxllm.bench import timing
 from pallas_kernels import backends
 
 PEERS = ("ours", "xla", "cudnn", "jax_pallas")
@@ -45,16 +45,6 @@ def _flash_peer(name: str, backend: str, interpret: bool, sm_scale: float, causa
   from jax.experimental.pallas.ops.gpu import attention as bundled_gpu
   return lambda q, k, v: bundled_gpu.mha(q, k, v, None, sm_scale=sm_scale, causal=causal,
                                          interpret=interpret)
-
-
-def _median_seconds(fn, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def _fwd_bwd(attn):
@@ -94,7 +84,7 @@ def run(seq_lens, head_dims, *, tokens: int = 16384, width: int = 2048, repeats:
           for mode, fn, args, flop in (("fwd", attn, (q, k, v), fwd_flops),
                                        ("fwd_bwd", _fwd_bwd(attn), (q, k, v, do), 3.5 * fwd_flops)):
             try:
-              seconds = _median_seconds(jax.jit(fn), args, repeats)
+              seconds = timing.median_seconds(jax.jit(fn), args, repeats)
               row[f"{name}_{mode}_tflops"] = flop / seconds / 1e12
             except Exception as e:  # a peer that does not run here (cudnn on CPU, OOM) is noted
               row[f"{name}_{mode}_tflops"] = None

@@ -28,14 +28,13 @@ from jaxllm.train import loop, step as step_lib
 def _step_seconds(cfg: config_lib.Config, devices, repeats: int) -> float:
   mesh = mesh_lib.make_mesh(cfg.mesh, devices)
   graphdef, _, shardings, optimizer = loop.state_shardings(cfg, mesh)
-  params = loop._init_state(cfg, optimizer, shardings)["params"]
+  params = loop.initial_state(cfg, optimizer, shardings)["params"]
   B, T, V = cfg.train.batch_size, cfg.train.seq_len, cfg.model.vocab_size
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (B, T + 1)), jnp.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
            "weights": jnp.ones((B, T), jnp.float32), "segment_ids": jnp.ones((B, T), jnp.int32),
            "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
-  grads = jax.jit(jax.grad(lambda p, b: step_lib._batch_loss(
-      graphdef, p, b, 0.0, cfg.train.microbatches)[0]))
+  grads = jax.jit(jax.grad(lambda p, b: step_lib.batch_loss(graphdef, p, b, cfg.train)[0]))
   fn = mesh_lib.under_mesh(grads, mesh)
   jax.block_until_ready(fn(params, batch))
   times = []

@@ -42,7 +42,7 @@ def run(cfg: config_lib.Config, steps: int = 10, warmup: int = 2) -> dict:
   config_lib.validate_for_devices(cfg, jax.device_count(), jax.default_backend())
   mesh = mesh_lib.make_mesh(cfg.mesh)
   graphdef, _, shardings, optimizer = loop.state_shardings(cfg, mesh)
-  state = loop._init_state(cfg, optimizer, shardings)
+  state = loop.initial_state(cfg, optimizer, shardings)
   batch_sh = rules.batch_sharding(mesh)
   B, T, V = cfg.train.batch_size, cfg.train.seq_len, cfg.model.vocab_size
   rng = np.random.default_rng(0)

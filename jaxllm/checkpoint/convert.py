@@ -169,11 +169,13 @@ def _save_tokenizer(tokenizer, dst: str) -> None:
 def export_hf(ckpt: Checkpoint, dst: str) -> None:
   """A transformers-loadable directory: config, float32 safetensors, tokenizer."""
   import jax
+  family = hf_format.model_type_for(ckpt.model)  # refuses before anything is written
   params = jax.tree.map(np.asarray, ckpt.params)
   bos = ckpt.tokenizer.bos_id if ckpt.tokenizer.bos_id >= 0 else None
   eos = ckpt.tokenizer.eos_id if ckpt.tokenizer.eos_id >= 0 else None
-  hf_format.write(dst, ckpt.model, layouts.hf_from_params(params, ckpt.model), bos_id=bos,
-                  eos_id=eos)
+  state = layouts.hf_from_params(params, ckpt.model,
+                                 "mixtral" if family == "mixtral" else "qwen")
+  hf_format.write(dst, ckpt.model, state, bos_id=bos, eos_id=eos)
   _save_tokenizer(ckpt.tokenizer, dst)
 
 

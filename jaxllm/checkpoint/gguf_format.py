@@ -1,8 +1,14 @@
-"""GGUF (llama.cpp) files: Llama-architecture weights, config and tokenizer, read with `gguf`.
+"""GGUF (llama.cpp) files: weights, config and tokenizer, read with `gguf`.
+
+Architectures: `llama` (Llama, Mistral, and Mixtral, which llama.cpp converts as `llama` with an
+`expert_count`), `qwen2moe` and `qwen3moe`. MoE layers use llama.cpp's stacked expert tensors:
+`ffn_gate_inp` (router `[E, D]`), `ffn_{gate,up}_exps` `[E, F, D]`, `ffn_down_exps` `[E, D, F]`,
+and for shared experts `ffn_{gate,up,down}_shexp` and `ffn_gate_inp_shexp`.
 
 Quantized tensors are dequantized to float32 on the host (F32, F16, BF16, Q8_0, Q4_0, Q4_1,
-Q4_K, Q6_K). llama.cpp stores Q and K projections with each head's rows interleaved for its
-"normal" RoPE; we undo that to the rotate-half layout of Hugging Face and our model.
+Q4_K, Q6_K). llama.cpp stores the `llama` architecture's Q and K projections with each head's
+rows interleaved for its "normal" RoPE; we undo that to the rotate-half layout of Hugging Face
+and our model (the Qwen architectures use rotate-half already).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from jaxllm.checkpoint.errors import UnsupportedCheckpoint
 from jaxllm.config import ModelConfig
 
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2moe", "qwen3moe")
 # Per-layer tensors: llama.cpp's `blk.{i}.<name>.weight` -> HF's `model.layers.{i}.<name>.weight`.
 LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -58,10 +64,35 @@ class GGUFFile:
   def _arch(self, key: str, default=None):
     return self.metadata.get(f"{self.architecture}.{key}", default)
 
+  def _moe_config(self) -> dict[str, Any]:
+    n_experts = int(self._arch("expert_count", 0) or 0)
+    if not n_experts:
+      if self.architecture != "llama":
+        raise UnsupportedCheckpoint(f"{self.path}: {self.architecture} without expert_count")
+      return {}
+    ffn = int(self._arch("expert_feed_forward_length", 0) or self._arch("feed_forward_length"))
+    out = dict(n_experts=n_experts, experts_per_token=int(self._arch("expert_used_count", 2)),
+               moe_d_ff=ffn,
+               norm_topk_prob=bool(self._arch("expert_weights_norm",
+                                              self.architecture != "qwen2moe")))
+    shared = int(self._arch("expert_shared_feed_forward_length", 0) or 0)
+    if shared:
+      if shared % ffn:
+        raise UnsupportedCheckpoint(f"{self.path}: shared expert width {shared} is not a "
+                                    f"multiple of the expert width {ffn}")
+      out.update(n_shared_experts=shared // ffn,
+                 shared_expert_gate="blk.0.ffn_gate_inp_shexp.weight" in self.tensors)
+    if self.architecture == "qwen2moe":
+      out["qkv_bias"] = "blk.0.attn_q.bias" in self.tensors
+    if self.architecture == "qwen3moe":
+      out["qk_norm"] = True
+    return out
+
   def model_config(self) -> ModelConfig:
     n_heads = int(self._arch("attention.head_count"))
     d_model = int(self._arch("embedding_length"))
-    head_dim = int(self._arch("rope.dimension_count", d_model // n_heads))
+    head_dim = int(self._arch("attention.key_length", 0) or self._arch("rope.dimension_count",
+                                                                        d_model // n_heads))
     vocab = self._arch("vocab_size") or len(self.metadata["tokenizer.ggml.tokens"])
     scaling = self._arch("rope.scaling.type", "none")
     kwargs = {}
@@ -79,7 +110,7 @@ class GGUFFile:
         norm_eps=float(self._arch("attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings="output.weight" not in self.tensors,
         sliding_window=int(self._arch("attention.sliding_window", 0) or 0),
-        dtype="float32", **kwargs)
+        dtype="float32", **kwargs, **self._moe_config())
 
   def tensor(self, name: str) -> np.ndarray:
     """A tensor dequantized to float32, rows first as in the file (`[out, in]` for matrices)."""
@@ -91,20 +122,46 @@ class GGUFFile:
     return np.asarray(data, np.float32).reshape(shape)
 
   def hf_state_dict(self) -> dict[str, np.ndarray]:
-    """The weights under Hugging Face Llama names, Q/K rows back in rotate-half order."""
+    """The weights under Hugging Face names (experts as Qwen names them), Q/K rows back in
+    rotate-half order."""
     cfg = self.model_config()
     out = {"model.embed_tokens.weight": self.tensor("token_embd.weight"),
            "model.norm.weight": self.tensor("output_norm.weight")}
     if not cfg.tie_embeddings:
       out["lm_head.weight"] = self.tensor("output.weight")
+    interleaved = self.architecture == "llama"
     for i in range(cfg.n_layers):
+      pre = f"model.layers.{i}."
+      moe_layer = cfg.n_experts and f"blk.{i}.ffn_gate_inp.weight" in self.tensors
       for gguf_name, hf_name in LAYER_NAMES.items():
+        if moe_layer and gguf_name.startswith("ffn_") and gguf_name != "ffn_norm":
+          continue
         w = self.tensor(f"blk.{i}.{gguf_name}.weight")
-        if gguf_name == "attn_q":
+        if interleaved and gguf_name == "attn_q":
           w = layouts.interleaved_to_half(w, cfg.n_heads)
-        elif gguf_name == "attn_k":
+        elif interleaved and gguf_name == "attn_k":
           w = layouts.interleaved_to_half(w, cfg.n_kv_heads)
-        out[f"model.layers.{i}.{hf_name}.weight"] = w
+        out[f"{pre}{hf_name}.weight"] = w
+      if cfg.qkv_bias:
+        for name in ("q", "k", "v"):
+          out[f"{pre}self_attn.{name}_proj.bias"] = self.tensor(f"blk.{i}.attn_{name}.bias")
+      if cfg.qk_norm:
+        for name in ("q", "k"):
+          out[f"{pre}self_attn.{name}_norm.weight"] = self.tensor(
+              f"blk.{i}.attn_{name}_norm.weight")
+      if moe_layer:
+        out[f"{pre}mlp.gate.weight"] = self.tensor(f"blk.{i}.ffn_gate_inp.weight")
+        stacked = {n: self.tensor(f"blk.{i}.ffn_{n}_exps.weight") for n in ("gate", "up", "down")}
+        for e in range(cfg.n_experts):
+          for n in ("gate", "up", "down"):
+            out[f"{pre}mlp.experts.{e}.{n}_proj.weight"] = stacked[n][e]
+        if cfg.n_shared_experts:
+          for n in ("gate", "up", "down"):
+            out[f"{pre}mlp.shared_expert.{n}_proj.weight"] = self.tensor(
+                f"blk.{i}.ffn_{n}_shexp.weight")
+          if cfg.shared_expert_gate:
+            out[f"{pre}mlp.shared_expert_gate.weight"] = self.tensor(
+                f"blk.{i}.ffn_gate_inp_shexp.weight").reshape(1, -1)
     return out
 
   def chat_template(self) -> str | None:

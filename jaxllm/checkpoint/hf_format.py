@@ -1,8 +1,9 @@
 """Hugging Face model directories: config.json + *.safetensors (+ tokenizer files).
 
-Reads Llama and Mistral configs (GQA, RoPE theta and scaling, sliding window, tied embeddings),
-single-file or sharded safetensors (any float dtype, converted to float32), and writes
-directories that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+Reads Llama, Mistral, Mixtral, Qwen2-MoE and Qwen3-MoE configs (GQA, RoPE theta and scaling,
+sliding window, tied embeddings, experts, shared experts, q/k/v biases, q/k norms), single-file
+or sharded safetensors (any float dtype, converted to float32), and writes directories that
+`transformers.AutoModelForCausalLM.from_pretrained` loads.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 from jaxllm.checkpoint.errors import UnsupportedCheckpoint
 from jaxllm.config import ModelConfig
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2_moe", "qwen3_moe")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def is_hf_dir(path: str) -> bool:
@@ -45,8 +47,10 @@ def model_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise UnsupportedCheckpoint(f"{where}: model_type {model_type!r} is not supported "
                                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-  if hf.get("attention_bias") or hf.get("mlp_bias"):
-    raise UnsupportedCheckpoint(f"{where}: attention/MLP biases are not supported")
+  qwen2 = model_type == "qwen2_moe"
+  if hf.get("mlp_bias") or (hf.get("attention_bias") and not qwen2):
+    raise UnsupportedCheckpoint(f"{where}: attention/MLP biases are not supported for "
+                                f"{model_type}")
   rope = _rope_params(hf)
   kind = rope.get("rope_type", rope.get("type", "default")) or "default"
   scaling: dict[str, Any] = {}
@@ -62,6 +66,13 @@ def model_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
                                 "(supported: linear, llama3)")
   n_heads = int(hf["num_attention_heads"])
   d_model = int(hf["hidden_size"])
+  window = 0
+  if model_type in ("mistral", "mixtral"):
+    window = int(hf.get("sliding_window") or 0)
+  elif hf.get("use_sliding_window"):
+    raise UnsupportedCheckpoint(f"{where}: Qwen's per-layer sliding windows "
+                                "(use_sliding_window) are not supported")
+  moe = _moe_config(hf, model_type, where) if model_type in MOE_MODEL_TYPES else {}
   return ModelConfig(
       vocab_size=int(hf["vocab_size"]), d_model=d_model, n_layers=int(hf["num_hidden_layers"]),
       n_heads=n_heads, n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
@@ -71,16 +82,85 @@ def model_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
       rope_theta=float(rope.get("rope_theta", 10_000.0)),
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      sliding_window=int(hf.get("sliding_window") or 0) if model_type == "mistral" else 0,
-      dtype="float32", **scaling)
+      sliding_window=window, dtype="float32", **scaling, **moe)
+
+
+def _moe_config(hf: dict[str, Any], model_type: str, where: str) -> dict[str, Any]:
+  """ModelConfig MoE keys from a Mixtral / Qwen2-MoE / Qwen3-MoE config."""
+  n_experts = int(hf.get("num_local_experts") or hf.get("num_experts") or 0)
+  k = int(hf.get("num_experts_per_tok") or 2)
+  if model_type == "mixtral":
+    return dict(n_experts=n_experts, experts_per_token=k, moe_d_ff=int(hf["intermediate_size"]),
+                norm_topk_prob=True)
+  F = int(hf["moe_intermediate_size"])
+  step = int(hf.get("decoder_sparse_step") or 1)
+  dense = sorted(int(i) for i in hf.get("mlp_only_layers") or ())
+  first = len(dense)
+  if dense != list(range(first)) or first % step:
+    raise UnsupportedCheckpoint(
+        f"{where}: mlp_only_layers={dense} with decoder_sparse_step={step} is not a layout "
+        "jaxllm has (a prefix of dense layers whose length is a multiple of the step)")
+  out = dict(n_experts=n_experts, experts_per_token=k, moe_d_ff=F, moe_every=step,
+             first_dense_layers=first, norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
+  if model_type == "qwen2_moe":
+    shared = int(hf.get("shared_expert_intermediate_size") or 0)
+    if shared % F:
+      raise UnsupportedCheckpoint(f"{where}: shared_expert_intermediate_size={shared} is not a "
+                                  f"multiple of moe_intermediate_size={F}")
+    out.update(n_shared_experts=shared // F, shared_expert_gate=shared > 0,
+               qkv_bias=bool(hf.get("qkv_bias", True)))
+  else:
+    out.update(qk_norm=True, qkv_bias=bool(hf.get("attention_bias", False)))
+  return out
+
+
+def model_type_for(cfg: ModelConfig) -> str:
+  """The transformers architecture that holds `cfg`; raises UnsupportedCheckpoint if none does.
+
+  Dense: llama (mistral with a window). MoE: qwen3_moe with q/k norms, qwen2_moe with shared
+  experts (and their gate), mixtral otherwise (every layer MoE, k weights renormalised).
+  """
+  def refuse(why):
+    raise UnsupportedCheckpoint(f"no Hugging Face architecture holds this model: {why} "
+                                "(export --format=orbax instead)")
+  if not cfg.n_experts:
+    if cfg.qkv_bias or cfg.qk_norm:
+      refuse("q/k/v biases or q/k norms on a dense model")
+    return "mistral" if cfg.sliding_window > 0 else "llama"
+  if cfg.router != "softmax" or cfg.router_bias_update_rate > 0:
+    refuse(f"router={cfg.router} with a routing bias")
+  if cfg.qk_norm:
+    if cfg.n_shared_experts:
+      refuse("q/k norms with shared experts")
+    family = "qwen3_moe"
+  elif cfg.n_shared_experts or cfg.qkv_bias:
+    if not (cfg.n_shared_experts and cfg.shared_expert_gate and cfg.qkv_bias):
+      refuse("Qwen2-MoE has shared experts with a gate and q/k/v biases, all three")
+    family = "qwen2_moe"
+  else:
+    if cfg.first_dense_layers or cfg.moe_every != 1 or not cfg.norm_topk_prob:
+      refuse("Mixtral has every layer MoE and renormalised top-k weights")
+    family = "mixtral"
+  if family != "mixtral":
+    if cfg.sliding_window:
+      refuse("a sliding window on a Qwen MoE model")
+    if cfg.first_dense_layers % cfg.moe_every or (cfg.n_layers - cfg.first_dense_layers) % (
+        cfg.moe_every):
+      refuse(f"first_dense_layers={cfg.first_dense_layers} / moe_every={cfg.moe_every} "
+             "differ from Qwen's decoder_sparse_step layout")
+  return family
+
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                  "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def hf_config(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None) -> dict[str, Any]:
-  """A transformers config.json dict for `cfg` (Llama, or Mistral when it has a window)."""
-  mistral = cfg.sliding_window > 0
+  """A transformers config.json dict for `cfg` (family by `model_type_for`)."""
+  model_type = model_type_for(cfg)
   out: dict[str, Any] = {
-      "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
-      "model_type": "mistral" if mistral else "llama",
+      "architectures": [_ARCHITECTURES[model_type]], "model_type": model_type,
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
       "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
       "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
@@ -89,8 +169,22 @@ def hf_config(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None) -> di
       "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
       "torch_dtype": "float32", "bos_token_id": bos_id, "eos_token_id": eos_id,
   }
-  if not mistral:
+  if model_type == "llama":
     out.update(attention_bias=False, mlp_bias=False)
+  F = cfg.moe_d_ff or cfg.d_ff
+  if model_type == "mixtral":
+    out.update(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token,
+               intermediate_size=F, router_aux_loss_coef=0.0)
+  elif model_type in ("qwen2_moe", "qwen3_moe"):
+    out.update(num_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token,
+               moe_intermediate_size=F, norm_topk_prob=cfg.norm_topk_prob,
+               decoder_sparse_step=cfg.moe_every,
+               mlp_only_layers=list(range(cfg.first_dense_layers)), router_aux_loss_coef=0.0,
+               use_sliding_window=False)
+    if model_type == "qwen2_moe":
+      out.update(shared_expert_intermediate_size=cfg.n_shared_experts * F, qkv_bias=True)
+    else:
+      out.update(attention_bias=cfg.qkv_bias)
   if cfg.rope_scaling == "linear":
     out["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_scaling_factor}
   elif cfg.rope_scaling == "llama3":
@@ -99,7 +193,7 @@ def hf_config(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None) -> di
         "low_freq_factor": cfg.rope_low_freq_factor,
         "high_freq_factor": cfg.rope_high_freq_factor,
         "original_max_position_embeddings": cfg.rope_original_max_len}
-  if mistral:
+  if model_type in ("mistral", "mixtral") and cfg.sliding_window:
     out["sliding_window"] = cfg.sliding_window
   return out
 

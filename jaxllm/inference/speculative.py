@@ -61,9 +61,18 @@ def layer_skip_draft(graphdef, params, layers: int) -> Draft:
   cfg = gen.model_config(graphdef, params)
   if not 1 <= layers < cfg.n_layers:
     raise ValueError(f"layer-skip draft: layers={layers} must be in [1, {cfg.n_layers})")
-  draft_graphdef, _ = transformer.abstract_params(dataclasses.replace(cfg, n_layers=layers))
-  draft_params = dict(params)
-  draft_params["blocks"] = jax.tree.map(lambda x: x[:layers], params["blocks"])
+  draft_cfg = dataclasses.replace(cfg, n_layers=layers)
+  layout = transformer.layer_layout(draft_cfg)
+  if cfg.n_experts and not layout.groups:  # the first layers hold no MoE layer
+    draft_cfg = dataclasses.replace(draft_cfg, n_experts=0)
+    layout = transformer.layer_layout(draft_cfg)
+  draft_graphdef, _ = transformer.abstract_params(draft_cfg)
+  # The first `layers` layers are prefixes of the dense and of the MoE stack.
+  draft_params = {k: v for k, v in params.items() if k not in ("blocks", "moe_blocks")}
+  if layout.n_dense:
+    draft_params["blocks"] = jax.tree.map(lambda x: x[:layout.n_dense], params["blocks"])
+  if layout.groups:
+    draft_params["moe_blocks"] = jax.tree.map(lambda x: x[:layout.groups], params["moe_blocks"])
   return Draft("layer_skip", draft_graphdef, draft_params)
 
 

@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.inference import kv_cache
-from jaxllm.model.layers import param
+from jaxllm.model.layers import RMSNorm, param
 from jaxllm.model.positions import apply_rope, scaled_inverse_frequencies
 from jaxllm.ops import attention as attention_ops
 from jaxllm.quant.matmul import project
@@ -28,6 +28,13 @@ class Attention(nnx.Module):
     self.v = param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), cfg.init_std, pd)
     out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
     self.o = param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), out_std, pd)
+    if cfg.qkv_bias:
+      self.q_bias = nnx.Param(jnp.zeros((H, Dh), pd), axes=("heads", "head_dim"))
+      self.k_bias = nnx.Param(jnp.zeros((K, Dh), pd), axes=("kv_heads", "head_dim"))
+      self.v_bias = nnx.Param(jnp.zeros((K, Dh), pd), axes=("kv_heads", "head_dim"))
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(Dh, cfg.norm_eps, pd, "head_dim")
+      self.k_norm = RMSNorm(Dh, cfg.norm_eps, pd, "head_dim")
     # A tuple, not an array: module attributes that are arrays would become graph state.
     self.inv_freq = tuple(float(f) for f in scaled_inverse_frequencies(cfg))
     self.sliding_window = cfg.sliding_window or None
@@ -37,6 +44,12 @@ class Attention(nnx.Module):
     q = project(x_BTD, self.q[...])  # [B, T, H, Dh]
     k = project(x_BTD, self.k[...])  # [B, T, K, Dh]
     v = project(x_BTD, self.v[...])
+    if hasattr(self, "q_bias"):
+      q = q + self.q_bias[...].astype(q.dtype)[None, None]
+      k = k + self.k_bias[...].astype(k.dtype)[None, None]
+      v = v + self.v_bias[...].astype(v.dtype)[None, None]
+    if hasattr(self, "q_norm"):
+      q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = np.asarray(self.inv_freq, np.float32)
     return apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq), v
 

@@ -22,8 +22,8 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: fl
 class RMSNorm(nnx.Module):
   """x / rms(x) * scale over the last axis, computed in float32."""
 
-  def __init__(self, dim: int, eps: float, param_dtype):
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("embed",))
+  def __init__(self, dim: int, eps: float, param_dtype, axis_name: str = "embed"):
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=(axis_name,))
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:

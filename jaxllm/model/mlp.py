@@ -13,12 +13,14 @@ from jaxllm.quant.matmul import project
 
 class MLP(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, d_ff: int | None = None, rngs: nnx.Rngs):
+    """`d_ff` overrides `cfg.d_ff` (the shared experts of an MoE layer)."""
     pd = jnp.dtype(cfg.param_dtype)
+    F = d_ff or cfg.d_ff
     out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
-    self.gate = param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg.init_std, pd)
-    self.up = param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg.init_std, pd)
-    self.down = param(rngs, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), out_std, pd)
+    self.gate = param(rngs, (cfg.d_model, F), ("embed", "mlp"), cfg.init_std, pd)
+    self.up = param(rngs, (cfg.d_model, F), ("embed", "mlp"), cfg.init_std, pd)
+    self.down = param(rngs, (F, cfg.d_model), ("mlp", "embed"), out_std, pd)
 
   def hidden(self, x_BTD: jax.Array) -> jax.Array:
     """silu(x @ gate) * (x @ up) `[B, T, F]`: the down projection's input."""

@@ -3,16 +3,21 @@
 Shape letters: B batch, T query length, S cache length, D d_model, H query heads, K kv heads,
 Dh head dim, F mlp width, V vocab, L layers.
 
-All `n_layers` blocks live in one `Block` module whose parameters carry a leading `[L]` axis
-(logical axis `layers`); the forward pass runs them with `jax.lax.scan`, so compile time and
-program size do not grow with depth. Master parameters stay in `param_dtype`; activations and
-matmuls run in `dtype`; norms, softmax and logits are float32.
+The blocks live in stacked `Block` modules whose parameters carry a leading layer axis
+(logical axis `layers`): all `n_layers` in `blocks` for a dense model; an MoE model keeps its
+dense layers in `blocks` and its MoE layers in `moe_blocks` (`LayerLayout`). The forward pass
+runs them with `jax.lax.scan`, so compile time and program size do not grow with depth.
+Master parameters stay in `param_dtype`; activations and matmuls run in `dtype`; norms,
+softmax and logits are float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxllm.config import ModelConfig
@@ -20,6 +25,7 @@ from jaxllm.inference.kv_cache import KVCache, PagedKVCache
 from jaxllm.model.attention import Attention
 from jaxllm.model.layers import RMSNorm, param
 from jaxllm.model.mlp import MLP
+from jaxllm.model.moe import MoE
 from jaxllm.parallel import pipeline, rules
 
 _REMAT_POLICIES = {
@@ -29,39 +35,116 @@ _REMAT_POLICIES = {
 }
 
 
-class Block(nnx.Module):
-  """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.))."""
+@dataclasses.dataclass(frozen=True)
+class LayerLayout:
+  """Which layers are dense and which MoE: `prefix` dense layers, then `groups` groups of
+  `group` layers whose last is MoE, then `suffix` dense layers (a dense model: prefix = L).
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  Dense layers live in one stacked `blocks` `[Ld, ...]` and MoE layers in `moe_blocks`
+  `[Lm, ...]`, each scanned; dense layer j and MoE layer g sit at the model depths
+  `dense_depths()[j]` and `moe_depths()[g]` (the KV cache's layer index)."""
+  prefix: int
+  groups: int
+  group: int
+  suffix: int
+
+  @property
+  def n_dense(self) -> int:
+    return self.prefix + self.groups * (self.group - 1) + self.suffix
+
+  def dense_depths(self) -> np.ndarray:
+    f, G, m = self.prefix, self.groups, self.group
+    grouped = [f + g * m + i for g in range(G) for i in range(m - 1)]
+    suffix = [f + G * m + i for i in range(self.suffix)]
+    return np.asarray(list(range(f)) + grouped + suffix, np.int32)
+
+  def moe_depths(self) -> np.ndarray:
+    f, m = self.prefix, self.group
+    return np.asarray([f + g * m + m - 1 for g in range(self.groups)], np.int32)
+
+
+def layer_layout(cfg: ModelConfig) -> LayerLayout:
+  if not cfg.n_experts:
+    return LayerLayout(cfg.n_layers, 0, 1, 0)
+  rest = cfg.n_layers - cfg.first_dense_layers
+  return LayerLayout(cfg.first_dense_layers, rest // cfg.moe_every, cfg.moe_every,
+                     rest % cfg.moe_every)
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.)) (a dense SwiGLU MLP, or
+  with `moe` routed experts)."""
+
+  def __init__(self, cfg: ModelConfig, *, moe: bool = False, rngs: nnx.Rngs):
     pd = jnp.dtype(cfg.param_dtype)
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
-    self.mlp = MLP(cfg, rngs=rngs)
+    if moe:
+      self.moe = MoE(cfg, rngs=rngs)
+    else:
+      self.mlp = MLP(cfg, rngs=rngs)
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    """-> (x `[B, T, D]`, routing stats of an MoE block or None)."""
     x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
-    return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+    if hasattr(self, "moe"):
+      y_BTD, stats = self.moe(self.mlp_norm(x_BTD))
+      return x_BTD + y_BTD, stats
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD)), None
 
   def extend(self, x_BTD, cache_k, cache_v, layer, lengths_B, num_new_B, page_table_BM):
     h, cache_k, cache_v = self.attn.extend(self.attn_norm(x_BTD), cache_k, cache_v, layer,
                                            lengths_B, num_new_B, page_table_BM)
     x_BTD = x_BTD + h
-    return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache_k, cache_v
+    ffn = self.moe.infer if hasattr(self, "moe") else self.mlp
+    return x_BTD + ffn(self.mlp_norm(x_BTD)), cache_k, cache_v
 
 
-def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
-  """One Block whose every parameter has a leading [L] axis, each layer initialised apart."""
-  keys = jax.random.split(rngs.params(), cfg.n_layers)
+def _stacked_blocks(cfg: ModelConfig, key: jax.Array, n: int, moe: bool) -> Block:
+  """One Block whose every parameter has a leading [n] axis, each layer initialised apart."""
+  keys = jax.random.split(key, n)
 
   def one_layer(key):
-    return nnx.state(Block(cfg, rngs=nnx.Rngs(params=key)))
+    return nnx.state(Block(cfg, moe=moe, rngs=nnx.Rngs(params=key)))
 
   stacked = jax.vmap(one_layer)(keys)
   stacked = jax.tree.map(lambda p: p.replace(axes=("layers",) + tuple(p.axes)), stacked,
                          is_leaf=lambda x: isinstance(x, nnx.Variable))
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0))))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, moe=moe, rngs=nnx.Rngs(0))))
   return nnx.merge(graphdef, stacked)
+
+
+def _traverse(layout: LayerLayout, dense, moe, carry, dense_fn, moe_fn, wrap=lambda f: f):
+  """Runs the layers in depth order over stacked params (`dense` `[Ld, ...]`, `moe`
+  `[Lm, ...]`, either None when absent): `dense_fn(carry, params, depth) -> carry` and
+  `moe_fn(carry, params, depth) -> (carry, stats)`, each wrapped by `wrap` (remat). Returns
+  (carry, the MoE layers' stats stacked `[Lm, ...]`, or None)."""
+  dense_fn, moe_fn = wrap(dense_fn), wrap(moe_fn)
+  f, G, m = layout.prefix, layout.groups, layout.group
+  depths = jnp.asarray(layout.dense_depths())
+
+  def scan_dense(carry, lo, hi):
+    if hi <= lo:
+      return carry
+    xs = (jax.tree.map(lambda a: a[lo:hi], dense), depths[lo:hi])
+    return jax.lax.scan(lambda c, x: (dense_fn(c, *x), None), carry, xs)[0]
+
+  carry = scan_dense(carry, 0, f)
+  stats = None
+  if G:
+    def group(carry, xs):
+      dense_g, depths_g, moe_g, depth = xs
+      if m > 1:
+        carry = jax.lax.scan(lambda c, x: (dense_fn(c, *x), None), carry, (dense_g, depths_g))[0]
+      return moe_fn(carry, moe_g, depth)
+
+    lo, hi = f, f + G * (m - 1)
+    dense_g = jax.tree.map(lambda a: a[lo:hi].reshape((G, m - 1) + a.shape[1:]), dense)
+    xs = (dense_g, depths[lo:hi].reshape(G, m - 1), moe, jnp.asarray(layout.moe_depths()))
+    carry, stats = jax.lax.scan(group, carry, xs)
+  carry = scan_dense(carry, layout.n_dense - layout.suffix, layout.n_dense)
+  return carry, stats
 
 
 class Transformer(nnx.Module):
@@ -69,9 +152,13 @@ class Transformer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
+    self.layout = layer_layout(cfg)
     pd = jnp.dtype(cfg.param_dtype)
     self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pd)
-    self.blocks = _stacked_blocks(cfg, rngs)
+    if self.layout.n_dense:
+      self.blocks = _stacked_blocks(cfg, rngs.params(), self.layout.n_dense, moe=False)
+    if self.layout.groups:
+      self.moe_blocks = _stacked_blocks(cfg, rngs.params(), self.layout.groups, moe=True)
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
     if not cfg.tie_embeddings:
       self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
@@ -93,33 +180,67 @@ class Transformer(nnx.Module):
       return fn
     return jax.checkpoint(fn, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
 
+  def _stacks(self):
+    """(graphdef, stacked params) of the dense and the MoE blocks, (None, None) when absent."""
+    dense = nnx.split(self.blocks) if hasattr(self, "blocks") else (None, None)
+    moe = nnx.split(self.moe_blocks) if hasattr(self, "moe_blocks") else (None, None)
+    return dense, moe
+
   def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
                segment_ids_BT: jax.Array | None = None, *, microbatches: int = 1,
                pipeline_chunks: int = 1) -> jax.Array:
-    """Full forward (training, evaluation, reference). positions default to arange(T).
+    """Full forward (evaluation, inference, reference): logits only (see `forward`)."""
+    return self.forward(tokens_BT, positions_BT, segment_ids_BT, microbatches=microbatches,
+                        pipeline_chunks=pipeline_chunks)[0]
+
+  def forward(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+              segment_ids_BT: jax.Array | None = None, *, microbatches: int = 1,
+              pipeline_chunks: int = 1) -> tuple[jax.Array, dict | None]:
+    """Full forward (training): (logits `[B, T, V]`, the MoE layers' routing stats stacked
+    `[Lm, ...]` (`jaxllm.model.moe`), None for a dense model). positions default to arange(T).
 
     Under a mesh whose `stage` axis is > 1 the layers run as a pipeline of `microbatches`
-    microbatches, GPipe or (pipeline_chunks > 1) circular (`jaxllm.parallel.pipeline`);
-    otherwise both are ignored.
+    microbatches, GPipe or (pipeline_chunks > 1) circular (`jaxllm.parallel.pipeline`); its
+    units are the layers of a dense model or the `moe_every`-layer groups of an MoE model.
     """
     B, T = tokens_BT.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    graphdef, stacked = nnx.split(self.blocks)
+    (dense_gd, dense), (moe_gd, moe) = self._stacks()
 
-    def block(x_BTD, layer_params, positions_BT, segment_ids_BT):
-      return nnx.merge(graphdef, layer_params)(x_BTD, positions_BT, segment_ids_BT)
+    def dense_block(x_BTD, params, positions_BT, segment_ids_BT):
+      x_BTD, _ = nnx.merge(dense_gd, params)(x_BTD, positions_BT, segment_ids_BT)
+      return rules.constrain(x_BTD, rules.ACTIVATION_AXES_BTD)
+
+    def moe_block(x_BTD, params, positions_BT, segment_ids_BT):
+      x_BTD, stats = nnx.merge(moe_gd, params)(x_BTD, positions_BT, segment_ids_BT)
+      return rules.constrain(x_BTD, rules.ACTIVATION_AXES_BTD), stats
 
     x_BTD = rules.constrain(self._embed(tokens_BT), rules.ACTIVATION_AXES_BTD)
     if pipeline.num_stages() > 1:
-      x_BTD = pipeline.run(self._remat(block), x_BTD, stacked, positions_BT, segment_ids_BT,
-                           microbatches=microbatches, chunks=pipeline_chunks)
+      if moe is None:
+        unit = lambda x, p, pos, seg: (dense_block(x, p, pos, seg), None)
+        units = dense
+      else:  # units: groups of (moe_every - 1) dense layers and one MoE layer
+        m = self.layout.group
+
+        def unit(x, p, pos, seg):
+          if m > 1:
+            x = jax.lax.scan(lambda h, lp: (dense_block(h, lp, pos, seg), None), x,
+                             p["dense"])[0]
+          return moe_block(x, p["moe"], pos, seg)
+        G = self.layout.groups
+        units = {"moe": moe, "dense": jax.tree.map(
+            lambda a: a.reshape((G, m - 1) + a.shape[1:]), dense) if m > 1 else None}
+      x_BTD, stats = pipeline.run(self._remat(unit), x_BTD, units, positions_BT,
+                                  segment_ids_BT, microbatches=microbatches,
+                                  chunks=pipeline_chunks)
     else:
-      def layer(x_BTD, layer_params):
-        x_BTD = block(x_BTD, layer_params, positions_BT, segment_ids_BT)
-        return rules.constrain(x_BTD, rules.ACTIVATION_AXES_BTD), None
-      x_BTD, _ = jax.lax.scan(self._remat(layer), x_BTD, stacked)
-    return rules.constrain(self._logits(x_BTD), rules.ACTIVATION_AXES_BTV)
+      x_BTD, stats = _traverse(
+          self.layout, dense, moe, x_BTD,
+          lambda x, p, _: dense_block(x, p, positions_BT, segment_ids_BT),
+          lambda x, p, _: moe_block(x, p, positions_BT, segment_ids_BT), self._remat)
+    return rules.constrain(self._logits(x_BTD), rules.ACTIVATION_AXES_BTV), stats
 
   def extend(self, tokens_BT: jax.Array, cache: KVCache | PagedKVCache,
              num_new_B: jax.Array | None = None, *, last_only: bool = False
@@ -135,19 +256,21 @@ class Transformer(nnx.Module):
     tokens into it, so a step costs the new K/V, not a copy of the cache.
     """
     B, T = tokens_BT.shape
-    graphdef, stacked = nnx.split(self.blocks)
+    (dense_gd, dense), (moe_gd, moe) = self._stacks()
     lengths_B = cache.lengths
     page_table = getattr(cache, "page_table", None)
 
-    def layer(carry, xs):
-      x_BTD, k, v = carry
-      layer_params, index = xs
-      x_BTD, k, v = nnx.merge(graphdef, layer_params).extend(x_BTD, k, v, index, lengths_B,
-                                                             num_new_B, page_table)
-      return (x_BTD, k, v), None
+    def step(graphdef):
+      def run(carry, params, depth):
+        x_BTD, k, v = carry
+        return nnx.merge(graphdef, params).extend(x_BTD, k, v, depth, lengths_B, num_new_B,
+                                                  page_table)
+      return run
 
-    (x_BTD, k, v), _ = jax.lax.scan(layer, (self._embed(tokens_BT), cache.k, cache.v),
-                                    (stacked, jnp.arange(self.cfg.n_layers, dtype=jnp.int32)))
+    moe_step = lambda carry, params, depth: (step(moe_gd)(carry, params, depth), None)
+    (x_BTD, k, v), _ = _traverse(self.layout, dense, moe,
+                                 (self._embed(tokens_BT), cache.k, cache.v), step(dense_gd),
+                                 moe_step)
     num_new_B = jnp.full((B,), T, jnp.int32) if num_new_B is None else num_new_B
     if last_only:
       last_B = jnp.clip(num_new_B - 1, 0, T - 1)

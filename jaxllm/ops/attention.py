@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from jaxllm.parallel import rules
 
 IMPLS = ("auto", "xla", "pallas", "cudnn")
 
@@ -133,7 +134,7 @@ def _pallas_self_attention(q, k, v, segment_ids, sliding_window, sm_scale):
   """The flash kernel, run per shard when a mesh is in context.
 
   A Pallas call is opaque to XLA's partitioner, so under a mesh it is wrapped in `shard_map`:
-  the batch split like the activations (data, fsdp) and, when both head counts divide, the
+  the batch split like the activations (data, fsdp, expert) and, when both head counts divide, the
   heads over `tensor` (each device then holds whole GQA groups). Other mesh axes see it whole.
   """
   def kernel(q, k, v, segment_ids):
@@ -145,7 +146,7 @@ def _pallas_self_attention(q, k, v, segment_ids, sliding_window, sm_scale):
   mesh = jax.sharding.get_abstract_mesh()
   sizes = {} if mesh.empty else dict(mesh.shape)
   manual = set(getattr(mesh, "manual_axes", ()) or ())
-  batch_axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1 and a not in manual)
+  batch_axes = () if mesh.empty else rules.batch_axes(mesh)
   batch = 1
   for a in batch_axes:
     batch *= sizes[a]

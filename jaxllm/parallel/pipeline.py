@@ -36,10 +36,15 @@ def num_stages() -> int:
 
 
 def run(layer: Callable, x_BTD: jax.Array, stacked_params, positions_BT: jax.Array,
-        segment_ids_BT: jax.Array | None, *, microbatches: int, chunks: int = 1) -> jax.Array:
-  """Runs `layer(x_BTD, layer_params, positions_BT, segment_ids_BT) -> x_BTD` over the stacked
-  layers `[L, ...]` as a pipeline over the mesh's `stage` axis (GPipe for chunks=1, circular
-  with `chunks` chunks per stage otherwise); returns `[B, T, D]`."""
+        segment_ids_BT: jax.Array | None, *, microbatches: int, chunks: int = 1):
+  """Runs `layer(x_BTD, layer_params, positions_BT, segment_ids_BT) -> (x_BTD, aux)` over the
+  stacked layers `[L, ...]` as a pipeline over the mesh's `stage` axis (GPipe for chunks=1,
+  circular with `chunks` chunks per stage otherwise).
+
+  Returns (`[B, T, D]`, aux stacked `[L, ...]` and summed over microbatches). `aux` is a
+  pytree of per-layer sums (the MoE routing statistics; None for dense layers), so the sum over
+  microbatches equals one pass over the whole batch.
+  """
   mesh = jax.sharding.get_abstract_mesh()
   p, m, v = num_stages(), microbatches, chunks
   B, T, D = x_BTD.shape
@@ -64,6 +69,12 @@ def run(layer: Callable, x_BTD: jax.Array, stacked_params, positions_BT: jax.Arr
         lambda a: a.reshape((v, p, L // (p * v)) + a.shape[1:]).swapaxes(0, 1).reshape(a.shape),
         stacked_params)
 
+  U = L // (p * v)  # layers per chunk
+  aux_shapes = jax.eval_shape(
+      lambda h, lp: layer(h, lp, pos[0], seg[0] if has_segments else None)[1],
+      jax.ShapeDtypeStruct(xs.shape[1:], compute_dtype),
+      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stacked_params))
+
   def stage_program(local_params, xs, pos, seg):
     s = jax.lax.axis_index(AXIS)
     chunk_params = jax.tree.map(lambda a: a.reshape((v, a.shape[0] // v) + a.shape[1:]),
@@ -71,18 +82,21 @@ def run(layer: Callable, x_BTD: jax.Array, stacked_params, positions_BT: jax.Arr
 
     def run_chunk(h, r, pos_mb, seg_mb):
       def one(h, layer_params):
-        return layer(h, layer_params, pos_mb, seg_mb if has_segments else None), None
-      return jax.lax.scan(one, h, jax.tree.map(lambda a: a[r], chunk_params))[0]
+        return layer(h, layer_params, pos_mb, seg_mb if has_segments else None)
+      return jax.lax.scan(one, h, jax.tree.map(lambda a: a[r], chunk_params))
 
     def tick(carry, t):
-      state, parked, outputs = carry
+      state, parked, outputs, aux_sum = carry
       w = t - s  # this stage's work item: round r of microbatch j
       live = (w >= 0) & (w < m * v)
       wc = jnp.clip(w, 0, m * v - 1)
       r, j = wc // m, wc % m
       first = jnp.where(r == 0, xs[j], parked[j])  # stage 0: fresh input or back from the ring
       h = jnp.where(s == 0, first, state).astype(compute_dtype)
-      out = run_chunk(h, r, pos[j], seg[j]).astype(jnp.float32)
+      out, aux = run_chunk(h, r, pos[j], seg[j])
+      out = out.astype(jnp.float32)
+      aux_sum = jax.tree.map(lambda acc, a: acc.at[r].add(jnp.where(live, a, jnp.zeros_like(a))),
+                             aux_sum, aux)
       keep = live & (s == p - 1) & (r == v - 1)
       outputs = outputs.at[j].set(jnp.where(keep, out, outputs[j]))
       state = jax.lax.ppermute(out, AXIS, [(i, (i + 1) % p) for i in range(p)])
@@ -91,18 +105,25 @@ def run(layer: Callable, x_BTD: jax.Array, stacked_params, positions_BT: jax.Arr
       back_j = jnp.clip(w_back, 0, m * v - 1) % m
       park = (s == 0) & (w_back >= 0) & (w_back < m * v)
       parked = parked.at[back_j].set(jnp.where(park, state, parked[back_j]))
-      return (state, parked, outputs), None
+      return (state, parked, outputs, aux_sum), None
 
     zeros = jnp.zeros(xs.shape, jnp.float32)
-    init = (jnp.zeros(xs.shape[1:], jnp.float32), zeros, zeros)
-    (_, _, outputs), _ = jax.lax.scan(tick, init, jnp.arange(m * v + p - 1))
+    aux_zeros = jax.tree.map(lambda a: jnp.zeros((v, U) + a.shape, a.dtype), aux_shapes)
+    init = (jnp.zeros(xs.shape[1:], jnp.float32), zeros, zeros, aux_zeros)
+    (_, _, outputs, aux_sum), _ = jax.lax.scan(tick, init, jnp.arange(m * v + p - 1))
     # Only the last stage holds results; the sum hands them to every stage.
-    return jax.lax.psum(jnp.where(s == p - 1, outputs, jnp.zeros_like(outputs)), AXIS)
+    return jax.lax.psum(jnp.where(s == p - 1, outputs, jnp.zeros_like(outputs)), AXIS), aux_sum
 
   param_specs = jax.tree.map(lambda _: P(AXIS), stacked_params)
+  aux_specs = jax.tree.map(lambda _: P(AXIS), aux_shapes)
   program = jax.shard_map(stage_program, mesh=mesh, in_specs=(param_specs, P(), P(), P()),
-                          out_specs=P(), axis_names={AXIS}, check_vma=False)
-  return program(stacked_params, xs, pos, seg).reshape(B, T, D).astype(compute_dtype)
+                          out_specs=(P(), aux_specs), axis_names={AXIS}, check_vma=False)
+  out, aux = program(stacked_params, xs, pos, seg)
+  # Stage s's chunk r holds layers (r p + s) U ...: back to depth order.
+  aux = jax.tree.map(
+      lambda a: a.reshape((p, v, U) + a.shape[2:]).swapaxes(0, 1).reshape((L,) + a.shape[2:]),
+      aux)
+  return out.reshape(B, T, D).astype(compute_dtype), aux
 
 
 def bubble_fraction(stages: int, microbatches: int, chunks: int = 1) -> float:

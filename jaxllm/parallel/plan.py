@@ -10,7 +10,15 @@ heads and mlp divided by mesh.tensor):
   remat none           c * (4 D + 2 (H + K) Dh + 3 F) (+ 4 H T for XLA's materialised softmax)
   remat dots*          c * (2 D + (2 H + 2 K) Dh + 2 F)   matmul outputs only
   remat full           c * D                               the layer input; one layer recomputed
-plus the float32 logits and their gradient (8 V / tensor bytes per token).
+plus the float32 logits and their gradient (8 V / tensor bytes per token). In an MoE layer the
+MLP's 3 F becomes each token's k expert slots, 3 k F (+ 3 F_shared for shared experts), plus
+the dispatch copies: the sorted token rows and their outputs, 2 k D (F over mesh.tensor).
+
+MoE models also report: total and active parameters (the experts' weights count k / E towards
+the active ones, shared experts fully), the expert weights' bytes per device, and the
+all-to-all buffers of one MoE layer per device under mesh.expert = P > 1 (compute dtype): the
+dropless exchange sends and receives [P, S, D] (S = local tokens x k: a device may send every
+slot to one peer) there and back, four such buffers; capacity mode four [E, C, D] buffers.
 """
 
 from __future__ import annotations
@@ -54,6 +62,11 @@ def _activation_bytes(cfg: config_lib.Config, sizes: dict, layers_per_stage: int
   D, Dh, T = m.d_model, m.head_dim, t.seq_len
   micro = t.batch_size / t.grad_accum / (sizes["data"] * sizes["fsdp"])
   micro /= max(t.microbatches, 1) if sizes["stage"] > 1 else 1
+  layout = transformer.layer_layout(m)
+  if m.n_experts:  # average the MLP width over dense and MoE layers
+    moe_width = (3 * m.experts_per_token * (m.moe_d_ff or m.d_ff) + 2 * m.experts_per_token * D
+                 + 3 * m.n_shared_experts * (m.moe_d_ff or m.d_ff)) / tp
+    F = (layout.n_dense * 3 * F + layout.groups * moe_width) / m.n_layers / 3
   if m.remat == "full":
     per_token_layer = c * D
     recompute = c * (4 * D + 2 * (H + K) * Dh + 3 * F)  # one layer live during its backward
@@ -65,6 +78,7 @@ def _activation_bytes(cfg: config_lib.Config, sizes: dict, layers_per_stage: int
                                                 and jax.default_backend() == "cpu")
   if m.remat != "full" and xla_attention:
     per_token_layer += 4 * H * T
+  micro /= sizes["expert"]  # the expert axis splits the batch too
   tokens = micro * T
   in_flight = 1
   if sizes["stage"] > 1:  # GPipe keeps every microbatch's activations until the flush
@@ -103,6 +117,8 @@ def plan(cfg: config_lib.Config, num_devices: int, *, compile_check: bool = True
   }
   result["state_bytes_per_param"] = (result["param_bytes"] + result["grad_bytes"]
                                      + result["optimizer_bytes"]) / n_params
+  if cfg.model.n_experts:
+    result["moe"] = _moe_plan(cfg, sizes, abstract_params, param_specs)
   result["total_bytes"] = (result["param_bytes"] + result["grad_bytes"]
                            + result["optimizer_bytes"] + result["activation_bytes"])
   m = max(cfg.train.microbatches, 1)
@@ -114,6 +130,37 @@ def plan(cfg: config_lib.Config, num_devices: int, *, compile_check: bool = True
   if compile_check and stage == 1 and num_devices <= jax.device_count():
     result["compiled"] = _compiled_memory(cfg, graphdef, jax.devices()[:num_devices])
   return result
+
+
+def _moe_plan(cfg: config_lib.Config, sizes: dict, abstract_params, param_specs) -> dict:
+  """Expert weights, active parameters and all-to-all buffers (module docstring)."""
+  m, t = cfg.model, cfg.train
+  experts = {k: v for k, v in abstract_params["moe_blocks"]["moe"].items()
+             if k in ("gate", "up", "down")}
+  expert_params = sum(x.size for x in jax.tree.leaves(experts))
+  total = sum(x.size for x in jax.tree.leaves(abstract_params))
+  active = total - expert_params + expert_params * m.experts_per_token / m.n_experts
+  specs = {k: param_specs["moe_blocks"]["moe"][k] for k in experts}
+  P = sizes["expert"]
+  c = jnp.dtype(m.dtype).itemsize
+  local_tokens = (t.batch_size / t.grad_accum / max(t.microbatches if sizes["stage"] > 1 else 1,
+                                                    1)
+                  / (sizes["data"] * sizes["fsdp"] * P) * t.seq_len)
+  slots = local_tokens * m.experts_per_token
+  if P == 1:
+    buffers = 0.0
+  elif m.capacity_factor > 0:
+    from jaxllm.model import moe
+    C = moe.capacity(int(local_tokens), m.experts_per_token, m.n_experts, m.capacity_factor)
+    buffers = 4 * m.n_experts * C * m.d_model * c
+  else:
+    buffers = 4 * P * slots * m.d_model * c
+  return {"experts": m.n_experts, "experts_per_token": m.experts_per_token,
+          "moe_layers": transformer.layer_layout(m).groups, "total_params": total,
+          "active_params": active, "expert_params": expert_params,
+          "expert_param_bytes": _per_device_bytes(experts, specs, sizes),
+          "all_to_all_bytes_per_layer": buffers,
+          "dispatch": "capacity" if m.capacity_factor > 0 else "dropless"}
 
 
 def _compiled_memory(cfg, graphdef, devices) -> dict | None:
@@ -156,6 +203,15 @@ def table(result: dict) -> str:
       (f"activations (remat {result['remat']})", gib(result["activation_bytes"]) + " (estimate)"),
       ("total / device", gib(result["total_bytes"])),
   ]
+  if result.get("moe"):
+    e = result["moe"]
+    rows.insert(1, ("experts", f"{e['experts']} ({e['experts_per_token']} per token, "
+                    f"{e['moe_layers']} MoE layers, {e['dispatch']}); "
+                    f"{e['active_params'] / 1e9:.3f}B of {e['total_params'] / 1e9:.3f}B params "
+                    "active per token"))
+    rows.insert(4, ("  of which experts", gib(e["expert_param_bytes"])))
+    rows.append(("all-to-all / MoE layer", gib(e["all_to_all_bytes_per_layer"])
+                 + " (send + receive, there and back)"))
   if result["mesh"]["stage"] > 1:
     b = result["bubble"]
     rows.append(("pipeline bubble", f"{b['configured']:.1%} ({b['schedule']}, "

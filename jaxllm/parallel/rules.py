@@ -4,8 +4,10 @@ Logical axes (on parameters and activations): batch, length, embed, heads, kv_he
 mlp, vocab, expert, layers. Mesh axes: data, fsdp, tensor, stage, expert.
 
 FSDP shards parameters along `embed` over `fsdp`; tensor parallelism splits heads, kv_heads,
-mlp and vocab over `tensor`; the batch is split over data x fsdp. A dimension whose size does not
-divide evenly by its mesh axes is replicated instead (e.g. 2 kv heads on tensor=4).
+mlp and vocab over `tensor`; expert parallelism splits MoE experts over `expert`. The batch is
+split over data x fsdp x expert (outside the MoE layers the expert axis is one more data axis;
+inside them tokens travel to their experts' devices by all-to-all). A dimension whose size does
+not divide evenly by its mesh axes is replicated instead (e.g. 2 kv heads on tensor=4).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("length", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -74,13 +76,17 @@ def tree_shardings(axes_tree, shapes_tree, mesh: Mesh, rules=DEFAULT_RULES):
       axes_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
 
 
+def batch_axes(mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
+  """The mesh axes (of size > 1, not already manual) that split the batch, outermost first."""
+  target = dict(rules)["batch"]
+  manual = set(getattr(mesh, "manual_axes", ()) or ())
+  return tuple(a for a in ((target,) if isinstance(target, str) else target)
+               if dict(mesh.shape).get(a, 1) > 1 and a not in manual)
+
+
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
   """Sharding of `[batch, length]` input arrays."""
-  table = dict(rules)
-  target = table["batch"]
-  axes = tuple(a for a in ((target,) if isinstance(target, str) else target)
-               if mesh.shape.get(a, 1) > 1)
-  return NamedSharding(mesh, PartitionSpec(axes or None, None))
+  return NamedSharding(mesh, PartitionSpec(batch_axes(mesh, rules) or None, None))
 
 
 def process_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:

@@ -17,15 +17,23 @@ from flax import nnx
 
 from jaxllm.data import corpus as corpus_lib
 from jaxllm.data import pipeline
+from jaxllm.model import moe, transformer
 from jaxllm.quant.matmul import project
 
 
 class Inputs(NamedTuple):
-  """A block's matmul inputs, tokens flattened: `[N, D]`, `[N, H*Dh]`, `[N, D]`, `[N, F]`."""
+  """A block's matmul inputs, tokens flattened: `[N, D]`, `[N, H*Dh]`, `[N, D]`, `[N, F]`.
+
+  In an MoE block `down` is each token-slot's expert hidden `[N, k, F]`, `expert_ids` `[N, k]`
+  says which expert each slot ran (so each expert is calibrated on the tokens routed to it), and
+  `shared_down` is the shared experts' hidden `[N, Fs]`; all three are None in a dense block
+  (and `shared_down` without shared experts)."""
   qkv: jax.Array  # attn_norm(x): the input of q, k, v
   o: jax.Array  # attention output before o
-  gate_up: jax.Array  # mlp_norm(h): the input of gate, up
+  gate_up: jax.Array  # mlp_norm(h): the input of gate, up (and of the router)
   down: jax.Array  # silu(gate) * up
+  expert_ids: jax.Array | None = None
+  shared_down: jax.Array | None = None
 
 
 def calibration_rows(tokenizer, *, paths=(), num_rows: int = 64, seq_len: int = 512,
@@ -58,9 +66,16 @@ def run_block(block_graphdef, params, x_BTD: jax.Array) -> tuple[jax.Array, Inpu
   attended = block.attn.attend(qkv_in, positions, None)
   h = x_BTD + block.attn._out(attended)
   mlp_in = block.mlp_norm(h)
+  flat = lambda a: a.reshape(B * T, -1)
+  if hasattr(block, "moe"):
+    out = h + block.moe.infer(mlp_in)
+    r = block.moe.route(mlp_in)
+    ids = r.ids.reshape(B * T, -1)
+    hidden = moe.expert_hidden(flat(mlp_in), ids, block.moe.experts())
+    shared = flat(block.moe.shared.hidden(mlp_in)) if hasattr(block.moe, "shared") else None
+    return out, Inputs(flat(qkv_in), flat(attended), flat(mlp_in), hidden, ids, shared)
   hidden = block.mlp.hidden(mlp_in)
   out = h + project(hidden, block.mlp.down[...])
-  flat = lambda a: a.reshape(B * T, -1)
   return out, Inputs(flat(qkv_in), flat(attended), flat(mlp_in), flat(hidden))
 
 
@@ -69,7 +84,17 @@ def embed(model_graphdef, params, tokens_BT) -> jax.Array:
   return model._embed(jnp.asarray(tokens_BT))
 
 
-def block_graphdef(model_graphdef, params):
+def block_graphdef(model_graphdef, params, stack: str = "blocks"):
+  """The graphdef of one block of `stack` ("blocks": dense, "moe_blocks": MoE)."""
   model = nnx.merge(model_graphdef, params)
-  graphdef, _ = nnx.split(model.blocks)
+  graphdef, _ = nnx.split(getattr(model, stack))
   return graphdef
+
+
+def layer_order(model_graphdef, params) -> list[tuple[str, int]]:
+  """(stack, index) of every layer in depth order (dense layers in `blocks`, MoE layers in
+  `moe_blocks`)."""
+  layout = transformer.layer_layout(nnx.merge(model_graphdef, params).cfg)
+  order = [(int(d), "blocks", j) for j, d in enumerate(layout.dense_depths())]
+  order += [(int(d), "moe_blocks", j) for j, d in enumerate(layout.moe_depths())]
+  return [(stack, j) for _, stack, j in sorted(order)]

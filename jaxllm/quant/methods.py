@@ -10,6 +10,8 @@ GPTQ and AWQ walk the layers in order with calibration rows (`calibrate.calibrat
         before them (the RMSNorm scale, or up's / v's output columns), so the product is
         unchanged in full precision and the salient channels lose less to rounding; the
         scaled weights are then rounded to nearest.
+MoE layers' experts are calibrated on the tokens routed to them (GPTQ: one Hessian per expert;
+AWQ: see `_awq_scale`).
 """
 
 from __future__ import annotations
@@ -57,91 +59,152 @@ def _chunks(x, chunk_rows):
   return [x[i:i + chunk_rows] for i in range(0, x.shape[0], chunk_rows)]
 
 
-def _layers_bar(n, desc, progress):
-  return tqdm(range(n), desc=desc, unit="layer", disable=not progress, file=sys.stderr)
-
-
 def _matrix(w, name):
   """A layer's weight as the `[I, O]` matrix it multiplies with (o: `[H*Dh, D]`)."""
   w = np.asarray(w, np.float32)
-  in_axes = qparams.LAYOUTS[f"blocks/{name}"][0]
+  in_axes = 2 if name == "attn/o" else 1
   return w.reshape(int(np.prod(w.shape[:in_axes])), -1)
 
 
-def _gptq(graphdef, params, spec, rows, *, act_order, damp, chunk_rows, progress):
-  stacked = params["blocks"]
-  bgd = calibrate.block_graphdef(graphdef, params)
-  names = [n for n in INPUT_OF if spec.wants(f"blocks/{n}")]
-  xs = [calibrate.embed(graphdef, params, c) for c in _chunks(rows, chunk_rows)]
-  L = jax.tree.leaves(stacked)[0].shape[0]
-  per_layer: dict[str, list] = {n: [] for n in names}
-  for layer in _layers_bar(L, "gptq", progress):
-    lp = calibrate.layer_params(stacked, layer)
-    sums: dict[str, np.ndarray] = {}
-    count = 0
-    for x in xs:
-      _, inputs = calibrate.run_block(bgd, lp, x)
-      count += inputs.qkv.shape[0]
-      for key in set(INPUT_OF[n] for n in names):
-        a = getattr(inputs, key).astype(jnp.float32)
-        sums[key] = sums.get(key, 0.0) + np.asarray(a.T @ a, np.float64)
-    quantized = {}
-    for name in names:
-      h = 2.0 * sums[INPUT_OF[name]] / count
-      module, leaf = name.split("/")
-      w = lp[module][leaf]
-      q, s, z = gptq.gptq_quantize(_matrix(w, name), h, bits=spec.bits,
-                                   group_size=spec.group_size, symmetric=spec.symmetric,
-                                   damp=damp, act_order=act_order,
-                                   clip_search=spec.clip_search)
+# MoE blocks: the attention weights as above, and per expert e (calibrated on its own tokens)
+# gate/up on the router's input and down on the expert's hidden; shared experts on every token.
+MOE_NAMES = ("attn/q", "attn/k", "attn/v", "attn/o", "moe/gate", "moe/up", "moe/down",
+             "moe/shared/gate", "moe/shared/up", "moe/shared/down")
+
+
+def _names(stack: str, lp, spec) -> list[str]:
+  """The weights of one block (`stack/name` paths) the spec quantizes."""
+  names = INPUT_OF if stack == "blocks" else MOE_NAMES
+  present = set(qparams.flatten(lp))
+  return [n for n in names if n in present and spec.wants(f"{stack}/{n}")]
+
+
+def _get(tree, name):
+  for key in name.split("/"):
+    tree = tree[key]
+  return tree
+
+
+def _set(tree, name, value):
+  *parents, last = name.split("/")
+  for key in parents:
+    tree = tree[key]
+  tree[last] = value
+
+
+def _hessians(name: str, inputs: list, n_experts: int = 0) -> list[np.ndarray]:
+  """GPTQ Hessians of weight `name` (one per expert for expert weights) from the calibration
+  chunks' `calibrate.Inputs`; an expert no token reached gets the identity (plain rounding)."""
+  def total(parts):
+    x = np.concatenate([np.asarray(p, np.float32) for p in parts])
+    return gptq.hessian(x)
+  if name.startswith("moe/shared/"):
+    return [total([i.gate_up if name != "moe/shared/down" else i.shared_down for i in inputs])]
+  if not name.startswith("moe/"):
+    return [total([getattr(i, INPUT_OF[name]) for i in inputs])]
+  ids = np.concatenate([np.asarray(i.expert_ids) for i in inputs])  # [N, k]
+  if name == "moe/down":
+    slots = np.concatenate([np.asarray(i.down, np.float32) for i in inputs])  # [N, k, F]
+  else:
+    x = np.concatenate([np.asarray(i.gate_up, np.float32) for i in inputs])  # [N, D]
+  out = []
+  for e in range(n_experts):
+    mine = ids == e
+    rows = slots[mine] if name == "moe/down" else x[mine.any(axis=1)]
+    out.append(gptq.hessian(rows) if len(rows) else np.eye(rows.shape[1]))
+  return out
+
+
+def _layer_gptq(lp, names, inputs, spec, *, act_order, damp):
+  """{name: QTensor} for one layer's weights (expert weights `[E, ...]`)."""
+  quantized = {}
+  for name in names:
+    w = _get(lp, name)
+    per_expert = name in ("moe/gate", "moe/up", "moe/down")
+    in_axes = 2 if name == "attn/o" else 1
+    results = []
+    for e, h in enumerate(_hessians(name, inputs, w.shape[0] if per_expert else 0)):
+      w_e = np.asarray(w[e] if per_expert else w, np.float32)
+      m = w_e.reshape(int(np.prod(w_e.shape[:in_axes])), -1)
+      q, sc, z = gptq.gptq_quantize(m, h, bits=spec.bits, group_size=spec.group_size,
+                                    symmetric=spec.symmetric, damp=damp, act_order=act_order,
+                                    clip_search=spec.clip_search)
       g = qtensor.group_size_for(q.shape[0], spec.group_size)
-      quantized[name] = qtensor.from_integers(q, s, z, bits=spec.bits, group_size=g,
-                                              shape=tuple(w.shape),
-                                              in_axes=qparams.LAYOUTS[f"blocks/{name}"][0])
-      per_layer[name].append(quantized[name])
+      results.append(qtensor.from_integers(q, sc, z, bits=spec.bits, group_size=g,
+                                           shape=tuple(w_e.shape), in_axes=in_axes))
+    quantized[name] = (jax.tree.map(lambda *a: jnp.stack(a), *results) if per_expert
+                       else results[0])
+  return quantized
+
+
+def _gptq(graphdef, params, spec, rows, *, act_order, damp, chunk_rows, progress):
+  """Walks the layers in depth order: each layer's Hessians come from its inputs as the
+  already-quantized layers before it produce them."""
+  xs = [calibrate.embed(graphdef, params, c) for c in _chunks(rows, chunk_rows)]
+  order = calibrate.layer_order(graphdef, params)
+  graphdefs = {stack: calibrate.block_graphdef(graphdef, params, stack)
+               for stack in {stack for stack, _ in order}}
+  per_layer: dict[str, list] = {}
+  done: set[str] = set()
+  for stack, j in tqdm(order, desc="gptq", unit="layer", disable=not progress, file=sys.stderr):
+    lp = calibrate.layer_params(params[stack], j)
+    outs = [calibrate.run_block(graphdefs[stack], lp, x) for x in xs]
+    names = _names(stack, lp, spec)
+    quantized = _layer_gptq(lp, names, [i for _, i in outs], spec, act_order=act_order,
+                            damp=damp)
     lq = jax.tree.map(lambda a: a, lp)
     for name, qt in quantized.items():
-      module, leaf = name.split("/")
-      lq[module][leaf] = qt
-    xs = [calibrate.run_block(bgd, lq, x)[0] for x in xs]
+      _set(lq, name, qt)
+      per_layer.setdefault(f"{stack}/{name}", []).append(qt)
+      done.add(f"{stack}/{name}")
+    xs = [calibrate.run_block(graphdefs[stack], lq, x)[0] for x in xs]
   flat = qparams.flatten(params)
-  for name, layers in per_layer.items():
-    flat[f"blocks/{name}"] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
-  done = tuple(f"blocks/{n}" for n in names)
-  rest = dataclasses.replace(spec, exclude=spec.exclude + tuple(f"^{p}$" for p in done))
+  for path, layers in per_layer.items():
+    flat[path] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+  done_paths = tuple(sorted(done))
+  rest = dataclasses.replace(spec, exclude=spec.exclude + tuple(f"^{p}$" for p in done_paths))
   out = qparams.unflatten(flat)
   try:  # weights outside the blocks (an untied head, when not excluded) are rounded to nearest
     out, rest_spec = qparams.quantize_params(out, dataclasses.replace(rest, method="rtn"))
-    done += rest_spec.quantized
+    done_paths += rest_spec.quantized
   except ValueError:
     pass
-  return out, dataclasses.replace(spec, quantized=done)
+  return out, dataclasses.replace(spec, quantized=done_paths)
 
 
 AWQ_GRID = 20
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
-def _awq_loss(x, w, ref, ratio, bits, group_size, symmetric):
-  """Output error of Q(w · s) / s for s = mean|x|^ratio (normalised), and s."""
-  s = jnp.maximum(jnp.mean(jnp.abs(x), axis=0), 1e-4) ** ratio
-  s = s / jnp.sqrt(jnp.max(s) * jnp.min(s))
+def _awq_error(x, w, ref, s, bits, group_size, symmetric):
+  """Mean squared output error of x @ Q(w · s) / s against ref = x @ w."""
   q = qtensor.quantize(w * s[:, None], bits=bits, group_size=group_size, symmetric=symmetric)
   out = x @ (q.dequantize() / s[:, None])
-  return jnp.mean((out - ref) ** 2), s
+  return jnp.mean((out - ref) ** 2)
 
 
-def _awq_search(x_NI, w_IO, bits, group_size, symmetric):
-  """-> the per-input-channel scale `[I]` minimising ||x w - x Q(w s) / s||², and its ratio
-  (ratio 0 is plain round-to-nearest, so the search never does worse than it)."""
-  x = jnp.asarray(x_NI, jnp.float32)
-  w = jnp.asarray(w_IO, jnp.float32)
-  ref = x @ w
+def _awq_scales(mean_abs_x, ratio):
+  s = jnp.maximum(mean_abs_x, 1e-4) ** ratio
+  return s / jnp.sqrt(jnp.max(s) * jnp.min(s))
+
+
+def _awq_search(x_NI, w_IO, bits, group_size, symmetric, parts=None):
+  """-> the per-input-channel scale `[I]` s = mean|x|^a minimising the output error of the
+  rounded weights, and its ratio a (0 is plain round-to-nearest, so the search never does worse
+  than it). `parts` [(x_p, w_p)] (default [(x, w)]): weights that share the input channels but
+  see different tokens (experts on their routed tokens); their errors add, weighted by tokens."""
+  parts = [(x_NI, w_IO)] if parts is None else parts
+  parts = [(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)) for x, w in parts
+           if len(x)]
+  refs = [x @ w for x, w in parts]
+  mean_abs = jnp.mean(jnp.abs(jnp.asarray(x_NI, jnp.float32)), axis=0)
   best = None
   for i in range(AWQ_GRID):
-    err, s = _awq_loss(x, w, ref, jnp.float32(i / AWQ_GRID), bits, group_size, symmetric)
-    if best is None or float(err) < best[0]:
-      best = (float(err), np.asarray(s), i / AWQ_GRID)
+    s = _awq_scales(mean_abs, jnp.float32(i / AWQ_GRID))
+    err = sum(float(_awq_error(x, w, ref, s, bits, group_size, symmetric)) * len(x)
+              for (x, w), ref in zip(parts, refs))
+    if best is None or err < best[0]:
+      best = (err, np.asarray(s), i / AWQ_GRID)
   return best[1], best[2]
 
 
@@ -177,57 +240,137 @@ def _awq_clip(x_NI, w_IO, bits, group_size, symmetric):
   return np.asarray(best)
 
 
+def _sample(a, n, rng):
+  return a if len(a) <= n else a[rng.choice(len(a), n, replace=False)]
+
+
+def _awq_dense_groups(lp, stack, K, H):
+  groups = [("qkv", ["attn/q", "attn/k", "attn/v"])]
+  if H == K:
+    groups.append(("o", ["attn/o"]))
+  if stack == "blocks":
+    groups += [("gate_up", ["mlp/gate", "mlp/up"]), ("down", ["mlp/down"])]
+  elif "shared" in lp["moe"]:
+    groups += [("shared_down", ["moe/shared/down"])]
+  return groups
+
+
+def _fold(lp, key, s, K):
+  """Divides the op producing group `key`'s input by s (the product stays the same)."""
+  if key == "qkv":
+    lp["attn_norm"]["scale"][...] /= s
+  elif key == "gate_up" and "mlp" in lp:
+    lp["mlp_norm"]["scale"][...] /= s
+  elif key == "gate_up":  # MoE: the router and the shared gate read the same input: rows * s
+    lp["mlp_norm"]["scale"][...] /= s
+    for name in ("router", "shared_gate"):
+      if name in lp["moe"]:
+        lp["moe"][name][...] *= s[:, None]
+  elif key == "down":
+    lp["mlp"]["up"][...] /= s[None, :]
+  elif key == "shared_down":
+    lp["moe"]["shared"]["up"][...] /= s[None, :]
+  else:  # o's input channel (h, dh) is v's output channel (h, dh) when H == K
+    lp["attn"]["v"][...] /= s.reshape(1, K, -1)
+    if "v_bias" in lp["attn"]:
+      lp["attn"]["v_bias"][...] /= s.reshape(K, -1)
+
+
 def _awq_scale(graphdef, params, spec, rows, *, chunk_rows, progress, sample_tokens=4096,
                clip_tokens=1024):
-  """(params with AWQ's scales folded in, still float; per-path clip ratios `[L, G, O]`)."""
-  stacked = jax.tree.map(np.array, params["blocks"])  # writable host copies
-  bgd = calibrate.block_graphdef(graphdef, params)
-  L = stacked["attn"]["q"].shape[0]
-  H, K = stacked["attn"]["q"].shape[2], stacked["attn"]["k"].shape[2]
+  """(params with AWQ's scales folded in, still float; per-path clip ratios `[L, (E,) G, O]`).
+
+  MoE layers: one gate/up scale shared by all experts (their input is the router's, divided
+  once in the norm; the router's rows absorb it), chosen by the experts' errors on their own
+  routed tokens; a down scale per expert from its own hidden, folded into its up columns; clip
+  ratios per expert on its tokens."""
+  stacks = {k: jax.tree.map(np.array, params[k]) for k in ("blocks", "moe_blocks") if k in params}
+  order = calibrate.layer_order(graphdef, params)
+  graphdefs = {k: calibrate.block_graphdef(graphdef, params, k) for k in stacks}
+  any_attn = next(iter(stacks.values()))["attn"]
+  H, K = any_attn["q"].shape[2], any_attn["k"].shape[2]
   xs = [calibrate.embed(graphdef, params, c) for c in _chunks(rows, chunk_rows)]
   rng = np.random.default_rng(0)
-  ratios: dict[str, list] = {}
-  for layer in _layers_bar(L, "awq", progress):
-    lp = jax.tree.map(lambda a: a[layer], stacked)  # views: edits land in `stacked`
-    outs, gathered = [], {k: [] for k in ("qkv", "o", "gate_up", "down")}
+  ratios: dict[str, dict[str, list]] = {}
+  clip = lambda x, w: _awq_clip(x[:clip_tokens], w, spec.bits, spec.group_size, spec.symmetric)
+  for stack, j in tqdm(order, desc="awq", unit="layer", disable=not progress, file=sys.stderr):
+    lp = jax.tree.map(lambda a: a[j], stacks[stack])  # views: edits land in `stacks`
+    outs, inputs = [], []
     for x in xs:
-      out, inputs = calibrate.run_block(bgd, lp, x)
+      out, i = calibrate.run_block(graphdefs[stack], lp, x)
       outs.append(out)
-      for key in gathered:
-        gathered[key].append(np.asarray(getattr(inputs, key), np.float32))
-    sample = {}
-    for key, parts in gathered.items():
-      a = np.concatenate(parts)
-      sample[key] = a[rng.choice(a.shape[0], min(sample_tokens, a.shape[0]), replace=False)]
-    groups = [("qkv", ["attn/q", "attn/k", "attn/v"]), ("gate_up", ["mlp/gate", "mlp/up"]),
-              ("down", ["mlp/down"])]
-    if H == K:
-      groups.append(("o", ["attn/o"]))
-    for key, names in groups:
-      names = [n for n in names if spec.wants(f"blocks/{n}")]
+      inputs.append(i)
+    cat = lambda key: np.concatenate([np.asarray(getattr(i, key), np.float32) for i in inputs])
+    sample = {k: _sample(cat(k), sample_tokens, rng) for k in ("qkv", "o", "gate_up")}
+    if stack == "blocks":
+      sample["down"] = _sample(cat("down"), sample_tokens, rng)
+    elif inputs[0].shared_down is not None:
+      sample["shared_down"] = _sample(cat("shared_down"), sample_tokens, rng)
+    record = lambda n, r: ratios.setdefault(f"{stack}/{n}", {}).setdefault(j, r)
+    for key, group in _awq_dense_groups(lp, stack, K, H):
+      names = [n for n in group if spec.wants(f"{stack}/{n}")]
       if not names:
         continue
-      w = np.concatenate([_matrix(lp[n.split("/")[0]][n.split("/")[1]], n) for n in names], 1)
+      w = np.concatenate([_matrix(_get(lp, n), n) for n in names], 1)
       s, _ = _awq_search(sample[key], w, spec.bits, spec.group_size, spec.symmetric)
-      for n in names:  # weight rows (inputs) times s ...
-        module, leaf = n.split("/")
-        w_n = lp[module][leaf]
-        lp[module][leaf][...] = (w_n.reshape(s.shape[0], -1) * s[:, None]).reshape(w_n.shape)
-        # ... whose rounding range is then clipped against the inputs it will see (x / s)
-        clip_x = sample[key][:clip_tokens] / s[None, :]
-        ratios.setdefault(f"blocks/{n}", []).append(
-            _awq_clip(clip_x, _matrix(lp[module][leaf], n), spec.bits, spec.group_size,
-                      spec.symmetric))
-      # ... and the op producing the input divided by s
-      if key == "qkv":
-        lp["attn_norm"]["scale"][...] /= s
-      elif key == "gate_up":
-        lp["mlp_norm"]["scale"][...] /= s
-      elif key == "down":
-        lp["mlp"]["up"][...] /= s[None, :]
-      else:  # o's input channel (h, dh) is v's output channel (h, dh) when H == K
-        lp["attn"]["v"][...] /= s.reshape(1, K, -1)
+      for n in group:  # every reader's rows (inputs) times s; the quantized ones clipped
+        w_n = _get(lp, n)
+        w_n[...] = (w_n.reshape(s.shape[0], -1) * s[:, None]).reshape(w_n.shape)
+        if n in names:
+          record(n, clip(sample[key] / s[None, :], _matrix(w_n, n)))
+      _fold(lp, key, s, K)
+    if stack == "moe_blocks":
+      _awq_experts(lp, inputs, spec, rng, sample_tokens, record, clip)
     xs = outs  # the scaled layer computes the same function: its float outputs feed the next
   out = dict(params)
-  out["blocks"] = jax.tree.map(jnp.asarray, stacked)
-  return out, {path: jnp.asarray(np.stack(r)) for path, r in ratios.items()}
+  for k, stacked in stacks.items():
+    out[k] = jax.tree.map(jnp.asarray, stacked)
+  return out, {path: jnp.asarray(np.stack([r[j] for j in sorted(r)]))
+               for path, r in ratios.items()}
+
+
+def _awq_experts(lp, inputs, spec, rng, sample_tokens, record, clip):
+  """AWQ for one MoE layer's experts (see `_awq_scale`); edits `lp` in place."""
+  moe = lp["moe"]
+  E = moe["gate"].shape[0]
+  x = np.concatenate([np.asarray(i.gate_up, np.float32) for i in inputs])
+  ids = np.concatenate([np.asarray(i.expert_ids) for i in inputs])
+  hidden = np.concatenate([np.asarray(i.down, np.float32) for i in inputs])
+  tokens = [_sample(x[(ids == e).any(axis=1)], sample_tokens, rng) for e in range(E)]
+  slots = [_sample(hidden[ids == e], sample_tokens, rng) for e in range(E)]
+  gate_up = [n for n in ("gate", "up") if spec.wants(f"moe_blocks/moe/{n}")]
+  if gate_up:
+    parts = [(tokens[e], np.concatenate([moe[n][e] for n in gate_up], 1)) for e in range(E)]
+    if "shared" in moe:  # the shared experts see every token
+      parts.append((_sample(x, sample_tokens, rng),
+                    np.concatenate([moe["shared"][n] for n in gate_up], 1)))
+    s, _ = _awq_search(_sample(x, sample_tokens, rng), None, spec.bits, spec.group_size,
+                       spec.symmetric, parts=parts)
+    for n in ("gate", "up"):  # every reader of the normed input absorbs s
+      moe[n][...] *= s[None, :, None]
+      if "shared" in moe:
+        moe["shared"][n][...] *= s[:, None]
+    _fold(lp, "gate_up", s, None)
+    for n in gate_up:
+      record(f"moe/{n}", np.stack([clip(tokens[e] / s[None, :], moe[n][e]) if len(tokens[e])
+                                   else _no_clip(moe[n][e], spec) for e in range(E)]))
+      if "shared" in moe and spec.wants(f"moe_blocks/moe/shared/{n}"):
+        record(f"moe/shared/{n}", clip(_sample(x, sample_tokens, rng) / s[None, :],
+                                       moe["shared"][n]))
+  if spec.wants("moe_blocks/moe/down"):
+    clips = []
+    for e in range(E):
+      if not len(slots[e]):  # no token reached this expert: plain rounding
+        clips.append(_no_clip(moe["down"][e], spec))
+        continue
+      s, _ = _awq_search(slots[e], moe["down"][e], spec.bits, spec.group_size, spec.symmetric)
+      moe["down"][e] *= s[:, None]
+      moe["up"][e] /= s[None, :]
+      clips.append(clip(slots[e] / s[None, :], moe["down"][e]))
+    record("moe/down", np.stack(clips))
+
+
+def _no_clip(w_IO, spec):
+  """Clip ratios of 1 (the full range) in the shape `_awq_clip` gives."""
+  G = -(-w_IO.shape[0] // qtensor.group_size_for(w_IO.shape[0], spec.group_size))
+  return np.ones((G, w_IO.shape[1]), np.float32)

@@ -1,7 +1,8 @@
 """Which model weights get quantized, how each is laid out, and the spec that records it.
 
 Params paths are '/'-joined keys of the params dict (`blocks/attn/q`, `blocks/mlp/down`,
-`lm_head`, ...). The block weights carry a leading `[L]` layer axis (a batch axis to QTensor).
+`moe_blocks/moe/gate`, `lm_head`, ...). The block weights carry a leading `[L]` layer axis and
+expert weights also an `[E]` expert axis (batch axes to QTensor).
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ import numpy as np
 
 from jaxllm.quant import tensor as qtensor
 
-# path -> (contracted leading axes, stacked layer axes)
+# path -> (contracted leading axes, batch axes: the stacked layers, and the experts of MoE
+# layers' `[Lm, E, ...]` expert weights). Routers and gates stay in float (tiny, and routing
+# decisions are sensitive to them).
 LAYOUTS = {
-    "blocks/attn/q": (1, 1), "blocks/attn/k": (1, 1), "blocks/attn/v": (1, 1),
-    "blocks/attn/o": (2, 1),
-    "blocks/mlp/gate": (1, 1), "blocks/mlp/up": (1, 1), "blocks/mlp/down": (1, 1),
+    **{f"{stack}/attn/{n}": (1, 1) for stack in ("blocks", "moe_blocks") for n in "qkv"},
+    "blocks/attn/o": (2, 1), "moe_blocks/attn/o": (2, 1),
+    **{f"blocks/mlp/{n}": (1, 1) for n in ("gate", "up", "down")},
+    **{f"moe_blocks/moe/{n}": (1, 2) for n in ("gate", "up", "down")},
+    **{f"moe_blocks/moe/shared/{n}": (1, 1) for n in ("gate", "up", "down")},
     "lm_head": (1, 0),
 }
 # The embedding is a table lookup (and the tied head); like the untied head it stays in full

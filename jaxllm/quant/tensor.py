@@ -229,6 +229,14 @@ def is_qtensor(x) -> bool:
   return isinstance(x, QTensor)
 
 
+def take(q: QTensor, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """The float weights `[len(ids), *shape]` of entries `ids` along q's first batch axis (the
+  experts of a `[E, ...]` QTensor): only those entries are read and dequantized."""
+  pick = lambda a: None if a is None else a[ids]
+  return dataclasses.replace(q, values=pick(q.values), scales=pick(q.scales),
+                             zeros=pick(q.zeros)).dequantize(dtype)
+
+
 def tree_nbytes(tree) -> int:
   """Bytes of every array in a params tree, QTensors counted as stored."""
   leaves = jax.tree.leaves(tree, is_leaf=is_qtensor)

@@ -73,7 +73,8 @@ def state_shardings(cfg: config_lib.Config, mesh):
   return graphdef, abstract_state, shardings, optimizer
 
 
-def _init_state(cfg: config_lib.Config, optimizer, shardings):
+def initial_state(cfg: config_lib.Config, optimizer, shardings):
+  """The freshly initialised train state, created directly in its shardings."""
   def init():
     _, params = transformer.split(transformer.create(cfg.model, cfg.train.seed))
     return step_lib.init_state(params, optimizer, cfg.train.seed)
@@ -141,7 +142,7 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
                             abstract_state, shardings)
     state = checkpointer.restore(abstract, train_iter, step=resume_step)
   else:
-    state = _init_state(cfg, optimizer, shardings)
+    state = initial_state(cfg, optimizer, shardings)
   if is_main:
     workdir_lib.write_config(workdir, cfg)
 
@@ -170,7 +171,8 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
         due_log = step % cfg.train.log_every == 0 or final or step == start + 1
         due_ckpt = step % cfg.train.checkpoint_every == 0 or final or guard.signum is not None
         if due_log or due_ckpt:
-          values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          values = {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+                    for k, v in jax.device_get(metrics).items()}
           if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
             raise TrainingDiverged(
                 f"non-finite loss {values['loss']} / grad norm {values['grad_norm']} at step "
@@ -179,7 +181,8 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
           elapsed = time.perf_counter() - interval_start
           last = {"step": step, "loss": values["loss"], "lr": values["lr"],
                   "grad_norm": values["grad_norm"],
-                  "tokens_per_s": interval_tokens / max(elapsed, 1e-9)}
+                  "tokens_per_s": interval_tokens / max(elapsed, 1e-9),
+                  **{k: v for k, v in values.items() if k.startswith("moe_")}}
           writer.write(last)
           bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
           interval_start, interval_tokens = time.perf_counter(), 0.0

@@ -41,6 +41,17 @@ class MetricsWriter:
       for key, value in metrics.items():
         if key != "step" and isinstance(value, (int, float)):
           self._tb.add_scalar(key, value, step)
+        elif key != "step" and isinstance(value, list):
+          self._add_per_layer(key, value, step)
+
+  def _add_per_layer(self, key: str, value: list, step: int) -> None:
+    """Per-layer lists (MoE load metrics): one scalar per layer, and per expert for `[L, E]`."""
+    for layer, v in enumerate(value):
+      if isinstance(v, list):
+        for expert, x in enumerate(v):
+          self._tb.add_scalar(f"{key}/layer{layer}/expert{expert}", x, step)
+      else:
+        self._tb.add_scalar(f"{key}/layer{layer}", v, step)
 
   def close(self) -> None:
     if self._file is not None:

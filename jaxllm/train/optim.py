@@ -16,11 +16,11 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def decay_mask(params):
-  """True for matrices that get weight decay; norms' scales and embeddings get none."""
+  """True for matrices that get weight decay; norms' scales, biases and embeddings get none."""
   def keep(path, x):
     names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
     return x.ndim >= 2 and "embed" not in names and not any(
-        isinstance(n, str) and n.endswith("norm") for n in names)
+        isinstance(n, str) and n.endswith(("norm", "bias")) for n in names)
   return jax.tree_util.tree_map_with_path(keep, params)
 
 

@@ -14,6 +14,7 @@ import optax
 from flax import nnx
 
 from jaxllm.config import TrainConfig
+from jaxllm.model import moe
 from jaxllm.train import losses
 from jaxllm.train.optim import learning_rate_schedule
 
@@ -28,12 +29,23 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> Tr
           "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(seed)}
 
 
-def _batch_loss(graphdef, params, batch, z_loss: float, microbatches: int = 1,
-                pipeline_chunks: int = 1):
-  logits = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"],
-                                       microbatches=microbatches, pipeline_chunks=pipeline_chunks)
-  nll, zl, weight = losses.cross_entropy_sums(logits, batch["targets"], batch["weights"], z_loss)
-  return nll + zl, (nll, weight)
+def batch_loss(graphdef, params, batch, cfg: TrainConfig | None = None):
+  """(summed loss to differentiate, (summed NLL, summed weight, MoE routing stats or None)).
+
+  The MoE losses are means over tokens; they enter the summed loss times the batch's token
+  weight, so that after the step divides by the total weight they count at their coefficients.
+  """
+  microbatches, chunks = (cfg.microbatches, cfg.pipeline_chunks) if cfg else (1, 1)
+  model = nnx.merge(graphdef, params)
+  logits, stats = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"],
+                                microbatches=microbatches, pipeline_chunks=chunks)
+  nll, zl, weight = losses.cross_entropy_sums(logits, batch["targets"], batch["weights"],
+                                              cfg.z_loss if cfg else 0.0)
+  total = nll + zl
+  if stats is not None and cfg is not None:
+    aux, router_z = moe.losses(stats, model.cfg.experts_per_token)
+    total = total + weight * (cfg.moe_aux_loss * aux + cfg.router_z_loss * router_z)
+  return total, (nll, weight, stats)
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation,
@@ -49,15 +61,15 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
     from jaxllm.quant import fake, params as qparams
     spec = qparams.QuantSpec(bits=cfg.qat_bits, group_size=cfg.qat_group_size)
     view = lambda p: fake.fake_quant_params(p, spec)
-  grad_fn = jax.value_and_grad(
-      lambda p, b: _batch_loss(graphdef, view(p), b, cfg.z_loss, cfg.microbatches,
-                               cfg.pipeline_chunks), has_aux=True)
+  grad_fn = jax.value_and_grad(lambda p, b: batch_loss(graphdef, view(p), b, cfg),
+                               has_aux=True)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     params = state["params"]
+    model_cfg = nnx.merge(graphdef, params).cfg  # static; merging at trace time costs nothing
     A = cfg.grad_accum
     if A == 1:
-      (_, (nll, weight)), grads = grad_fn(params, batch)
+      (_, (nll, weight, stats)), grads = grad_fn(params, batch)
     else:
       # Microbatch i takes rows i, i + A, ...: each keeps an equal share of every batch shard.
       micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1),
@@ -65,19 +77,24 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
 
       def accumulate(carry, mb):
         g_acc, nll_acc, w_acc = carry
-        (_, (nll, w)), g = grad_fn(params, mb)
-        return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, w_acc + w), None
+        (_, (nll, w, stats)), g = grad_fn(params, mb)
+        return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, w_acc + w), stats
 
       zeros = jax.tree.map(jnp.zeros_like, params)
-      (grads, nll, weight), _ = jax.lax.scan(
+      (grads, nll, weight), stats = jax.lax.scan(
           accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), micro)
+      stats = jax.tree.map(lambda a: jnp.sum(a, axis=0), stats)
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-                 "step": state["step"] + 1, "rng": jax.random.fold_in(state["rng"], state["step"])}
+    new_params = optax.apply_updates(params, updates)
     metrics = {"loss": nll / denom, "grad_norm": _global_norm(grads),
                "lr": schedule(state["step"]), "tokens": weight}
+    if stats is not None:
+      new_params = _update_router_bias(new_params, params, stats, model_cfg)
+      metrics.update(moe_metrics(stats, model_cfg.experts_per_token))
+    new_state = {"params": new_params, "opt_state": opt_state,
+                 "step": state["step"] + 1, "rng": jax.random.fold_in(state["rng"], state["step"])}
     return new_state, metrics
 
   return train_step
@@ -86,6 +103,31 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
 def make_eval_step(graphdef) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
   """`eval_step(params, batch) -> (sum of NLL, sum of weights)`."""
   def eval_step(params, batch):
-    _, (nll, weight) = _batch_loss(graphdef, params, batch, 0.0)
+    _, (nll, weight, _) = batch_loss(graphdef, params, batch)
     return nll, weight
   return eval_step
+
+
+def moe_metrics(stats: dict, k: int) -> dict[str, jax.Array]:
+  """Train metrics of the MoE layers from their summed routing stats `[Lm, ...]`: the two losses
+  (means over layers), per-layer load `moe_load` `[Lm, E]`, max load over the mean and load
+  entropy per layer (`moe_max_load`, `moe_load_entropy` `[Lm]`) and the dropped fraction."""
+  aux, router_z = moe.losses(stats, k)
+  summary = moe.load_summary(stats)
+  return {"moe_aux_loss": aux, "moe_z_loss": router_z, "moe_load": summary["load"],
+          "moe_max_load": summary["max_load"], "moe_load_entropy": summary["entropy"],
+          "moe_dropped": jnp.sum(stats["dropped"]) / jnp.maximum(jnp.sum(stats["load"]), 1.0)}
+
+
+def _update_router_bias(new_params, params, stats, model_cfg):
+  """Auxiliary-loss-free balancing: the routing bias takes `moe.update_router_bias`'s step from
+  this batch's load (the optimizer's own update of it, from a zero gradient, is discarded)."""
+  moe_params = params.get("moe_blocks", {}).get("moe", {})
+  if "router_bias" not in moe_params:
+    return new_params
+  bias = moe.update_router_bias(moe_params["router_bias"], stats["load"],
+                                model_cfg.router_bias_update_rate)
+  new_params = dict(new_params)
+  new_params["moe_blocks"] = dict(new_params["moe_blocks"])
+  new_params["moe_blocks"]["moe"] = dict(new_params["moe_blocks"]["moe"], router_bias=bias)
+  return new_params

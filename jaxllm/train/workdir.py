@@ -21,7 +21,9 @@ TB_DIR = "tb"
 
 # Model keys that change parameter shapes or meaning; train.* may change between runs.
 _SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
-               "tie_embeddings", "param_dtype")
+               "tie_embeddings", "param_dtype", "qkv_bias", "qk_norm", "n_experts", "moe_d_ff",
+               "n_shared_experts", "shared_expert_gate", "first_dense_layers", "moe_every")
+
 
 
 def read_config(workdir: str) -> config_lib.Config:
@@ -53,8 +55,11 @@ def check_resumable(workdir: str, config: config_lib.Config) -> None:
   except (OSError, ValueError) as e:
     raise config_lib.ConfigError(f"{workdir}/{CONFIG_FILE} is unreadable ({e}); "
                                  "use a new --workdir") from None
-  for key in _SHAPE_KEYS:
+  for key in _SHAPE_KEYS + ("router_bias_update_rate",):
     old, new = getattr(saved.model, key), getattr(config.model, key)
+    if key == "router_bias_update_rate":  # only whether the routing bias exists is a shape
+      if (old > 0) == (new > 0):
+        continue
     if old != new:
       raise config_lib.ConfigError(
           f"model.{key}={new!r} differs from {old!r} in the checkpoints of {workdir}; "
