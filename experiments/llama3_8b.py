@@ -17,7 +17,7 @@ PRESETS = {
     "fsdp": (dict(fsdp=-1), 1),
     "gpu8": (dict(fsdp=8), 32),
     "v5p-64": (dict(fsdp=32), 8),
-    "v6e-256": (dict(data=4, fsdp=64), 1),
+    "v6e-256": (dict(data=4, fsdp=64, slices=4), 1),
 }
 
 

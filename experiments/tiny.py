@@ -23,5 +23,5 @@ def get_config() -> ml_collections.ConfigDict:
                  grad_accum=1, z_loss=1e-4, log_every=10, eval_every=100, eval_batches=8,
                  checkpoint_every=100, keep_checkpoints=3, seed=0, microbatches=1,
                  pipeline_chunks=1)
-  c.mesh = dict(data=-1, fsdp=1, tensor=1, stage=1, expert=1)
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, stage=1, expert=1, slices=1)
   return ml_collections.ConfigDict(c)

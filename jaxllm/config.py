@@ -136,6 +136,9 @@ class MeshConfig:
   tensor: int = 1
   stage: int = 1
   expert: int = 1
+  # TPU slices the devices form (multi-slice over the data-centre network): stage, then data,
+  # span them (`jaxllm.parallel.mesh.make_mesh`); `plan --aot` compiles for that many slices.
+  slices: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,6 +298,8 @@ def validate(config: Config) -> None:
       raise ConfigError(f"mesh.{key}={value} must be a positive device count or -1")
   if sum(getattr(mesh, k) == -1 for k in ("data", "fsdp", "tensor", "stage", "expert")) > 1:
     raise ConfigError("at most one mesh axis may be -1 (all remaining devices)")
+  if mesh.slices < 1:
+    raise ConfigError(f"mesh.slices={mesh.slices} must be at least 1")
 
 
 def _validate_moe(m: ModelConfig) -> None:
@@ -395,4 +400,7 @@ def validate_for_devices(config: Config, num_devices: int,
                         f"mesh.expert={sizes['expert']}")
   if sizes["stage"] > 1:
     _validate_pipeline(m, t, sizes, micro, batch_shards)
+  if (sizes["stage"] * sizes["data"]) % config.mesh.slices:
+    raise ConfigError(f"mesh.slices={config.mesh.slices} must divide mesh.stage x mesh.data = "
+                      f"{sizes['stage'] * sizes['data']}: only those axes may cross slices")
   return sizes

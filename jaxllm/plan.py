@@ -1,14 +1,22 @@
-"""`python -m jaxllm.plan [--config=FILE] [--config.mesh.fsdp=8 ...] [--num_devices=N] [--json]`
+"""`python -m jaxllm.plan [--config=FILE[:PRESET]] [--config.mesh.fsdp=8 ...] [--num_devices=N]
+[--json] [--aot [--topology=v5p-64] [--dump_hlo=DIR]]`
 
 Prints the per-device memory of a training config (params, grads, optimizer state,
 activations under the chosen remat policy) and the pipeline bubble, without allocating the
 model. Plans any device count; when the mesh fits this machine's devices it also compiles the
 train step abstractly and reports the compiler's own memory analysis (`--nocompile` skips it).
+
+`--aot` compiles the train step for the TPU slice the preset names (`--config=...:v5p-64`, or
+`--topology=v5p-64`; `mesh.slices` slices of it) with libtpu's compiler on this host, no TPU
+needed (`jaxllm.parallel.aot`), and reports per-chip HBM from the compiled memory analysis
+against the chip's capacity beside the estimate; it exits 1 with one line naming the shortfall
+when the step does not fit.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
 from absl import app, flags
 
@@ -20,6 +28,18 @@ _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Devices to plan for (d
 _COMPILE = flags.DEFINE_bool("compile", True, "Also compile the step for the compiler's memory "
                              "analysis when the mesh fits the local devices.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+_AOT = flags.DEFINE_bool("aot", False, "Compile the train step for the preset's TPU topology "
+                         "(needs libtpu: pip install 'jaxllm[tpu]').")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "--aot: the TPU accelerator type (v5p-64, "
+                                "v6e-256, ...); default: the --config file's preset argument.")
+_DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "--aot: write the compiled HLO to this "
+                                "directory.")
+_SERVE = flags.DEFINE_bool("serve", False, "--aot: compile the inference programs (prefill "
+                           "chunk, decode step over the paged cache) for one chip instead.")
+_SERVE_BATCH = flags.DEFINE_integer("serve_batch", 8, "--serve: sequences decoded together.",
+                                    lower_bound=1)
+_SERVE_LEN = flags.DEFINE_integer("serve_len", None, "--serve: tokens per sequence (default: "
+                                  "the model's max_seq_len).", lower_bound=1)
 
 
 @common.one_line_errors
@@ -30,6 +50,9 @@ def main(argv):
   cfg = config_lib.from_config_dict(common.config_value(_CONFIG))
   import jax
   from jaxllm.parallel import plan
+  if _AOT.value:
+    _aot(cfg)
+    return
   num_devices = _NUM_DEVICES.value or jax.device_count()
   micro = cfg.train.batch_size // cfg.train.grad_accum
   sizes = config_lib.resolve_mesh_shape(cfg.mesh, num_devices)
@@ -43,6 +66,58 @@ def main(argv):
                                  f"mesh.expert={sizes['expert']}")
   result = plan.plan(cfg, num_devices, compile_check=_COMPILE.value)
   print(json.dumps(result) if _JSON.value else plan.table(result))
+
+
+def _aot(cfg) -> None:
+  from ml_collections import config_flags
+  from jaxllm.config import ConfigError
+  from jaxllm.parallel import aot, plan
+  name = _TOPOLOGY.value or aot.preset_of(config_flags.get_config_filename(flags.FLAGS["config"]))
+  if not name:
+    raise ConfigError("--aot needs a TPU preset (--config=FILE:v5p-64) or --topology=v5p-64")
+  target = aot.tpu_target(name, cfg.mesh.slices)
+  if _SERVE.value:
+    _aot_serving(cfg, target)
+    return
+  result = plan.plan(cfg, target.chips, compile_check=False, platform="tpu")
+  result["aot"] = aot.compile_for_tpu(cfg, target, dump_hlo=_DUMP_HLO.value)
+  print(json.dumps(result) if _JSON.value else plan.table(result))
+  a = result["aot"]
+  if a["fits"]:
+    return
+  if "compiler_error" in a:
+    why = f"the TPU compiler ran out of HBM ({a['compiler_error']})"
+  else:
+    why = (f"the compiled step needs {a['peak_bytes'] / 2**30:.2f} GiB per chip of "
+           f"{target.hbm_bytes / 2**30:.0f} GiB (short "
+           f"{(a['peak_bytes'] - target.hbm_bytes) / 2**30:.2f} GiB)")
+  print(f"error: {cfg.name} does not fit {target.name}: {why}", file=sys.stderr)
+  sys.exit(1)
+
+
+def _aot_serving(cfg, target) -> None:
+  from jaxllm.parallel import aot
+  r = aot.compile_serving(cfg, target, batch=_SERVE_BATCH.value, max_len=_SERVE_LEN.value,
+                          dump_hlo=_DUMP_HLO.value)
+  def gib(x):
+    return f"{x / 2**30:.3f} GiB"
+
+  if _JSON.value:
+    print(json.dumps(r))
+  else:
+    print(f"serving {cfg.name} on one {r['device_kind']} chip of {target.name}: batch "
+          f"{r['batch']} x {r['max_len']} tokens, pages of {r['page_size']}, weights "
+          f"{gib(r['weight_bytes'])}, KV cache {gib(r['cache_bytes'])}")
+    for name in ("prefill", "decode"):
+      a = r[name]
+      print(f"  {name:<8} compiled in {a['compile_seconds']:.1f} s: {gib(a['peak_bytes'])} of "
+            f"{gib(r['hbm_bytes'])}, {a['kernels']} Mosaic kernel call(s), "
+            f"{a['flops'] / 1e9:.1f} GFLOP")
+  if not r["fits"]:
+    print(f"error: serving {cfg.name} does not fit one {target.generation} chip "
+          f"({gib(max(r['prefill']['peak_bytes'], r['decode']['peak_bytes']))} of "
+          f"{gib(r['hbm_bytes'])}); lower --serve_batch or --serve_len", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

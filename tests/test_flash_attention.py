@@ -173,14 +173,9 @@ def test_block_ranges_visit_exactly_the_blocks_with_visible_keys(T, S, causal, w
     assert hi - lo <= len(blocks) + 1, (j, blocks, lo, hi)
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
-@pytest.mark.parametrize("dtype, Dh, opts", [
-    (jnp.bfloat16, 128, {}), (jnp.float32, 64, {"causal": False}),
-    (jnp.bfloat16, 256, {"sliding_window": 33}), (jnp.bfloat16, 64, {"segment_ids": True}),
-    (jnp.bfloat16, 128, {"alibi_slopes": True, "logit_soft_cap": 20.0})])
-def test_lowers_for_real_hardware(backend, dtype, Dh, opts):
-  """Forward + backward through Triton (H100) or Mosaic (TPU v5p) lowering, no device needed."""
-  B, T, H, K = 2, 300, 6, 2
+def _fwd_bwd_program(backend, dtype, T, H, K, Dh, opts):
+  """(forward + backward of the kernel as a function, its abstract q, k, v, segment_ids)."""
+  B = 2
   qs = jax.ShapeDtypeStruct((B, T, H, Dh), dtype)
   ks = jax.ShapeDtypeStruct((B, T, K, Dh), dtype)
   seg = jax.ShapeDtypeStruct((B, T), jnp.int32)
@@ -193,9 +188,33 @@ def test_lowers_for_real_hardware(backend, dtype, Dh, opts):
                        q, k, v)
     return out, vjp(out)
 
-  text = backends.lower_for(backend, fwd_bwd, qs, ks, ks, seg)
+  return fwd_bwd, (qs, ks, ks, seg)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("dtype, Dh, opts", [
+    (jnp.bfloat16, 128, {}), (jnp.float32, 64, {"causal": False}),
+    (jnp.bfloat16, 256, {"sliding_window": 33}), (jnp.bfloat16, 64, {"segment_ids": True}),
+    (jnp.bfloat16, 128, {"alibi_slopes": True, "logit_soft_cap": 20.0})])
+def test_lowers_for_real_hardware(backend, dtype, Dh, opts):
+  """Forward + backward through Triton (H100) or Mosaic (TPU v5p) lowering, no device needed."""
+  fn, args = _fwd_bwd_program(backend, dtype, 300, 6, 2, Dh, opts)
+  text = backends.lower_for(backend, fn, *args)
   target = "__gpu$xla.gpu.triton" if backend == "gpu" else "tpu_custom_call"
   assert text.count(target) >= 3  # forward, dq, dk/dv kernels
+
+
+@pytest.mark.skipif(not backends.libtpu_available(),
+                    reason="needs libtpu (pip install 'jaxllm[tpu]'); CI installs it")
+@pytest.mark.parametrize("dtype, Dh, T, opts", [
+    (jnp.bfloat16, 128, 2048, {}), (jnp.float32, 64, 300, {"causal": False}),
+    (jnp.bfloat16, 256, 1024, {"sliding_window": 33}),
+    (jnp.bfloat16, 64, 1024, {"segment_ids": True}),
+    (jnp.bfloat16, 128, 300, {"alibi_slopes": True, "logit_soft_cap": 20.0})])
+def test_compiles_for_tpu(dtype, Dh, T, opts):
+  """Forward + backward compiled by libtpu (Mosaic included) at the default block sizes."""
+  fn, args = _fwd_bwd_program("tpu", dtype, T, 8, 2, Dh, opts)
+  assert backends.compile_for_tpu(fn, *args).count("tpu_custom_call") >= 3
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -23,6 +23,8 @@ CASES = {
     "verify_window": (2, 3, 8, 1, 128, 32, 10, 4, [20, 100], {"sliding_window": 17}),
     "decode_int8": (2, 0, 4, 4, 64, 16, 20, 5, [33, 64], {"int8": True}),
     "chunk_int8_Dh256": (1, 5, 2, 1, 256, 16, 8, 4, [41], {"int8": True}),
+    # 70 tokens x 4 query heads per KV head = 280 rows: two TPU row blocks, the last one ragged.
+    "prefill_row_blocks": (1, 70, 8, 2, 64, 16, 8, 6, [90], {}),
 }
 
 
@@ -79,12 +81,9 @@ def test_agrees_with_flash_attention_on_contiguous_keys():
     assert float(jnp.abs(got[b:b + 1] - want).max()) <= 2e-5
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
-@pytest.mark.parametrize("dtype, T, Dh, int8", [
-    (jnp.bfloat16, 0, 128, False), (jnp.float32, 4, 64, False), (jnp.bfloat16, 0, 64, True),
-    (jnp.bfloat16, 3, 256, False)])
-def test_lowers_for_real_hardware(backend, dtype, T, Dh, int8):
-  B, H, K, N, P, M = 4, 8, 2, 64, 16, 8
+def _step_program(backend, dtype, T, H, K, Dh, int8):
+  """(the kernel as a function of its inputs, their abstract values): T = 0 is a decode step."""
+  B, N, P, M = 4, 64, 16, 8
   S = jax.ShapeDtypeStruct
   q = S((B, T, H, Dh) if T else (B, H, Dh), dtype)
   pages = S((N, P, K, Dh), jnp.int8 if int8 else dtype)
@@ -96,8 +95,30 @@ def test_lowers_for_real_hardware(backend, dtype, T, Dh, int8):
     kw = dict(k_scales=scales[0], v_scales=scales[1]) if scales else {}
     return pk.paged_attention(q, k, v, lengths, table, backend=backend, **kw)
 
+  return f, args
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("dtype, T, Dh, int8", [
+    (jnp.bfloat16, 0, 128, False), (jnp.float32, 4, 64, False), (jnp.bfloat16, 0, 64, True),
+    (jnp.bfloat16, 3, 256, False)])
+def test_lowers_for_real_hardware(backend, dtype, T, Dh, int8):
+  f, args = _step_program(backend, dtype, T, 8, 2, Dh, int8)
   text = backends.lower_for(backend, f, *args)
   assert ("__gpu$xla.gpu.triton" if backend == "gpu" else "tpu_custom_call") in text
+
+
+@pytest.mark.skipif(not backends.libtpu_available(),
+                    reason="needs libtpu (pip install 'jaxllm[tpu]'); CI installs it")
+@pytest.mark.parametrize("dtype, T, H, K, Dh, int8", [
+    (jnp.bfloat16, 0, 8, 2, 128, False), (jnp.float32, 4, 8, 2, 64, False),
+    (jnp.bfloat16, 0, 8, 2, 64, True),
+    (jnp.bfloat16, 512, 32, 8, 128, False)])  # Llama-3-8B's heads, a 512-token prefill chunk
+def test_compiles_for_tpu(dtype, T, H, K, Dh, int8):
+  """Decode, verify and prefill-chunk steps compiled by libtpu (Mosaic included, so its VMEM
+  budget is checked), bf16/fp32 and int8 pages."""
+  f, args = _step_program("tpu", dtype, T, H, K, Dh, int8)
+  assert "tpu_custom_call" in backends.compile_for_tpu(f, *args)
 
 
 @pytest.mark.parametrize("change, match", [

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from pallas_kernels import backends
 from jaxllm.parallel import rules
 
 IMPLS = ("auto", "xla", "pallas", "cudnn")
@@ -68,10 +69,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_index: jax.Array,
 
 
 def resolve_impl(impl: str, head_dim: int, platform: str | None = None) -> str:
-  """The concrete implementation `impl` names on `platform` (default: JAX's default backend)."""
+  """The concrete implementation `impl` names on `platform` (default: the target platform,
+  `pallas_kernels.backends.target_platform`)."""
   if impl not in IMPLS:
     raise ValueError(f"unknown attention impl {impl!r} (one of {', '.join(IMPLS)})")
-  platform = platform or jax.default_backend()
+  platform = platform or backends.target_platform()
   if impl == "auto":
     suits = head_dim in pallas_kernels.flash_attention_head_dims()
     return "pallas" if platform in ("gpu", "tpu") and suits else "xla"
@@ -106,7 +108,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
   """
   B, T, H, Dh = q.shape
   P = k_pages.shape[1]
-  platform = jax.default_backend()
+  platform = backends.target_platform()
   impl = resolve_impl(impl, Dh, platform)
   gpu_fits = P >= 16 and not P & (P - 1)
   if impl == "pallas" and ((platform == "gpu" and gpu_fits) or (platform == "tpu" and P % 8 == 0)
@@ -141,7 +143,7 @@ def _pallas_self_attention(q, k, v, segment_ids, sliding_window, sm_scale):
     # On CPU the kernel runs in the Pallas interpreter (tests, not speed).
     return pallas_kernels.flash_attention(
         q, k, v, causal=True, segment_ids=segment_ids, sliding_window=sliding_window,
-        sm_scale=sm_scale, interpret=jax.default_backend() == "cpu")
+        sm_scale=sm_scale, interpret=backends.target_platform() == "cpu")
 
   mesh = jax.sharding.get_abstract_mesh()
   sizes = {} if mesh.empty else dict(mesh.shape)
@@ -155,12 +157,15 @@ def _pallas_self_attention(q, k, v, segment_ids, sliding_window, sm_scale):
   tp = sizes.get("tensor", 1)
   head_axis = ("tensor" if tp > 1 and "tensor" not in manual and q.shape[2] % tp == 0
                and k.shape[2] % tp == 0 else None)
-  if not batch_axes and head_axis is None:
+  # Manual over every axis not already manual: Mosaic refuses a kernel left to the automatic
+  # partitioner even along axes of size 1 (found compiling for TPU ahead of time); axes the
+  # specs do not name see the arrays whole.
+  axes = set() if mesh.empty else set(mesh.axis_names) - manual
+  if not axes:
     return kernel(q, k, v, segment_ids)
   b = batch_axes or None
   qkv = jax.sharding.PartitionSpec(b, None, head_axis, None)
   seg = jax.sharding.PartitionSpec(b, None)
-  axes = set(batch_axes) | ({head_axis} if head_axis else set())
   if segment_ids is None:
     run = jax.shard_map(lambda q, k, v: kernel(q, k, v, None), mesh=mesh,
                         in_specs=(qkv, qkv, qkv), out_specs=qkv, axis_names=axes,

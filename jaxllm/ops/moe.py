@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from pallas_kernels import backends
 
 IMPLS = ("auto", "xla", "tiled", "pallas")
 
@@ -30,7 +31,7 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
   if impl not in IMPLS:
     raise ValueError(f"unknown grouped-matmul impl {impl!r} (one of {', '.join(IMPLS)})")
   if impl == "auto":
-    return "tiled" if (platform or jax.default_backend()) == "cpu" else "xla"
+    return "tiled" if (platform or backends.target_platform()) == "cpu" else "xla"
   return impl
 
 
@@ -42,7 +43,7 @@ def grouped_matmul(x_MK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Array, 
   group_sizes_E = group_sizes_E.astype(jnp.int32)
   if impl == "pallas":
     return pallas_kernels.grouped_matmul(x_MK, w_EKN, group_sizes_E,
-                                         interpret=jax.default_backend() == "cpu")
+                                         interpret=backends.target_platform() == "cpu")
   if impl == "tiled":
     return _tiled(x_MK, w_EKN, group_sizes_E)
   out = jax.lax.ragged_dot(x_MK, w_EKN, group_sizes_E, preferred_element_type=jnp.float32)

@@ -32,8 +32,9 @@ import optax
 
 from jaxllm import config as config_lib
 from jaxllm.model import transformer
+from jaxllm.ops import attention as attention_ops
 from jaxllm.parallel import pipeline, rules
-from jaxllm.train import optim, step as step_lib
+from jaxllm.train import optim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,12 @@ class _MeshShape:
   shape: dict
 
 
-def _per_device_bytes(abstract_tree, spec_tree, sizes) -> float:
+# TPU memory is handed out in whole granules: a scalar takes 512 bytes. (Arrays whose minor
+# dimensions are not multiples of the (8, 128) tile pad further; not modelled.)
+TPU_GRANULE_BYTES = 512
+
+
+def _per_device_bytes(abstract_tree, spec_tree, sizes, granule: int = 1) -> float:
   total = 0.0
   for x, spec in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(
       spec_tree, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))):
@@ -50,11 +56,28 @@ def _per_device_bytes(abstract_tree, spec_tree, sizes) -> float:
     for entry in spec:
       for axis in (entry,) if isinstance(entry, str) else (entry or ()):
         shards *= sizes[axis]
-    total += x.size * x.dtype.itemsize / shards
+    local = x.size * x.dtype.itemsize / shards
+    total += -(-local // granule) * granule if granule > 1 else local
   return total
 
 
-def _activation_bytes(cfg: config_lib.Config, sizes: dict, layers_per_stage: int) -> float:
+def _argument_bytes(cfg, sizes, params, param_specs, opt, opt_specs, granule: int) -> float:
+  """Per-device bytes of the train step's inputs: the state (params, optimizer state, step and
+  rng) and one global batch of five `[B, T]` 32-bit arrays split over the batch shards."""
+  P = jax.sharding.PartitionSpec
+  scalars = {"step": jax.ShapeDtypeStruct((), jnp.int32),
+             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+  shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+  batch = [jax.ShapeDtypeStruct((cfg.train.batch_size // shards, cfg.train.seq_len), jnp.int32)
+           ] * 5
+  return (_per_device_bytes(params, param_specs, sizes, granule)
+          + _per_device_bytes(opt, opt_specs, sizes, granule)
+          + _per_device_bytes(scalars, {"step": P(), "rng": P()}, sizes, granule)
+          + _per_device_bytes(batch, [P()] * 5, sizes, granule))
+
+
+def _activation_bytes(cfg: config_lib.Config, sizes: dict, layers_per_stage: int,
+                      platform: str) -> float:
   m, t = cfg.model, cfg.train
   c = jnp.dtype(m.dtype).itemsize
   tp = sizes["tensor"]
@@ -74,8 +97,7 @@ def _activation_bytes(cfg: config_lib.Config, sizes: dict, layers_per_stage: int
     per_token_layer, recompute = c * (2 * D + (2 * H + 2 * K) * Dh + 2 * F), 0.0
   else:
     per_token_layer, recompute = c * (4 * D + 2 * (H + K) * Dh + 3 * F), 0.0
-  xla_attention = m.attention_impl == "xla" or (m.attention_impl == "auto"
-                                                and jax.default_backend() == "cpu")
+  xla_attention = attention_ops.resolve_impl(m.attention_impl, m.head_dim, platform) == "xla"
   if m.remat != "full" and xla_attention:
     per_token_layer += 4 * H * T
   micro /= sizes["expert"]  # the expert axis splits the batch too
@@ -87,11 +109,15 @@ def _activation_bytes(cfg: config_lib.Config, sizes: dict, layers_per_stage: int
   return tokens * (per_token_layer * layers_per_stage + recompute) * in_flight + logits
 
 
-def plan(cfg: config_lib.Config, num_devices: int, *, compile_check: bool = True) -> dict:
-  """The per-device memory plan (bytes) of `cfg` on `num_devices` devices."""
+def plan(cfg: config_lib.Config, num_devices: int, *, compile_check: bool = True,
+         platform: str | None = None) -> dict:
+  """The per-device memory plan (bytes) of `cfg` on `num_devices` devices of `platform`
+  (default: this machine's; it decides the attention kernel, and "tpu" counts its allocation
+  granule in `argument_bytes`)."""
+  platform = platform or jax.default_backend()
   sizes = config_lib.resolve_mesh_shape(cfg.mesh, num_devices)
   mesh = _MeshShape(sizes)
-  graphdef, abstract_params = transformer.abstract_params(cfg.model)
+  _, abstract_params = transformer.abstract_params(cfg.model)
   axes = transformer.logical_axes(cfg.model)
   param_specs = jax.tree.map(lambda a, x: rules.spec_for(a, x.shape, mesh), axes,
                              abstract_params, is_leaf=lambda x: isinstance(x, tuple))
@@ -111,10 +137,13 @@ def plan(cfg: config_lib.Config, num_devices: int, *, compile_check: bool = True
       "param_bytes": params,
       "grad_bytes": params,  # gradients take the params' dtype and sharding
       "optimizer_bytes": _per_device_bytes(abstract_opt, opt_specs, sizes),
-      "activation_bytes": _activation_bytes(cfg, sizes, layers_per_stage),
+      "activation_bytes": _activation_bytes(cfg, sizes, layers_per_stage, platform),
       "remat": cfg.model.remat,
       "microbatches": cfg.train.microbatches,
   }
+  granule = TPU_GRANULE_BYTES if platform == "tpu" else 1
+  result["argument_bytes"] = _argument_bytes(cfg, sizes, abstract_params, param_specs,
+                                             abstract_opt, opt_specs, granule)
   result["state_bytes_per_param"] = (result["param_bytes"] + result["grad_bytes"]
                                      + result["optimizer_bytes"]) / n_params
   if cfg.model.n_experts:
@@ -128,7 +157,9 @@ def plan(cfg: config_lib.Config, num_devices: int, *, compile_check: bool = True
                       "schedule": "gpipe" if v == 1 else f"circular x{v}"}
   result["compiled"] = None
   if compile_check and stage == 1 and num_devices <= jax.device_count():
-    result["compiled"] = _compiled_memory(cfg, graphdef, jax.devices()[:num_devices])
+    from jaxllm.parallel import aot
+    compiled = aot.compile_train_step(cfg, jax.devices()[:num_devices])
+    result["compiled"] = compiled if "argument_bytes" in compiled else None
   return result
 
 
@@ -163,31 +194,6 @@ def _moe_plan(cfg: config_lib.Config, sizes: dict, abstract_params, param_specs)
           "dispatch": "capacity" if m.capacity_factor > 0 else "dropless"}
 
 
-def _compiled_memory(cfg, graphdef, devices) -> dict | None:
-  """The compiler's per-device memory analysis of the real train step (no allocation)."""
-  from jaxllm.parallel import mesh as mesh_lib
-  from jaxllm.train import loop
-  mesh = mesh_lib.make_mesh(cfg.mesh, devices)
-  _, abstract_state, shardings, optimizer = loop.state_shardings(cfg, mesh)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       abstract_state, shardings)
-  batch_sh = rules.batch_sharding(mesh)
-  B, T = cfg.train.batch_size, cfg.train.seq_len
-  batch = {k: jax.ShapeDtypeStruct((B, T), dt, sharding=batch_sh) for k, dt in (
-      ("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32),
-      ("segment_ids", jnp.int32), ("positions", jnp.int32))}
-  step = jax.jit(step_lib.make_train_step(graphdef, optimizer, cfg.train),
-                 out_shardings=(shardings, None))
-  with jax.set_mesh(mesh):
-    analysis = step.lower(state, batch).compile().memory_analysis()
-  if analysis is None:
-    return None
-  return {"argument_bytes": analysis.argument_size_in_bytes,
-          "output_bytes": analysis.output_size_in_bytes,
-          "temp_bytes": analysis.temp_size_in_bytes,
-          "alias_bytes": analysis.alias_size_in_bytes}
-
-
 def table(result: dict) -> str:
   def gib(x):
     return f"{x / 2**30:.3f} GiB"
@@ -217,6 +223,19 @@ def table(result: dict) -> str:
     rows.append(("pipeline bubble", f"{b['configured']:.1%} ({b['schedule']}, "
                  f"{result['microbatches']} microbatches over {result['mesh']['stage']} stages; "
                  f"GPipe: {b['gpipe']:.1%})"))
+  a = result.get("aot")
+  if a:
+    slices = f" x {a['slices']} slices" if a["slices"] > 1 else ""
+    rows.append(("TPU target", f"{a['target']} ({a['chips']} x {a['device_kind']}, "
+                 f"{a['topology']}{slices})" + (f", compiled in {a['compile_seconds']:.1f} s"
+                                                if "compile_seconds" in a else "")))
+  if a and "compiler_error" in a:
+    rows.append(("compiled HBM / chip", f"DOES NOT FIT: {a['compiler_error']}"))
+  elif a:
+    rows.append(("compiled HBM / chip", f"{gib(a['peak_bytes'])} of {gib(a['hbm_bytes'])} "
+                 f"({'fits' if a['fits'] else 'DOES NOT FIT'}; arguments "
+                 f"{gib(a['argument_bytes'])} (plan {gib(result['argument_bytes'])}), "
+                 f"temporaries {gib(a['temp_bytes'])})"))
   if result["compiled"]:
     c = result["compiled"]
     rows.append(("compiled (per device)", f"arguments {gib(c['argument_bytes'])}, temporaries "

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.quant import tensor as qtensor
+from pallas_kernels import backends
 
 # "auto": the fused int4 kernel on GPU only; "always": also elsewhere, in the Pallas interpreter
 # (tests); "never": always dequantize, then dot.
@@ -23,7 +24,7 @@ KERNEL = "auto"
 def _fused(w) -> bool:
   if not (qtensor.is_qtensor(w) and w.bits == 4 and w.values.ndim == 2):
     return False
-  if KERNEL == "never" or (KERNEL == "auto" and jax.default_backend() != "gpu"):
+  if KERNEL == "never" or (KERNEL == "auto" and backends.target_platform() != "gpu"):
     return False
   return w.group_size % 32 == 0 and w.cols % 64 == 0
 
@@ -34,7 +35,8 @@ def project(x: jax.Array, w, in_axes: int = 1) -> jax.Array:
     from pallas_kernels.int4_matmul import int4_matmul
     lead = x.shape[:x.ndim - in_axes]
     x2 = x.reshape(math.prod(lead), w.rows)
-    y = int4_matmul(x2, w.values, w.scales, w.zeros, interpret=jax.default_backend() != "gpu")
+    y = int4_matmul(x2, w.values, w.scales, w.zeros,
+                    interpret=backends.target_platform() != "gpu")
     return y.reshape(*lead, *w.shape[in_axes:])
   if qtensor.is_qtensor(w) and w.bits == 4 and w.values.ndim == 2:
     lead = x.shape[:x.ndim - in_axes]

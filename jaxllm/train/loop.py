@@ -73,6 +73,14 @@ def state_shardings(cfg: config_lib.Config, mesh):
   return graphdef, abstract_state, shardings, optimizer
 
 
+def jit_train_step(cfg: config_lib.Config, graphdef, optimizer, shardings, batch_sharding):
+  """The train step as training compiles it: shardings pinned, the old state donated (so the
+  new one is written in its place)."""
+  return jax.jit(step_lib.make_train_step(graphdef, optimizer, cfg.train),
+                 in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                 donate_argnums=0)
+
+
 def initial_state(cfg: config_lib.Config, optimizer, shardings):
   """The freshly initialised train state, created directly in its shardings."""
   def init():
@@ -146,9 +154,8 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
   if is_main:
     workdir_lib.write_config(workdir, cfg)
 
-  train_step = mesh_lib.under_mesh(jax.jit(
-      step_lib.make_train_step(graphdef, optimizer, cfg.train),
-      in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0), mesh)
+  train_step = mesh_lib.under_mesh(
+      jit_train_step(cfg, graphdef, optimizer, shardings, batch_sh), mesh)
   eval_step = mesh_lib.under_mesh(jax.jit(
       step_lib.make_eval_step(graphdef), in_shardings=(shardings["params"], batch_sh)), mesh)
   writer = metrics_lib.MetricsWriter(

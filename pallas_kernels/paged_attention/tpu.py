@@ -3,9 +3,13 @@
 The page table and lengths are scalar-prefetched into SMEM, so each grid step's index map can
 name the physical page to DMA. The pool `[N, P, K, Dh]` is viewed (for free) as `[N, P, K * Dh]`:
 one block is a whole page, all KV heads, `[P, K * Dh]` (P a multiple of 8 sublanes, a contiguous
-DMA), and the kernel walks the K heads with static lane slices. Grid (sequence, page slot), the
-page axis innermost and sequential; page slots past a sequence's end (or before its window) keep
-the previous block index, so no DMA is issued for them, and their compute is skipped.
+DMA), and the kernel walks the K heads with static lane slices. Grid (sequence, row block, page
+slot), the page axis innermost and sequential; page slots past a sequence's end (or before its
+window) keep the previous block index, so no DMA is issued for them, and their compute is
+skipped. Query rows come in blocks of at most `ROW_BLOCK`: a decode step is one block, and a long
+prefill chunk (512 tokens x 4 query heads per KV head = 2048 rows) keeps its q, output and
+float32 accumulators within VMEM (whole, they needed 24 MiB of a 16 MiB budget: found by
+compiling for a v5p with libtpu).
 """
 
 from __future__ import annotations
@@ -22,12 +26,16 @@ from pallas_kernels.paged_attention import common
 from pallas_kernels.paged_attention.common import Options
 
 
+ROW_BLOCK = 256
+
+
 def _kernel(len_ref, pt_ref, *refs, opts: Options, num_kv_heads: int, head_dim: int):
   if opts.quantized:
     q_ref, k_ref, v_ref, ks_ref, vs_ref, o_ref, m_scr, l_scr, acc_scr = refs
   else:
     q_ref, k_ref, v_ref, o_ref, m_scr, l_scr, acc_scr = refs
-  b, slot = pl.program_id(0), pl.program_id(1)
+  b, row_block, slot = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  row_offset = row_block * q_ref.shape[1]
   length = len_ref[b]
 
   @pl.when(slot == 0)
@@ -47,10 +55,11 @@ def _kernel(len_ref, pt_ref, *refs, opts: Options, num_kv_heads: int, head_dim: 
         k = k.astype(jnp.float32) * ks_ref[:, h:h + 1]
         v = v.astype(jnp.float32) * vs_ref[:, h:h + 1]
       m, l, acc = common.attend_page(q_ref[h], k, v, m_scr[h], l_scr[h], acc_scr[h],
-                                     length=length, page_slot=slot, opts=opts)
+                                     length=length, page_slot=slot, opts=opts,
+                                     row_offset=row_offset)
       m_scr[h], l_scr[h], acc_scr[h] = m, l, acc
 
-  @pl.when(slot == pl.num_programs(1) - 1)
+  @pl.when(slot == pl.num_programs(2) - 1)
   def _finish():
     for h in range(num_kv_heads):
       o_ref[h] = common.finish(l_scr[h], acc_scr[h]).astype(o_ref.dtype)
@@ -59,29 +68,35 @@ def _kernel(len_ref, pt_ref, *refs, opts: Options, num_kv_heads: int, head_dim: 
 def paged_attention(q, lengths, page_table, k_pages, v_pages, k_scales, v_scales, *,
                     opts: Options, interpret: bool):
   """q `[B, K, R, Dh]` -> `[B, K, R, Dh]`; pages `[N, P, K, Dh]`, scales `[N, P, K]` or None."""
-  B, K, R, Dh = q.shape
+  B, K, rows, Dh = q.shape
   N, P = k_pages.shape[:2]
   M = page_table.shape[1]
+  Rb = min(rows, ROW_BLOCK)
+  R = -(-rows // Rb) * Rb
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, R - rows), (0, 0)))
 
-  def page_map(b, slot, len_ref, pt_ref):
+  def page_map(b, r, slot, len_ref, pt_ref):
     lo, hi = common.page_range(len_ref[b], opts)
     return pt_ref[b, jnp.minimum(jnp.maximum(slot, lo), jnp.maximum(hi - 1, lo))], 0, 0
 
+  rows_spec = pl.BlockSpec((None, K, Rb, Dh), lambda b, r, s, *_: (b, 0, r, 0))
   page_spec = pl.BlockSpec((None, P, K * Dh), page_map)
-  in_specs = [pl.BlockSpec((None, K, R, Dh), lambda b, s, *_: (b, 0, 0, 0)), page_spec, page_spec]
+  in_specs = [rows_spec, page_spec, page_spec]
   args = [q, k_pages.reshape(N, P, K * Dh), v_pages.reshape(N, P, K * Dh)]
   if opts.quantized:
     in_specs += [pl.BlockSpec((None, P, K), page_map)] * 2
     args += [k_scales, v_scales]
-  return pl.pallas_call(
+  out = pl.pallas_call(
       functools.partial(_kernel, opts=opts, num_kv_heads=K, head_dim=Dh),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2, grid=(B, M), in_specs=in_specs,
-          out_specs=pl.BlockSpec((None, K, R, Dh), lambda b, s, *_: (b, 0, 0, 0)),
-          scratch_shapes=[pltpu.VMEM((K, R, 1), jnp.float32), pltpu.VMEM((K, R, 1), jnp.float32),
-                          pltpu.VMEM((K, R, Dh), jnp.float32)]),
+          num_scalar_prefetch=2, grid=(B, R // Rb, M), in_specs=in_specs, out_specs=rows_spec,
+          scratch_shapes=[pltpu.VMEM((K, Rb, 1), jnp.float32),
+                          pltpu.VMEM((K, Rb, 1), jnp.float32),
+                          pltpu.VMEM((K, Rb, Dh), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=backends.tpu_interpret_params() if interpret else False,
       name="paged_attention_tpu",
   )(lengths, page_table, *args)
+  return out[:, :, :rows]
