@@ -76,16 +76,23 @@ def libtpu_available() -> bool:
   return importlib.util.find_spec("libtpu") is not None
 
 
+def tpu_topology_devices(topology: str, num_slices: int = 1, **kwargs) -> list:
+  """Abstract devices of a TPU `topology` ("v5p:2x2x1") described by libtpu, no TPU needed;
+  `kwargs` go to `jax.experimental.topologies.get_topology_desc`."""
+  import os
+  from jax.experimental import topologies
+  # libtpu takes a machine-wide lock unless told otherwise; compiling needs no exclusive chip.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  return list(topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                           num_slices=num_slices, **kwargs).devices)
+
+
 def compile_for_tpu(fn, *args, topology: str = "v5p:2x2x1") -> str:
   """Compiles `jax.jit(fn)(*args)` with libtpu's compiler for one chip of an abstract TPU
   `topology`: unlike `lower_for`, Mosaic's own compilation (tiling, VMEM budget) runs too. No
   TPU needed, libtpu is (`libtpu_available`). `args` are `jax.ShapeDtypeStruct`s. Returns the
   compiled HLO text."""
-  import os
-  from jax.experimental import topologies
-  # libtpu takes a machine-wide lock unless told otherwise; compiling needs no exclusive chip.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  device = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
+  device = tpu_topology_devices(topology)[0]
   mesh = jax.sharding.Mesh([device], ("aot",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in args]

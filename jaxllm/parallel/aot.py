@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from jaxllm import config as config_lib
 from jaxllm.config import ConfigError
+from pallas_kernels import backends
 
 # generation -> (accelerator-type units per chip, HBM per chip in GiB from the Cloud TPU data
 # sheets, slice shapes by chip count as Cloud TPU builds them)
@@ -35,8 +36,6 @@ _TORUS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128:
              256: "16x16"}
 _GENERATIONS = {"v4": (2, 32, _TORUS_3D), "v5p": (2, 95, _TORUS_3D),
                 "v5e": (1, 16, _TORUS_2D), "v6e": (1, 32, _TORUS_2D)}
-# The accelerator type of one chip's smallest slice, per generation.
-_UNITS = {"v4": 8, "v5p": 8, "v5e": 1, "v6e": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,21 +79,16 @@ def preset_of(config_path: str) -> str | None:
 
 def topology_devices(target: Target) -> list:
   """Abstract devices of the target's chips (libtpu's compiler, no TPU needed)."""
-  from jax.experimental import topologies
-  # libtpu takes a machine-wide lock unless told otherwise; compiling needs no exclusive chip.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   dims = [int(d) for d in target.slice_topology.split("x")] + [1]
   kwargs = {}
   if dims[0] < 2 or dims[1] < 2:  # smaller than libtpu's default host (2x2x1 chips)
     kwargs["chips_per_host_bounds"] = (min(dims[0], 2), min(dims[1], 2), 1)
   try:
-    topology = topologies.get_topology_desc(platform="tpu", topology_name=target.topology_name,
-                                            num_slices=target.slices, **kwargs)
+    return backends.tpu_topology_devices(target.topology_name, target.slices, **kwargs)
   except Exception as e:  # libtpu missing, or too old for this generation
     raise ConfigError(f"cannot describe TPU topology {target.topology_name} x{target.slices} "
                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                       "compiling for TPU needs libtpu: pip install 'jaxllm[tpu]'") from None
-  return list(topology.devices)
 
 
 def _analysis(compiled, seconds: float) -> dict:
@@ -183,7 +177,7 @@ def compile_serving(cfg: config_lib.Config, target: Target, *, batch: int = 8,
   from jaxllm.parallel import mesh as mesh_lib
   m = cfg.model
   max_len = max_len or m.max_seq_len
-  device = topology_devices(tpu_target(f"{target.generation}-{_UNITS[target.generation]}"))[0]
+  device = topology_devices(target)[0]
   mesh = mesh_lib.make_mesh(config_lib.MeshConfig(data=1), [device])
   here = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   dtype = jnp.dtype(m.dtype)
