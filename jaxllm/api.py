@@ -15,26 +15,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxllm.checkpoint import convert
-from jaxllm.config import ModelConfig
+from jaxllm.config import KV_CACHE_DTYPES, ModelConfig
 from jaxllm.data import chat as chat_lib
 from jaxllm.inference import generate as generate_lib
 from jaxllm.inference import sampling, speculative
 from jaxllm.model import transformer
+from jaxllm.parallel import placement
 
 
 @dataclasses.dataclass
 class LoadedModel:
-  config: ModelConfig
+  config: ModelConfig  # what the params implement (KV heads replicated for the mesh, if so)
   graphdef: Any
   params: Any
   tokenizer: Any
   kind: str
+  mesh: Mesh | None = None  # where the params live (None: one device)
 
   def logits(self, ids) -> jax.Array:
     """float32 `[B, T, V]` logits of a full forward pass over int ids `[B, T]`."""
-    return _forward(self.graphdef, self.params, jnp.asarray(ids, jnp.int32))
+    with placement.in_mesh(self.mesh):
+      return _forward(self.graphdef, self.params, jnp.asarray(ids, jnp.int32))
 
   def prompt_ids(self, text: str) -> list[int]:
     """Token ids of a raw-text prompt, with BOS first where the model expects one."""
@@ -76,8 +80,8 @@ class LoadedModel:
       prompts = [list(prompt)]
     else:
       prompts = [list(p) for p in prompt]
-    if kv_cache_dtype not in ("float32", "bfloat16", "int8"):
-      raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} must be float32, bfloat16 or int8")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+      raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} must be one of {KV_CACHE_DTYPES}")
     common = dict(eos_id=self.tokenizer.eos_id, max_seq_len=self.config.max_seq_len, cache=cache,
                   cache_dtype=jnp.dtype(kv_cache_dtype))
     if draft is None:
@@ -109,6 +113,9 @@ class LoadedModel:
     group = group_size if group_size is not None else (0 if bits == 8 else 128)
     params, _ = qparams.quantize_params(self.params, qparams.QuantSpec(bits=bits,
                                                                       group_size=group))
+    if self.mesh is not None:
+      params = jax.device_put(params, placement.qtensor_shardings(
+          params, transformer.logical_axes(self.config), self.mesh))
     return dataclasses.replace(self, params=params)
 
   def draft(self, spec: str) -> speculative.Draft:
@@ -127,7 +134,7 @@ class LoadedModel:
         return speculative.model_draft(low.graphdef, low.params)
     except ValueError as e:
       raise ValueError(f"draft {spec!r}: {e}") from None
-    other = load(spec)
+    other = load(spec, mesh=self.mesh)
     if other.config.vocab_size != self.config.vocab_size:
       raise ValueError(f"draft {spec!r} has vocabulary {other.config.vocab_size}, this model "
                        f"{self.config.vocab_size}: it needs the same tokenizer")
@@ -139,9 +146,18 @@ def _forward(graphdef, params, ids_BT):
   return nnx.merge(graphdef, params)(ids_BT)
 
 
-def load(path: str | os.PathLike[str]) -> LoadedModel:
-  """Loads any supported checkpoint onto the default device (float32 params)."""
-  ckpt = convert.read_checkpoint(path)
-  graphdef, _ = transformer.abstract_params(ckpt.model)
-  params = jax.tree.map(jnp.asarray, ckpt.params)
-  return LoadedModel(ckpt.model, graphdef, params, ckpt.tokenizer, ckpt.kind)
+def load(path: str | os.PathLike[str], mesh: Mesh | str | None = None) -> LoadedModel:
+  """Loads any supported checkpoint (float32 params, or its quantized weights) onto the
+  default device, or split over `mesh` (a Mesh or a spec such as "tensor=4" or
+  "data=2,tensor=4", `jaxllm.parallel.placement`): heads, MLP and vocabulary over `tensor`,
+  KV heads replicated where the tensor axis does not divide them."""
+  if isinstance(mesh, str):
+    mesh = placement.parse_mesh(mesh)
+  ckpt = convert.read_checkpoint(path, mesh=mesh)
+  if mesh is None:
+    params, cfg = jax.tree.map(jnp.asarray, ckpt.params), ckpt.model
+  else:
+    params, cfg = placement.place_params(ckpt.params, ckpt.model, mesh,
+                                         transformer.logical_axes(ckpt.model))
+  graphdef, _ = transformer.abstract_params(cfg)
+  return LoadedModel(cfg, graphdef, params, ckpt.tokenizer, ckpt.kind, mesh)

@@ -14,6 +14,9 @@ from typing import Any, Mapping
 
 import ml_collections
 
+# Storage of KV caches (contiguous and paged): int8 keeps a float32 scale per token and head.
+KV_CACHE_DTYPES = ("float32", "bfloat16", "int8")
+
 
 class ConfigError(ValueError):
   """An invalid configuration; the message names the key and the reason."""

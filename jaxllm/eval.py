@@ -16,6 +16,7 @@ import sys
 from absl import app, flags
 
 from jaxllm.cli import common
+from jaxllm.config import KV_CACHE_DTYPES
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, jaxllm/HF directory or .gguf.")
 _DATA = flags.DEFINE_string("data", None, "Comma-separated text files, directories or globs.")
@@ -24,10 +25,11 @@ _STRIDE = flags.DEFINE_integer("stride", None, "Window step (default max_len // 
                                lower_bound=1)
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Windows per forward pass.", lower_bound=1)
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
-_KV_CACHE = flags.DEFINE_enum("kv_cache_dtype", None, ["float32", "bfloat16", "int8"],
+_KV_CACHE = flags.DEFINE_enum("kv_cache_dtype", None, list(KV_CACHE_DTYPES),
                               "Score through a KV cache of this dtype (each window prefilled "
                               "into it, attention reading the cached K/V), as decoding would; "
                               "default: a plain forward pass.")
+_MESH = common.define_mesh_flag()
 flags.mark_flags_as_required(["checkpoint", "data"])
 
 
@@ -59,7 +61,8 @@ def evaluate(model, texts, *, max_len: int, stride: int, batch_size: int, progre
   from flax import nnx
   from tqdm import tqdm
 
-  from jaxllm.inference import kv_cache
+  from jaxllm.model import cache as kv_cache
+  from jaxllm.parallel import placement
   from jaxllm.train import losses
 
   @jax.jit
@@ -91,7 +94,9 @@ def evaluate(model, texts, *, max_len: int, stride: int, batch_size: int, progre
       tokens[row, :n] = win
       targets[row, :n - 1] = win[1:]
       weights[row, score_from:n - 1] = 1.0
-    nll, w = score(model.params, jnp.asarray(tokens), jnp.asarray(targets), jnp.asarray(weights))
+    with placement.in_mesh(placement.mesh_of(model.params)):
+      nll, w = score(model.params, jnp.asarray(tokens), jnp.asarray(targets),
+                     jnp.asarray(weights))
     total_nll += float(nll)
     total_tokens += float(w)
     bar.update(len(chunk))
@@ -107,7 +112,7 @@ def main(argv):
   import jaxllm
   from jaxllm.data import corpus
   files = corpus.expand_paths([p for p in _DATA.value.split(",") if p])
-  model = jaxllm.load(_CHECKPOINT.value)
+  model = jaxllm.load(_CHECKPOINT.value, mesh=_MESH.value)
   texts = [corpus.read_document(corpus.DocRef(f)) for f in files]
   stride = _STRIDE.value or max(1, _MAX_LEN.value // 2)
   if stride > _MAX_LEN.value - 1:

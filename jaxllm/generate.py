@@ -12,6 +12,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from jaxllm.cli import common
+from jaxllm.config import KV_CACHE_DTYPES
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, jaxllm/HF directory or .gguf.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
@@ -30,12 +31,13 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same output).
                              lower_bound=0)
 _STOP = flags.DEFINE_multi_string("stop", [], "Stop at this text (repeatable).")
 _CACHE = flags.DEFINE_enum("cache", "contiguous", ["contiguous", "paged"], "KV cache layout.")
-_KV_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "float32", ["float32", "bfloat16", "int8"],
+_KV_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "float32", list(KV_CACHE_DTYPES),
                               "KV cache storage (int8: a scale per token and head).")
 _DRAFT = flags.DEFINE_string("draft", None, "Speculative draft: ngram[:N], layer_skip:N or a "
                              "checkpoint path of a smaller model with the same tokenizer.")
 _K = flags.DEFINE_integer("k", 4, "Speculative: draft tokens per step.", lower_bound=1,
                           upper_bound=16)
+_MESH = common.define_mesh_flag()
 flags.mark_flag_as_required("checkpoint")
 flags.mark_flags_as_mutual_exclusive(["prompt", "chat"], required=True)
 
@@ -46,7 +48,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   common.initialize_distributed()
   import jaxllm
-  model = jaxllm.load(_CHECKPOINT.value)
+  model = jaxllm.load(_CHECKPOINT.value, mesh=_MESH.value)
   try:
     sampling = dict(max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value,
                     top_k=_TOP_K.value, top_p=_TOP_P.value, min_p=_MIN_P.value,

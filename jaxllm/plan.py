@@ -8,7 +8,7 @@ train step abstractly and reports the compiler's own memory analysis (`--nocompi
 
 `--aot` compiles the train step for the TPU slice the preset names (`--config=...:v5p-64`, or
 `--topology=v5p-64`; `mesh.slices` slices of it) with libtpu's compiler on this host, no TPU
-needed (`jaxllm.parallel.aot`), and reports per-chip HBM from the compiled memory analysis
+needed (`jaxllm.planner.aot`), and reports per-chip HBM from the compiled memory analysis
 against the chip's capacity beside the estimate; it exits 1 with one line naming the shortfall
 when the step does not fit.
 """
@@ -49,7 +49,7 @@ def main(argv):
   from jaxllm import config as config_lib
   cfg = config_lib.from_config_dict(common.config_value(_CONFIG))
   import jax
-  from jaxllm.parallel import plan
+  from jaxllm.planner import plan
   if _AOT.value:
     _aot(cfg)
     return
@@ -71,7 +71,7 @@ def main(argv):
 def _aot(cfg) -> None:
   from ml_collections import config_flags
   from jaxllm.config import ConfigError
-  from jaxllm.parallel import aot, plan
+  from jaxllm.planner import aot, plan
   name = _TOPOLOGY.value or aot.preset_of(config_flags.get_config_filename(flags.FLAGS["config"]))
   if not name:
     raise ConfigError("--aot needs a TPU preset (--config=FILE:v5p-64) or --topology=v5p-64")
@@ -96,7 +96,7 @@ def _aot(cfg) -> None:
 
 
 def _aot_serving(cfg, target) -> None:
-  from jaxllm.parallel import aot
+  from jaxllm.planner import aot
   r = aot.compile_serving(cfg, target, batch=_SERVE_BATCH.value, max_len=_SERVE_LEN.value,
                           dump_hlo=_DUMP_HLO.value)
   def gib(x):

@@ -13,6 +13,7 @@ import os
 from absl import app, flags
 
 from jaxllm.cli import common
+from jaxllm.config import KV_CACHE_DTYPES
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, jaxllm/HF directory or .gguf.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to bind (0.0.0.0 exposes it).")
@@ -24,7 +25,7 @@ _MODEL_NAME = flags.DEFINE_string("model_name", None, "Name served in /v1/models
 _MAX_SLOTS = flags.DEFINE_integer("max_slots", 8, "Requests decoded together.", lower_bound=1)
 _NUM_PAGES = flags.DEFINE_integer("num_pages", None, "KV pages in the pool (default: enough "
                                   "for max_slots full-length sequences).", lower_bound=1)
-_KV_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "float32", ["float32", "bfloat16", "int8"],
+_KV_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "float32", list(KV_CACHE_DTYPES),
                               "KV page storage (int8: a scale per token and head, a quarter of "
                               "float32's memory).")
 _SPEC_K = flags.DEFINE_integer("speculative_k", 0, "Speculative decoding: tokens proposed per "
@@ -37,6 +38,10 @@ _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 64, "Prompt tokens per pr
                                       lower_bound=1)
 _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", None, "Context length (default: the "
                                     "model's).", lower_bound=2)
+_MESH = common.define_mesh_flag()
+_REPLICAS = flags.DEFINE_integer("replicas", 1, "Engines on disjoint device groups (each of "
+                                 "--mesh's shape) behind one server; requests go to the least "
+                                 "loaded (or the one caching their prefix).", lower_bound=1)
 flags.mark_flag_as_required("checkpoint")
 
 
@@ -48,6 +53,7 @@ def main(argv):
     import uvicorn
   except ImportError:
     raise common.CommandError("serving needs the serve extra: pip install 'jaxllm[serve]'")
+  common.initialize_distributed()
   try:
     from jaxllm.inference import server
     application, engine = server.build(
@@ -56,9 +62,14 @@ def main(argv):
         max_seq_len=_MAX_SEQ_LEN.value, model_name=_MODEL_NAME.value,
         api_key=_API_KEY.value or os.environ.get("JAXLLM_API_KEY"),
         kv_cache_dtype=_KV_DTYPE.value, speculative_k=_SPEC_K.value,
-        draft=_DRAFT.value if _SPEC_K.value else None)
+        draft=_DRAFT.value if _SPEC_K.value else None, mesh=_MESH.value,
+        replicas=_REPLICAS.value)
   except ValueError as e:
     raise common.CommandError(str(e)) from None
+  import jax
+  if jax.process_index() > 0:  # multi-host: process 0 serves HTTP, this one runs its steps
+    engine.follow()
+    return
   try:
     uvicorn.run(application, host=_HOST.value, port=_PORT.value, log_level="warning")
   finally:

@@ -12,7 +12,7 @@ def target_platform() -> str:
 
   The devices of the mesh in context when there is one, else JAX's default backend. The two
   differ when compiling ahead of time for devices this host does not have (a TPU topology on a
-  CPU host, `jaxllm.parallel.aot`; `lower_for` below): the traced code must pick the target's
+  CPU host, `jaxllm.planner.aot`; `lower_for` below): the traced code must pick the target's
   kernels, not the host's.
   """
   mesh = jax.sharding.get_abstract_mesh()

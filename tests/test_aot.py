@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation for TPU topologies (`jaxllm.parallel.aot`, `plan --aot`).
+"""Ahead-of-time compilation for TPU topologies (`jaxllm.planner.aot`, `plan --aot`).
 
 The compiling tests need libtpu, which `pip install '.[tpu]'` brings for the installed jax
 (CI installs it: jax 0.10.2 + libtpu 0.0.42.1 on python 3.11; jax 0.12.0.1 + libtpu 0.0.51 on
@@ -15,7 +15,7 @@ import pytest
 from experiments import tiny
 from jaxllm import config as config_lib
 from jaxllm.config import ConfigError
-from jaxllm.parallel import aot, plan
+from jaxllm.planner import aot, plan
 from pallas_kernels import backends
 
 needs_libtpu = pytest.mark.skipif(not backends.libtpu_available(),

@@ -11,7 +11,7 @@ import pytest
 
 from jaxllm import config as config_lib
 from jaxllm.parallel import mesh as mesh_lib
-from jaxllm.parallel import plan as plan_lib
+from jaxllm.planner import plan as plan_lib
 from jaxllm.train import loop
 from tests.helpers import REPO, tiny_experiment
 

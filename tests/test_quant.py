@@ -243,7 +243,7 @@ def test_clip_search_never_rounds_worse(symmetric):
 
 @pytest.mark.parametrize("symmetric, in_axes, rows", [(True, 1, 100), (False, 2, 64)])
 def test_int4_projection_by_halves_equals_dequantize_then_dot(symmetric, in_axes, rows):
-  from jaxllm.quant import matmul
+  from jaxllm.ops import quant_matmul as matmul
   rng = np.random.default_rng(rows)
   shape = (rows, 24) if in_axes == 1 else (4, rows // 4, 24)
   w = jnp.asarray(rng.standard_normal(shape), jnp.float32)

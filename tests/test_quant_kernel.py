@@ -64,12 +64,12 @@ def test_bad_input_is_a_clear_error(change, match):
 
 
 def test_model_matmuls_through_the_kernel_equal_dequantize_then_matmul(monkeypatch):
-  """`quant.matmul.project` sends eligible int4 weights through the kernel (on CPU when told
+  """`ops.quant_matmul.project` sends eligible int4 weights through the kernel (on CPU when told
   to, interpreted): the model's logits match the dequantize-then-dot path."""
   from flax import nnx
 
   from jaxllm.model import transformer
-  from jaxllm.quant import matmul
+  from jaxllm.ops import quant_matmul as matmul
   from jaxllm.quant import params as qparams
   from tests.helpers import tiny_model
   cfg = tiny_model(dtype="float32", d_model=64, n_heads=2, n_kv_heads=1, head_dim=32, d_ff=128)
@@ -77,13 +77,13 @@ def test_model_matmuls_through_the_kernel_equal_dequantize_then_matmul(monkeypat
   qp, _ = qparams.quantize_params(params, qparams.QuantSpec(bits=4, group_size=32))
   ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % cfg.vocab_size
   calls = []
-  real = matmul._fused
-  monkeypatch.setattr(matmul, "_fused", lambda w: calls.append(real(w)) or calls[-1])
+  real = matmul.fused
+  monkeypatch.setattr(matmul, "fused", lambda w: calls.append(real(w)) or calls[-1])
   logits = {}
   for mode in ("never", "always"):
-    monkeypatch.setattr(matmul, "KERNEL", mode)
     calls.clear()
-    logits[mode] = jax.jit(lambda p: nnx.merge(graphdef, p)(ids))(qp)
+    with matmul.int4_kernel(mode):
+      logits[mode] = jax.jit(lambda p: nnx.merge(graphdef, p)(ids))(qp)
     if mode == "always":  # q, o, gate, up, down fit the kernel (k/v's 32 columns do not)
       assert sum(calls) == 5 and len(calls) == 7
   rel = float(jnp.abs(logits["always"] - logits["never"]).max()

@@ -57,6 +57,8 @@ _K = flags.DEFINE_integer("k", 4, "decode, serve: speculative draft tokens per s
                           lower_bound=1, upper_bound=16)
 _PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 64, "decode: tokens per prompt.",
                                       lower_bound=1)
+_MESH = flags.DEFINE_string("mesh", None, "serve: split the model over this mesh (tensor=4, "
+                            "data=2,tensor=4); default one device.")
 _REQUESTS = flags.DEFINE_integer("requests", 64, "serve: requests in the workload.",
                                  lower_bound=1)
 _RATE = flags.DEFINE_float("rate", 8.0, "serve: mean arrivals per second.", lower_bound=0.01)
@@ -129,7 +131,8 @@ def main(argv):
       path = fetch("smollm2-135m")
     result = serve.run(path, requests=_REQUESTS.value, rate=_RATE.value,
                        prefix_requests=_PREFIX_REQUESTS.value, speculative_k=_K.value,
-                       draft=_SERVE_DRAFT.value, max_output_tokens=_MAX_OUTPUT.value)
+                       draft=_SERVE_DRAFT.value, max_output_tokens=_MAX_OUTPUT.value,
+                       mesh=_MESH.value)
     text = serve.table(result)
   elif argv[1] == "decode":
     from jaxllm.bench import decode

@@ -73,7 +73,7 @@ def _continuous(model, engine_cfg, prompts, outs, arrivals, *, prefix_caching=Tr
       time.sleep(min(0.005, max(arrivals[len(requests)] - now, 0)))
       continue
     engine.step()
-    if any(s is not None for s in engine._slots):
+    if engine.metrics()["active_slots"]:
       util.append(engine.kv_utilisation())
   end = time.monotonic()
   ttft = [r.first_token_at - r.arrival for r in requests]
@@ -111,11 +111,12 @@ def _static(model, slots, prompts, outs, arrivals):
 def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
         page_size: int = 16, prefill_chunk: int = 64, seed: int = 0,
         prefix_requests: int = 32, system_tokens: int = 256, speculative_k: int = 4,
-        draft: str = "ngram", max_output_tokens: int = 512) -> dict:
+        draft: str = "ngram", max_output_tokens: int = 512, mesh: str | None = None) -> dict:
+  """`mesh` ("tensor=4"): every mode runs on the model split over that mesh."""
   import jaxllm
   from jaxllm.inference import engine as engine_lib
-  from jaxllm.inference import kv_cache
-  model = jaxllm.load(path)
+  from jaxllm.inference import paging
+  model = jaxllm.load(path, mesh=mesh)
   tok = model.tokenizer
   bos = tok.bos_id if tok.add_bos and tok.bos_id >= 0 else None
   prompts, outs = _workload(tok, requests, seed, bos, out_range=(4, max_output_tokens))
@@ -124,7 +125,7 @@ def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
   max_len = 1024
   cfg = engine_lib.EngineConfig(max_slots=max_slots, page_size=page_size,
                                 prefill_chunk=prefill_chunk, max_seq_len=max_len,
-                                num_pages=max_slots * kv_cache.pages_for(max_len, page_size))
+                                num_pages=max_slots * paging.pages_for(max_len, page_size))
   cont = _continuous(model, cfg, prompts, outs, arrivals)
   stat = _static(model, max_slots, prompts, outs, arrivals)
 
@@ -170,14 +171,15 @@ def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
                 prefix_hit_tokens=on["prefix_hit_tokens"], identical=same)
   return dict(suite="serve", checkpoint=path, backend=jax.default_backend(),
               requests=requests, rate=rate, max_output_tokens=max_output_tokens,
-              max_slots=max_slots, page_size=page_size,
+              max_slots=max_slots, page_size=page_size, mesh=mesh or "one device",
               rows=rows, continuous_vs_static=rows["continuous"]["tokens_per_s"]
               / rows["static"]["tokens_per_s"], prefix=prefix)
 
 
 def table(result: dict) -> str:
   rows = result["rows"]
-  lines = [f"serve: {result['checkpoint']} on {result['backend']}, {result['requests']} "
+  lines = [f"serve: {result['checkpoint']} on {result['backend']} "
+           f"({result.get('mesh', 'one device')}), {result['requests']} "
            f"requests at {result['rate']}/s, {result['max_slots']} slots, pages of "
            f"{result['page_size']}",
            f"{'mode':<12}{'tokens/s':>10}{'TTFT p50 s':>12}{'TTFT p99 s':>12}{'seconds':>9}"]

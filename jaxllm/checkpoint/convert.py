@@ -20,8 +20,8 @@ from jaxllm import config as config_lib
 from jaxllm.checkpoint import hf_format, layouts
 from jaxllm.checkpoint.errors import UnsupportedCheckpoint
 from jaxllm.data import tokenizer as tokenizer_lib
-from jaxllm.train import workdir as workdir_lib
-from jaxllm.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
+from jaxllm.checkpoint import workdir as workdir_lib
+from jaxllm.checkpoint.workdir import CHECKPOINT_DIR, CONFIG_FILE
 
 
 
@@ -105,7 +105,7 @@ def _hf_checkpoint(path: str) -> Checkpoint:
   return Checkpoint(cfg, params, read_hf_tokenizer(path), "hf")
 
 
-def _jaxllm_checkpoint(workdir: str, step: int | None) -> Checkpoint:
+def _jaxllm_checkpoint(workdir: str, step: int | None, mesh=None) -> Checkpoint:
   import jax
   from jaxllm.checkpoint.orbax import Checkpointer
   from jaxllm.model import transformer
@@ -116,9 +116,18 @@ def _jaxllm_checkpoint(workdir: str, step: int | None) -> Checkpoint:
   spec = quant_params.QuantSpec.load(workdir)  # a quantized checkpoint (jaxllm.quantize)
   if spec is not None:
     abstract = quant_params.abstract_storage(abstract, spec)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          abstract)
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract)
+  else:  # straight into each device's shards
+    from jaxllm.parallel import placement
+    placement.check_model(cfg.model, mesh)
+    layouts = ({p: quant_params.LAYOUTS[p] for p in spec.quantized} if spec is not None
+               else None)
+    shardings = placement.param_shardings(abstract, transformer.logical_axes(cfg.model), mesh,
+                                          layouts)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, shardings)
   checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), read_only=True)
   try:
     params = checkpointer.restore_params(abstract, step=step)
@@ -129,7 +138,9 @@ def _jaxllm_checkpoint(workdir: str, step: int | None) -> Checkpoint:
   return Checkpoint(cfg.model, params, read_hf_tokenizer(workdir), "jaxllm")
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike[str], mesh=None) -> Checkpoint:
+  """The checkpoint at `path`; a jaxllm checkpoint restores straight into its shards on
+  `mesh` when one is given (`jaxllm.parallel.placement`), others read into host memory."""
   path = os.path.abspath(os.fspath(path))
   if not os.path.exists(path):
     raise FileNotFoundError(f"no such checkpoint: {path}")
@@ -145,7 +156,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
   if hf_format.is_hf_dir(path):
     return _hf_checkpoint(path)
   if os.path.isfile(os.path.join(path, CONFIG_FILE)):
-    return _jaxllm_checkpoint(path, step)
+    return _jaxllm_checkpoint(path, step, mesh)
   raise UnsupportedCheckpoint(f"{path} is neither a jaxllm workdir, a Hugging Face directory "
                               "nor a .gguf file")
 

@@ -16,6 +16,13 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the run.")
 
 
+def define_mesh_flag():
+  """`--mesh` of the inference entry points (generate, eval, serve)."""
+  return flags.DEFINE_string(
+      "mesh", None, "Devices to split the model over: AXIS=N,... with AXIS data, fsdp, tensor "
+      "or expert (e.g. tensor=4 or data=2,tensor=4; unnamed axes 1). Default: one device.")
+
+
 def initialize_distributed() -> None:
   from jaxllm.parallel.mesh import initialize_distributed as init
   init(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -1,14 +1,10 @@
 """Continuous batching over a paged KV cache (vLLM-style), driven by a host loop.
 
 The device holds one page pool per layer `[L, N, P, K, Dh]` shared by `max_slots` decode slots,
-and per slot the logits its next token will be drawn from. A few jitted functions do all device
-work, each with fixed shapes (the page table's width is rounded up to a power of two, so there
-are at most log2(max pages per sequence) + 1 variants of each):
-  `_prefill`             one chunk of `prefill_chunk` tokens of one request into its pages;
-  `_decode`              draw a token for every slot from its logits (per-request sampling),
-                         feed it, keep the new logits; empty slots store nothing;
-  `_decode_speculative`  the same with up to k proposals per slot verified in the pass.
-The host (`Engine.step`) admits waiting requests as soon as a slot and their pages are free,
+and per slot the logits its next token will be drawn from. The jitted functions of
+`jaxllm.inference.steps` do all device work, each with fixed shapes (the page table's width is
+rounded up to a power of two, so there are at most log2(max pages per sequence) + 1 variants of
+each). The host (`Engine.step`) admits waiting requests as soon as a slot and their pages are free,
 runs at most one prefill chunk per step beside the decode step (so running streams keep
 flowing while long prompts come in), grows page tables a page at a time, streams tokens,
 applies stop tokens / stop strings / max_tokens, and frees pages the moment a request ends.
@@ -21,11 +17,9 @@ released, request back at the head of the queue) and later recomputed from its p
 tokens it already produced. Its n-th token still draws with `fold_in(PRNGKey(seed), n)`, so
 its output is what it would have been uninterrupted.
 
-Prefix caching: every page that a prompt fills completely is registered under a hash chained
-over all tokens up to its end; a later prompt with the same prefix takes those pages by
-reference (`PageAllocator.retain`) and prefills only the rest. A request whose next prefix page
-another running request is still prefilling waits for it rather than computing it twice.
-Cached pages stay until the pool needs them (least recently used first).
+Prefix caching (`jaxllm.inference.prefix_cache`): full prompt pages are shared by reference; a
+request whose next prefix page another running request is still prefilling waits for it rather
+than computing it twice.
 
 Speculative decoding (`speculative_k`): proposals come from prompt lookup or a draft model
 whose own page pool is addressed by the same page tables, so prefix sharing, preemption and
@@ -36,19 +30,24 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import itertools
 import threading
 import time
 from typing import Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from jaxllm.config import KV_CACHE_DTYPES
 from jaxllm.inference import generate as gen
-from jaxllm.inference import kv_cache, sampling, speculative
+from jaxllm.inference import paging, sampling, speculative
+from jaxllm.inference import steps as steps_lib
+from jaxllm.inference import prefix_cache as prefix_cache_lib
+from jaxllm.parallel import placement
+
+
+# Seconds an idle lockstep leader waits before stepping anyway (`Engine.start`).
+LOCKSTEP_HEARTBEAT_S = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +76,8 @@ class EngineConfig:
     if not 0 <= self.speculative_k <= 16 or self.speculative_ngram < 1:
       raise ValueError(f"speculative_k={self.speculative_k} must be in [0, 16] and "
                        f"speculative_ngram={self.speculative_ngram} >= 1")
-    if self.cache_dtype not in ("float32", "bfloat16", "int8"):
-      raise ValueError(f"cache_dtype={self.cache_dtype!r} must be float32, bfloat16 or int8")
+    if self.cache_dtype not in KV_CACHE_DTYPES:
+      raise ValueError(f"cache_dtype={self.cache_dtype!r} must be one of {KV_CACHE_DTYPES}")
 
 
 @dataclasses.dataclass
@@ -91,7 +90,7 @@ class Request:
   tokens: list[int] = dataclasses.field(default_factory=list)
   logprobs: list[float] = dataclasses.field(default_factory=list)
   text: str = ""
-  finish_reason: str | None = None  # "stop", "length", "cancelled"
+  finish_reason: gen.FinishReason | None = None
   arrival: float = dataclasses.field(default_factory=time.monotonic)
   first_token_at: float | None = None
   on_token: Callable | None = None
@@ -104,6 +103,7 @@ class Request:
   preemptions: int = 0
   prefix_keys: frozenset = frozenset()  # prefix-cache keys of its full prompt pages
   cancelled: bool = False
+  key: int = -1  # submission number (the same on every process of a lockstep engine)
 
   @property
   def sequence(self) -> list[int]:
@@ -115,196 +115,44 @@ class Request:
     return self.finish_reason is not None
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("k", "v"))
-def _prefill(graphdef, params, k, v, page_row_1M, length_1, tokens_1T, num_new_1):
-  gen._TRACES["engine_prefill"] += 1
-  cache = kv_cache.PagedKVCache(k, v, page_row_1M, length_1)
-  logits, cache = nnx.merge(graphdef, params).extend(tokens_1T, cache, num_new_1,
-                                                     last_only=True)
-  return logits[:, 0], cache.k, cache.v
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "penalties"),
-                   donate_argnames=("k", "v", "logits_BV", "counts_BV"))
-def _decode(graphdef, params, k, v, page_table_BM, lengths_B, active_B, logits_BV, arrays,
-            steps_B, counts_BV, prompt_mask_BV, *, penalties: bool):
-  gen._TRACES["engine_decode"] += 1
-  V = logits_BV.shape[-1]
-  processed = logits_BV
-  if penalties:
-    processed = sampling.apply_penalties(logits_BV, arrays, counts_BV, prompt_mask_BV)
-  tok_B = sampling.draw(processed, arrays, sampling.row_keys(arrays, steps_B))
-  logp_B = sampling.token_logprobs(logits_BV, tok_B)
-  if penalties:
-    counts_BV = counts_BV + jax.nn.one_hot(tok_B, V, dtype=jnp.int32) * active_B[:, None]
-  cache = kv_cache.PagedKVCache(k, v, page_table_BM, lengths_B)
-  new_B1V, cache = nnx.merge(graphdef, params).extend(tok_B[:, None], cache,
-                                                      active_B.astype(jnp.int32))
-  logits_BV = jnp.where(active_B[:, None], new_B1V[:, 0], logits_BV)
-  return tok_B, logp_B, logits_BV, counts_BV, cache.k, cache.v
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "draft_graphdef", "k", "max_ngram",
-                                             "penalties"),
-                   donate_argnames=("k_pages", "v_pages", "dk_pages", "dv_pages", "logits_BV",
-                                    "sub_BV", "counts_BV"))
-def _decode_speculative(graphdef, params, k_pages, v_pages, draft_graphdef, draft_params,
-                        dk_pages, dv_pages, page_table_BM, lengths_B, active_B, logits_BV, arrays,
-                        steps_B, sub_BV, hist_BH, drafts_B, counts_BV, prompt_mask_BV, *, k: int,
-                        max_ngram: int, penalties: bool):
-  """One step that emits 1 to 1 + drafts_B[b] tokens per slot.
-
-  The slot's logits give t0, drawn from the target's distribution p, or from norm(max(p - s, 0))
-  where the previous step rejected a proposal drawn from s (`sub_BV`, zero rows otherwise).
-  The draft proposes d_1..d_k from distributions q_i: prompt lookup over the history (one-hot
-  q) or a draft model with its own paged cache under the same page table (it feeds t0 and
-  the proposals). The target scores [t0, d_1..d_k] in one pass and d_i is accepted while
-  u_i q_i(d_i) < p_{i-1}(d_i). That keeps the target's distribution, and greedy rows (one-hot
-  p and q) accept exactly the argmax. The new slot logits are those after the last accepted
-  token; the first rejection's q becomes the next step's `sub_BV`. Rows with penalties draft
-  nothing (drafts_B = 0): their counts change by t0 alone.
-  """
-  gen._TRACES["engine_decode_speculative"] += 1
-  B, V = logits_BV.shape
-  rows_B = jnp.arange(B)
-  keys_B2 = sampling.row_keys(arrays, steps_B)
-  processed_BV = logits_BV
-  if penalties:
-    processed_BV = sampling.apply_penalties(logits_BV, arrays, counts_BV, prompt_mask_BV)
-  p0_BV = sampling.probabilities(processed_BV, arrays)
-  resid_BV = jnp.maximum(p0_BV - sub_BV, 0.0)
-  resid_BV = jnp.where(jnp.sum(resid_BV, -1, keepdims=True) > 0, resid_BV, p0_BV)
-  t0_B = jnp.where(jnp.sum(sub_BV, -1) > 0, speculative._sample_from(resid_BV, keys_B2),
-                   sampling.draw(processed_BV, arrays, keys_B2))
-  if penalties:
-    counts_BV = counts_BV + jax.nn.one_hot(t0_B, V, dtype=jnp.int32) * active_B[:, None]
-  if draft_graphdef is None:
-    hist_BH = hist_BH.at[rows_B, lengths_B].set(t0_B, mode="drop")
-    d_Bk = speculative._ngram_proposals(hist_BH, lengths_B + 1, t0_B, k=k, max_ngram=max_ngram)
-    q_BkV = jax.nn.one_hot(d_Bk, V, dtype=jnp.float32)
-  else:
-    draft = nnx.merge(draft_graphdef, draft_params)
-
-    def draft_step(carry, i):
-      dcache, tok_B = carry
-      # Feeds position lengths + i; within the pages the row holds while i <= drafts_B.
-      fed_B = (active_B & (i <= drafts_B)).astype(jnp.int32)
-      out_B1V, dcache = draft.extend(tok_B[:, None], dcache, fed_B)
-      q_BV = sampling.probabilities(out_B1V[:, 0], arrays)
-      d_B = speculative._sample_from(
-          q_BV, jax.vmap(lambda key: jax.random.fold_in(key, 2 + i))(keys_B2))
-      return (dcache, d_B), (d_B, q_BV)
-
-    # k + 1 feeds (t0, d_1..d_k): the last only writes d_k's entry, so the draft cache holds
-    # every token the target may keep, and its proposal is unused.
-    dcache = kv_cache.PagedKVCache(dk_pages, dv_pages, page_table_BM, lengths_B)
-    (dcache, _), (d_TB, q_TBV) = jax.lax.scan(draft_step, (dcache, t0_B), jnp.arange(k + 1))
-    dk_pages, dv_pages = dcache.k, dcache.v
-    d_Bk, q_BkV = jnp.moveaxis(d_TB[:k], 0, 1), jnp.moveaxis(q_TBV[:k], 0, 1)
-  cache = kv_cache.PagedKVCache(k_pages, v_pages, page_table_BM, lengths_B)
-  tokens_BT = jnp.concatenate([t0_B[:, None], d_Bk], axis=1)
-  fed_B = (1 + drafts_B) * active_B.astype(jnp.int32)
-  logits_BTV, cache = nnx.merge(graphdef, params).extend(tokens_BT, cache, fed_B)
-  p_BTV = sampling.probabilities(logits_BTV.reshape(B * (k + 1), V),
-                                 speculative._repeat_rows(arrays, k + 1)).reshape(B, k + 1, V)
-  u_Bk = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 1), (k,)))(keys_B2)
-  p_at_d = jnp.take_along_axis(p_BTV[:, :k], d_Bk[..., None], axis=-1)[..., 0]
-  q_at_d = jnp.take_along_axis(q_BkV, d_Bk[..., None], axis=-1)[..., 0]
-  accept_Bk = (u_Bk * q_at_d < p_at_d) & (jnp.arange(k)[None, :] < drafts_B[:, None])
-  n_acc_B = jnp.sum(jnp.cumprod(accept_Bk, axis=1), axis=1).astype(jnp.int32)
-  logp_BT = jnp.concatenate([
-      sampling.token_logprobs(logits_BV, t0_B)[:, None],
-      jnp.take_along_axis(jax.nn.log_softmax(logits_BTV[:, :k], axis=-1), d_Bk[..., None],
-                          axis=-1)[..., 0]], axis=1)
-  new_BV = jnp.take_along_axis(logits_BTV, n_acc_B[:, None, None], axis=1)[:, 0]
-  logits_BV = jnp.where(active_B[:, None], new_BV, logits_BV)
-  q_rej_BV = jnp.take_along_axis(q_BkV, jnp.minimum(n_acc_B, k - 1)[:, None, None], axis=1)[:, 0]
-  sub_BV = jnp.where((active_B & (n_acc_B < drafts_B))[:, None], q_rej_BV, 0.0)
-  return (tokens_BT, logp_BT, n_acc_B, logits_BV, sub_BV, counts_BV, cache.k, cache.v,
-          dk_pages, dv_pages)
-
-
-class PrefixCache:
-  """Full prompt pages by the hash of every token up to their end; LRU order."""
-
-  def __init__(self, allocator: kv_cache.PageAllocator, page_size: int):
-    self.allocator = allocator
-    self.page_size = page_size
-    self._pages: collections.OrderedDict[int, int] = collections.OrderedDict()
-    self.hits = 0  # pages reused
-
-  def keys(self, tokens: Sequence[int], n_pages: int) -> list[int]:
-    """Key of each of the first n_pages pages: a hash chained over every token up to its end."""
-    P, key, out = self.page_size, 0, []
-    for i in range(n_pages):
-      key = hash((key, tuple(tokens[i * P:(i + 1) * P])))
-      out.append(key)
-    return out
-
-  def lookup(self, prompt: Sequence[int]) -> list[int]:
-    """Pages holding the longest cached run of the prompt's full pages (retained for the
-    caller); the last prompt token is always left to compute."""
-    pages = []
-    for key in self.keys(prompt, (len(prompt) - 1) // self.page_size):
-      page = self._pages.get(key)
-      if page is None:
-        break
-      self._pages.move_to_end(key)
-      pages.append(page)
-    self.allocator.retain(pages)
-    self.hits += len(pages)
-    return pages
-
-  def register(self, prompt: Sequence[int], pages: Sequence[int]) -> None:
-    """Offers the prompt's full pages (already written) to later requests."""
-    for key, page in zip(self.keys(prompt, len(prompt) // self.page_size), pages):
-      if key not in self._pages:
-        self._pages[key] = page
-        self.allocator.retain([page])
-
-  def evict(self, n: int) -> int:
-    """Releases up to n cached pages that no request holds (LRU first); returns how many."""
-    freed = 0
-    for key in list(self._pages):
-      if freed == n:
-        break
-      page = self._pages[key]
-      if self.allocator.refcount(page) == 1:
-        del self._pages[key]
-        self.allocator.release([page])
-        freed += 1
-    return freed
-
-  def __len__(self):
-    return len(self._pages)
-
-
 class Engine:
   """Continuous batching for one model. Thread-safe `submit`/`cancel`; `step` or
   `run_until_idle` from one thread (or `start()` a background loop)."""
 
   def __init__(self, graphdef, params, config: EngineConfig = EngineConfig(), *,
                eos_id: int = -1, decode: Callable[[list[int]], str] | None = None,
-               draft: speculative.Draft | None = None):
+               draft: speculative.Draft | None = None, lockstep: bool = False):
     """`draft`: what proposes tokens when `config.speculative_k` > 0; prompt lookup over the
     last `config.speculative_ngram` tokens by default, or a model (`speculative.model_draft`,
-    `layer_skip_draft`) with the target's vocabulary, which gets its own page pool."""
+    `layer_skip_draft`) with the target's vocabulary, which gets its own page pool.
+
+    `lockstep`: one of several processes serving a model whose mesh spans them
+    (`jaxllm.inference.lockstep`): process 0 takes requests (`start()`), the others `follow()`.
+    """
     self.graphdef, self.params, self.config = graphdef, params, config
+    self.lockstep = lockstep
+    # Lockstep: what process 0 received since the last step, and every live request by key.
+    self._inbox: list[Request] = []
+    self._inbox_cancels: list[int] = []
+    self._live: dict[int, Request] = {}
     self.model_config = cfg = gen.model_config(graphdef, params)
     self.eos_id = eos_id
     self.decode_text = decode
     self.max_seq_len = config.max_seq_len or cfg.max_seq_len
-    self.max_pages = kv_cache.pages_for(self.max_seq_len, config.page_size)
+    self.max_pages = paging.pages_for(self.max_seq_len, config.page_size)
     if config.num_pages < self.max_pages:
       raise ValueError(f"num_pages={config.num_pages} cannot hold one sequence of "
                        f"max_seq_len {self.max_seq_len} ({self.max_pages} pages of "
                        f"{config.page_size})")
-    self.allocator = kv_cache.PageAllocator(config.num_pages)
-    self.prefix_cache = PrefixCache(self.allocator, config.page_size)
+    self.allocator = paging.PageAllocator(config.num_pages)
+    self.prefix_cache = prefix_cache_lib.PrefixCache(self.allocator, config.page_size)
     B, V = config.max_slots, cfg.vocab_size
     shape = (cfg.n_layers, config.num_pages, config.page_size, cfg.n_kv_heads, cfg.head_dim)
-    self._k = kv_cache.zeros(shape, config.cache_dtype)
-    self._v = kv_cache.zeros(shape, config.cache_dtype)
+    # Params placed on a mesh (`placement.place_params`) put the engine there: page pools split
+    # over KV heads, every step traced with the mesh in context.
+    self.mesh = placement.mesh_of(params)
+    self._k = placement.zeros_on(self.mesh, shape, config.cache_dtype, paged=True)
+    self._v = placement.zeros_on(self.mesh, shape, config.cache_dtype, paged=True)
     self._draft, self._dk, self._dv = self._draft_pool(draft)
     self._logits = jnp.zeros((B, V), jnp.float32)
     self._counts = jnp.zeros((B, V), jnp.int32)
@@ -341,8 +189,10 @@ class Engine:
                        f"engine's ({self.max_seq_len})")
     shape = (dcfg.n_layers, self.config.num_pages, self.config.page_size, dcfg.n_kv_heads,
              dcfg.head_dim)
-    return (draft, kv_cache.zeros(shape, self.config.cache_dtype),
-            kv_cache.zeros(shape, self.config.cache_dtype))
+    if placement.mesh_of(draft.params) != self.mesh:
+      raise ValueError("the draft model must be placed on the target's mesh")
+    return (draft, placement.zeros_on(self.mesh, shape, self.config.cache_dtype, paged=True),
+            placement.zeros_on(self.mesh, shape, self.config.cache_dtype, paged=True))
 
   # ---- requests -------------------------------------------------------------------------
 
@@ -356,18 +206,48 @@ class Engine:
     if len(prompt) + params.max_tokens > self.max_seq_len:
       raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) "
                        f"exceeds the context of {self.max_seq_len} tokens")
-    request = Request(request_id or f"req-{next(self._ids)}", prompt, params,
-                      on_token=on_token, on_finish=on_finish)
+    key = next(self._ids)
+    request = Request(request_id or f"req-{key}", prompt, params, on_token=on_token,
+                      on_finish=on_finish, key=key)
     with self._wake:
-      self._waiting.append(request)
+      # In lockstep the request joins at the next step, on every process at once.
+      (self._inbox if self.lockstep else self._waiting).append(request)
       self._wake.notify()
     return request
 
   def cancel(self, request: Request) -> None:
     """Ends the request at the next step and frees its pages (no-op when already done)."""
-    request.cancelled = True
     with self._wake:
+      if self.lockstep:
+        self._inbox_cancels.append(request.key)
+      else:
+        request.cancelled = True
       self._wake.notify()
+
+  def _sync(self) -> None:
+    """Lockstep: every process applies process 0's arrivals, cancellations and shutdown."""
+    from jaxllm.inference import lockstep
+    leader = lockstep.is_leader()
+    with self._lock:
+      arrived, events = [], None
+      if leader:
+        arrived, self._inbox = self._inbox, []
+        events = lockstep.Events(
+            [lockstep.request_event(r.id, r.prompt, r.params, r.arrival, r.key)
+             for r in arrived], self._inbox_cancels, self._stop)
+        self._inbox_cancels = []
+    events = lockstep.exchange(events)
+    if not leader:
+      arrived = [Request(e["id"], e["prompt"], lockstep.params_from_event(e["params"]),
+                         arrival=e["arrival"], key=e["key"]) for e in events.submitted]
+    with self._lock:
+      for r in arrived:
+        self._waiting.append(r)
+        self._live[r.key] = r
+      for key in events.cancelled:
+        if key in self._live:
+          self._live[key].cancelled = True
+      self._stop = self._stop or events.stop
 
   @property
   def idle(self) -> bool:
@@ -393,6 +273,12 @@ class Engine:
 
   def step(self) -> bool:
     """One scheduling iteration; returns whether there was anything to do."""
+    with placement.in_mesh(self.mesh):
+      return self._step()
+
+  def _step(self) -> bool:
+    if self.lockstep:
+      self._sync()
     with self._lock:
       self._drop_cancelled()
       self._admit()
@@ -414,12 +300,24 @@ class Engine:
     def loop():
       while not self._stop:
         with self._wake:
-          while self.idle and not self._stop:
-            self._wake.wait()
+          while self.idle and not self._stop and not self._inbox and not self._inbox_cancels:
+            # In lockstep an idle leader still steps now and then, so the followers waiting in
+            # the step's broadcast hear from it (and collectives do not time out).
+            if not self._wake.wait(timeout=LOCKSTEP_HEARTBEAT_S if self.lockstep else None):
+              break
         if not self._stop:
           self.step()
+      if self.lockstep:
+        self.step()  # tells the followers to stop
     self._thread = threading.Thread(target=loop, name="jaxllm-engine", daemon=True)
     self._thread.start()
+
+  def follow(self) -> None:
+    """Lockstep, processes other than 0: run process 0's steps until it shuts down."""
+    if not self.lockstep:
+      raise ValueError("only a lockstep engine follows")
+    while not self._stop:
+      self.step()
 
   def shutdown(self) -> None:
     with self._wake:
@@ -436,6 +334,7 @@ class Engine:
 
   def _finish(self, request: Request, reason: str) -> None:
     request.finish_reason = reason
+    self._live.pop(request.key, None)
     if request.slot is not None:
       self._slots[request.slot] = None
       request.slot = None
@@ -481,7 +380,7 @@ class Engine:
       request = self._waiting[0]
       seq = request.sequence
       shared = self.prefix_cache.lookup(seq) if self.config.prefix_caching else []
-      need = kv_cache.pages_for(len(seq), self.config.page_size) - len(shared)
+      need = paging.pages_for(len(seq), self.config.page_size) - len(shared)
       # Admission never preempts: a request waits for pages rather than evicting a runner.
       if self.allocator.num_free < need:
         self.prefix_cache.evict(need - self.allocator.num_free)
@@ -520,7 +419,7 @@ class Engine:
     return min(gen.bucket(pages, minimum=1), self.max_pages)
 
   def _page_row(self, request: Request) -> np.ndarray:
-    return kv_cache.page_table_array([request.pages], self._table_width(len(request.pages)))
+    return paging.page_table_array([request.pages], self._table_width(len(request.pages)))
 
   def _prefill_one_chunk(self) -> None:
     """The oldest request still prefilling advances by one chunk."""
@@ -534,10 +433,11 @@ class Engine:
     tokens[0, :len(chunk)] = chunk
     args = (jnp.asarray(self._page_row(request)), jnp.asarray([request.prefilled], jnp.int32),
             jnp.asarray(tokens), jnp.asarray([len(chunk)], jnp.int32))
-    logits, self._k, self._v = _prefill(self.graphdef, self.params, self._k, self._v, *args)
+    logits, self._k, self._v = steps_lib.prefill_chunk(self.graphdef, self.params, self._k,
+                                                       self._v, *args)
     if self._draft is not None:  # its cache holds the same tokens under the same page table
-      _, self._dk, self._dv = _prefill(self._draft.graphdef, self._draft.params, self._dk,
-                                       self._dv, *args)
+      _, self._dk, self._dv = steps_lib.prefill_chunk(
+          self._draft.graphdef, self._draft.params, self._dk, self._dv, *args)
     request.prefilled += len(chunk)
     self.stats["prefill_tokens"] += len(chunk)
     if request.prefilled == len(seq):
@@ -599,7 +499,7 @@ class Engine:
     if ready:
       width = self._table_width(max(len(r.pages) for r in ready))
       table, lengths, active, steps = self._batch_arrays(ready, width)
-      tok, logp, self._logits, self._counts, self._k, self._v = _decode(
+      tok, logp, self._logits, self._counts, self._k, self._v = steps_lib.decode(
           self.graphdef, self.params, self._k, self._v, jnp.asarray(table),
           jnp.asarray(lengths), jnp.asarray(active), self._logits, self._arrays,
           jnp.asarray(steps), self._counts, jnp.asarray(self._prompt_mask),
@@ -625,7 +525,7 @@ class Engine:
     """Reads a dispatched decode step's tokens and emits them to the requests that still hold
     the slot they had then; the others ended or were preempted since."""
     tok, logp, rows = pending
-    tok, logp = jax.device_get((tok, logp))
+    tok, logp = placement.to_host((tok, logp))
     now = time.monotonic()
     for r, slot, epoch in rows:
       if r.done or r.slot != slot or r.preemptions != epoch:
@@ -677,7 +577,7 @@ class Engine:
     for r in ready:
       want = 0 if r.params.uses_penalties else min(
           k, r.params.max_tokens - len(r.tokens) - 1, self.max_seq_len - r.prefilled - 1)
-      extra = kv_cache.pages_for(r.prefilled + 1 + max(want, 0), P) - len(r.pages)
+      extra = paging.pages_for(r.prefilled + 1 + max(want, 0), P) - len(r.pages)
       if extra > 0:
         if self.allocator.num_free < extra:
           self.prefix_cache.evict(extra - self.allocator.num_free)
@@ -695,13 +595,13 @@ class Engine:
       hist = jnp.asarray(hist)
     draft = self._draft or speculative.Draft("ngram")
     (tokens, logp, n_acc, self._logits, self._sub, self._counts, self._k, self._v, self._dk,
-     self._dv) = _decode_speculative(
+     self._dv) = steps_lib.decode_speculative(
         self.graphdef, self.params, self._k, self._v, draft.graphdef, draft.params, self._dk,
         self._dv, jnp.asarray(table), jnp.asarray(lengths), jnp.asarray(active), self._logits,
         self._arrays, jnp.asarray(steps), self._sub, hist, jnp.asarray(drafts), self._counts,
         jnp.asarray(self._prompt_mask), k=k, max_ngram=self.config.speculative_ngram,
         penalties=self._penalties)
-    tokens, logp, n_acc = jax.device_get((tokens, logp, n_acc))
+    tokens, logp, n_acc = placement.to_host((tokens, logp, n_acc))
     self.stats["decode_steps"] += 1
     now = time.monotonic()
     for r in ready:

@@ -18,20 +18,31 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllm.inference import kv_cache, sampling
+from jaxllm.inference import paging, sampling
+from jaxllm.model import cache as kv_cache
+from jaxllm.parallel import placement
 
 CACHE_KINDS = ("contiguous", "paged")
-FINISH_REASONS = {1: "stop", 2: "length"}
+# Why a request ended: a stop token or string, max_tokens, or (engine) cancelled by its client.
+FinishReason = Literal["stop", "length", "cancelled"]
+# The decode loops' reason codes (0: still running).
+FINISH_REASONS: dict[int, FinishReason] = {1: "stop", 2: "length"}
 
-# How often each jitted function was traced (= compiled) in this process.
+# How often each jitted function was traced (= compiled) in this process: a counter, read by
+# tests and benchmarks through `trace_counts`, bumped by the functions as they trace.
 _TRACES: collections.Counter = collections.Counter()
+
+
+def count_trace(name: str) -> None:
+  """Called inside a jitted function's body: runs once per trace, i.e. per compilation."""
+  _TRACES[name] += 1
 
 
 def trace_counts() -> dict[str, int]:
@@ -43,7 +54,7 @@ class Generation:
   """One request's output: tokens (stop token excluded), their logprobs, why it ended."""
   tokens: list[int]
   logprobs: list[float]
-  finish_reason: str  # "stop" (stop token / string) or "length" (max_tokens)
+  finish_reason: FinishReason
   text: str | None = None  # filled in by callers with a tokenizer
 
 
@@ -53,35 +64,41 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 def new_cache(cfg, kind: str, lengths_needed: Sequence[int], *, max_len: int,
-              page_size: int = 16, dtype=jnp.float32):
-  """An empty cache for len(lengths_needed) sequences of up to `max_len` tokens.
+              page_size: int = 16, dtype=jnp.float32, mesh=None):
+  """An empty cache for len(lengths_needed) sequences of up to `max_len` tokens, created in its
+  shards on `mesh` when given (split over KV heads, `placement.cache_sharding`).
 
   Paged: sequence b gets pages for lengths_needed[b] tokens from a `PageAllocator`, allocated a
   page at a time round-robin so no sequence's pages are adjacent (the table is exercised).
   """
   B = len(lengths_needed)
   if kind == "contiguous":
-    return kv_cache.init_cache(cfg.n_layers, B, max_len, cfg.n_kv_heads, cfg.head_dim, dtype)
+    shape = (cfg.n_layers, B, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return kv_cache.KVCache(placement.zeros_on(mesh, shape, dtype, paged=False),
+                            placement.zeros_on(mesh, shape, dtype, paged=False),
+                            jnp.zeros((B,), jnp.int32))
   if kind != "paged":
     raise ValueError(f"cache={kind!r}: one of {', '.join(CACHE_KINDS)}")
-  max_pages = kv_cache.pages_for(max_len, page_size)
-  allocator = kv_cache.PageAllocator(B * max_pages)
-  want = [kv_cache.pages_for(n, page_size) for n in lengths_needed]
+  max_pages = paging.pages_for(max_len, page_size)
+  allocator = paging.PageAllocator(B * max_pages)
+  want = [paging.pages_for(n, page_size) for n in lengths_needed]
   pages: list[list[int]] = [[] for _ in range(B)]
   for i in range(max(want, default=0)):
     for b in range(B):
       if i < want[b]:
         pages[b] += allocator.allocate(1)
-  table = kv_cache.page_table_array(pages, max_pages)
-  return kv_cache.init_paged_cache(cfg.n_layers, B * max_pages, page_size, cfg.n_kv_heads,
-                                   cfg.head_dim, table, dtype=dtype)
+  table = paging.page_table_array(pages, max_pages)
+  shape = (cfg.n_layers, B * max_pages, page_size, cfg.n_kv_heads, cfg.head_dim)
+  return kv_cache.PagedKVCache(placement.zeros_on(mesh, shape, dtype, paged=True),
+                               placement.zeros_on(mesh, shape, dtype, paged=True),
+                               jnp.asarray(table), jnp.zeros((B,), jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "last_BV"))
 def extend_chunk(graphdef, params, tokens_BT, cache, num_new_B, last_BV):
   """Extends the cache by one prompt chunk; `last_BV` takes the logits after each sequence's
   last real token where this chunk has any (others keep theirs)."""
-  _TRACES["extend_chunk"] += 1
+  count_trace("extend_chunk")
   logits_B1V, cache = nnx.merge(graphdef, params).extend(tokens_BT, cache, num_new_B,
                                                          last_only=True)
   return jnp.where((num_new_B > 0)[:, None], logits_B1V[:, 0], last_BV), cache
@@ -90,7 +107,7 @@ def extend_chunk(graphdef, params, tokens_BT, cache, num_new_B, last_BV):
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def decode_step(graphdef, params, tokens_B, cache, active_B=None):
   """One new token per sequence -> (logits `[B, V]`, cache); inactive rows store nothing."""
-  _TRACES["decode_step"] += 1
+  count_trace("decode_step")
   num_new_B = None if active_B is None else active_B.astype(jnp.int32)
   logits_B1V, cache = nnx.merge(graphdef, params).extend(tokens_B[:, None], cache, num_new_B)
   return logits_B1V[:, 0], cache
@@ -127,7 +144,7 @@ def prefill(graphdef, params, prompts: Sequence[Sequence[int]], cache, *,
 @functools.partial(jax.jit, static_argnames=("graphdef", "out_len", "penalties"))
 def _decode_loop(graphdef, params, cache, logits_BV, arrays, max_new_B, stop_ids_BX,
                  prompt_mask_BV, *, out_len: int, penalties: bool):
-  _TRACES["decode_loop"] += 1
+  count_trace("decode_loop")
   model = nnx.merge(graphdef, params)
   B, V = logits_BV.shape
   rows_B = jnp.arange(B)
@@ -203,7 +220,18 @@ def generate_requests(graphdef, params, prompts: Sequence[Sequence[int]],
                       max_seq_len: int | None = None, cache: str = "contiguous",
                       page_size: int = 16, prefill_chunk: int = 256,
                       cache_dtype=jnp.float32) -> list[Generation]:
-  """Continues each prompt under its own SamplingParams (stop strings are the caller's)."""
+  """Continues each prompt under its own SamplingParams (stop strings are the caller's).
+
+  Params placed on a mesh (`placement.place_params`) run there, the cache split like them."""
+  mesh = placement.mesh_of(params)
+  with placement.in_mesh(mesh):
+    return _generate_requests(graphdef, params, prompts, sampling_params, eos_id=eos_id,
+                              max_seq_len=max_seq_len, cache=cache, page_size=page_size,
+                              prefill_chunk=prefill_chunk, cache_dtype=cache_dtype, mesh=mesh)
+
+
+def _generate_requests(graphdef, params, prompts, sampling_params, *, eos_id, max_seq_len,
+                       cache, page_size, prefill_chunk, cache_dtype, mesh):
   cfg = model_config(graphdef, params)
   check_prompts(prompts, sampling_params, cfg.vocab_size, max_seq_len)
   chunk = chunk_size(max(len(p) for p in prompts), prefill_chunk)
@@ -211,7 +239,8 @@ def generate_requests(graphdef, params, prompts: Sequence[Sequence[int]],
   max_new = max(sp.max_tokens for sp in sampling_params)
   S = bucket(padded + max_new)
   needed = [len(p) + sp.max_tokens for p, sp in zip(prompts, sampling_params)]
-  kv = new_cache(cfg, cache, needed, max_len=S, page_size=page_size, dtype=cache_dtype)
+  kv = new_cache(cfg, cache, needed, max_len=S, page_size=page_size, dtype=cache_dtype,
+                 mesh=mesh)
   last, kv = prefill(graphdef, params, prompts, kv, prefill_chunk=prefill_chunk,
                      vocab_size=cfg.vocab_size)
   penalties = any(sp.uses_penalties for sp in sampling_params)

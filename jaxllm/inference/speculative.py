@@ -33,7 +33,9 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.inference import generate as gen
-from jaxllm.inference import kv_cache, sampling
+from jaxllm.inference import sampling
+from jaxllm.model import cache as kv_cache
+from jaxllm.parallel import placement
 
 DRAFT_KINDS = ("model", "layer_skip", "ngram")
 
@@ -94,7 +96,7 @@ class Stats:
     return self.accepted / max(self.proposed, 1)
 
 
-def _ngram_proposals(hist_BH, hlen_B, cur_B, *, k: int, max_ngram: int):
+def ngram_proposals(hist_BH, hlen_B, cur_B, *, k: int, max_ngram: int):
   """`[B, k]` tokens following the latest earlier match of the last n committed tokens."""
   B, H = hist_BH.shape
   pos_H = jnp.arange(H)
@@ -120,14 +122,44 @@ def _ngram_proposals(hist_BH, hlen_B, cur_B, *, k: int, max_ngram: int):
   return jnp.where(found_B[:, None], prop_Bk, cur_B[:, None])
 
 
-def _repeat_rows(arrays: sampling.SamplingArrays, n: int) -> sampling.SamplingArrays:
-  return jax.tree.map(lambda a: jnp.repeat(a, n, axis=0), arrays)
-
-
-def _sample_from(probs_BV, keys_B2):
+def sample_from(probs_BV, keys_B2):
   """Draws from explicit probabilities (one-hot rows give their token)."""
   logits = jnp.where(probs_BV > 0, jnp.log(jnp.maximum(probs_BV, 1e-38)), -jnp.inf)
   return jax.vmap(jax.random.categorical)(keys_B2, logits).astype(jnp.int32)
+
+
+# ---- The verification core, shared by the offline loop below and the engine's step ----------
+# Modified rejection sampling (Leviathan et al., Chen et al.): proposal d_i drawn from q_i is
+# kept while u_i q_i(d_i) < p_i(d_i); after the first rejection the next token comes from the
+# residual norm(max(p - q, 0)). The target's output distribution is then exactly p, and greedy
+# rows (one-hot p and q) keep exactly the target's argmax.
+
+
+def target_probabilities(logits_BTV, arrays: sampling.SamplingArrays):
+  """`[B, T, V]` sampling distributions of the target at each scored position (each row's own
+  temperature / top-k / top-p / min-p)."""
+  B, T, V = logits_BTV.shape
+  rows = jax.tree.map(lambda a: jnp.repeat(a, T, axis=0), arrays)
+  return sampling.probabilities(logits_BTV.reshape(B * T, V), rows).reshape(B, T, V)
+
+
+def accepted_prefix(p_BTV, q_BkV, d_Bk, u_Bk, allowed_B=None):
+  """How many leading proposals each row keeps: d_i (drawn from q_i, scored by the target's
+  p_i = p_BTV[:, i]) stays while u_i q_i(d_i) < p_i(d_i), for i < allowed_B[b] (default k)."""
+  k = d_Bk.shape[1]
+  p_at_d = jnp.take_along_axis(p_BTV[:, :k], d_Bk[..., None], axis=-1)[..., 0]
+  q_at_d = jnp.take_along_axis(q_BkV, d_Bk[..., None], axis=-1)[..., 0]
+  accept_Bk = u_Bk * q_at_d < p_at_d
+  if allowed_B is not None:
+    accept_Bk &= jnp.arange(k)[None, :] < allowed_B[:, None]
+  return jnp.sum(jnp.cumprod(accept_Bk, axis=1), axis=1).astype(jnp.int32)
+
+
+def residual(p_BV, q_BV):
+  """norm(max(p - q, 0)): where the next token is drawn from after a rejected proposal drawn
+  from q (p itself where nothing is left, and for zero q rows)."""
+  resid_BV = jnp.maximum(p_BV - q_BV, 0.0)
+  return jnp.where(jnp.sum(resid_BV, -1, keepdims=True) > 0, resid_BV, p_BV)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "draft_graphdef", "kind", "k",
@@ -135,7 +167,7 @@ def _sample_from(probs_BV, keys_B2):
 def _speculative_loop(graphdef, params, draft_graphdef, draft_params, cache, draft_cache,
                       first_logits_BV, hist_BH, hlen_B, arrays, max_new_B, stop_ids_BX, *,
                       kind: str, k: int, out_len: int, max_ngram: int):
-  gen._TRACES["speculative_loop"] += 1
+  gen.count_trace("speculative_loop")
   target = nnx.merge(graphdef, params)
   draft = None if kind == "ngram" else nnx.merge(draft_graphdef, draft_params)
   B, V = first_logits_BV.shape
@@ -165,7 +197,7 @@ def _speculative_loop(graphdef, params, draft_graphdef, draft_params, cache, dra
 
     # 1. Draft: d [B, k] and q [B, k, V].
     if kind == "ngram":
-      d_Bk = _ngram_proposals(c["hist"], c["hlen"], cur_B, k=k, max_ngram=max_ngram)
+      d_Bk = ngram_proposals(c["hist"], c["hlen"], cur_B, k=k, max_ngram=max_ngram)
       q_BkV = jax.nn.one_hot(d_Bk, V, dtype=jnp.float32)
       draft_len_B = draft_cache.lengths
     else:
@@ -179,7 +211,7 @@ def _speculative_loop(graphdef, params, draft_graphdef, draft_params, cache, dra
       def draft_step(carry, key_B2):
         dcache, logits_BV = carry
         q_BV = sampling.probabilities(logits_BV, arrays)
-        d_B = _sample_from(q_BV, key_B2)
+        d_B = sample_from(q_BV, key_B2)
         next_B1V, dcache = draft.extend(d_B[:, None], dcache, active_B.astype(jnp.int32))
         return (dcache, next_B1V[:, 0]), (d_B, q_BV)
 
@@ -187,7 +219,7 @@ def _speculative_loop(graphdef, params, draft_graphdef, draft_params, cache, dra
       (draft_cache, last_BV), (d_kB, q_kBV) = jax.lax.scan(
           draft_step, (draft_cache, logits_B1V[:, 0]), jnp.moveaxis(keys_BX2[:, :k - 1], 1, 0))
       q_last_BV = sampling.probabilities(last_BV, arrays)
-      d_last_B = _sample_from(q_last_BV, keys_BX2[:, k - 1])
+      d_last_B = sample_from(q_last_BV, keys_BX2[:, k - 1])
       d_Bk = jnp.concatenate([jnp.moveaxis(d_kB, 0, 1), d_last_B[:, None]], axis=1)
       q_BkV = jnp.concatenate([jnp.moveaxis(q_kBV, 0, 1), q_last_BV[:, None]], axis=1)
 
@@ -195,21 +227,15 @@ def _speculative_loop(graphdef, params, draft_graphdef, draft_params, cache, dra
     t_len_B = c["cache"].lengths
     tokens_BT = jnp.concatenate([cur_B[:, None], d_Bk], axis=1)
     logits_BTV, cache = target.extend(tokens_BT, c["cache"], (k + 1) * active_B.astype(jnp.int32))
-    p_BTV = sampling.probabilities(logits_BTV.reshape(B * (k + 1), V),
-                                   _repeat_rows(arrays, k + 1)).reshape(B, k + 1, V)
+    p_BTV = target_probabilities(logits_BTV, arrays)
 
-    # 3. Accept a prefix, then the correction (or bonus) token.
+    # 3. Accept a prefix, then the correction (or bonus: all accepted, q = 0) token.
     u_Bk = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(keys_BX2[:, k])
-    p_at_d = jnp.take_along_axis(p_BTV[:, :k], d_Bk[..., None], axis=-1)[..., 0]
-    q_at_d = jnp.take_along_axis(q_BkV, d_Bk[..., None], axis=-1)[..., 0]
-    accept_Bk = u_Bk * q_at_d < p_at_d
-    n_acc_B = jnp.sum(jnp.cumprod(accept_Bk, axis=1), axis=1).astype(jnp.int32)
+    n_acc_B = accepted_prefix(p_BTV, q_BkV, d_Bk, u_Bk)
     q_pad_BTV = jnp.concatenate([q_BkV, jnp.zeros((B, 1, V), q_BkV.dtype)], axis=1)
     p_n_BV = jnp.take_along_axis(p_BTV, n_acc_B[:, None, None], axis=1)[:, 0]
     q_n_BV = jnp.take_along_axis(q_pad_BTV, n_acc_B[:, None, None], axis=1)[:, 0]
-    resid_BV = jnp.maximum(p_n_BV - q_n_BV, 0.0)
-    resid_BV = jnp.where(jnp.sum(resid_BV, -1, keepdims=True) > 0, resid_BV, p_n_BV)
-    t_new_B = _sample_from(resid_BV, keys_BX2[:, k + 1])
+    t_new_B = sample_from(residual(p_n_BV, q_n_BV), keys_BX2[:, k + 1])
 
     # 4. Commit: accepted proposals then the new token, cut at stop tokens and max_tokens.
     j_T = jnp.arange(k + 1)[None, :]
@@ -265,7 +291,18 @@ def speculative_generate(graphdef, params, prompts: Sequence[Sequence[int]],
                          cache: str = "contiguous", page_size: int = 16,
                          prefill_chunk: int = 256, cache_dtype=jnp.float32
                          ) -> tuple[list[gen.Generation], Stats]:
-  """Like `generate.generate_requests`, with `k` draft tokens verified per target pass."""
+  """Like `generate.generate_requests`, with `k` draft tokens verified per target pass (on the
+  params' mesh when they are placed on one; a model draft must be placed on the same)."""
+  mesh = placement.mesh_of(params)
+  with placement.in_mesh(mesh):
+    return _speculative_generate(graphdef, params, prompts, sampling_params, draft, k=k,
+                                 eos_id=eos_id, max_seq_len=max_seq_len, cache=cache,
+                                 page_size=page_size, prefill_chunk=prefill_chunk,
+                                 cache_dtype=cache_dtype, mesh=mesh)
+
+
+def _speculative_generate(graphdef, params, prompts, sampling_params, draft, *, k, eos_id,
+                          max_seq_len, cache, page_size, prefill_chunk, cache_dtype, mesh):
   if not 1 <= k <= 16:
     raise ValueError(f"k={k}: speculate 1 to 16 tokens per step")
   if any(sp.uses_penalties for sp in sampling_params):
@@ -278,7 +315,8 @@ def speculative_generate(graphdef, params, prompts: Sequence[Sequence[int]],
   max_new = max(sp.max_tokens for sp in sampling_params)
   S = gen.bucket(padded + max_new + k + 1)
   needed = [len(p) + sp.max_tokens + k + 1 for p, sp in zip(prompts, sampling_params)]
-  t_cache = gen.new_cache(cfg, cache, needed, max_len=S, page_size=page_size, dtype=cache_dtype)
+  t_cache = gen.new_cache(cfg, cache, needed, max_len=S, page_size=page_size, dtype=cache_dtype,
+                          mesh=mesh)
   first, t_cache = gen.prefill(graphdef, params, prompts, t_cache, prefill_chunk=prefill_chunk,
                                vocab_size=cfg.vocab_size)
   if draft.kind == "ngram":
@@ -291,7 +329,7 @@ def speculative_generate(graphdef, params, prompts: Sequence[Sequence[int]],
       raise ValueError(f"draft vocabulary {d_cfg.vocab_size} differs from the target's "
                        f"{cfg.vocab_size}: the draft needs the target's tokenizer")
     d_cache = gen.new_cache(d_cfg, cache, needed, max_len=S, page_size=page_size,
-                            dtype=cache_dtype)
+                            dtype=cache_dtype, mesh=mesh)
     _, d_cache = gen.prefill(d_graphdef, d_params, prompts, d_cache,
                              prefill_chunk=prefill_chunk, vocab_size=cfg.vocab_size)
   hist, lengths = gen.pad_prompts(prompts, 1)

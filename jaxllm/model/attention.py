@@ -11,11 +11,11 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.inference import kv_cache
+from jaxllm.model import cache as kv_cache
 from jaxllm.model.layers import RMSNorm, param
 from jaxllm.model.positions import apply_rope, scaled_inverse_frequencies
 from jaxllm.ops import attention as attention_ops
-from jaxllm.quant.matmul import project
+from jaxllm.ops.quant_matmul import project
 
 
 class Attention(nnx.Module):
@@ -53,7 +53,8 @@ class Attention(nnx.Module):
     inv_freq = np.asarray(self.inv_freq, np.float32)
     return apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq), v
 
-  def _out(self, attn_BTHDh):
+  def out_projection(self, attn_BTHDh):
+    """`[B, T, H, Dh]` attention outputs -> `[B, T, D]`."""
     return project(attn_BTHDh, self.o[...], in_axes=2)  # [B, T, D]
 
   def attend(self, x_BTD: jax.Array, positions_BT: jax.Array,
@@ -66,7 +67,7 @@ class Attention(nnx.Module):
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
                segment_ids_BT: jax.Array | None) -> jax.Array:
     """Self-attention over the T tokens of x (training / full forward)."""
-    return self._out(self.attend(x_BTD, positions_BT, segment_ids_BT))
+    return self.out_projection(self.attend(x_BTD, positions_BT, segment_ids_BT))
 
   def extend(self, x_BTD: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer: jax.Array,
              lengths_B: jax.Array, num_new_B: jax.Array | None = None,
@@ -96,7 +97,7 @@ class Attention(nnx.Module):
                                           page_table_BM + layer * N,
                                           sliding_window=self.sliding_window, impl=self.impl,
                                           **scales)
-      return self._out(out), cache_k, cache_v
+      return self.out_projection(out), cache_k, cache_v
     S = cache_k.shape[2]
     cache_k = kv_cache.write(cache_k, layer, k, lengths_B, num_new_B)
     cache_v = kv_cache.write(cache_v, layer, v, lengths_B, num_new_B)
@@ -105,4 +106,4 @@ class Attention(nnx.Module):
                                   kv_cache.read(cache_v, layer, q.dtype),
                                   q_index=q_index_BT, kv_index=kv_index_BS,
                                   sliding_window=self.sliding_window)
-    return self._out(out), cache_k, cache_v
+    return self.out_projection(out), cache_k, cache_v

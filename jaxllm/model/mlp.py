@@ -8,7 +8,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.model.layers import param
-from jaxllm.quant.matmul import project
+from jaxllm.ops.quant_matmul import project
 
 
 class MLP(nnx.Module):

@@ -44,7 +44,7 @@ from jaxllm.model.mlp import MLP
 from jaxllm.ops import moe as moe_ops
 from jaxllm.parallel import rules
 from jaxllm.quant import tensor as qtensor
-from jaxllm.quant.matmul import project
+from jaxllm.ops.quant_matmul import project
 
 
 class Routing(NamedTuple):

@@ -21,12 +21,12 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.inference.kv_cache import KVCache, PagedKVCache
+from jaxllm.model.cache import KVCache, PagedKVCache
 from jaxllm.model.attention import Attention
 from jaxllm.model.layers import RMSNorm, param
 from jaxllm.model.mlp import MLP
 from jaxllm.model.moe import MoE
-from jaxllm.parallel import pipeline, rules
+from jaxllm.parallel import pipeline, placement, rules
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -164,7 +164,8 @@ class Transformer(nnx.Module):
       self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                            cfg.init_std, pd)
 
-  def _embed(self, tokens_BT):
+  def embed_tokens(self, tokens_BT):
+    """Token ids `[B, T]` -> embeddings `[B, T, D]` in the compute dtype."""
     return jnp.take(self.embed[...], tokens_BT, axis=0).astype(jnp.dtype(self.cfg.dtype))
 
   def _logits(self, x_BTD):
@@ -216,7 +217,7 @@ class Transformer(nnx.Module):
       x_BTD, stats = nnx.merge(moe_gd, params)(x_BTD, positions_BT, segment_ids_BT)
       return rules.constrain(x_BTD, rules.ACTIVATION_AXES_BTD), stats
 
-    x_BTD = rules.constrain(self._embed(tokens_BT), rules.ACTIVATION_AXES_BTD)
+    x_BTD = rules.constrain(self.embed_tokens(tokens_BT), rules.ACTIVATION_AXES_BTD)
     if pipeline.num_stages() > 1:
       if moe is None:
         unit = lambda x, p, pos, seg: (dense_block(x, p, pos, seg), None)
@@ -259,6 +260,9 @@ class Transformer(nnx.Module):
     (dense_gd, dense), (moe_gd, moe) = self._stacks()
     lengths_B = cache.lengths
     page_table = getattr(cache, "page_table", None)
+    # Under a serving mesh the cache stays split over KV heads in and out of the step, so the
+    # donated buffers are reused in place.
+    hold = lambda x: placement.constrain_cache(x, paged=page_table is not None)
 
     def step(graphdef):
       def run(carry, params, depth):
@@ -269,8 +273,9 @@ class Transformer(nnx.Module):
 
     moe_step = lambda carry, params, depth: (step(moe_gd)(carry, params, depth), None)
     (x_BTD, k, v), _ = _traverse(self.layout, dense, moe,
-                                 (self._embed(tokens_BT), cache.k, cache.v), step(dense_gd),
-                                 moe_step)
+                                 (self.embed_tokens(tokens_BT), hold(cache.k), hold(cache.v)),
+                                 step(dense_gd), moe_step)
+    k, v = hold(k), hold(v)
     num_new_B = jnp.full((B,), T, jnp.int32) if num_new_B is None else num_new_B
     if last_only:
       last_B = jnp.clip(num_new_B - 1, 0, T - 1)

@@ -113,11 +113,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
   gpu_fits = P >= 16 and not P & (P - 1)
   if impl == "pallas" and ((platform == "gpu" and gpu_fits) or (platform == "tpu" and P % 8 == 0)
                            or (platform == "cpu" and gpu_fits)):
-    # On CPU the kernel runs in the Pallas interpreter (tests, not speed).
-    return pallas_kernels.paged_attention(q, k_pages, v_pages, lengths, page_table,
-                                          k_scales=k_scales, v_scales=v_scales,
-                                          sliding_window=sliding_window,
-                                          interpret=platform == "cpu")
+    return _pallas_paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales,
+                                   v_scales, sliding_window, interpret=platform == "cpu")
   # XLA: gather the sequence's pages into a contiguous view, then the index-masked path.
   M = page_table.shape[1]
 
@@ -130,6 +127,38 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
   q_index = lengths[:, None] - T + jnp.arange(T, dtype=jnp.int32)[None, :]
   kv_index = jnp.broadcast_to(jnp.arange(M * P, dtype=jnp.int32), (B, M * P))
   return attention(q, k, v, q_index=q_index, kv_index=kv_index, sliding_window=sliding_window)
+
+
+def _pallas_paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales,
+                            sliding_window, interpret):
+  """The paged kernel, run per shard when a mesh is in context (on CPU in the interpreter).
+
+  Under a serving mesh the page pools are split over KV heads on `tensor` and the query heads
+  with them (each device holds whole GQA groups, `jaxllm.parallel.placement`), so each device
+  attends its own heads with its own pages; page tables and lengths are whole everywhere
+  (pages are shared by all rows). Every mesh axis is manual, as Mosaic requires.
+  """
+  def kernel(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales):
+    return pallas_kernels.paged_attention(q, k_pages, v_pages, lengths, page_table,
+                                          k_scales=k_scales, v_scales=v_scales,
+                                          sliding_window=sliding_window, interpret=interpret)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  manual = set(getattr(mesh, "manual_axes", ()) or ())
+  axes = set() if mesh.empty else set(mesh.axis_names) - manual
+  if not axes:
+    return kernel(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales)
+  tp = dict(mesh.shape).get("tensor", 1)
+  heads = ("tensor" if tp > 1 and "tensor" not in manual and q.shape[2] % tp == 0
+           and k_pages.shape[2] % tp == 0 else None)
+  P = jax.sharding.PartitionSpec
+  q_spec, page_spec, scale_spec = P(None, None, heads, None), P(None, None, heads, None), P(
+      None, None, heads)
+  in_specs = (q_spec, page_spec, page_spec, P(None), P(None, None),
+              None if k_scales is None else scale_spec, None if v_scales is None else scale_spec)
+  run = jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=q_spec, axis_names=axes,
+                      check_vma=False)
+  return run(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales)
 
 
 def _pallas_self_attention(q, k, v, segment_ids, sliding_window, sm_scale):

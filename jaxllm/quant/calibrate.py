@@ -18,7 +18,7 @@ from flax import nnx
 from jaxllm.data import corpus as corpus_lib
 from jaxllm.data import pipeline
 from jaxllm.model import moe, transformer
-from jaxllm.quant.matmul import project
+from jaxllm.ops.quant_matmul import project
 
 
 class Inputs(NamedTuple):
@@ -64,7 +64,7 @@ def run_block(block_graphdef, params, x_BTD: jax.Array) -> tuple[jax.Array, Inpu
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   qkv_in = block.attn_norm(x_BTD)
   attended = block.attn.attend(qkv_in, positions, None)
-  h = x_BTD + block.attn._out(attended)
+  h = x_BTD + block.attn.out_projection(attended)
   mlp_in = block.mlp_norm(h)
   flat = lambda a: a.reshape(B * T, -1)
   if hasattr(block, "moe"):
@@ -81,7 +81,7 @@ def run_block(block_graphdef, params, x_BTD: jax.Array) -> tuple[jax.Array, Inpu
 
 def embed(model_graphdef, params, tokens_BT) -> jax.Array:
   model = nnx.merge(model_graphdef, params)
-  return model._embed(jnp.asarray(tokens_BT))
+  return model.embed_tokens(jnp.asarray(tokens_BT))
 
 
 def block_graphdef(model_graphdef, params, stack: str = "blocks"):

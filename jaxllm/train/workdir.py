@@ -1,4 +1,4 @@
-"""The training workdir: config.json, tokenizer.model, checkpoints/, metrics.jsonl, tb/.
+"""The training workdir (layout: `jaxllm.checkpoint.workdir`): resume checks and the tokenizer.
 
 Resuming is refused, before anything in the workdir changes, when the model shapes in the new
 config differ from those the checkpoints were written with.
@@ -6,44 +6,25 @@ config differ from those the checkpoints were written with.
 
 from __future__ import annotations
 
-import json
 import os
 
 from jaxllm import config as config_lib
+# The layout lives with the checkpoints; training code keeps reaching it through this module.
+from jaxllm.checkpoint.workdir import (
+    CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, TB_DIR, TOKENIZER_FILE, has_checkpoints,
+    read_config, write_config)
 from jaxllm.data import corpus as corpus_lib
 from jaxllm.data import pipeline, tokenizer as tokenizer_lib
 
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.model"
-CHECKPOINT_DIR = "checkpoints"
-METRICS_FILE = "metrics.jsonl"
-TB_DIR = "tb"
+__all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "METRICS_FILE", "TB_DIR", "TOKENIZER_FILE",
+           "check_resumable", "has_checkpoints", "prepare_tokenizer", "read_config",
+           "write_config"]
 
 # Model keys that change parameter shapes or meaning; train.* may change between runs.
 _SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
                "tie_embeddings", "param_dtype", "qkv_bias", "qk_norm", "n_experts", "moe_d_ff",
                "n_shared_experts", "shared_expert_gate", "first_dense_layers", "moe_every")
 
-
-
-def read_config(workdir: str) -> config_lib.Config:
-  path = os.path.join(workdir, CONFIG_FILE)
-  with open(path) as f:
-    return config_lib.from_dict(json.load(f))
-
-
-def write_config(workdir: str, config: config_lib.Config) -> None:
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
-def has_checkpoints(workdir: str) -> bool:
-  ckpt = os.path.join(workdir, CHECKPOINT_DIR)
-  return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
 
 
 def check_resumable(workdir: str, config: config_lib.Config) -> None:

@@ -4,10 +4,16 @@ Float weights contract with one `dot_general`; an int8 QTensor dequantizes first
 same jitted step (XLA:CPU folds the int8 convert into the dot); an int4 QTensor is multiplied
 as its two nibble halves (`_int4_halves`). On a GPU an int4 QTensor goes through the fused
 Pallas kernel (`pallas_kernels.int4_matmul`), which reads the packed weight directly.
+
+Which path int4 takes is `int4_kernel(mode)`, a context read when the step traces: "auto" (the
+default: the fused kernel on GPU only), "always" (also elsewhere, in the Pallas interpreter:
+tests) or "never" (always dequantize, then dot).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -16,22 +22,36 @@ import jax.numpy as jnp
 from jaxllm.quant import tensor as qtensor
 from pallas_kernels import backends
 
-# "auto": the fused int4 kernel on GPU only; "always": also elsewhere, in the Pallas interpreter
-# (tests); "never": always dequantize, then dot.
-KERNEL = "auto"
+INT4_KERNEL_MODES = ("auto", "always", "never")
+_INT4_KERNEL = contextvars.ContextVar("int4_kernel", default="auto")
 
 
-def _fused(w) -> bool:
+@contextlib.contextmanager
+def int4_kernel(mode: str):
+  """Within the block (and the jitted functions traced in it), int4 weights take the fused
+  kernel per `mode`: auto | always | never."""
+  if mode not in INT4_KERNEL_MODES:
+    raise ValueError(f"int4 kernel mode {mode!r}: one of {INT4_KERNEL_MODES}")
+  token = _INT4_KERNEL.set(mode)
+  try:
+    yield
+  finally:
+    _INT4_KERNEL.reset(token)
+
+
+def fused(w) -> bool:
+  """Whether `project` sends weight `w` through the fused int4 kernel."""
   if not (qtensor.is_qtensor(w) and w.bits == 4 and w.values.ndim == 2):
     return False
-  if KERNEL == "never" or (KERNEL == "auto" and backends.target_platform() != "gpu"):
+  mode = _INT4_KERNEL.get()
+  if mode == "never" or (mode == "auto" and backends.target_platform() != "gpu"):
     return False
   return w.group_size % 32 == 0 and w.cols % 64 == 0
 
 
 def project(x: jax.Array, w, in_axes: int = 1) -> jax.Array:
   """Contracts x's last `in_axes` axes with w's first `in_axes` axes, in x's dtype."""
-  if _fused(w):
+  if fused(w):
     from pallas_kernels.int4_matmul import int4_matmul
     lead = x.shape[:x.ndim - in_axes]
     x2 = x.reshape(math.prod(lead), w.rows)

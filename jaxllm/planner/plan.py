@@ -157,7 +157,7 @@ def plan(cfg: config_lib.Config, num_devices: int, *, compile_check: bool = True
                       "schedule": "gpipe" if v == 1 else f"circular x{v}"}
   result["compiled"] = None
   if compile_check and stage == 1 and num_devices <= jax.device_count():
-    from jaxllm.parallel import aot
+    from jaxllm.planner import aot
     compiled = aot.compile_train_step(cfg, jax.devices()[:num_devices])
     result["compiled"] = compiled if "argument_bytes" in compiled else None
   return result

@@ -172,7 +172,8 @@ def compile_serving(cfg: config_lib.Config, target: Target, *, batch: int = 8,
   kernel. One chip, because inference runs on one device today; returns each program's
   analysis, the weight and cache bytes, and whether the larger program fits the chip's HBM."""
   import numpy as np
-  from jaxllm.inference import generate, kv_cache
+  from jaxllm.inference import generate, paging
+  from jaxllm.model import cache as kv_cache
   from jaxllm.model import transformer
   from jaxllm.parallel import mesh as mesh_lib
   m = cfg.model
@@ -188,7 +189,7 @@ def compile_serving(cfg: config_lib.Config, target: Target, *, batch: int = 8,
   graphdef, params = transformer.abstract_params(m)
   params = jax.tree.map(lambda x: abstract(x, dtype if jnp.issubdtype(x.dtype, jnp.floating)
                                            else None), params)
-  per_seq = kv_cache.pages_for(max_len, page_size)
+  per_seq = paging.pages_for(max_len, page_size)
   cache = jax.eval_shape(lambda: kv_cache.init_paged_cache(
       m.n_layers, batch * per_seq, page_size, m.n_kv_heads, m.head_dim,
       np.zeros((batch, per_seq), np.int32), dtype=dtype))

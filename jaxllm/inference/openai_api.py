@@ -1,0 +1,186 @@
+"""OpenAI's API as data: request models (with every bound stated, so `/openapi.json` is exact),
+the mapping from a request to `SamplingParams`, and the response objects (whole and streamed).
+Pure functions of their inputs: testable without HTTP; `jaxllm.inference.server` serves them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any
+
+from jaxllm.inference import sampling
+
+try:
+  import pydantic
+  from fastapi import responses
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+  raise ImportError("serving needs the serve extra: pip install 'jaxllm[serve]'") from e
+
+
+class APIError(Exception):
+
+  def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
+               param: str | None = None, code: str | None = None):
+    super().__init__(message)
+    self.status, self.message, self.type, self.param, self.code = (status, message, type_,
+                                                                   param, code)
+
+  def response(self):
+    return responses.JSONResponse(
+        {"error": {"message": self.message, "type": self.type, "param": self.param,
+                   "code": self.code}}, status_code=self.status)
+
+
+def encodable(text: str) -> str:
+  """JSON may carry lone UTF-16 surrogates ("\\udcff") that no tokenizer or UTF-8 response can
+  hold: a 400 here, not a 500 deep inside."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    raise ValueError("text holds a lone UTF-16 surrogate, which is not valid Unicode") from None
+  return text
+
+
+Text = Annotated[str, pydantic.AfterValidator(encodable)]
+StopText = Annotated[Text, pydantic.Field(min_length=1)]  # OpenAI: up to 4 per request
+
+
+# The bounds below are those `sampling.SamplingParams` enforces (and OpenAI documents): stating
+# them in the schema makes a bad value a 400 from validation, and tells clients (and generated
+# tests) what is valid.
+class CommonRequest(pydantic.BaseModel):
+  model_config = pydantic.ConfigDict(extra="ignore")
+  model: Text
+  max_tokens: Annotated[int, pydantic.Field(ge=1)] | None = None
+  max_completion_tokens: Annotated[int, pydantic.Field(ge=1)] | None = None
+  temperature: Annotated[float, pydantic.Field(ge=0, le=2)] = 1.0
+  top_p: Annotated[float, pydantic.Field(gt=0, le=1)] = 1.0
+  top_k: Annotated[int, pydantic.Field(ge=0)] = 0  # extension (vLLM)
+  min_p: Annotated[float, pydantic.Field(ge=0, le=1)] = 0.0  # extension
+  repetition_penalty: Annotated[float, pydantic.Field(gt=0)] = 1.0  # extension
+  frequency_penalty: Annotated[float, pydantic.Field(ge=-2, le=2)] = 0.0
+  presence_penalty: Annotated[float, pydantic.Field(ge=-2, le=2)] = 0.0
+  # Choice i samples with seed + i, below 2**63.
+  seed: Annotated[int, pydantic.Field(ge=0, lt=2 ** 63 - 16)] | None = None
+  stop: StopText | Annotated[list[StopText], pydantic.Field(max_length=4)] | None = None
+  n: Annotated[int, pydantic.Field(ge=1, le=16)] = 1
+  stream: bool = False
+
+
+class CompletionRequest(CommonRequest):
+  prompt: Text | list[int]
+  logprobs: Annotated[int, pydantic.Field(ge=0, le=5)] | None = None  # OpenAI's range
+
+
+class ChatMessage(pydantic.BaseModel):
+  role: Text
+  content: Text
+
+
+class ChatRequest(CommonRequest):
+  messages: list[ChatMessage]
+  logprobs: bool = False
+  top_logprobs: Annotated[int, pydantic.Field(ge=0, le=20)] | None = None
+
+
+def validation_error(errors: list[dict]) -> APIError:
+  """A 400 naming the first invalid field of a request that failed validation."""
+  first = errors[0] if errors else {}
+  param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+  return APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param=param)
+
+
+def sampling_params(body: CommonRequest, seed: int) -> sampling.SamplingParams:
+  """The engine's sampling settings for one choice of a request (max_tokens defaults to 16)."""
+  max_tokens = body.max_completion_tokens or body.max_tokens or 16
+  stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+  try:
+    return sampling.SamplingParams(
+        temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty, seed=seed, max_tokens=max_tokens, stop=stop)
+  except ValueError as e:
+    raise APIError(400, str(e)) from None
+
+
+def submit_error(error: ValueError, chat: bool) -> APIError:
+  """What the engine's refusal of a prompt (bad ids, too long) becomes."""
+  return APIError(400, str(error), param="messages" if chat else "prompt",
+                  code="context_length_exceeded" if "exceeds the context" in str(error)
+                  else None)
+
+
+def stop_holdback(text: str, stops: tuple[str, ...]) -> int:
+  """Characters at the end of `text` that could still grow into a stop string."""
+  hold = 0
+  for s in stops:
+    for k in range(min(len(s) - 1, len(text)), 0, -1):
+      if text.endswith(s[:k]):
+        hold = max(hold, k)
+        break
+  return hold
+
+
+def finish_reason(request) -> str:
+  return "length" if request.finish_reason == "length" else "stop"
+
+
+class Responses:
+  """Response objects of one server: its tokenizer decodes, its model name is reported."""
+
+  def __init__(self, tokenizer, model_name: str):
+    self.tok, self.model_name = tokenizer, model_name
+
+  def text(self, request) -> str:
+    """A finished request's text (cut at its stop string when one ended it)."""
+    if request.finish_reason == "stop" and request.params.stop and request.text:
+      return request.text
+    return self.tok.decode(request.tokens)
+
+  def logprobs(self, body, chat: bool, tokens, logprobs):
+    """OpenAI's logprobs object for these tokens, or None when the request did not ask."""
+    if chat and body.logprobs:
+      return {"content": [{"token": self.tok.decode([t]), "logprob": lp, "bytes": None,
+                           "top_logprobs": []} for t, lp in zip(tokens, logprobs)]}
+    if not chat and body.logprobs is not None:
+      return {"tokens": [self.tok.decode([t]) for t in tokens], "token_logprobs": list(logprobs),
+              "top_logprobs": None, "text_offset": None}
+    return None
+
+  @staticmethod
+  def usage(ids, requests) -> dict:
+    out = sum(len(r.tokens) for r in requests)
+    return {"prompt_tokens": len(ids), "completion_tokens": out,
+            "total_tokens": len(ids) + out}
+
+  def full(self, body, requests, rid: str, chat: bool, ids) -> dict:
+    """The whole (non-streamed) response to a request whose choices have all finished."""
+    choices = []
+    for i, r in enumerate(requests):
+      c: dict[str, Any] = {"index": i, "finish_reason": finish_reason(r),
+                           "logprobs": self.logprobs(body, chat, r.tokens, r.logprobs)}
+      if chat:
+        c["message"] = {"role": "assistant", "content": self.text(r)}
+      else:
+        c["text"] = self.text(r)
+      choices.append(c)
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": self.model_name, "choices": choices,
+            "usage": self.usage(ids, requests)}
+
+  def chunk(self, body, rid: str, chat: bool, index: int, text: str, finish=None, tokens=(),
+            logprobs=(), role: bool = False) -> str:
+    """One server-sent event of a stream: new text of choice `index` (with its tokens'
+    logprobs when asked), its finish reason, or (chat, `role`) the opening assistant delta."""
+    if chat:
+      delta = ({"role": "assistant", "content": ""} if role
+               else {"content": text} if text or finish is None else {})
+      c = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+    else:
+      c = {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+    if tokens:
+      c["logprobs"] = self.logprobs(body, chat, tokens, logprobs)
+    data = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": self.model_name, "choices": [c]}
+    return f"data: {json.dumps(data)}\n\n"

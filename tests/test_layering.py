@@ -1,0 +1,85 @@
+"""The package's layering: a lower layer never imports a higher one (function-level imports
+included), and only `jaxllm.ops` reaches the Pallas kernels.
+
+  entry points (jaxllm/*.py, cli, bench), planner
+  inference      train
+  checkpoint     data
+  model          parallel
+  ops            quant (tensor formats, and the algorithms that calibrate on the model)
+  config         pallas_kernels
+"""
+
+import ast
+import os
+
+from tests.helpers import REPO
+
+# (importing package, imported package): forbidden edges, by dotted prefix.
+HIGHER = ("jaxllm.inference", "jaxllm.train", "jaxllm.bench", "jaxllm.cli", "jaxllm.api",
+          "jaxllm.planner")
+FORBIDDEN = [
+    *[(low, high) for low in ("jaxllm.model", "jaxllm.ops", "jaxllm.quant", "jaxllm.parallel",
+                              "jaxllm.checkpoint", "jaxllm.data", "jaxllm.config")
+      for high in HIGHER],
+    ("jaxllm.ops", "jaxllm.model"), ("jaxllm.quant.tensor", "jaxllm.model"),
+    ("jaxllm.quant.params", "jaxllm.model"), ("jaxllm.quant.tensor", "jaxllm.ops"),
+    ("jaxllm.inference", "jaxllm.train"), ("jaxllm.train", "jaxllm.inference"),
+    ("jaxllm.inference", "jaxllm.bench"), ("jaxllm.train", "jaxllm.bench"),
+    ("jaxllm.inference", "jaxllm.planner"), ("jaxllm.train", "jaxllm.planner"),
+]
+ENTRY_POINTS = {"generate", "serve", "eval", "convert", "quantize", "fetch", "plan"}
+
+
+def _module_name(path: str) -> str:
+  rel = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
+  return rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def _imports(path: str, module: str) -> set[str]:
+  with open(path) as f:
+    tree = ast.parse(f.read(), path)
+  package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+  out = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      out.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      if node.level:
+        base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+        name = f"{base}.{node.module}" if node.module else base
+      else:
+        name = node.module
+      # `from X import y`: the dependency is X.y (a module or a name in X).
+      out.update(f"{name}.{a.name}" for a in node.names)
+  return out
+
+
+def _under(name: str, prefix: str) -> bool:
+  return name == prefix or name.startswith(prefix + ".")
+
+
+def test_no_layer_imports_a_higher_one():
+  bad = []
+  for root in ("jaxllm", "pallas_kernels"):
+    for dirpath, _, files in os.walk(os.path.join(REPO, root)):
+      for f in files:
+        if not f.endswith(".py"):
+          continue
+        path = os.path.join(dirpath, f)
+        module = _module_name(path)
+        for name in _imports(path, module):
+          # The entry points (jaxllm/generate.py, ...) are the top layer.
+          if name.startswith("jaxllm.") and name.split(".")[1] in ENTRY_POINTS and (
+              name.count(".") == 1) and not _under(module, "jaxllm.bench"):
+            if module.split(".")[1] not in ENTRY_POINTS:
+              bad.append(f"{module} imports the entry point {name}")
+          for low, high in FORBIDDEN:
+            if _under(module, low) and _under(name, high):
+              bad.append(f"{module} imports {name}")
+          # The benchmarks time the kernels as peers; the planner asks libtpu for topologies.
+          if _under(name, "pallas_kernels") and not (
+              _under(module, "jaxllm.ops") or _under(module, "pallas_kernels")
+              or _under(module, "jaxllm.bench")
+              or (_under(module, "jaxllm.planner") and _under(name, "pallas_kernels.backends"))):
+            bad.append(f"{module} imports {name} (only jaxllm.ops runs kernels)")
+  assert not bad, "\n".join(sorted(set(bad)))
