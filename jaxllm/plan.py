@@ -35,7 +35,10 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "--aot: the TPU accelerator ty
 _DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "--aot: write the compiled HLO to this "
                                 "directory.")
 _SERVE = flags.DEFINE_bool("serve", False, "--aot: compile the inference programs (prefill "
-                           "chunk, decode step over the paged cache) for one chip instead.")
+                           "chunk, decode step over the paged cache) instead, on one chip or "
+                           "--serve_mesh.")
+_SERVE_MESH = flags.DEFINE_string("serve_mesh", None, "--serve: split the model over the "
+                                  "target's first chips, as serve --mesh does (tensor=8).")
 _SERVE_BATCH = flags.DEFINE_integer("serve_batch", 8, "--serve: sequences decoded together.",
                                     lower_bound=1)
 _SERVE_LEN = flags.DEFINE_integer("serve_len", None, "--serve: tokens per sequence (default: "
@@ -98,25 +101,33 @@ def _aot(cfg) -> None:
 def _aot_serving(cfg, target) -> None:
   from jaxllm.planner import aot
   r = aot.compile_serving(cfg, target, batch=_SERVE_BATCH.value, max_len=_SERVE_LEN.value,
-                          dump_hlo=_DUMP_HLO.value)
+                          dump_hlo=_DUMP_HLO.value, mesh=_SERVE_MESH.value)
   def gib(x):
     return f"{x / 2**30:.3f} GiB"
 
   if _JSON.value:
     print(json.dumps(r))
   else:
-    print(f"serving {cfg.name} on one {r['device_kind']} chip of {target.name}: batch "
-          f"{r['batch']} x {r['max_len']} tokens, pages of {r['page_size']}, weights "
+    where = (f"one {r['device_kind']} chip" if r["chips"] == 1
+             else f"{r['chips']} {r['device_kind']} chips ({r['mesh']})")
+    print(f"serving {cfg.name} on {where} of {target.name}: batch {r['batch']} x "
+          f"{r['max_len']} tokens, pages of {r['page_size']}, per chip: weights "
           f"{gib(r['weight_bytes'])}, KV cache {gib(r['cache_bytes'])}")
     for name in ("prefill", "decode"):
-      a = r[name]
-      print(f"  {name:<8} compiled in {a['compile_seconds']:.1f} s: {gib(a['peak_bytes'])} of "
-            f"{gib(r['hbm_bytes'])}, {a['kernels']} Mosaic kernel call(s), "
-            f"{a['flops'] / 1e9:.1f} GFLOP")
+      a = r.get(name, {})
+      if "peak_bytes" in a:
+        print(f"  {name:<8} compiled in {a['compile_seconds']:.1f} s: {gib(a['peak_bytes'])} of "
+              f"{gib(r['hbm_bytes'])}, {a['kernels']} Mosaic kernel call(s), "
+              f"{a['flops'] / 1e9:.1f} GFLOP")
   if not r["fits"]:
-    print(f"error: serving {cfg.name} does not fit one {target.generation} chip "
-          f"({gib(max(r['prefill']['peak_bytes'], r['decode']['peak_bytes']))} of "
-          f"{gib(r['hbm_bytes'])}); lower --serve_batch or --serve_len", file=sys.stderr)
+    refused = [r[n]["compiler_error"] for n in ("prefill", "decode")
+               if "compiler_error" in r.get(n, {})]
+    need = (f"the TPU compiler ran out of HBM ({refused[0]})" if refused else
+            f"{gib(max(r['prefill']['peak_bytes'], r['decode']['peak_bytes']))} of "
+            f"{gib(r['hbm_bytes'])} per chip")
+    print(f"error: serving {cfg.name} does not fit {target.generation} chips ({need}); lower "
+          "--serve_batch or --serve_len, or split it over more chips (--serve_mesh=tensor=N)",
+          file=sys.stderr)
     sys.exit(1)
 
 

@@ -95,10 +95,19 @@ def test_plan_aot_cli_names_the_shortfall_when_the_step_does_not_fit():
 
 
 @needs_libtpu
-def test_serving_programs_compile_with_the_paged_kernel_for_one_chip():
+def test_serving_programs_compile_with_the_paged_kernel_for_one_chip_and_a_tensor_mesh():
   cfg = _small_tiny()
   r = aot.compile_serving(cfg, aot.tpu_target("v6e-8"), batch=4, max_len=256, prefill_chunk=64)
   assert r["device_kind"].startswith("TPU v6") and r["fits"]
   for name in ("prefill", "decode"):
     assert r[name]["kernels"] >= 1 and r[name]["flops"] > 0, (name, r[name])
   assert r["prefill"]["flops"] > r["decode"]["flops"]
+  # tensor=4 over 4 heads and 2 KV heads (replicated to 4): each chip a quarter of the pages,
+  # our kernel per shard inside shard_map.
+  tp = aot.compile_serving(cfg, aot.tpu_target("v6e-8"), batch=4, max_len=256,
+                           prefill_chunk=64, mesh="tensor=4")
+  assert tp["chips"] == 4 and tp["kv_heads"] == 4 and tp["fits"]
+  # 2 -> 4 KV heads, split 4 ways (the page table and lengths stay whole on every chip)
+  assert abs(tp["cache_bytes"] - r["cache_bytes"] * 2 / 4) < 0.01 * tp["cache_bytes"]
+  assert tp["weight_bytes"] < r["weight_bytes"] / 2
+  assert tp["decode"]["kernels"] >= 1 and tp["decode"]["flops"] < r["decode"]["flops"]

@@ -8,6 +8,7 @@ or sharded safetensors (any float dtype, converted to float32), and writes direc
 
 from __future__ import annotations
 
+import collections.abc
 import json
 import os
 from typing import Any
@@ -206,9 +207,39 @@ def read_config(path: str) -> dict[str, Any]:
     raise UnsupportedCheckpoint(f"{path}/config.json is unreadable: {e}") from None
 
 
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """All tensors of the directory's safetensors files (sharded or not) as float32 numpy."""
-  from safetensors import SafetensorError, safe_open
+class SafetensorsState(collections.abc.Mapping):
+  """The tensors of a directory's safetensors files (sharded or not), read one at a time as
+  float32 numpy when asked for: converting a checkpoint never holds it twice in host memory."""
+
+  def __init__(self, files: list[str]):
+    from safetensors import SafetensorError, safe_open
+    self._file: dict[str, str] = {}
+    for file in files:
+      try:
+        with safe_open(file, framework="flax") as f:
+          self._file.update(dict.fromkeys(f.keys(), file))
+      except (SafetensorError, OSError, ValueError) as e:
+        raise UnsupportedCheckpoint(f"{file} is corrupt or truncated: {e}") from None
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    from safetensors import SafetensorError, safe_open
+    file = self._file[key]
+    try:
+      # "flax" reads bfloat16 too (numpy has no bfloat16).
+      with safe_open(file, framework="flax") as f:
+        return np.asarray(f.get_tensor(key), dtype=np.float32)
+    except (SafetensorError, OSError, ValueError) as e:
+      raise UnsupportedCheckpoint(f"{file} is corrupt or truncated: {e}") from None
+
+  def __iter__(self):
+    return iter(self._file)
+
+  def __len__(self) -> int:
+    return len(self._file)
+
+
+def read_state_dict(path: str) -> SafetensorsState:
+  """The directory's safetensors tensors by name (read lazily, as float32 numpy)."""
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.isfile(index):
     with open(index) as f:
@@ -217,17 +248,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
   if not files:
     raise UnsupportedCheckpoint(f"{path} has no .safetensors files")
-  state: dict[str, np.ndarray] = {}
-  for name in files:
-    file = os.path.join(path, name)
-    try:
-      # "flax" reads bfloat16 too (numpy has no bfloat16).
-      with safe_open(file, framework="flax") as f:
-        for key in f.keys():
-          state[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
-    except (SafetensorError, OSError, ValueError) as e:
-      raise UnsupportedCheckpoint(f"{file} is corrupt or truncated: {e}") from None
-  return state
+  return SafetensorsState([os.path.join(path, name) for name in files])
 
 
 def write(path: str, cfg: ModelConfig, state: dict[str, np.ndarray], *,

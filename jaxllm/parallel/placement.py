@@ -10,8 +10,8 @@ KV heads that the tensor axis does not divide (3 KV heads on tensor=2, 2 on tens
 replicated the way vLLM and JetStream do it: each KV head is repeated until the count is
 lcm(K, TP), so every device holds whole KV heads for exactly its query heads
 (`replicate_kv_heads`). GQA maps query head h to KV head h // (H / K); with each KV head
-repeated r times in place, h // (H / (K r)) lands on a copy of the same head, so outputs are
-unchanged, bit for bit.
+repeated r times in place, h // (H / (K r)) lands on a copy of the same head, so every query
+head attends exactly the keys and values it did.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from jaxllm.config import ConfigError, MeshConfig, ModelConfig
 from jaxllm.parallel import rules
@@ -245,13 +245,6 @@ def zeros_on(mesh: Mesh | None, shape: tuple[int, ...], dtype, paged: bool):
   abstract = jax.eval_shape(lambda: kv_cache.zeros(shape, dtype))
   out = jax.tree.map(lambda a: cache_sharding(mesh, a.shape, paged), abstract)
   return jax.jit(lambda: kv_cache.zeros(shape, dtype), out_shardings=out)()
-
-
-def replicated(mesh: Mesh | None, x):
-  """`x` (host or device arrays) on every device of the mesh (unchanged without one)."""
-  if mesh is None:
-    return x
-  return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
 
 
 def bytes_per_device(tree) -> dict:

@@ -151,12 +151,10 @@ def compile_for_tpu(cfg: config_lib.Config, target: Target, *,
   try:
     result = compile_train_step(cfg, devices, dump_hlo=dump_hlo)
   except Exception as e:  # jax.errors.JaxRuntimeError, whose home moved between versions
-    if "RESOURCE_EXHAUSTED" not in str(e):
+    refusal = _out_of_memory(e)
+    if refusal is None:
       raise
-    # The TPU compiler refuses a program that cannot fit; its message has the figures.
-    lines = [line for line in str(e).splitlines() if "memory" in line.lower()]
-    return {**info, "fits": False,
-            "compiler_error": (lines or str(e).splitlines())[0].split(": ", 1)[-1].strip()}
+    return {**info, "fits": False, "compiler_error": refusal}
   result.update(info)
   result["fits"] = result.get("peak_bytes", 0) <= target.hbm_bytes
   return result
@@ -164,55 +162,92 @@ def compile_for_tpu(cfg: config_lib.Config, target: Target, *,
 
 def compile_serving(cfg: config_lib.Config, target: Target, *, batch: int = 8,
                     max_len: int | None = None, page_size: int = 16, prefill_chunk: int = 512,
-                    dump_hlo: str | None = None) -> dict:
-  """The inference programs compiled for one chip of the target: a prefill chunk
+                    dump_hlo: str | None = None, mesh: str | None = None) -> dict:
+  """The inference programs compiled for the target's chips: a prefill chunk
   (`generate.extend_chunk`, `[batch, prefill_chunk]` tokens) and a decode step
   (`generate.decode_step`), over a paged cache of `batch` sequences of `max_len` tokens (default
   the model's), weights and cache in the compute dtype, paged attention through our Mosaic
-  kernel. One chip, because inference runs on one device today; returns each program's
-  analysis, the weight and cache bytes, and whether the larger program fits the chip's HBM."""
+  kernel. On one chip, or split over `mesh` ("tensor=8", `jaxllm.parallel.placement`: its first
+  chips, KV heads replicated as serving does). Returns each program's analysis, the weight and
+  cache bytes per chip, and whether the larger program fits a chip's HBM."""
+  import math
+
   import numpy as np
+
   from jaxllm.inference import generate, paging
   from jaxllm.model import cache as kv_cache
   from jaxllm.model import transformer
-  from jaxllm.parallel import mesh as mesh_lib
-  m = cfg.model
+  from jaxllm.parallel import placement
+  sizes = placement.mesh_sizes(mesh) if mesh else {}
+  chips = math.prod(sizes.values()) if sizes else 1
+  if chips > target.chips:
+    raise ConfigError(f"--serve_mesh={mesh} needs {chips} chips, {target.name} has "
+                      f"{target.chips}")
+  serving = placement.serving_mesh(devices=topology_devices(target)[:chips], **sizes)
+  placement.check_model(cfg.model, serving)
+  m = dataclasses.replace(cfg.model, n_kv_heads=placement.kv_heads_for(cfg.model, serving))
   max_len = max_len or m.max_seq_len
-  device = topology_devices(target)[0]
-  mesh = mesh_lib.make_mesh(config_lib.MeshConfig(data=1), [device])
-  here = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  device = serving.devices.flat[0]
+  whole = jax.sharding.NamedSharding(serving, jax.sharding.PartitionSpec())
   dtype = jnp.dtype(m.dtype)
 
-  def abstract(x, dt=None):
-    return jax.ShapeDtypeStruct(x.shape, dt or x.dtype, sharding=here)
+  def per_chip(tree) -> int:
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+               for x in jax.tree.leaves(tree))
 
   graphdef, params = transformer.abstract_params(m)
-  params = jax.tree.map(lambda x: abstract(x, dtype if jnp.issubdtype(x.dtype, jnp.floating)
-                                           else None), params)
+  shardings = placement.param_shardings(params, transformer.logical_axes(m), serving)
+  params = jax.tree.map(
+      lambda x, sh: jax.ShapeDtypeStruct(
+          x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, sharding=sh),
+      params, shardings)
   per_seq = paging.pages_for(max_len, page_size)
   cache = jax.eval_shape(lambda: kv_cache.init_paged_cache(
       m.n_layers, batch * per_seq, page_size, m.n_kv_heads, m.head_dim,
       np.zeros((batch, per_seq), np.int32), dtype=dtype))
-  cache = jax.tree.map(abstract, cache)
+  pools = {"k": cache.k, "v": cache.v}
+  cache = cache._replace(**{
+      name: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                 sharding=placement.cache_sharding(serving, x.shape, paged=True))
+      for name, x in pools.items()},
+      page_table=jax.ShapeDtypeStruct(cache.page_table.shape, jnp.int32, sharding=whole),
+      lengths=jax.ShapeDtypeStruct(cache.lengths.shape, jnp.int32, sharding=whole))
 
   def ints(*shape):
-    return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=here)
+    return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=whole)
 
-  logits = jax.ShapeDtypeStruct((batch, m.vocab_size), jnp.float32, sharding=here)
+  logits = jax.ShapeDtypeStruct((batch, m.vocab_size), jnp.float32, sharding=whole)
   programs = {"prefill": (generate.extend_chunk, (graphdef, params, ints(batch, prefill_chunk),
                                                   cache, ints(batch), logits)),
               "decode": (generate.decode_step, (graphdef, params, ints(batch), cache))}
   result = {"target": target.name, "device_kind": device.device_kind,
             "hbm_bytes": target.hbm_bytes, "batch": batch, "max_len": max_len,
-            "page_size": page_size, "prefill_chunk": prefill_chunk,
-            "weight_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)),
-            "cache_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))}
-  with jax.set_mesh(mesh):
+            "page_size": page_size, "prefill_chunk": prefill_chunk, "mesh": mesh or "one chip",
+            "chips": chips, "kv_heads": m.n_kv_heads,
+            "weight_bytes": per_chip(params), "cache_bytes": per_chip(cache)}
+  with jax.set_mesh(serving):
     for name, (fn, args) in programs.items():
       start = time.perf_counter()
-      compiled = fn.lower(*args).compile()
+      try:
+        compiled = fn.lower(*args).compile()
+      except Exception as e:  # jax.errors.JaxRuntimeError, whose home moved between versions
+        refusal = _out_of_memory(e)
+        if refusal is None:
+          raise
+        result[name] = {"compiler_error": refusal}
+        result["fits"] = False
+        return result
       result[name] = _analysis(compiled, time.perf_counter() - start)
       result[name]["kernels"] = compiled.as_text().count("tpu_custom_call")
       _dump(compiled, dump_hlo, name)
   result["fits"] = max(result[n]["peak_bytes"] for n in programs) <= target.hbm_bytes
   return result
+
+
+def _out_of_memory(error: Exception) -> str | None:
+  """The TPU compiler's one-line refusal of a program that cannot fit (None for other
+  errors): its message has the figures."""
+  if "RESOURCE_EXHAUSTED" not in str(error):
+    return None
+  lines = [line for line in str(error).splitlines() if "memory" in line.lower()]
+  return (lines or str(error).splitlines())[0].split(": ", 1)[-1].strip()
