@@ -146,11 +146,13 @@ def _forward(graphdef, params, ids_BT):
   return nnx.merge(graphdef, params)(ids_BT)
 
 
-def load(path: str | os.PathLike[str], mesh: Mesh | str | None = None) -> LoadedModel:
+def load(path: str | os.PathLike[str], mesh: Mesh | str | None = None, *,
+         kv_head_copies: bool = True) -> LoadedModel:
   """Loads any supported checkpoint (float32 params, or its quantized weights) onto the
   default device, or split over `mesh` (a Mesh or a spec such as "tensor=4" or
   "data=2,tensor=4", `jaxllm.parallel.placement`): heads, MLP and vocabulary over `tensor`,
-  KV heads replicated where the tensor axis does not divide them."""
+  KV heads repeated where the tensor axis does not divide them (`kv_head_copies=False` keeps
+  the model's own, for tools that write it back)."""
   if isinstance(mesh, str):
     mesh = placement.parse_mesh(mesh)
   ckpt = convert.read_checkpoint(path, mesh=mesh)
@@ -158,6 +160,7 @@ def load(path: str | os.PathLike[str], mesh: Mesh | str | None = None) -> Loaded
     params, cfg = jax.tree.map(jnp.asarray, ckpt.params), ckpt.model
   else:
     params, cfg = placement.place_params(ckpt.params, ckpt.model, mesh,
-                                         transformer.logical_axes(ckpt.model))
+                                         transformer.logical_axes(ckpt.model),
+                                         kv_head_copies=kv_head_copies)
   graphdef, _ = transformer.abstract_params(cfg)
   return LoadedModel(cfg, graphdef, params, ckpt.tokenizer, ckpt.kind, mesh)

@@ -40,6 +40,7 @@ _ACT_ORDER = flags.DEFINE_bool("act_order", True, "GPTQ: quantize inputs with th
 _DAMP = flags.DEFINE_float("damp", 0.01, "GPTQ: diagonal damping, a fraction of its mean.",
                            lower_bound=0.0)
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+_MESH = common.define_mesh_flag()
 flags.mark_flags_as_required(["checkpoint", "out"])
 
 
@@ -71,7 +72,8 @@ def main(argv):
   from jaxllm.quant import calibrate, methods
   from jaxllm.quant import tensor as qtensor
 
-  model = jaxllm.load(_CHECKPOINT.value)
+  # On a mesh the model keeps its own KV heads: the checkpoint written is the model's.
+  model = jaxllm.load(_CHECKPOINT.value, mesh=_MESH.value, kv_head_copies=False)
   if qparams.QuantSpec.load(os.path.abspath(_CHECKPOINT.value)) is not None:
     raise common.CommandError(f"{_CHECKPOINT.value} is already quantized")
   start = time.time()

@@ -135,13 +135,15 @@ def trained(tmp_path_factory):
   return workdir
 
 
-@pytest.mark.parametrize("method, bits", [("rtn", 8), ("gptq", 4), ("awq", 4)])
-def test_quantize_cli_writes_a_checkpoint_load_reads(trained, tmp_path, method, bits):
+@pytest.mark.parametrize("method, bits, mesh", [("rtn", 8, ""), ("gptq", 4, ""),
+                                               ("awq", 4, "tensor=2")])
+def test_quantize_cli_writes_a_checkpoint_load_reads(trained, tmp_path, method, bits, mesh):
   out = str(tmp_path / "q")
   proc = subprocess.run(
       [sys.executable, "-m", "jaxllm.quantize", f"--checkpoint={trained}", f"--out={out}",
        f"--method={method}", f"--bits={bits}", "--group_size=16", "--calib_rows=4",
-       "--calib_len=32", f"--calib_data={REPO}/jaxllm/quant", "--progress=false"],
+       "--calib_len=32", f"--calib_data={REPO}/jaxllm/quant", "--progress=false",
+       *([f"--mesh={mesh}"] if mesh else [])],  # AWQ's calibration on a tensor=2 mesh
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr
   report = json.loads(proc.stdout.strip().splitlines()[-1])

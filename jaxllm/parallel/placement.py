@@ -207,15 +207,18 @@ def qtensor_shardings(params: dict, axes: dict, mesh: Mesh) -> dict:
   return qparams.unflatten(out)
 
 
-def place_params(params: dict, cfg: ModelConfig, mesh: Mesh | None, axes: dict
-                 ) -> tuple[dict, ModelConfig]:
-  """(params on the mesh, the config they now implement): KV heads replicated where needed,
-  every leaf placed by the logical-axis rules (`axes`, `transformer.logical_axes`); a host
-  array goes straight into its shards."""
+def place_params(params: dict, cfg: ModelConfig, mesh: Mesh | None, axes: dict, *,
+                 kv_head_copies: bool = True) -> tuple[dict, ModelConfig]:
+  """(params on the mesh, the config they now implement): KV heads replicated where needed
+  (unless `kv_head_copies` is off: tools that write the model back, like quantize, keep its
+  own heads, which then stay whole where the tensor axis does not divide them), every leaf
+  placed by the logical-axis rules (`axes`, `transformer.logical_axes`); a host array goes
+  straight into its shards."""
   if mesh is None:
     return params, cfg
   check_model(cfg, mesh)
-  params, cfg = replicate_kv_heads(params, cfg, mesh)
+  if kv_head_copies:
+    params, cfg = replicate_kv_heads(params, cfg, mesh)
   return jax.device_put(params, qtensor_shardings(params, axes, mesh)), cfg
 
 
