@@ -75,7 +75,23 @@ def read_hf_tokenizer(path: str):
   raise UnsupportedCheckpoint(f"{path} has no tokenizer.json or tokenizer.model")
 
 
-def _gguf_checkpoint(path: str) -> Checkpoint:
+def _placer(cfg: config_lib.ModelConfig, mesh):
+  """`place(path, array)` putting each converted param straight into its shards on `mesh`
+  (None without a mesh: the params stay on the host)."""
+  if mesh is None:
+    return None
+  import jax
+  from jaxllm.model import transformer
+  from jaxllm.parallel import placement
+  from jaxllm.quant import params as quant_params
+  placement.check_model(cfg, mesh)
+  _, abstract = transformer.abstract_params(cfg)
+  shardings = quant_params.flatten(placement.param_shardings(
+      abstract, transformer.logical_axes(cfg), mesh))
+  return lambda path, x: jax.device_put(x, shardings[path])
+
+
+def _gguf_checkpoint(path: str, mesh=None) -> Checkpoint:
   from jaxllm.checkpoint.gguf_format import GGUFFile
   g = GGUFFile(path)
   cfg = g.model_config()
@@ -95,13 +111,13 @@ def _gguf_checkpoint(path: str) -> Checkpoint:
       tok, bos_id=m.get("tokenizer.ggml.bos_token_id"), eos_id=m.get("tokenizer.ggml.eos_token_id"),
       pad_id=m.get("tokenizer.ggml.padding_token_id"),
       add_bos=bool(m.get("tokenizer.ggml.add_bos_token", False)), chat_template=g.chat_template())
-  params = layouts.params_from_hf(g.hf_state_dict(), cfg)
+  params = layouts.params_from_hf(g.hf_state_dict(), cfg, _placer(cfg, mesh))
   return Checkpoint(cfg, params, tokenizer, "gguf")
 
 
-def _hf_checkpoint(path: str) -> Checkpoint:
+def _hf_checkpoint(path: str, mesh=None) -> Checkpoint:
   cfg = hf_format.model_config(hf_format.read_config(path), f"{path}/config.json")
-  params = layouts.params_from_hf(hf_format.read_state_dict(path), cfg)
+  params = layouts.params_from_hf(hf_format.read_state_dict(path), cfg, _placer(cfg, mesh))
   return Checkpoint(cfg, params, read_hf_tokenizer(path), "hf")
 
 
@@ -139,14 +155,15 @@ def _jaxllm_checkpoint(workdir: str, step: int | None, mesh=None) -> Checkpoint:
 
 
 def read_checkpoint(path: str | os.PathLike[str], mesh=None) -> Checkpoint:
-  """The checkpoint at `path`; a jaxllm checkpoint restores straight into its shards on
-  `mesh` when one is given (`jaxllm.parallel.placement`), others read into host memory."""
+  """The checkpoint at `path`, read into host memory, or with `mesh` straight into each
+  device's shards (`jaxllm.parallel.placement`): orbax restores per shard; Hugging Face and
+  GGUF tensors are converted one stacked param at a time and placed at once."""
   path = os.path.abspath(os.fspath(path))
   if not os.path.exists(path):
     raise FileNotFoundError(f"no such checkpoint: {path}")
   if os.path.isfile(path):
     if path.endswith(".gguf"):
-      return _gguf_checkpoint(path)
+      return _gguf_checkpoint(path, mesh)
     raise UnsupportedCheckpoint(f"{path}: unsupported checkpoint file (expected .gguf or a "
                                 "directory)")
   step = None
@@ -154,7 +171,7 @@ def read_checkpoint(path: str | os.PathLike[str], mesh=None) -> Checkpoint:
     step = int(os.path.basename(path))
     path = os.path.dirname(os.path.dirname(path))
   if hf_format.is_hf_dir(path):
-    return _hf_checkpoint(path)
+    return _hf_checkpoint(path, mesh)
   if os.path.isfile(os.path.join(path, CONFIG_FILE)):
     return _jaxllm_checkpoint(path, step, mesh)
   raise UnsupportedCheckpoint(f"{path} is neither a jaxllm workdir, a Hugging Face directory "

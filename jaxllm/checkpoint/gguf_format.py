@@ -121,48 +121,60 @@ class GGUFFile:
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
     return np.asarray(data, np.float32).reshape(shape)
 
-  def hf_state_dict(self) -> dict[str, np.ndarray]:
+  def hf_state_dict(self) -> layouts.LazyState:
     """The weights under Hugging Face names (experts as Qwen names them), Q/K rows back in
-    rotate-half order."""
+    rotate-half order; each tensor is dequantized when it is read."""
     cfg = self.model_config()
-    out = {"model.embed_tokens.weight": self.tensor("token_embd.weight"),
-           "model.norm.weight": self.tensor("output_norm.weight")}
+    out = {"model.embed_tokens.weight": lambda: self.tensor("token_embd.weight"),
+           "model.norm.weight": lambda: self.tensor("output_norm.weight")}
     if not cfg.tie_embeddings:
-      out["lm_head.weight"] = self.tensor("output.weight")
+      out["lm_head.weight"] = lambda: self.tensor("output.weight")
     interleaved = self.architecture == "llama"
+    heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}
+
+    def weight(name, gguf_name):
+      w = self.tensor(name)
+      if interleaved and gguf_name in heads:
+        w = layouts.interleaved_to_half(w, heads[gguf_name])
+      return w
+
+    last = {}  # the expert tensor read last: its experts are read one after another
+
+    def expert(name, e):
+      if last.get("name") != name:
+        last.update(name=name, value=self.tensor(name))
+      return last["value"][e]
+
     for i in range(cfg.n_layers):
       pre = f"model.layers.{i}."
       moe_layer = cfg.n_experts and f"blk.{i}.ffn_gate_inp.weight" in self.tensors
       for gguf_name, hf_name in LAYER_NAMES.items():
         if moe_layer and gguf_name.startswith("ffn_") and gguf_name != "ffn_norm":
           continue
-        w = self.tensor(f"blk.{i}.{gguf_name}.weight")
-        if interleaved and gguf_name == "attn_q":
-          w = layouts.interleaved_to_half(w, cfg.n_heads)
-        elif interleaved and gguf_name == "attn_k":
-          w = layouts.interleaved_to_half(w, cfg.n_kv_heads)
-        out[f"{pre}{hf_name}.weight"] = w
+        out[f"{pre}{hf_name}.weight"] = (
+            lambda n=f"blk.{i}.{gguf_name}.weight", g=gguf_name: weight(n, g))
       if cfg.qkv_bias:
         for name in ("q", "k", "v"):
-          out[f"{pre}self_attn.{name}_proj.bias"] = self.tensor(f"blk.{i}.attn_{name}.bias")
+          out[f"{pre}self_attn.{name}_proj.bias"] = (
+              lambda n=f"blk.{i}.attn_{name}.bias": self.tensor(n))
       if cfg.qk_norm:
         for name in ("q", "k"):
-          out[f"{pre}self_attn.{name}_norm.weight"] = self.tensor(
-              f"blk.{i}.attn_{name}_norm.weight")
+          out[f"{pre}self_attn.{name}_norm.weight"] = (
+              lambda n=f"blk.{i}.attn_{name}_norm.weight": self.tensor(n))
       if moe_layer:
-        out[f"{pre}mlp.gate.weight"] = self.tensor(f"blk.{i}.ffn_gate_inp.weight")
-        stacked = {n: self.tensor(f"blk.{i}.ffn_{n}_exps.weight") for n in ("gate", "up", "down")}
+        out[f"{pre}mlp.gate.weight"] = lambda n=f"blk.{i}.ffn_gate_inp.weight": self.tensor(n)
         for e in range(cfg.n_experts):
           for n in ("gate", "up", "down"):
-            out[f"{pre}mlp.experts.{e}.{n}_proj.weight"] = stacked[n][e]
+            out[f"{pre}mlp.experts.{e}.{n}_proj.weight"] = (
+                lambda t=f"blk.{i}.ffn_{n}_exps.weight", e=e: expert(t, e))
         if cfg.n_shared_experts:
           for n in ("gate", "up", "down"):
-            out[f"{pre}mlp.shared_expert.{n}_proj.weight"] = self.tensor(
-                f"blk.{i}.ffn_{n}_shexp.weight")
+            out[f"{pre}mlp.shared_expert.{n}_proj.weight"] = (
+                lambda t=f"blk.{i}.ffn_{n}_shexp.weight": self.tensor(t))
           if cfg.shared_expert_gate:
-            out[f"{pre}mlp.shared_expert_gate.weight"] = self.tensor(
-                f"blk.{i}.ffn_gate_inp_shexp.weight").reshape(1, -1)
-    return out
+            out[f"{pre}mlp.shared_expert_gate.weight"] = (
+                lambda t=f"blk.{i}.ffn_gate_inp_shexp.weight": self.tensor(t).reshape(1, -1))
+    return layouts.LazyState(out)
 
   def chat_template(self) -> str | None:
     return self.metadata.get("tokenizer.chat_template")

@@ -19,6 +19,8 @@ layers in `blocks`, the MoE layers in `moe_blocks` (`transformer.LayerLayout`).
 
 from __future__ import annotations
 
+import collections.abc
+
 import numpy as np
 
 from jaxllm.checkpoint.errors import UnsupportedCheckpoint
@@ -47,7 +49,23 @@ def half_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _take(state: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
+class LazyState(collections.abc.Mapping):
+  """A state dict whose tensors are built when read: `{name: () -> array}`."""
+
+  def __init__(self, builders: dict):
+    self._builders = builders
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    return self._builders[name]()
+
+  def __iter__(self):
+    return iter(self._builders)
+
+  def __len__(self) -> int:
+    return len(self._builders)
+
+
+def _take(state, name: str, shape: tuple[int, ...]) -> np.ndarray:
   if name not in state:
     raise UnsupportedCheckpoint(f"weight {name!r} is missing from the checkpoint")
   w = np.asarray(state[name], np.float32)
@@ -61,87 +79,113 @@ def expert_family(state_or_names) -> str:
   return "mixtral" if any("block_sparse_moe" in k for k in state_or_names) else "qwen"
 
 
-def _attention(state, cfg: ModelConfig, depths) -> dict:
-  """Attention and norm params of the layers at `depths`, stacked."""
+def _stacked(fn, depths):
+  """A builder of `fn(i)` for every layer i in `depths`, stacked on a leading axis."""
+  return lambda: np.stack([fn(i) for i in depths])
+
+
+def _attention_leaves(state, cfg: ModelConfig, depths, stack: str) -> dict:
+  """`{path: build}` for the attention and norm params of the layers at `depths`, each
+  `build()` returning one stacked `[L, ...]` array."""
   D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   get = lambda i, name, shape: _take(state, f"model.layers.{i}.{name}", shape)
   per_layer = {
-      ("attn", "q"): lambda i: get(i, "self_attn.q_proj.weight", (H * Dh, D)).T.reshape(D, H, Dh),
-      ("attn", "k"): lambda i: get(i, "self_attn.k_proj.weight", (K * Dh, D)).T.reshape(D, K, Dh),
-      ("attn", "v"): lambda i: get(i, "self_attn.v_proj.weight", (K * Dh, D)).T.reshape(D, K, Dh),
-      ("attn", "o"): lambda i: get(i, "self_attn.o_proj.weight", (D, H * Dh)).T.reshape(H, Dh, D),
-      ("attn_norm", "scale"): lambda i: get(i, _NORMS["attn_norm"] + ".weight", (D,)),
-      ("mlp_norm", "scale"): lambda i: get(i, _NORMS["mlp_norm"] + ".weight", (D,)),
+      "attn/q": lambda i: get(i, "self_attn.q_proj.weight", (H * Dh, D)).T.reshape(D, H, Dh),
+      "attn/k": lambda i: get(i, "self_attn.k_proj.weight", (K * Dh, D)).T.reshape(D, K, Dh),
+      "attn/v": lambda i: get(i, "self_attn.v_proj.weight", (K * Dh, D)).T.reshape(D, K, Dh),
+      "attn/o": lambda i: get(i, "self_attn.o_proj.weight", (D, H * Dh)).T.reshape(H, Dh, D),
+      "attn_norm/scale": lambda i: get(i, _NORMS["attn_norm"] + ".weight", (D,)),
+      "mlp_norm/scale": lambda i: get(i, _NORMS["mlp_norm"] + ".weight", (D,)),
   }
   if cfg.qkv_bias:
     for name, heads in (("q", H), ("k", K), ("v", K)):
-      per_layer[("attn", f"{name}_bias")] = (
+      per_layer[f"attn/{name}_bias"] = (
           lambda i, n=name, h=heads: get(i, f"self_attn.{n}_proj.bias", (h * Dh,)).reshape(h, Dh))
   if cfg.qk_norm:
     for name in ("q", "k"):
-      per_layer[("attn", f"{name}_norm")] = lambda i, n=name: {
-          "scale": get(i, f"self_attn.{n}_norm.weight", (Dh,))}
-  out: dict = {}
-  for (group, name), fn in per_layer.items():
-    out.setdefault(group, {})[name] = _stack([fn(i) for i in depths])
-  return out
+      per_layer[f"attn/{name}_norm/scale"] = (
+          lambda i, n=name: get(i, f"self_attn.{n}_norm.weight", (Dh,)))
+  return {f"{stack}/{path}": _stacked(fn, depths) for path, fn in per_layer.items()}
 
 
-def _stack(items):
-  if isinstance(items[0], dict):
-    return {k: _stack([it[k] for it in items]) for k in items[0]}
-  return np.stack(items)
-
-
-def _mlp(state, prefix: str, d_model: int, d_ff: int, names=("gate_proj", "up_proj",
-                                                             "down_proj")) -> dict:
+def _mlp_leaves(state, prefix_of, d_model: int, d_ff: int, path: str, depths,
+                names=("gate_proj", "up_proj", "down_proj")) -> dict:
+  """`{path/gate|up|down: build}`: SwiGLU weights of the modules `prefix_of(i)`, stacked over
+  the layers at `depths`."""
   g, u, d = names
-  return {"gate": _take(state, f"{prefix}.{g}.weight", (d_ff, d_model)).T,
-          "up": _take(state, f"{prefix}.{u}.weight", (d_ff, d_model)).T,
-          "down": _take(state, f"{prefix}.{d}.weight", (d_model, d_ff)).T}
+  one = {"gate": lambda i: _take(state, f"{prefix_of(i)}.{g}.weight", (d_ff, d_model)).T,
+         "up": lambda i: _take(state, f"{prefix_of(i)}.{u}.weight", (d_ff, d_model)).T,
+         "down": lambda i: _take(state, f"{prefix_of(i)}.{d}.weight", (d_model, d_ff)).T}
+  return {f"{path}/{k}": _stacked(fn, depths) for k, fn in one.items()}
 
 
-def _moe(state, cfg: ModelConfig, i: int, family: str) -> dict:
+def _moe_leaves(state, cfg: ModelConfig, depths, family: str) -> dict:
+  """`{moe_blocks/moe/...: build}` for the MoE layers at `depths`."""
   E, D, F = cfg.n_experts, cfg.d_model, cfg.moe_d_ff or cfg.d_ff
   module, g, u, d = EXPERT_NAMES[family]
-  pre = f"model.layers.{i}.{module}"
-  out = {"router": _take(state, f"{pre}.gate.weight", (E, D)).T}
-  if f"{pre}.experts.gate_up_proj" in state:  # transformers 5's fused in-memory layout
-    gate_up = _take(state, f"{pre}.experts.gate_up_proj", (E, 2 * F, D))
-    out["gate"] = gate_up[:, :F].transpose(0, 2, 1)
-    out["up"] = gate_up[:, F:].transpose(0, 2, 1)
-    out["down"] = _take(state, f"{pre}.experts.down_proj", (E, D, F)).transpose(0, 2, 1)
-  else:
-    experts = [_mlp(state, f"{pre}.experts.{e}", D, F, (g, u, d)) for e in range(E)]
-    out.update(_stack(experts))
+  pre = lambda i: f"model.layers.{i}.{module}"
+
+  def experts(i, which):  # [E, D, F] (gate, up) or [E, F, D] (down)
+    if f"{pre(i)}.experts.gate_up_proj" in state:  # transformers 5's fused in-memory layout
+      if which == "down":
+        return _take(state, f"{pre(i)}.experts.down_proj", (E, D, F)).transpose(0, 2, 1)
+      gate_up = _take(state, f"{pre(i)}.experts.gate_up_proj", (E, 2 * F, D))
+      return (gate_up[:, :F] if which == "gate" else gate_up[:, F:]).transpose(0, 2, 1)
+    name = {"gate": g, "up": u, "down": d}[which]
+    shape = (D, F) if which == "down" else (F, D)
+    return np.stack([_take(state, f"{pre(i)}.experts.{e}.{name}.weight", shape).T
+                     for e in range(E)])
+
+  out = {"moe_blocks/moe/router": _stacked(
+      lambda i: _take(state, f"{pre(i)}.gate.weight", (E, D)).T, depths)}
+  for which in ("gate", "up", "down"):
+    out[f"moe_blocks/moe/{which}"] = _stacked(lambda i, w=which: experts(i, w), depths)
   if cfg.n_shared_experts:
-    out["shared"] = _mlp(state, f"{pre}.shared_expert", D, cfg.n_shared_experts * F)
+    out.update(_mlp_leaves(state, lambda i: f"{pre(i)}.shared_expert", D,
+                           cfg.n_shared_experts * F, "moe_blocks/moe/shared", depths))
     if cfg.shared_expert_gate:
-      out["shared_gate"] = _take(state, f"{pre}.shared_expert_gate.weight", (1, D)).T
+      out["moe_blocks/moe/shared_gate"] = _stacked(
+          lambda i: _take(state, f"{pre(i)}.shared_expert_gate.weight", (1, D)).T, depths)
   if cfg.router_bias_update_rate > 0:
-    out["router_bias"] = np.zeros((E,), np.float32)
+    out["moe_blocks/moe/router_bias"] = lambda: np.zeros((len(depths), E), np.float32)
   return out
 
 
-def params_from_hf(state: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
-  """jaxllm params (float32 numpy) from a HF Llama/Mistral/Mixtral/Qwen-MoE state dict."""
+def param_leaves(state, cfg: ModelConfig) -> dict:
+  """`{params path: build}` for a HF Llama/Mistral/Mixtral/Qwen-MoE state dict: each `build()`
+  reads the tensors of one (stacked) jaxllm param and returns it as float32 numpy."""
   D, V = cfg.d_model, cfg.vocab_size
   layout = layer_layout(cfg)
-  params = {"embed": _take(state, "model.embed_tokens.weight", (V, D)),
-            "final_norm": {"scale": _take(state, "model.norm.weight", (D,))}}
+  leaves = {"embed": lambda: _take(state, "model.embed_tokens.weight", (V, D)),
+            "final_norm/scale": lambda: _take(state, "model.norm.weight", (D,))}
   if layout.n_dense:
     depths = layout.dense_depths()
-    params["blocks"] = _attention(state, cfg, depths)
-    params["blocks"]["mlp"] = _stack([_mlp(state, f"model.layers.{i}.mlp", D, cfg.d_ff)
-                                      for i in depths])
+    leaves.update(_attention_leaves(state, cfg, depths, "blocks"))
+    leaves.update(_mlp_leaves(state, lambda i: f"model.layers.{i}.mlp", D, cfg.d_ff,
+                              "blocks/mlp", depths))
   if layout.groups:
     depths = layout.moe_depths()
-    family = expert_family(state)
-    params["moe_blocks"] = _attention(state, cfg, depths)
-    params["moe_blocks"]["moe"] = _stack([_moe(state, cfg, i, family) for i in depths])
+    leaves.update(_attention_leaves(state, cfg, depths, "moe_blocks"))
+    leaves.update(_moe_leaves(state, cfg, depths, expert_family(state)))
   if not cfg.tie_embeddings:
-    params["lm_head"] = _take(state, "lm_head.weight", (V, D)).T
-  return params
+    leaves["lm_head"] = lambda: _take(state, "lm_head.weight", (V, D)).T
+  return leaves
+
+
+def params_from_hf(state, cfg: ModelConfig, place=None) -> dict:
+  """jaxllm params from a HF Llama/Mistral/Mixtral/Qwen-MoE state dict (a mapping, which may
+  read lazily). `place(path, array)` (a `device_put` into the param's shards, say) takes each
+  stacked param as soon as it is built, so the host holds one at a time; without it the params
+  stay float32 numpy."""
+  out: dict = {}
+  for path, build in param_leaves(state, cfg).items():
+    value = build() if place is None else place(path, build())
+    node = out
+    *parents, last = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[last] = value
+  return out
 
 
 def _hf_attention(out: dict, blocks: dict, cfg: ModelConfig, depths) -> None:
