@@ -30,14 +30,6 @@ class Replicas:
     self._lock = threading.Lock()
     self.routed = [0] * len(self.engines)
 
-  @property
-  def model_config(self):
-    return self.engines[0].model_config
-
-  @property
-  def max_seq_len(self) -> int:
-    return self.engines[0].max_seq_len
-
   def load(self, i: int) -> int:
     """Requests replica i holds: waiting and running."""
     m = self.engines[i].metrics()
@@ -86,10 +78,6 @@ class Replicas:
         total[key] = total.get(key, 0) + value
     total["replicas"] = each
     return total
-
-  @property
-  def idle(self) -> bool:
-    return all(e.idle for e in self.engines)
 
   def start(self) -> None:
     for e in self.engines:

@@ -260,10 +260,12 @@ def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill
   import jaxllm
   from jaxllm.inference import replicas as replicas_lib
   from jaxllm.parallel import placement
-  if replicas == 1 or not isinstance(mesh, (str, type(None))):
+  if replicas == 1:
     meshes = [mesh]
-  else:
+  elif isinstance(mesh, (str, type(None))):
     meshes = placement.replica_meshes(mesh, replicas)
+  else:
+    raise ValueError("replicas take their meshes from a spec (mesh='tensor=4'), not a Mesh")
   models = [jaxllm.load(checkpoint, mesh=m) for m in meshes]
   model = models[0]
   max_len = max_seq_len or model.config.max_seq_len

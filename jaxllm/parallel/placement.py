@@ -222,10 +222,14 @@ def place_params(params: dict, cfg: ModelConfig, mesh: Mesh | None, axes: dict, 
   return jax.device_put(params, qtensor_shardings(params, axes, mesh)), cfg
 
 
-def cache_sharding(mesh: Mesh, shape: tuple[int, ...], paged: bool) -> NamedSharding:
-  """Sharding of one cache array `[L, B|N, S|P, K, Dh]` (or its int8 scales, without Dh)."""
+def _cache_spec(shape: tuple[int, ...], mesh, paged: bool):
+  """PartitionSpec of one cache array `[L, B|N, S|P, K, Dh]` (or its int8 scales, without Dh)."""
   names = PAGED_CACHE_AXES if paged else CONTIGUOUS_CACHE_AXES
-  return NamedSharding(mesh, rules.spec_for(names[:len(shape)], shape, mesh))
+  return rules.spec_for(names[:len(shape)], shape, mesh)
+
+
+def cache_sharding(mesh: Mesh, shape: tuple[int, ...], paged: bool) -> NamedSharding:
+  return NamedSharding(mesh, _cache_spec(shape, mesh, paged))
 
 
 def constrain_cache(x, paged: bool):
@@ -234,9 +238,8 @@ def constrain_cache(x, paged: bool):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  names = PAGED_CACHE_AXES if paged else CONTIGUOUS_CACHE_AXES
   return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(
-      a, rules.spec_for(names[:a.ndim], a.shape, mesh)), x)
+      a, _cache_spec(a.shape, mesh, paged)), x)
 
 
 def zeros_on(mesh: Mesh | None, shape: tuple[int, ...], dtype, paged: bool):
