@@ -8,20 +8,27 @@ Override any key: python -m jaxllm.train --config.train.steps=100 --config.model
 
 import ml_collections
 
+from jaxllm import config as config_lib
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "tiny"
-  c.model = dict(vocab_size=1024, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
+  # Every key from the defaults, so each can be overridden on the command line.
+  c.model = dict(config_lib.defaults("model"),
+                 vocab_size=1024, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
                  d_ff=768, max_seq_len=1024, rope_theta=10_000.0, norm_eps=1e-5,
                  tie_embeddings=True, dtype="bfloat16", param_dtype="float32", remat="none",
                  attention_impl="auto", init_std=0.02)
-  c.data = dict(paths=(), eval_fraction=0.05, tokenizer="", tokenizer_max_sentences=300_000,
+  c.data = dict(config_lib.defaults("data"),
+                paths=(), eval_fraction=0.05, tokenizer="", tokenizer_max_sentences=300_000,
                 seed=0)
-  c.train = dict(steps=600, batch_size=16, seq_len=256, lr=3e-3, min_lr_ratio=0.1,
+  c.train = dict(config_lib.defaults("train"),
+                 steps=600, batch_size=16, seq_len=256, lr=3e-3, min_lr_ratio=0.1,
                  warmup_steps=30, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0,
                  grad_accum=1, z_loss=1e-4, log_every=10, eval_every=100, eval_batches=8,
                  checkpoint_every=100, keep_checkpoints=3, seed=0, microbatches=1,
                  pipeline_chunks=1)
-  c.mesh = dict(data=-1, fsdp=1, tensor=1, stage=1, expert=1, slices=1)
+  c.mesh = dict(config_lib.defaults("mesh"),
+                data=-1, fsdp=1, tensor=1, stage=1, expert=1, slices=1)
   return ml_collections.ConfigDict(c)

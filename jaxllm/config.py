@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ROPE_SCALINGS = ("none", "linear", "llama3")
+ROPE_SCALINGS = ("none", "linear", "llama3", "ntk", "dynamic", "yarn")
+POSITION_ENCODINGS = ("rope", "alibi")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
 ROUTERS = ("softmax", "sigmoid")
@@ -41,14 +42,28 @@ class ModelConfig:
   head_dim: int = 64
   d_ff: int = 768
   max_seq_len: int = 2048
+  # "rope": rotary embeddings of q and k; "alibi": no position embedding, a per-head linear
+  # distance penalty on the attention logits (Press et al., 2022).
+  position_encoding: str = "rope"
   rope_theta: float = 10_000.0
-  # Context extension: "none", "linear" (positions / factor) or "llama3" (Llama 3.1's
-  # wavelength-dependent frequency scaling).
+  # Context extension (`jaxllm.model.positions`): "none"; "linear" (positions / factor);
+  # "llama3" (Llama 3.1's wavelength-dependent scaling); "ntk" (static NTK-aware: theta grown
+  # by factor^(Dh / (Dh - 2))); "dynamic" (NTK with the growth set by each sequence's length past
+  # rope_original_max_len, Hugging Face's "dynamic"); "yarn" (NTK-by-parts interpolation plus
+  # an attention temperature, Peng et al., 2023).
   rope_scaling: str = "none"
   rope_scaling_factor: float = 1.0
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
+  # The pre-training context that llama3, dynamic and yarn scale from.
   rope_original_max_len: int = 8192
+  # YaRN: rotations per wavelength bounding the interpolated (beta_slow) and kept (beta_fast)
+  # frequency bands; truncate rounds the band edges to whole dimensions (Hugging Face default);
+  # attention_factor scales q and k after rotation (logits by its square); 0: 0.1 ln(factor) + 1.
+  rope_yarn_beta_fast: float = 32.0
+  rope_yarn_beta_slow: float = 1.0
+  rope_yarn_truncate: bool = True
+  rope_attention_factor: float = 0.0
   # Local attention (Mistral): a query sees the `sliding_window` keys ending at itself; 0 = off.
   sliding_window: int = 0
   norm_eps: float = 1e-5
@@ -159,6 +174,13 @@ class Config:
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig}
 
 
+def defaults(section: str) -> dict[str, Any]:
+  """Every key of a config section with its default: experiment files start from these so that
+  any key can be overridden with `--config.section.key=value` (ml_collections only overrides
+  keys the file sets)."""
+  return dataclasses.asdict(_SECTIONS[section]())
+
+
 def _coerce(key: str, value: Any, default: Any) -> Any:
   """Converts a ConfigDict value to the dataclass field's type, or raises ConfigError."""
   if isinstance(default, bool):
@@ -247,13 +269,27 @@ def validate(config: Config) -> None:
         f"model.rope_scaling={m.rope_scaling!r} is not one of {', '.join(ROPE_SCALINGS)}")
   if m.rope_scaling != "none":
     _positive("model.rope_scaling_factor", m.rope_scaling_factor)
+  if m.position_encoding not in POSITION_ENCODINGS:
+    raise ConfigError(f"model.position_encoding={m.position_encoding!r} is not one of "
+                      f"{', '.join(POSITION_ENCODINGS)}")
+  if m.position_encoding == "alibi" and m.rope_scaling != "none":
+    raise ConfigError(f"model.rope_scaling={m.rope_scaling!r} scales RoPE, which "
+                      "model.position_encoding=alibi does not use")
+  if m.rope_scaling in ("llama3", "dynamic", "yarn") and m.rope_original_max_len <= 0:
+    raise ConfigError(f"model.rope_original_max_len={m.rope_original_max_len} must be positive")
+  if m.rope_scaling == "yarn" and not 0 < m.rope_yarn_beta_slow < m.rope_yarn_beta_fast:
+    raise ConfigError("model.rope_yarn_beta_slow must be positive and below "
+                      "model.rope_yarn_beta_fast")
+  if m.rope_attention_factor < 0:
+    raise ConfigError(f"model.rope_attention_factor={m.rope_attention_factor} must be >= 0 "
+                      "(0: derived from the factor)")
   if m.rope_scaling == "llama3" and not (
       0 < m.rope_low_freq_factor < m.rope_high_freq_factor and m.rope_original_max_len > 0):
     raise ConfigError("model.rope_low_freq_factor must be positive and below "
                       "model.rope_high_freq_factor, with model.rope_original_max_len > 0")
   if m.sliding_window < 0:
     raise ConfigError(f"model.sliding_window={m.sliding_window} must be >= 0 (0 = off)")
-  if m.head_dim % 2:
+  if m.head_dim % 2 and m.position_encoding == "rope":
     raise ConfigError(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs)")
   for key in ("dtype", "param_dtype"):
     if getattr(m, key) not in DTYPES:

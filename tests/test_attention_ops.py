@@ -6,10 +6,12 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jaxllm.ops.attention import _dot_product_attention, attention, resolve_impl, self_attention
+from jaxllm.model.positions import alibi_slopes
+from jaxllm.ops.attention import (attention, dot_product_attention, paged_attention, resolve_impl,
+                                  self_attention)
 
 
-def reference(q, k, v, q_index, kv_index, q_seg=None, kv_seg=None, window=None):
+def reference(q, k, v, q_index, kv_index, q_seg=None, kv_seg=None, window=None, slopes=None):
   B, T, H, Dh = q.shape
   K = k.shape[2]
   out = np.zeros((B, T, H, Dh), np.float64)
@@ -25,6 +27,8 @@ def reference(q, k, v, q_index, kv_index, q_seg=None, kv_seg=None, window=None):
         if not visible.any():
           visible = np.ones_like(visible)  # our convention: fully masked rows average everything
         s = (k[b, :, kh].astype(np.float64) @ q[b, t, h].astype(np.float64)) / np.sqrt(Dh)
+        if slopes is not None:
+          s -= slopes[h] * np.abs(q_index[b, t] - kv_index[b])
         s = np.where(visible, s, -np.inf)
         p = np.exp(s - s.max())
         p /= p.sum()
@@ -104,7 +108,7 @@ def test_cudnn_path_masking_conventions_match_xla(window):
   """The cudnn route's mask translation, run through jax.nn's XLA implementation on CPU."""
   q, k, v, seg = _packed(1)
   want = self_attention(q, k, v, segment_ids=seg, sliding_window=window, impl="xla")
-  got = _dot_product_attention(q, k, v, seg, window, None, "xla")
+  got = dot_product_attention(q, k, v, seg, window, None, None, implementation="xla")
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
 
 
@@ -130,3 +134,49 @@ def test_pallas_runs_per_shard_under_a_mesh():
     text = f.lower(q, k, v, seg).as_text()
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
   assert "manual" in text  # shard_map: each device runs the kernel on its own shard
+
+
+def test_alibi_slopes_follow_the_paper():
+  np.testing.assert_allclose(alibi_slopes(8), [2.0 ** -i for i in range(1, 9)])
+  # 6 heads: the 4-head slopes, then every other slope of 8 heads (the paper's rule)
+  np.testing.assert_allclose(alibi_slopes(6), [2.0 ** -i for i in (2, 4, 6, 8, 1, 3)])
+  np.testing.assert_allclose(alibi_slopes(1), [2.0 ** -8])
+
+
+def test_alibi_in_every_path_matches_the_reference():
+  """Full forward (XLA, our flash kernel, the cuDNN route through jax.nn's XLA twin, and the
+  flash kernel per shard on a tensor=2 mesh) and paged decoding (XLA gather, our paged kernel)
+  against the loop reference with -slope * distance on the logits."""
+  from jaxllm.config import MeshConfig
+  from jaxllm.parallel import mesh as mesh_lib
+  H, K = 6, 2
+  q, k, v, seg = _packed(3, H=H, K=K)
+  B, T = q.shape[:2]
+  slopes = jnp.asarray(alibi_slopes(H)) * 4  # steeper than the paper's, so the bias dominates
+  idx = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+  args = [np.asarray(a) for a in (q, k, v)]
+  want = reference(*args, idx, idx, np.asarray(seg), np.asarray(seg), window=9,
+                   slopes=np.asarray(slopes))
+  assert np.abs(want - reference(*args, idx, idx, np.asarray(seg), np.asarray(seg),
+                                 window=9)).max() > 0.1  # ALiBi matters here
+  for impl in ("xla", "pallas"):
+    got = self_attention(q, k, v, segment_ids=seg, sliding_window=9, impl=impl,
+                         alibi_slopes=slopes)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, err_msg=impl)
+  got = dot_product_attention(q, k, v, seg, 9, None, slopes, implementation="xla")
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, err_msg="cudnn route")
+  with jax.set_mesh(mesh_lib.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))):
+    got = jax.jit(lambda *a: self_attention(*a, segment_ids=seg, sliding_window=9,
+                                            impl="pallas", alibi_slopes=slopes))(q, k, v)
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, err_msg="pallas on a mesh")
+  # Paged: the last 3 of each sequence's tokens, K/V in 16-token pages (no segments).
+  want = reference(*args, idx, idx, slopes=np.asarray(slopes))[:, -3:]
+  P, M = 16, -(-T // 16)
+  pages = lambda x: x.reshape(B * M, P, K, -1)
+  kv = [jnp.pad(x, ((0, 0), (0, M * P - T), (0, 0), (0, 0))) for x in (k, v)]
+  table = jnp.arange(B * M, dtype=jnp.int32).reshape(B, M)
+  lengths = jnp.full((B,), T, jnp.int32)
+  for impl in ("xla", "pallas"):
+    got = paged_attention(q[:, -3:], pages(kv[0]), pages(kv[1]), lengths, table, impl=impl,
+                          alibi_slopes=slopes)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, err_msg=f"paged {impl}")

@@ -85,6 +85,24 @@ def test_hf_and_orbax_exports_round_trip(tmp_path):
   assert again.config == cfg
 
 
+def test_alibi_models_export_to_orbax_and_refuse_hf(tmp_path):
+  cfg = tiny_model(vocab_size=40, position_encoding="alibi", n_heads=6, n_kv_heads=3)
+  _, params = _random(cfg, 2)
+  src = tmp_path / "src.gguf"
+  write_llama_gguf(src, tiny_model(vocab_size=40), _random(tiny_model(vocab_size=40), 3)[1])
+  ckpt = convert.Checkpoint(cfg, params, jaxllm.load(src).tokenizer, "test")
+  with pytest.raises(UnsupportedCheckpoint, match="position_encoding=alibi"):
+    convert.export_hf(ckpt, str(tmp_path / "hf"))
+  assert not (tmp_path / "hf").exists()
+  convert.export_orbax(ckpt, str(tmp_path / "orbax"))
+  again = jaxllm.load(tmp_path / "orbax")
+  assert again.config == cfg
+  tokens = [[3, 9, 4, 1, 30, 2, 7]]
+  want = nnx.merge(transformer.abstract_params(cfg)[0], jax.tree.map(jnp.asarray, params))(
+      jnp.asarray(tokens))
+  np.testing.assert_allclose(again.logits(tokens), want, atol=1e-6)
+
+
 def test_orbax_export_restores_onto_a_sharded_mesh(tmp_path):
   from jax.sharding import NamedSharding
   from jaxllm.checkpoint.orbax import Checkpointer

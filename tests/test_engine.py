@@ -200,6 +200,25 @@ def test_bad_requests_are_refused(model):
     engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(num_pages=4, page_size=8))
 
 
+def test_window_pages_are_released_while_decoding(alibi_model):
+  """A 24-token window over 8-token pages: each request holds at most the 4 pages its next
+  query's window can touch (plus the one being filled), however long it runs, and decodes as
+  if alone."""
+  from jaxllm.inference import paging
+  graphdef, weights = alibi_model
+  engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
+      max_slots=4, num_pages=64, page_size=8, prefill_chunk=16))
+  held = []
+  on_token = lambda r, t: held.append(sum(p != paging.RELEASED for p in r.pages))
+  rng = np.random.default_rng(4)
+  requests = [engine.submit(rng.integers(0, 64, 10).tolist(), sampling.SamplingParams(
+      max_tokens=90, seed=i, temperature=0.8), on_token=on_token) for i in range(4)]
+  engine.run_until_idle()
+  _check_equal_alone(alibi_model, requests)
+  assert max(held) <= 5 and engine.stats["window_pages_released"] >= 4 * 8
+  assert _all_pages_back(engine)
+
+
 def _repetitive_prompts(n, seed=0):
   """Prompts that repeat a short motif, so prompt lookup has something to propose."""
   rng = np.random.default_rng(seed)
@@ -207,7 +226,18 @@ def _repetitive_prompts(n, seed=0):
           for _ in range(n)]
 
 
-def test_speculative_engine_greedy_equals_each_request_alone(model):
+@pytest.fixture(scope="module")
+def alibi_model():
+  """ALiBi with 6 heads (slopes of a non-power-of-two head count) and a sliding window."""
+  return transformer.split(transformer.create(tiny_model(
+      n_layers=2, n_heads=6, n_kv_heads=2, init_std=0.4, position_encoding="alibi",
+      sliding_window=24), 3))
+
+
+@pytest.mark.parametrize("which", ["model", "alibi_model"])
+def test_speculative_engine_greedy_equals_each_request_alone(which, request):
+  """Chunked prefill, paged decode and speculative verification in the engine (ALiBi too)."""
+  model = request.getfixturevalue(which)
   graphdef, weights = model
   engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
       max_slots=4, num_pages=64, page_size=8, prefill_chunk=16, speculative_k=4))
@@ -216,6 +246,7 @@ def test_speculative_engine_greedy_equals_each_request_alone(model):
   requests = engine_lib.generate_all(engine, _repetitive_prompts(12), params)
   _check_equal_alone(model, requests)
   assert engine.stats["speculative_accepted"] > 0
+  assert (engine.stats["window_pages_released"] > 0) == (which == "alibi_model")
   assert engine.stats["decode_steps"] < sum(len(r.tokens) for r in requests)
   assert _all_pages_back(engine)
 

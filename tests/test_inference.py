@@ -61,7 +61,9 @@ def _teacher_forced_logits(graphdef, params, prompts, continuation, kind, *, chu
   steps = continuation.shape[1]
   max_len = gen.bucket(max(len(p) for p in prompts) + steps + chunk)
   cache = gen.new_cache(cfg, kind, [len(p) + steps for p in prompts], max_len=max_len,
-                        page_size=page_size)
+                        page_size=page_size, longest_step=chunk)
+  if kind == "contiguous" and cfg.sliding_window:  # a ring of window + chunk - 1 slots, bucketed
+    assert cache.k.shape[2] == gen.bucket(cfg.sliding_window + chunk - 1) < max_len
   last, cache = gen.prefill(graphdef, params, prompts, cache, prefill_chunk=chunk,
                             vocab_size=cfg.vocab_size)
   out = [last]
@@ -84,8 +86,11 @@ def _full_forward_logits(graphdef, params, prompts, continuation):
                    for t in range(steps + 1)])
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(n_kv_heads=1), dict(sliding_window=5)],
-                         ids=["gqa2", "mqa", "window5"])
+@pytest.mark.parametrize("overrides", [
+    {}, dict(n_kv_heads=1), dict(sliding_window=5),
+    dict(position_encoding="alibi", n_heads=6, n_kv_heads=2, sliding_window=9),
+    dict(rope_scaling="yarn", rope_scaling_factor=4.0, rope_original_max_len=8)],
+    ids=["gqa2", "mqa", "window5", "alibi_window9", "yarn"])
 def test_cache_layouts_equal_the_full_forward_at_every_step(overrides):
   cfg = tiny_model(init_std=0.3, **overrides)
   graphdef, params = transformer.split(transformer.create(cfg, 1))
@@ -98,10 +103,12 @@ def test_cache_layouts_equal_the_full_forward_at_every_step(overrides):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=kind)
 
 
-def test_paged_cache_through_the_pallas_kernel():
+@pytest.mark.parametrize("position_encoding", ["rope", "alibi"])
+def test_paged_cache_through_the_pallas_kernel(position_encoding):
   """attention_impl=pallas sends the paged cache through our kernel (interpreted on CPU),
   which reads each layer's pages from the flattened `[L * N, ...]` pool."""
-  cfg = tiny_model(head_dim=64, n_heads=2, n_kv_heads=1, init_std=0.3, attention_impl="pallas")
+  cfg = tiny_model(head_dim=64, n_heads=2, n_kv_heads=1, init_std=0.3, attention_impl="pallas",
+                   position_encoding=position_encoding)
   graphdef, params = transformer.split(transformer.create(cfg, 4))
   xla_graphdef, _ = transformer.abstract_params(dataclasses.replace(cfg, attention_impl="xla"))
   rng = np.random.default_rng(2)

@@ -25,6 +25,10 @@ CASES = {
     "chunk_int8_Dh256": (1, 5, 2, 1, 256, 16, 8, 4, [41], {"int8": True}),
     # 70 tokens x 4 query heads per KV head = 280 rows: two TPU row blocks, the last one ragged.
     "prefill_row_blocks": (1, 70, 8, 2, 64, 16, 8, 6, [90], {}),
+    # ALiBi: per-head slopes on the rows of each KV head's group, decode and a two-block chunk.
+    "decode_alibi_gqa3": (3, 0, 6, 2, 64, 16, 20, 6, [1, 37, 96], {"alibi": True}),
+    "prefill_alibi_window_int8": (1, 70, 8, 2, 64, 16, 8, 6, [90],
+                                  {"alibi": True, "sliding_window": 40, "int8": True}),
 }
 
 
@@ -32,7 +36,9 @@ def _inputs(case, dtype=jnp.float32, seed=0):
   B, T, H, K, Dh, P, N, M, lengths, extra = case
   rng = np.random.default_rng(seed)
   q = jnp.asarray(rng.standard_normal((B, T, H, Dh) if T else (B, H, Dh)), dtype)
-  kw = {k: v for k, v in extra.items() if k != "int8"}
+  kw = {k: v for k, v in extra.items() if k not in ("int8", "alibi")}
+  if extra.get("alibi"):
+    kw["alibi_slopes"] = jnp.asarray(rng.uniform(0.01, 0.5, H), jnp.float32)
   if extra.get("int8"):
     k_pages, v_pages = (jnp.asarray(rng.integers(-127, 128, (N, P, K, Dh)), jnp.int8)
                         for _ in range(2))
@@ -81,7 +87,7 @@ def test_agrees_with_flash_attention_on_contiguous_keys():
     assert float(jnp.abs(got[b:b + 1] - want).max()) <= 2e-5
 
 
-def _step_program(backend, dtype, T, H, K, Dh, int8):
+def _step_program(backend, dtype, T, H, K, Dh, int8, alibi=False):
   """(the kernel as a function of its inputs, their abstract values): T = 0 is a decode step."""
   B, N, P, M = 4, 64, 16, 8
   S = jax.ShapeDtypeStruct
@@ -90,34 +96,39 @@ def _step_program(backend, dtype, T, H, K, Dh, int8):
   args = [q, pages, pages, S((B,), jnp.int32), S((B, M), jnp.int32)]
   if int8:
     args += [S((N, P, K), jnp.float32)] * 2
+  if alibi:
+    args += [S((H,), jnp.float32)]
 
-  def f(q, k, v, lengths, table, *scales):
-    kw = dict(k_scales=scales[0], v_scales=scales[1]) if scales else {}
+  def f(q, k, v, lengths, table, *extra):
+    kw = dict(k_scales=extra[0], v_scales=extra[1]) if int8 else {}
+    if alibi:
+      kw["alibi_slopes"] = extra[-1]
     return pk.paged_attention(q, k, v, lengths, table, backend=backend, **kw)
 
   return f, args
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
-@pytest.mark.parametrize("dtype, T, Dh, int8", [
-    (jnp.bfloat16, 0, 128, False), (jnp.float32, 4, 64, False), (jnp.bfloat16, 0, 64, True),
-    (jnp.bfloat16, 3, 256, False)])
-def test_lowers_for_real_hardware(backend, dtype, T, Dh, int8):
-  f, args = _step_program(backend, dtype, T, 8, 2, Dh, int8)
+@pytest.mark.parametrize("dtype, T, Dh, int8, alibi", [
+    (jnp.bfloat16, 0, 128, False, False), (jnp.float32, 4, 64, False, True),
+    (jnp.bfloat16, 0, 64, True, False), (jnp.bfloat16, 3, 256, False, False)])
+def test_lowers_for_real_hardware(backend, dtype, T, Dh, int8, alibi):
+  f, args = _step_program(backend, dtype, T, 8, 2, Dh, int8, alibi)
   text = backends.lower_for(backend, f, *args)
   assert ("__gpu$xla.gpu.triton" if backend == "gpu" else "tpu_custom_call") in text
 
 
 @pytest.mark.skipif(not backends.libtpu_available(),
                     reason="needs libtpu (pip install 'jaxllm[tpu]'); CI installs it")
-@pytest.mark.parametrize("dtype, T, H, K, Dh, int8", [
-    (jnp.bfloat16, 0, 8, 2, 128, False), (jnp.float32, 4, 8, 2, 64, False),
-    (jnp.bfloat16, 0, 8, 2, 64, True),
-    (jnp.bfloat16, 512, 32, 8, 128, False)])  # Llama-3-8B's heads, a 512-token prefill chunk
-def test_compiles_for_tpu(dtype, T, H, K, Dh, int8):
+@pytest.mark.parametrize("dtype, T, H, K, Dh, int8, alibi", [
+    (jnp.bfloat16, 0, 8, 2, 128, False, False), (jnp.float32, 4, 8, 2, 64, False, True),
+    (jnp.bfloat16, 0, 8, 2, 64, True, False),
+    # Llama-3-8B's heads, a 512-token prefill chunk (ALiBi: its slopes ride with each row block)
+    (jnp.bfloat16, 512, 32, 8, 128, False, True)])
+def test_compiles_for_tpu(dtype, T, H, K, Dh, int8, alibi):
   """Decode, verify and prefill-chunk steps compiled by libtpu (Mosaic included, so its VMEM
-  budget is checked), bf16/fp32 and int8 pages."""
-  f, args = _step_program("tpu", dtype, T, H, K, Dh, int8)
+  budget is checked), bf16/fp32, int8 pages and ALiBi slopes."""
+  f, args = _step_program("tpu", dtype, T, H, K, Dh, int8, alibi)
   assert "tpu_custom_call" in backends.compile_for_tpu(f, *args)
 
 

@@ -158,9 +158,11 @@ def test_bf16_pipeline_trains_like_bf16_single_device():
   np.testing.assert_allclose(run(dict(stage=2), 2), run({}, 1), rtol=1e-3)
 
 
-def test_pallas_attention_under_a_mesh_trains_like_single_device_xla():
-  """The flash kernel is wrapped in shard_map per batch / head shard (inside the pipeline too)."""
-  model = dict(MODEL, n_heads=4, n_kv_heads=2, head_dim=64)
+@pytest.mark.parametrize("position_encoding", ["rope", "alibi"])
+def test_pallas_attention_under_a_mesh_trains_like_single_device_xla(position_encoding):
+  """The flash kernel is wrapped in shard_map per batch / head shard (inside the pipeline too;
+  ALiBi's slopes split with the heads)."""
+  model = dict(MODEL, n_heads=4, n_kv_heads=2, head_dim=64, position_encoding=position_encoding)
 
   def run(mesh, n, impl):
     cfg = tiny_experiment(model=dict(model, attention_impl=impl),

@@ -63,6 +63,22 @@ def test_greedy_speculation_reproduces_greedy_decoding(target):
   assert all(0.1 < rates["noisy_copy", k] < 0.95 for k in range(1, 9)), rates
 
 
+def test_windowed_models_speculate_through_ring_caches():
+  """A sliding-window target and draft keep ring-buffer caches of window + k slots; rejected
+  proposals overwrite the oldest slots and must not cost the window a key. Against paged
+  greedy decoding (no ring). Window 8 and k = 8: exactly 16 slots, no slack from bucketing."""
+  graphdef, params = transformer.split(transformer.create(
+      tiny_model(n_layers=2, init_std=0.4, sliding_window=8), 3))
+  requests = [sampling.SamplingParams(max_tokens=m) for m in (12, 20, 7)]
+  want = gen.generate_requests(graphdef, params, PROMPTS, requests, cache="paged")
+  draft = spec.model_draft(graphdef, _noisy_copy(params, 0.005))
+  for k in (3, 8):
+    got, st = spec.speculative_generate(graphdef, params, PROMPTS, requests, draft, k=k,
+                                        cache="contiguous")
+    assert [g.tokens for g in got] == [w.tokens for w in want], k
+    assert 0 < st.acceptance_rate < 1
+
+
 def test_stop_tokens_and_max_tokens_cut_speculative_output(target):
   graphdef, params = target
   free = gen.generate_requests(graphdef, params, PROMPTS[1:2],

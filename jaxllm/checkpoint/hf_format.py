@@ -1,15 +1,18 @@
 """Hugging Face model directories: config.json + *.safetensors (+ tokenizer files).
 
-Reads Llama, Mistral, Mixtral, Qwen2-MoE and Qwen3-MoE configs (GQA, RoPE theta and scaling,
-sliding window, tied embeddings, experts, shared experts, q/k/v biases, q/k norms), single-file
-or sharded safetensors (any float dtype, converted to float32), and writes directories that
-`transformers.AutoModelForCausalLM.from_pretrained` loads.
+Reads Llama, Mistral, Mixtral, Qwen2-MoE and Qwen3-MoE configs (GQA, RoPE theta, sliding
+window, tied embeddings, experts, shared experts, q/k/v biases, q/k norms, and the RoPE scalings
+linear, llama3, dynamic NTK and YaRN), single-file or sharded safetensors (any float dtype,
+converted to float32), and writes directories that
+`transformers.AutoModelForCausalLM.from_pretrained` loads (static NTK written as the plain RoPE
+theta it amounts to; ALiBi models refused: no Llama-family checkpoint has ALiBi).
 """
 
 from __future__ import annotations
 
 import collections.abc
 import json
+import math
 import os
 from typing import Any
 
@@ -17,6 +20,7 @@ import numpy as np
 
 from jaxllm.checkpoint.errors import UnsupportedCheckpoint
 from jaxllm.config import ModelConfig
+from jaxllm.model import positions
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2_moe", "qwen3_moe")
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -62,9 +66,18 @@ def model_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
                    rope_low_freq_factor=float(rope["low_freq_factor"]),
                    rope_high_freq_factor=float(rope["high_freq_factor"]),
                    rope_original_max_len=int(rope["original_max_position_embeddings"]))
+  elif kind == "dynamic":
+    # Hugging Face grows dynamic NTK from max_position_embeddings; ours from
+    # rope_original_max_len, leaving max_seq_len for the extended context.
+    original = int(hf.get("max_position_embeddings", 2048))
+    scaling = dict(rope_scaling="dynamic", rope_scaling_factor=float(rope["factor"]),
+                   rope_original_max_len=original,
+                   max_seq_len=int(original * float(rope["factor"])))
+  elif kind == "yarn":
+    scaling = _yarn_config(hf, rope)
   elif kind != "default":
     raise UnsupportedCheckpoint(f"{where}: rope scaling {kind!r} is not supported "
-                                "(supported: linear, llama3)")
+                                "(supported: linear, llama3, dynamic, yarn)")
   n_heads = int(hf["num_attention_heads"])
   d_model = int(hf["hidden_size"])
   window = 0
@@ -74,16 +87,38 @@ def model_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
     raise UnsupportedCheckpoint(f"{where}: Qwen's per-layer sliding windows "
                                 "(use_sliding_window) are not supported")
   moe = _moe_config(hf, model_type, where) if model_type in MOE_MODEL_TYPES else {}
+  scaling.setdefault("max_seq_len", int(hf.get("max_position_embeddings", 2048)))
   return ModelConfig(
       vocab_size=int(hf["vocab_size"]), d_model=d_model, n_layers=int(hf["num_hidden_layers"]),
       n_heads=n_heads, n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
       head_dim=int(hf.get("head_dim") or d_model // n_heads),
       d_ff=int(hf["intermediate_size"]),
-      max_seq_len=int(hf.get("max_position_embeddings", 2048)),
       rope_theta=float(rope.get("rope_theta", 10_000.0)),
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       sliding_window=window, dtype="float32", **scaling, **moe)
+
+
+def _yarn_config(hf: dict[str, Any], rope: dict[str, Any]) -> dict[str, Any]:
+  """ModelConfig keys of a YaRN `rope_scaling`; the attention factor is resolved here as
+  transformers does (explicit, else from mscale / mscale_all_dim, else from the factor)."""
+  max_pos = int(hf.get("max_position_embeddings", 2048))
+  original = int(rope.get("original_max_position_embeddings") or max_pos)
+  factor = float(rope.get("factor") or max_pos / original)
+
+  def mscale(scale, m=1.0):
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+  attention_factor = rope.get("attention_factor")
+  if attention_factor is None:
+    m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+    attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(
+        factor)
+  return dict(rope_scaling="yarn", rope_scaling_factor=factor, rope_original_max_len=original,
+              rope_yarn_beta_fast=float(rope.get("beta_fast") or 32),
+              rope_yarn_beta_slow=float(rope.get("beta_slow") or 1),
+              rope_yarn_truncate=bool(rope.get("truncate", True)),
+              rope_attention_factor=float(attention_factor))
 
 
 def _moe_config(hf: dict[str, Any], model_type: str, where: str) -> dict[str, Any]:
@@ -124,6 +159,8 @@ def model_type_for(cfg: ModelConfig) -> str:
   def refuse(why):
     raise UnsupportedCheckpoint(f"no Hugging Face architecture holds this model: {why} "
                                 "(export --format=orbax instead)")
+  if cfg.position_encoding != "rope":
+    refuse(f"position_encoding={cfg.position_encoding} (the Llama family's are RoPE)")
   if not cfg.n_experts:
     if cfg.qkv_bias or cfg.qk_norm:
       refuse("q/k/v biases or q/k norms on a dense model")
@@ -186,7 +223,21 @@ def hf_config(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None) -> di
       out.update(shared_expert_intermediate_size=cfg.n_shared_experts * F, qkv_bias=True)
     else:
       out.update(attention_bias=cfg.qkv_bias)
-  if cfg.rope_scaling == "linear":
+  if cfg.rope_scaling == "ntk":  # static NTK is plain RoPE with a larger theta
+    out["rope_theta"] = positions.ntk_theta(cfg.rope_theta, cfg.rope_scaling_factor,
+                                           cfg.head_dim)
+  elif cfg.rope_scaling == "dynamic":
+    out["rope_scaling"] = {"rope_type": "dynamic", "factor": cfg.rope_scaling_factor}
+    out["max_position_embeddings"] = cfg.rope_original_max_len
+  elif cfg.rope_scaling == "yarn":
+    out["rope_scaling"] = {
+        "rope_type": "yarn", "factor": cfg.rope_scaling_factor,
+        "original_max_position_embeddings": cfg.rope_original_max_len,
+        "beta_fast": cfg.rope_yarn_beta_fast, "beta_slow": cfg.rope_yarn_beta_slow,
+        "attention_factor": positions.yarn_attention_factor(cfg)}
+    if not cfg.rope_yarn_truncate:
+      out["rope_scaling"]["truncate"] = False
+  elif cfg.rope_scaling == "linear":
     out["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_scaling_factor}
   elif cfg.rope_scaling == "llama3":
     out["rope_scaling"] = {

@@ -154,6 +154,12 @@ class Engine:
     self._k = placement.zeros_on(self.mesh, shape, config.cache_dtype, paged=True)
     self._v = placement.zeros_on(self.mesh, shape, config.cache_dtype, paged=True)
     self._draft, self._dk, self._dv = self._draft_pool(draft)
+    # The attention window pages are released behind (0: none). A model draft reads the same
+    # columns of its own pool, so only what both models' windows have passed goes.
+    windows = [cfg.sliding_window]
+    if self._draft is not None:
+      windows.append(gen.model_config(self._draft.graphdef, self._draft.params).sliding_window)
+    self._window = 0 if 0 in windows else max(windows)
     self._logits = jnp.zeros((B, V), jnp.float32)
     self._counts = jnp.zeros((B, V), jnp.int32)
     self._prompt_mask = np.zeros((B, V), bool)
@@ -264,8 +270,10 @@ class Engine:
   def kv_utilisation(self) -> float:
     """Tokens the running requests keep in the cache (prompt and output so far, whether or not
     prefill has reached them yet) / capacity of the pages they hold."""
-    held = {p for s in self._slots if s is not None for p in s.pages}
-    tokens = sum(min(len(s.sequence) + s.inflight, len(s.pages) * self.config.page_size)
+    P = self.config.page_size
+    held = {p for s in self._slots if s is not None for p in s.pages if p != paging.RELEASED}
+    released = lambda s: sum(p == paging.RELEASED for p in s.pages) * P
+    tokens = sum(min(len(s.sequence) + s.inflight, len(s.pages) * P) - released(s)
                  for s in self._slots if s is not None)
     return tokens / max(len(held) * self.config.page_size, 1)
 
@@ -329,8 +337,28 @@ class Engine:
   # ---- scheduling -------------------------------------------------------------------------
 
   def _free_pages(self, request: Request) -> None:
-    self.allocator.release(request.pages)
+    self.allocator.release([p for p in request.pages if p != paging.RELEASED])
     request.pages = []
+
+  def _release_out_of_window(self) -> None:
+    """A sliding-window model's decoding requests give back the pages no later query can see:
+    every slot of page i is below the next token's window once (i + 1) * P <= n - W + 1, for n
+    tokens cached (a speculative rollback never goes below n). The page-table entries stay, as
+    RELEASED, so positions keep their columns; attention never reads them (the kernels start at
+    the window's first page, the XLA path masks them). Prefill keeps its pages until the prompt
+    is done (so the prefix cache can register them)."""
+    W, P = self._window, self.config.page_size
+    if not W:
+      return
+    for r in self._slots:
+      if r is None or r.prefilled < len(r.sequence):
+        continue
+      dead = min(max(r.prefilled - W + 1, 0) // P, len(r.pages))
+      gone = [p for p in r.pages[:dead] if p != paging.RELEASED]
+      if gone:
+        self.allocator.release(gone)
+        r.pages[:dead] = [paging.RELEASED] * dead
+        self.stats["window_pages_released"] += len(gone)
 
   def _finish(self, request: Request, reason: str) -> None:
     request.finish_reason = reason
@@ -480,13 +508,14 @@ class Engine:
     active = np.zeros((B,), bool)
     steps = np.zeros((B,), np.int32)
     for r in ready:
-      table[r.slot, :len(r.pages)] = r.pages
+      table[r.slot, :len(r.pages)] = np.maximum(r.pages, 0)  # RELEASED entries: any page
       lengths[r.slot] = r.prefilled
       active[r.slot] = True
       steps[r.slot] = len(r.tokens) + r.inflight
     return table, lengths, active, steps
 
   def _decode_step(self) -> None:
+    self._release_out_of_window()
     ready = self._grow_pages()
     self._refresh_arrays()
     if self.config.speculative_k:

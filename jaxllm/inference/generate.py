@@ -64,15 +64,21 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 def new_cache(cfg, kind: str, lengths_needed: Sequence[int], *, max_len: int,
-              page_size: int = 16, dtype=jnp.float32, mesh=None):
+              page_size: int = 16, dtype=jnp.float32, mesh=None, longest_step: int | None = None):
   """An empty cache for len(lengths_needed) sequences of up to `max_len` tokens, created in its
   shards on `mesh` when given (split over KV heads, `placement.cache_sharding`).
+
+  Contiguous, for a sliding-window model: a ring buffer of only the slots the window needs when
+  steps add up to `longest_step` tokens (`kv_cache.ring_len`, rounded up to a power of two), when
+  that is shorter than `max_len`.
 
   Paged: sequence b gets pages for lengths_needed[b] tokens from a `PageAllocator`, allocated a
   page at a time round-robin so no sequence's pages are adjacent (the table is exercised).
   """
   B = len(lengths_needed)
   if kind == "contiguous":
+    if cfg.sliding_window and longest_step is not None:
+      max_len = min(max_len, bucket(kv_cache.ring_len(cfg.sliding_window, longest_step)))
     shape = (cfg.n_layers, B, max_len, cfg.n_kv_heads, cfg.head_dim)
     return kv_cache.KVCache(placement.zeros_on(mesh, shape, dtype, paged=False),
                             placement.zeros_on(mesh, shape, dtype, paged=False),
@@ -240,7 +246,7 @@ def _generate_requests(graphdef, params, prompts, sampling_params, *, eos_id, ma
   S = bucket(padded + max_new)
   needed = [len(p) + sp.max_tokens for p, sp in zip(prompts, sampling_params)]
   kv = new_cache(cfg, cache, needed, max_len=S, page_size=page_size, dtype=cache_dtype,
-                 mesh=mesh)
+                 mesh=mesh, longest_step=chunk)
   last, kv = prefill(graphdef, params, prompts, kv, prefill_chunk=prefill_chunk,
                      vocab_size=cfg.vocab_size)
   penalties = any(sp.uses_penalties for sp in sampling_params)

@@ -63,11 +63,16 @@ def pages_for(num_tokens: int, page_size: int) -> int:
   return -(-num_tokens // page_size)
 
 
+# A page-list entry whose page was given back (it fell out of a sliding window): its slots are
+# never read again, so the table may name any page there.
+RELEASED = -1
+
+
 def page_table_array(page_lists: Sequence[Sequence[int]], max_pages: int) -> np.ndarray:
-  """`[B, max_pages]` int32 from each sequence's page list (unused entries 0)."""
+  """`[B, max_pages]` int32 from each sequence's page list (unused and RELEASED entries 0)."""
   table = np.zeros((len(page_lists), max_pages), np.int32)
   for b, pages in enumerate(page_lists):
     if len(pages) > max_pages:
       raise ValueError(f"sequence {b} holds {len(pages)} pages, the table has {max_pages}")
-    table[b, :len(pages)] = pages
+    table[b, :len(pages)] = np.maximum(np.asarray(pages, np.int64), 0)
   return table

@@ -315,8 +315,9 @@ def _speculative_generate(graphdef, params, prompts, sampling_params, draft, *, 
   max_new = max(sp.max_tokens for sp in sampling_params)
   S = gen.bucket(padded + max_new + k + 1)
   needed = [len(p) + sp.max_tokens + k + 1 for p, sp in zip(prompts, sampling_params)]
+  step = max(chunk, k + 1)  # prefill chunks; k proposals verified with the last token
   t_cache = gen.new_cache(cfg, cache, needed, max_len=S, page_size=page_size, dtype=cache_dtype,
-                          mesh=mesh)
+                          mesh=mesh, longest_step=step)
   first, t_cache = gen.prefill(graphdef, params, prompts, t_cache, prefill_chunk=prefill_chunk,
                                vocab_size=cfg.vocab_size)
   if draft.kind == "ngram":
@@ -329,7 +330,7 @@ def _speculative_generate(graphdef, params, prompts, sampling_params, draft, *, 
       raise ValueError(f"draft vocabulary {d_cfg.vocab_size} differs from the target's "
                        f"{cfg.vocab_size}: the draft needs the target's tokenizer")
     d_cache = gen.new_cache(d_cfg, cache, needed, max_len=S, page_size=page_size,
-                            dtype=cache_dtype, mesh=mesh)
+                            dtype=cache_dtype, mesh=mesh, longest_step=step)
     _, d_cache = gen.prefill(d_graphdef, d_params, prompts, d_cache,
                              prefill_chunk=prefill_chunk, vocab_size=cfg.vocab_size)
   hist, lengths = gen.pad_prompts(prompts, 1)

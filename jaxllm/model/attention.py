@@ -1,4 +1,5 @@
-"""Attention block: Q/K/V projections, RoPE, optional cache update, output projection.
+"""Attention block: Q/K/V projections, RoPE (or ALiBi slopes), optional cache update, output
+projection.
 
 Shapes: x `[B, T, D]`; q `[B, T, H, Dh]`; k, v `[B, T, K, Dh]`; per-layer cache `[B, S, K, Dh]`.
 """
@@ -13,7 +14,7 @@ from flax import nnx
 from jaxllm.config import ModelConfig
 from jaxllm.model import cache as kv_cache
 from jaxllm.model.layers import RMSNorm, param
-from jaxllm.model.positions import apply_rope, scaled_inverse_frequencies
+from jaxllm.model.positions import Rope, alibi_slopes
 from jaxllm.ops import attention as attention_ops
 from jaxllm.ops.quant_matmul import project
 
@@ -35,12 +36,21 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       self.q_norm = RMSNorm(Dh, cfg.norm_eps, pd, "head_dim")
       self.k_norm = RMSNorm(Dh, cfg.norm_eps, pd, "head_dim")
-    # A tuple, not an array: module attributes that are arrays would become graph state.
-    self.inv_freq = tuple(float(f) for f in scaled_inverse_frequencies(cfg))
+    # Hashable host constants, not arrays: module attributes that are arrays would become graph
+    # state.
+    if cfg.position_encoding == "alibi":
+      self.rope, self.slopes = None, tuple(float(m) for m in alibi_slopes(H))
+    else:
+      self.rope, self.slopes = Rope.from_config(cfg), None
     self.sliding_window = cfg.sliding_window or None
     self.impl = cfg.attention_impl
 
-  def _project(self, x_BTD, positions_BT):
+  @property
+  def alibi_slopes(self) -> jax.Array | None:
+    """`[H]` float32 ALiBi slopes, or None for a RoPE model."""
+    return None if self.slopes is None else jnp.asarray(np.asarray(self.slopes, np.float32))
+
+  def _project(self, x_BTD, positions_BT, seq_len_B):
     q = project(x_BTD, self.q[...])  # [B, T, H, Dh]
     k = project(x_BTD, self.k[...])  # [B, T, K, Dh]
     v = project(x_BTD, self.v[...])
@@ -50,8 +60,10 @@ class Attention(nnx.Module):
       v = v + self.v_bias[...].astype(v.dtype)[None, None]
     if hasattr(self, "q_norm"):
       q, k = self.q_norm(q), self.k_norm(k)
-    inv_freq = np.asarray(self.inv_freq, np.float32)
-    return apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq), v
+    if self.rope is None:
+      return q, k, v
+    rotate = lambda x: self.rope.apply(x, positions_BT, seq_len_B)
+    return rotate(q), rotate(k), v
 
   def out_projection(self, attn_BTHDh):
     """`[B, T, H, Dh]` attention outputs -> `[B, T, D]`."""
@@ -60,9 +72,10 @@ class Attention(nnx.Module):
   def attend(self, x_BTD: jax.Array, positions_BT: jax.Array,
              segment_ids_BT: jax.Array | None) -> jax.Array:
     """Self-attention before the output projection, `[B, T, H, Dh]`."""
-    q, k, v = self._project(x_BTD, positions_BT)
+    q, k, v = self._project(x_BTD, positions_BT, jnp.max(positions_BT, axis=1) + 1)
     return attention_ops.self_attention(q, k, v, segment_ids=segment_ids_BT,
-                                        sliding_window=self.sliding_window, impl=self.impl)
+                                        sliding_window=self.sliding_window, impl=self.impl,
+                                        alibi_slopes=self.alibi_slopes)
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
                segment_ids_BT: jax.Array | None) -> jax.Array:
@@ -81,7 +94,8 @@ class Attention(nnx.Module):
     """
     B, T, _ = x_BTD.shape
     q_index_BT = lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-    q, k, v = self._project(x_BTD, q_index_BT)
+    seq_len_B = lengths_B + (T if num_new_B is None else num_new_B)
+    q, k, v = self._project(x_BTD, q_index_BT, seq_len_B)
     if page_table_BM is not None:
       cache_k = kv_cache.write_paged(cache_k, layer, k, page_table_BM, lengths_B, num_new_B)
       cache_v = kv_cache.write_paged(cache_v, layer, v, page_table_BM, lengths_B, num_new_B)
@@ -96,14 +110,21 @@ class Attention(nnx.Module):
       out = attention_ops.paged_attention(q, k_pages, v_pages, lengths_B + T,
                                           page_table_BM + layer * N,
                                           sliding_window=self.sliding_window, impl=self.impl,
-                                          **scales)
+                                          alibi_slopes=self.alibi_slopes, **scales)
       return self.out_projection(out), cache_k, cache_v
     S = cache_k.shape[2]
-    cache_k = kv_cache.write(cache_k, layer, k, lengths_B, num_new_B)
-    cache_v = kv_cache.write(cache_v, layer, v, lengths_B, num_new_B)
-    kv_index_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    # A windowed model's contiguous cache is a ring (a cache as long as the sequence is one
+    # that never wraps); masking then goes by the position each slot holds.
+    ring = self.sliding_window is not None
+    cache_k = kv_cache.write(cache_k, layer, k, lengths_B, num_new_B, ring=ring)
+    cache_v = kv_cache.write(cache_v, layer, v, lengths_B, num_new_B, ring=ring)
+    if ring:
+      kv_index_BS = kv_cache.ring_positions(lengths_B + T, S)
+    else:
+      kv_index_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     out = attention_ops.attention(q, kv_cache.read(cache_k, layer, q.dtype),
                                   kv_cache.read(cache_v, layer, q.dtype),
                                   q_index=q_index_BT, kv_index=kv_index_BS,
-                                  sliding_window=self.sliding_window)
+                                  sliding_window=self.sliding_window,
+                                  alibi_slopes=self.alibi_slopes)
     return self.out_projection(out), cache_k, cache_v

@@ -18,6 +18,11 @@ in either layout; `read` and the paged attention kernels dequantize.
 
 Rolling back (speculative decoding) is setting `lengths` lower: slots past the length are
 overwritten before any query can see them, because attention masks by slot index.
+
+Ring buffers (sliding-window models, contiguous layout): token p lives in slot p % S, so a cache
+of `ring_len(window, T)` slots serves any length; `ring_positions` says which token each slot
+holds. A step of T tokens overwrites the T oldest slots, so S >= window + T - 1 keeps every key
+the step's first query still sees (rolling back k speculated tokens likewise needs T = k + 1).
 """
 
 from __future__ import annotations
@@ -131,14 +136,35 @@ def with_lengths(cache, lengths_B: jax.Array):
   return cache._replace(lengths=lengths_B.astype(jnp.int32))
 
 
+def ring_len(window: int, longest_step: int) -> int:
+  """Slots a ring-buffer cache needs for a `window`-token attention window when a step adds up
+  to `longest_step` tokens."""
+  return window + longest_step - 1
+
+
+# The position of a slot that holds no token yet: past every query, so causal masking hides it.
+EMPTY_POSITION = 2 ** 30
+
+
+def ring_positions(ends_B: jax.Array, S: int) -> jax.Array:
+  """`[B, S]` int32: the token position each ring slot holds once sequence b has `ends_B[b]`
+  tokens written (the newest p < end with p % S == slot), EMPTY_POSITION where none is."""
+  slot_S = jnp.arange(S, dtype=jnp.int32)
+  last_BS = ends_B[:, None] - 1 - slot_S[None, :]
+  pos_BS = slot_S[None, :] + S * jnp.floor_divide(last_BS, S)
+  return jnp.where(pos_BS >= 0, pos_BS, EMPTY_POSITION).astype(jnp.int32)
+
+
 def _valid_BT(B: int, T: int, num_new_B: jax.Array | None) -> jax.Array:
   t = jnp.arange(T, dtype=jnp.int32)[None, :]
   return jnp.ones((B, T), bool) if num_new_B is None else t < num_new_B[:, None]
 
 
 def write(cache_LBSKDh: jax.Array | Int8KV, layer: jax.Array | int, new_BTKDh: jax.Array,
-          starts_B: jax.Array, num_new_B: jax.Array | None = None) -> jax.Array:
-  """Stores new_BTKDh[b, t] at layer `layer`, slot starts_B[b] + t, for t < num_new_B[b].
+          starts_B: jax.Array, num_new_B: jax.Array | None = None, *,
+          ring: bool = False) -> jax.Array:
+  """Stores new_BTKDh[b, t] at layer `layer`, slot starts_B[b] + t (modulo S for a `ring`),
+  for t < num_new_B[b].
 
   Tokens past num_new (right padding) and slots past the end are dropped, never clamped onto
   valid slots.
@@ -146,6 +172,8 @@ def write(cache_LBSKDh: jax.Array | Int8KV, layer: jax.Array | int, new_BTKDh: j
   B, T = new_BTKDh.shape[:2]
   S = cache_LBSKDh.shape[2]
   slot_BT = starts_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+  if ring:
+    slot_BT = slot_BT % S
   slot_BT = jnp.where(_valid_BT(B, T, num_new_B), slot_BT, S)
   batch_BT = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
   return _set(cache_LBSKDh, (layer, batch_BT, slot_BT), new_BTKDh)

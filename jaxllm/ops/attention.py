@@ -9,6 +9,8 @@ query t of sequence b sits at index `q_index[b, t]` and may see key s iff
 non-padding segment. In training q_index = kv_index = arange(T); with a cache, q_index is the
 slot the query's own K/V was written to and kv_index = arange(max_len). With
 `sliding_window=W` a query also needs `kv_index > q_index - W` (it sees W keys, itself included).
+With `alibi_slopes` `[H]` (ALiBi) head h's logits get `-slope[h] * (q_index - kv_index)`:
+distances are token indices too, so cached decoding sees the same bias as the full forward.
 
 Three entry points: `self_attention` (training, full forward: the T tokens attend to
 themselves) picks an implementation by `impl`; `attention` (extending a contiguous KV cache) is
@@ -39,7 +41,8 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_index: jax.Array,
               kv_index: jax.Array, q_segment_ids: jax.Array | None = None,
               kv_segment_ids: jax.Array | None = None, sliding_window: int | None = None,
-              impl: str = "xla", sm_scale: float | None = None) -> jax.Array:
+              impl: str = "xla", sm_scale: float | None = None,
+              alibi_slopes: jax.Array | None = None) -> jax.Array:
   """Causal multi-head attention by token index (XLA); returns `[B, T, H, Dh]` in q's dtype.
 
   q_index `[B, T]`, kv_index `[B, S]` int32; segment ids `[B, T]` / `[B, S]` int32 (0 = padding).
@@ -57,6 +60,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_index: jax.Array,
   q_BTKGDh = q.reshape(B, T, K, H // K, Dh)
   scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGDh, k,
                       preferred_element_type=jnp.float32) * scale
+  if alibi_slopes is not None:
+    distance_BTS = jnp.abs(q_index[:, :, None] - kv_index[:, None, :]).astype(jnp.float32)
+    slopes_KG = jnp.asarray(alibi_slopes, jnp.float32).reshape(K, H // K)
+    scores = scores - slopes_KG[None, :, :, None, None] * distance_BTS[:, None, None]
   mask_BTS = kv_index[:, None, :] <= q_index[:, :, None]
   if sliding_window is not None:
     mask_BTS &= kv_index[:, None, :] > q_index[:, :, None] - sliding_window
@@ -82,29 +89,34 @@ def resolve_impl(impl: str, head_dim: int, platform: str | None = None) -> str:
 
 def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                    segment_ids: jax.Array | None = None, sliding_window: int | None = None,
-                   impl: str = "auto", sm_scale: float | None = None) -> jax.Array:
+                   impl: str = "auto", sm_scale: float | None = None,
+                   alibi_slopes: jax.Array | None = None) -> jax.Array:
   """Causal self-attention of T packed tokens: q `[B, T, H, Dh]`, k/v `[B, T, K, Dh]`.
 
-  segment_ids `[B, T]` int32 (0 = padding) keep packed documents apart. Returns q's shape/dtype.
+  segment_ids `[B, T]` int32 (0 = padding) keep packed documents apart; alibi_slopes `[H]`
+  float32 add ALiBi's distance penalty. Returns q's shape/dtype.
   """
   B, T = q.shape[:2]
   impl = resolve_impl(impl, q.shape[-1])
   if impl == "pallas":
-    return _pallas_self_attention(q, k, v, segment_ids, sliding_window, sm_scale)
+    return _pallas_self_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi_slopes)
   if impl == "cudnn":
-    return _dot_product_attention(q, k, v, segment_ids, sliding_window, sm_scale, "cudnn")
+    return dot_product_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi_slopes,
+                                 implementation="cudnn")
   index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   return attention(q, k, v, q_index=index_BT, kv_index=index_BT, q_segment_ids=segment_ids,
-                   kv_segment_ids=segment_ids, sliding_window=sliding_window, sm_scale=sm_scale)
+                   kv_segment_ids=segment_ids, sliding_window=sliding_window, sm_scale=sm_scale,
+                   alibi_slopes=alibi_slopes)
 
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, lengths: jax.Array,
                     page_table: jax.Array, *, sliding_window: int | None = None,
                     impl: str = "auto", k_scales: jax.Array | None = None,
-                    v_scales: jax.Array | None = None) -> jax.Array:
+                    v_scales: jax.Array | None = None,
+                    alibi_slopes: jax.Array | None = None) -> jax.Array:
   """q `[B, T, H, Dh]`: the last T of each sequence's `lengths[b]` tokens, their K/V already in
   the pages `[N, P, K, Dh]` (`pallas_kernels.paged_attention` conventions; int8 pages with
-  `[N, P, K]` scales). Returns q's shape.
+  `[N, P, K]` scales; ALiBi with `[H]` slopes). Returns q's shape.
   """
   B, T, H, Dh = q.shape
   P = k_pages.shape[1]
@@ -114,7 +126,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
   if impl == "pallas" and ((platform == "gpu" and gpu_fits) or (platform == "tpu" and P % 8 == 0)
                            or (platform == "cpu" and gpu_fits)):
     return _pallas_paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales,
-                                   v_scales, sliding_window, interpret=platform == "cpu")
+                                   v_scales, sliding_window, alibi_slopes,
+                                   interpret=platform == "cpu")
   # XLA: gather the sequence's pages into a contiguous view, then the index-masked path.
   M = page_table.shape[1]
 
@@ -126,11 +139,12 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
   k, v = gather(k_pages, k_scales), gather(v_pages, v_scales)
   q_index = lengths[:, None] - T + jnp.arange(T, dtype=jnp.int32)[None, :]
   kv_index = jnp.broadcast_to(jnp.arange(M * P, dtype=jnp.int32), (B, M * P))
-  return attention(q, k, v, q_index=q_index, kv_index=kv_index, sliding_window=sliding_window)
+  return attention(q, k, v, q_index=q_index, kv_index=kv_index, sliding_window=sliding_window,
+                   alibi_slopes=alibi_slopes)
 
 
 def _pallas_paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales,
-                            sliding_window, interpret):
+                            sliding_window, alibi_slopes, interpret):
   """The paged kernel, run per shard when a mesh is in context (on CPU in the interpreter).
 
   Under a serving mesh the page pools are split over KV heads on `tensor` and the query heads
@@ -138,16 +152,17 @@ def _pallas_paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales, 
   attends its own heads with its own pages; page tables and lengths are whole everywhere
   (pages are shared by all rows). Every mesh axis is manual, as Mosaic requires.
   """
-  def kernel(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales):
+  def kernel(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, slopes):
     return pallas_kernels.paged_attention(q, k_pages, v_pages, lengths, page_table,
                                           k_scales=k_scales, v_scales=v_scales,
-                                          sliding_window=sliding_window, interpret=interpret)
+                                          sliding_window=sliding_window, alibi_slopes=slopes,
+                                          interpret=interpret)
 
   mesh = jax.sharding.get_abstract_mesh()
   manual = set(getattr(mesh, "manual_axes", ()) or ())
   axes = set() if mesh.empty else set(mesh.axis_names) - manual
   if not axes:
-    return kernel(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales)
+    return kernel(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, alibi_slopes)
   tp = dict(mesh.shape).get("tensor", 1)
   heads = ("tensor" if tp > 1 and "tensor" not in manual and q.shape[2] % tp == 0
            and k_pages.shape[2] % tp == 0 else None)
@@ -155,24 +170,26 @@ def _pallas_paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales, 
   q_spec, page_spec, scale_spec = P(None, None, heads, None), P(None, None, heads, None), P(
       None, None, heads)
   in_specs = (q_spec, page_spec, page_spec, P(None), P(None, None),
-              None if k_scales is None else scale_spec, None if v_scales is None else scale_spec)
+              None if k_scales is None else scale_spec, None if v_scales is None else scale_spec,
+              None if alibi_slopes is None else P(heads))
   run = jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=q_spec, axis_names=axes,
                       check_vma=False)
-  return run(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales)
+  return run(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, alibi_slopes)
 
 
-def _pallas_self_attention(q, k, v, segment_ids, sliding_window, sm_scale):
+def _pallas_self_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi_slopes):
   """The flash kernel, run per shard when a mesh is in context.
 
   A Pallas call is opaque to XLA's partitioner, so under a mesh it is wrapped in `shard_map`:
   the batch split like the activations (data, fsdp, expert) and, when both head counts divide, the
   heads over `tensor` (each device then holds whole GQA groups). Other mesh axes see it whole.
   """
-  def kernel(q, k, v, segment_ids):
+  def kernel(q, k, v, segment_ids, slopes):
     # On CPU the kernel runs in the Pallas interpreter (tests, not speed).
     return pallas_kernels.flash_attention(
         q, k, v, causal=True, segment_ids=segment_ids, sliding_window=sliding_window,
-        sm_scale=sm_scale, interpret=backends.target_platform() == "cpu")
+        alibi_slopes=slopes, sm_scale=sm_scale,
+        interpret=backends.target_platform() == "cpu")
 
   mesh = jax.sharding.get_abstract_mesh()
   sizes = {} if mesh.empty else dict(mesh.shape)
@@ -191,26 +208,38 @@ def _pallas_self_attention(q, k, v, segment_ids, sliding_window, sm_scale):
   # specs do not name see the arrays whole.
   axes = set() if mesh.empty else set(mesh.axis_names) - manual
   if not axes:
-    return kernel(q, k, v, segment_ids)
+    return kernel(q, k, v, segment_ids, alibi_slopes)
   b = batch_axes or None
-  qkv = jax.sharding.PartitionSpec(b, None, head_axis, None)
-  seg = jax.sharding.PartitionSpec(b, None)
-  if segment_ids is None:
-    run = jax.shard_map(lambda q, k, v: kernel(q, k, v, None), mesh=mesh,
-                        in_specs=(qkv, qkv, qkv), out_specs=qkv, axis_names=axes,
-                        check_vma=False)
-    return run(q, k, v)
-  run = jax.shard_map(kernel, mesh=mesh, in_specs=(qkv, qkv, qkv, seg), out_specs=qkv,
-                      axis_names=axes, check_vma=False)
-  return run(q, k, v, segment_ids)
+  P = jax.sharding.PartitionSpec
+  qkv = P(b, None, head_axis, None)
+  # Absent optional inputs (None) take a None spec.
+  in_specs = (qkv, qkv, qkv, None if segment_ids is None else P(b, None),
+              None if alibi_slopes is None else P(head_axis))
+  run = jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=qkv, axis_names=axes,
+                      check_vma=False)
+  return run(q, k, v, segment_ids, alibi_slopes)
 
 
-def _dot_product_attention(q, k, v, segment_ids, sliding_window, sm_scale, implementation):
-  """`jax.nn.dot_product_attention` with our masking conventions (GQA is native to it)."""
+def dot_product_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi_slopes, *,
+                          implementation: str | None):
+  """`jax.nn.dot_product_attention` with our masking conventions (GQA is native to it); the
+  "cudnn" impl, and with `implementation=None` its XLA twin (how CPU tests check it).
+
+  ALiBi enters as an additive `[1, H, T, T]` bias in q's dtype (cuDNN's fused attention takes
+  one; the flash kernel computes the same bias per tile instead of holding it).
+  """
   bias = None
   if segment_ids is not None:
     same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
-    bias = jnp.where(same, 0.0, _MASK_VALUE).astype(q.dtype)[:, None]
+    bias = jnp.where(same, 0.0, _MASK_VALUE)[:, None]
+  if alibi_slopes is not None:
+    T = q.shape[1]
+    index = jnp.arange(T, dtype=jnp.int32)
+    distance_TS = jnp.abs(index[:, None] - index[None, :]).astype(jnp.float32)
+    alibi = -jnp.asarray(alibi_slopes, jnp.float32)[None, :, None, None] * distance_TS[None, None]
+    bias = alibi if bias is None else jnp.maximum(bias + alibi, _MASK_VALUE)
+  if bias is not None:
+    bias = bias.astype(q.dtype)
   window = None if sliding_window is None else (sliding_window - 1, 0)
   return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=sm_scale, is_causal=True,
                                       local_window_size=window, implementation=implementation)

@@ -22,6 +22,7 @@ class Options:
   sm_scale: float
   sliding_window: int | None
   quantized: bool
+  has_alibi: bool = False
 
 
 def page_range(length, opts: Options):
@@ -34,17 +35,21 @@ def page_range(length, opts: Options):
   return lo, hi
 
 
-def attend_page(q, k, v, m, l, acc, *, length, page_slot, opts: Options, row_offset=0):
+def attend_page(q, k, v, m, l, acc, *, length, page_slot, opts: Options, row_offset=0,
+                slopes=None):
   """One online-softmax step of q `[R, Dh]` over one page k/v `[P, Dh]` (float32 or bf16).
 
   m, l `[R, 1]`, acc `[R, Dh]` float32 -> updated (m, l, acc). `row_offset`: the index of q's
-  first row among the sequence's rows (when the rows come in blocks).
+  first row among the sequence's rows (when the rows come in blocks). `slopes` `[R, 1]` float32:
+  each row's ALiBi slope (with `opts.has_alibi`).
   """
   R, P = q.shape[0], k.shape[0]
   s = dot(q, k.astype(q.dtype), trans_b=True) * opts.sm_scale  # [R, P]
   rows = jax.lax.broadcasted_iota(jnp.int32, (R, P), 0) + row_offset
   k_pos = jax.lax.broadcasted_iota(jnp.int32, (R, P), 1) + page_slot * opts.page_size
   q_pos = length - opts.T + jax.lax.div(rows, opts.groups)
+  if opts.has_alibi:
+    s = s - slopes * (q_pos - k_pos).astype(jnp.float32)
   visible = k_pos <= q_pos
   if opts.sliding_window is not None:
     visible &= k_pos > q_pos - opts.sliding_window

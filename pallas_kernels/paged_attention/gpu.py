@@ -20,11 +20,15 @@ from pallas_kernels.paged_attention.common import Options
 
 
 def _kernel(*refs, opts: Options):
+  q_ref, len_ref, pt_ref, k_ref, v_ref, *refs = refs
+  ks_ref = vs_ref = slope_ref = None
   if opts.quantized:
-    q_ref, len_ref, pt_ref, k_ref, v_ref, ks_ref, vs_ref, o_ref = refs
-  else:
-    q_ref, len_ref, pt_ref, k_ref, v_ref, o_ref = refs
+    ks_ref, vs_ref, *refs = refs
+  if opts.has_alibi:
+    slope_ref, *refs = refs
+  (o_ref,) = refs
   q = q_ref[...]  # [R, Dh]
+  slopes = slope_ref[...] if opts.has_alibi else None  # [R, 1]
   length = len_ref[...]
   lo, hi = common.page_range(length, opts)
 
@@ -34,7 +38,8 @@ def _kernel(*refs, opts: Options):
     if opts.quantized:
       k = k.astype(jnp.float32) * ks_ref[page, :][:, None]
       v = v.astype(jnp.float32) * vs_ref[page, :][:, None]
-    return common.attend_page(q, k, v, *carry, length=length, page_slot=slot, opts=opts)
+    return common.attend_page(q, k, v, *carry, length=length, page_slot=slot, opts=opts,
+                              slopes=slopes)
 
   R, Dh = q.shape
   init = (jnp.full((R, 1), common.MASK_VALUE, jnp.float32), jnp.zeros((R, 1), jnp.float32),
@@ -43,9 +48,10 @@ def _kernel(*refs, opts: Options):
   o_ref[...] = common.finish(l, acc).astype(o_ref.dtype)
 
 
-def paged_attention(q, lengths, page_table, k_pages, v_pages, k_scales, v_scales, *,
+def paged_attention(q, lengths, page_table, k_pages, v_pages, k_scales, v_scales, row_slopes, *,
                     opts: Options, num_warps: int | None, interpret: bool):
-  """q `[B, K, R, Dh]` -> `[B, K, R, Dh]`; pages `[N, P, K, Dh]`, scales `[N, P, K]` or None."""
+  """q `[B, K, R, Dh]` -> `[B, K, R, Dh]`; pages `[N, P, K, Dh]`, scales `[N, P, K]` or None;
+  row_slopes `[K, R, 1]` float32 or None."""
   B, K, R, Dh = q.shape
   N, P = k_pages.shape[:2]
   M = page_table.shape[1]
@@ -57,6 +63,9 @@ def paged_attention(q, lengths, page_table, k_pages, v_pages, k_scales, v_scales
   if opts.quantized:
     in_specs += [pl.BlockSpec((N, P, None), lambda b, h: (0, 0, h))] * 2
     args += [k_scales, v_scales]
+  if opts.has_alibi:
+    in_specs.append(pl.BlockSpec((None, R, 1), lambda b, h: (h, 0, 0)))
+    args.append(row_slopes)
   return pl.pallas_call(
       functools.partial(_kernel, opts=opts),
       grid=(B, K),

@@ -21,9 +21,11 @@ def gather_pages(pages, page_table, scales=None):
 
 
 def paged_attention_reference(q, k_pages, v_pages, lengths, page_table, *, k_scales=None,
-                              v_scales=None, sm_scale=None, sliding_window=None):
+                              v_scales=None, sm_scale=None, sliding_window=None,
+                              alibi_slopes=None):
   """q `[B, Hq, Dh]` or `[B, T, Hq, Dh]`; the T queries are the last T of each sequence's
-  `lengths[b]` cached tokens (already written) and attend causally. Returns q's shape and dtype."""
+  `lengths[b]` cached tokens (already written) and attend causally (ALiBi with `[Hq]` slopes).
+  Returns q's shape and dtype."""
   squeeze = q.ndim == 3
   q4 = q[:, None] if squeeze else q
   B, T, H, Dh = q4.shape
@@ -35,6 +37,10 @@ def paged_attention_reference(q, k_pages, v_pages, lengths, page_table, *, k_sca
                  precision=jax.lax.Precision.HIGHEST) * scale
   q_pos = lengths[:, None] - T + jnp.arange(T)[None, :]  # [B, T]
   k_pos = jnp.arange(S)
+  if alibi_slopes is not None:
+    distance = jnp.abs(q_pos[:, :, None] - k_pos[None, None, :]).astype(jnp.float32)  # [B, T, S]
+    slopes = jnp.asarray(alibi_slopes, jnp.float32).reshape(1, K, H // K, 1, 1)
+    s = s - slopes * distance[:, None, None]
   visible = k_pos[None, None, :] <= q_pos[:, :, None]
   if sliding_window is not None:
     visible &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window

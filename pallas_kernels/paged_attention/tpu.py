@@ -30,10 +30,13 @@ ROW_BLOCK = 256
 
 
 def _kernel(len_ref, pt_ref, *refs, opts: Options, num_kv_heads: int, head_dim: int):
+  q_ref, k_ref, v_ref, *refs = refs
+  ks_ref = vs_ref = slope_ref = None
   if opts.quantized:
-    q_ref, k_ref, v_ref, ks_ref, vs_ref, o_ref, m_scr, l_scr, acc_scr = refs
-  else:
-    q_ref, k_ref, v_ref, o_ref, m_scr, l_scr, acc_scr = refs
+    ks_ref, vs_ref, *refs = refs
+  if opts.has_alibi:
+    slope_ref, *refs = refs
+  o_ref, m_scr, l_scr, acc_scr = refs
   b, row_block, slot = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   row_offset = row_block * q_ref.shape[1]
   length = len_ref[b]
@@ -56,7 +59,8 @@ def _kernel(len_ref, pt_ref, *refs, opts: Options, num_kv_heads: int, head_dim: 
         v = v.astype(jnp.float32) * vs_ref[:, h:h + 1]
       m, l, acc = common.attend_page(q_ref[h], k, v, m_scr[h], l_scr[h], acc_scr[h],
                                      length=length, page_slot=slot, opts=opts,
-                                     row_offset=row_offset)
+                                     row_offset=row_offset,
+                                     slopes=slope_ref[h] if opts.has_alibi else None)
       m_scr[h], l_scr[h], acc_scr[h] = m, l, acc
 
   @pl.when(slot == pl.num_programs(2) - 1)
@@ -65,9 +69,10 @@ def _kernel(len_ref, pt_ref, *refs, opts: Options, num_kv_heads: int, head_dim: 
       o_ref[h] = common.finish(l_scr[h], acc_scr[h]).astype(o_ref.dtype)
 
 
-def paged_attention(q, lengths, page_table, k_pages, v_pages, k_scales, v_scales, *,
+def paged_attention(q, lengths, page_table, k_pages, v_pages, k_scales, v_scales, row_slopes, *,
                     opts: Options, interpret: bool):
-  """q `[B, K, R, Dh]` -> `[B, K, R, Dh]`; pages `[N, P, K, Dh]`, scales `[N, P, K]` or None."""
+  """q `[B, K, R, Dh]` -> `[B, K, R, Dh]`; pages `[N, P, K, Dh]`, scales `[N, P, K]` or None;
+  row_slopes `[K, R, 1]` float32 or None."""
   B, K, rows, Dh = q.shape
   N, P = k_pages.shape[:2]
   M = page_table.shape[1]
@@ -86,6 +91,9 @@ def paged_attention(q, lengths, page_table, k_pages, v_pages, k_scales, v_scales
   if opts.quantized:
     in_specs += [pl.BlockSpec((None, P, K), page_map)] * 2
     args += [k_scales, v_scales]
+  if opts.has_alibi:  # a row block's slopes, all KV heads
+    in_specs.append(pl.BlockSpec((K, Rb, 1), lambda b, r, s, *_: (0, r, 0)))
+    args.append(jnp.pad(row_slopes, ((0, 0), (0, R - rows), (0, 0))))
   out = pl.pallas_call(
       functools.partial(_kernel, opts=opts, num_kv_heads=K, head_dim=Dh),
       grid_spec=pltpu.PrefetchScalarGridSpec(
