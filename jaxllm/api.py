@@ -23,6 +23,7 @@ from jaxllm.data import chat as chat_lib
 from jaxllm.inference import generate as generate_lib
 from jaxllm.inference import sampling, speculative
 from jaxllm.model import transformer
+from jaxllm.model.cache import Stream
 from jaxllm.parallel import placement
 
 
@@ -59,7 +60,8 @@ class LoadedModel:
                frequency_penalty: float = 0.0, presence_penalty: float = 0.0, seed: int = 0,
                stop: str | Sequence[str] = (), stop_token_ids: Sequence[int] = (),
                cache: str = "contiguous", kv_cache_dtype: str = "float32",
-               draft: speculative.Draft | None = None, k: int = 4, details: bool = False):
+               draft: speculative.Draft | None = None, k: int = 4, details: bool = False,
+               sink_tokens: int = 0, stream_window: int = 0):
     """Continues a text prompt (returns text), or token prompts (returns lists of ids).
 
     `cache` is the KV layout (contiguous | paged) and `kv_cache_dtype` its storage (float32 |
@@ -67,6 +69,9 @@ class LoadedModel:
     `draft` (`speculative.ngram_draft()`, `.layer_skip_draft(...)`, `.model_draft(...)`)
     turns on speculative decoding with `k` proposals per step. With `details=True` every
     result is a `Generation` (tokens, logprobs, finish_reason; `.text` for text prompts).
+    `stream_window` > 0: StreamingLLM generation in constant memory (contiguous cache), every
+    token attending to the first `sink_tokens` tokens and the `stream_window` latest, so prompt
+    and output may run past the model's context.
     """
     sp = sampling.SamplingParams(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -84,9 +89,14 @@ class LoadedModel:
       raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} must be one of {KV_CACHE_DTYPES}")
     common = dict(eos_id=self.tokenizer.eos_id, max_seq_len=self.config.max_seq_len, cache=cache,
                   cache_dtype=jnp.dtype(kv_cache_dtype))
+    if sink_tokens and not stream_window:
+      raise ValueError("sink_tokens needs a stream_window (the recent tokens kept beside them)")
+    stream = Stream(sink_tokens, stream_window) if stream_window else None
+    if stream is not None and draft is not None:
+      raise ValueError("streaming generation does not take a speculative draft")
     if draft is None:
       results = generate_lib.generate_requests(self.graphdef, self.params, prompts,
-                                               [sp] * len(prompts), **common)
+                                               [sp] * len(prompts), stream=stream, **common)
     else:
       results, _ = speculative.speculative_generate(self.graphdef, self.params, prompts,
                                                     [sp] * len(prompts), draft, k=k, **common)

@@ -252,9 +252,9 @@ def _positive(key: str, value: float) -> None:
     raise ConfigError(f"{key}={value} must be positive")
 
 
-def validate(config: Config) -> None:
-  """Checks constraints between keys; raises ConfigError with a one-line reason."""
-  m, t, d, mesh = config.model, config.train, config.data, config.mesh
+def validate_model(m: ModelConfig) -> None:
+  """The model section's own constraints (also for configs built in code, e.g. a scaled copy);
+  raises ConfigError with a one-line reason."""
   for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
               "max_seq_len"):
     _positive(f"model.{key}", getattr(m, key))
@@ -304,6 +304,12 @@ def validate(config: Config) -> None:
     raise ConfigError(f"model.attention_impl=pallas needs model.head_dim in 64/128/256, "
                       f"not {m.head_dim}")
   _validate_moe(m)
+
+
+def validate(config: Config) -> None:
+  """Checks constraints between keys; raises ConfigError with a one-line reason."""
+  m, t, d, mesh = config.model, config.train, config.data, config.mesh
+  validate_model(m)
 
   for key in ("steps", "batch_size", "seq_len", "lr", "grad_accum", "log_every", "eval_every",
               "eval_batches", "checkpoint_every", "keep_checkpoints", "microbatches",

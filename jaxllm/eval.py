@@ -1,14 +1,18 @@
 """`python -m jaxllm.eval --checkpoint=PATH --data=FILES [--max_len=N --stride=S --batch_size=B
-[--kv_cache_dtype=int8]]`
+[--kv_cache_dtype=int8] [--prefill_chunk=C]]`
 
 Per-token loss and perplexity of a model over text files (comma-separated paths, directories or
 globs). Long files are scored with a sliding window: windows of `max_len` tokens advance by
 `stride`, and each token is scored once, in the first window where it has the most context
 that window allows. The last stdout line is one JSON object: {"loss", "ppl", "tokens", "files"}.
+Long windows (8k tokens and more) fit in memory with `--prefill_chunk`: each window then goes
+through the KV cache C tokens at a time, so attention holds `[C, max_len]` scores, not
+`[max_len, max_len]`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -29,6 +33,9 @@ _KV_CACHE = flags.DEFINE_enum("kv_cache_dtype", None, list(KV_CACHE_DTYPES),
                               "Score through a KV cache of this dtype (each window prefilled "
                               "into it, attention reading the cached K/V), as decoding would; "
                               "default: a plain forward pass.")
+_PREFILL_CHUNK = flags.DEFINE_integer(
+    "prefill_chunk", None, "Score each window through the KV cache this many tokens at a time "
+    "(long contexts within memory; default: the whole window at once).", lower_bound=1)
 _MESH = common.define_mesh_flag()
 flags.mark_flags_as_required(["checkpoint", "data"])
 
@@ -52,9 +59,9 @@ def windows(ids: list[int], max_len: int, stride: int):
 
 
 def evaluate(model, texts, *, max_len: int, stride: int, batch_size: int, progress: bool = True,
-             kv_cache_dtype: str | None = None):
+             kv_cache_dtype: str | None = None, prefill_chunk: int | None = None):
   """Sum of NLL and token count over `texts` with the sliding window (through a KV cache of
-  `kv_cache_dtype` when given)."""
+  `kv_cache_dtype` when given; `prefill_chunk` tokens at a time when given)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -65,17 +72,41 @@ def evaluate(model, texts, *, max_len: int, stride: int, batch_size: int, progre
   from jaxllm.parallel import placement
   from jaxllm.train import losses
 
+  cfg = model.config
+  piece = None if prefill_chunk is None else min(prefill_chunk, max_len)
+  cache_dtype = jnp.dtype(kv_cache_dtype or "float32")
+  # Rows are whole chunks long; the padding carries no weight.
+  width = max_len if piece is None else -(-max_len // piece) * piece
+
+  def new_cache(batch):
+    return kv_cache.init_cache(cfg.n_layers, batch, width, cfg.n_kv_heads, cfg.head_dim,
+                               cache_dtype)
+
   @jax.jit
   def score(params, tokens_BT, targets_BT, weights_BT):
     net = nnx.merge(model.graphdef, params)
     if kv_cache_dtype is None:
       logits_BTV = net(tokens_BT)
     else:
-      cfg = model.config
-      cache = kv_cache.init_cache(cfg.n_layers, tokens_BT.shape[0], tokens_BT.shape[1],
-                                  cfg.n_kv_heads, cfg.head_dim, jnp.dtype(kv_cache_dtype))
-      logits_BTV, _ = net.extend(tokens_BT, cache)
+      logits_BTV, _ = net.extend(tokens_BT, new_cache(tokens_BT.shape[0]))
     nll, _, w = losses.cross_entropy_sums(logits_BTV, targets_BT, weights_BT)
+    return nll, w
+
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def score_chunk(params, cache, tokens_BC, targets_BC, weights_BC):
+    logits_BCV, cache = nnx.merge(model.graphdef, params).extend(tokens_BC, cache)
+    nll, _, w = losses.cross_entropy_sums(logits_BCV, targets_BC, weights_BC)
+    return nll, w, cache
+
+  def score_window(params, tokens, targets, weights):
+    if piece is None:
+      return score(params, jnp.asarray(tokens), jnp.asarray(targets), jnp.asarray(weights))
+    cache, nll, w = new_cache(tokens.shape[0]), 0.0, 0.0
+    for lo in range(0, width, piece):
+      part = slice(lo, lo + piece)
+      n, c, cache = score_chunk(params, cache, jnp.asarray(tokens[:, part]),
+                                jnp.asarray(targets[:, part]), jnp.asarray(weights[:, part]))
+      nll, w = nll + n, w + c
     return nll, w
 
   jobs = []
@@ -86,17 +117,16 @@ def evaluate(model, texts, *, max_len: int, stride: int, batch_size: int, progre
   bar = tqdm(total=len(jobs), desc="eval", unit="window", disable=not progress, file=sys.stderr)
   for start in range(0, len(jobs), batch_size):
     chunk = jobs[start:start + batch_size]
-    tokens = np.zeros((batch_size, max_len), np.int32)
-    targets = np.zeros((batch_size, max_len), np.int32)
-    weights = np.zeros((batch_size, max_len), np.float32)
+    tokens = np.zeros((batch_size, width), np.int32)
+    targets = np.zeros((batch_size, width), np.int32)
+    weights = np.zeros((batch_size, width), np.float32)
     for row, (win, score_from) in enumerate(chunk):
       n = len(win)
       tokens[row, :n] = win
       targets[row, :n - 1] = win[1:]
       weights[row, score_from:n - 1] = 1.0
     with placement.in_mesh(placement.mesh_of(model.params)):
-      nll, w = score(model.params, jnp.asarray(tokens), jnp.asarray(targets),
-                     jnp.asarray(weights))
+      nll, w = score_window(model.params, tokens, targets, weights)
     total_nll += float(nll)
     total_tokens += float(w)
     bar.update(len(chunk))
@@ -119,7 +149,7 @@ def main(argv):
     raise common.CommandError(f"--stride={stride} must be below --max_len={_MAX_LEN.value}")
   nll, tokens = evaluate(model, texts, max_len=_MAX_LEN.value, stride=stride,
                          batch_size=_BATCH.value, progress=_PROGRESS.value,
-                         kv_cache_dtype=_KV_CACHE.value)
+                         kv_cache_dtype=_KV_CACHE.value, prefill_chunk=_PREFILL_CHUNK.value)
   if tokens == 0:
     raise common.CommandError("no tokens to score (empty files?)")
   loss = nll / tokens

@@ -1,5 +1,6 @@
 """`python -m jaxllm.generate --checkpoint=PATH (--prompt=TEXT | --chat=TEXT) [--max_tokens
---temperature --top_k --top_p --min_p --repetition_penalty --seed --stop --cache --draft --k]`
+--temperature --top_k --top_p --min_p --repetition_penalty --seed --stop --cache --draft --k
+--sink_tokens --stream_window]`
 
 PATH: a training workdir, a converted jaxllm directory, a Hugging Face directory or a .gguf
 file. `--prompt` continues raw text; `--chat` answers one user message through the model's
@@ -37,6 +38,12 @@ _DRAFT = flags.DEFINE_string("draft", None, "Speculative draft: ngram[:N], layer
                              "checkpoint path of a smaller model with the same tokenizer.")
 _K = flags.DEFINE_integer("k", 4, "Speculative: draft tokens per step.", lower_bound=1,
                           upper_bound=16)
+_SINKS = flags.DEFINE_integer("sink_tokens", 0, "Streaming (with --stream_window): the first "
+                              "tokens every later one keeps attending to.", lower_bound=0)
+_STREAM_WINDOW = flags.DEFINE_integer(
+    "stream_window", 0, "StreamingLLM generation in constant memory: attend to the sink tokens "
+    "and this many latest tokens, at their positions within the cache, so prompt and output "
+    "may run past the model's context (0 = off; contiguous cache, no draft).", lower_bound=0)
 _MESH = common.define_mesh_flag()
 flags.mark_flag_as_required("checkpoint")
 flags.mark_flags_as_mutual_exclusive(["prompt", "chat"], required=True)
@@ -54,7 +61,8 @@ def main(argv):
                     top_k=_TOP_K.value, top_p=_TOP_P.value, min_p=_MIN_P.value,
                     repetition_penalty=_REPETITION_PENALTY.value, seed=_SEED.value,
                     stop=tuple(_STOP.value), cache=_CACHE.value, k=_K.value,
-                    kv_cache_dtype=_KV_DTYPE.value,
+                    kv_cache_dtype=_KV_DTYPE.value, sink_tokens=_SINKS.value,
+                    stream_window=_STREAM_WINDOW.value,
                     draft=model.draft(_DRAFT.value) if _DRAFT.value else None)
     if _CHAT.value is not None:
       print(model.chat(_CHAT.value, **sampling))

@@ -94,3 +94,7 @@ def test_scoring_through_the_cache():
   assert plain[1] == cached[1] == int8[1]
   assert math.isclose(plain[0], cached[0], rel_tol=1e-5)
   assert int8[0] != cached[0] and math.isclose(plain[0], int8[0], rel_tol=1e-2)
+  # Long-context scoring: each window through the cache 12 tokens at a time (32 is not a
+  # multiple: the last chunk is padding with no weight).
+  chunked = eval_lib.evaluate(model, texts, prefill_chunk=12, **kw)
+  assert chunked[1] == plain[1] and math.isclose(plain[0], chunked[0], rel_tol=1e-5)

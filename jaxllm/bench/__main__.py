@@ -5,7 +5,8 @@ flash-attention kernel against cuDNN, XLA and JAX's bundled Pallas kernel, TFLOP
 pipeline (the measured GPipe bubble against (p - 1) / (m + p - 1)); decode (generation
 tokens/s beside Hugging Face transformers, and speculative decoding speedups); serve
 (continuous against static batching, KV utilisation, prefix-cache speedup); moe (dispatch
-modes, the grouped-matmul kernel, an expert-parallel train step).
+modes, the grouped-matmul kernel, an expert-parallel train step); passkey (retrieval of a key
+hidden in long filler text, per length and RoPE scaling).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from absl import app, flags
 
 from jaxllm.cli import common
 
-SUITES = ("train", "attention", "pipeline", "decode", "serve", "quant_matmul", "moe")
+SUITES = ("train", "attention", "pipeline", "decode", "serve", "quant_matmul", "moe", "passkey")
 
 _CONFIG = common.define_config_flag(common.default_experiment())
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
@@ -44,7 +45,7 @@ _WIDTH = flags.DEFINE_integer("width", None, "attention: heads x head_dim (defau
 _REPEATS = flags.DEFINE_integer("repeats", 5, "attention, pipeline, decode: timed calls per "
                                 "measurement.", lower_bound=1)
 _STAGES = flags.DEFINE_list("stages", ["2", "4"], "pipeline: stage counts to measure.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "decode, serve: model to load (default: "
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "decode, serve, passkey: model to load (default: "
                                   "SmolLM2-135M-Instruct via jaxllm.fetch).")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8", "32"], "decode: batch sizes.")
 _DECODE_PEERS = flags.DEFINE_list("decode_peers", ["jaxllm_fp32", "jaxllm_bf16", "jaxllm_int8",
@@ -72,6 +73,12 @@ _MAX_OUTPUT = flags.DEFINE_integer("max_output_tokens", 512, "serve: output leng
 _SERVE_DRAFT = flags.DEFINE_string("serve_draft", "ngram", "serve: what proposes tokens in the "
                                    "speculative row (ngram[:N], layer_skip:N, int4[:G], int8, "
                                    "PATH).")
+_LENGTHS = flags.DEFINE_list("lengths", ["512", "1024", "2048"], "passkey: prompt lengths in "
+                             "tokens.")
+_TRIALS = flags.DEFINE_integer("trials", 4, "passkey: keys (random value and depth) per length.",
+                               lower_bound=1)
+_SCALINGS = flags.DEFINE_list("scalings", ["none"], "passkey: RoPE scalings to compare, none or "
+                              "KIND:FACTOR (yarn:2, ntk:2, dynamic:2, linear:2).")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "decode: tokens generated per prompt.",
                                    lower_bound=1)
 
@@ -157,6 +164,19 @@ def main(argv):
     except ValueError as e:
       raise common.CommandError(str(e)) from None
     text = decode.table(result)
+  elif argv[1] == "passkey":
+    from jaxllm.bench import passkey
+    try:
+      lengths = tuple(int(x) for x in _LENGTHS.value)
+      path = _CHECKPOINT.value
+      if not path:
+        from jaxllm.fetch import fetch
+        path = fetch("smollm2-135m")
+      result = passkey.run(path, lengths=lengths, trials=_TRIALS.value,
+                           scalings=tuple(_SCALINGS.value))
+    except ValueError as e:  # ConfigError (a bad scaling) included
+      raise common.CommandError(str(e)) from None
+    text = passkey.table(result)
   elif argv[1] == "pipeline":
     from jaxllm import config as config_lib
     from jaxllm.bench import pipeline

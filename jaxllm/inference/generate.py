@@ -100,22 +100,24 @@ def new_cache(cfg, kind: str, lengths_needed: Sequence[int], *, max_len: int,
                                jnp.asarray(table), jnp.zeros((B,), jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "last_BV"))
-def extend_chunk(graphdef, params, tokens_BT, cache, num_new_B, last_BV):
+@functools.partial(jax.jit, static_argnames=("graphdef", "stream"),
+                   donate_argnames=("cache", "last_BV"))
+def extend_chunk(graphdef, params, tokens_BT, cache, num_new_B, last_BV, stream=None):
   """Extends the cache by one prompt chunk; `last_BV` takes the logits after each sequence's
   last real token where this chunk has any (others keep theirs)."""
   count_trace("extend_chunk")
   logits_B1V, cache = nnx.merge(graphdef, params).extend(tokens_BT, cache, num_new_B,
-                                                         last_only=True)
+                                                         last_only=True, stream=stream)
   return jnp.where((num_new_B > 0)[:, None], logits_B1V[:, 0], last_BV), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def decode_step(graphdef, params, tokens_B, cache, active_B=None):
+@functools.partial(jax.jit, static_argnames=("graphdef", "stream"), donate_argnames=("cache",))
+def decode_step(graphdef, params, tokens_B, cache, active_B=None, stream=None):
   """One new token per sequence -> (logits `[B, V]`, cache); inactive rows store nothing."""
   count_trace("decode_step")
   num_new_B = None if active_B is None else active_B.astype(jnp.int32)
-  logits_B1V, cache = nnx.merge(graphdef, params).extend(tokens_B[:, None], cache, num_new_B)
+  logits_B1V, cache = nnx.merge(graphdef, params).extend(tokens_B[:, None], cache, num_new_B,
+                                                         stream=stream)
   return logits_B1V[:, 0], cache
 
 
@@ -134,7 +136,7 @@ def chunk_size(longest: int, prefill_chunk: int) -> int:
 
 
 def prefill(graphdef, params, prompts: Sequence[Sequence[int]], cache, *,
-            prefill_chunk: int = 256, vocab_size: int):
+            prefill_chunk: int = 256, vocab_size: int, stream: kv_cache.Stream | None = None):
   """Runs the prompts into an empty cache chunk by chunk -> (logits `[B, V]` after each
   prompt's last token, cache)."""
   chunk = chunk_size(max(len(p) for p in prompts), prefill_chunk)
@@ -143,13 +145,13 @@ def prefill(graphdef, params, prompts: Sequence[Sequence[int]], cache, *,
   for start in range(0, tokens.shape[1], chunk):
     num_new = np.clip(lengths - start, 0, chunk).astype(np.int32)
     last, cache = extend_chunk(graphdef, params, jnp.asarray(tokens[:, start:start + chunk]),
-                                cache, jnp.asarray(num_new), last)
+                                cache, jnp.asarray(num_new), last, stream=stream)
   return last, cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "out_len", "penalties"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "out_len", "penalties", "stream"))
 def _decode_loop(graphdef, params, cache, logits_BV, arrays, max_new_B, stop_ids_BX,
-                 prompt_mask_BV, *, out_len: int, penalties: bool):
+                 prompt_mask_BV, *, out_len: int, penalties: bool, stream=None):
   count_trace("decode_loop")
   model = nnx.merge(graphdef, params)
   B, V = logits_BV.shape
@@ -177,7 +179,8 @@ def _decode_loop(graphdef, params, cache, logits_BV, arrays, max_new_B, stop_ids
     counts = c["counts"]
     if penalties:
       counts = counts + jax.nn.one_hot(tok_B, V, dtype=jnp.int32) * emit_B[:, None]
-    logits_B1V, cache = model.extend(tok_B[:, None], c["cache"], (~done_B).astype(jnp.int32))
+    logits_B1V, cache = model.extend(tok_B[:, None], c["cache"], (~done_B).astype(jnp.int32),
+                                     stream=stream)
     return dict(i=c["i"] + 1, cache=cache, logits=logits_B1V[:, 0], out=out, logp=logp, n=n_B,
                 done=done_B, reason=reason, counts=counts)
 
@@ -225,37 +228,59 @@ def generate_requests(graphdef, params, prompts: Sequence[Sequence[int]],
                       sampling_params: Sequence[sampling.SamplingParams], *, eos_id: int = -1,
                       max_seq_len: int | None = None, cache: str = "contiguous",
                       page_size: int = 16, prefill_chunk: int = 256,
-                      cache_dtype=jnp.float32) -> list[Generation]:
+                      cache_dtype=jnp.float32,
+                      stream: kv_cache.Stream | None = None) -> list[Generation]:
   """Continues each prompt under its own SamplingParams (stop strings are the caller's).
 
-  Params placed on a mesh (`placement.place_params`) run there, the cache split like them."""
+  Params placed on a mesh (`placement.place_params`) run there, the cache split like them.
+  `stream` (contiguous cache only): StreamingLLM generation in constant memory, a cache of the
+  first `stream.sinks` tokens and the `stream.window` latest; prompts and outputs may then run
+  past max_seq_len (positions stay within sinks + window + the prefill chunk)."""
   mesh = placement.mesh_of(params)
   with placement.in_mesh(mesh):
     return _generate_requests(graphdef, params, prompts, sampling_params, eos_id=eos_id,
                               max_seq_len=max_seq_len, cache=cache, page_size=page_size,
-                              prefill_chunk=prefill_chunk, cache_dtype=cache_dtype, mesh=mesh)
+                              prefill_chunk=prefill_chunk, cache_dtype=cache_dtype, mesh=mesh,
+                              stream=stream)
+
+
+def check_stream(stream: kv_cache.Stream, cache: str, max_seq_len: int | None) -> None:
+  """Refuses a streaming setup that cannot run, in one line."""
+  if stream.window < 1 or stream.sinks < 0:
+    raise ValueError(f"stream_window={stream.window} must be >= 1 and sink_tokens="
+                     f"{stream.sinks} >= 0")
+  if cache != "contiguous":
+    raise ValueError("streaming generation (sink_tokens / stream_window) needs the contiguous "
+                     "cache")
+  if max_seq_len is not None and stream.sinks + stream.window > max_seq_len:
+    raise ValueError(f"sink_tokens + stream_window = {stream.sinks + stream.window} exceeds the "
+                     f"model's max_seq_len {max_seq_len}: the cache positions would leave the "
+                     "context it was trained on")
 
 
 def _generate_requests(graphdef, params, prompts, sampling_params, *, eos_id, max_seq_len,
-                       cache, page_size, prefill_chunk, cache_dtype, mesh):
+                       cache, page_size, prefill_chunk, cache_dtype, mesh, stream):
   cfg = model_config(graphdef, params)
-  check_prompts(prompts, sampling_params, cfg.vocab_size, max_seq_len)
+  if stream is not None:
+    check_stream(stream, cache, max_seq_len)
+  check_prompts(prompts, sampling_params, cfg.vocab_size,
+                None if stream is not None else max_seq_len)
   chunk = chunk_size(max(len(p) for p in prompts), prefill_chunk)
   padded = -(-max(len(p) for p in prompts) // chunk) * chunk
   max_new = max(sp.max_tokens for sp in sampling_params)
-  S = bucket(padded + max_new)
+  S = bucket(padded + max_new) if stream is None else stream.cache_len(chunk)
   needed = [len(p) + sp.max_tokens for p, sp in zip(prompts, sampling_params)]
   kv = new_cache(cfg, cache, needed, max_len=S, page_size=page_size, dtype=cache_dtype,
-                 mesh=mesh, longest_step=chunk)
+                 mesh=mesh, longest_step=None if stream is not None else chunk)
   last, kv = prefill(graphdef, params, prompts, kv, prefill_chunk=prefill_chunk,
-                     vocab_size=cfg.vocab_size)
+                     vocab_size=cfg.vocab_size, stream=stream)
   penalties = any(sp.uses_penalties for sp in sampling_params)
   mask = prompt_mask(prompts, cfg.vocab_size) if penalties else jnp.zeros((1, 1), bool)
   out, logp, n, reason = _decode_loop(
       graphdef, params, kv, last, sampling.SamplingArrays.of(sampling_params),
       jnp.asarray([sp.max_tokens for sp in sampling_params], jnp.int32),
       jnp.asarray(stop_id_array(sampling_params, eos_id)), mask, out_len=bucket(max_new),
-      penalties=penalties)
+      penalties=penalties, stream=stream)
   out, logp, n, reason = jax.device_get((out, logp, n, reason))
   return [Generation(out[b, :n[b]].tolist(), logp[b, :n[b]].tolist(),
                      FINISH_REASONS.get(int(reason[b]), "length")) for b in range(len(prompts))]

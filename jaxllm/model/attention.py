@@ -50,7 +50,7 @@ class Attention(nnx.Module):
     """`[H]` float32 ALiBi slopes, or None for a RoPE model."""
     return None if self.slopes is None else jnp.asarray(np.asarray(self.slopes, np.float32))
 
-  def _project(self, x_BTD, positions_BT, seq_len_B):
+  def _project(self, x_BTD, positions_BT, seq_len_B, *, rotate: bool = True):
     q = project(x_BTD, self.q[...])  # [B, T, H, Dh]
     k = project(x_BTD, self.k[...])  # [B, T, K, Dh]
     v = project(x_BTD, self.v[...])
@@ -60,7 +60,7 @@ class Attention(nnx.Module):
       v = v + self.v_bias[...].astype(v.dtype)[None, None]
     if hasattr(self, "q_norm"):
       q, k = self.q_norm(q), self.k_norm(k)
-    if self.rope is None:
+    if self.rope is None or not rotate:
       return q, k, v
     rotate = lambda x: self.rope.apply(x, positions_BT, seq_len_B)
     return rotate(q), rotate(k), v
@@ -84,14 +84,19 @@ class Attention(nnx.Module):
 
   def extend(self, x_BTD: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer: jax.Array,
              lengths_B: jax.Array, num_new_B: jax.Array | None = None,
-             page_table_BM: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+             page_table_BM: jax.Array | None = None, stream: kv_cache.Stream | None = None
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Attends T new tokens per sequence, stored at positions lengths[b] .. lengths[b] + T - 1.
 
     cache_k/v: all layers' contiguous cache `[L, B, S, K, Dh]`, or all layers' page pools
     `[L, N, P, K, Dh]` when `page_table_BM` is given; this block is layer `layer`. Only the
     first num_new_B[b] tokens are stored (right padding is dropped); the outputs of the
-    padding tokens are meaningless.
+    padding tokens are meaningless. `stream`: a contiguous StreamingLLM cache (`_extend_stream`).
     """
+    if stream is not None:
+      if page_table_BM is not None:
+        raise ValueError("streaming generation needs the contiguous cache layout")
+      return self._extend_stream(x_BTD, cache_k, cache_v, layer, lengths_B, num_new_B, stream)
     B, T, _ = x_BTD.shape
     q_index_BT = lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     seq_len_B = lengths_B + (T if num_new_B is None else num_new_B)
@@ -126,5 +131,45 @@ class Attention(nnx.Module):
                                   kv_cache.read(cache_v, layer, q.dtype),
                                   q_index=q_index_BT, kv_index=kv_index_BS,
                                   sliding_window=self.sliding_window,
+                                  alibi_slopes=self.alibi_slopes)
+    return self.out_projection(out), cache_k, cache_v
+
+  def _extend_stream(self, x_BTD, cache_k, cache_v, layer, lengths_B, num_new_B,
+                     stream: kv_cache.Stream):
+    """StreamingLLM: the T new tokens see the `stream.sinks` first tokens and the
+    `stream.window` most recent, at positions within the cache.
+
+    Keys are cached before RoPE and rotated at every step: a token's position is its place in
+    the cache (sinks 0 .. sinks-1, then the window in order), shifted by how far the window has
+    slid past the sinks, so positions stay below sinks + window + T however long generation
+    runs. Keys the step's first query no longer sees are hidden (their slot may still hold
+    them until the ring overwrites it).
+    """
+    B, T, _ = x_BTD.shape
+    sinks, S = stream.sinks, cache_k.shape[2]
+    window = min(stream.window, self.sliding_window or stream.window)
+    pos_BT = lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    q, k, v = self._project(x_BTD, None, None, rotate=False)
+    slot_BT = kv_cache.stream_slots(pos_BT, sinks, S)
+    cache_k = kv_cache.write_slots(cache_k, layer, k, slot_BT, num_new_B)
+    cache_v = kv_cache.write_slots(cache_v, layer, v, slot_BT, num_new_B)
+    held_BS = kv_cache.stream_positions(lengths_B + T, sinks, S)
+    first_B = lengths_B - window + 1  # the oldest key the first new query sees
+    shift_B = jnp.maximum(first_B - sinks, 0)
+    kept_BS = held_BS >= first_B[:, None]
+    kv_index_BS = jnp.where(held_BS < sinks, held_BS,
+                            jnp.where(kept_BS, held_BS - shift_B[:, None],
+                                      kv_cache.EMPTY_POSITION))
+    kv_index_BS = jnp.where(held_BS == kv_cache.EMPTY_POSITION, kv_cache.EMPTY_POSITION,
+                            kv_index_BS)
+    q_index_BT = pos_BT - shift_B[:, None]
+    keys = kv_cache.read(cache_k, layer, q.dtype)
+    if self.rope is not None:
+      seq_len_B = lengths_B + (T if num_new_B is None else num_new_B) - shift_B
+      keys = self.rope.apply(keys, jnp.minimum(kv_index_BS, S + T), seq_len_B)
+      q = self.rope.apply(q, q_index_BT, seq_len_B)
+    out = attention_ops.attention(q, keys, kv_cache.read(cache_v, layer, q.dtype),
+                                  q_index=q_index_BT, kv_index=kv_index_BS,
+                                  sliding_window=window, sinks=sinks,
                                   alibi_slopes=self.alibi_slopes)
     return self.out_projection(out), cache_k, cache_v

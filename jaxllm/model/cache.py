@@ -23,6 +23,10 @@ Ring buffers (sliding-window models, contiguous layout): token p lives in slot p
 of `ring_len(window, T)` slots serves any length; `ring_positions` says which token each slot
 holds. A step of T tokens overwrites the T oldest slots, so S >= window + T - 1 keeps every key
 the step's first query still sees (rolling back k speculated tokens likewise needs T = k + 1).
+
+Streaming (StreamingLLM, `Stream`): slots [0, sinks) keep the first tokens for good, the rest is
+a ring for the most recent ones (`stream_slots`, `stream_positions`). Keys are stored before
+RoPE, because their positions are those within the cache, which move as the window slides.
 """
 
 from __future__ import annotations
@@ -136,6 +140,17 @@ def with_lengths(cache, lengths_B: jax.Array):
   return cache._replace(lengths=lengths_B.astype(jnp.int32))
 
 
+class Stream(NamedTuple):
+  """StreamingLLM generation: every query attends to the first `sinks` tokens and the `window`
+  most recent ones (itself included), at their positions within the cache."""
+  sinks: int
+  window: int
+
+  def cache_len(self, longest_step: int) -> int:
+    """Slots a streaming cache needs when a step adds up to `longest_step` tokens."""
+    return self.sinks + ring_len(self.window, longest_step)
+
+
 def ring_len(window: int, longest_step: int) -> int:
   """Slots a ring-buffer cache needs for a `window`-token attention window when a step adds up
   to `longest_step` tokens."""
@@ -155,6 +170,21 @@ def ring_positions(ends_B: jax.Array, S: int) -> jax.Array:
   return jnp.where(pos_BS >= 0, pos_BS, EMPTY_POSITION).astype(jnp.int32)
 
 
+def stream_slots(pos_BT: jax.Array, sinks: int, S: int) -> jax.Array:
+  """The slot of each token position in a streaming cache of S slots."""
+  return jnp.where(pos_BT < sinks, pos_BT, sinks + (pos_BT - sinks) % (S - sinks))
+
+
+def stream_positions(ends_B: jax.Array, sinks: int, S: int) -> jax.Array:
+  """`[B, S]` int32: the token position each slot of a streaming cache holds once sequence b
+  has `ends_B[b]` tokens written, EMPTY_POSITION where none is."""
+  R = S - sinks
+  slot_S = jnp.arange(S, dtype=jnp.int32)[None, :]
+  last_BS = ends_B[:, None] - 1 - slot_S
+  pos_BS = jnp.where(slot_S < sinks, slot_S, slot_S + R * jnp.floor_divide(last_BS, R))
+  return jnp.where(last_BS >= 0, pos_BS, EMPTY_POSITION).astype(jnp.int32)
+
+
 def _valid_BT(B: int, T: int, num_new_B: jax.Array | None) -> jax.Array:
   t = jnp.arange(T, dtype=jnp.int32)[None, :]
   return jnp.ones((B, T), bool) if num_new_B is None else t < num_new_B[:, None]
@@ -169,11 +199,18 @@ def write(cache_LBSKDh: jax.Array | Int8KV, layer: jax.Array | int, new_BTKDh: j
   Tokens past num_new (right padding) and slots past the end are dropped, never clamped onto
   valid slots.
   """
-  B, T = new_BTKDh.shape[:2]
-  S = cache_LBSKDh.shape[2]
+  T = new_BTKDh.shape[1]
   slot_BT = starts_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
   if ring:
-    slot_BT = slot_BT % S
+    slot_BT = slot_BT % cache_LBSKDh.shape[2]
+  return write_slots(cache_LBSKDh, layer, new_BTKDh, slot_BT, num_new_B)
+
+
+def write_slots(cache_LBSKDh: jax.Array | Int8KV, layer: jax.Array | int, new_BTKDh: jax.Array,
+                slot_BT: jax.Array, num_new_B: jax.Array | None = None) -> jax.Array:
+  """Stores new_BTKDh[b, t] at layer `layer`, slot slot_BT[b, t], for t < num_new_B[b]."""
+  B, T = new_BTKDh.shape[:2]
+  S = cache_LBSKDh.shape[2]
   slot_BT = jnp.where(_valid_BT(B, T, num_new_B), slot_BT, S)
   batch_BT = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
   return _set(cache_LBSKDh, (layer, batch_BT, slot_BT), new_BTKDh)

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.model.cache import KVCache, PagedKVCache
+from jaxllm.model.cache import KVCache, PagedKVCache, Stream
 from jaxllm.model.attention import Attention
 from jaxllm.model.layers import RMSNorm, param
 from jaxllm.model.mlp import MLP
@@ -93,9 +93,10 @@ class Block(nnx.Module):
       return x_BTD + y_BTD, stats
     return x_BTD + self.mlp(self.mlp_norm(x_BTD)), None
 
-  def extend(self, x_BTD, cache_k, cache_v, layer, lengths_B, num_new_B, page_table_BM):
+  def extend(self, x_BTD, cache_k, cache_v, layer, lengths_B, num_new_B, page_table_BM,
+             stream=None):
     h, cache_k, cache_v = self.attn.extend(self.attn_norm(x_BTD), cache_k, cache_v, layer,
-                                           lengths_B, num_new_B, page_table_BM)
+                                           lengths_B, num_new_B, page_table_BM, stream)
     x_BTD = x_BTD + h
     ffn = self.moe.infer if hasattr(self, "moe") else self.mlp
     return x_BTD + ffn(self.mlp_norm(x_BTD)), cache_k, cache_v
@@ -244,14 +245,15 @@ class Transformer(nnx.Module):
     return rules.constrain(self._logits(x_BTD), rules.ACTIVATION_AXES_BTV), stats
 
   def extend(self, tokens_BT: jax.Array, cache: KVCache | PagedKVCache,
-             num_new_B: jax.Array | None = None, *, last_only: bool = False
-             ) -> tuple[jax.Array, KVCache | PagedKVCache]:
+             num_new_B: jax.Array | None = None, *, last_only: bool = False,
+             stream: Stream | None = None) -> tuple[jax.Array, KVCache | PagedKVCache]:
     """Runs T new tokens per sequence against the cache (prefill chunk: T > 1; decode: T = 1).
 
     Token t of sequence b goes to position cache.lengths[b] + t; only the first num_new_B[b]
     (default T) are real and stored, the rest is right padding, and lengths advance by num_new.
     Returns logits `[B, T, V]`, or with `last_only` `[B, 1, V]` at each sequence's last real
-    token (the head is then computed once per sequence, not T times).
+    token (the head is then computed once per sequence, not T times). `stream`: the cache is a
+    StreamingLLM cache (sinks + recent window, `jaxllm.model.cache.Stream`).
 
     The whole `[L, ...]` cache rides in the scan carry and each layer scatters only its new
     tokens into it, so a step costs the new K/V, not a copy of the cache.
@@ -268,7 +270,7 @@ class Transformer(nnx.Module):
       def run(carry, params, depth):
         x_BTD, k, v = carry
         return nnx.merge(graphdef, params).extend(x_BTD, k, v, depth, lengths_B, num_new_B,
-                                                  page_table)
+                                                  page_table, stream)
       return run
 
     moe_step = lambda carry, params, depth: (step(moe_gd)(carry, params, depth), None)

@@ -42,10 +42,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_index: jax.Array,
               kv_index: jax.Array, q_segment_ids: jax.Array | None = None,
               kv_segment_ids: jax.Array | None = None, sliding_window: int | None = None,
               impl: str = "xla", sm_scale: float | None = None,
-              alibi_slopes: jax.Array | None = None) -> jax.Array:
+              alibi_slopes: jax.Array | None = None, sinks: int = 0) -> jax.Array:
   """Causal multi-head attention by token index (XLA); returns `[B, T, H, Dh]` in q's dtype.
 
   q_index `[B, T]`, kv_index `[B, S]` int32; segment ids `[B, T]` / `[B, S]` int32 (0 = padding).
+  `sinks`: keys with kv_index < sinks stay visible outside the sliding window (StreamingLLM).
   """
   B, T, H, Dh = q.shape
   _, S, K, _ = k.shape
@@ -66,7 +67,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_index: jax.Array,
     scores = scores - slopes_KG[None, :, :, None, None] * distance_BTS[:, None, None]
   mask_BTS = kv_index[:, None, :] <= q_index[:, :, None]
   if sliding_window is not None:
-    mask_BTS &= kv_index[:, None, :] > q_index[:, :, None] - sliding_window
+    in_window_BTS = kv_index[:, None, :] > q_index[:, :, None] - sliding_window
+    mask_BTS &= in_window_BTS | (kv_index[:, None, :] < sinks)
   if q_segment_ids is not None:
     mask_BTS &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
   scores = jnp.where(mask_BTS[:, None, None], scores, _MASK_VALUE)
