@@ -157,6 +157,9 @@ class MeshConfig:
   # TPU slices the devices form (multi-slice over the data-centre network): stage, then data,
   # span them (`jaxllm.parallel.mesh.make_mesh`); `plan --aot` compiles for that many slices.
   slices: int = 1
+  # Megatron sequence parallelism: inside each tensor-parallel group the residual stream (and
+  # so the norms and residual adds) is split over `tensor` along the sequence between blocks.
+  sequence_parallel: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -445,6 +448,9 @@ def validate_for_devices(config: Config, num_devices: int,
                         f"mesh.expert={sizes['expert']}")
   if sizes["stage"] > 1:
     _validate_pipeline(m, t, sizes, micro, batch_shards)
+  if config.mesh.sequence_parallel and (sizes["tensor"] < 2 or t.seq_len % sizes["tensor"]):
+    raise ConfigError(f"mesh.sequence_parallel splits train.seq_len={t.seq_len} over "
+                      f"mesh.tensor={sizes['tensor']}: it needs a tensor axis > 1 that divides it")
   if (sizes["stage"] * sizes["data"]) % config.mesh.slices:
     raise ConfigError(f"mesh.slices={config.mesh.slices} must divide mesh.stage x mesh.data = "
                       f"{sizes['stage'] * sizes['data']}: only those axes may cross slices")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from jaxllm import config as config_lib
 from jaxllm.parallel import mesh as mesh_lib
 from jaxllm.parallel import rules
 from jaxllm.train import loop, step as step_lib
@@ -27,6 +28,10 @@ MESHES = {
     "pp2": dict(data=1, stage=2),
     "pp4": dict(data=1, stage=4),
     "fsdp2_tp2_pp2": dict(data=1, fsdp=2, tensor=2, stage=2),
+    # Sequence parallelism: the residual stream split over the sequence inside each TP group.
+    "tp2_sp": dict(data=1, tensor=2, sequence_parallel=True),
+    "dp2_fsdp2_tp2_sp": dict(data=2, fsdp=2, tensor=2, sequence_parallel=True),
+    "fsdp2_tp2_pp2_sp": dict(data=1, fsdp=2, tensor=2, stage=2, sequence_parallel=True),
 }
 
 
@@ -127,6 +132,29 @@ def test_tensor_parallel_splits_megatron_style():
   state = loop.initial_state(cfg, optimizer, shardings)
   q = state["params"]["blocks"]["attn"]["q"]
   assert {s.data.shape for s in q.addressable_shards} == {(4, 64, 2, 8)}  # [L, D, H/4, Dh]
+
+
+def test_sequence_parallel_splits_the_residual_stream_over_the_sequence():
+  """Under mesh.sequence_parallel the blocks' outputs are laid out [batch, seq / tensor, D]: the
+  compiled step gathers the sequence back into the tensor-parallel matmuls (all-gathers plain
+  tensor parallelism has none of)."""
+  import re
+
+  def collectives(sequence_parallel):
+    cfg = _config(dict(MESHES["tp2"], sequence_parallel=sequence_parallel))
+    mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:2])
+    graphdef, abstract, shardings, optimizer = loop.state_shardings(cfg, mesh)
+    step = jax.jit(step_lib.make_train_step(graphdef, optimizer, cfg.train),
+                   in_shardings=(shardings, rules.batch_sharding(mesh)),
+                   out_shardings=(shardings, None))
+    batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _batches(cfg, 1)[0])
+    with jax.set_mesh(mesh):
+      text = step.lower(abstract, batch).compile().as_text()
+    return len(re.findall(r"= \S+ all-gather\(", text))
+
+  assert collectives(False) == 0 and collectives(True) > 0
+  with pytest.raises(config_lib.ConfigError, match="mesh.sequence_parallel splits"):
+    config_lib.validate_for_devices(_config(dict(data=8, sequence_parallel=True)), 8)
 
 
 def test_pipeline_stages_exchange_activations_by_ppermute():

@@ -151,9 +151,12 @@ def _traverse(layout: LayerLayout, dense, moe, carry, dense_fn, moe_fn, wrap=lam
 class Transformer(nnx.Module):
   """Token ids `[B, T]` -> logits `[B, T, V]` (float32)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, sequence_parallel: bool = False):
     self.cfg = cfg
     self.layout = layer_layout(cfg)
+    # How the residual stream between blocks is laid out on the mesh (training's forward).
+    self.activation_axes = (rules.SEQUENCE_PARALLEL_AXES_BTD if sequence_parallel
+                            else rules.ACTIVATION_AXES_BTD)
     pd = jnp.dtype(cfg.param_dtype)
     self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pd)
     if self.layout.n_dense:
@@ -210,15 +213,17 @@ class Transformer(nnx.Module):
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     (dense_gd, dense), (moe_gd, moe) = self._stacks()
 
+    axes = self.activation_axes
+
     def dense_block(x_BTD, params, positions_BT, segment_ids_BT):
       x_BTD, _ = nnx.merge(dense_gd, params)(x_BTD, positions_BT, segment_ids_BT)
-      return rules.constrain(x_BTD, rules.ACTIVATION_AXES_BTD)
+      return rules.constrain(x_BTD, axes)
 
     def moe_block(x_BTD, params, positions_BT, segment_ids_BT):
       x_BTD, stats = nnx.merge(moe_gd, params)(x_BTD, positions_BT, segment_ids_BT)
-      return rules.constrain(x_BTD, rules.ACTIVATION_AXES_BTD), stats
+      return rules.constrain(x_BTD, axes), stats
 
-    x_BTD = rules.constrain(self.embed_tokens(tokens_BT), rules.ACTIVATION_AXES_BTD)
+    x_BTD = rules.constrain(self.embed_tokens(tokens_BT), axes)
     if pipeline.num_stages() > 1:
       if moe is None:
         unit = lambda x, p, pos, seg: (dense_block(x, p, pos, seg), None)
@@ -285,9 +290,10 @@ class Transformer(nnx.Module):
     return self._logits(x_BTD), cache._replace(k=k, v=v, lengths=lengths_B + num_new_B)
 
 
-def create(cfg: ModelConfig, seed: int | jax.Array = 0) -> Transformer:
+def create(cfg: ModelConfig, seed: int | jax.Array = 0, *,
+           sequence_parallel: bool = False) -> Transformer:
   key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
-  return Transformer(cfg, rngs=nnx.Rngs(params=key))
+  return Transformer(cfg, rngs=nnx.Rngs(params=key), sequence_parallel=sequence_parallel)
 
 
 def split(model: Transformer):
@@ -296,9 +302,10 @@ def split(model: Transformer):
   return graphdef, nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
 
 
-def abstract_params(cfg: ModelConfig, seed: int = 0):
-  """`(graphdef, params)` with ShapeDtypeStruct leaves; allocates nothing."""
-  return split(nnx.eval_shape(lambda: create(cfg, seed)))
+def abstract_params(cfg: ModelConfig, seed: int = 0, *, sequence_parallel: bool = False):
+  """`(graphdef, params)` with ShapeDtypeStruct leaves; allocates nothing. `sequence_parallel`:
+  the graphdef lays the residual stream out for sequence parallelism (`mesh.sequence_parallel`)."""
+  return split(nnx.eval_shape(lambda: create(cfg, seed, sequence_parallel=sequence_parallel)))
 
 
 def logical_axes(cfg: ModelConfig) -> dict:

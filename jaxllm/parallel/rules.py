@@ -1,7 +1,8 @@
 """Logical axis names -> mesh axes.
 
 Logical axes (on parameters and activations): batch, length, embed, heads, kv_heads, head_dim,
-mlp, vocab, expert, layers. Mesh axes: data, fsdp, tensor, stage, expert.
+mlp, vocab, expert, layers, sequence (the residual stream's length under sequence parallelism).
+Mesh axes: data, fsdp, tensor, stage, expert.
 
 FSDP shards parameters along `embed` over `fsdp`; tensor parallelism splits heads, kv_heads,
 mlp and vocab over `tensor`; expert parallelism splits MoE experts over `expert`. The batch is
@@ -28,6 +29,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),
     ("expert", "expert"),
     ("layers", "stage"),
+    ("sequence", "tensor"),
 )
 
 
@@ -58,6 +60,10 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
 # d_model and run the batch unsplit on every FSDP device.)
 ACTIVATION_AXES_BTD = ("batch", None, None)
 ACTIVATION_AXES_BTV = ("batch", None, "vocab")
+# Sequence parallelism (`mesh.sequence_parallel`): between blocks the residual stream is split
+# along the sequence over the tensor axis; XLA then all-gathers it into each block's
+# tensor-parallel matmuls and reduce-scatters their outputs, in place of one all-reduce.
+SEQUENCE_PARALLEL_AXES_BTD = ("batch", "sequence", None)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None], rules=DEFAULT_RULES) -> jax.Array:
