@@ -160,6 +160,9 @@ class MeshConfig:
   # Megatron sequence parallelism: inside each tensor-parallel group the residual stream (and
   # so the norms and residual adds) is split over `tensor` along the sequence between blocks.
   sequence_parallel: bool = False
+  # Context parallelism: the sequence of every batch row split over this many devices, in
+  # training (forward and backward); attention gathers the keys and values it needs.
+  context: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,6 +351,11 @@ def validate(config: Config) -> None:
     raise ConfigError("at most one mesh axis may be -1 (all remaining devices)")
   if mesh.slices < 1:
     raise ConfigError(f"mesh.slices={mesh.slices} must be at least 1")
+  if mesh.context < 1:
+    raise ConfigError(f"mesh.context={mesh.context} must be a positive device count")
+  if t.seq_len % mesh.context:
+    raise ConfigError(f"train.seq_len={t.seq_len} is not divisible by mesh.context="
+                      f"{mesh.context}")
 
 
 def _validate_moe(m: ModelConfig) -> None:
@@ -406,6 +414,8 @@ def _validate_pipeline(m: ModelConfig, t: TrainConfig, sizes: dict[str, int], mi
 def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
   """Mesh axis sizes with -1 filled in; raises ConfigError if they do not tile the devices."""
   sizes = {k: getattr(mesh, k) for k in ("data", "fsdp", "tensor", "stage", "expert")}
+  if mesh.context != 1:  # only a context-parallel mesh has the axis
+    sizes["context"] = mesh.context
   fixed = math.prod(v for v in sizes.values() if v != -1)
   if num_devices % fixed:
     raise ConfigError(

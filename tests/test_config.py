@@ -38,6 +38,8 @@ def test_default_experiment_is_valid():
     ("train", dict(steps="many"), "train.steps='many' must be an integer"),
     ("train", dict(stepz=3), "unknown config key train.stepz"),
     ("mesh", dict(data=-1, fsdp=-1), "at most one mesh axis may be -1"),
+    ("mesh", dict(context=3), "is not divisible by mesh.context=3"),
+    ("mesh", dict(context=0), "mesh.context=0 must be a positive device count"),
     ("data", dict(eval_fraction=1.5), "data.eval_fraction=1.5"),
 ])
 def test_invalid_values_name_the_key(section, values, fragment):

@@ -32,6 +32,12 @@ MESHES = {
     "tp2_sp": dict(data=1, tensor=2, sequence_parallel=True),
     "dp2_fsdp2_tp2_sp": dict(data=2, fsdp=2, tensor=2, sequence_parallel=True),
     "fsdp2_tp2_pp2_sp": dict(data=1, fsdp=2, tensor=2, stage=2, sequence_parallel=True),
+    # Context parallelism: every row's sequence split over `context`, K/V gathered.
+    "cp2": dict(data=1, context=2),
+    "cp4": dict(data=1, context=4),
+    "dp2_cp2_tp2": dict(data=2, context=2, tensor=2),
+    "fsdp2_cp4": dict(data=1, fsdp=2, context=4),
+    "cp2_tp2_pp2_sp": dict(data=1, context=2, tensor=2, stage=2, sequence_parallel=True),
 }
 
 

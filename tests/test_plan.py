@@ -31,6 +31,23 @@ def test_llama3_8b_fsdp8_holds_an_eighth_of_mixed_precision_adam():
   assert result["optimizer_bytes"] == pytest.approx(2 * result["param_bytes"], rel=0.01)
 
 
+def test_context_and_sequence_parallelism_shrink_activations():
+  """Llama-3-8B, one 8k-token row per fsdp x tensor group: context=2 halves each device's
+  tokens (it keeps the gathered K/V besides), sequence parallelism splits the residual stream
+  over tensor."""
+  def activations(devices, **mesh):
+    cfg = config_lib.from_config_dict({
+        **_experiment(llama3_8b, "gpu8").to_dict(), "train": dict(batch_size=2, seq_len=8192),
+        "mesh": dict(data=1, fsdp=2, tensor=2, stage=1, expert=1, **mesh)})
+    return plan_lib.plan(cfg, devices, compile_check=False, platform="gpu")["activation_bytes"]
+
+  plain = activations(4)
+  cp2 = activations(8, context=2)
+  sp = activations(4, sequence_parallel=True)
+  assert 0.5 * plain < cp2 < 0.6 * plain
+  assert 0.6 * plain < sp < 0.95 * plain
+
+
 def test_plan_agrees_with_measured_shards_and_the_compiler():
   cfg = tiny_experiment(mesh=dict(data=1, fsdp=8))
   result = plan_lib.plan(cfg, 8)

@@ -100,6 +100,14 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   """
   B, T = q.shape[:2]
   impl = resolve_impl(impl, q.shape[-1])
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and dict(mesh.shape).get("context", 1) > 1:
+    # Context parallelism: each device keeps its queries' slice of the sequence and gathers
+    # the whole sequence's keys and values (the XLA path; the kernels see whole sequences).
+    k = rules.constrain(k, ("batch", None, "kv_heads", None))
+    v = rules.constrain(v, ("batch", None, "kv_heads", None))
+    q = rules.constrain(q, ("batch", "length", "heads", None))
+    impl = "xla"
   if impl == "pallas":
     return _pallas_self_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi_slopes)
   if impl == "cudnn":

@@ -16,6 +16,9 @@ from jaxllm.config import ConfigError, MeshConfig, resolve_mesh_shape
 # axes of nested shard_maps (the pipeline's stage, then the kernels' batch and head axes) in
 # mesh order, so `stage` must come first.
 AXES = ("stage", "data", "fsdp", "expert", "tensor")
+# A context-parallel mesh (`mesh.context` > 1) adds `context` next to `tensor`: ring and gather
+# traffic of long sequences wants the fast links too.
+CONTEXT_AXES = ("stage", "data", "fsdp", "expert", "context", "tensor")
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
@@ -29,8 +32,9 @@ def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
   """
   devices = jax.devices() if devices is None else devices
   sizes = resolve_mesh_shape(mesh_cfg, len(devices))
-  shape = tuple(sizes[a] for a in AXES)
-  axis_types = (jax.sharding.AxisType.Auto,) * len(AXES)
+  axes = CONTEXT_AXES if "context" in sizes else AXES
+  shape = tuple(sizes[a] for a in axes)
+  axis_types = (jax.sharding.AxisType.Auto,) * len(axes)
   # Only TPU devices of different slices are apart by the slow network (other platforms may
   # number their hosts as slices).
   slices = (len({getattr(d, "slice_index", 0) for d in devices})
@@ -40,16 +44,16 @@ def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
                       f"slice{'s' if slices > 1 else ''}")
   if slices == 1:
     try:
-      return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
+      return jax.make_mesh(shape, axes, axis_types=axis_types, devices=devices)
     except NotImplementedError:
       # A TPU torus whose axes the mesh axes cannot each take whole (fsdp 8 x expert 8 on a
       # 4x4x4 v5p slice): split physical axes.
       grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-      return Mesh(grid, AXES, axis_types=axis_types)
+      return Mesh(grid, axes, axis_types=axis_types)
   # Multi-slice TPU: slices talk over the data-centre network, orders of magnitude slower than
   # the chips' own links, so only the axes that communicate least (pipeline stages, then data
   # replicas) may span slices; every other axis stays inside one.
-  dcn = dict.fromkeys(AXES, 1)
+  dcn = dict.fromkeys(axes, 1)
   left = slices
   for axis in ("stage", "data"):
     dcn[axis] = math.gcd(sizes[axis], left)
@@ -58,10 +62,10 @@ def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
     raise ConfigError(f"the devices span {slices} slices, but mesh.stage x mesh.data = "
                       f"{sizes['stage'] * sizes['data']} is not a multiple of {slices}: only "
                       "the stage and data axes may cross slices")
-  ici = tuple(sizes[a] // dcn[a] for a in AXES)
-  grid = mesh_utils.create_hybrid_device_mesh(ici, tuple(dcn[a] for a in AXES), devices,
+  ici = tuple(sizes[a] // dcn[a] for a in axes)
+  grid = mesh_utils.create_hybrid_device_mesh(ici, tuple(dcn[a] for a in axes), devices,
                                               allow_split_physical_axes=True)
-  return Mesh(grid, AXES, axis_types=axis_types)
+  return Mesh(grid, axes, axis_types=axis_types)
 
 
 def under_mesh(fn, mesh: Mesh):

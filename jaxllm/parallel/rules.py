@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp", "expert")),
-    ("length", None),
+    ("length", "context"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -29,7 +29,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),
     ("expert", "expert"),
     ("layers", "stage"),
-    ("sequence", "tensor"),
+    ("sequence", ("context", "tensor")),
 )
 
 
@@ -58,8 +58,8 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
 # Activations between blocks: batch split like the input batch, everything else whole. (The
 # parameter rule embed -> fsdp must not reach activations: XLA would then shard them by
 # d_model and run the batch unsplit on every FSDP device.)
-ACTIVATION_AXES_BTD = ("batch", None, None)
-ACTIVATION_AXES_BTV = ("batch", None, "vocab")
+ACTIVATION_AXES_BTD = ("batch", "length", None)
+ACTIVATION_AXES_BTV = ("batch", "length", "vocab")
 # Sequence parallelism (`mesh.sequence_parallel`): between blocks the residual stream is split
 # along the sequence over the tensor axis; XLA then all-gathers it into each block's
 # tensor-parallel matmuls and reduce-scatters their outputs, in place of one all-reduce.
@@ -91,8 +91,10 @@ def batch_axes(mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
 
 
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
-  """Sharding of `[batch, length]` input arrays."""
-  return NamedSharding(mesh, PartitionSpec(batch_axes(mesh, rules) or None, None))
+  """Sharding of `[batch, length]` input arrays (length split over `context` when the mesh has
+  it)."""
+  length = "context" if dict(mesh.shape).get("context", 1) > 1 else None
+  return NamedSharding(mesh, PartitionSpec(batch_axes(mesh, rules) or None, length))
 
 
 def process_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
@@ -100,7 +102,10 @@ def process_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
 
   `jax.make_array_from_process_local_data` expects exactly these rows from each process.
   """
-  indices = sharding.addressable_devices_indices_map((global_batch, 1)).values()
+  columns = 1
+  for axis in jax.tree.leaves(sharding.spec[1:]):  # a split length axis (context parallelism)
+    columns *= sharding.mesh.shape[axis]
+  indices = sharding.addressable_devices_indices_map((global_batch, columns)).values()
   # Devices that differ only along non-batch axes hold the same rows: one span each.
   spans = sorted({(rows.start or 0, global_batch if rows.stop is None else rows.stop)
                   for rows, _ in indices})

@@ -90,23 +90,33 @@ def _activation_bytes(cfg: config_lib.Config, sizes: dict, layers_per_stage: int
     moe_width = (3 * m.experts_per_token * (m.moe_d_ff or m.d_ff) + 2 * m.experts_per_token * D
                  + 3 * m.n_shared_experts * (m.moe_d_ff or m.d_ff)) / tp
     F = (layout.n_dense * 3 * F + layout.groups * moe_width) / m.n_layers / 3
+  # Sequence parallelism splits the residual stream (the norms' inputs and outputs, the D-wide
+  # terms) over the tensor axis too.
+  Dr = D / tp if cfg.mesh.sequence_parallel else D
   if m.remat == "full":
-    per_token_layer = c * D
-    recompute = c * (4 * D + 2 * (H + K) * Dh + 3 * F)  # one layer live during its backward
+    per_token_layer = c * Dr
+    recompute = c * (4 * Dr + 2 * (H + K) * Dh + 3 * F)  # one layer live during its backward
   elif m.remat in ("dots", "dots_no_batch"):
-    per_token_layer, recompute = c * (2 * D + (2 * H + 2 * K) * Dh + 2 * F), 0.0
+    per_token_layer, recompute = c * (2 * Dr + (2 * H + 2 * K) * Dh + 2 * F), 0.0
   else:
-    per_token_layer, recompute = c * (4 * D + 2 * (H + K) * Dh + 3 * F), 0.0
-  xla_attention = attention_ops.resolve_impl(m.attention_impl, m.head_dim, platform) == "xla"
+    per_token_layer, recompute = c * (4 * Dr + 2 * (H + K) * Dh + 3 * F), 0.0
+  context = sizes.get("context", 1)
+  # Context parallelism runs the XLA attention (the kernels see whole sequences).
+  xla_attention = context > 1 or attention_ops.resolve_impl(m.attention_impl, m.head_dim,
+                                                            platform) == "xla"
   if m.remat != "full" and xla_attention:
     per_token_layer += 4 * H * T
   micro /= sizes["expert"]  # the expert axis splits the batch too
-  tokens = micro * T
+  # Context parallelism: each device keeps 1/context of every row's tokens, and per layer the
+  # whole row's gathered K/V (held for the backward pass); attention still spans all T keys.
+  tokens = micro * T / context
+  gathered_kv = c * 2 * K * Dh * micro * T * layers_per_stage if context > 1 else 0.0
   in_flight = 1
   if sizes["stage"] > 1:  # GPipe keeps every microbatch's activations until the flush
     in_flight = max(t.microbatches, 1)
   logits = 8 * m.vocab_size / tp * tokens
-  return tokens * (per_token_layer * layers_per_stage + recompute) * in_flight + logits
+  return (tokens * (per_token_layer * layers_per_stage + recompute) + gathered_kv) * in_flight + (
+      logits)
 
 
 def plan(cfg: config_lib.Config, num_devices: int, *, compile_check: bool = True,
