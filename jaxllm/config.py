@@ -29,6 +29,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
 ROUTERS = ("softmax", "sigmoid")
 MOE_IMPLS = ("auto", "xla", "tiled", "pallas")
+CONTEXT_PARALLEL = ("all_gather", "ring")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +145,10 @@ class TrainConfig:
   # log-sum-exp of the router logits).
   moe_aux_loss: float = 0.01
   router_z_loss: float = 0.001
+  # Context parallelism (mesh.context > 1): "all_gather" gathers every row's keys and values to
+  # each device; "ring" passes them around the context ring, with the sequence reordered so that
+  # causal masking leaves every device the same work.
+  context_parallel: str = "all_gather"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,6 +358,12 @@ def validate(config: Config) -> None:
     raise ConfigError(f"mesh.slices={mesh.slices} must be at least 1")
   if mesh.context < 1:
     raise ConfigError(f"mesh.context={mesh.context} must be a positive device count")
+  if t.context_parallel not in CONTEXT_PARALLEL:
+    raise ConfigError(f"train.context_parallel={t.context_parallel!r} is not one of "
+                      f"{', '.join(CONTEXT_PARALLEL)}")
+  if t.context_parallel == "ring" and mesh.context > 1 and t.seq_len % (2 * mesh.context):
+    raise ConfigError(f"train.context_parallel=ring splits train.seq_len={t.seq_len} into "
+                      f"2 x mesh.context = {2 * mesh.context} equal chunks: it must divide")
   if t.seq_len % mesh.context:
     raise ConfigError(f"train.seq_len={t.seq_len} is not divisible by mesh.context="
                       f"{mesh.context}")

@@ -180,3 +180,25 @@ def test_alibi_in_every_path_matches_the_reference():
     got = paged_attention(q[:, -3:], pages(kv[0]), pages(kv[1]), lengths, table, impl=impl,
                           alibi_slopes=slopes)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, err_msg=f"paged {impl}")
+
+
+def test_ring_attention_matches_xla_in_any_token_order():
+  """Ring attention over context=4 (K/V blocks passed by ppermute, partial results merged by
+  log-sum-exp), tokens in the load-balanced order, with packed segments, a window and ALiBi."""
+  from jaxllm.config import MeshConfig
+  from jaxllm.ops import ring_attention
+  from jaxllm.parallel import mesh as mesh_lib
+  q, k, v, seg = _packed(5, H=4, K=2)
+  B, T = q.shape[:2]
+  slopes = jnp.asarray(alibi_slopes(4))
+  want = self_attention(q, k, v, segment_ids=seg, sliding_window=9, impl="xla",
+                        alibi_slopes=slopes)
+  order = ring_attention.load_balance_order(T, 4)
+  perm = lambda x: x[:, order]
+  index = jnp.broadcast_to(jnp.asarray(order, jnp.int32), (B, T))
+  f = jax.jit(lambda q, k, v, seg, index: self_attention(
+      q, k, v, segment_ids=seg, sliding_window=9, alibi_slopes=slopes, index=index,
+      context_parallel="ring"))
+  with jax.set_mesh(mesh_lib.make_mesh(MeshConfig(data=2, context=4))):
+    got = f(perm(q), perm(k), perm(v), perm(seg), index)
+  np.testing.assert_allclose(np.asarray(got)[:, np.argsort(order)], np.asarray(want), atol=2e-5)

@@ -41,9 +41,9 @@ MESHES = {
 }
 
 
-def _config(mesh, chunks=1):
-  return tiny_experiment(model=MODEL, train=dict(batch_size=8, seq_len=32, microbatches=4,
-                                                 pipeline_chunks=chunks),
+def _config(mesh, chunks=1, **train):
+  return tiny_experiment(model=MODEL, train={**dict(batch_size=8, seq_len=32, microbatches=4,
+                                                    pipeline_chunks=chunks), **train},
                          mesh={"data": 1, "fsdp": 1, "tensor": 1, **mesh})
 
 
@@ -86,12 +86,20 @@ CIRCULAR = {"pp2_circular": dict(data=1, stage=2),
             "fsdp2_tp2_pp2_circular": dict(data=1, fsdp=2, tensor=2, stage=2)}
 
 
-@pytest.mark.parametrize("name", list(MESHES) + list(CIRCULAR))
+# Ring attention for context parallelism (the sequence reordered for load balance).
+RING = {"cp2_ring": dict(data=1, context=2), "cp4_ring": dict(data=1, context=4),
+        "dp2_cp2_tp2_ring": dict(data=2, context=2, tensor=2),
+        "fsdp2_cp2_pp2_ring": dict(data=1, fsdp=2, context=2, stage=2)}
+
+
+@pytest.mark.parametrize("name", list(MESHES) + list(CIRCULAR) + list(RING))
 def test_sharded_training_equals_single_device(name, single_device):
-  mesh = {**MESHES, **CIRCULAR}[name]
+  mesh = {**MESHES, **CIRCULAR, **RING}[name]
   n = int(np.prod(list(mesh.values())))
   # Circular: 4 layers in 2 stages x 2 chunks, 4 microbatches going around the ring twice.
-  state, losses = _train(_config(mesh, chunks=2 if name in CIRCULAR else 1), jax.devices()[:n])
+  train = dict(context_parallel="ring") if name in RING else {}
+  state, losses = _train(_config(mesh, chunks=2 if name in CIRCULAR else 1, **train),
+                         jax.devices()[:n])
   want_state, want_losses = single_device
   np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
   flat = jax.tree_util.tree_leaves_with_path(jax.device_get(state["params"]))
@@ -161,6 +169,20 @@ def test_sequence_parallel_splits_the_residual_stream_over_the_sequence():
   assert collectives(False) == 0 and collectives(True) > 0
   with pytest.raises(config_lib.ConfigError, match="mesh.sequence_parallel splits"):
     config_lib.validate_for_devices(_config(dict(data=8, sequence_parallel=True)), 8)
+
+
+def test_ring_order_gives_every_device_the_same_causal_work():
+  from jaxllm.ops import ring_attention
+  T, C = 64, 4
+  order = ring_attention.load_balance_order(T, C)
+  assert sorted(order) == list(range(T))
+  # Device i holds chunks i and 2C - 1 - i; unmasked (query, key) pairs per device are equal.
+  work = [sum(q + 1 for q in order[i * T // C:(i + 1) * T // C]) for i in range(C)]
+  assert len(set(work)) == 1, work
+  with pytest.raises(ValueError, match="multiple of 2 x context"):
+    ring_attention.load_balance_order(36, 4)
+  with pytest.raises(config_lib.ConfigError, match="train.context_parallel=ring splits"):
+    _config(dict(data=1, context=4), seq_len=36, context_parallel="ring")
 
 
 def test_pipeline_stages_exchange_activations_by_ppermute():

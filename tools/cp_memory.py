@@ -1,8 +1,9 @@
 """Context parallelism's effect on one compiled train step (CPU, simulated devices): XLA's
-temporary-buffer size per device against sequence length, `mesh.context` 1, 2 and 4
-(compiled memory analysis, nothing run).
+temporary-buffer size per device against sequence length, `mesh.context` 1, 2 and 4, for each
+`train.context_parallel` strategy (compiled memory analysis, nothing run).
 
-  python tools/cp_memory.py [--seq_lens=512,1024,2048 --contexts=1,2,4]
+  python tools/cp_memory.py [--seq_lens=512,1024,2048 --contexts=1,2,4 \
+      --strategies=all_gather,ring]
 """
 
 import os
@@ -16,9 +17,11 @@ from absl import app, flags  # noqa: E402
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["512", "1024", "2048"], "Sequence lengths.")
 _CONTEXTS = flags.DEFINE_list("contexts", ["1", "2", "4"], "mesh.context values.")
+_STRATEGIES = flags.DEFINE_list("strategies", ["all_gather", "ring"],
+                                "train.context_parallel values.")
 
 
-def temporaries_mib(seq_len: int, context: int) -> float:
+def temporaries_mib(seq_len: int, context: int, strategy: str) -> float:
   import jax
   import numpy as np
   from jaxllm import config as config_lib
@@ -27,7 +30,7 @@ def temporaries_mib(seq_len: int, context: int) -> float:
   cfg = config_lib.from_config_dict({
       "model": dict(vocab_size=384, d_model=256, n_layers=2, n_heads=8, n_kv_heads=8,
                     head_dim=32, d_ff=512, dtype="float32", max_seq_len=max(seq_len, 2048)),
-      "train": dict(batch_size=2, seq_len=seq_len),
+      "train": dict(batch_size=2, seq_len=seq_len, context_parallel=strategy),
       "mesh": dict(data=1, context=context)})
   mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:context])
   graphdef, abstract, shardings, optimizer = loop.state_shardings(cfg, mesh)
@@ -45,12 +48,13 @@ def temporaries_mib(seq_len: int, context: int) -> float:
 
 def main(argv):
   del argv
-  contexts = [int(c) for c in _CONTEXTS.value]
-  print("| seq_len | " + " | ".join(f"context={c} (MiB)" for c in contexts) + " |")
-  print("|---|" + "---|" * len(contexts))
+  runs = [(c, s) for c in (int(c) for c in _CONTEXTS.value)
+          for s in (_STRATEGIES.value if c > 1 else ["-"])]
+  print("| seq_len | " + " | ".join(f"context={c} {s} (MiB)" for c, s in runs) + " |")
+  print("|---|" + "---|" * len(runs))
   for T in (int(t) for t in _SEQ_LENS.value):
-    print(f"| {T} | " + " | ".join(f"{temporaries_mib(T, c):.1f}" for c in contexts) + " |",
-          flush=True)
+    cells = [f"{temporaries_mib(T, c, 'all_gather' if s == '-' else s):.1f}" for c, s in runs]
+    print(f"| {T} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ from jaxllm.ops.quant_matmul import project
 
 class Attention(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, context_parallel: str = "all_gather"):
     pd = jnp.dtype(cfg.param_dtype)
+    self.context_parallel = context_parallel
     D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     self.q = param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), cfg.init_std, pd)
     self.k = param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), cfg.init_std, pd)
@@ -73,9 +74,12 @@ class Attention(nnx.Module):
              segment_ids_BT: jax.Array | None) -> jax.Array:
     """Self-attention before the output projection, `[B, T, H, Dh]`."""
     q, k, v = self._project(x_BTD, positions_BT, jnp.max(positions_BT, axis=1) + 1)
+    # Masking by position: the same as by index within a packed segment, and it survives the
+    # sequence reordering of ring context parallelism.
     return attention_ops.self_attention(q, k, v, segment_ids=segment_ids_BT,
                                         sliding_window=self.sliding_window, impl=self.impl,
-                                        alibi_slopes=self.alibi_slopes)
+                                        alibi_slopes=self.alibi_slopes, index=positions_BT,
+                                        context_parallel=self.context_parallel)
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
                segment_ids_BT: jax.Array | None) -> jax.Array:

@@ -75,10 +75,11 @@ class Block(nnx.Module):
   """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.)) (a dense SwiGLU MLP, or
   with `moe` routed experts)."""
 
-  def __init__(self, cfg: ModelConfig, *, moe: bool = False, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, moe: bool = False, rngs: nnx.Rngs,
+               context_parallel: str = "all_gather"):
     pd = jnp.dtype(cfg.param_dtype)
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
-    self.attn = Attention(cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs, context_parallel=context_parallel)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
     if moe:
       self.moe = MoE(cfg, rngs=rngs)
@@ -102,7 +103,8 @@ class Block(nnx.Module):
     return x_BTD + ffn(self.mlp_norm(x_BTD)), cache_k, cache_v
 
 
-def _stacked_blocks(cfg: ModelConfig, key: jax.Array, n: int, moe: bool) -> Block:
+def _stacked_blocks(cfg: ModelConfig, key: jax.Array, n: int, moe: bool,
+                    context_parallel: str = "all_gather") -> Block:
   """One Block whose every parameter has a leading [n] axis, each layer initialised apart."""
   keys = jax.random.split(key, n)
 
@@ -112,7 +114,8 @@ def _stacked_blocks(cfg: ModelConfig, key: jax.Array, n: int, moe: bool) -> Bloc
   stacked = jax.vmap(one_layer)(keys)
   stacked = jax.tree.map(lambda p: p.replace(axes=("layers",) + tuple(p.axes)), stacked,
                          is_leaf=lambda x: isinstance(x, nnx.Variable))
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, moe=moe, rngs=nnx.Rngs(0))))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, moe=moe, rngs=nnx.Rngs(0),
+                                                       context_parallel=context_parallel)))
   return nnx.merge(graphdef, stacked)
 
 
@@ -151,7 +154,8 @@ def _traverse(layout: LayerLayout, dense, moe, carry, dense_fn, moe_fn, wrap=lam
 class Transformer(nnx.Module):
   """Token ids `[B, T]` -> logits `[B, T, V]` (float32)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, sequence_parallel: bool = False):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, sequence_parallel: bool = False,
+               context_parallel: str = "all_gather"):
     self.cfg = cfg
     self.layout = layer_layout(cfg)
     # How the residual stream between blocks is laid out on the mesh (training's forward).
@@ -160,9 +164,11 @@ class Transformer(nnx.Module):
     pd = jnp.dtype(cfg.param_dtype)
     self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pd)
     if self.layout.n_dense:
-      self.blocks = _stacked_blocks(cfg, rngs.params(), self.layout.n_dense, moe=False)
+      self.blocks = _stacked_blocks(cfg, rngs.params(), self.layout.n_dense, moe=False,
+                                    context_parallel=context_parallel)
     if self.layout.groups:
-      self.moe_blocks = _stacked_blocks(cfg, rngs.params(), self.layout.groups, moe=True)
+      self.moe_blocks = _stacked_blocks(cfg, rngs.params(), self.layout.groups, moe=True,
+                                        context_parallel=context_parallel)
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
     if not cfg.tie_embeddings:
       self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
@@ -290,10 +296,14 @@ class Transformer(nnx.Module):
     return self._logits(x_BTD), cache._replace(k=k, v=v, lengths=lengths_B + num_new_B)
 
 
-def create(cfg: ModelConfig, seed: int | jax.Array = 0, *,
-           sequence_parallel: bool = False) -> Transformer:
+def create(cfg: ModelConfig, seed: int | jax.Array = 0, *, sequence_parallel: bool = False,
+           context_parallel: str = "all_gather") -> Transformer:
+  """A model with freshly initialised params; `sequence_parallel` and `context_parallel` only
+  change how training lays out and attends (`mesh.sequence_parallel`,
+  `train.context_parallel`)."""
   key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
-  return Transformer(cfg, rngs=nnx.Rngs(params=key), sequence_parallel=sequence_parallel)
+  return Transformer(cfg, rngs=nnx.Rngs(params=key), sequence_parallel=sequence_parallel,
+                     context_parallel=context_parallel)
 
 
 def split(model: Transformer):
@@ -302,10 +312,12 @@ def split(model: Transformer):
   return graphdef, nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
 
 
-def abstract_params(cfg: ModelConfig, seed: int = 0, *, sequence_parallel: bool = False):
-  """`(graphdef, params)` with ShapeDtypeStruct leaves; allocates nothing. `sequence_parallel`:
-  the graphdef lays the residual stream out for sequence parallelism (`mesh.sequence_parallel`)."""
-  return split(nnx.eval_shape(lambda: create(cfg, seed, sequence_parallel=sequence_parallel)))
+def abstract_params(cfg: ModelConfig, seed: int = 0, *, sequence_parallel: bool = False,
+                    context_parallel: str = "all_gather"):
+  """`(graphdef, params)` with ShapeDtypeStruct leaves; allocates nothing. The graphdef lays the
+  residual stream out for `sequence_parallel` and attends by `context_parallel` (`create`)."""
+  return split(nnx.eval_shape(lambda: create(cfg, seed, sequence_parallel=sequence_parallel,
+                                             context_parallel=context_parallel)))
 
 
 def logical_axes(cfg: ModelConfig) -> dict:

@@ -92,16 +92,27 @@ def resolve_impl(impl: str, head_dim: int, platform: str | None = None) -> str:
 def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                    segment_ids: jax.Array | None = None, sliding_window: int | None = None,
                    impl: str = "auto", sm_scale: float | None = None,
-                   alibi_slopes: jax.Array | None = None) -> jax.Array:
+                   alibi_slopes: jax.Array | None = None, index: jax.Array | None = None,
+                   context_parallel: str = "all_gather") -> jax.Array:
   """Causal self-attention of T packed tokens: q `[B, T, H, Dh]`, k/v `[B, T, K, Dh]`.
 
   segment_ids `[B, T]` int32 (0 = padding) keep packed documents apart; alibi_slopes `[H]`
   float32 add ALiBi's distance penalty. Returns q's shape/dtype.
+
+  Under a mesh with a `context` axis (context parallelism) the sequence is split over it:
+  `context_parallel` "all_gather" gathers every row's keys and values to each device, "ring"
+  passes them around (`jaxllm.ops.ring_attention`), masking by `index` `[B, T]` (each token's
+  index in its row, or its position within its segment; default arange), so rows may come in
+  any order along the sequence.
   """
   B, T = q.shape[:2]
   impl = resolve_impl(impl, q.shape[-1])
   mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and dict(mesh.shape).get("context", 1) > 1:
+  context = 1 if mesh.empty else dict(mesh.shape).get("context", 1)
+  if context > 1 and context_parallel == "ring":
+    return _ring_self_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi_slopes,
+                                index, mesh)
+  if context > 1:
     # Context parallelism: each device keeps its queries' slice of the sequence and gathers
     # the whole sequence's keys and values (the XLA path; the kernels see whole sequences).
     k = rules.constrain(k, ("batch", None, "kv_heads", None))
@@ -117,6 +128,28 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   return attention(q, k, v, q_index=index_BT, kv_index=index_BT, q_segment_ids=segment_ids,
                    kv_segment_ids=segment_ids, sliding_window=sliding_window, sm_scale=sm_scale,
                    alibi_slopes=alibi_slopes)
+
+
+def _ring_self_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi_slopes, index,
+                         mesh):
+  """Ring attention inside a `shard_map` manual over `context` only (batch and heads stay with
+  the automatic partitioner)."""
+  from jaxllm.ops import ring_attention
+  B, T = q.shape[:2]
+  if index is None:
+    index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  P = jax.sharding.PartitionSpec
+  qkv, rows = P(None, "context", None, None), P(None, "context")
+
+  def body(q, k, v, index, segment_ids):
+    return ring_attention.ring_attention(q, k, v, q_index=index, kv_index=index,
+                                         segment_ids=segment_ids, sliding_window=sliding_window,
+                                         sm_scale=sm_scale, alibi_slopes=alibi_slopes)
+
+  run = jax.shard_map(body, mesh=mesh, in_specs=(qkv, qkv, qkv, rows,
+                                                 None if segment_ids is None else rows),
+                      out_specs=qkv, axis_names={"context"}, check_vma=False)
+  return run(q, k, v, index, segment_ids)
 
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, lengths: jax.Array,

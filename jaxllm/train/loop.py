@@ -59,7 +59,8 @@ class _PreemptionGuard:
 def state_shardings(cfg: config_lib.Config, mesh):
   """(graphdef, abstract state, its shardings, optimizer) without allocating anything."""
   graphdef, abstract_params = transformer.abstract_params(
-      cfg.model, sequence_parallel=cfg.mesh.sequence_parallel)
+      cfg.model, sequence_parallel=cfg.mesh.sequence_parallel,
+      context_parallel=cfg.train.context_parallel)
   optimizer = optim.make_optimizer(cfg.train)
   param_sh = rules.tree_shardings(transformer.logical_axes(cfg.model), abstract_params, mesh)
   abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, optimizer, cfg.train.seed),

@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxllm.config import TrainConfig
 from jaxllm.model import moe
+from jaxllm.ops import ring_attention
 from jaxllm.train import losses
 from jaxllm.train.optim import learning_rate_schedule
 
@@ -29,6 +30,18 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> Tr
           "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(seed)}
 
 
+def load_balanced(batch: dict) -> dict:
+  """The batch's `[B, T]` arrays reordered along T for ring attention on the mesh's `context`
+  axis (`ring_attention.load_balance_order`; the loss is a sum over tokens, so the order does
+  not change it). Unchanged without such an axis."""
+  mesh = jax.sharding.get_abstract_mesh()
+  C = 1 if mesh.empty else dict(mesh.shape).get("context", 1)
+  if C == 1:
+    return batch
+  order = jnp.asarray(ring_attention.load_balance_order(batch["inputs"].shape[1], C))
+  return {k: jnp.take(v, order, axis=1) for k, v in batch.items()}
+
+
 def batch_loss(graphdef, params, batch, cfg: TrainConfig | None = None):
   """(summed loss to differentiate, (summed NLL, summed weight, MoE routing stats or None)).
 
@@ -36,6 +49,8 @@ def batch_loss(graphdef, params, batch, cfg: TrainConfig | None = None):
   weight, so that after the step divides by the total weight they count at their coefficients.
   """
   microbatches, chunks = (cfg.microbatches, cfg.pipeline_chunks) if cfg else (1, 1)
+  if cfg is not None and cfg.context_parallel == "ring":
+    batch = load_balanced(batch)
   model = nnx.merge(graphdef, params)
   logits, stats = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"],
                                 microbatches=microbatches, pipeline_chunks=chunks)
