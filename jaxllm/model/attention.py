@@ -160,12 +160,10 @@ class Attention(nnx.Module):
     held_BS = kv_cache.stream_positions(lengths_B + T, sinks, S)
     first_B = lengths_B - window + 1  # the oldest key the first new query sees
     shift_B = jnp.maximum(first_B - sinks, 0)
-    kept_BS = held_BS >= first_B[:, None]
+    kept_BS = (held_BS >= first_B[:, None]) & (held_BS != kv_cache.EMPTY_POSITION)
     kv_index_BS = jnp.where(held_BS < sinks, held_BS,
                             jnp.where(kept_BS, held_BS - shift_B[:, None],
                                       kv_cache.EMPTY_POSITION))
-    kv_index_BS = jnp.where(held_BS == kv_cache.EMPTY_POSITION, kv_cache.EMPTY_POSITION,
-                            kv_index_BS)
     q_index_BT = pos_BT - shift_B[:, None]
     keys = kv_cache.read(cache_k, layer, q.dtype)
     if self.rope is not None:

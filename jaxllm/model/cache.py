@@ -163,11 +163,9 @@ EMPTY_POSITION = 2 ** 30
 
 def ring_positions(ends_B: jax.Array, S: int) -> jax.Array:
   """`[B, S]` int32: the token position each ring slot holds once sequence b has `ends_B[b]`
-  tokens written (the newest p < end with p % S == slot), EMPTY_POSITION where none is."""
-  slot_S = jnp.arange(S, dtype=jnp.int32)
-  last_BS = ends_B[:, None] - 1 - slot_S[None, :]
-  pos_BS = slot_S[None, :] + S * jnp.floor_divide(last_BS, S)
-  return jnp.where(pos_BS >= 0, pos_BS, EMPTY_POSITION).astype(jnp.int32)
+  tokens written (the newest p < end with p % S == slot), EMPTY_POSITION where none is: a
+  streaming cache without sinks."""
+  return stream_positions(ends_B, 0, S)
 
 
 def stream_slots(pos_BT: jax.Array, sinks: int, S: int) -> jax.Array:

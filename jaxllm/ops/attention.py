@@ -57,6 +57,25 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_index: jax.Array,
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
   del impl  # a contiguous cache has per-sequence lengths: the XLA path serves every impl
+  scores = masked_scores(q, k, q_index=q_index, kv_index=kv_index, q_segment_ids=q_segment_ids,
+                         kv_segment_ids=kv_segment_ids, sliding_window=sliding_window,
+                         sm_scale=sm_scale, alibi_slopes=alibi_slopes, sinks=sinks)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(B, T, H, Dh).astype(q.dtype)
+
+
+def masked_scores(q: jax.Array, k: jax.Array, *, q_index: jax.Array, kv_index: jax.Array,
+                  q_segment_ids: jax.Array | None = None,
+                  kv_segment_ids: jax.Array | None = None, sliding_window: int | None = None,
+                  sm_scale: float | None = None, alibi_slopes: jax.Array | None = None,
+                  sinks: int = 0) -> jax.Array:
+  """Scaled logits `[B, K, G, T, S]` float32 of q `[B, T, H, Dh]` against k `[B, S, K, Dh]`,
+  ALiBi added and invisible pairs set to the (finite) mask value: the masking rules of this
+  module's docstring, shared by `attention` and the ring's blocks
+  (`jaxllm.ops.ring_attention`)."""
+  B, T, H, Dh = q.shape
+  K = k.shape[2]
   scale = Dh ** -0.5 if sm_scale is None else sm_scale
   q_BTKGDh = q.reshape(B, T, K, H // K, Dh)
   scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGDh, k,
@@ -71,10 +90,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_index: jax.Array,
     mask_BTS &= in_window_BTS | (kv_index[:, None, :] < sinks)
   if q_segment_ids is not None:
     mask_BTS &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-  scores = jnp.where(mask_BTS[:, None, None], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-  return out.reshape(B, T, H, Dh).astype(q.dtype)
+  return jnp.where(mask_BTS[:, None, None], scores, _MASK_VALUE)
 
 
 def resolve_impl(impl: str, head_dim: int, platform: str | None = None) -> str:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+from jaxllm.ops.attention import masked_scores
 
 
 def load_balance_order(T: int, C: int) -> np.ndarray:
@@ -30,22 +30,13 @@ def load_balance_order(T: int, C: int) -> np.ndarray:
   return np.concatenate([np.concatenate([chunks[i], chunks[2 * C - 1 - i]]) for i in range(C)])
 
 
-def _block(q, k, v, q_index, kv_index, q_seg, kv_seg, sliding_window, scale, slopes_KG):
+def _block(q, k, v, q_index, kv_index, q_seg, kv_seg, sliding_window, sm_scale, alibi_slopes):
   """Attention of q `[B, T, H, Dh]` to one K/V block `[B, S, K, Dh]` ->
   (out `[B, T, H, Dh]` float32 normalised within the block, lse `[B, K, G, T]` float32)."""
   B, T, H, Dh = q.shape
-  K = k.shape[2]
-  s = jnp.einsum("btkgd,bskd->bkgts", q.reshape(B, T, K, H // K, Dh), k,
-                 preferred_element_type=jnp.float32) * scale
-  if slopes_KG is not None:
-    distance = jnp.abs(q_index[:, :, None] - kv_index[:, None, :]).astype(jnp.float32)
-    s = s - slopes_KG[None, :, :, None, None] * distance[:, None, None]
-  mask = kv_index[:, None, :] <= q_index[:, :, None]
-  if sliding_window is not None:
-    mask &= kv_index[:, None, :] > q_index[:, :, None] - sliding_window
-  if q_seg is not None:
-    mask &= q_seg[:, :, None] == kv_seg[:, None, :]
-  s = jnp.where(mask[:, None, None], s, _MASK_VALUE)
+  s = masked_scores(q, k, q_index=q_index, kv_index=kv_index, q_segment_ids=q_seg,
+                    kv_segment_ids=kv_seg, sliding_window=sliding_window, sm_scale=sm_scale,
+                    alibi_slopes=alibi_slopes)
   m = jnp.max(s, axis=-1)
   p = jnp.exp(s - m[..., None])
   l = jnp.sum(p, axis=-1)
@@ -59,11 +50,7 @@ def ring_attention(q, k, v, *, q_index, kv_index, segment_ids=None, sliding_wind
   `[B, T, H, Dh]`, k/v `[B, T, K, Dh]`, q_index = kv_index `[B, T]` the tokens' indices in the
   whole sequence, segment_ids `[B, T]` or None. Returns q's shape and dtype."""
   B, T, H, Dh = q.shape
-  K = k.shape[2]
   n = jax.lax.axis_size(axis)
-  scale = Dh ** -0.5 if sm_scale is None else sm_scale
-  slopes_KG = (None if alibi_slopes is None
-               else jnp.asarray(alibi_slopes, jnp.float32).reshape(K, H // K))
   ring = [(i, (i + 1) % n) for i in range(n)]
   block = (k, v, kv_index, segment_ids)
   out, lse = None, None
@@ -71,8 +58,8 @@ def ring_attention(q, k, v, *, q_index, kv_index, segment_ids=None, sliding_wind
     if step:
       block = jax.tree.map(lambda x: jax.lax.ppermute(x, axis, ring), block)
     kb, vb, kvi, kvs = block
-    o_b, lse_b = _block(q, kb, vb, q_index, kvi, segment_ids, kvs, sliding_window, scale,
-                        slopes_KG)
+    o_b, lse_b = _block(q, kb, vb, q_index, kvi, segment_ids, kvs, sliding_window, sm_scale,
+                        alibi_slopes)
     if out is None:
       out, lse = o_b, lse_b
       continue
