@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections.abc
 import json
-import math
 import os
 from typing import Any
 
@@ -105,15 +104,12 @@ def _yarn_config(hf: dict[str, Any], rope: dict[str, Any]) -> dict[str, Any]:
   max_pos = int(hf.get("max_position_embeddings", 2048))
   original = int(rope.get("original_max_position_embeddings") or max_pos)
   factor = float(rope.get("factor") or max_pos / original)
-
-  def mscale(scale, m=1.0):
-    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
   attention_factor = rope.get("attention_factor")
   if attention_factor is None:
     m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
-    attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(
-        factor)
+    mscale = positions.yarn_mscale
+    attention_factor = (mscale(factor, m) / mscale(factor, m_all) if m and m_all
+                        else mscale(factor))
   return dict(rope_scaling="yarn", rope_scaling_factor=factor, rope_original_max_len=original,
               rope_yarn_beta_fast=float(rope.get("beta_fast") or 32),
               rope_yarn_beta_slow=float(rope.get("beta_slow") or 1),

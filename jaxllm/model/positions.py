@@ -34,12 +34,16 @@ def ntk_theta(theta: float, factor: float, head_dim: int) -> float:
   return theta * factor ** (head_dim / (head_dim - 2))
 
 
+def yarn_mscale(factor: float, m: float = 1.0) -> float:
+  """YaRN's temperature for a context `factor`: 0.1 m ln(factor) + 1 (1 below 1x)."""
+  return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+
 def yarn_attention_factor(cfg: ModelConfig) -> float:
-  """YaRN's temperature on q and k: the configured one, else 0.1 ln(factor) + 1 (1 below 1x)."""
+  """YaRN's temperature on q and k: the configured one, else `yarn_mscale(factor)`."""
   if cfg.rope_attention_factor:
     return float(cfg.rope_attention_factor)
-  factor = cfg.rope_scaling_factor
-  return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+  return yarn_mscale(cfg.rope_scaling_factor)
 
 
 def _yarn_frequencies(cfg: ModelConfig) -> np.ndarray:
