@@ -17,6 +17,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The AOT tests load libtpu (where installed) in both pytest-xdist workers at once.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+import gc  # noqa: E402
+
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 import pytest  # noqa: E402
 
@@ -53,3 +55,19 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "slow" in item.keywords:
       item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def free_compiled_programs():
+  """Drops every compiled program when a test file ends.
+
+  XLA:CPU maps each executable's code into the process in several memory regions, and the jit
+  caches of module-level functions (static graphdefs, shapes) keep them alive. One pytest-xdist
+  worker taking half the suite passed Linux's 65530 mappings per process (vm.max_map_count):
+  test_inference + test_engine + test_server alone reach 35k, and the next compile segfaulted
+  inside LLVM (CI, 2026-11-30). Clearing per file keeps a worker near 1-5k; programs shared within a
+  file (module fixtures) are unaffected.
+  """
+  yield
+  jax.clear_caches()
+  gc.collect()
