@@ -152,23 +152,37 @@ def test_sequence_parallel_splits_the_residual_stream_over_the_sequence():
   """Under mesh.sequence_parallel the blocks' outputs are laid out [batch, seq / tensor, D]: the
   compiled step gathers the sequence back into the tensor-parallel matmuls (all-gathers plain
   tensor parallelism has none of)."""
-  import re
+  from jaxllm.bench import context
+  from jaxllm.planner import aot
 
-  def collectives(sequence_parallel):
+  def all_gathers(sequence_parallel):
     cfg = _config(dict(MESHES["tp2"], sequence_parallel=sequence_parallel))
-    mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:2])
-    graphdef, abstract, shardings, optimizer = loop.state_shardings(cfg, mesh)
-    step = jax.jit(step_lib.make_train_step(graphdef, optimizer, cfg.train),
-                   in_shardings=(shardings, rules.batch_sharding(mesh)),
-                   out_shardings=(shardings, None))
-    batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _batches(cfg, 1)[0])
-    with jax.set_mesh(mesh):
-      text = step.lower(abstract, batch).compile().as_text()
-    return len(re.findall(r"= \S+ all-gather\(", text))
+    compiled, _ = aot.compiled_train_step(cfg, jax.devices()[:2])
+    return context.collective_counts(compiled.as_text())["all-gather"]
 
-  assert collectives(False) == 0 and collectives(True) > 0
+  assert all_gathers(False) == 0 and all_gathers(True) > 0
   with pytest.raises(config_lib.ConfigError, match="mesh.sequence_parallel splits"):
     config_lib.validate_for_devices(_config(dict(data=8, sequence_parallel=True)), 8)
+
+
+def test_context_parallel_bench_measures_less_memory_per_device():
+  """`jaxllm.bench context`: with each row's 256 tokens over 2 devices, both strategies' compiled
+  steps need fewer temporary bytes per device than one device alone, through the collectives
+  they are built on (all-gathered K/V; K/V blocks passed by collective-permute)."""
+  from jaxllm.bench import context
+  result = context.run(_config({}), seq_lens=(256,), contexts=(1, 2))
+  one, gather, ring = result["rows"]
+  assert [(r["context"], r["strategy"], r["devices"]) for r in result["rows"]] == [
+      (1, "-", 1), (2, "all_gather", 2), (2, "ring", 2)]
+  assert one["collectives"] == dict.fromkeys(context.COLLECTIVES, 0)
+  assert gather["collectives"]["all-gather"] > 0
+  assert gather["collectives"]["collective-permute"] == 0
+  assert ring["collectives"]["collective-permute"] > 0
+  for row in (gather, ring):
+    assert row["temp_bytes"] < 0.9 * one["temp_bytes"]
+    assert row["temp_vs_context1"] == row["temp_bytes"] / one["temp_bytes"]
+    assert row["plan_activation_bytes"] < one["plan_activation_bytes"]
+  assert "| 256 | 2 | ring |" in context.table(result)
 
 
 def test_ring_order_gives_every_device_the_same_causal_work():

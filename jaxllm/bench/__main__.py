@@ -6,7 +6,8 @@ pipeline (the measured GPipe bubble against (p - 1) / (m + p - 1)); decode (gene
 tokens/s beside Hugging Face transformers, and speculative decoding speedups); serve
 (continuous against static batching, KV utilisation, prefix-cache speedup); moe (dispatch
 modes, the grouped-matmul kernel, an expert-parallel train step); passkey (retrieval of a key
-hidden in long filler text, per length and RoPE scaling).
+hidden in long filler text, per length and RoPE scaling); context (per-device memory of the
+train step against sequence length under context parallelism, compiled, nothing run).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import json
 import os
 import sys
 
-if "moe" in sys.argv[1:2] and "xla_force_host_platform_device_count" not in os.environ.get(
+if sys.argv[1:2] in (["moe"], ["context"]) and "xla_force_host_platform_device_count" not in os.environ.get(
     "XLA_FLAGS", ""):
-  # The expert-parallel step wants 8 devices; on CPU they are simulated (set before JAX starts;
+  # The expert- and context-parallel steps want 8 devices; on CPU they are simulated (set before JAX starts;
   # other platforms ignore it).
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
@@ -26,14 +27,16 @@ from absl import app, flags
 
 from jaxllm.cli import common
 
-SUITES = ("train", "attention", "pipeline", "decode", "serve", "quant_matmul", "moe", "passkey")
+SUITES = ("train", "attention", "pipeline", "decode", "serve", "quant_matmul", "moe", "passkey",
+          "context")
 
 _CONFIG = common.define_config_flag(common.default_experiment())
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON result to this file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).", lower_bound=1)
 _SEQ_LENS = flags.DEFINE_list(
-    "seq_lens", None, "attention: sequence lengths (default 1024..16384 on GPU/TPU, 256 on CPU).")
+    "seq_lens", None, "attention, context: sequence lengths (attention: 1024..16384 on GPU/TPU, "
+    "256 on CPU; context: 512,1024,2048).")
 _HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "attention: head sizes.")
 _PEERS = flags.DEFINE_list("peers", ["ours", "xla", "cudnn", "jax_pallas"],
                            "attention: implementations to measure.")
@@ -79,6 +82,9 @@ _TRIALS = flags.DEFINE_integer("trials", 4, "passkey: keys (random value and dep
                                lower_bound=1)
 _SCALINGS = flags.DEFINE_list("scalings", ["none"], "passkey: RoPE scalings to compare, none or "
                               "KIND:FACTOR (yarn:2, ntk:2, dynamic:2, linear:2).")
+_CONTEXTS = flags.DEFINE_list("contexts", ["1", "2", "4"], "context: mesh.context sizes.")
+_STRATEGIES = flags.DEFINE_list("strategies", ["all_gather", "ring"],
+                                "context: train.context_parallel strategies.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "decode: tokens generated per prompt.",
                                    lower_bound=1)
 
@@ -177,6 +183,25 @@ def main(argv):
     except ValueError as e:  # ConfigError (a bad scaling) included
       raise common.CommandError(str(e)) from None
     text = passkey.table(result)
+  elif argv[1] == "context":
+    from jaxllm import config as config_lib
+    from jaxllm.bench import context
+    cfg = config_lib.from_config_dict(common.config_value(_CONFIG))
+    try:
+      seq_lens = tuple(int(x) for x in (_SEQ_LENS.value or ["512", "1024", "2048"]))
+      contexts = tuple(int(x) for x in _CONTEXTS.value)
+    except ValueError as e:
+      raise common.CommandError(f"--seq_lens and --contexts take integers: {e}") from None
+    unknown = set(_STRATEGIES.value) - set(config_lib.CONTEXT_PARALLEL)
+    if unknown:
+      raise common.CommandError(f"--strategies: unknown {sorted(unknown)} (one of "
+                                f"{config_lib.CONTEXT_PARALLEL})")
+    try:
+      result = context.run(cfg, seq_lens=seq_lens, contexts=contexts,
+                           strategies=tuple(_STRATEGIES.value))
+    except ValueError as e:  # ConfigError (a length the ring cannot split) included
+      raise common.CommandError(str(e)) from None
+    text = context.table(result)
   elif argv[1] == "pipeline":
     from jaxllm import config as config_lib
     from jaxllm.bench import pipeline

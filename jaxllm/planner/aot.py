@@ -91,7 +91,9 @@ def topology_devices(target: Target) -> list:
                       "compiling for TPU needs libtpu: pip install 'jaxllm[tpu]'") from None
 
 
-def _analysis(compiled, seconds: float) -> dict:
+def analysis(compiled, seconds: float) -> dict:
+  """A compiled program's per-device memory (bytes: arguments, outputs, aliases, temporaries,
+  code, and their peak sum), FLOPs and `seconds` (its compile time)."""
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list on older jax
@@ -115,10 +117,10 @@ def _dump(compiled, dump_hlo: str | None, name: str) -> None:
       f.write(compiled.as_text())
 
 
-def compile_train_step(cfg: config_lib.Config, devices, *, dump_hlo: str | None = None) -> dict:
-  """Compiles the real train step (model, optimizer, shardings, remat, pipeline, kernels) for
-  `devices`, allocating nothing; returns the compiler's per-device memory analysis (bytes),
-  its FLOP count and the compile time. `dump_hlo`: also write the optimised HLO there."""
+def compiled_train_step(cfg: config_lib.Config, devices):
+  """The real train step (model, optimizer, shardings, remat, pipeline, kernels) of `cfg`
+  compiled for `devices` from abstract inputs, allocating nothing: (the compiled executable,
+  compile seconds)."""
   from jaxllm.parallel import mesh as mesh_lib
   from jaxllm.parallel import rules
   from jaxllm.train import loop
@@ -135,9 +137,15 @@ def compile_train_step(cfg: config_lib.Config, devices, *, dump_hlo: str | None 
   start = time.perf_counter()
   with jax.set_mesh(mesh):
     compiled = step.lower(state, batch).compile()
-  result = _analysis(compiled, time.perf_counter() - start)
+  return compiled, time.perf_counter() - start
+
+
+def compile_train_step(cfg: config_lib.Config, devices, *, dump_hlo: str | None = None) -> dict:
+  """`compiled_train_step`'s per-device memory analysis (bytes), FLOP count and compile time.
+  `dump_hlo`: also write the optimised HLO there."""
+  compiled, seconds = compiled_train_step(cfg, devices)
   _dump(compiled, dump_hlo, "train_step")
-  return result
+  return analysis(compiled, seconds)
 
 
 def compile_for_tpu(cfg: config_lib.Config, target: Target, *,
@@ -237,7 +245,7 @@ def compile_serving(cfg: config_lib.Config, target: Target, *, batch: int = 8,
         result[name] = {"compiler_error": refusal}
         result["fits"] = False
         return result
-      result[name] = _analysis(compiled, time.perf_counter() - start)
+      result[name] = analysis(compiled, time.perf_counter() - start)
       result[name]["kernels"] = compiled.as_text().count("tpu_custom_call")
       _dump(compiled, dump_hlo, name)
   result["fits"] = max(result[n]["peak_bytes"] for n in programs) <= target.hbm_bytes

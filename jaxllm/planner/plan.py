@@ -104,8 +104,17 @@ def _activation_bytes(cfg: config_lib.Config, sizes: dict, layers_per_stage: int
   # Context parallelism runs the XLA attention (the kernels see whole sequences).
   xla_attention = context > 1 or attention_ops.resolve_impl(m.attention_impl, m.head_dim,
                                                             platform) == "xla"
-  if m.remat != "full" and xla_attention:
-    per_token_layer += 4 * H * T
+  transient = 0.0
+  if xla_attention:
+    # float32 [T] rows of scores per head and query. Counted from XLA's buffer assignment
+    # (`python -m jaxllm.bench context`, CPU, 1-3 layers, seq 512-2048): without remat each
+    # layer keeps three (masked scores, probabilities, their exponentials) and one layer's
+    # backward adds two (their gradients); remat=dots keeps the score matmul's output and
+    # rebuilds the rest in the backward; remat=full keeps none and rebuilds all four per layer.
+    scores = 4 * H * T
+    saved, transient = {"none": (3, 2), "full": (0, 4)}.get(m.remat, (1, 4))
+    per_token_layer += saved * scores
+    transient *= scores
   micro /= sizes["expert"]  # the expert axis splits the batch too
   # Context parallelism: each device keeps 1/context of every row's tokens, and per layer the
   # whole row's gathered K/V (held for the backward pass); attention still spans all T keys.
@@ -116,7 +125,7 @@ def _activation_bytes(cfg: config_lib.Config, sizes: dict, layers_per_stage: int
     in_flight = max(t.microbatches, 1)
   logits = 8 * m.vocab_size / tp * tokens
   return (tokens * (per_token_layer * layers_per_stage + recompute) + gathered_kv) * in_flight + (
-      logits)
+      tokens * transient + logits)
 
 
 def plan(cfg: config_lib.Config, num_devices: int, *, compile_check: bool = True,
