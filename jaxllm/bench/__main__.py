@@ -16,10 +16,10 @@ import json
 import os
 import sys
 
-if sys.argv[1:2] in (["moe"], ["context"]) and "xla_force_host_platform_device_count" not in os.environ.get(
-    "XLA_FLAGS", ""):
-  # The expert- and context-parallel steps want 8 devices; on CPU they are simulated (set before JAX starts;
-  # other platforms ignore it).
+if sys.argv[1:2] in (["moe"], ["context"]) and (
+    "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")):
+  # The expert- and context-parallel steps want 8 devices; on CPU they are simulated (set
+  # before JAX starts; other platforms ignore it).
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 

@@ -108,9 +108,9 @@ def _activation_bytes(cfg: config_lib.Config, sizes: dict, layers_per_stage: int
   if xla_attention:
     # float32 [T] rows of scores per head and query. Counted from XLA's buffer assignment
     # (`python -m jaxllm.bench context`, CPU, 1-3 layers, seq 512-2048): without remat each
-    # layer keeps three (masked scores, probabilities, their exponentials) and one layer's
-    # backward adds two (their gradients); remat=dots keeps the score matmul's output and
-    # rebuilds the rest in the backward; remat=full keeps none and rebuilds all four per layer.
+    # layer keeps three (the scores and softmax's intermediates) and one layer's backward adds
+    # two; remat=dots keeps one (the score matmul's output) and the backward rebuilds four;
+    # remat=full keeps none and rebuilds four, a layer at a time.
     scores = 4 * H * T
     saved, transient = {"none": (3, 2), "full": (0, 4)}.get(m.remat, (1, 4))
     per_token_layer += saved * scores
