@@ -8,11 +8,15 @@ keys. Masking goes by token index (`q_index`, `kv_index` travel with the blocks)
 assignment of tokens to devices works; `load_balance_order` gives the one where causal
 masking leaves every device the same work (device i holds chunks i and 2C - 1 - i).
 
-Blocks run through the XLA path (scores per block `[B, H, T/C, T/C]`); the gradient flows
-through the ring by JAX's transpose of `ppermute`.
+Blocks run through the XLA path (scores per block `[B, H, T/C, T/C]`), each under
+`jax.checkpoint`: the backward pass recomputes a block's scores from its inputs, as a flash
+kernel would, instead of keeping C blocks of them per layer. The gradient flows through the
+ring by JAX's transpose of `ppermute`.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +34,7 @@ def load_balance_order(T: int, C: int) -> np.ndarray:
   return np.concatenate([np.concatenate([chunks[i], chunks[2 * C - 1 - i]]) for i in range(C)])
 
 
+@functools.partial(jax.checkpoint, static_argnums=(7, 8))
 def _block(q, k, v, q_index, kv_index, q_seg, kv_seg, sliding_window, sm_scale, alibi_slopes):
   """Attention of q `[B, T, H, Dh]` to one K/V block `[B, S, K, Dh]` ->
   (out `[B, T, H, Dh]` float32 normalised within the block, lse `[B, K, G, T]` float32)."""

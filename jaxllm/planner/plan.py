@@ -110,9 +110,13 @@ def _activation_bytes(cfg: config_lib.Config, sizes: dict, layers_per_stage: int
     # (`python -m jaxllm.bench context`, CPU, 1-3 layers, seq 512-2048): without remat each
     # layer keeps three (the scores and softmax's intermediates) and one layer's backward adds
     # two; remat=dots keeps one (the score matmul's output) and the backward rebuilds four;
-    # remat=full keeps none and rebuilds four, a layer at a time.
+    # remat=full keeps none and rebuilds four, a layer at a time. Ring attention recomputes its
+    # blocks in the backward (jax.checkpoint) and keeps none; about five rows' worth of its
+    # blocks are live at once.
     scores = 4 * H * T
     saved, transient = {"none": (3, 2), "full": (0, 4)}.get(m.remat, (1, 4))
+    if context > 1 and t.context_parallel == "ring":
+      saved, transient = 0, 5
     per_token_layer += saved * scores
     transient *= scores
   micro /= sizes["expert"]  # the expert axis splits the batch too
