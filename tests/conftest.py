@@ -40,10 +40,9 @@ def pytest_configure(config):
   config.addinivalue_line("markers", "slow: heavy test (run by CI and with --slow)")
 
 
-# The longest files first: with `-n 2 --dist loadfile --no-loadscope-reorder` a worker takes the
-# default training run (~20 minutes on a slow machine) at the start instead of after everything
-# else, so the two workers finish together (2026-11-30: it started 48 minutes into a 72-minute
-# run). Without --no-loadscope-reorder xdist queues the files with the most tests first instead.
+# The longest files first: with `-n 2 --dist loadfile` a worker takes the default training run
+# (~20 minutes on a slow machine) at the start instead of after everything else, so the two
+# workers finish together (2026-11-30: it started 48 minutes into a 72-minute run).
 FIRST = ("test_default_run.py", "test_bench.py", "test_multiprocess.py", "test_server.py")
 
 
