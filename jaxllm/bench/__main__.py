@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Sequence
 
 if sys.argv[1:2] in (["moe"], ["context"]) and (
     "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")):
@@ -89,21 +90,32 @@ _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "decode: tokens generated p
                                    lower_bound=1)
 
 
+def _integers(flag, default: Sequence[str] = ()) -> tuple[int, ...]:
+  """A list flag's values (or `default` when it is empty) as integers, refused in one line."""
+  try:
+    return tuple(int(x) for x in (flag.value or default))
+  except ValueError as e:
+    raise common.CommandError(f"--{flag.name} takes integers: {e}") from None
+
+
+def _known(flag, choices: Sequence[str]) -> tuple[str, ...]:
+  """A list flag's values, each one of `choices`, refused in one line otherwise."""
+  unknown = set(flag.value) - set(choices)
+  if unknown:
+    raise common.CommandError(f"--{flag.name}: unknown {sorted(unknown)} (one of "
+                              f"{tuple(choices)})")
+  return tuple(flag.value)
+
+
 def _attention_suite() -> tuple[dict, str]:
   import jax
   from jaxllm.bench import attention
   cpu = jax.default_backend() == "cpu"
-  try:
-    seq_lens = [int(x) for x in (_SEQ_LENS.value or (["256"] if cpu else
-                                 ["1024", "2048", "4096", "8192", "16384"]))]
-    head_dims = [int(x) for x in _HEAD_DIMS.value]
-  except ValueError as e:
-    raise common.CommandError(f"--seq_lens and --head_dims take integers: {e}") from None
-  unknown = set(_PEERS.value) - set(attention.PEERS)
-  if unknown:
-    raise common.CommandError(f"--peers: unknown {sorted(unknown)} (one of {attention.PEERS})")
+  seq_lens = _integers(_SEQ_LENS, ["256"] if cpu else ["1024", "2048", "4096", "8192", "16384"])
+  head_dims = _integers(_HEAD_DIMS)
+  peers = _known(_PEERS, attention.PEERS)
   causal = [c.lower() in ("1", "true", "yes") for c in _CAUSAL.value]
-  result = attention.run(seq_lens, head_dims, peers=tuple(_PEERS.value), causal_modes=causal,
+  result = attention.run(seq_lens, head_dims, peers=peers, causal_modes=causal,
                          tokens=_TOKENS.value or (512 if cpu else 16384),
                          width=_WIDTH.value or (128 if cpu else 2048), repeats=_REPEATS.value)
   return result, attention.table(result)
@@ -149,21 +161,15 @@ def main(argv):
     text = serve.table(result)
   elif argv[1] == "decode":
     from jaxllm.bench import decode
-    try:
-      batches = tuple(int(x) for x in _BATCHES.value)
-    except ValueError as e:
-      raise common.CommandError(f"--batches takes integers: {e}") from None
-    unknown = set(_DECODE_PEERS.value) - set(decode.PEERS)
-    if unknown:
-      raise common.CommandError(f"--decode_peers: unknown {sorted(unknown)} (one of "
-                                f"{decode.PEERS})")
+    batches = _integers(_BATCHES)
+    peers = _known(_DECODE_PEERS, decode.PEERS)
     if _CHECKPOINT.value:
       path = _CHECKPOINT.value
     else:
       from jaxllm.fetch import fetch
       path = fetch("smollm2-135m")
     try:
-      result = decode.run(path, batches=batches, peers=tuple(_DECODE_PEERS.value),
+      result = decode.run(path, batches=batches, peers=peers,
                           drafts=tuple(_DRAFTS.value), k=_K.value,
                           prompt_tokens=_PROMPT_TOKENS.value, new_tokens=_NEW_TOKENS.value,
                           repeats=_REPEATS.value)
@@ -172,8 +178,8 @@ def main(argv):
     text = decode.table(result)
   elif argv[1] == "passkey":
     from jaxllm.bench import passkey
+    lengths = _integers(_LENGTHS)
     try:
-      lengths = tuple(int(x) for x in _LENGTHS.value)
       path = _CHECKPOINT.value
       if not path:
         from jaxllm.fetch import fetch
@@ -187,18 +193,11 @@ def main(argv):
     from jaxllm import config as config_lib
     from jaxllm.bench import context
     cfg = config_lib.from_config_dict(common.config_value(_CONFIG))
+    seq_lens = _integers(_SEQ_LENS, ["512", "1024", "2048"])
+    contexts = _integers(_CONTEXTS)
+    strategies = _known(_STRATEGIES, config_lib.CONTEXT_PARALLEL)
     try:
-      seq_lens = tuple(int(x) for x in (_SEQ_LENS.value or ["512", "1024", "2048"]))
-      contexts = tuple(int(x) for x in _CONTEXTS.value)
-    except ValueError as e:
-      raise common.CommandError(f"--seq_lens and --contexts take integers: {e}") from None
-    unknown = set(_STRATEGIES.value) - set(config_lib.CONTEXT_PARALLEL)
-    if unknown:
-      raise common.CommandError(f"--strategies: unknown {sorted(unknown)} (one of "
-                                f"{config_lib.CONTEXT_PARALLEL})")
-    try:
-      result = context.run(cfg, seq_lens=seq_lens, contexts=contexts,
-                           strategies=tuple(_STRATEGIES.value))
+      result = context.run(cfg, seq_lens=seq_lens, contexts=contexts, strategies=strategies)
     except ValueError as e:  # ConfigError (a length the ring cannot split) included
       raise common.CommandError(str(e)) from None
     text = context.table(result)
@@ -206,10 +205,7 @@ def main(argv):
     from jaxllm import config as config_lib
     from jaxllm.bench import pipeline
     cfg = config_lib.from_config_dict(common.config_value(_CONFIG))
-    try:
-      stages = tuple(int(x) for x in _STAGES.value)
-    except ValueError as e:
-      raise common.CommandError(f"--stages takes integers: {e}") from None
+    stages = _integers(_STAGES)
     result = pipeline.run(cfg, stages=stages, repeats=_REPEATS.value)
     text = pipeline.table(result)
   else:

@@ -69,12 +69,11 @@ def run(cfg: config_lib.Config, *, seq_lens: tuple[int, ...], contexts: tuple[in
             "plan_activation_bytes": estimate["activation_bytes"],
             "collectives": collective_counts(compiled.as_text()),
             "compile_s": seconds})
-  for row in rows:  # the saving against one device per row at the same length
-    base = next(r for r in rows if r["seq_len"] == row["seq_len"] and r["context"] == 1) if (
-        1 in contexts) else None
-    row["temp_vs_context1"] = (row["temp_bytes"] / base["temp_bytes"]
-                               if base and base["temp_bytes"] and row["temp_bytes"] is not None
-                               else None)
+  one_device = {r["seq_len"]: r["temp_bytes"] for r in rows if r["context"] == 1}
+  for row in rows:  # the saving against one device at the same length
+    base = one_device.get(row["seq_len"])
+    row["temp_vs_context1"] = (row["temp_bytes"] / base
+                               if base and row["temp_bytes"] is not None else None)
   m = cfg.model
   return {"suite": "context", "backend": platform,
           "model": dict(d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
