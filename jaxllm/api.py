@@ -23,7 +23,6 @@ from jaxllm.data import chat as chat_lib
 from jaxllm.inference import generate as generate_lib
 from jaxllm.inference import sampling, speculative
 from jaxllm.model import transformer
-from jaxllm.model.cache import Stream
 from jaxllm.parallel import placement
 
 
@@ -89,9 +88,7 @@ class LoadedModel:
       raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} must be one of {KV_CACHE_DTYPES}")
     common = dict(eos_id=self.tokenizer.eos_id, max_seq_len=self.config.max_seq_len, cache=cache,
                   cache_dtype=jnp.dtype(kv_cache_dtype))
-    if sink_tokens and not stream_window:
-      raise ValueError("sink_tokens needs a stream_window (the recent tokens kept beside them)")
-    stream = Stream(sink_tokens, stream_window) if stream_window else None
+    stream = generate_lib.stream_of(sink_tokens, stream_window)
     if stream is not None and draft is not None:
       raise ValueError("streaming generation does not take a speculative draft")
     if draft is None:

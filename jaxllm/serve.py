@@ -1,5 +1,6 @@
 """`python -m jaxllm.serve --checkpoint=PATH [--host=127.0.0.1 --port=8000 --api_key=KEY
---max_slots=8 --num_pages=N --page_size=16 --prefill_chunk=64 --model_name=NAME]`
+--max_slots=8 --num_pages=N --page_size=16 --prefill_chunk=64 --model_name=NAME
+--sink_tokens=4 --stream_window=N]`
 
 An OpenAI-compatible server (`/v1/completions`, `/v1/chat/completions`, `/v1/models`,
 `/health`, `/metrics`) over the continuous-batching engine. Binds to 127.0.0.1 unless told
@@ -38,6 +39,13 @@ _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 64, "Prompt tokens per pr
                                       lower_bound=1)
 _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", None, "Context length (default: the "
                                     "model's).", lower_bound=2)
+_SINKS = flags.DEFINE_integer("sink_tokens", 0, "Streaming (with --stream_window): the first "
+                              "tokens every query keeps attending to (attention sinks).",
+                              lower_bound=0)
+_STREAM_WINDOW = flags.DEFINE_integer(
+    "stream_window", 0, "StreamingLLM serving: each request attends to the sink tokens and "
+    "this many latest tokens, in constant memory and with no length limit (0: off).",
+    lower_bound=0)
 _MESH = common.define_mesh_flag()
 _REPLICAS = flags.DEFINE_integer("replicas", 1, "Engines on disjoint device groups (each of "
                                  "--mesh's shape) behind one server; requests go to the least "
@@ -63,7 +71,8 @@ def main(argv):
         api_key=_API_KEY.value or os.environ.get("JAXLLM_API_KEY"),
         kv_cache_dtype=_KV_DTYPE.value, speculative_k=_SPEC_K.value,
         draft=_DRAFT.value if _SPEC_K.value else None, mesh=_MESH.value,
-        replicas=_REPLICAS.value)
+        replicas=_REPLICAS.value, sink_tokens=_SINKS.value,
+        stream_window=_STREAM_WINDOW.value)
   except ValueError as e:
     raise common.CommandError(str(e)) from None
   import jax

@@ -12,6 +12,7 @@ from flax import nnx
 
 from jaxllm.inference import generate as gen
 from jaxllm.inference import kv_cache, sampling
+from jaxllm.model import cache as model_cache
 from jaxllm.model import transformer
 from tests.helpers import tiny_model
 
@@ -52,6 +53,16 @@ def test_writes_store_only_the_real_tokens():
   want[1, 3] = 4
   np.testing.assert_array_equal(pages[0], want)
   np.testing.assert_array_equal(pages[1], 0)
+  # Read back through the table, each row's pages are one contiguous view (int8 too).
+  view = [[0, 0, 1, 2, 3, 0, 0, 0], [0, 0, 0, 4, 0, 0, 0, 0]]
+  full = kv_cache.write_paged(jnp.zeros((2, 4, 4, 1, 1)), 1, new, table, jnp.array([2, 3]),
+                              num_new)
+  np.testing.assert_array_equal(model_cache.read_paged(full, 1, table, jnp.float32)[..., 0, 0],
+                                view)
+  int8 = kv_cache.Int8KV(jnp.zeros((2, 4, 4, 1, 1), jnp.int8), jnp.ones((2, 4, 4, 1)))
+  int8 = kv_cache.write_paged(int8, 1, new, table, jnp.array([2, 3]), num_new)
+  np.testing.assert_allclose(model_cache.read_paged(int8, 1, table, jnp.float32)[..., 0, 0], view,
+                             rtol=1e-6)
 
 
 def _teacher_forced_logits(graphdef, params, prompts, continuation, kind, *, chunk,

@@ -33,8 +33,8 @@ def _free_port():
 @contextlib.contextmanager
 def _serving(**build):
   """(base url, openai client, engine, app) of a live server on a free port."""
-  app, engine = server_lib.build(fetch("smollm2-135m"), max_slots=8, page_size=16, num_pages=160,
-                                 max_seq_len=320, prefill_chunk=64, model_name=NAME, **build)
+  sizes = dict(max_slots=8, page_size=16, num_pages=160, max_seq_len=320, prefill_chunk=64)
+  app, engine = server_lib.build(fetch("smollm2-135m"), model_name=NAME, **{**sizes, **build})
   port = _free_port()
   srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
   thread = threading.Thread(target=srv.run, daemon=True)
@@ -239,6 +239,21 @@ def test_64_concurrent_streams_and_disconnects(server, want_64):
         break
   _wait_idle(base, engine)
   assert _metrics(base)["jaxllm_generated_tokens_total"] - before < 200
+
+
+def test_streaming_server_generates_past_its_context(server):
+  """sink_tokens / stream_window (serve's flags): a 64-token context serves a 100-token greedy
+  completion, each request in the same 4 pages, and the text is jaxllm.generate's under the
+  same streaming settings (the contiguous cache, checked against a reference decoder)."""
+  model = server[2]
+  prompt = "1, 2, 3, 4, 5,"
+  with _serving(max_slots=2, num_pages=None, max_seq_len=64, prefill_chunk=16, sink_tokens=4,
+                stream_window=32) as (_, client, engine, _):
+    assert engine.max_pages == 4 and engine.allocator.num_pages == 8  # 4 + 32 + 15 slots
+    out = client.completions.create(model=NAME, prompt=prompt, max_tokens=100, temperature=0)
+  assert out.usage.completion_tokens == 100 and out.choices[0].finish_reason == "length"
+  want = model.generate(prompt, max_tokens=100, sink_tokens=4, stream_window=32)
+  assert out.choices[0].text == want
 
 
 def test_serve_cli_reports_bad_checkpoints_in_one_line():

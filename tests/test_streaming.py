@@ -110,6 +110,39 @@ def test_streaming_generates_far_past_the_context_in_constant_memory():
                           cache="paged")
 
 
+def test_engine_streams_past_the_context_in_constant_pages():
+  """The continuous-batching engine streams two requests 3x past a 32-token context, each in
+  the same 4 pages of 4 tokens (a pool of 8 could not hold one 105-token sequence), greedy
+  output equal to the reference decoder's; bad streaming settings are refused in one line."""
+  from jaxllm.inference import engine as engine_lib
+  cfg = tiny_model(init_std=0.3, max_seq_len=32)
+  graphdef, params = transformer.split(transformer.create(cfg, 2))
+  rng = np.random.default_rng(3)
+  prompts = [rng.integers(0, 64, 9).tolist(), rng.integers(0, 64, 3).tolist()]
+  config = engine_lib.EngineConfig(max_slots=2, num_pages=8, page_size=4, prefill_chunk=4,
+                                   sink_tokens=4, stream_window=8)
+  engine = engine_lib.Engine(graphdef, params, config)
+  assert engine.max_pages == 4  # 4 sinks + a ring of 8 + 4 - 1 slots
+  requests = [engine.submit(p, sampling.SamplingParams(max_tokens=96)) for p in prompts]
+  in_use = []
+  while not engine.idle:
+    engine.step()
+    in_use.append(engine.allocator.num_pages - engine.allocator.num_free)
+  assert max(in_use) == 8 and in_use[-1] == 0
+  for prompt, r in zip(prompts, requests):
+    assert len(r.tokens) == 96 and r.finish_reason == "length"
+    logits = _reference_logits(cfg, params, prompt + r.tokens[:-1], 4, 8)
+    assert r.tokens == np.argmax(logits[len(prompt) - 1:], axis=-1).tolist()
+  for bad, match in ((dict(sink_tokens=4), "sink_tokens needs a stream_window"),
+                     (dict(stream_window=8, speculative_k=2), "speculative decoding cannot"),
+                     (dict(sink_tokens=4, stream_window=8, num_pages=3),
+                      "cannot hold one streaming sequence"),
+                     (dict(sink_tokens=8, stream_window=32), "exceeds the model's max_seq_len")):
+    with pytest.raises(ValueError, match=match):
+      engine_lib.Engine(graphdef, params, engine_lib.EngineConfig(
+          **{**dict(page_size=4, prefill_chunk=4), **bad}))
+
+
 def test_passkey_prompts_hide_the_key_at_the_depth_asked():
   from jaxllm.bench import passkey
   encode = lambda text: [ord(c) for c in text]  # one token per character

@@ -24,6 +24,12 @@ than computing it twice.
 Speculative decoding (`speculative_k`): proposals come from prompt lookup or a draft model
 whose own page pool is addressed by the same page tables, so prefix sharing, preemption and
 freeing cover it unchanged.
+
+Streaming (`stream_window`, StreamingLLM): every request gets a fixed set of pages that hold
+its first `sink_tokens` tokens and a ring of the latest ones (`jaxllm.model.cache.Stream`), so
+prompts and outputs may run past the context while each request's memory stays constant. A
+preempted streaming request is recomputed by prefilling its whole text again, which leaves its
+cache as a prefill of that text would (not token by token as it was built).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from jaxllm.inference import generate as gen
 from jaxllm.inference import paging, sampling, speculative
 from jaxllm.inference import steps as steps_lib
 from jaxllm.inference import prefix_cache as prefix_cache_lib
+from jaxllm.model import cache as kv_cache
 from jaxllm.parallel import placement
 
 
@@ -68,6 +75,17 @@ class EngineConfig:
   # bookkeeping (streaming, stop checks, page growth, the next step's arrays) runs while the
   # device computes. Speculative steps need every token on the host first and stay in lockstep.
   overlap: bool = True
+  # StreamingLLM (stream_window > 0): attend to the first `sink_tokens` tokens and the
+  # `stream_window` latest, in a constant number of pages per request, with no length limit.
+  # Speculative decoding is refused (it would roll back a ring that already overwrote its
+  # oldest slots) and prefix caching is off (a page's contents depend on how far the ring has
+  # turned, not on the prefix alone).
+  sink_tokens: int = 0
+  stream_window: int = 0
+
+  @property
+  def stream(self) -> kv_cache.Stream | None:
+    return gen.stream_of(self.sink_tokens, self.stream_window)
 
   def __post_init__(self):
     for name in ("max_slots", "num_pages", "page_size", "prefill_chunk"):
@@ -78,6 +96,10 @@ class EngineConfig:
                        f"speculative_ngram={self.speculative_ngram} >= 1")
     if self.cache_dtype not in KV_CACHE_DTYPES:
       raise ValueError(f"cache_dtype={self.cache_dtype!r} must be one of {KV_CACHE_DTYPES}")
+    if self.stream is not None and self.speculative_k:
+      raise ValueError("speculative decoding cannot run on a streaming cache (a rejected "
+                       "proposal would roll back a ring that has overwritten its oldest "
+                       "tokens): set speculative_k=0 or stream_window=0")
 
 
 @dataclasses.dataclass
@@ -139,11 +161,21 @@ class Engine:
     self.eos_id = eos_id
     self.decode_text = decode
     self.max_seq_len = config.max_seq_len or cfg.max_seq_len
-    self.max_pages = paging.pages_for(self.max_seq_len, config.page_size)
+    self.stream = config.stream
+    if self.stream is None:
+      self.max_pages = paging.pages_for(self.max_seq_len, config.page_size)
+      what = f"one sequence of max_seq_len {self.max_seq_len}"
+    else:
+      gen.check_stream(self.stream, self.max_seq_len)
+      # Every streaming request holds exactly these pages, whatever its length.
+      self.max_pages = paging.pages_for(self.stream.cache_len(config.prefill_chunk),
+                                        config.page_size)
+      what = (f"one streaming sequence ({config.sink_tokens} sinks + a ring for "
+              f"{config.stream_window} tokens and a {config.prefill_chunk}-token chunk)")
+      self.config = config = dataclasses.replace(config, prefix_caching=False)
     if config.num_pages < self.max_pages:
-      raise ValueError(f"num_pages={config.num_pages} cannot hold one sequence of "
-                       f"max_seq_len {self.max_seq_len} ({self.max_pages} pages of "
-                       f"{config.page_size})")
+      raise ValueError(f"num_pages={config.num_pages} cannot hold {what} ({self.max_pages} "
+                       f"pages of {config.page_size})")
     self.allocator = paging.PageAllocator(config.num_pages)
     self.prefix_cache = prefix_cache_lib.PrefixCache(self.allocator, config.page_size)
     B, V = config.max_slots, cfg.vocab_size
@@ -209,7 +241,7 @@ class Engine:
       raise ValueError("the prompt needs at least one token")
     if min(prompt) < 0 or max(prompt) >= self.model_config.vocab_size:
       raise ValueError(f"prompt has token ids outside [0, {self.model_config.vocab_size})")
-    if len(prompt) + params.max_tokens > self.max_seq_len:
+    if self.stream is None and len(prompt) + params.max_tokens > self.max_seq_len:
       raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) "
                        f"exceeds the context of {self.max_seq_len} tokens")
     key = next(self._ids)
@@ -348,7 +380,7 @@ class Engine:
     the window's first page, the XLA path masks them). Prefill keeps its pages until the prompt
     is done (so the prefix cache can register them)."""
     W, P = self._window, self.config.page_size
-    if not W:
+    if not W or self.stream is not None:  # a streaming ring reuses its pages instead
       return
     for r in self._slots:
       if r is None or r.prefilled < len(r.sequence):
@@ -408,7 +440,8 @@ class Engine:
       request = self._waiting[0]
       seq = request.sequence
       shared = self.prefix_cache.lookup(seq) if self.config.prefix_caching else []
-      need = paging.pages_for(len(seq), self.config.page_size) - len(shared)
+      need = (paging.pages_for(len(seq), self.config.page_size) - len(shared)
+              if self.stream is None else self.max_pages)
       # Admission never preempts: a request waits for pages rather than evicting a runner.
       if self.allocator.num_free < need:
         self.prefix_cache.evict(need - self.allocator.num_free)
@@ -443,7 +476,10 @@ class Engine:
 
   def _table_width(self, pages: int) -> int:
     """Page-table columns for `pages` pages: a power of two, so attention reads (and gathers)
-    what the longest sequence holds, not max_seq_len, with a handful of compiled widths."""
+    what the longest sequence holds, not max_seq_len, with a handful of compiled widths.
+    Streaming rows all hold max_pages: their ring spans exactly those pages' slots."""
+    if self.stream is not None:
+      return self.max_pages
     return min(gen.bucket(pages, minimum=1), self.max_pages)
 
   def _page_row(self, request: Request) -> np.ndarray:
@@ -462,7 +498,7 @@ class Engine:
     args = (jnp.asarray(self._page_row(request)), jnp.asarray([request.prefilled], jnp.int32),
             jnp.asarray(tokens), jnp.asarray([len(chunk)], jnp.int32))
     logits, self._k, self._v = steps_lib.prefill_chunk(self.graphdef, self.params, self._k,
-                                                       self._v, *args)
+                                                       self._v, *args, stream=self.stream)
     if self._draft is not None:  # its cache holds the same tokens under the same page table
       _, self._dk, self._dv = steps_lib.prefill_chunk(
           self._draft.graphdef, self._draft.params, self._dk, self._dv, *args)
@@ -492,7 +528,7 @@ class Engine:
     for r in sorted(self._ready(), key=lambda r: r.arrival):
       if r.slot is None:
         continue  # preempted to make room for an older one
-      if r.prefilled + 1 > len(r.pages) * self.config.page_size:
+      if self.stream is None and r.prefilled + 1 > len(r.pages) * self.config.page_size:
         pages = self._allocate(1, r)
         if pages is None:
           self._preempt(r)
@@ -532,7 +568,7 @@ class Engine:
           self.graphdef, self.params, self._k, self._v, jnp.asarray(table),
           jnp.asarray(lengths), jnp.asarray(active), self._logits, self._arrays,
           jnp.asarray(steps), self._counts, jnp.asarray(self._prompt_mask),
-          penalties=self._penalties)
+          penalties=self._penalties, stream=self.stream)
       self.stats["decode_steps"] += 1
       for r in ready:
         r.prefilled += 1  # the drawn token is fed and stored by the step

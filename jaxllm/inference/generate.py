@@ -244,14 +244,21 @@ def generate_requests(graphdef, params, prompts: Sequence[Sequence[int]],
                               stream=stream)
 
 
-def check_stream(stream: kv_cache.Stream, cache: str, max_seq_len: int | None) -> None:
+def stream_of(sink_tokens: int, stream_window: int) -> kv_cache.Stream | None:
+  """The StreamingLLM setting of `--sink_tokens` / `--stream_window` (None: off, window 0)."""
+  if sink_tokens < 0 or stream_window < 0:
+    raise ValueError(f"sink_tokens={sink_tokens} and stream_window={stream_window} must be "
+                     ">= 0")
+  if sink_tokens and not stream_window:
+    raise ValueError("sink_tokens needs a stream_window (the recent tokens kept beside them)")
+  return kv_cache.Stream(sink_tokens, stream_window) if stream_window else None
+
+
+def check_stream(stream: kv_cache.Stream, max_seq_len: int | None) -> None:
   """Refuses a streaming setup that cannot run, in one line."""
   if stream.window < 1 or stream.sinks < 0:
     raise ValueError(f"stream_window={stream.window} must be >= 1 and sink_tokens="
                      f"{stream.sinks} >= 0")
-  if cache != "contiguous":
-    raise ValueError("streaming generation (sink_tokens / stream_window) needs the contiguous "
-                     "cache")
   if max_seq_len is not None and stream.sinks + stream.window > max_seq_len:
     raise ValueError(f"sink_tokens + stream_window = {stream.sinks + stream.window} exceeds the "
                      f"model's max_seq_len {max_seq_len}: the cache positions would leave the "
@@ -262,7 +269,10 @@ def _generate_requests(graphdef, params, prompts, sampling_params, *, eos_id, ma
                        cache, page_size, prefill_chunk, cache_dtype, mesh, stream):
   cfg = model_config(graphdef, params)
   if stream is not None:
-    check_stream(stream, cache, max_seq_len)
+    check_stream(stream, max_seq_len)
+    if cache != "contiguous":  # the engine streams through pages (`EngineConfig.stream_window`)
+      raise ValueError("streaming generation (sink_tokens / stream_window) needs the "
+                       "contiguous cache")
   check_prompts(prompts, sampling_params, cfg.vocab_size,
                 None if stream is not None else max_seq_len)
   chunk = chunk_size(max(len(p) for p in prompts), prefill_chunk)

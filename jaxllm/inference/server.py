@@ -13,6 +13,7 @@ requests, which frees their pages at the engine's next step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import secrets
 import time
@@ -246,8 +247,12 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
 
 def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill_chunk=64,
           max_seq_len=None, model_name=None, api_key=None, kv_cache_dtype="float32",
-          speculative_k=0, draft=None, mesh=None, replicas: int = 1):
+          speculative_k=0, draft=None, mesh=None, replicas: int = 1, sink_tokens=0,
+          stream_window=0):
   """(app, engine) for a checkpoint (quantized ones too); the engine's loop is started.
+
+  `stream_window` > 0: StreamingLLM serving (`EngineConfig.stream_window`), each request in a
+  constant number of pages and with no length limit.
 
   `draft`: a `LoadedModel.draft` spec (ngram[:N], layer_skip:N, int4[:G], int8, PATH);
   `mesh`: a Mesh or a spec ("tensor=4") to split the model over (`jaxllm.load`);
@@ -269,10 +274,16 @@ def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill
   models = [jaxllm.load(checkpoint, mesh=m) for m in meshes]
   model = models[0]
   max_len = max_seq_len or model.config.max_seq_len
-  pages = num_pages or max_slots * paging.pages_for(max_len, page_size)
-  config = engine_lib.EngineConfig(max_slots=max_slots, num_pages=pages, page_size=page_size,
-                                   prefill_chunk=prefill_chunk, max_seq_len=max_len,
-                                   cache_dtype=kv_cache_dtype, speculative_k=speculative_k)
+  config = engine_lib.EngineConfig(max_slots=max_slots, num_pages=num_pages or 1,
+                                   page_size=page_size, prefill_chunk=prefill_chunk,
+                                   max_seq_len=max_len, cache_dtype=kv_cache_dtype,
+                                   speculative_k=speculative_k, sink_tokens=sink_tokens,
+                                   stream_window=stream_window)
+  if num_pages is None:  # enough for every slot's longest sequence (or its streaming pages)
+    longest = (max_len if config.stream is None
+               else config.stream.cache_len(prefill_chunk))
+    config = dataclasses.replace(config,
+                                 num_pages=max_slots * paging.pages_for(longest, page_size))
   # Several processes (a pod slice, multi-host GPUs): process 0 serves, the others follow.
   lockstep = jax.process_count() > 1
   if lockstep and replicas > 1:

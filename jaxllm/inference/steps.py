@@ -21,19 +21,22 @@ from jaxllm.inference import sampling, speculative
 from jaxllm.model import cache as kv_cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("k", "v"))
-def prefill_chunk(graphdef, params, k, v, page_row_1M, length_1, tokens_1T, num_new_1):
+@functools.partial(jax.jit, static_argnames=("graphdef", "stream"), donate_argnames=("k", "v"))
+def prefill_chunk(graphdef, params, k, v, page_row_1M, length_1, tokens_1T, num_new_1, *,
+                  stream: kv_cache.Stream | None = None):
   gen.count_trace("engine_prefill")
   cache = kv_cache.PagedKVCache(k, v, page_row_1M, length_1)
   logits, cache = nnx.merge(graphdef, params).extend(tokens_1T, cache, num_new_1,
-                                                     last_only=True)
+                                                     last_only=True, stream=stream)
   return logits[:, 0], cache.k, cache.v
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "penalties"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "penalties", "stream"),
                    donate_argnames=("k", "v", "logits_BV", "counts_BV"))
 def decode(graphdef, params, k, v, page_table_BM, lengths_B, active_B, logits_BV, arrays,
-            steps_B, counts_BV, prompt_mask_BV, *, penalties: bool):
+            steps_B, counts_BV, prompt_mask_BV, *, penalties: bool,
+            stream: kv_cache.Stream | None = None):
+  """`stream`: every row is a StreamingLLM sequence whose M pages hold its sinks and ring."""
   gen.count_trace("engine_decode")
   V = logits_BV.shape[-1]
   processed = logits_BV
@@ -45,7 +48,7 @@ def decode(graphdef, params, k, v, page_table_BM, lengths_B, active_B, logits_BV
     counts_BV = counts_BV + jax.nn.one_hot(tok_B, V, dtype=jnp.int32) * active_B[:, None]
   cache = kv_cache.PagedKVCache(k, v, page_table_BM, lengths_B)
   new_B1V, cache = nnx.merge(graphdef, params).extend(tok_B[:, None], cache,
-                                                      active_B.astype(jnp.int32))
+                                                      active_B.astype(jnp.int32), stream=stream)
   logits_BV = jnp.where(active_B[:, None], new_B1V[:, 0], logits_BV)
   return tok_B, logp_B, logits_BV, counts_BV, cache.k, cache.v
 

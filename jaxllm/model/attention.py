@@ -95,12 +95,11 @@ class Attention(nnx.Module):
     cache_k/v: all layers' contiguous cache `[L, B, S, K, Dh]`, or all layers' page pools
     `[L, N, P, K, Dh]` when `page_table_BM` is given; this block is layer `layer`. Only the
     first num_new_B[b] tokens are stored (right padding is dropped); the outputs of the
-    padding tokens are meaningless. `stream`: a contiguous StreamingLLM cache (`_extend_stream`).
+    padding tokens are meaningless. `stream`: a StreamingLLM cache (`_extend_stream`).
     """
     if stream is not None:
-      if page_table_BM is not None:
-        raise ValueError("streaming generation needs the contiguous cache layout")
-      return self._extend_stream(x_BTD, cache_k, cache_v, layer, lengths_B, num_new_B, stream)
+      return self._extend_stream(x_BTD, cache_k, cache_v, layer, lengths_B, num_new_B, stream,
+                                 page_table_BM)
     B, T, _ = x_BTD.shape
     q_index_BT = lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     seq_len_B = lengths_B + (T if num_new_B is None else num_new_B)
@@ -139,7 +138,7 @@ class Attention(nnx.Module):
     return self.out_projection(out), cache_k, cache_v
 
   def _extend_stream(self, x_BTD, cache_k, cache_v, layer, lengths_B, num_new_B,
-                     stream: kv_cache.Stream):
+                     stream: kv_cache.Stream, page_table_BM=None):
     """StreamingLLM: the T new tokens see the `stream.sinks` first tokens and the
     `stream.window` most recent, at positions within the cache.
 
@@ -147,16 +146,28 @@ class Attention(nnx.Module):
     the cache (sinks 0 .. sinks-1, then the window in order), shifted by how far the window has
     slid past the sinks, so positions stay below sinks + window + T however long generation
     runs. Keys the step's first query no longer sees are hidden (their slot may still hold
-    them until the ring overwrites it).
+    them until the ring overwrites it). Paged (`page_table_BM`): each sequence's S = M * P
+    slots are those of its M pages, read back as one contiguous view.
     """
     B, T, _ = x_BTD.shape
-    sinks, S = stream.sinks, cache_k.shape[2]
+    sinks = stream.sinks
     window = min(stream.window, self.sliding_window or stream.window)
     pos_BT = lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     q, k, v = self._project(x_BTD, None, None, rotate=False)
-    slot_BT = kv_cache.stream_slots(pos_BT, sinks, S)
-    cache_k = kv_cache.write_slots(cache_k, layer, k, slot_BT, num_new_B)
-    cache_v = kv_cache.write_slots(cache_v, layer, v, slot_BT, num_new_B)
+    if page_table_BM is None:
+      S = cache_k.shape[2]
+      slot_BT = kv_cache.stream_slots(pos_BT, sinks, S)
+      cache_k = kv_cache.write_slots(cache_k, layer, k, slot_BT, num_new_B)
+      cache_v = kv_cache.write_slots(cache_v, layer, v, slot_BT, num_new_B)
+      keys = kv_cache.read(cache_k, layer, q.dtype)
+      values = kv_cache.read(cache_v, layer, q.dtype)
+    else:
+      S = page_table_BM.shape[1] * cache_k.shape[2]
+      slot_BT = kv_cache.stream_slots(pos_BT, sinks, S)
+      cache_k = kv_cache.write_paged_slots(cache_k, layer, k, page_table_BM, slot_BT, num_new_B)
+      cache_v = kv_cache.write_paged_slots(cache_v, layer, v, page_table_BM, slot_BT, num_new_B)
+      keys = kv_cache.read_paged(cache_k, layer, page_table_BM, q.dtype)
+      values = kv_cache.read_paged(cache_v, layer, page_table_BM, q.dtype)
     held_BS = kv_cache.stream_positions(lengths_B + T, sinks, S)
     first_B = lengths_B - window + 1  # the oldest key the first new query sees
     shift_B = jnp.maximum(first_B - sinks, 0)
@@ -165,13 +176,11 @@ class Attention(nnx.Module):
                             jnp.where(kept_BS, held_BS - shift_B[:, None],
                                       kv_cache.EMPTY_POSITION))
     q_index_BT = pos_BT - shift_B[:, None]
-    keys = kv_cache.read(cache_k, layer, q.dtype)
     if self.rope is not None:
       seq_len_B = lengths_B + (T if num_new_B is None else num_new_B) - shift_B
       keys = self.rope.apply(keys, jnp.minimum(kv_index_BS, S + T), seq_len_B)
       q = self.rope.apply(q, q_index_BT, seq_len_B)
-    out = attention_ops.attention(q, keys, kv_cache.read(cache_v, layer, q.dtype),
-                                  q_index=q_index_BT, kv_index=kv_index_BS,
+    out = attention_ops.attention(q, keys, values, q_index=q_index_BT, kv_index=kv_index_BS,
                                   sliding_window=window, sinks=sinks,
                                   alibi_slopes=self.alibi_slopes)
     return self.out_projection(out), cache_k, cache_v

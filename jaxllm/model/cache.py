@@ -26,7 +26,9 @@ the step's first query still sees (rolling back k speculated tokens likewise nee
 
 Streaming (StreamingLLM, `Stream`): slots [0, sinks) keep the first tokens for good, the rest is
 a ring for the most recent ones (`stream_slots`, `stream_positions`). Keys are stored before
-RoPE, because their positions are those within the cache, which move as the window slides.
+RoPE, because their positions are those within the cache, which move as the window slides. In
+the paged layout a streaming sequence owns a fixed set of pages whose slots play the same
+roles (slot i in page page_table[b, i // P]), so its memory stays constant too.
 """
 
 from __future__ import annotations
@@ -219,10 +221,35 @@ def write_paged(pages_LNPKDh: jax.Array | Int8KV, layer: jax.Array | int, new_BT
                 num_new_B: jax.Array | None = None) -> jax.Array:
   """Stores new_BTKDh[b, t] at position starts_B[b] + t of sequence b's pages in layer `layer`
   (t < num_new_B[b])."""
+  pos_BT = starts_B[:, None] + jnp.arange(new_BTKDh.shape[1], dtype=jnp.int32)[None, :]
+  return write_paged_slots(pages_LNPKDh, layer, new_BTKDh, page_table_BM, pos_BT, num_new_B)
+
+
+def write_paged_slots(pages_LNPKDh: jax.Array | Int8KV, layer: jax.Array | int,
+                      new_BTKDh: jax.Array, page_table_BM: jax.Array, slot_BT: jax.Array,
+                      num_new_B: jax.Array | None = None) -> jax.Array:
+  """Stores new_BTKDh[b, t] at slot slot_BT[b, t] of sequence b's pages (page
+  page_table_BM[b, slot // P]) in layer `layer`, for t < num_new_B[b]."""
   B, T = new_BTKDh.shape[:2]
   N, P = pages_LNPKDh.shape[1:3]
-  pos_BT = starts_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
   page_BT = jnp.take_along_axis(page_table_BM,
-                                jnp.minimum(pos_BT // P, page_table_BM.shape[1] - 1), axis=1)
+                                jnp.minimum(slot_BT // P, page_table_BM.shape[1] - 1), axis=1)
   page_BT = jnp.where(_valid_BT(B, T, num_new_B), page_BT, N)
-  return _set(pages_LNPKDh, (layer, page_BT, pos_BT % P), new_BTKDh)
+  return _set(pages_LNPKDh, (layer, page_BT, slot_BT % P), new_BTKDh)
+
+
+def read_paged(pages_LNPKDh: jax.Array | Int8KV, layer: jax.Array | int,
+               page_table_BM: jax.Array, dtype) -> jax.Array:
+  """Layer `layer` of each sequence's pages as a contiguous view `[B, M * P, K, Dh]` in `dtype`
+  (slot i from page page_table_BM[b, i // P]; dequantized if int8)."""
+  L, N, P = pages_LNPKDh.shape[:3]
+  # Layer l's pages are rows l * N .. of the flattened pool: the gather reads only the pages
+  # the table names, never a copy of the layer's whole pool.
+  rows_BM = page_table_BM + layer * N
+  pick = lambda a: a.reshape(L * N, *a.shape[2:])[rows_BM]
+  if isinstance(pages_LNPKDh, Int8KV):
+    x = pick(pages_LNPKDh.values).astype(jnp.float32) * pick(pages_LNPKDh.scales)[..., None]
+  else:
+    x = pick(pages_LNPKDh)
+  B, M = page_table_BM.shape
+  return x.reshape(B, M * P, *x.shape[3:]).astype(dtype)
