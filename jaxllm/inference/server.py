@@ -13,13 +13,13 @@ requests, which frees their pages at the engine's next step.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import secrets
 import time
 import uuid
 
 from jaxllm.inference import engine as engine_lib
+from jaxllm.inference import generate as gen
 from jaxllm.inference import openai_api as api
 from jaxllm.inference import paging
 
@@ -274,16 +274,14 @@ def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill
   models = [jaxllm.load(checkpoint, mesh=m) for m in meshes]
   model = models[0]
   max_len = max_seq_len or model.config.max_seq_len
-  config = engine_lib.EngineConfig(max_slots=max_slots, num_pages=num_pages or 1,
-                                   page_size=page_size, prefill_chunk=prefill_chunk,
-                                   max_seq_len=max_len, cache_dtype=kv_cache_dtype,
-                                   speculative_k=speculative_k, sink_tokens=sink_tokens,
-                                   stream_window=stream_window)
-  if num_pages is None:  # enough for every slot's longest sequence (or its streaming pages)
-    longest = (max_len if config.stream is None
-               else config.stream.cache_len(prefill_chunk))
-    config = dataclasses.replace(config,
-                                 num_pages=max_slots * paging.pages_for(longest, page_size))
+  # By default, enough pages for every slot's longest sequence (or its streaming pages).
+  stream = gen.stream_of(sink_tokens, stream_window)
+  longest = max_len if stream is None else stream.cache_len(prefill_chunk)
+  pages = num_pages or max_slots * paging.pages_for(longest, page_size)
+  config = engine_lib.EngineConfig(max_slots=max_slots, num_pages=pages, page_size=page_size,
+                                   prefill_chunk=prefill_chunk, max_seq_len=max_len,
+                                   cache_dtype=kv_cache_dtype, speculative_k=speculative_k,
+                                   sink_tokens=sink_tokens, stream_window=stream_window)
   # Several processes (a pod slice, multi-host GPUs): process 0 serves, the others follow.
   lockstep = jax.process_count() > 1
   if lockstep and replicas > 1:

@@ -38,6 +38,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxllm.ops.attention import gather_pages
+
 
 class Int8KV(NamedTuple):
   """An int8 cache array with a float32 scale per token and head: K/V = values * scales.
@@ -242,14 +244,11 @@ def read_paged(pages_LNPKDh: jax.Array | Int8KV, layer: jax.Array | int,
                page_table_BM: jax.Array, dtype) -> jax.Array:
   """Layer `layer` of each sequence's pages as a contiguous view `[B, M * P, K, Dh]` in `dtype`
   (slot i from page page_table_BM[b, i // P]; dequantized if int8)."""
-  L, N, P = pages_LNPKDh.shape[:3]
+  L, N = pages_LNPKDh.shape[:2]
   # Layer l's pages are rows l * N .. of the flattened pool: the gather reads only the pages
   # the table names, never a copy of the layer's whole pool.
   rows_BM = page_table_BM + layer * N
-  pick = lambda a: a.reshape(L * N, *a.shape[2:])[rows_BM]
+  flat = lambda a: a.reshape(L * N, *a.shape[2:])
   if isinstance(pages_LNPKDh, Int8KV):
-    x = pick(pages_LNPKDh.values).astype(jnp.float32) * pick(pages_LNPKDh.scales)[..., None]
-  else:
-    x = pick(pages_LNPKDh)
-  B, M = page_table_BM.shape
-  return x.reshape(B, M * P, *x.shape[3:]).astype(dtype)
+    return gather_pages(flat(pages_LNPKDh.values), rows_BM, dtype, flat(pages_LNPKDh.scales))
+  return gather_pages(flat(pages_LNPKDh), rows_BM, dtype)

@@ -189,17 +189,23 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
                                    interpret=platform == "cpu")
   # XLA: gather the sequence's pages into a contiguous view, then the index-masked path.
   M = page_table.shape[1]
-
-  def gather(pages, scales):
-    x = pages[page_table].astype(jnp.float32 if scales is not None else q.dtype)
-    if scales is not None:
-      x = x * scales[page_table][..., None]
-    return x.reshape(B, M * P, *pages.shape[2:]).astype(q.dtype)
-  k, v = gather(k_pages, k_scales), gather(v_pages, v_scales)
+  k = gather_pages(k_pages, page_table, q.dtype, k_scales)
+  v = gather_pages(v_pages, page_table, q.dtype, v_scales)
   q_index = lengths[:, None] - T + jnp.arange(T, dtype=jnp.int32)[None, :]
   kv_index = jnp.broadcast_to(jnp.arange(M * P, dtype=jnp.int32), (B, M * P))
   return attention(q, k, v, q_index=q_index, kv_index=kv_index, sliding_window=sliding_window,
                    alibi_slopes=alibi_slopes)
+
+
+def gather_pages(pages_NPKDh: jax.Array, page_table_BM: jax.Array, dtype,
+                 scales_NPK: jax.Array | None = None) -> jax.Array:
+  """Each sequence's pages as one contiguous view `[B, M * P, K, Dh]` in `dtype`: slot i of
+  row b from page page_table_BM[b, i // P], times its scale when the pages are int8."""
+  x = pages_NPKDh[page_table_BM].astype(jnp.float32 if scales_NPK is not None else dtype)
+  if scales_NPK is not None:
+    x = x * scales_NPK[page_table_BM][..., None]
+  B, M, P = x.shape[:3]
+  return x.reshape(B, M * P, *x.shape[3:]).astype(dtype)
 
 
 def _pallas_paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales,
