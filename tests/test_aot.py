@@ -5,6 +5,7 @@ The compiling tests need libtpu, which `pip install '.[tpu]'` brings for the ins
 python 3.12 also pass). No TPU is needed: libtpu's compiler runs on abstract devices.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -58,6 +59,20 @@ def test_train_step_compiles_for_v5p_with_the_planned_argument_bytes(tmp_path):
   assert result["flops"] > 0 and result["peak_bytes"] > result["argument_bytes"]
   hlo = (tmp_path / "train_step.hlo.txt").read_text()
   assert hlo.count("tpu_custom_call") >= 3  # flash forward, dq, dk/dv
+
+
+@needs_libtpu
+def test_ring_context_parallel_compiles_for_v5p_with_the_flash_kernel(tmp_path):
+  """train.context_parallel=ring over context=2 x data=2: every ring block runs our Mosaic
+  kernel inside the shard_map and the cond that picks its chunks, and compiles for v5p."""
+  cfg = _small_tiny(data=2, context=2)
+  cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, context_parallel="ring"))
+  result = aot.compile_for_tpu(cfg, aot.tpu_target("v5p-8"), dump_hlo=str(tmp_path))
+  assert result["fits"]
+  hlo = (tmp_path / "train_step.hlo.txt").read_text()
+  # Forward, dq and dk/dv for its own block and for each branch of the other block's cond.
+  assert hlo.count("tpu_custom_call") >= 9
+  assert "collective-permute" in hlo
 
 
 @needs_libtpu

@@ -106,6 +106,33 @@ def test_bfloat16_forward_and_gradients_match_reference(backend, name):
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_log_sum_exp_and_its_gradient_match_reference(backend):
+  """`return_lse`, as ring attention uses it: blocks of other keys (T != S, not causal, the
+  keys' own segment ids); a loss of both outputs differentiates through the lse too."""
+  q, k, v, do, _ = _inputs((2, 40, 72, 4, 2, 64, {}), jnp.float32, seed=3)
+  seg, kv_seg = _segments(2, 40, 1), _segments(2, 72, 2)
+  dlse = jnp.asarray(np.random.default_rng(4).standard_normal((2, 4, 40)), jnp.float32)
+  opts = dict(causal=False, segment_ids=seg, kv_segment_ids=kv_seg)
+
+  def loss(attend):
+    def f(q, k, v):
+      out, lse = attend(q, k, v)
+      return jnp.sum(out * do) + jnp.sum(lse * dlse), (out, lse)
+    return jax.grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+  (dq, dk, dv), (out, lse) = loss(lambda q, k, v: pk.flash_attention(
+      q, k, v, backend=backend, interpret=INTERPRET[backend], block_sizes=TEST_BLOCKS[backend],
+      return_lse=True, **opts))
+  (wq, wk, wv), (want_out, want_lse) = loss(lambda q, k, v: pk.attention_reference(
+      q, k, v, return_lse=True, **opts))
+  assert lse.shape == (2, 4, 40) and lse.dtype == jnp.float32
+  for label, g, w in (("out", out, want_out), ("lse", lse, want_lse), ("dq", dq, wq),
+                      ("dk", dk, wk), ("dv", dv, wv)):
+    err = float(jnp.abs(g - w).max())
+    assert err <= 2e-5, (label, err)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_default_block_sizes(backend):
   q, k, v, do, opts = _inputs((1, 150, 150, 2, 1, 64, {"sliding_window": 40}), jnp.float32)
   got = _run(backend, q, k, v, do, opts, None)
@@ -224,6 +251,7 @@ def test_compiles_for_tpu(dtype, Dh, T, opts):
     (dict(q=(1, 9, 2, 64), k=(1, 8, 2, 64)), "more queries"),
     (dict(sliding_window=4, causal=False), "needs causal"),
     (dict(segment_ids=(1, 7)), "segment_ids"),
+    (dict(q=(1, 4, 2, 64), segment_ids=(1, 4)), "pass the keys' as kv_segment_ids"),
     (dict(alibi_slopes=(3,)), "alibi_slopes"),
     (dict(block_sizes=BlockSizes(block_q=24, block_k=32)), "powers of two"),
 ])

@@ -35,13 +35,13 @@ def test_context_and_sequence_parallelism_shrink_activations():
   """Llama-3-8B, one 8k-token row per fsdp x tensor group: context=2 halves each device's
   tokens and scores (it keeps the gathered K/V besides) against the same XLA attention on one
   device; context parallelism runs that attention whatever the kernel asked for, so beside the
-  flash kernel on one device it costs more (its [T/2, T] scores); sequence parallelism splits
-  the residual stream over tensor."""
-  def activations(devices, attention_impl="auto", **mesh):
+  flash kernel on one device it costs more (its [T/2, T] scores); the ring runs the kernel on
+  its blocks and beats it; sequence parallelism splits the residual stream over tensor."""
+  def activations(devices, attention_impl="auto", context_parallel="all_gather", **mesh):
     experiment = _experiment(llama3_8b, "gpu8").to_dict()
     cfg = config_lib.from_config_dict({
         **experiment, "model": dict(experiment["model"], attention_impl=attention_impl),
-        "train": dict(batch_size=2, seq_len=8192),
+        "train": dict(batch_size=2, seq_len=8192, context_parallel=context_parallel),
         "mesh": dict(data=1, fsdp=2, tensor=2, stage=1, expert=1, **mesh)})
     return plan_lib.plan(cfg, devices, compile_check=False, platform="gpu")["activation_bytes"]
 
@@ -49,6 +49,9 @@ def test_context_and_sequence_parallelism_shrink_activations():
   cp2 = activations(8, context=2)
   assert activations(8, "xla", context=2) == cp2
   assert 0.5 * xla < cp2 < 0.6 * xla and cp2 > flash
+  ring2, ring4 = (activations(4 * c, context_parallel="ring", context=c) for c in (2, 4))
+  assert 0.5 * flash < ring2 < 0.65 * flash and ring4 < 0.7 * ring2
+  assert activations(8, "xla", context_parallel="ring", context=2) > flash  # XLA ring blocks
   sp = activations(4, sequence_parallel=True)
   assert 0.6 * flash < sp < 0.95 * flash
 

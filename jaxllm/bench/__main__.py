@@ -84,6 +84,8 @@ _TRIALS = flags.DEFINE_integer("trials", 4, "passkey: keys (random value and dep
 _SCALINGS = flags.DEFINE_list("scalings", ["none"], "passkey: RoPE scalings to compare, none or "
                               "KIND:FACTOR (yarn:2, ntk:2, dynamic:2, linear:2).")
 _CONTEXTS = flags.DEFINE_list("contexts", ["1", "2", "4"], "context: mesh.context sizes.")
+_TPU = flags.DEFINE_string("tpu", None, "context: compile for this Cloud TPU slice's chips "
+                           "(e.g. v5p-8; needs libtpu, no TPU) instead of this host's devices.")
 _STRATEGIES = flags.DEFINE_list("strategies", ["all_gather", "ring"],
                                 "context: train.context_parallel strategies.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "decode: tokens generated per prompt.",
@@ -197,7 +199,8 @@ def main(argv):
     contexts = _integers(_CONTEXTS)
     strategies = _known(_STRATEGIES, config_lib.CONTEXT_PARALLEL)
     try:
-      result = context.run(cfg, seq_lens=seq_lens, contexts=contexts, strategies=strategies)
+      result = context.run(cfg, seq_lens=seq_lens, contexts=contexts, strategies=strategies,
+                           tpu=_TPU.value)
     except ValueError as e:  # ConfigError (a length the ring cannot split) included
       raise common.CommandError(str(e)) from None
     text = context.table(result)

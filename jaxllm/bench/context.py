@@ -10,7 +10,12 @@ tensor (with `sequence_parallel`) and stage axes are kept; data is 1 so that eac
 batch's memory on one device.
 
 `python -m jaxllm.bench context --seq_lens=1024,2048,4096 --contexts=1,2,4
-    [--strategies=all_gather,ring] [--config.mesh.tensor=2 --config.mesh.sequence_parallel=true]`
+    [--strategies=all_gather,ring] [--config.mesh.tensor=2 --config.mesh.sequence_parallel=true]
+    [--tpu=v5p-8]`
+
+`--tpu` compiles for the chips of a Cloud TPU slice with libtpu's compiler instead (no TPU
+needed): there the attention is our Mosaic flash kernel, inside every ring block too, where on
+CPU it is the XLA path.
 """
 
 from __future__ import annotations
@@ -42,24 +47,33 @@ def _variant(cfg: config_lib.Config, seq_len: int, context: int,
 def collective_counts(hlo_text: str) -> dict[str, int]:
   """How many of each collective a compiled program's HLO issues (async `-start` halves
   counted once)."""
-  return {op: len(re.findall(rf"= \S+ {op}(?:-start)?\(", hlo_text)) for op in COLLECTIVES}
+  # The result's shape may be a tuple with spaces (TPU's async starts): anything but "=".
+  return {op: len(re.findall(rf"= [^=\n]*? {op}(?:-start)?\(", hlo_text)) for op in COLLECTIVES}
 
 
 def run(cfg: config_lib.Config, *, seq_lens: tuple[int, ...], contexts: tuple[int, ...],
-        strategies: tuple[str, ...] = config_lib.CONTEXT_PARALLEL) -> dict:
-  """One row per (sequence length, context size, strategy); context 1 is measured once."""
+        strategies: tuple[str, ...] = config_lib.CONTEXT_PARALLEL,
+        tpu: str | None = None) -> dict:
+  """One row per (sequence length, context size, strategy); context 1 is measured once.
+  `tpu`: an accelerator type (`v5p-8`) whose chips to compile for, instead of this host's
+  devices."""
   from jaxllm.planner import aot, plan
-  platform = jax.default_backend()
+  if tpu:
+    target = aot.tpu_target(tpu)
+    devices, platform, backend = aot.topology_devices(target), "tpu", f"tpu {target.name}"
+  else:
+    devices = jax.devices()
+    platform = backend = jax.default_backend()
   rows = []
   for seq_len in seq_lens:
     for context in contexts:
       for strategy in strategies if context > 1 else strategies[:1]:
         variant, n = _variant(cfg, seq_len, context, strategy)
-        if n > jax.device_count():
+        if n > len(devices):
           raise ValueError(f"context={context} on mesh {variant.mesh} needs {n} devices; "
-                           f"{jax.device_count()} are available")
+                           f"{len(devices)} are available")
         config_lib.validate_for_devices(variant, n, platform)
-        compiled, seconds = aot.compiled_train_step(variant, jax.devices()[:n])
+        compiled, seconds = aot.compiled_train_step(variant, devices[:n])
         memory = aot.analysis(compiled, seconds)
         estimate = plan.plan(variant, n, compile_check=False, platform=platform)
         rows.append({
@@ -75,7 +89,7 @@ def run(cfg: config_lib.Config, *, seq_lens: tuple[int, ...], contexts: tuple[in
     row["temp_vs_context1"] = (row["temp_bytes"] / base
                                if base and row["temp_bytes"] is not None else None)
   m = cfg.model
-  return {"suite": "context", "backend": platform,
+  return {"suite": "context", "backend": backend,
           "model": dict(d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
                         n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, dtype=m.dtype,
                         remat=m.remat),

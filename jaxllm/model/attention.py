@@ -75,11 +75,14 @@ class Attention(nnx.Module):
     """Self-attention before the output projection, `[B, T, H, Dh]`."""
     q, k, v = self._project(x_BTD, positions_BT, jnp.max(positions_BT, axis=1) + 1)
     # Masking by position: the same as by index within a packed segment, and it survives the
-    # sequence reordering of ring context parallelism.
+    # sequence reordering of ring context parallelism. Under ring the tokens come in the load-
+    # balanced order (the train step's `load_balanced`), which lets the ring run the kernel.
+    ring = self.context_parallel == "ring"
     return attention_ops.self_attention(q, k, v, segment_ids=segment_ids_BT,
                                         sliding_window=self.sliding_window, impl=self.impl,
                                         alibi_slopes=self.alibi_slopes, index=positions_BT,
-                                        context_parallel=self.context_parallel)
+                                        context_parallel=self.context_parallel,
+                                        load_balanced=ring)
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
                segment_ids_BT: jax.Array | None) -> jax.Array:

@@ -300,7 +300,9 @@ def create(cfg: ModelConfig, seed: int | jax.Array = 0, *, sequence_parallel: bo
            context_parallel: str = "all_gather") -> Transformer:
   """A model with freshly initialised params; `sequence_parallel` and `context_parallel` only
   change how training lays out and attends (`mesh.sequence_parallel`,
-  `train.context_parallel`)."""
+  `train.context_parallel`). Under a `context` mesh axis with `context_parallel="ring"` the
+  forward pass expects its tokens in `ops.ring_attention.load_balance_order`, as the train step
+  (`train.step.load_balanced`) passes them."""
   key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
   return Transformer(cfg, rngs=nnx.Rngs(params=key), sequence_parallel=sequence_parallel,
                      context_parallel=context_parallel)

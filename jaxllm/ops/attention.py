@@ -109,7 +109,8 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                    segment_ids: jax.Array | None = None, sliding_window: int | None = None,
                    impl: str = "auto", sm_scale: float | None = None,
                    alibi_slopes: jax.Array | None = None, index: jax.Array | None = None,
-                   context_parallel: str = "all_gather") -> jax.Array:
+                   context_parallel: str = "all_gather",
+                   load_balanced: bool = False) -> jax.Array:
   """Causal self-attention of T packed tokens: q `[B, T, H, Dh]`, k/v `[B, T, K, Dh]`.
 
   segment_ids `[B, T]` int32 (0 = padding) keep packed documents apart; alibi_slopes `[H]`
@@ -119,13 +120,17 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   `context_parallel` "all_gather" gathers every row's keys and values to each device, "ring"
   passes them around (`jaxllm.ops.ring_attention`), masking by `index` `[B, T]` (each token's
   index in its row, or its position within its segment; default arange), so rows may come in
-  any order along the sequence.
+  any order along the sequence. `load_balanced` promises the order of
+  `ring_attention.load_balance_order` (the train step's): then the ring runs the flash kernel
+  (when `impl` resolves to "pallas" and `ring_runs_flash` allows).
   """
   B, T = q.shape[:2]
   impl = resolve_impl(impl, q.shape[-1])
   mesh = jax.sharding.get_abstract_mesh()
   context = 1 if mesh.empty else dict(mesh.shape).get("context", 1)
   if context > 1 and context_parallel == "ring":
+    if load_balanced and ring_runs_flash(impl, sliding_window, alibi_slopes is not None):
+      return _ring_flash_self_attention(q, k, v, segment_ids, sm_scale, mesh)
     return _ring_self_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi_slopes,
                                 index, mesh)
   if context > 1:
@@ -144,6 +149,13 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   return attention(q, k, v, q_index=index_BT, kv_index=index_BT, q_segment_ids=segment_ids,
                    kv_segment_ids=segment_ids, sliding_window=sliding_window, sm_scale=sm_scale,
                    alibi_slopes=alibi_slopes)
+
+
+def ring_runs_flash(impl: str, sliding_window: int | None, alibi: bool) -> bool:
+  """Whether ring attention over the load-balanced order runs the flash kernel for a resolved
+  `impl`: windows and ALiBi depend on distances between chunks that the kernel's blocks do not
+  know, so those stay on the XLA blocks."""
+  return impl == "pallas" and sliding_window is None and not alibi
 
 
 def _ring_self_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi_slopes, index,
@@ -242,21 +254,36 @@ def _pallas_paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales, 
   return run(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, alibi_slopes)
 
 
-def _pallas_self_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi_slopes):
-  """The flash kernel, run per shard when a mesh is in context.
+def _ring_flash_self_attention(q, k, v, segment_ids, sm_scale, mesh):
+  """`ring_attention.ring_flash_attention` in a `shard_map` manual over every axis, as the flash
+  kernel needs (`kernel_partition`), with the sequence over `context`."""
+  from jaxllm.ops import ring_attention
 
-  A Pallas call is opaque to XLA's partitioner, so under a mesh it is wrapped in `shard_map`:
-  the batch split like the activations (data, fsdp, expert) and, when both head counts divide, the
-  heads over `tensor` (each device then holds whole GQA groups). Other mesh axes see it whole.
+  def body(q, k, v, segment_ids):
+    return ring_attention.ring_flash_attention(q, k, v, segment_ids=segment_ids,
+                                               sm_scale=sm_scale,
+                                               interpret=backends.target_platform() == "cpu")
+
+  batch_axes, head_axis, axes = kernel_partition(q, k, mesh)
+  P = jax.sharding.PartitionSpec
+  b = batch_axes or None
+  qkv = P(b, "context", head_axis, None)
+  run = jax.shard_map(body, mesh=mesh,
+                      in_specs=(qkv, qkv, qkv, None if segment_ids is None else P(b, "context")),
+                      out_specs=qkv, axis_names=axes | {"context"}, check_vma=False)
+  return run(q, k, v, segment_ids)
+
+
+def kernel_partition(q, k, mesh):
+  """How a Pallas call is split under `mesh` (opaque to XLA's partitioner, it runs in a
+  `shard_map`): (batch axes `tuple`, the heads' axis or None, the axes to make manual).
+
+  The batch is split like the activations (data, fsdp, expert) and, when both head counts
+  divide, the heads over `tensor` (each device then holds whole GQA groups). Manual over every
+  axis not already manual: Mosaic refuses a kernel left to the automatic partitioner even along
+  axes of size 1 (found compiling for TPU ahead of time); axes the specs do not name see the
+  arrays whole.
   """
-  def kernel(q, k, v, segment_ids, slopes):
-    # On CPU the kernel runs in the Pallas interpreter (tests, not speed).
-    return pallas_kernels.flash_attention(
-        q, k, v, causal=True, segment_ids=segment_ids, sliding_window=sliding_window,
-        alibi_slopes=slopes, sm_scale=sm_scale,
-        interpret=backends.target_platform() == "cpu")
-
-  mesh = jax.sharding.get_abstract_mesh()
   sizes = {} if mesh.empty else dict(mesh.shape)
   manual = set(getattr(mesh, "manual_axes", ()) or ())
   batch_axes = () if mesh.empty else rules.batch_axes(mesh)
@@ -268,10 +295,21 @@ def _pallas_self_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi
   tp = sizes.get("tensor", 1)
   head_axis = ("tensor" if tp > 1 and "tensor" not in manual and q.shape[2] % tp == 0
                and k.shape[2] % tp == 0 else None)
-  # Manual over every axis not already manual: Mosaic refuses a kernel left to the automatic
-  # partitioner even along axes of size 1 (found compiling for TPU ahead of time); axes the
-  # specs do not name see the arrays whole.
   axes = set() if mesh.empty else set(mesh.axis_names) - manual
+  return batch_axes, head_axis, axes
+
+
+def _pallas_self_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi_slopes):
+  """The flash kernel, run per shard when a mesh is in context (`kernel_partition`)."""
+  def kernel(q, k, v, segment_ids, slopes):
+    # On CPU the kernel runs in the Pallas interpreter (tests, not speed).
+    return pallas_kernels.flash_attention(
+        q, k, v, causal=True, segment_ids=segment_ids, sliding_window=sliding_window,
+        alibi_slopes=slopes, sm_scale=sm_scale,
+        interpret=backends.target_platform() == "cpu")
+
+  mesh = jax.sharding.get_abstract_mesh()
+  batch_axes, head_axis, axes = kernel_partition(q, k, mesh)
   if not axes:
     return kernel(q, k, v, segment_ids, alibi_slopes)
   b = batch_axes or None

@@ -101,10 +101,22 @@ def _activation_bytes(cfg: config_lib.Config, sizes: dict, layers_per_stage: int
   else:
     per_token_layer, recompute = c * (4 * Dr + 2 * (H + K) * Dh + 3 * F), 0.0
   context = sizes.get("context", 1)
-  # Context parallelism runs the XLA attention (the kernels see whole sequences).
-  xla_attention = context > 1 or attention_ops.resolve_impl(m.attention_impl, m.head_dim,
-                                                            platform) == "xla"
+  impl = attention_ops.resolve_impl(m.attention_impl, m.head_dim, platform)
+  ring = context > 1 and t.context_parallel == "ring"
+  ring_flash = ring and attention_ops.ring_runs_flash(impl, m.sliding_window or None,
+                                                      m.position_encoding == "alibi")
+  # Context parallelism runs the XLA attention (the kernel sees whole sequences), except a ring
+  # whose blocks the flash kernel can take.
+  xla_attention = (context > 1 and not ring_flash) or impl == "xla"
   transient = 0.0
+  if ring_flash:
+    # No scores; each of the C ring steps keeps its block's output (the kernel's residual, and
+    # the float32 copy the log-sum-exp merge differentiates through) and lse for the backward.
+    outputs = context * (c + 4) * H * Dh
+    if m.remat == "none":
+      per_token_layer += outputs
+    else:
+      transient += outputs
   if xla_attention:
     # float32 [T] rows of scores per head and query. Counted from XLA's buffer assignment
     # (`python -m jaxllm.bench context`, CPU, 1-3 layers, seq 512-2048): without remat each

@@ -21,20 +21,25 @@ _LOWERINGS = {"gpu": gpu, "tpu": tpu}
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-                    segment_ids: jax.Array | None = None, sliding_window: int | None = None,
+                    segment_ids: jax.Array | None = None,
+                    kv_segment_ids: jax.Array | None = None, sliding_window: int | None = None,
                     alibi_slopes: jax.Array | None = None, logit_soft_cap: float | None = None,
                     sm_scale: float | None = None, backend: str | None = None,
-                    interpret: bool = False, block_sizes: BlockSizes | None = None) -> jax.Array:
+                    interpret: bool = False, block_sizes: BlockSizes | None = None,
+                    return_lse: bool = False):
   """Blockwise online-softmax attention; returns `[B, T, H, Dh]` in q's dtype.
 
   causal: query i sees keys k <= i + (S - T). sliding_window=W (needs causal): keys with
-  q - W < k <= q, W keys including itself, as Mistral. segment_ids `[B, T]` int32 (needs T == S):
-  tokens see only their own segment (packed sequences). alibi_slopes `[H]`: adds
+  q - W < k <= q, W keys including itself, as Mistral. segment_ids `[B, T]` int32: tokens see
+  only their own segment (packed sequences); the keys' are `kv_segment_ids` `[B, S]`, by default
+  the same array (then T == S). alibi_slopes `[H]`: adds
   -slope_h * |q_pos - k_pos| to the logits (not differentiated). logit_soft_cap=c: logits become
   c * tanh(logits / c), before ALiBi. sm_scale defaults to Dh ** -0.5.
   backend: "gpu" (Pallas Triton) or "tpu" (Pallas Mosaic); default: the default device's.
   interpret: run the chosen lowering in the Pallas interpreter (the only way on CPU).
   block_sizes: tiles; defaults per backend (`BlockSizes.default`). Gradients flow to q, k, v.
+  return_lse: also return each row's log-sum-exp of its logits, `[B, H, T]` float32, so that
+  attention over several key blocks can be merged (ring attention); gradients flow through it.
   """
   backend = backends.resolve(backend, interpret)
   B, T, H, Dh = _check_shapes(q, k, v)
@@ -44,8 +49,17 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
   if causal and T > S:
     raise ValueError(f"causal attention with more queries ({T}) than keys ({S}) leaves the "
                      "first queries nothing to see")
-  if segment_ids is not None and (segment_ids.shape != (B, T) or T != S):
-    raise ValueError(f"segment_ids {segment_ids.shape} must be [B={B}, T={T}] with T == S ({S})")
+  if kv_segment_ids is not None and segment_ids is None:
+    raise ValueError("kv_segment_ids needs segment_ids for the queries")
+  if segment_ids is not None and kv_segment_ids is None:
+    if T != S:
+      raise ValueError(f"segment_ids alone need T == S (got {T} queries, {S} keys): pass the "
+                       "keys' as kv_segment_ids")
+    kv_segment_ids = segment_ids
+  if segment_ids is not None and (segment_ids.shape != (B, T)
+                                  or kv_segment_ids.shape != (B, S)):
+    raise ValueError(f"segment_ids {segment_ids.shape} / kv_segment_ids {kv_segment_ids.shape} "
+                     f"must be [B={B}, T={T}] / [B={B}, S={S}]")
   if alibi_slopes is not None and alibi_slopes.shape != (H,):
     raise ValueError(f"alibi_slopes {alibi_slopes.shape} must be [H={H}]")
   if logit_soft_cap is not None and logit_soft_cap <= 0:
@@ -59,12 +73,13 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
   if segment_ids is not None:
     # Padding rows and keys get segments no real token has (and that differ from each other).
     q_seg = _pad(segment_ids.astype(jnp.int32), 1, bs.q_multiple, -1)
-    k_seg = _pad(segment_ids.astype(jnp.int32), 1, bs.k_multiple, -2)
+    k_seg = _pad(kv_segment_ids.astype(jnp.int32), 1, bs.k_multiple, -2)
   if alibi_slopes is not None:
     slopes = jax.lax.stop_gradient(alibi_slopes.astype(jnp.float32))
-  out = _flash(_pad(q, 1, bs.q_multiple), _pad(k, 1, bs.k_multiple), _pad(v, 1, bs.k_multiple),
-               q_seg, k_seg, slopes, opts, backend, bool(interpret), bs)
-  return out[:, :T]
+  out, lse = _flash(_pad(q, 1, bs.q_multiple), _pad(k, 1, bs.k_multiple),
+                    _pad(v, 1, bs.k_multiple), q_seg, k_seg, slopes, opts, backend,
+                    bool(interpret), bs)
+  return (out[:, :T], lse[..., :T]) if return_lse else out[:, :T]
 
 
 def _check_shapes(q, k, v):
@@ -129,21 +144,24 @@ def _pad(x, axis, multiple, value=0):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def _flash(q, k, v, q_seg, k_seg, slopes, opts, backend, interpret, bs):
-  out, _ = _LOWERINGS[backend].forward(q, k, v, q_seg, k_seg, slopes, opts=opts, bs=bs,
-                                       interpret=interpret)
-  return out
+  """-> (out `[B, Tp, H, Dh]`, lse `[B, H, Tp]` float32) of the padded inputs."""
+  return _LOWERINGS[backend].forward(q, k, v, q_seg, k_seg, slopes, opts=opts, bs=bs,
+                                     interpret=interpret)
 
 
 def _flash_fwd(q, k, v, q_seg, k_seg, slopes, opts, backend, interpret, bs):
   out, lse = _LOWERINGS[backend].forward(q, k, v, q_seg, k_seg, slopes, opts=opts, bs=bs,
                                          interpret=interpret)
-  return out, (q, k, v, q_seg, k_seg, slopes, out, lse)
+  return (out, lse), (q, k, v, q_seg, k_seg, slopes, out, lse)
 
 
-def _flash_bwd(opts, backend, interpret, bs, residuals, do):
+def _flash_bwd(opts, backend, interpret, bs, residuals, cotangents):
   q, k, v, q_seg, k_seg, slopes, out, lse = residuals
+  do, dlse = cotangents
   # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the softmax Jacobian's row term, `[B, H, Tp]`.
-  delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), out.astype(jnp.float32))
+  # lse_i's own gradient is P_ij, so a cotangent on it adds P_ij dlse_i to dS_ij: the kernels'
+  # dS = P (dP - delta) with delta lowered by dlse, no second pass.
+  delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), out.astype(jnp.float32)) - dlse
   dq, dk, dv = _LOWERINGS[backend].backward(q, k, v, q_seg, k_seg, slopes, lse, delta, do,
                                             opts=opts, bs=bs, interpret=interpret)
   return dq, dk, dv, None, None, None

@@ -11,11 +11,12 @@ import jax.numpy as jnp
 from pallas_kernels.flash_attention.common import MASK_VALUE
 
 
-def attention_reference(q, k, v, *, causal=True, segment_ids=None, sliding_window=None,
-                        alibi_slopes=None, logit_soft_cap=None, sm_scale=None,
-                        return_lse=False):
+def attention_reference(q, k, v, *, causal=True, segment_ids=None, kv_segment_ids=None,
+                        sliding_window=None, alibi_slopes=None, logit_soft_cap=None,
+                        sm_scale=None, return_lse=False):
   """q `[B, T, H, Dh]`, k/v `[B, S, K, Dh]` -> `[B, T, H, Dh]` in q's dtype.
 
+  segment_ids `[B, T]` and kv_segment_ids `[B, S]` (default: segment_ids) keep segments apart.
   With `return_lse`, also the log-sum-exp of each row's logits, `[B, H, T]` float32.
   """
   B, T, H, Dh = q.shape
@@ -39,7 +40,8 @@ def attention_reference(q, k, v, *, causal=True, segment_ids=None, sliding_windo
     visible &= k_pos > q_pos - sliding_window
   visible = jnp.broadcast_to(visible[None], (B, T, S))
   if segment_ids is not None:
-    visible &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    kv_segments = segment_ids if kv_segment_ids is None else kv_segment_ids
+    visible &= segment_ids[:, :, None] == kv_segments[:, None, :]
   s = jnp.where(visible[:, None, None], s, MASK_VALUE)
   p = jax.nn.softmax(s, axis=-1)
   out = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32),
