@@ -112,6 +112,21 @@ def test_cudnn_path_masking_conventions_match_xla(window):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="cuDNN itself needs a GPU (tools/gpu_checks.sh long_context runs it)")
+def test_cudnn_runs_alibi_and_segments_on_a_gpu():
+  """The cudnn impl on the GPU (bf16, its fused kernel's type) with ALiBi's additive bias and
+  packed segments, against the float32 XLA path on the same inputs."""
+  H, K = 4, 2
+  q, k, v, seg = (x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x
+                  for x in _packed(4, H=H, K=K))
+  slopes = jnp.asarray(alibi_slopes(H)) * 4
+  up = lambda x: x.astype(jnp.float32)
+  want = self_attention(up(q), up(k), up(v), segment_ids=seg, impl="xla", alibi_slopes=slopes)
+  got = self_attention(q, k, v, segment_ids=seg, impl="cudnn", alibi_slopes=slopes)
+  np.testing.assert_allclose(np.asarray(up(got)), np.asarray(want), atol=3e-2)
+
+
 def test_auto_picks_pallas_only_where_it_runs_natively():
   assert resolve_impl("auto", 64, "gpu") == "pallas"
   assert resolve_impl("auto", 64, "tpu") == "pallas"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks and benchmarks that need a GPU, in one call (the figures in BUILD.md came from it).
-# Usage: tools/gpu_checks.sh OUTDIR [kernels] [attention] [tune] [quant] [moe]
+# Usage: tools/gpu_checks.sh OUTDIR [kernels] [attention] [tune] [quant] [moe] [long_context]
 # Runs from the repo root with the machine's own jax (0.11.x + CUDA plugin); no install.
 set -uo pipefail
 out=${1:?output directory}; shift
@@ -30,6 +30,10 @@ for part in "$@"; do
         | tee "$out/tune_gmm.log" | tail -12
       timeout 300 python3 -m jaxllm.bench moe --out="$out/moe.json" \
         2>&1 | tee "$out/moe.log" | tail -25 ;;
+    long_context)  # cuDNN with ALiBi; ALiBi and the lse output through the compiled kernels
+      python3 -m pytest -q -p no:cacheprovider tests/test_attention_ops.py \
+        tests/test_flash_attention.py -k "cudnn or alibi or log_sum_exp" 2>&1 \
+        | tee "$out/long_context.log" | tail -15 ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac
 done
