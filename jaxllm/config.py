@@ -30,6 +30,7 @@ ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
 ROUTERS = ("softmax", "sigmoid")
 MOE_IMPLS = ("auto", "xla", "tiled", "pallas")
 CONTEXT_PARALLEL = ("all_gather", "ring")
+NORM_PLACEMENTS = ("pre", "post")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,12 @@ class ModelConfig:
   # key head before RoPE (Qwen3, OLMo 2).
   qkv_bias: bool = False
   qk_norm: bool = False
+  # OLMo 2: one RMSNorm over all query heads together (and one over all key heads), `[H, Dh]`
+  # scales, instead of one per head `[Dh]`.
+  qk_norm_over_heads: bool = False
+  # Where each block's norms sit: "pre" (Llama: x + f(norm(x))) or "post" (OLMo 2:
+  # x + norm(f(x)), the sublayer's output normalised before the residual add).
+  norm_placement: str = "pre"
   # Mixture of Experts (`jaxllm.model.moe`); n_experts = 0: every layer dense. Layer layout:
   # `first_dense_layers` dense layers, then groups of `moe_every` layers whose last is MoE
   # (Hugging Face's decoder_sparse_step), then dense layers for any remainder.
@@ -280,6 +287,11 @@ def validate_model(m: ModelConfig) -> None:
         f"model.rope_scaling={m.rope_scaling!r} is not one of {', '.join(ROPE_SCALINGS)}")
   if m.rope_scaling != "none":
     _positive("model.rope_scaling_factor", m.rope_scaling_factor)
+  if m.norm_placement not in NORM_PLACEMENTS:
+    raise ConfigError(f"model.norm_placement={m.norm_placement!r} is not one of "
+                      f"{', '.join(NORM_PLACEMENTS)}")
+  if m.qk_norm_over_heads and not m.qk_norm:
+    raise ConfigError("model.qk_norm_over_heads=True needs model.qk_norm=True")
   if m.position_encoding not in POSITION_ENCODINGS:
     raise ConfigError(f"model.position_encoding={m.position_encoding!r} is not one of "
                       f"{', '.join(POSITION_ENCODINGS)}")

@@ -1,4 +1,4 @@
-"""`python -m jaxllm.convert --src=PATH --dst=DIR --format=hf|orbax`
+"""`python -m jaxllm.convert --src=PATH --dst=DIR --format=hf|orbax [--hf_model_type=phi3]`
 
 Reads any checkpoint `jaxllm.load` reads (workdir, jaxllm directory, Hugging Face directory,
 .gguf) and writes a Hugging Face directory (float32 safetensors, config, tokenizer; loads with
@@ -17,6 +17,11 @@ from jaxllm.cli import common
 _SRC = flags.DEFINE_string("src", None, "Checkpoint to read.")
 _DST = flags.DEFINE_string("dst", None, "Directory to write (must not exist or be empty).")
 _FORMAT = flags.DEFINE_enum("format", None, ["hf", "orbax"], "Output format.")
+_HF_MODEL_TYPE = flags.DEFINE_enum(
+    "hf_model_type", None, ["phi3"],
+    "--format=hf: write this family when it holds the same model as the default one (phi3: a "
+    "Llama-shaped model in Phi-3's fused qkv/gate_up layout). Default: the family the config "
+    "implies (llama, mistral, qwen2, qwen3, olmo2, mixtral, qwen2_moe, qwen3_moe).")
 flags.mark_flags_as_required(["src", "dst", "format"])
 
 
@@ -30,7 +35,7 @@ def main(argv):
   from jaxllm.checkpoint import convert
   ckpt = convert.read_checkpoint(_SRC.value)
   if _FORMAT.value == "hf":
-    convert.export_hf(ckpt, _DST.value)
+    convert.export_hf(ckpt, _DST.value, _HF_MODEL_TYPE.value)
   else:
     convert.export_orbax(ckpt, _DST.value)
   print(f"wrote {_FORMAT.value} checkpoint to {_DST.value}")

@@ -130,6 +130,27 @@ def test_ring_flash_training_equals_single_device():
     assert rel <= 1e-5, (jax.tree_util.keystr(path), rel)
 
 
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2, sequence_parallel=True),
+                                  dict(data=1, fsdp=2, tensor=2, stage=2)])
+def test_family_variants_train_under_a_mesh_like_one_device(mesh):
+  """The families' block variants (OLMo 2's post-norm and q/k norms over all heads, whose
+  reduction spans the tensor-split heads; Qwen2's q/k/v biases) shard like the rest."""
+  model = dict(MODEL, norm_placement="post", qk_norm=True, qk_norm_over_heads=True,
+               qkv_bias=True)
+
+  def config(mesh):
+    return tiny_experiment(model=model, train=dict(batch_size=8, seq_len=32, microbatches=4),
+                           mesh={"data": 1, "fsdp": 1, "tensor": 1, **mesh})
+
+  want_state, want_losses = _train(config({}), jax.devices()[:1])
+  state, losses = _train(config(mesh), jax.devices())
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+  want = dict(jax.tree_util.tree_leaves_with_path(jax.device_get(want_state["params"])))
+  for path, got in jax.tree_util.tree_leaves_with_path(jax.device_get(state["params"])):
+    rel = np.linalg.norm(got - want[path]) / np.linalg.norm(want[path])
+    assert rel <= 1e-5, (jax.tree_util.keystr(path), rel)
+
+
 def _device0_fraction(tree):
   """Bytes of `tree` held by device 0, as a fraction of the whole (unsharded) tree."""
   device0 = jax.devices()[0]

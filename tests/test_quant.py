@@ -96,8 +96,13 @@ def test_gptq_without_correlation_or_error_is_round_to_nearest():
   np.testing.assert_allclose(s[0], np.asarray(rtn.scales)[0], rtol=1e-6)
 
 
-def test_calibration_block_matches_the_model_block():
-  cfg = tiny_model(dtype="float32")
+# OLMo 2's block: norms after attention and MLP, q/k norms over all heads.
+POST_NORM = dict(norm_placement="post", qk_norm=True, qk_norm_over_heads=True)
+
+
+@pytest.mark.parametrize("variant", [{}, POST_NORM])
+def test_calibration_block_matches_the_model_block(variant):
+  cfg = tiny_model(dtype="float32", **variant)
   graphdef, params = transformer.split(transformer.create(cfg, 3))
   bgd = calibrate.block_graphdef(graphdef, params)
   lp = calibrate.layer_params(params["blocks"], 1)
@@ -109,20 +114,24 @@ def test_calibration_block_matches_the_model_block():
                                                                      cfg.head_dim)
 
 
-@pytest.mark.parametrize("kv_heads", [2, 4])  # GQA (o left alone) and MHA (o folded into v)
-def test_awq_scaling_keeps_the_float_model(kv_heads):
-  cfg = tiny_model(dtype="float32", n_kv_heads=kv_heads)
+# GQA (o left alone), MHA (o folded into v), and post-norm (nothing produces q/k/v's or
+# gate/up's input but the residual stream: only o (MHA) and down are scaled).
+@pytest.mark.parametrize("kv_heads, variant", [(2, {}), (4, {}), (4, POST_NORM)])
+def test_awq_scaling_keeps_the_float_model(kv_heads, variant):
+  cfg = tiny_model(dtype="float32", n_kv_heads=kv_heads, **variant)
   graphdef, params = transformer.split(transformer.create(cfg, 1))
   rows = np.asarray(jax.random.randint(jax.random.PRNGKey(2), (8, 16), 0, cfg.vocab_size))
   spec = qparams.QuantSpec(bits=4, group_size=16, method="awq")
   scaled, ratios = methods._awq_scale(graphdef, params, spec, rows, chunk_rows=4,
                                       progress=False)
-  assert set(ratios) == {f"blocks/{n}" for n in ("attn/q", "attn/k", "attn/v", "mlp/gate",
-                                                 "mlp/up", "mlp/down")} | (
-                                                     {"blocks/attn/o"} if kv_heads == 4 else set())
+  scaled_groups = ("attn/q", "attn/k", "attn/v", "mlp/gate", "mlp/up", "mlp/down")
+  if variant:
+    scaled_groups = ("mlp/down",)
+  assert set(ratios) == {f"blocks/{n}" for n in scaled_groups} | (
+      {"blocks/attn/o"} if kv_heads == 4 else set())
   assert all(float(r.min()) >= 0.5 and float(r.max()) <= 1.0 for r in ratios.values())
-  assert not np.allclose(scaled["blocks"]["attn_norm"]["scale"],
-                         params["blocks"]["attn_norm"]["scale"])  # something was folded
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, b), scaled, params))
+  assert any(changed)  # something was folded
   forward = jax.jit(lambda p, ids: nnx.merge(graphdef, p)(ids))
   ids = jnp.asarray(rows[:2])
   chex.assert_trees_all_close(forward(scaled, ids), forward(params, ids), atol=2e-5)

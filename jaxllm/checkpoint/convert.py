@@ -194,16 +194,19 @@ def _save_tokenizer(tokenizer, dst: str) -> None:
     json.dump(config, f, indent=2)
 
 
-def export_hf(ckpt: Checkpoint, dst: str) -> None:
-  """A transformers-loadable directory: config, float32 safetensors, tokenizer."""
+def export_hf(ckpt: Checkpoint, dst: str, model_type: str | None = None) -> None:
+  """A transformers-loadable directory: config, float32 safetensors, tokenizer. `model_type`
+  picks a family that holds the same model under another layout (`phi3` for a Llama-shaped
+  model); by default the family follows from the config (`hf_format.model_type_for`)."""
   import jax
-  family = hf_format.model_type_for(ckpt.model)  # refuses before anything is written
+  family = hf_format.model_type_for(ckpt.model, model_type)  # refuses before anything is written
   params = jax.tree.map(np.asarray, ckpt.params)
   bos = ckpt.tokenizer.bos_id if ckpt.tokenizer.bos_id >= 0 else None
   eos = ckpt.tokenizer.eos_id if ckpt.tokenizer.eos_id >= 0 else None
   state = layouts.hf_from_params(params, ckpt.model,
-                                 "mixtral" if family == "mixtral" else "qwen")
-  hf_format.write(dst, ckpt.model, state, bos_id=bos, eos_id=eos)
+                                 "mixtral" if family == "mixtral" else "qwen",
+                                 fused=family == "phi3")
+  hf_format.write(dst, ckpt.model, state, bos_id=bos, eos_id=eos, model_type=family)
   _save_tokenizer(ckpt.tokenizer, dst)
 
 

@@ -1,11 +1,12 @@
 """Hugging Face model directories: config.json + *.safetensors (+ tokenizer files).
 
-Reads Llama, Mistral, Mixtral, Qwen2-MoE and Qwen3-MoE configs (GQA, RoPE theta, sliding
-window, tied embeddings, experts, shared experts, q/k/v biases, q/k norms, and the RoPE scalings
-linear, llama3, dynamic NTK and YaRN), single-file or sharded safetensors (any float dtype,
-converted to float32), and writes directories that
-`transformers.AutoModelForCausalLM.from_pretrained` loads (static NTK written as the plain RoPE
-theta it amounts to; ALiBi models refused: no Llama-family checkpoint has ALiBi).
+Reads Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2, Mixtral, Qwen2-MoE and Qwen3-MoE configs
+(GQA, RoPE theta, sliding window, tied embeddings, experts, shared experts, q/k/v biases, q/k
+norms per head or over all heads, post-norm blocks, and the RoPE scalings linear, llama3,
+dynamic NTK and YaRN), single-file or sharded safetensors (any float dtype, converted to
+float32), and writes directories that `transformers.AutoModelForCausalLM.from_pretrained` loads
+(static NTK written as the plain RoPE theta it amounts to; ALiBi models refused: none of these
+families has ALiBi).
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ from jaxllm.checkpoint.errors import UnsupportedCheckpoint
 from jaxllm.config import ModelConfig
 from jaxllm.model import positions
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2_moe", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "mixtral",
+                         "qwen2_moe", "qwen3_moe")
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+# Families whose checkpoints hold a model that another family's layout holds too: the export
+# writes them only when asked (`hf_config(..., model_type=)`), Llama otherwise.
+ALIASES = {"phi3": "llama"}
 
 
 def is_hf_dir(path: str) -> bool:
@@ -51,11 +56,20 @@ def model_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise UnsupportedCheckpoint(f"{where}: model_type {model_type!r} is not supported "
                                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-  qwen2 = model_type == "qwen2_moe"
-  if hf.get("mlp_bias") or (hf.get("attention_bias") and not qwen2):
+  # Qwen2's q/k/v biases are implied by the family; attention_bias elsewhere (Llama, Qwen3)
+  # also biases the output projection, which jaxllm does not have.
+  if hf.get("mlp_bias") or hf.get("attention_bias"):
     raise UnsupportedCheckpoint(f"{where}: attention/MLP biases are not supported for "
                                 f"{model_type}")
+  act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
+  if act != "silu":
+    raise UnsupportedCheckpoint(f"{where}: hidden_act={act!r} is not supported for "
+                                f"{model_type} (supported: silu)")
   rope = _rope_params(hf)
+  partial = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+  if partial != 1.0:
+    raise UnsupportedCheckpoint(f"{where}: partial_rotary_factor={partial} is not supported "
+                                "(RoPE over the whole head only)")
   kind = rope.get("rope_type", rope.get("type", "default")) or "default"
   scaling: dict[str, Any] = {}
   if kind == "linear":
@@ -79,13 +93,12 @@ def model_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
                                 "(supported: linear, llama3, dynamic, yarn)")
   n_heads = int(hf["num_attention_heads"])
   d_model = int(hf["hidden_size"])
-  window = 0
-  if model_type in ("mistral", "mixtral"):
-    window = int(hf.get("sliding_window") or 0)
-  elif hf.get("use_sliding_window"):
-    raise UnsupportedCheckpoint(f"{where}: Qwen's per-layer sliding windows "
-                                "(use_sliding_window) are not supported")
+  window = _window(hf, model_type, where)
   moe = _moe_config(hf, model_type, where) if model_type in MOE_MODEL_TYPES else {}
+  variant = {"qwen2": dict(qkv_bias=True),
+             "qwen3": dict(qk_norm=True),
+             "olmo2": dict(qk_norm=True, qk_norm_over_heads=True, norm_placement="post"),
+             }.get(model_type, {})
   scaling.setdefault("max_seq_len", int(hf.get("max_position_embeddings", 2048)))
   return ModelConfig(
       vocab_size=int(hf["vocab_size"]), d_model=d_model, n_layers=int(hf["num_hidden_layers"]),
@@ -95,7 +108,23 @@ def model_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
       rope_theta=float(rope.get("rope_theta", 10_000.0)),
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      sliding_window=window, dtype="float32", **scaling, **moe)
+      sliding_window=window, dtype="float32", **scaling, **moe, **variant)
+
+
+def _window(hf: dict[str, Any], model_type: str, where: str) -> int:
+  """The sliding window every layer has (0: none); refuses windows on some layers only."""
+  if model_type in ("mistral", "mixtral", "phi3"):
+    return int(hf.get("sliding_window") or 0)
+  if not hf.get("use_sliding_window"):
+    return 0
+  n = int(hf["num_hidden_layers"])
+  kinds = hf.get("layer_types") or [
+      "sliding_attention" if i >= int(hf.get("max_window_layers") or 0) else "full_attention"
+      for i in range(n)]
+  if set(kinds) != {"sliding_attention"}:
+    raise UnsupportedCheckpoint(f"{where}: sliding windows on some layers only "
+                                f"({kinds.count('sliding_attention')} of {n}) are not supported")
+  return int(hf.get("sliding_window") or 0)
 
 
 def _yarn_config(hf: dict[str, Any], rope: dict[str, Any]) -> dict[str, Any]:
@@ -142,30 +171,53 @@ def _moe_config(hf: dict[str, Any], model_type: str, where: str) -> dict[str, An
     out.update(n_shared_experts=shared // F, shared_expert_gate=shared > 0,
                qkv_bias=bool(hf.get("qkv_bias", True)))
   else:
-    out.update(qk_norm=True, qkv_bias=bool(hf.get("attention_bias", False)))
+    out.update(qk_norm=True)
   return out
 
 
-def model_type_for(cfg: ModelConfig) -> str:
+def model_type_for(cfg: ModelConfig, prefer: str | None = None) -> str:
   """The transformers architecture that holds `cfg`; raises UnsupportedCheckpoint if none does.
 
-  Dense: llama (mistral with a window). MoE: qwen3_moe with q/k norms, qwen2_moe with shared
-  experts (and their gate), mixtral otherwise (every layer MoE, k weights renormalised).
+  Dense: olmo2 with post-norm blocks and q/k norms over all heads, qwen3 with per-head q/k
+  norms, qwen2 with q/k/v biases, else llama (mistral with a window; `prefer="phi3"` writes
+  Phi-3's fused layout instead). MoE: qwen3_moe with q/k norms, qwen2_moe with shared experts
+  (and their gate), mixtral otherwise (every layer MoE, k weights renormalised).
   """
   def refuse(why):
     raise UnsupportedCheckpoint(f"no Hugging Face architecture holds this model: {why} "
                                 "(export --format=orbax instead)")
   if cfg.position_encoding != "rope":
-    refuse(f"position_encoding={cfg.position_encoding} (the Llama family's are RoPE)")
+    refuse(f"position_encoding={cfg.position_encoding} (these families' are RoPE)")
+  if (cfg.norm_placement == "post") != cfg.qk_norm_over_heads or (
+      cfg.norm_placement == "post" and (cfg.n_experts or cfg.qkv_bias or cfg.sliding_window)):
+    refuse("OLMo 2 has post-norm blocks with q/k norms over all heads, both, and no experts, "
+           "biases or window")
   if not cfg.n_experts:
-    if cfg.qkv_bias or cfg.qk_norm:
-      refuse("q/k/v biases or q/k norms on a dense model")
-    return "mistral" if cfg.sliding_window > 0 else "llama"
+    if cfg.norm_placement == "post":
+      family = "olmo2"
+    elif cfg.qk_norm:
+      if cfg.qkv_bias:
+        refuse("q/k/v biases with q/k norms (Qwen3's attention_bias biases o_proj too)")
+      family = "qwen3"
+    elif cfg.qkv_bias:
+      family = "qwen2"
+    else:
+      family = "mistral" if cfg.sliding_window > 0 else "llama"
+  else:
+    family = _moe_family(cfg, refuse)
+  if prefer is not None and prefer != family:
+    if ALIASES.get(prefer) != family.replace("mistral", "llama"):
+      refuse(f"it is a {family} model, not {prefer}")
+    family = prefer
+  return family
+
+
+def _moe_family(cfg: ModelConfig, refuse) -> str:
   if cfg.router != "softmax" or cfg.router_bias_update_rate > 0:
     refuse(f"router={cfg.router} with a routing bias")
   if cfg.qk_norm:
-    if cfg.n_shared_experts:
-      refuse("q/k norms with shared experts")
+    if cfg.n_shared_experts or cfg.qkv_bias:
+      refuse("q/k norms with shared experts or q/k/v biases")
     family = "qwen3_moe"
   elif cfg.n_shared_experts or cfg.qkv_bias:
     if not (cfg.n_shared_experts and cfg.shared_expert_gate and cfg.qkv_bias):
@@ -186,13 +238,16 @@ def model_type_for(cfg: ModelConfig) -> str:
 
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
                   "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                   "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
-def hf_config(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None) -> dict[str, Any]:
-  """A transformers config.json dict for `cfg` (family by `model_type_for`)."""
-  model_type = model_type_for(cfg)
+def hf_config(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None,
+              model_type: str | None = None) -> dict[str, Any]:
+  """A transformers config.json dict for `cfg` (family by `model_type_for(cfg, model_type)`)."""
+  model_type = model_type_for(cfg, model_type)
   out: dict[str, Any] = {
       "architectures": [_ARCHITECTURES[model_type]], "model_type": model_type,
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
@@ -202,9 +257,18 @@ def hf_config(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None) -> di
       "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
       "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
       "torch_dtype": "float32", "bos_token_id": bos_id, "eos_token_id": eos_id,
+      # Explicitly none: some families' defaults (Phi-3: 32000) lie outside other vocabularies.
+      "pad_token_id": None,
   }
-  if model_type == "llama":
+  if model_type in ("llama", "olmo2"):
     out.update(attention_bias=False, mlp_bias=False)
+  elif model_type == "qwen3":
+    out.update(attention_bias=False)
+  if model_type in ("qwen2", "qwen3"):
+    window = cfg.sliding_window
+    out.update(use_sliding_window=bool(window), sliding_window=window or None,
+               max_window_layers=0,
+               layer_types=[("sliding" if window else "full") + "_attention"] * cfg.n_layers)
   F = cfg.moe_d_ff or cfg.d_ff
   if model_type == "mixtral":
     out.update(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token,
@@ -218,7 +282,7 @@ def hf_config(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None) -> di
     if model_type == "qwen2_moe":
       out.update(shared_expert_intermediate_size=cfg.n_shared_experts * F, qkv_bias=True)
     else:
-      out.update(attention_bias=cfg.qkv_bias)
+      out.update(attention_bias=False)
   if cfg.rope_scaling == "ntk":  # static NTK is plain RoPE with a larger theta
     out["rope_theta"] = positions.ntk_theta(cfg.rope_theta, cfg.rope_scaling_factor,
                                            cfg.head_dim)
@@ -241,7 +305,7 @@ def hf_config(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None) -> di
         "low_freq_factor": cfg.rope_low_freq_factor,
         "high_freq_factor": cfg.rope_high_freq_factor,
         "original_max_position_embeddings": cfg.rope_original_max_len}
-  if model_type in ("mistral", "mixtral") and cfg.sliding_window:
+  if model_type in ("mistral", "mixtral", "phi3") and cfg.sliding_window:
     out["sliding_window"] = cfg.sliding_window
   return out
 
@@ -299,12 +363,12 @@ def read_state_dict(path: str) -> SafetensorsState:
 
 
 def write(path: str, cfg: ModelConfig, state: dict[str, np.ndarray], *,
-          bos_id: int | None, eos_id: int | None) -> None:
+          bos_id: int | None, eos_id: int | None, model_type: str | None = None) -> None:
   """Writes config.json, generation_config.json and model.safetensors into `path`."""
   from safetensors.numpy import save_file
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(hf_config(cfg, bos_id=bos_id, eos_id=eos_id), f, indent=2)
+    json.dump(hf_config(cfg, bos_id=bos_id, eos_id=eos_id, model_type=model_type), f, indent=2)
   with open(os.path.join(path, "generation_config.json"), "w") as f:
     json.dump({"bos_token_id": bos_id, "eos_token_id": eos_id}, f, indent=2)
   save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

@@ -1,11 +1,17 @@
-"""Weight layouts: Hugging Face state dicts (Llama, Mistral, Mixtral, Qwen2-MoE, Qwen3-MoE) <->
-jaxllm params, one table for every family.
+"""Weight layouts: Hugging Face state dicts (Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2,
+Mixtral, Qwen2-MoE, Qwen3-MoE) <-> jaxllm params, one table for every family.
 
 HF Linear weights are `[out, in]`; ours are einsum operands `[in, ...out]`:
   q_proj [H*Dh, D] -> attn.q [D, H, Dh]      o_proj [D, H*Dh] -> attn.o [H, Dh, D]
   k/v_proj [K*Dh, D] -> attn.k/v [D, K, Dh]  q/k/v_proj.bias -> attn.q/k/v_bias [H|K, Dh]
   q_norm/k_norm [Dh] -> attn.q_norm/k_norm   gate/up_proj [F, D] -> mlp.gate/up [D, F]
   down_proj [D, F] -> mlp.down [F, D]        lm_head [V, D] -> lm_head [D, V]
+  OLMo 2's q_norm/k_norm [H*Dh], [K*Dh] (one norm over all heads) -> attn.q_norm/k_norm [H|K, Dh]
+  Phi-3's qkv_proj [(H+2K)*Dh, D] (q, k, v rows in turn) and gate_up_proj [2F, D] (gate rows,
+  then up) are split on reading and fused on writing (`hf_from_params(fused=True)`).
+Block norms: pre-norm input_layernorm -> attn_norm, post_attention_layernorm -> mlp_norm;
+OLMo 2's post-norm post_attention_layernorm -> attn_post_norm, post_feedforward_layernorm ->
+mlp_post_norm (`norm_names`).
 MoE layers (`moe_blocks`): the router [E, D] -> moe.router [D, E]; expert e's gate/up/down as
 above, stacked on an expert axis -> moe.gate/up [E, D, F], moe.down [E, F, D]; shared experts
 -> moe.shared.gate/up/down; Qwen2-MoE's shared_expert_gate [1, D] -> moe.shared_gate [D, 1].
@@ -27,7 +33,14 @@ from jaxllm.checkpoint.errors import UnsupportedCheckpoint
 from jaxllm.config import ModelConfig
 from jaxllm.model.transformer import layer_layout
 
-_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+_PRE_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+_POST_NORMS = {"attn_post_norm": "post_attention_layernorm",
+               "mlp_post_norm": "post_feedforward_layernorm"}
+
+
+def norm_names(cfg: ModelConfig) -> dict[str, str]:
+  """{our block norm: its Hugging Face module name} for the model's norm placement."""
+  return _POST_NORMS if cfg.norm_placement == "post" else _PRE_NORMS
 # family -> (MoE module name, expert gate, up, down names)
 EXPERT_NAMES = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
                 "qwen": ("mlp", "gate_proj", "up_proj", "down_proj")}
@@ -89,19 +102,33 @@ def _attention_leaves(state, cfg: ModelConfig, depths, stack: str) -> dict:
   `build()` returning one stacked `[L, ...]` array."""
   D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   get = lambda i, name, shape: _take(state, f"model.layers.{i}.{name}", shape)
+  if f"model.layers.{depths[0]}.self_attn.qkv_proj.weight" in state:  # Phi-3
+    rows = {"q": (0, H), "k": (H, H + K), "v": (H + K, H + 2 * K)}
+
+    def qkv(i, name):
+      lo, hi = rows[name]
+      return get(i, "self_attn.qkv_proj.weight", ((H + 2 * K) * Dh, D))[lo * Dh:hi * Dh]
+  else:
+    qkv = lambda i, name: get(i, f"self_attn.{name}_proj.weight", (
+        (H if name == "q" else K) * Dh, D))
   per_layer = {
-      "attn/q": lambda i: get(i, "self_attn.q_proj.weight", (H * Dh, D)).T.reshape(D, H, Dh),
-      "attn/k": lambda i: get(i, "self_attn.k_proj.weight", (K * Dh, D)).T.reshape(D, K, Dh),
-      "attn/v": lambda i: get(i, "self_attn.v_proj.weight", (K * Dh, D)).T.reshape(D, K, Dh),
+      "attn/q": lambda i: qkv(i, "q").T.reshape(D, H, Dh),
+      "attn/k": lambda i: qkv(i, "k").T.reshape(D, K, Dh),
+      "attn/v": lambda i: qkv(i, "v").T.reshape(D, K, Dh),
       "attn/o": lambda i: get(i, "self_attn.o_proj.weight", (D, H * Dh)).T.reshape(H, Dh, D),
-      "attn_norm/scale": lambda i: get(i, _NORMS["attn_norm"] + ".weight", (D,)),
-      "mlp_norm/scale": lambda i: get(i, _NORMS["mlp_norm"] + ".weight", (D,)),
   }
+  for ours, theirs in norm_names(cfg).items():
+    per_layer[f"{ours}/scale"] = lambda i, t=theirs: get(i, t + ".weight", (D,))
   if cfg.qkv_bias:
     for name, heads in (("q", H), ("k", K), ("v", K)):
       per_layer[f"attn/{name}_bias"] = (
           lambda i, n=name, h=heads: get(i, f"self_attn.{n}_proj.bias", (h * Dh,)).reshape(h, Dh))
-  if cfg.qk_norm:
+  if cfg.qk_norm and cfg.qk_norm_over_heads:
+    for name, heads in (("q", H), ("k", K)):
+      per_layer[f"attn/{name}_norm/scale"] = (
+          lambda i, n=name, h=heads: get(i, f"self_attn.{n}_norm.weight", (h * Dh,)).reshape(
+              h, Dh))
+  elif cfg.qk_norm:
     for name in ("q", "k"):
       per_layer[f"attn/{name}_norm/scale"] = (
           lambda i, n=name: get(i, f"self_attn.{n}_norm.weight", (Dh,)))
@@ -113,8 +140,13 @@ def _mlp_leaves(state, prefix_of, d_model: int, d_ff: int, path: str, depths,
   """`{path/gate|up|down: build}`: SwiGLU weights of the modules `prefix_of(i)`, stacked over
   the layers at `depths`."""
   g, u, d = names
-  one = {"gate": lambda i: _take(state, f"{prefix_of(i)}.{g}.weight", (d_ff, d_model)).T,
-         "up": lambda i: _take(state, f"{prefix_of(i)}.{u}.weight", (d_ff, d_model)).T,
+  if depths.size and f"{prefix_of(depths[0])}.gate_up_proj.weight" in state:  # Phi-3
+    fused = lambda i: _take(state, f"{prefix_of(i)}.gate_up_proj.weight", (2 * d_ff, d_model))
+    gate, up = lambda i: fused(i)[:d_ff].T, lambda i: fused(i)[d_ff:].T
+  else:
+    gate = lambda i: _take(state, f"{prefix_of(i)}.{g}.weight", (d_ff, d_model)).T
+    up = lambda i: _take(state, f"{prefix_of(i)}.{u}.weight", (d_ff, d_model)).T
+  one = {"gate": gate, "up": up,
          "down": lambda i: _take(state, f"{prefix_of(i)}.{d}.weight", (d_model, d_ff)).T}
   return {f"{path}/{k}": _stacked(fn, depths) for k, fn in one.items()}
 
@@ -188,35 +220,48 @@ def params_from_hf(state, cfg: ModelConfig, place=None) -> dict:
   return out
 
 
-def _hf_attention(out: dict, blocks: dict, cfg: ModelConfig, depths) -> None:
+def _hf_attention(out: dict, blocks: dict, cfg: ModelConfig, depths, fused: bool) -> None:
   D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   a = blocks["attn"]
   for j, i in enumerate(depths):
     pre = f"model.layers.{i}."
-    out[pre + "self_attn.q_proj.weight"] = np.asarray(a["q"][j]).reshape(D, H * Dh).T
-    out[pre + "self_attn.k_proj.weight"] = np.asarray(a["k"][j]).reshape(D, K * Dh).T
-    out[pre + "self_attn.v_proj.weight"] = np.asarray(a["v"][j]).reshape(D, K * Dh).T
+    q = np.asarray(a["q"][j]).reshape(D, H * Dh).T
+    k = np.asarray(a["k"][j]).reshape(D, K * Dh).T
+    v = np.asarray(a["v"][j]).reshape(D, K * Dh).T
+    if fused:
+      out[pre + "self_attn.qkv_proj.weight"] = np.concatenate([q, k, v])
+    else:
+      out[pre + "self_attn.q_proj.weight"] = q
+      out[pre + "self_attn.k_proj.weight"] = k
+      out[pre + "self_attn.v_proj.weight"] = v
     out[pre + "self_attn.o_proj.weight"] = np.asarray(a["o"][j]).reshape(H * Dh, D).T
     if cfg.qkv_bias:
       for name in ("q", "k", "v"):
         out[pre + f"self_attn.{name}_proj.bias"] = np.asarray(a[f"{name}_bias"][j]).reshape(-1)
     if cfg.qk_norm:
       for name in ("q", "k"):
-        out[pre + f"self_attn.{name}_norm.weight"] = np.asarray(a[f"{name}_norm"]["scale"][j])
-    for ours, theirs in _NORMS.items():
+        out[pre + f"self_attn.{name}_norm.weight"] = np.asarray(
+            a[f"{name}_norm"]["scale"][j]).reshape(-1)
+    for ours, theirs in norm_names(cfg).items():
       out[pre + theirs + ".weight"] = np.asarray(blocks[ours]["scale"][j])
 
 
-def _hf_mlp(out: dict, prefix: str, mlp: dict, names=("gate_proj", "up_proj", "down_proj")):
+def _hf_mlp(out: dict, prefix: str, mlp: dict, names=("gate_proj", "up_proj", "down_proj"),
+            fused: bool = False):
   g, u, d = names
-  out[f"{prefix}.{g}.weight"] = np.asarray(mlp["gate"]).T
-  out[f"{prefix}.{u}.weight"] = np.asarray(mlp["up"]).T
+  if fused:
+    out[f"{prefix}.gate_up_proj.weight"] = np.concatenate([np.asarray(mlp["gate"]).T,
+                                                           np.asarray(mlp["up"]).T])
+  else:
+    out[f"{prefix}.{g}.weight"] = np.asarray(mlp["gate"]).T
+    out[f"{prefix}.{u}.weight"] = np.asarray(mlp["up"]).T
   out[f"{prefix}.{d}.weight"] = np.asarray(mlp["down"]).T
 
 
-def hf_from_params(params: dict, cfg: ModelConfig, family: str = "qwen") -> dict[str, np.ndarray]:
+def hf_from_params(params: dict, cfg: ModelConfig, family: str = "qwen", *,
+                   fused: bool = False) -> dict[str, np.ndarray]:
   """A HF state dict (float32 numpy, contiguous) from jaxllm params; `family` names the experts
-  of an MoE model ("mixtral" or "qwen")."""
+  of an MoE model ("mixtral" or "qwen"); `fused` writes Phi-3's qkv_proj and gate_up_proj."""
   layout = layer_layout(cfg)
   out = {"model.embed_tokens.weight": np.asarray(params["embed"]),
          "model.norm.weight": np.asarray(params["final_norm"]["scale"])}
@@ -225,13 +270,14 @@ def hf_from_params(params: dict, cfg: ModelConfig, family: str = "qwen") -> dict
   if layout.n_dense:
     b = params["blocks"]
     depths = layout.dense_depths()
-    _hf_attention(out, b, cfg, depths)
+    _hf_attention(out, b, cfg, depths, fused)
     for j, i in enumerate(depths):
-      _hf_mlp(out, f"model.layers.{i}.mlp", {k: v[j] for k, v in b["mlp"].items()})
+      _hf_mlp(out, f"model.layers.{i}.mlp", {k: v[j] for k, v in b["mlp"].items()},
+              fused=fused)
   if layout.groups:
     b = params["moe_blocks"]
     depths = layout.moe_depths()
-    _hf_attention(out, b, cfg, depths)
+    _hf_attention(out, b, cfg, depths, fused=False)
     module, g, u, d = EXPERT_NAMES[family]
     for j, i in enumerate(depths):
       m = {k: v[j] for k, v in b["moe"].items() if k != "shared"}

@@ -34,7 +34,10 @@ class Attention(nnx.Module):
       self.q_bias = nnx.Param(jnp.zeros((H, Dh), pd), axes=("heads", "head_dim"))
       self.k_bias = nnx.Param(jnp.zeros((K, Dh), pd), axes=("kv_heads", "head_dim"))
       self.v_bias = nnx.Param(jnp.zeros((K, Dh), pd), axes=("kv_heads", "head_dim"))
-    if cfg.qk_norm:
+    if cfg.qk_norm and cfg.qk_norm_over_heads:  # OLMo 2: one norm across all heads
+      self.q_norm = RMSNorm((H, Dh), cfg.norm_eps, pd, ("heads", "head_dim"))
+      self.k_norm = RMSNorm((K, Dh), cfg.norm_eps, pd, ("kv_heads", "head_dim"))
+    elif cfg.qk_norm:
       self.q_norm = RMSNorm(Dh, cfg.norm_eps, pd, "head_dim")
       self.k_norm = RMSNorm(Dh, cfg.norm_eps, pd, "head_dim")
     # Hashable host constants, not arrays: module attributes that are arrays would become graph

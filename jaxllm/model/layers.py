@@ -20,14 +20,23 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: fl
 
 
 class RMSNorm(nnx.Module):
-  """x / rms(x) * scale over the last axis, computed in float32."""
+  """x / rms(x) * scale over the trailing axes that `dim` spans, computed in float32.
 
-  def __init__(self, dim: int, eps: float, param_dtype, axis_name: str = "embed"):
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=(axis_name,))
+  `dim` an int normalises the last axis (scale `[dim]`, logical axis `axis_name`); a tuple such
+  as `(H, Dh)` normalises the last len(dim) axes together (OLMo 2's norm over all heads), with
+  `axis_name` a tuple of as many logical axes.
+  """
+
+  def __init__(self, dim: int | tuple[int, ...], eps: float, param_dtype,
+               axis_name: str | tuple[str, ...] = "embed"):
+    shape = (dim,) if isinstance(dim, int) else tuple(dim)
+    axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+    self.scale = nnx.Param(jnp.ones(shape, param_dtype), axes=axes)
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.scale[...].astype(jnp.float32)
+    over = tuple(range(x.ndim - scale.ndim, x.ndim))
     x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    scale = self.scale[...].astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-    return (normed * scale).astype(x.dtype)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=over, keepdims=True) + self.eps)
+    return (normed * scale.reshape((1,) * (x.ndim - scale.ndim) + scale.shape)).astype(x.dtype)

@@ -72,35 +72,63 @@ def layer_layout(cfg: ModelConfig) -> LayerLayout:
 
 
 class Block(nnx.Module):
-  """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.)) (a dense SwiGLU MLP, or
-  with `moe` routed experts)."""
+  """Decoder block: attention, then a dense SwiGLU MLP (or with `moe` routed experts), each in a
+  residual branch. `cfg.norm_placement` "pre" (Llama): x + f(attn_norm(x)); "post" (OLMo 2):
+  x + attn_post_norm(f(x)), likewise for the MLP with mlp_norm / mlp_post_norm."""
 
   def __init__(self, cfg: ModelConfig, *, moe: bool = False, rngs: nnx.Rngs,
                context_parallel: str = "all_gather"):
     pd = jnp.dtype(cfg.param_dtype)
-    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
+    norm = lambda: RMSNorm(cfg.d_model, cfg.norm_eps, pd)
+    if cfg.norm_placement == "pre":
+      self.attn_norm = norm()
     self.attn = Attention(cfg, rngs=rngs, context_parallel=context_parallel)
-    self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
+    if cfg.norm_placement == "post":
+      self.attn_post_norm = norm()
+    if cfg.norm_placement == "pre":
+      self.mlp_norm = norm()
     if moe:
       self.moe = MoE(cfg, rngs=rngs)
     else:
       self.mlp = MLP(cfg, rngs=rngs)
+    if cfg.norm_placement == "post":
+      self.mlp_post_norm = norm()
+
+  def attn_input(self, x_BTD):
+    """The attention's input: the residual stream, normalised under pre-norm."""
+    return self.attn_norm(x_BTD) if hasattr(self, "attn_norm") else x_BTD
+
+  def mlp_input(self, x_BTD):
+    """The MLP's (or the router's and experts') input."""
+    return self.mlp_norm(x_BTD) if hasattr(self, "mlp_norm") else x_BTD
+
+  def attn_residual(self, x_BTD, attn_BTD):
+    """The residual stream after the attention branch `attn_BTD` is added."""
+    if hasattr(self, "attn_post_norm"):
+      attn_BTD = self.attn_post_norm(attn_BTD)
+    return x_BTD + attn_BTD
+
+  def mlp_residual(self, x_BTD, mlp_BTD):
+    if hasattr(self, "mlp_post_norm"):
+      mlp_BTD = self.mlp_post_norm(mlp_BTD)
+    return x_BTD + mlp_BTD
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT):
     """-> (x `[B, T, D]`, routing stats of an MoE block or None)."""
-    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
+    x_BTD = self.attn_residual(
+        x_BTD, self.attn(self.attn_input(x_BTD), positions_BT, segment_ids_BT))
     if hasattr(self, "moe"):
-      y_BTD, stats = self.moe(self.mlp_norm(x_BTD))
-      return x_BTD + y_BTD, stats
-    return x_BTD + self.mlp(self.mlp_norm(x_BTD)), None
+      y_BTD, stats = self.moe(self.mlp_input(x_BTD))
+      return self.mlp_residual(x_BTD, y_BTD), stats
+    return self.mlp_residual(x_BTD, self.mlp(self.mlp_input(x_BTD))), None
 
   def extend(self, x_BTD, cache_k, cache_v, layer, lengths_B, num_new_B, page_table_BM,
              stream=None):
-    h, cache_k, cache_v = self.attn.extend(self.attn_norm(x_BTD), cache_k, cache_v, layer,
+    h, cache_k, cache_v = self.attn.extend(self.attn_input(x_BTD), cache_k, cache_v, layer,
                                            lengths_B, num_new_B, page_table_BM, stream)
-    x_BTD = x_BTD + h
+    x_BTD = self.attn_residual(x_BTD, h)
     ffn = self.moe.infer if hasattr(self, "moe") else self.mlp
-    return x_BTD + ffn(self.mlp_norm(x_BTD)), cache_k, cache_v
+    return self.mlp_residual(x_BTD, ffn(self.mlp_input(x_BTD))), cache_k, cache_v
 
 
 def _stacked_blocks(cfg: ModelConfig, key: jax.Array, n: int, moe: bool,

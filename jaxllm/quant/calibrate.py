@@ -62,20 +62,20 @@ def run_block(block_graphdef, params, x_BTD: jax.Array) -> tuple[jax.Array, Inpu
   block = nnx.merge(block_graphdef, params)
   B, T, D = x_BTD.shape
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  qkv_in = block.attn_norm(x_BTD)
+  qkv_in = block.attn_input(x_BTD)
   attended = block.attn.attend(qkv_in, positions, None)
-  h = x_BTD + block.attn.out_projection(attended)
-  mlp_in = block.mlp_norm(h)
+  h = block.attn_residual(x_BTD, block.attn.out_projection(attended))
+  mlp_in = block.mlp_input(h)
   flat = lambda a: a.reshape(B * T, -1)
   if hasattr(block, "moe"):
-    out = h + block.moe.infer(mlp_in)
+    out = block.mlp_residual(h, block.moe.infer(mlp_in))
     r = block.moe.route(mlp_in)
     ids = r.ids.reshape(B * T, -1)
     hidden = moe.expert_hidden(flat(mlp_in), ids, block.moe.experts())
     shared = flat(block.moe.shared.hidden(mlp_in)) if hasattr(block.moe, "shared") else None
     return out, Inputs(flat(qkv_in), flat(attended), flat(mlp_in), hidden, ids, shared)
   hidden = block.mlp.hidden(mlp_in)
-  out = h + project(hidden, block.mlp.down[...])
+  out = block.mlp_residual(h, project(hidden, block.mlp.down[...]))
   return out, Inputs(flat(qkv_in), flat(attended), flat(mlp_in), flat(hidden))
 
 

@@ -245,11 +245,16 @@ def _sample(a, n, rng):
 
 
 def _awq_dense_groups(lp, stack, K, H):
-  groups = [("qkv", ["attn/q", "attn/k", "attn/v"])]
+  """(input key, weights reading it) of the groups whose input scale can be folded into the op
+  that produces it: a post-norm block (OLMo 2) feeds q/k/v and gate/up the raw residual
+  stream, which nothing can absorb, so those keep scale 1 (plain round-to-nearest)."""
+  groups = [("qkv", ["attn/q", "attn/k", "attn/v"])] if "attn_norm" in lp else []
   if H == K:
     groups.append(("o", ["attn/o"]))
   if stack == "blocks":
-    groups += [("gate_up", ["mlp/gate", "mlp/up"]), ("down", ["mlp/down"])]
+    if "mlp_norm" in lp:
+      groups.append(("gate_up", ["mlp/gate", "mlp/up"]))
+    groups.append(("down", ["mlp/down"]))
   elif "shared" in lp["moe"]:
     groups += [("shared_down", ["moe/shared/down"])]
   return groups
@@ -339,7 +344,7 @@ def _awq_experts(lp, inputs, spec, rng, sample_tokens, record, clip):
   tokens = [_sample(x[(ids == e).any(axis=1)], sample_tokens, rng) for e in range(E)]
   slots = [_sample(hidden[ids == e], sample_tokens, rng) for e in range(E)]
   gate_up = [n for n in ("gate", "up") if spec.wants(f"moe_blocks/moe/{n}")]
-  if gate_up:
+  if gate_up and "mlp_norm" in lp:  # see _awq_dense_groups
     parts = [(tokens[e], np.concatenate([moe[n][e] for n in gate_up], 1)) for e in range(E)]
     if "shared" in moe:  # the shared experts see every token
       parts.append((_sample(x, sample_tokens, rng),
