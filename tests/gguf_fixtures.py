@@ -56,14 +56,22 @@ def write_llama_gguf(path, cfg: ModelConfig, params: dict, *, qtype="F32", arch=
 
   add("token_embd.weight", state["model.embed_tokens.weight"])
   add("output_norm.weight", state["model.norm.weight"])
+  if not cfg.tie_embeddings:
+    add("output.weight", state["lm_head.weight"])
   for i in range(cfg.n_layers):
     for g_name, hf_name in LAYER_NAMES.items():
       t = state[f"model.layers.{i}.{hf_name}.weight"]
-      if g_name == "attn_q":
+      if arch == "llama" and g_name == "attn_q":  # the Qwen architectures keep rotate-half
         t = layouts.half_to_interleaved(t, cfg.n_heads)
-      elif g_name == "attn_k":
+      elif arch == "llama" and g_name == "attn_k":
         t = layouts.half_to_interleaved(t, cfg.n_kv_heads)
       add(f"blk.{i}.{g_name}.weight", t)
+    for name in ("q", "k", "v"):
+      if cfg.qkv_bias:
+        add(f"blk.{i}.attn_{name}.bias", state[f"model.layers.{i}.self_attn.{name}_proj.bias"])
+      if cfg.qk_norm and name != "v":
+        add(f"blk.{i}.attn_{name}_norm.weight",
+            state[f"model.layers.{i}.self_attn.{name}_norm.weight"])
   _finish(w)
 
 

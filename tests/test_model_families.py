@@ -153,3 +153,25 @@ def test_variants_jaxllm_lacks_are_refused_with_a_reason():
   llama = hf_format.model_config(transformers.LlamaConfig(**COMMON).to_dict())
   with pytest.raises(UnsupportedCheckpoint, match="it is a llama model, not"):
     hf_format.model_type_for(llama, "qwen2")
+
+
+@pytest.mark.parametrize("arch, variant", [("qwen2", dict(qkv_bias=True)),
+                                           ("qwen3", dict(qk_norm=True, head_dim=16))])
+def test_gguf_import_of_the_dense_qwen_architectures(arch, variant, tmp_path):
+  """llama.cpp's `qwen2` / `qwen3` files (rotate-half q/k rows, biases or q/k norms named as
+  llama.cpp names them) load as the model they were written from."""
+  from tests import gguf_fixtures
+  from tests.helpers import tiny_model
+  cfg = tiny_model(vocab_size=40, tie_embeddings=False, **variant)
+  graphdef, params = transformer.split(transformer.create(cfg, seed=4))
+  rng = np.random.default_rng(4)  # biases and norm scales off their zeros and ones
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, a: a + 0.3 * rng.standard_normal(a.shape).astype(a.dtype)
+      if any(k in jax.tree_util.keystr(path) for k in ("bias", "norm")) else a, params)
+  gguf_fixtures.write_llama_gguf(tmp_path / "m.gguf", cfg, jax.device_get(params), arch=arch)
+  loaded = jaxllm.load(tmp_path / "m.gguf")
+  for key, value in variant.items():
+    assert getattr(loaded.config, key) == value, key
+  ids = np.random.default_rng(5).integers(0, 40, size=(1, 12))
+  want = nnx.merge(graphdef, params)(jnp.asarray(ids))
+  np.testing.assert_allclose(np.asarray(loaded.logits(ids)), np.asarray(want), atol=1e-5)

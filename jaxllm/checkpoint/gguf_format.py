@@ -1,7 +1,8 @@
 """GGUF (llama.cpp) files: weights, config and tokenizer, read with `gguf`.
 
 Architectures: `llama` (Llama, Mistral, and Mixtral, which llama.cpp converts as `llama` with an
-`expert_count`), `qwen2moe` and `qwen3moe`. MoE layers use llama.cpp's stacked expert tensors:
+`expert_count`), `qwen2` (q/k/v biases `attn_{q,k,v}.bias`), `qwen3` (q/k norms
+`attn_{q,k}_norm`), `qwen2moe` and `qwen3moe`. MoE layers use llama.cpp's stacked expert tensors:
 `ffn_gate_inp` (router `[E, D]`), `ffn_{gate,up}_exps` `[E, F, D]`, `ffn_down_exps` `[E, D, F]`,
 and for shared experts `ffn_{gate,up,down}_shexp` and `ffn_gate_inp_shexp`.
 
@@ -23,7 +24,9 @@ from jaxllm.checkpoint.errors import UnsupportedCheckpoint
 from jaxllm.config import ModelConfig
 
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2moe", "qwen3moe")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
+# The attention variant each architecture implies (MoE ones: `_moe_config`).
+_DENSE_VARIANTS = {"llama": {}, "qwen2": dict(qkv_bias=True), "qwen3": dict(qk_norm=True)}
 # Per-layer tensors: llama.cpp's `blk.{i}.<name>.weight` -> HF's `model.layers.{i}.<name>.weight`.
 LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -67,9 +70,9 @@ class GGUFFile:
   def _moe_config(self) -> dict[str, Any]:
     n_experts = int(self._arch("expert_count", 0) or 0)
     if not n_experts:
-      if self.architecture != "llama":
+      if self.architecture not in _DENSE_VARIANTS:
         raise UnsupportedCheckpoint(f"{self.path}: {self.architecture} without expert_count")
-      return {}
+      return dict(_DENSE_VARIANTS[self.architecture])
     ffn = int(self._arch("expert_feed_forward_length", 0) or self._arch("feed_forward_length"))
     out = dict(n_experts=n_experts, experts_per_token=int(self._arch("expert_used_count", 2)),
                moe_d_ff=ffn,
