@@ -30,7 +30,8 @@ ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
 ROUTERS = ("softmax", "sigmoid")
 MOE_IMPLS = ("auto", "xla", "tiled", "pallas")
 CONTEXT_PARALLEL = ("all_gather", "ring")
-NORM_PLACEMENTS = ("pre", "post")
+NORM_PLACEMENTS = ("pre", "post", "sandwich")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +84,28 @@ class ModelConfig:
   # OLMo 2: one RMSNorm over all query heads together (and one over all key heads), `[H, Dh]`
   # scales, instead of one per head `[Dh]`.
   qk_norm_over_heads: bool = False
-  # Where each block's norms sit: "pre" (Llama: x + f(norm(x))) or "post" (OLMo 2:
-  # x + norm(f(x)), the sublayer's output normalised before the residual add).
+  # Where each block's norms sit: "pre" (Llama: x + f(norm(x))), "post" (OLMo 2:
+  # x + norm(f(x)), the sublayer's output normalised before the residual add) or "sandwich"
+  # (Gemma 2/3: x + post_norm(f(pre_norm(x)))).
   norm_placement: str = "pre"
+  # Gemma: every RMSNorm scales by (norm_offset + w) (1.0: weights stored around 0, initialised
+  # at 0); embeddings multiplied by sqrt(d_model); the MLP gated by GELU (tanh approximation)
+  # instead of SiLU.
+  norm_offset: float = 0.0
+  embed_scale: bool = False
+  mlp_activation: str = "silu"
+  # Softmax scale 1 / sqrt(query_pre_attn_scalar) instead of 1 / sqrt(head_dim); 0: head_dim.
+  query_pre_attn_scalar: float = 0.0
+  # Local and global layers (Gemma 2/3): with sliding_window > 0, every `global_every`-th layer
+  # (depths global_every - 1, 2 * global_every - 1, ...) attends to the whole context and the
+  # others to the window only. Local layers rotate with plain RoPE of base rope_local_theta (0:
+  # the global layers' RoPE, scaling included). 0: every layer alike.
+  global_every: int = 0
+  rope_local_theta: float = 0.0
+  # Gemma 2: logits soft-capped as cap * tanh(logits / cap), the final ones and the attention
+  # scores; 0 = off.
+  final_logit_soft_cap: float = 0.0
+  attn_logit_soft_cap: float = 0.0
   # Mixture of Experts (`jaxllm.model.moe`); n_experts = 0: every layer dense. Layer layout:
   # `first_dense_layers` dense layers, then groups of `moe_every` layers whose last is MoE
   # (Hugging Face's decoder_sparse_step), then dense layers for any remainder.
@@ -108,6 +128,12 @@ class ModelConfig:
   # The experts' grouped matmul (`jaxllm.ops.moe`): "xla" (jax.lax.ragged_dot), "tiled" (XLA
   # gathers into row tiles; fast on CPU), "pallas" (our kernel, GPU) or "auto".
   moe_impl: str = "auto"
+
+  @property
+  def cache_window(self) -> int:
+    """The sliding window every layer has, which bounds what a KV cache must keep (0: none, or
+    some layers attend globally)."""
+    return 0 if self.global_every else self.sliding_window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +316,30 @@ def validate_model(m: ModelConfig) -> None:
   if m.norm_placement not in NORM_PLACEMENTS:
     raise ConfigError(f"model.norm_placement={m.norm_placement!r} is not one of "
                       f"{', '.join(NORM_PLACEMENTS)}")
+  if m.mlp_activation not in MLP_ACTIVATIONS:
+    raise ConfigError(f"model.mlp_activation={m.mlp_activation!r} is not one of "
+                      f"{', '.join(MLP_ACTIVATIONS)}")
+  if m.mlp_activation != "silu" and m.n_experts:
+    raise ConfigError(f"model.mlp_activation={m.mlp_activation} with model.n_experts: the "
+                      "experts are SwiGLU")
+  if m.global_every < 0 or (m.global_every and not m.sliding_window):
+    raise ConfigError(f"model.global_every={m.global_every} needs model.sliding_window > 0 "
+                      "(the local layers' window) and must be >= 0")
+  if m.global_every and m.n_experts:
+    raise ConfigError("model.global_every with model.n_experts: local and global layers are "
+                      "for dense models")
+  if m.rope_local_theta < 0 or (m.rope_local_theta and not m.global_every):
+    raise ConfigError(f"model.rope_local_theta={m.rope_local_theta} needs "
+                      "model.global_every > 0 (it is the local layers' RoPE base)")
+  if m.query_pre_attn_scalar != int(m.query_pre_attn_scalar):
+    raise ConfigError(f"model.query_pre_attn_scalar={m.query_pre_attn_scalar} must be a whole "
+                      "number")
+  if min(m.query_pre_attn_scalar, m.final_logit_soft_cap, m.attn_logit_soft_cap) < 0:
+    raise ConfigError("model.query_pre_attn_scalar, model.final_logit_soft_cap and "
+                      "model.attn_logit_soft_cap must be >= 0 (0 = off)")
+  if m.attn_logit_soft_cap and m.attention_impl == "cudnn":
+    raise ConfigError("model.attn_logit_soft_cap is not supported by "
+                      "model.attention_impl=cudnn (use xla or pallas)")
   if m.qk_norm_over_heads and not m.qk_norm:
     raise ConfigError("model.qk_norm_over_heads=True needs model.qk_norm=True")
   if m.position_encoding not in POSITION_ENCODINGS:

@@ -1,4 +1,5 @@
-"""Model families beside Llama and Mistral: Qwen2, Qwen3, Phi-3 and OLMo 2, in and out.
+"""Model families beside Llama and Mistral: Qwen2, Qwen3, Phi-3, OLMo 2, Gemma 2 and Gemma 3, in
+and out.
 
 Each family is a randomly initialised small `transformers` model (no weights of these families
 ship offline), saved as safetensors, imported, run, exported and loaded back; the reference is
@@ -6,6 +7,7 @@ ship offline), saved as safetensors, imported, run, exported and loaded back; th
 at random so that a mapping error anywhere moves the logits.
 """
 
+import dataclasses
 import json
 
 import numpy as np
@@ -41,6 +43,19 @@ FAMILIES = {
              "phi3"),
     "olmo2": (lambda: transformers.Olmo2Config(**COMMON),
               dict(qk_norm=True, qk_norm_over_heads=True, norm_placement="post"), None),
+    # Local layer 0, global layer 1; caps small enough to bite; 1/sqrt(24) softmax scale.
+    "gemma2": (lambda: transformers.Gemma2Config(
+        **COMMON, head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+               dict(norm_placement="sandwich", norm_offset=1.0, global_every=2,
+                    attn_logit_soft_cap=2.0, final_logit_soft_cap=3.0), None),
+    # Layers 0, 1 local (RoPE base 10k), layer 2 global (base 1e6, linear scaling x2).
+    "gemma3_text": (lambda: transformers.Gemma3TextConfig(
+        **dict(COMMON, num_hidden_layers=3, rope_theta=1e6), head_dim=16, sliding_window=5,
+        sliding_window_pattern=3, query_pre_attn_scalar=24, rope_local_base_freq=10_000.0,
+        rope_scaling={"rope_type": "linear", "factor": 2.0}),
+                    dict(qk_norm=True, global_every=3, rope_local_theta=10_000.0,
+                         rope_scaling="linear", rope_theta=1e6), None),
 }
 
 
@@ -153,6 +168,15 @@ def test_variants_jaxllm_lacks_are_refused_with_a_reason():
   llama = hf_format.model_config(transformers.LlamaConfig(**COMMON).to_dict())
   with pytest.raises(UnsupportedCheckpoint, match="it is a llama model, not"):
     hf_format.model_type_for(llama, "qwen2")
+  # Gemma's pieces on a model no family holds: refused before anything is written.
+  with pytest.raises(UnsupportedCheckpoint, match="local and global layers"):
+    hf_format.model_type_for(dataclasses.replace(llama, global_every=2, sliding_window=4))
+  with pytest.raises(UnsupportedCheckpoint, match="Gemma has sandwich norms"):
+    hf_format.model_type_for(dataclasses.replace(llama, norm_placement="sandwich"))
+  hf = transformers.Gemma2Config(**COMMON, layer_types=[
+      "full_attention", "sliding_attention"]).to_dict()
+  with pytest.raises(UnsupportedCheckpoint, match="are not a pattern jaxllm runs"):
+    hf_format.model_config(hf)
 
 
 @pytest.mark.parametrize("arch, variant", [("qwen2", dict(qkv_bias=True)),
@@ -175,3 +199,43 @@ def test_gguf_import_of_the_dense_qwen_architectures(arch, variant, tmp_path):
   ids = np.random.default_rng(5).integers(0, 40, size=(1, 12))
   want = nnx.merge(graphdef, params)(jnp.asarray(ids))
   np.testing.assert_allclose(np.asarray(loaded.logits(ids)), np.asarray(want), atol=1e-5)
+
+
+GEMMA_LAYERS = dict(norm_placement="sandwich", norm_offset=1.0, embed_scale=True,
+                    mlp_activation="gelu_tanh", query_pre_attn_scalar=48, global_every=2,
+                    sliding_window=6, rope_local_theta=1000.0)
+
+
+@pytest.mark.parametrize("variant", [dict(attn_logit_soft_cap=2.0, final_logit_soft_cap=5.0),
+                                     dict(qk_norm=True)], ids=["gemma2", "gemma3"])
+def test_gemma_layers_through_the_kernels_equal_xla(variant):
+  """Our flash kernel (the forward) and paged kernel (decoding; soft-capped models fall back to
+  XLA there) run Gemma's local and global layers, each layer's window chosen by `lax.cond`
+  from its depth, as the XLA path does (kernels interpreted on CPU)."""
+  from tests.helpers import tiny_model
+  cfg = tiny_model(d_model=64, n_heads=2, n_kv_heads=1, head_dim=64, d_ff=64, **GEMMA_LAYERS,
+                   **variant)
+  graphdef, params = transformer.split(transformer.create(cfg, seed=6))
+  rng = np.random.default_rng(6)
+  params = jax.tree.map(lambda a: a + 0.2 * rng.standard_normal(a.shape).astype(a.dtype)
+                        if a.ndim <= 2 else a, params)  # norms off zero
+  kernel_graphdef, _ = transformer.abstract_params(
+      dataclasses.replace(cfg, attention_impl="pallas"))
+  ids = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(2, 20)))
+  want = nnx.merge(graphdef, params)(ids)
+  np.testing.assert_allclose(np.asarray(nnx.merge(kernel_graphdef, params)(ids)),
+                             np.asarray(want), atol=2e-5)
+  # A 20-token prefill then 4 decode steps through paged caches: each step's logits equal.
+  from jaxllm.model import cache as kv_cache
+
+  def decode(gd):
+    model = nnx.merge(gd, params)
+    cache = kv_cache.init_paged_cache(cfg.n_layers, 4, 16, 1, 64, [[3, 0], [1, 2]])
+    out, cache = model.extend(ids, cache)
+    steps = [out]
+    for t in range(4):
+      out, cache = model.extend(ids[:, t:t + 1], cache)
+      steps.append(out)
+    return np.concatenate([np.asarray(s) for s in steps], axis=1)
+
+  np.testing.assert_allclose(decode(kernel_graphdef), decode(graphdef), atol=2e-5)

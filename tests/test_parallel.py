@@ -130,20 +130,38 @@ def test_ring_flash_training_equals_single_device():
     assert rel <= 1e-5, (jax.tree_util.keystr(path), rel)
 
 
-@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2, sequence_parallel=True),
-                                  dict(data=1, fsdp=2, tensor=2, stage=2)])
-def test_family_variants_train_under_a_mesh_like_one_device(mesh):
-  """The families' block variants (OLMo 2's post-norm and q/k norms over all heads, whose
-  reduction spans the tensor-split heads; Qwen2's q/k/v biases) shard like the rest."""
-  model = dict(MODEL, norm_placement="post", qk_norm=True, qk_norm_over_heads=True,
-               qkv_bias=True)
+FAMILY_VARIANTS = {
+    # OLMo 2's post-norm and q/k norms over all heads (a reduction across tensor-split heads),
+    # with Qwen2's q/k/v biases.
+    "post_norm": dict(norm_placement="post", qk_norm=True, qk_norm_over_heads=True,
+                      qkv_bias=True),
+    # Gemma 2/3: sandwich norms of (1 + w), GeGLU, scaled embeddings, soft caps, a softmax scale
+    # of 1/sqrt(12), and local layers (window 8, their own RoPE base) with every 2nd global:
+    # each layer's kind follows its depth, which travels with its params through the pipeline.
+    "gemma": dict(norm_placement="sandwich", norm_offset=1.0, embed_scale=True,
+                  mlp_activation="gelu_tanh", qk_norm=True, query_pre_attn_scalar=12,
+                  global_every=2, sliding_window=8, rope_local_theta=1000.0,
+                  attn_logit_soft_cap=5.0, final_logit_soft_cap=10.0),
+}
 
-  def config(mesh):
-    return tiny_experiment(model=model, train=dict(batch_size=8, seq_len=32, microbatches=4),
+
+@pytest.mark.parametrize("variant", sorted(FAMILY_VARIANTS))
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2, sequence_parallel=True),
+                                  dict(data=1, fsdp=2, tensor=2, stage=2),
+                                  dict(data=2, context=4)], ids=["dp_fsdp_tp_sp", "fsdp_tp_pp",
+                                                                 "dp_cp4_ring"])
+def test_family_variants_train_under_a_mesh_like_one_device(variant, mesh):
+  """The families' block variants shard like the rest (ring attention included)."""
+  model = dict(MODEL, **FAMILY_VARIANTS[variant])
+
+  def config(mesh, **train):
+    return tiny_experiment(model=model, train=dict(batch_size=8, seq_len=32, microbatches=4,
+                                                   **train),
                            mesh={"data": 1, "fsdp": 1, "tensor": 1, **mesh})
 
   want_state, want_losses = _train(config({}), jax.devices()[:1])
-  state, losses = _train(config(mesh), jax.devices())
+  ring = dict(context_parallel="ring") if "context" in mesh else {}
+  state, losses = _train(config(mesh, **ring), jax.devices())
   np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
   want = dict(jax.tree_util.tree_leaves_with_path(jax.device_get(want_state["params"])))
   for path, got in jax.tree_util.tree_leaves_with_path(jax.device_get(state["params"])):

@@ -98,25 +98,29 @@ def test_gptq_without_correlation_or_error_is_round_to_nearest():
 
 # OLMo 2's block: norms after attention and MLP, q/k norms over all heads.
 POST_NORM = dict(norm_placement="post", qk_norm=True, qk_norm_over_heads=True)
+# Gemma's: sandwich norms scaling by (1 + w), GeGLU, local and global layers.
+GEMMA = dict(norm_placement="sandwich", norm_offset=1.0, embed_scale=True,
+             mlp_activation="gelu_tanh", global_every=2, sliding_window=4, rope_local_theta=100.0)
 
 
-@pytest.mark.parametrize("variant", [{}, POST_NORM])
+@pytest.mark.parametrize("variant", [{}, POST_NORM, GEMMA])
 def test_calibration_block_matches_the_model_block(variant):
   cfg = tiny_model(dtype="float32", **variant)
   graphdef, params = transformer.split(transformer.create(cfg, 3))
   bgd = calibrate.block_graphdef(graphdef, params)
   lp = calibrate.layer_params(params["blocks"], 1)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 10, cfg.d_model))
-  out, inputs = calibrate.run_block(bgd, lp, x)
+  out, inputs = calibrate.run_block(bgd, lp, x, 1)
   positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
-  chex.assert_trees_all_close(out, nnx.merge(bgd, lp)(x, positions, None)[0], atol=1e-6)
+  chex.assert_trees_all_close(out, nnx.merge(bgd, lp)(x, positions, None, 1)[0], atol=1e-6)
   assert inputs.down.shape == (20, cfg.d_ff) and inputs.o.shape == (20, cfg.n_heads *
                                                                      cfg.head_dim)
 
 
-# GQA (o left alone), MHA (o folded into v), and post-norm (nothing produces q/k/v's or
-# gate/up's input but the residual stream: only o (MHA) and down are scaled).
-@pytest.mark.parametrize("kv_heads, variant", [(2, {}), (4, {}), (4, POST_NORM)])
+# GQA (o left alone), MHA (o folded into v), post-norm (nothing produces q/k/v's or gate/up's
+# input but the residual stream: only o (MHA) and down are scaled), and Gemma (scales folded
+# into norms of (1 + w)).
+@pytest.mark.parametrize("kv_heads, variant", [(2, {}), (4, {}), (4, POST_NORM), (2, GEMMA)])
 def test_awq_scaling_keeps_the_float_model(kv_heads, variant):
   cfg = tiny_model(dtype="float32", n_kv_heads=kv_heads, **variant)
   graphdef, params = transformer.split(transformer.create(cfg, 1))
@@ -125,7 +129,7 @@ def test_awq_scaling_keeps_the_float_model(kv_heads, variant):
   scaled, ratios = methods._awq_scale(graphdef, params, spec, rows, chunk_rows=4,
                                       progress=False)
   scaled_groups = ("attn/q", "attn/k", "attn/v", "mlp/gate", "mlp/up", "mlp/down")
-  if variant:
+  if variant is POST_NORM:
     scaled_groups = ("mlp/down",)
   assert set(ratios) == {f"blocks/{n}" for n in scaled_groups} | (
       {"blocks/attn/o"} if kv_heads == 4 else set())

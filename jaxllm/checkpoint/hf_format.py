@@ -22,8 +22,9 @@ from jaxllm.checkpoint.errors import UnsupportedCheckpoint
 from jaxllm.config import ModelConfig
 from jaxllm.model import positions
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "mixtral",
-                         "qwen2_moe", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2",
+                         "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe")
+GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 # Families whose checkpoints hold a model that another family's layout holds too: the export
 # writes them only when asked (`hf_config(..., model_type=)`), Llama otherwise.
@@ -61,11 +62,18 @@ def model_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
   if hf.get("mlp_bias") or hf.get("attention_bias"):
     raise UnsupportedCheckpoint(f"{where}: attention/MLP biases are not supported for "
                                 f"{model_type}")
-  act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
-  if act != "silu":
+  gemma = model_type in GEMMA_MODEL_TYPES
+  act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+  if act not in (("gelu_pytorch_tanh", "gelu_tanh") if gemma else ("silu",)):
     raise UnsupportedCheckpoint(f"{where}: hidden_act={act!r} is not supported for "
-                                f"{model_type} (supported: silu)")
+                                f"{model_type}")
+  if hf.get("use_bidirectional_attention"):
+    raise UnsupportedCheckpoint(f"{where}: bidirectional attention is not supported")
   rope = _rope_params(hf)
+  local_rope = {}
+  if isinstance(rope.get("full_attention"), dict):  # Gemma 3: RoPE per layer type
+    local_rope = rope.get("sliding_attention") or {}
+    rope = dict(rope["full_attention"])
   partial = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
   if partial != 1.0:
     raise UnsupportedCheckpoint(f"{where}: partial_rotary_factor={partial} is not supported "
@@ -95,24 +103,65 @@ def model_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
   d_model = int(hf["hidden_size"])
   window = _window(hf, model_type, where)
   moe = _moe_config(hf, model_type, where) if model_type in MOE_MODEL_TYPES else {}
+  if gemma:
+    window, gemma_keys = _gemma_config(hf, window, local_rope, rope, where)
+    scaling.update(gemma_keys)
   variant = {"qwen2": dict(qkv_bias=True),
              "qwen3": dict(qk_norm=True),
              "olmo2": dict(qk_norm=True, qk_norm_over_heads=True, norm_placement="post"),
              }.get(model_type, {})
   scaling.setdefault("max_seq_len", int(hf.get("max_position_embeddings", 2048)))
-  return ModelConfig(
+  keys = dict(
       vocab_size=int(hf["vocab_size"]), d_model=d_model, n_layers=int(hf["num_hidden_layers"]),
       n_heads=n_heads, n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
       head_dim=int(hf.get("head_dim") or d_model // n_heads),
       d_ff=int(hf["intermediate_size"]),
       rope_theta=float(rope.get("rope_theta", 10_000.0)),
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      sliding_window=window, dtype="float32", **scaling, **moe, **variant)
+      tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+      sliding_window=window, dtype="float32")
+  keys.update({**scaling, **moe, **variant})  # Gemma's all-local models replace rope_theta
+  return ModelConfig(**keys)
+
+
+def _gemma_config(hf, window, local_rope, rope, where) -> tuple[int, dict[str, Any]]:
+  """(sliding window, ModelConfig keys) of a Gemma 2/3 config: sandwich norms of (1 + w), GeGLU,
+  embeddings times sqrt(d), soft caps, and local layers with every `global_every`-th global."""
+  n = int(hf["num_hidden_layers"])
+  kinds = hf.get("layer_types") or [
+      "sliding_attention" if (i + 1) % int(hf.get("sliding_window_pattern") or 2) else
+      "full_attention" for i in range(n)]
+  is_global = [k == "full_attention" for k in kinds]
+  every = is_global.index(True) + 1 if any(is_global) else 0
+  if every and is_global != [(i + 1) % every == 0 for i in range(n)]:
+    raise UnsupportedCheckpoint(f"{where}: layer_types {kinds} are not a pattern jaxllm "
+                                "runs (layer i global iff (i + 1) % N == 0)")
+  window = int(hf.get("sliding_window") or 0) if not all(is_global) else 0
+  if every and (every == 1 or not window):
+    every, window = 0, 0  # every layer global
+  keys: dict[str, Any] = dict(
+      norm_placement="sandwich", norm_offset=1.0, embed_scale=True, mlp_activation="gelu_tanh",
+      query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 0),
+      final_logit_soft_cap=float(hf.get("final_logit_softcapping") or 0),
+      attn_logit_soft_cap=float(hf.get("attn_logit_softcapping") or 0),
+      qk_norm=hf.get("model_type") == "gemma3_text", global_every=every)
+  local_theta = local_rope.get("rope_theta", hf.get("rope_local_base_freq"))
+  if every and local_theta is not None:
+    if local_rope.get("rope_type", "default") != "default":
+      raise UnsupportedCheckpoint(f"{where}: scaled RoPE on the local layers is not supported")
+    keys["rope_local_theta"] = float(local_theta)
+  elif not every and window and local_theta is not None and float(local_theta) != float(
+      rope.get("rope_theta", 10_000.0)):
+    # Every layer local (a model shallower than the pattern): the local base is the model's.
+    keys["rope_theta"] = float(local_theta)
+    keys["rope_scaling"] = "none"
+  return window, keys
 
 
 def _window(hf: dict[str, Any], model_type: str, where: str) -> int:
   """The sliding window every layer has (0: none); refuses windows on some layers only."""
+  if model_type in GEMMA_MODEL_TYPES:
+    return 0  # `_gemma_config`
   if model_type in ("mistral", "mixtral", "phi3"):
     return int(hf.get("sliding_window") or 0)
   if not hf.get("use_sliding_window"):
@@ -178,8 +227,9 @@ def _moe_config(hf: dict[str, Any], model_type: str, where: str) -> dict[str, An
 def model_type_for(cfg: ModelConfig, prefer: str | None = None) -> str:
   """The transformers architecture that holds `cfg`; raises UnsupportedCheckpoint if none does.
 
-  Dense: olmo2 with post-norm blocks and q/k norms over all heads, qwen3 with per-head q/k
-  norms, qwen2 with q/k/v biases, else llama (mistral with a window; `prefer="phi3"` writes
+  Dense: gemma3_text (with q/k norms) or gemma2 with Gemma's sandwich blocks, olmo2 with
+  post-norm blocks and q/k norms over all heads, qwen3 with per-head q/k norms, qwen2 with q/k/v
+  biases, else llama (mistral with a window; `prefer="phi3"` writes
   Phi-3's fused layout instead). MoE: qwen3_moe with q/k norms, qwen2_moe with shared experts
   (and their gate), mixtral otherwise (every layer MoE, k weights renormalised).
   """
@@ -188,6 +238,21 @@ def model_type_for(cfg: ModelConfig, prefer: str | None = None) -> str:
                                 "(export --format=orbax instead)")
   if cfg.position_encoding != "rope":
     refuse(f"position_encoding={cfg.position_encoding} (these families' are RoPE)")
+  gemma = (cfg.norm_placement == "sandwich", cfg.norm_offset == 1.0, cfg.embed_scale,
+           cfg.mlp_activation == "gelu_tanh")
+  if any(gemma):
+    if not all(gemma) or cfg.qkv_bias or cfg.qk_norm_over_heads or cfg.n_experts:
+      refuse("Gemma has sandwich norms of (1 + w), embeddings times sqrt(d) and GeGLU, all "
+             "four, and no biases, experts or q/k norms over all heads")
+    family = "gemma3_text" if cfg.qk_norm else "gemma2"
+    if family == "gemma2" and (cfg.rope_local_theta or cfg.rope_scaling != "none"):
+      refuse("Gemma 2 has one unscaled RoPE for every layer")
+    if prefer is not None and prefer != family:
+      refuse(f"it is a {family} model, not {prefer}")
+    return family
+  if cfg.global_every or cfg.final_logit_soft_cap or cfg.attn_logit_soft_cap or (
+      cfg.query_pre_attn_scalar):
+    refuse("local and global layers, soft caps and query_pre_attn_scalar are Gemma's")
   if (cfg.norm_placement == "post") != cfg.qk_norm_over_heads or (
       cfg.norm_placement == "post" and (cfg.n_experts or cfg.qkv_bias or cfg.sliding_window)):
     refuse("OLMo 2 has post-norm blocks with q/k norms over all heads, both, and no experts, "
@@ -240,6 +305,7 @@ def _moe_family(cfg: ModelConfig, refuse) -> str:
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                   "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+                  "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
                   "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                   "qwen3_moe": "Qwen3MoeForCausalLM"}
 
@@ -307,7 +373,31 @@ def hf_config(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None,
         "original_max_position_embeddings": cfg.rope_original_max_len}
   if model_type in ("mistral", "mixtral", "phi3") and cfg.sliding_window:
     out["sliding_window"] = cfg.sliding_window
+  if model_type in GEMMA_MODEL_TYPES:
+    _gemma_hf_config(out, cfg)
   return out
+
+
+def _gemma_hf_config(out: dict[str, Any], cfg: ModelConfig) -> None:
+  """The Gemma keys of `hf_config`: activation, scales, caps, layer types and their RoPE."""
+  every = cfg.global_every
+  window = cfg.sliding_window
+  kinds = ["sliding_attention" if window and (not every or (i + 1) % every) else
+           "full_attention" for i in range(cfg.n_layers)]
+  del out["hidden_act"]
+  out.update(hidden_activation="gelu_pytorch_tanh", attention_bias=False,
+             # transformers types it int
+             query_pre_attn_scalar=int(cfg.query_pre_attn_scalar or cfg.head_dim),
+             sliding_window=window or None, layer_types=kinds,
+             final_logit_softcapping=cfg.final_logit_soft_cap or None,
+             attn_logit_softcapping=cfg.attn_logit_soft_cap or None)
+  if out["model_type"] == "gemma3_text":
+    full = dict(out.pop("rope_scaling", None) or {"rope_type": "default"},
+                rope_theta=out.pop("rope_theta"))
+    local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or full["rope_theta"]}
+    if not every and window:  # every layer local: they rotate with the model's one RoPE
+      local = full
+    out["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
 
 
 def read_config(path: str) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""Weight layouts: Hugging Face state dicts (Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2,
-Mixtral, Qwen2-MoE, Qwen3-MoE) <-> jaxllm params, one table for every family.
+"""Weight layouts: Hugging Face state dicts (Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2, Gemma
+2, Gemma 3, Mixtral, Qwen2-MoE, Qwen3-MoE) <-> jaxllm params, one table for every family.
 
 HF Linear weights are `[out, in]`; ours are einsum operands `[in, ...out]`:
   q_proj [H*Dh, D] -> attn.q [D, H, Dh]      o_proj [D, H*Dh] -> attn.o [H, Dh, D]
@@ -11,7 +11,10 @@ HF Linear weights are `[out, in]`; ours are einsum operands `[in, ...out]`:
   then up) are split on reading and fused on writing (`hf_from_params(fused=True)`).
 Block norms: pre-norm input_layernorm -> attn_norm, post_attention_layernorm -> mlp_norm;
 OLMo 2's post-norm post_attention_layernorm -> attn_post_norm, post_feedforward_layernorm ->
-mlp_post_norm (`norm_names`).
+mlp_post_norm; Gemma's sandwich input_layernorm -> attn_norm, post_attention_layernorm ->
+attn_post_norm, pre_feedforward_layernorm -> mlp_norm, post_feedforward_layernorm ->
+mlp_post_norm (`norm_names`). Gemma's norm weights are stored as w of (1 + w), as ours are
+under `norm_offset=1`.
 MoE layers (`moe_blocks`): the router [E, D] -> moe.router [D, E]; expert e's gate/up/down as
 above, stacked on an expert axis -> moe.gate/up [E, D, F], moe.down [E, F, D]; shared experts
 -> moe.shared.gate/up/down; Qwen2-MoE's shared_expert_gate [1, D] -> moe.shared_gate [D, 1].
@@ -36,11 +39,15 @@ from jaxllm.model.transformer import layer_layout
 _PRE_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
 _POST_NORMS = {"attn_post_norm": "post_attention_layernorm",
                "mlp_post_norm": "post_feedforward_layernorm"}
+_SANDWICH_NORMS = {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
+                   "mlp_norm": "pre_feedforward_layernorm",
+                   "mlp_post_norm": "post_feedforward_layernorm"}
 
 
 def norm_names(cfg: ModelConfig) -> dict[str, str]:
   """{our block norm: its Hugging Face module name} for the model's norm placement."""
-  return _POST_NORMS if cfg.norm_placement == "post" else _PRE_NORMS
+  return {"pre": _PRE_NORMS, "post": _POST_NORMS,
+          "sandwich": _SANDWICH_NORMS}[cfg.norm_placement]
 # family -> (MoE module name, expert gate, up, down names)
 EXPERT_NAMES = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
                 "qwen": ("mlp", "gate_proj", "up_proj", "down_proj")}

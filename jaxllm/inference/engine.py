@@ -188,9 +188,9 @@ class Engine:
     self._draft, self._dk, self._dv = self._draft_pool(draft)
     # The attention window pages are released behind (0: none). A model draft reads the same
     # columns of its own pool, so only what both models' windows have passed goes.
-    windows = [cfg.sliding_window]
+    windows = [cfg.cache_window]
     if self._draft is not None:
-      windows.append(gen.model_config(self._draft.graphdef, self._draft.params).sliding_window)
+      windows.append(gen.model_config(self._draft.graphdef, self._draft.params).cache_window)
     self._window = 0 if 0 in windows else max(windows)
     self._logits = jnp.zeros((B, V), jnp.float32)
     self._counts = jnp.zeros((B, V), jnp.int32)

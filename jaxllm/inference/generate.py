@@ -77,8 +77,8 @@ def new_cache(cfg, kind: str, lengths_needed: Sequence[int], *, max_len: int,
   """
   B = len(lengths_needed)
   if kind == "contiguous":
-    if cfg.sliding_window and longest_step is not None:
-      max_len = min(max_len, bucket(kv_cache.ring_len(cfg.sliding_window, longest_step)))
+    if cfg.cache_window and longest_step is not None:
+      max_len = min(max_len, bucket(kv_cache.ring_len(cfg.cache_window, longest_step)))
     shape = (cfg.n_layers, B, max_len, cfg.n_kv_heads, cfg.head_dim)
     return kv_cache.KVCache(placement.zeros_on(mesh, shape, dtype, paged=False),
                             placement.zeros_on(mesh, shape, dtype, paged=False),

@@ -20,7 +20,9 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: fl
 
 
 class RMSNorm(nnx.Module):
-  """x / rms(x) * scale over the trailing axes that `dim` spans, computed in float32.
+  """x / rms(x) * (offset + scale) over the trailing axes that `dim` spans, in float32.
+
+  `offset` 1.0 is Gemma's convention: weights stored around 0 (and initialised there).
 
   `dim` an int normalises the last axis (scale `[dim]`, logical axis `axis_name`); a tuple such
   as `(H, Dh)` normalises the last len(dim) axes together (OLMo 2's norm over all heads), with
@@ -28,14 +30,15 @@ class RMSNorm(nnx.Module):
   """
 
   def __init__(self, dim: int | tuple[int, ...], eps: float, param_dtype,
-               axis_name: str | tuple[str, ...] = "embed"):
+               axis_name: str | tuple[str, ...] = "embed", offset: float = 0.0):
     shape = (dim,) if isinstance(dim, int) else tuple(dim)
     axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-    self.scale = nnx.Param(jnp.ones(shape, param_dtype), axes=axes)
+    self.scale = nnx.Param(jnp.full(shape, 1.0 - offset, param_dtype), axes=axes)
     self.eps = eps
+    self.offset = offset
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.scale[...].astype(jnp.float32)
+    scale = self.scale[...].astype(jnp.float32) + self.offset
     over = tuple(range(x.ndim - scale.ndim, x.ndim))
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=over, keepdims=True) + self.eps)

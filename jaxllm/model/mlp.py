@@ -1,4 +1,5 @@
-"""SwiGLU feed-forward block: down(silu(x @ gate) * (x @ up)); weights float or QTensor."""
+"""Gated feed-forward block: down(act(x @ gate) * (x @ up)), act SiLU (SwiGLU) or tanh-approximated
+GELU (GeGLU, Gemma); weights float or QTensor."""
 
 from __future__ import annotations
 
@@ -21,11 +22,14 @@ class MLP(nnx.Module):
     self.gate = param(rngs, (cfg.d_model, F), ("embed", "mlp"), cfg.init_std, pd)
     self.up = param(rngs, (cfg.d_model, F), ("embed", "mlp"), cfg.init_std, pd)
     self.down = param(rngs, (F, cfg.d_model), ("mlp", "embed"), out_std, pd)
+    self.activation = cfg.mlp_activation
 
   def hidden(self, x_BTD: jax.Array) -> jax.Array:
-    """silu(x @ gate) * (x @ up) `[B, T, F]`: the down projection's input."""
+    """act(x @ gate) * (x @ up) `[B, T, F]`: the down projection's input."""
     gate_BTF = project(x_BTD, self.gate[...])
     up_BTF = project(x_BTD, self.up[...])
+    if self.activation == "gelu_tanh":
+      return jax.nn.gelu(gate_BTF, approximate=True) * up_BTF
     return jax.nn.silu(gate_BTF) * up_BTF
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:

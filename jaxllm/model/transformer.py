@@ -72,26 +72,28 @@ def layer_layout(cfg: ModelConfig) -> LayerLayout:
 
 
 class Block(nnx.Module):
-  """Decoder block: attention, then a dense SwiGLU MLP (or with `moe` routed experts), each in a
+  """Decoder block: attention, then a dense gated MLP (or with `moe` routed experts), each in a
   residual branch. `cfg.norm_placement` "pre" (Llama): x + f(attn_norm(x)); "post" (OLMo 2):
-  x + attn_post_norm(f(x)), likewise for the MLP with mlp_norm / mlp_post_norm."""
+  x + attn_post_norm(f(x)); "sandwich" (Gemma 2/3): x + attn_post_norm(f(attn_norm(x))),
+  likewise for the MLP with mlp_norm / mlp_post_norm."""
 
   def __init__(self, cfg: ModelConfig, *, moe: bool = False, rngs: nnx.Rngs,
                context_parallel: str = "all_gather"):
     pd = jnp.dtype(cfg.param_dtype)
-    norm = lambda: RMSNorm(cfg.d_model, cfg.norm_eps, pd)
-    if cfg.norm_placement == "pre":
+    norm = lambda: RMSNorm(cfg.d_model, cfg.norm_eps, pd, offset=cfg.norm_offset)
+    pre, post = cfg.norm_placement != "post", cfg.norm_placement != "pre"
+    if pre:
       self.attn_norm = norm()
     self.attn = Attention(cfg, rngs=rngs, context_parallel=context_parallel)
-    if cfg.norm_placement == "post":
+    if post:
       self.attn_post_norm = norm()
-    if cfg.norm_placement == "pre":
+    if pre:
       self.mlp_norm = norm()
     if moe:
       self.moe = MoE(cfg, rngs=rngs)
     else:
       self.mlp = MLP(cfg, rngs=rngs)
-    if cfg.norm_placement == "post":
+    if post:
       self.mlp_post_norm = norm()
 
   def attn_input(self, x_BTD):
@@ -113,10 +115,11 @@ class Block(nnx.Module):
       mlp_BTD = self.mlp_post_norm(mlp_BTD)
     return x_BTD + mlp_BTD
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
-    """-> (x `[B, T, D]`, routing stats of an MoE block or None)."""
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, depth=None):
+    """-> (x `[B, T, D]`, routing stats of an MoE block or None). `depth`: the layer's index
+    (models with local and global layers need it)."""
     x_BTD = self.attn_residual(
-        x_BTD, self.attn(self.attn_input(x_BTD), positions_BT, segment_ids_BT))
+        x_BTD, self.attn(self.attn_input(x_BTD), positions_BT, segment_ids_BT, depth))
     if hasattr(self, "moe"):
       y_BTD, stats = self.moe(self.mlp_input(x_BTD))
       return self.mlp_residual(x_BTD, y_BTD), stats
@@ -197,22 +200,30 @@ class Transformer(nnx.Module):
     if self.layout.groups:
       self.moe_blocks = _stacked_blocks(cfg, rngs.params(), self.layout.groups, moe=True,
                                         context_parallel=context_parallel)
-    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd, offset=cfg.norm_offset)
     if not cfg.tie_embeddings:
       self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                            cfg.init_std, pd)
 
   def embed_tokens(self, tokens_BT):
-    """Token ids `[B, T]` -> embeddings `[B, T, D]` in the compute dtype."""
-    return jnp.take(self.embed[...], tokens_BT, axis=0).astype(jnp.dtype(self.cfg.dtype))
+    """Token ids `[B, T]` -> embeddings `[B, T, D]` in the compute dtype (times sqrt(D) in that
+    dtype under `cfg.embed_scale`, as Gemma does)."""
+    dtype = jnp.dtype(self.cfg.dtype)
+    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype)
+    if self.cfg.embed_scale:
+      x_BTD = x_BTD * jnp.asarray(self.cfg.d_model ** 0.5, dtype)
+    return x_BTD
 
   def _logits(self, x_BTD):
     x_BTD = self.final_norm(x_BTD)
     if self.cfg.tie_embeddings:
-      return jnp.einsum("btd,vd->btv", x_BTD, self.embed[...].astype(x_BTD.dtype),
-                        preferred_element_type=jnp.float32)
-    return jnp.einsum("btd,dv->btv", x_BTD, self.lm_head[...].astype(x_BTD.dtype),
-                      preferred_element_type=jnp.float32)
+      logits = jnp.einsum("btd,vd->btv", x_BTD, self.embed[...].astype(x_BTD.dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = jnp.einsum("btd,dv->btv", x_BTD, self.lm_head[...].astype(x_BTD.dtype),
+                          preferred_element_type=jnp.float32)
+    cap = self.cfg.final_logit_soft_cap
+    return cap * jnp.tanh(logits / cap) if cap else logits
 
   def _remat(self, fn):
     if self.cfg.remat == "none":
@@ -249,8 +260,8 @@ class Transformer(nnx.Module):
 
     axes = self.activation_axes
 
-    def dense_block(x_BTD, params, positions_BT, segment_ids_BT):
-      x_BTD, _ = nnx.merge(dense_gd, params)(x_BTD, positions_BT, segment_ids_BT)
+    def dense_block(x_BTD, params, positions_BT, segment_ids_BT, depth=None):
+      x_BTD, _ = nnx.merge(dense_gd, params)(x_BTD, positions_BT, segment_ids_BT, depth)
       return rules.constrain(x_BTD, axes)
 
     def moe_block(x_BTD, params, positions_BT, segment_ids_BT):
@@ -259,9 +270,9 @@ class Transformer(nnx.Module):
 
     x_BTD = rules.constrain(self.embed_tokens(tokens_BT), axes)
     if pipeline.num_stages() > 1:
-      if moe is None:
-        unit = lambda x, p, pos, seg: (dense_block(x, p, pos, seg), None)
-        units = dense
+      if moe is None:  # each unit's params travel with its depth
+        unit = lambda x, p, pos, seg: (dense_block(x, p["block"], pos, seg, p["depth"]), None)
+        units = {"block": dense, "depth": jnp.asarray(self.layout.dense_depths())}
       else:  # units: groups of (moe_every - 1) dense layers and one MoE layer
         m = self.layout.group
 
@@ -279,7 +290,7 @@ class Transformer(nnx.Module):
     else:
       x_BTD, stats = _traverse(
           self.layout, dense, moe, x_BTD,
-          lambda x, p, _: dense_block(x, p, positions_BT, segment_ids_BT),
+          lambda x, p, depth: dense_block(x, p, positions_BT, segment_ids_BT, depth),
           lambda x, p, _: moe_block(x, p, positions_BT, segment_ids_BT), self._remat)
     return rules.constrain(self._logits(x_BTD), rules.ACTIVATION_AXES_BTV), stats
 

@@ -42,11 +42,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_index: jax.Array,
               kv_index: jax.Array, q_segment_ids: jax.Array | None = None,
               kv_segment_ids: jax.Array | None = None, sliding_window: int | None = None,
               impl: str = "xla", sm_scale: float | None = None,
-              alibi_slopes: jax.Array | None = None, sinks: int = 0) -> jax.Array:
+              alibi_slopes: jax.Array | None = None, sinks: int = 0,
+              logit_soft_cap: float = 0.0) -> jax.Array:
   """Causal multi-head attention by token index (XLA); returns `[B, T, H, Dh]` in q's dtype.
 
   q_index `[B, T]`, kv_index `[B, S]` int32; segment ids `[B, T]` / `[B, S]` int32 (0 = padding).
   `sinks`: keys with kv_index < sinks stay visible outside the sliding window (StreamingLLM).
+  `logit_soft_cap` > 0: scaled logits become cap * tanh(logits / cap) (Gemma 2).
   """
   B, T, H, Dh = q.shape
   _, S, K, _ = k.shape
@@ -59,7 +61,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_index: jax.Array,
   del impl  # a contiguous cache has per-sequence lengths: the XLA path serves every impl
   scores = masked_scores(q, k, q_index=q_index, kv_index=kv_index, q_segment_ids=q_segment_ids,
                          kv_segment_ids=kv_segment_ids, sliding_window=sliding_window,
-                         sm_scale=sm_scale, alibi_slopes=alibi_slopes, sinks=sinks)
+                         sm_scale=sm_scale, alibi_slopes=alibi_slopes, sinks=sinks,
+                         logit_soft_cap=logit_soft_cap)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
   return out.reshape(B, T, H, Dh).astype(q.dtype)
@@ -69,7 +72,7 @@ def masked_scores(q: jax.Array, k: jax.Array, *, q_index: jax.Array, kv_index: j
                   q_segment_ids: jax.Array | None = None,
                   kv_segment_ids: jax.Array | None = None, sliding_window: int | None = None,
                   sm_scale: float | None = None, alibi_slopes: jax.Array | None = None,
-                  sinks: int = 0) -> jax.Array:
+                  sinks: int = 0, logit_soft_cap: float = 0.0) -> jax.Array:
   """Scaled logits `[B, K, G, T, S]` float32 of q `[B, T, H, Dh]` against k `[B, S, K, Dh]`,
   ALiBi added and invisible pairs set to the (finite) mask value: the masking rules of this
   module's docstring, shared by `attention` and the ring's blocks
@@ -80,6 +83,8 @@ def masked_scores(q: jax.Array, k: jax.Array, *, q_index: jax.Array, kv_index: j
   q_BTKGDh = q.reshape(B, T, K, H // K, Dh)
   scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGDh, k,
                       preferred_element_type=jnp.float32) * scale
+  if logit_soft_cap:
+    scores = logit_soft_cap * jnp.tanh(scores / logit_soft_cap)
   if alibi_slopes is not None:
     distance_BTS = jnp.abs(q_index[:, :, None] - kv_index[:, None, :]).astype(jnp.float32)
     slopes_KG = jnp.asarray(alibi_slopes, jnp.float32).reshape(K, H // K)
@@ -110,7 +115,7 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                    impl: str = "auto", sm_scale: float | None = None,
                    alibi_slopes: jax.Array | None = None, index: jax.Array | None = None,
                    context_parallel: str = "all_gather",
-                   load_balanced: bool = False) -> jax.Array:
+                   load_balanced: bool = False, logit_soft_cap: float = 0.0) -> jax.Array:
   """Causal self-attention of T packed tokens: q `[B, T, H, Dh]`, k/v `[B, T, K, Dh]`.
 
   segment_ids `[B, T]` int32 (0 = padding) keep packed documents apart; alibi_slopes `[H]`
@@ -122,17 +127,20 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   index in its row, or its position within its segment; default arange), so rows may come in
   any order along the sequence. `load_balanced` promises the order of
   `ring_attention.load_balance_order` (the train step's): then the ring runs the flash kernel
-  (when `impl` resolves to "pallas" and `ring_runs_flash` allows).
+  (when `impl` resolves to "pallas" and `ring_runs_flash` allows). `logit_soft_cap` > 0
+  caps the logits (`attention`); the cudnn impl refuses it.
   """
   B, T = q.shape[:2]
   impl = resolve_impl(impl, q.shape[-1])
+  cap = logit_soft_cap
   mesh = jax.sharding.get_abstract_mesh()
   context = 1 if mesh.empty else dict(mesh.shape).get("context", 1)
   if context > 1 and context_parallel == "ring":
-    if load_balanced and ring_runs_flash(impl, sliding_window, alibi_slopes is not None):
+    if load_balanced and ring_runs_flash(impl, sliding_window, alibi_slopes is not None) and (
+        not cap):
       return _ring_flash_self_attention(q, k, v, segment_ids, sm_scale, mesh)
     return _ring_self_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi_slopes,
-                                index, mesh)
+                                index, mesh, cap)
   if context > 1:
     # Context parallelism: each device keeps its queries' slice of the sequence and gathers
     # the whole sequence's keys and values (the XLA path; the kernels see whole sequences).
@@ -141,14 +149,17 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     q = rules.constrain(q, ("batch", "length", "heads", None))
     impl = "xla"
   if impl == "pallas":
-    return _pallas_self_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi_slopes)
+    return _pallas_self_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi_slopes,
+                                  cap)
   if impl == "cudnn":
+    if cap:
+      raise ValueError("the cudnn attention impl has no logit soft-capping (use xla or pallas)")
     return dot_product_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi_slopes,
                                  implementation="cudnn")
   index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   return attention(q, k, v, q_index=index_BT, kv_index=index_BT, q_segment_ids=segment_ids,
                    kv_segment_ids=segment_ids, sliding_window=sliding_window, sm_scale=sm_scale,
-                   alibi_slopes=alibi_slopes)
+                   alibi_slopes=alibi_slopes, logit_soft_cap=cap)
 
 
 def ring_runs_flash(impl: str, sliding_window: int | None, alibi: bool) -> bool:
@@ -159,7 +170,7 @@ def ring_runs_flash(impl: str, sliding_window: int | None, alibi: bool) -> bool:
 
 
 def _ring_self_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi_slopes, index,
-                         mesh):
+                         mesh, logit_soft_cap=0.0):
   """Ring attention inside a `shard_map` manual over `context` only (batch and heads stay with
   the automatic partitioner)."""
   from jaxllm.ops import ring_attention
@@ -172,7 +183,8 @@ def _ring_self_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi_s
   def body(q, k, v, index, segment_ids):
     return ring_attention.ring_attention(q, k, v, q_index=index, kv_index=index,
                                          segment_ids=segment_ids, sliding_window=sliding_window,
-                                         sm_scale=sm_scale, alibi_slopes=alibi_slopes)
+                                         sm_scale=sm_scale, alibi_slopes=alibi_slopes,
+                                         logit_soft_cap=logit_soft_cap)
 
   run = jax.shard_map(body, mesh=mesh, in_specs=(qkv, qkv, qkv, rows,
                                                  None if segment_ids is None else rows),
@@ -184,17 +196,19 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
                     page_table: jax.Array, *, sliding_window: int | None = None,
                     impl: str = "auto", k_scales: jax.Array | None = None,
                     v_scales: jax.Array | None = None,
-                    alibi_slopes: jax.Array | None = None) -> jax.Array:
+                    alibi_slopes: jax.Array | None = None,
+                    logit_soft_cap: float = 0.0) -> jax.Array:
   """q `[B, T, H, Dh]`: the last T of each sequence's `lengths[b]` tokens, their K/V already in
   the pages `[N, P, K, Dh]` (`pallas_kernels.paged_attention` conventions; int8 pages with
-  `[N, P, K]` scales; ALiBi with `[H]` slopes). Returns q's shape.
+  `[N, P, K]` scales; ALiBi with `[H]` slopes). Returns q's shape. Soft-capped logits take the
+  XLA path (the paged kernel has no cap).
   """
   B, T, H, Dh = q.shape
   P = k_pages.shape[1]
   platform = backends.target_platform()
   impl = resolve_impl(impl, Dh, platform)
   gpu_fits = P >= 16 and not P & (P - 1)
-  if impl == "pallas" and ((platform == "gpu" and gpu_fits) or (platform == "tpu" and P % 8 == 0)
+  if impl == "pallas" and not logit_soft_cap and ((platform == "gpu" and gpu_fits) or (platform == "tpu" and P % 8 == 0)
                            or (platform == "cpu" and gpu_fits)):
     return _pallas_paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales,
                                    v_scales, sliding_window, alibi_slopes,
@@ -206,7 +220,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
   q_index = lengths[:, None] - T + jnp.arange(T, dtype=jnp.int32)[None, :]
   kv_index = jnp.broadcast_to(jnp.arange(M * P, dtype=jnp.int32), (B, M * P))
   return attention(q, k, v, q_index=q_index, kv_index=kv_index, sliding_window=sliding_window,
-                   alibi_slopes=alibi_slopes)
+                   alibi_slopes=alibi_slopes, logit_soft_cap=logit_soft_cap)
 
 
 def gather_pages(pages_NPKDh: jax.Array, page_table_BM: jax.Array, dtype,
@@ -299,13 +313,14 @@ def kernel_partition(q, k, mesh):
   return batch_axes, head_axis, axes
 
 
-def _pallas_self_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi_slopes):
+def _pallas_self_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi_slopes,
+                           logit_soft_cap=0.0):
   """The flash kernel, run per shard when a mesh is in context (`kernel_partition`)."""
   def kernel(q, k, v, segment_ids, slopes):
     # On CPU the kernel runs in the Pallas interpreter (tests, not speed).
     return pallas_kernels.flash_attention(
         q, k, v, causal=True, segment_ids=segment_ids, sliding_window=sliding_window,
-        alibi_slopes=slopes, sm_scale=sm_scale,
+        alibi_slopes=slopes, sm_scale=sm_scale, logit_soft_cap=logit_soft_cap or None,
         interpret=backends.target_platform() == "cpu")
 
   mesh = jax.sharding.get_abstract_mesh()

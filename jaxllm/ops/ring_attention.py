@@ -38,14 +38,15 @@ def load_balance_order(T: int, C: int) -> np.ndarray:
   return np.concatenate([np.concatenate([chunks[i], chunks[2 * C - 1 - i]]) for i in range(C)])
 
 
-@functools.partial(jax.checkpoint, static_argnums=(7, 8))
-def _block(q, k, v, q_index, kv_index, q_seg, kv_seg, sliding_window, sm_scale, alibi_slopes):
+@functools.partial(jax.checkpoint, static_argnums=(7, 8, 10))
+def _block(q, k, v, q_index, kv_index, q_seg, kv_seg, sliding_window, sm_scale, alibi_slopes,
+           logit_soft_cap=0.0):
   """Attention of q `[B, T, H, Dh]` to one K/V block `[B, S, K, Dh]` ->
   (out `[B, T, H, Dh]` float32 normalised within the block, lse `[B, H, T]` float32)."""
   B, T, H, Dh = q.shape
   s = masked_scores(q, k, q_index=q_index, kv_index=kv_index, q_segment_ids=q_seg,
                     kv_segment_ids=kv_seg, sliding_window=sliding_window, sm_scale=sm_scale,
-                    alibi_slopes=alibi_slopes)
+                    alibi_slopes=alibi_slopes, logit_soft_cap=logit_soft_cap)
   m = jnp.max(s, axis=-1)
   p = jnp.exp(s - m[..., None])
   l = jnp.sum(p, axis=-1)
@@ -62,7 +63,8 @@ def _merge(out, lse, out_b, lse_b):
 
 
 def ring_attention(q, k, v, *, q_index, kv_index, segment_ids=None, sliding_window=None,
-                   sm_scale=None, alibi_slopes=None, axis: str = "context"):
+                   sm_scale=None, alibi_slopes=None, axis: str = "context",
+                   logit_soft_cap: float = 0.0):
   """Causal self-attention of this device's slice, inside a `shard_map` over `axis`: q
   `[B, T, H, Dh]`, k/v `[B, T, K, Dh]`, q_index = kv_index `[B, T]` the tokens' indices in the
   whole sequence, segment_ids `[B, T]` or None. Returns q's shape and dtype."""
@@ -75,7 +77,7 @@ def ring_attention(q, k, v, *, q_index, kv_index, segment_ids=None, sliding_wind
       block = jax.tree.map(lambda x: jax.lax.ppermute(x, axis, ring), block)
     kb, vb, kvi, kvs = block
     o_b, lse_b = _block(q, kb, vb, q_index, kvi, segment_ids, kvs, sliding_window, sm_scale,
-                        alibi_slopes)
+                        alibi_slopes, logit_soft_cap)
     out, lse = (o_b, lse_b) if out is None else _merge(out, lse, o_b, lse_b)
   return out.astype(q.dtype)
 

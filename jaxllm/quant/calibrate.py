@@ -57,13 +57,14 @@ def layer_params(stacked, layer: int):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def run_block(block_graphdef, params, x_BTD: jax.Array) -> tuple[jax.Array, Inputs]:
-  """One block over x `[B, T, D]` (positions 0..T-1, no padding) -> (output, its Inputs)."""
+def run_block(block_graphdef, params, x_BTD: jax.Array, depth=0) -> tuple[jax.Array, Inputs]:
+  """One block, the layer at `depth`, over x `[B, T, D]` (positions 0..T-1, no padding) ->
+  (output, its Inputs)."""
   block = nnx.merge(block_graphdef, params)
   B, T, D = x_BTD.shape
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   qkv_in = block.attn_input(x_BTD)
-  attended = block.attn.attend(qkv_in, positions, None)
+  attended = block.attn.attend(qkv_in, positions, None, depth)
   h = block.attn_residual(x_BTD, block.attn.out_projection(attended))
   mlp_in = block.mlp_input(h)
   flat = lambda a: a.reshape(B * T, -1)
@@ -91,10 +92,15 @@ def block_graphdef(model_graphdef, params, stack: str = "blocks"):
   return graphdef
 
 
-def layer_order(model_graphdef, params) -> list[tuple[str, int]]:
-  """(stack, index) of every layer in depth order (dense layers in `blocks`, MoE layers in
-  `moe_blocks`)."""
-  layout = transformer.layer_layout(nnx.merge(model_graphdef, params).cfg)
+def model_config(model_graphdef, params):
+  """The ModelConfig the model was built from."""
+  return nnx.merge(model_graphdef, params).cfg
+
+
+def layer_order(model_graphdef, params) -> list[tuple[str, int, int]]:
+  """(stack, index, depth) of every layer in depth order (dense layers in `blocks`, MoE layers
+  in `moe_blocks`)."""
+  layout = transformer.layer_layout(model_config(model_graphdef, params))
   order = [(int(d), "blocks", j) for j, d in enumerate(layout.dense_depths())]
   order += [(int(d), "moe_blocks", j) for j, d in enumerate(layout.moe_depths())]
-  return [(stack, j) for _, stack, j in sorted(order)]
+  return [(stack, j, d) for d, stack, j in sorted(order)]

@@ -143,12 +143,13 @@ def _gptq(graphdef, params, spec, rows, *, act_order, damp, chunk_rows, progress
   xs = [calibrate.embed(graphdef, params, c) for c in _chunks(rows, chunk_rows)]
   order = calibrate.layer_order(graphdef, params)
   graphdefs = {stack: calibrate.block_graphdef(graphdef, params, stack)
-               for stack in {stack for stack, _ in order}}
+               for stack in {stack for stack, _, _ in order}}
   per_layer: dict[str, list] = {}
   done: set[str] = set()
-  for stack, j in tqdm(order, desc="gptq", unit="layer", disable=not progress, file=sys.stderr):
+  for stack, j, depth in tqdm(order, desc="gptq", unit="layer", disable=not progress,
+                             file=sys.stderr):
     lp = calibrate.layer_params(params[stack], j)
-    outs = [calibrate.run_block(graphdefs[stack], lp, x) for x in xs]
+    outs = [calibrate.run_block(graphdefs[stack], lp, x, depth) for x in xs]
     names = _names(stack, lp, spec)
     quantized = _layer_gptq(lp, names, [i for _, i in outs], spec, act_order=act_order,
                             damp=damp)
@@ -157,7 +158,7 @@ def _gptq(graphdef, params, spec, rows, *, act_order, damp, chunk_rows, progress
       _set(lq, name, qt)
       per_layer.setdefault(f"{stack}/{name}", []).append(qt)
       done.add(f"{stack}/{name}")
-    xs = [calibrate.run_block(graphdefs[stack], lq, x)[0] for x in xs]
+    xs = [calibrate.run_block(graphdefs[stack], lq, x, depth)[0] for x in xs]
   flat = qparams.flatten(params)
   for path, layers in per_layer.items():
     flat[path] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
@@ -260,14 +261,20 @@ def _awq_dense_groups(lp, stack, K, H):
   return groups
 
 
-def _fold(lp, key, s, K):
-  """Divides the op producing group `key`'s input by s (the product stays the same)."""
+def _divide_norm(scale, s, offset):
+  """A norm scaling by (offset + w) made to scale by (offset + w) / s, in place."""
+  scale[...] = (offset + scale) / s - offset
+
+
+def _fold(lp, key, s, K, offset=0.0):
+  """Divides the op producing group `key`'s input by s (the product stays the same); norm
+  scales are (offset + w) (`cfg.norm_offset`)."""
   if key == "qkv":
-    lp["attn_norm"]["scale"][...] /= s
+    _divide_norm(lp["attn_norm"]["scale"], s, offset)
   elif key == "gate_up" and "mlp" in lp:
-    lp["mlp_norm"]["scale"][...] /= s
+    _divide_norm(lp["mlp_norm"]["scale"], s, offset)
   elif key == "gate_up":  # MoE: the router and the shared gate read the same input: rows * s
-    lp["mlp_norm"]["scale"][...] /= s
+    _divide_norm(lp["mlp_norm"]["scale"], s, offset)
     for name in ("router", "shared_gate"):
       if name in lp["moe"]:
         lp["moe"][name][...] *= s[:, None]
@@ -291,6 +298,7 @@ def _awq_scale(graphdef, params, spec, rows, *, chunk_rows, progress, sample_tok
   ratios per expert on its tokens."""
   stacks = {k: jax.tree.map(np.array, params[k]) for k in ("blocks", "moe_blocks") if k in params}
   order = calibrate.layer_order(graphdef, params)
+  offset = calibrate.model_config(graphdef, params).norm_offset
   graphdefs = {k: calibrate.block_graphdef(graphdef, params, k) for k in stacks}
   any_attn = next(iter(stacks.values()))["attn"]
   H, K = any_attn["q"].shape[2], any_attn["k"].shape[2]
@@ -298,11 +306,12 @@ def _awq_scale(graphdef, params, spec, rows, *, chunk_rows, progress, sample_tok
   rng = np.random.default_rng(0)
   ratios: dict[str, dict[str, list]] = {}
   clip = lambda x, w: _awq_clip(x[:clip_tokens], w, spec.bits, spec.group_size, spec.symmetric)
-  for stack, j in tqdm(order, desc="awq", unit="layer", disable=not progress, file=sys.stderr):
+  for stack, j, depth in tqdm(order, desc="awq", unit="layer", disable=not progress,
+                             file=sys.stderr):
     lp = jax.tree.map(lambda a: a[j], stacks[stack])  # views: edits land in `stacks`
     outs, inputs = [], []
     for x in xs:
-      out, i = calibrate.run_block(graphdefs[stack], lp, x)
+      out, i = calibrate.run_block(graphdefs[stack], lp, x, depth)
       outs.append(out)
       inputs.append(i)
     cat = lambda key: np.concatenate([np.asarray(getattr(i, key), np.float32) for i in inputs])
@@ -323,9 +332,9 @@ def _awq_scale(graphdef, params, spec, rows, *, chunk_rows, progress, sample_tok
         w_n[...] = (w_n.reshape(s.shape[0], -1) * s[:, None]).reshape(w_n.shape)
         if n in names:
           record(n, clip(sample[key] / s[None, :], _matrix(w_n, n)))
-      _fold(lp, key, s, K)
+      _fold(lp, key, s, K, offset)
     if stack == "moe_blocks":
-      _awq_experts(lp, inputs, spec, rng, sample_tokens, record, clip)
+      _awq_experts(lp, inputs, spec, rng, sample_tokens, record, clip, offset)
     xs = outs  # the scaled layer computes the same function: its float outputs feed the next
   out = dict(params)
   for k, stacked in stacks.items():
@@ -334,7 +343,7 @@ def _awq_scale(graphdef, params, spec, rows, *, chunk_rows, progress, sample_tok
                for path, r in ratios.items()}
 
 
-def _awq_experts(lp, inputs, spec, rng, sample_tokens, record, clip):
+def _awq_experts(lp, inputs, spec, rng, sample_tokens, record, clip, offset=0.0):
   """AWQ for one MoE layer's experts (see `_awq_scale`); edits `lp` in place."""
   moe = lp["moe"]
   E = moe["gate"].shape[0]
@@ -355,7 +364,7 @@ def _awq_experts(lp, inputs, spec, rng, sample_tokens, record, clip):
       moe[n][...] *= s[None, :, None]
       if "shared" in moe:
         moe["shared"][n][...] *= s[:, None]
-    _fold(lp, "gate_up", s, None)
+    _fold(lp, "gate_up", s, None, offset)
     for n in gate_up:
       record(f"moe/{n}", np.stack([clip(tokens[e] / s[None, :], moe[n][e]) if len(tokens[e])
                                    else _no_clip(moe[n][e], spec) for e in range(E)]))
