@@ -4,7 +4,7 @@ import gguf
 import numpy as np
 
 from jaxllm.checkpoint import layouts
-from jaxllm.checkpoint.gguf_format import LAYER_NAMES
+from jaxllm.checkpoint.gguf_format import LAYER_NAMES, layer_names
 from jaxllm.config import ModelConfig
 
 TOKENS = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["Ġ", "ab"]
@@ -23,6 +23,8 @@ def _writer(path, cfg: ModelConfig, arch: str, feed_forward: int):
   w.add_rope_freq_base(cfg.rope_theta)
   w.add_layer_norm_rms_eps(cfg.norm_eps)
   w.add_vocab_size(cfg.vocab_size)
+  if cfg.sliding_window:
+    w.add_sliding_window(cfg.sliding_window)
   w.add_tokenizer_model("gpt2")
   w.add_tokenizer_pre("gpt2")
   tokens = (TOKENS + [f"t{i}" for i in range(cfg.vocab_size)])[:cfg.vocab_size]
@@ -45,7 +47,7 @@ def write_llama_gguf(path, cfg: ModelConfig, params: dict, *, qtype="F32", arch=
   """A GGUF file of `params` (jaxllm layout) in llama.cpp's layout and naming."""
   w = _writer(path, cfg, arch, cfg.d_ff)
   qt = getattr(gguf.GGMLQuantizationType, qtype)
-  state = layouts.hf_from_params(params, cfg)
+  state = layouts.hf_from_params(params, cfg, fused=arch == "phi3")
 
   def add(name, array):
     array = np.ascontiguousarray(array, np.float32)
@@ -59,7 +61,7 @@ def write_llama_gguf(path, cfg: ModelConfig, params: dict, *, qtype="F32", arch=
   if not cfg.tie_embeddings:
     add("output.weight", state["lm_head.weight"])
   for i in range(cfg.n_layers):
-    for g_name, hf_name in LAYER_NAMES.items():
+    for g_name, hf_name in layer_names(arch).items():
       t = state[f"model.layers.{i}.{hf_name}.weight"]
       if arch == "llama" and g_name == "attn_q":  # the Qwen architectures keep rotate-half
         t = layouts.half_to_interleaved(t, cfg.n_heads)

@@ -234,9 +234,20 @@ def alibi_model():
       sliding_window=24), 3))
 
 
-@pytest.mark.parametrize("which", ["model", "alibi_model"])
+@pytest.fixture(scope="module")
+def gemma_model():
+  """Gemma's block (sandwich (1 + w) norms, GeGLU, soft caps) with a local layer (window 24)
+  then a global one: the global layer keeps every page."""
+  return transformer.split(transformer.create(tiny_model(
+      n_layers=2, init_std=0.4, norm_placement="sandwich", norm_offset=1.0, embed_scale=True,
+      mlp_activation="gelu_tanh", global_every=2, sliding_window=24, rope_local_theta=100.0,
+      attn_logit_soft_cap=3.0, final_logit_soft_cap=8.0), 3))
+
+
+@pytest.mark.parametrize("which", ["model", "alibi_model", "gemma_model"])
 def test_speculative_engine_greedy_equals_each_request_alone(which, request):
-  """Chunked prefill, paged decode and speculative verification in the engine (ALiBi too)."""
+  """Chunked prefill, paged decode and speculative verification in the engine (ALiBi and
+  Gemma's local and global layers too)."""
   model = request.getfixturevalue(which)
   graphdef, weights = model
   engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(

@@ -179,14 +179,20 @@ def test_variants_jaxllm_lacks_are_refused_with_a_reason():
     hf_format.model_config(hf)
 
 
-@pytest.mark.parametrize("arch, variant", [("qwen2", dict(qkv_bias=True)),
-                                           ("qwen3", dict(qk_norm=True, head_dim=16))])
-def test_gguf_import_of_the_dense_qwen_architectures(arch, variant, tmp_path):
-  """llama.cpp's `qwen2` / `qwen3` files (rotate-half q/k rows, biases or q/k norms named as
-  llama.cpp names them) load as the model they were written from."""
+@pytest.mark.parametrize("arch, variant", [
+    ("qwen2", dict(qkv_bias=True)), ("qwen3", dict(qk_norm=True, head_dim=16)),
+    ("phi3", dict(sliding_window=5)),
+    ("olmo2", dict(qk_norm=True, qk_norm_over_heads=True, norm_placement="post"))])
+def test_gguf_import_of_the_dense_family_architectures(arch, variant, tmp_path):
+  """llama.cpp's `qwen2`, `qwen3`, `phi3` and `olmo2` files (rotate-half q/k rows; biases,
+  q/k norms, fused projections and post-norms named as llama.cpp names them) load as the model
+  they were written from."""
+  from jaxllm.checkpoint import gguf_format
   from tests import gguf_fixtures
   from tests.helpers import tiny_model
   cfg = tiny_model(vocab_size=40, tie_embeddings=False, **variant)
+  if arch == "phi3":  # no q/k/v names: only the fused tensors can have been read
+    assert "attn_q" not in gguf_format.layer_names(arch)
   graphdef, params = transformer.split(transformer.create(cfg, seed=4))
   rng = np.random.default_rng(4)  # biases and norm scales off their zeros and ones
   params = jax.tree_util.tree_map_with_path(

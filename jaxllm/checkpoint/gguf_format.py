@@ -2,7 +2,9 @@
 
 Architectures: `llama` (Llama, Mistral, and Mixtral, which llama.cpp converts as `llama` with an
 `expert_count`), `qwen2` (q/k/v biases `attn_{q,k,v}.bias`), `qwen3` (q/k norms
-`attn_{q,k}_norm`), `qwen2moe` and `qwen3moe`. MoE layers use llama.cpp's stacked expert tensors:
+`attn_{q,k}_norm`), `phi3` (fused `attn_qkv`, and `ffn_up` holding gate then up rows, as
+Phi-3's Hugging Face weights are), `olmo2` (post-norm blocks `post_attention_norm` /
+`post_ffw_norm`, q/k norms over all heads), `qwen2moe` and `qwen3moe`. MoE layers use llama.cpp's stacked expert tensors:
 `ffn_gate_inp` (router `[E, D]`), `ffn_{gate,up}_exps` `[E, F, D]`, `ffn_down_exps` `[E, D, F]`,
 and for shared experts `ffn_{gate,up,down}_shexp` and `ffn_gate_inp_shexp`.
 
@@ -24,14 +26,30 @@ from jaxllm.checkpoint.errors import UnsupportedCheckpoint
 from jaxllm.config import ModelConfig
 
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
-# The attention variant each architecture implies (MoE ones: `_moe_config`).
-_DENSE_VARIANTS = {"llama": {}, "qwen2": dict(qkv_bias=True), "qwen3": dict(qk_norm=True)}
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "olmo2", "qwen2moe", "qwen3moe")
+# The block variant each architecture implies (MoE ones: `_moe_config`).
+_DENSE_VARIANTS = {"llama": {}, "phi3": {}, "qwen2": dict(qkv_bias=True),
+                   "qwen3": dict(qk_norm=True),
+                   "olmo2": dict(qk_norm=True, qk_norm_over_heads=True, norm_placement="post")}
 # Per-layer tensors: llama.cpp's `blk.{i}.<name>.weight` -> HF's `model.layers.{i}.<name>.weight`.
 LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def layer_names(architecture: str) -> dict[str, str]:
+  """LAYER_NAMES as `architecture` has them (q/k norms and biases are added separately)."""
+  names = dict(LAYER_NAMES)
+  if architecture == "phi3":
+    for fused in ("attn_q", "attn_k", "attn_v", "ffn_gate"):
+      del names[fused]
+    names.update(attn_qkv="self_attn.qkv_proj", ffn_up="mlp.gate_up_proj")
+  elif architecture == "olmo2":
+    del names["attn_norm"], names["ffn_norm"]
+    names.update(post_attention_norm="post_attention_layernorm",
+                 post_ffw_norm="post_feedforward_layernorm")
+  return names
 
 
 class GGUFFile:
@@ -104,6 +122,10 @@ class GGUFFile:
                     rope_scaling_factor=float(self._arch("rope.scaling.factor", 1.0)))
     elif scaling not in ("none", None):
       raise UnsupportedCheckpoint(f"{self.path}: GGUF rope scaling {scaling!r} is not supported")
+    if "rope_factors_long.weight" in self.tensors:
+      raise UnsupportedCheckpoint(f"{self.path}: Phi-3's LongRoPE factors are not supported")
+    if self.architecture == "olmo2" and self._arch("attention.sliding_window", 0):
+      raise UnsupportedCheckpoint(f"{self.path}: OLMo's sliding-window layers are not supported")
     return ModelConfig(
         vocab_size=int(vocab), d_model=d_model, n_layers=int(self._arch("block_count")),
         n_heads=n_heads, n_kv_heads=int(self._arch("attention.head_count_kv", n_heads)),
@@ -151,7 +173,7 @@ class GGUFFile:
     for i in range(cfg.n_layers):
       pre = f"model.layers.{i}."
       moe_layer = cfg.n_experts and f"blk.{i}.ffn_gate_inp.weight" in self.tensors
-      for gguf_name, hf_name in LAYER_NAMES.items():
+      for gguf_name, hf_name in layer_names(self.architecture).items():
         if moe_layer and gguf_name.startswith("ffn_") and gguf_name != "ffn_norm":
           continue
         out[f"{pre}{hf_name}.weight"] = (
