@@ -25,6 +25,10 @@ def _writer(path, cfg: ModelConfig, arch: str, feed_forward: int):
   w.add_vocab_size(cfg.vocab_size)
   if cfg.sliding_window:
     w.add_sliding_window(cfg.sliding_window)
+  if cfg.attn_logit_soft_cap or arch == "gemma2":
+    w.add_attn_logit_softcapping(cfg.attn_logit_soft_cap)
+  if cfg.final_logit_soft_cap or arch == "gemma2":
+    w.add_final_logit_softcapping(cfg.final_logit_soft_cap)
   w.add_tokenizer_model("gpt2")
   w.add_tokenizer_pre("gpt2")
   tokens = (TOKENS + [f"t{i}" for i in range(cfg.vocab_size)])[:cfg.vocab_size]
@@ -51,6 +55,8 @@ def write_llama_gguf(path, cfg: ModelConfig, params: dict, *, qtype="F32", arch=
 
   def add(name, array):
     array = np.ascontiguousarray(array, np.float32)
+    if arch.startswith("gemma") and name.endswith("norm.weight"):
+      array = array + 1.0  # llama.cpp's converter stores Gemma's (1 + w)
     if qt == gguf.GGMLQuantizationType.F32 or array.ndim == 1:
       w.add_tensor(name, array)
     else:

@@ -76,6 +76,11 @@ def _save_tokenizer(path):
   tok.save_pretrained(path)
 
 
+GEMMA_LAYERS = dict(norm_placement="sandwich", norm_offset=1.0, embed_scale=True,
+                    mlp_activation="gelu_tanh", query_pre_attn_scalar=48, global_every=2,
+                    sliding_window=6, rope_local_theta=1000.0)
+
+
 def _hf_logits(model, ids):
   with torch.no_grad():
     return model(torch.tensor(ids)).logits.numpy()
@@ -182,11 +187,17 @@ def test_variants_jaxllm_lacks_are_refused_with_a_reason():
 @pytest.mark.parametrize("arch, variant", [
     ("qwen2", dict(qkv_bias=True)), ("qwen3", dict(qk_norm=True, head_dim=16)),
     ("phi3", dict(sliding_window=5)),
-    ("olmo2", dict(qk_norm=True, qk_norm_over_heads=True, norm_placement="post"))])
+    ("olmo2", dict(qk_norm=True, qk_norm_over_heads=True, norm_placement="post")),
+    # llama.cpp's fixed layouts: every 2nd (Gemma 2) or 6th (Gemma 3) layer global, Gemma 3's
+    # local RoPE base 10k; the softmax scale of a non-27B model is 1/sqrt(head_dim).
+    ("gemma2", dict(GEMMA_LAYERS, query_pre_attn_scalar=8, rope_local_theta=0.0,
+                    attn_logit_soft_cap=2.0, final_logit_soft_cap=5.0)),
+    ("gemma3", dict(GEMMA_LAYERS, query_pre_attn_scalar=8, qk_norm=True, global_every=6,
+                    n_layers=6, rope_theta=1e6, rope_local_theta=1e4))])
 def test_gguf_import_of_the_dense_family_architectures(arch, variant, tmp_path):
-  """llama.cpp's `qwen2`, `qwen3`, `phi3` and `olmo2` files (rotate-half q/k rows; biases,
-  q/k norms, fused projections and post-norms named as llama.cpp names them) load as the model
-  they were written from."""
+  """llama.cpp's `qwen2`, `qwen3`, `phi3`, `olmo2`, `gemma2` and `gemma3` files (rotate-half
+  q/k rows; biases, q/k norms, fused projections, post-norms and Gemma's 1 + w norms named and
+  stored as llama.cpp does) load as the model they were written from."""
   from jaxllm.checkpoint import gguf_format
   from tests import gguf_fixtures
   from tests.helpers import tiny_model
@@ -205,11 +216,6 @@ def test_gguf_import_of_the_dense_family_architectures(arch, variant, tmp_path):
   ids = np.random.default_rng(5).integers(0, 40, size=(1, 12))
   want = nnx.merge(graphdef, params)(jnp.asarray(ids))
   np.testing.assert_allclose(np.asarray(loaded.logits(ids)), np.asarray(want), atol=1e-5)
-
-
-GEMMA_LAYERS = dict(norm_placement="sandwich", norm_offset=1.0, embed_scale=True,
-                    mlp_activation="gelu_tanh", query_pre_attn_scalar=48, global_every=2,
-                    sliding_window=6, rope_local_theta=1000.0)
 
 
 @pytest.mark.parametrize("variant", [dict(attn_logit_soft_cap=2.0, final_logit_soft_cap=5.0),

@@ -4,7 +4,11 @@ Architectures: `llama` (Llama, Mistral, and Mixtral, which llama.cpp converts as
 `expert_count`), `qwen2` (q/k/v biases `attn_{q,k,v}.bias`), `qwen3` (q/k norms
 `attn_{q,k}_norm`), `phi3` (fused `attn_qkv`, and `ffn_up` holding gate then up rows, as
 Phi-3's Hugging Face weights are), `olmo2` (post-norm blocks `post_attention_norm` /
-`post_ffw_norm`, q/k norms over all heads), `qwen2moe` and `qwen3moe`. MoE layers use llama.cpp's stacked expert tensors:
+`post_ffw_norm`, q/k norms over all heads), `gemma2` and `gemma3` (sandwich norms
+`attn_norm` / `post_attention_norm` / `ffn_norm` / `post_ffw_norm`, stored as 1 + w as
+llama.cpp's converter writes them; the per-model constants llama.cpp sets in code rather than
+in the file taken as it does: `GEMMA_PATTERNS`, `gemma_softmax_scalar`), `qwen2moe` and
+`qwen3moe`. MoE layers use llama.cpp's stacked expert tensors:
 `ffn_gate_inp` (router `[E, D]`), `ffn_{gate,up}_exps` `[E, F, D]`, `ffn_down_exps` `[E, D, F]`,
 and for shared experts `ffn_{gate,up,down}_shexp` and `ffn_gate_inp_shexp`.
 
@@ -26,11 +30,20 @@ from jaxllm.checkpoint.errors import UnsupportedCheckpoint
 from jaxllm.config import ModelConfig
 
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "olmo2", "qwen2moe", "qwen3moe")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "olmo2", "gemma2", "gemma3",
+                           "qwen2moe", "qwen3moe")
+# llama.cpp fixes Gemma's local/global layout per architecture (every N-th layer global) and
+# Gemma 3's local RoPE base; neither is in the file.
+GEMMA_PATTERNS = {"gemma2": 2, "gemma3": 6}
+GEMMA3_LOCAL_ROPE_THETA = 10_000.0
+# The depths of Gemma's 27B models, whose softmax scale is 1/sqrt(d_model / heads) rather than
+# 1/sqrt(head_dim) (llama.cpp tells them apart by depth too).
+_GEMMA_27B_DEPTHS = {"gemma2": 46, "gemma3": 62}
 # The block variant each architecture implies (MoE ones: `_moe_config`).
 _DENSE_VARIANTS = {"llama": {}, "phi3": {}, "qwen2": dict(qkv_bias=True),
                    "qwen3": dict(qk_norm=True),
-                   "olmo2": dict(qk_norm=True, qk_norm_over_heads=True, norm_placement="post")}
+                   "olmo2": dict(qk_norm=True, qk_norm_over_heads=True, norm_placement="post"),
+                   "gemma2": {}, "gemma3": {}}  # Gemma: `_gemma_config`
 # Per-layer tensors: llama.cpp's `blk.{i}.<name>.weight` -> HF's `model.layers.{i}.<name>.weight`.
 LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -49,7 +62,17 @@ def layer_names(architecture: str) -> dict[str, str]:
     del names["attn_norm"], names["ffn_norm"]
     names.update(post_attention_norm="post_attention_layernorm",
                  post_ffw_norm="post_feedforward_layernorm")
+  elif architecture in GEMMA_PATTERNS:
+    names.update(ffn_norm="pre_feedforward_layernorm",
+                 post_attention_norm="post_attention_layernorm",
+                 post_ffw_norm="post_feedforward_layernorm")
   return names
+
+
+def gemma_softmax_scalar(architecture: str, n_layers: int, d_model: int, n_heads: int,
+                         head_dim: int) -> int:
+  """Gemma's query_pre_attn_scalar as llama.cpp infers it from the model's shape."""
+  return d_model // n_heads if n_layers == _GEMMA_27B_DEPTHS[architecture] else head_dim
 
 
 class GGUFFile:
@@ -109,6 +132,29 @@ class GGUFFile:
       out["qk_norm"] = True
     return out
 
+  def _gemma_config(self, d_model: int, n_heads: int, head_dim: int) -> dict[str, Any]:
+    arch = self.architecture
+    n_layers = int(self._arch("block_count"))
+    window = int(self._arch("attention.sliding_window", 0) or 0)
+    pattern = GEMMA_PATTERNS[arch]
+    every = pattern if window and n_layers >= pattern else 0
+    out = dict(norm_placement="sandwich", norm_offset=1.0, embed_scale=True,
+               mlp_activation="gelu_tanh", qk_norm=arch == "gemma3", global_every=every,
+               sliding_window=window,
+               query_pre_attn_scalar=float(gemma_softmax_scalar(arch, n_layers, d_model,
+                                                                n_heads, head_dim)),
+               # llama.cpp's defaults when the file has none (Gemma 2's published caps)
+               attn_logit_soft_cap=float(self._arch("attn_logit_softcapping",
+                                                    50.0 if arch == "gemma2" else 0.0) or 0),
+               final_logit_soft_cap=float(self._arch("final_logit_softcapping",
+                                                     30.0 if arch == "gemma2" else 0.0) or 0))
+    if arch == "gemma3":
+      if every:
+        out["rope_local_theta"] = GEMMA3_LOCAL_ROPE_THETA
+      elif window:  # shallower than the pattern: every layer local, with the local RoPE
+        out.update(rope_theta=GEMMA3_LOCAL_ROPE_THETA, rope_scaling="none")
+    return out
+
   def model_config(self) -> ModelConfig:
     n_heads = int(self._arch("attention.head_count"))
     d_model = int(self._arch("embedding_length"))
@@ -126,7 +172,9 @@ class GGUFFile:
       raise UnsupportedCheckpoint(f"{self.path}: Phi-3's LongRoPE factors are not supported")
     if self.architecture == "olmo2" and self._arch("attention.sliding_window", 0):
       raise UnsupportedCheckpoint(f"{self.path}: OLMo's sliding-window layers are not supported")
-    return ModelConfig(
+    if self.architecture in GEMMA_PATTERNS:
+      kwargs.update(self._gemma_config(d_model, n_heads, head_dim))
+    keys = dict(
         vocab_size=int(vocab), d_model=d_model, n_layers=int(self._arch("block_count")),
         n_heads=n_heads, n_kv_heads=int(self._arch("attention.head_count_kv", n_heads)),
         head_dim=head_dim, d_ff=int(self._arch("feed_forward_length")),
@@ -134,8 +182,9 @@ class GGUFFile:
         rope_theta=float(self._arch("rope.freq_base", 10_000.0)),
         norm_eps=float(self._arch("attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings="output.weight" not in self.tensors,
-        sliding_window=int(self._arch("attention.sliding_window", 0) or 0),
-        dtype="float32", **kwargs, **self._moe_config())
+        sliding_window=int(self._arch("attention.sliding_window", 0) or 0), dtype="float32")
+    keys.update(**kwargs, **self._moe_config())  # Gemma 3's all-local models replace rope_theta
+    return ModelConfig(**keys)
 
   def tensor(self, name: str) -> np.ndarray:
     """A tensor dequantized to float32, rows first as in the file (`[out, in]` for matrices)."""
@@ -151,16 +200,21 @@ class GGUFFile:
     rotate-half order; each tensor is dequantized when it is read."""
     cfg = self.model_config()
     out = {"model.embed_tokens.weight": lambda: self.tensor("token_embd.weight"),
-           "model.norm.weight": lambda: self.tensor("output_norm.weight")}
+           "model.norm.weight": lambda: weight("output_norm.weight", "output_norm")}
     if not cfg.tie_embeddings:
       out["lm_head.weight"] = lambda: self.tensor("output.weight")
     interleaved = self.architecture == "llama"
     heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}
 
+    # Gemma's norms are stored as 1 + w, ours (and Hugging Face's) as w.
+    shift = 1.0 if self.architecture in GEMMA_PATTERNS else 0.0
+
     def weight(name, gguf_name):
       w = self.tensor(name)
       if interleaved and gguf_name in heads:
         w = layouts.interleaved_to_half(w, heads[gguf_name])
+      if name.endswith("norm.weight"):
+        w = w - shift
       return w
 
     last = {}  # the expert tensor read last: its experts are read one after another
@@ -185,7 +239,7 @@ class GGUFFile:
       if cfg.qk_norm:
         for name in ("q", "k"):
           out[f"{pre}self_attn.{name}_norm.weight"] = (
-              lambda n=f"blk.{i}.attn_{name}_norm.weight": self.tensor(n))
+              lambda n=f"blk.{i}.attn_{name}_norm.weight": weight(n, n))
       if moe_layer:
         out[f"{pre}mlp.gate.weight"] = lambda n=f"blk.{i}.ffn_gate_inp.weight": self.tensor(n)
         for e in range(cfg.n_experts):
