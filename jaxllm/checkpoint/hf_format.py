@@ -1,8 +1,9 @@
 """Hugging Face model directories: config.json + *.safetensors (+ tokenizer files).
 
-Reads Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2, Mixtral, Qwen2-MoE and Qwen3-MoE configs
-(GQA, RoPE theta, sliding window, tied embeddings, experts, shared experts, q/k/v biases, q/k
-norms per head or over all heads, post-norm blocks, and the RoPE scalings linear, llama3,
+Reads Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2, Gemma 2, Gemma 3 (text), Mixtral, Qwen2-MoE
+and Qwen3-MoE configs (GQA, RoPE theta, sliding window, tied embeddings, experts, shared
+experts, q/k/v biases, q/k norms per head or over all heads, post-norm and sandwich blocks,
+Gemma's local/global layers, soft caps and scales, and the RoPE scalings linear, llama3,
 dynamic NTK and YaRN), single-file or sharded safetensors (any float dtype, converted to
 float32), and writes directories that `transformers.AutoModelForCausalLM.from_pretrained` loads
 (static NTK written as the plain RoPE theta it amounts to; ALiBi models refused: none of these

@@ -13,8 +13,8 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.model import cache as kv_cache
-from jaxllm.model.layers import RMSNorm, param
 from jaxllm.model import positions
+from jaxllm.model.layers import RMSNorm, param
 from jaxllm.model.positions import Rope, alibi_slopes
 from jaxllm.ops import attention as attention_ops
 from jaxllm.ops.quant_matmul import project
@@ -83,6 +83,7 @@ class Attention(nnx.Module):
     return jax.lax.cond(local, lambda: attend(self.sliding_window), lambda: attend(None))
 
   def _rotate(self, x_BTNDh, positions_BT, seq_len_B, local):
+    """q or k `[B, T, N, Dh]` rotated by this layer's RoPE (the local one on local layers)."""
     out = self.rope.apply(x_BTNDh, positions_BT, seq_len_B)
     if local is None or self.local_rope is None:
       return out

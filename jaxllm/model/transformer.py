@@ -111,6 +111,7 @@ class Block(nnx.Module):
     return x_BTD + attn_BTD
 
   def mlp_residual(self, x_BTD, mlp_BTD):
+    """The residual stream after the MLP (or MoE) branch `mlp_BTD` is added."""
     if hasattr(self, "mlp_post_norm"):
       mlp_BTD = self.mlp_post_norm(mlp_BTD)
     return x_BTD + mlp_BTD
