@@ -135,7 +135,8 @@ class GGUFFile:
   def _gemma_config(self, d_model: int, n_heads: int, head_dim: int) -> dict[str, Any]:
     arch = self.architecture
     n_layers = int(self._arch("block_count"))
-    window = int(self._arch("attention.sliding_window", 0) or 0)
+    # A Gemma 2 file without a window gets llama.cpp's default, Gemma 2's published 4096.
+    window = int(self._arch("attention.sliding_window", 4096 if arch == "gemma2" else 0) or 0)
     pattern = GEMMA_PATTERNS[arch]
     every = pattern if window and n_layers >= pattern else 0
     out = dict(norm_placement="sandwich", norm_offset=1.0, embed_scale=True,
