@@ -178,6 +178,14 @@ def test_variants_jaxllm_lacks_are_refused_with_a_reason():
     hf_format.model_type_for(dataclasses.replace(llama, global_every=2, sliding_window=4))
   with pytest.raises(UnsupportedCheckpoint, match="Gemma has sandwich norms"):
     hf_format.model_type_for(dataclasses.replace(llama, norm_placement="sandwich"))
+  # Streaming generation does not take Gemma's local/global layers yet: refused up front.
+  from tests.helpers import tiny_model
+  gemma = tiny_model(**GEMMA_LAYERS)
+  graphdef, params = transformer.split(transformer.create(gemma))
+  sp = sampling.SamplingParams(max_tokens=2)
+  with pytest.raises(ValueError, match="does not support models with local and global"):
+    generate_lib.generate_requests(graphdef, params, [[1, 2]], [sp],
+                                   stream=generate_lib.stream_of(2, 8))
   hf = transformers.Gemma2Config(**COMMON, layer_types=[
       "full_attention", "sliding_attention"]).to_dict()
   with pytest.raises(UnsupportedCheckpoint, match="are not a pattern jaxllm runs"):

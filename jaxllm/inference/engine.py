@@ -166,7 +166,7 @@ class Engine:
       self.max_pages = paging.pages_for(self.max_seq_len, config.page_size)
       what = f"one sequence of max_seq_len {self.max_seq_len}"
     else:
-      gen.check_stream(self.stream, self.max_seq_len)
+      gen.check_stream(self.stream, self.max_seq_len, cfg)
       # Every streaming request holds exactly these pages, whatever its length.
       self.max_pages = paging.pages_for(self.stream.cache_len(config.prefill_chunk),
                                         config.page_size)

@@ -254,8 +254,11 @@ def stream_of(sink_tokens: int, stream_window: int) -> kv_cache.Stream | None:
   return kv_cache.Stream(sink_tokens, stream_window) if stream_window else None
 
 
-def check_stream(stream: kv_cache.Stream, max_seq_len: int | None) -> None:
-  """Refuses a streaming setup that cannot run, in one line."""
+def check_stream(stream: kv_cache.Stream, max_seq_len: int | None, cfg=None) -> None:
+  """Refuses a streaming setup that cannot run (for the model `cfg`, when given), in one line."""
+  if cfg is not None and (cfg.global_every or cfg.attn_logit_soft_cap):
+    raise ValueError("streaming generation (sink_tokens / stream_window) does not support "
+                     "models with local and global layers or soft-capped attention yet")
   if stream.window < 1 or stream.sinks < 0:
     raise ValueError(f"stream_window={stream.window} must be >= 1 and sink_tokens="
                      f"{stream.sinks} >= 0")
@@ -269,7 +272,7 @@ def _generate_requests(graphdef, params, prompts, sampling_params, *, eos_id, ma
                        cache, page_size, prefill_chunk, cache_dtype, mesh, stream):
   cfg = model_config(graphdef, params)
   if stream is not None:
-    check_stream(stream, max_seq_len)
+    check_stream(stream, max_seq_len, cfg)
     if cache != "contiguous":  # the engine streams through pages (`EngineConfig.stream_window`)
       raise ValueError("streaming generation (sink_tokens / stream_window) needs the "
                        "contiguous cache")

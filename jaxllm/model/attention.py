@@ -197,7 +197,7 @@ class Attention(nnx.Module):
     them until the ring overwrites it). Paged (`page_table_BM`): each sequence's S = M * P
     slots are those of its M pages, read back as one contiguous view.
     """
-    if self.global_every or self.soft_cap:
+    if self.global_every or self.soft_cap:  # callers check first (`generate.check_stream`)
       raise ValueError("streaming generation (sink_tokens / stream_window) does not support "
                        "models with local and global layers or soft-capped attention yet")
     B, T, _ = x_BTD.shape
