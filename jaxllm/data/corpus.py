@@ -101,6 +101,14 @@ def _jsonl_docs(path: str) -> list[DocRef]:
   return docs
 
 
+def file_documents(path: str) -> list[DocRef]:
+  """The documents of one file: each record of a .jsonl file, or the whole text file (none if
+  it is empty). Raises CorpusError for malformed JSONL and OSError for unreadable files."""
+  if path.endswith(".jsonl"):
+    return _jsonl_docs(path)
+  return [DocRef(path)] if os.path.getsize(path) > 0 else []
+
+
 def _is_held_out(path: str, root: str, eval_fraction: float) -> bool:
   key = os.path.relpath(path, root).replace(os.sep, "/")
   return zlib.crc32(key.encode()) % 10_000 < eval_fraction * 10_000
@@ -117,10 +125,7 @@ def build_corpus(paths: tuple[str, ...] | list[str], eval_fraction: float) -> Co
   train, held_out, readable = [], [], []
   for path in files:
     try:
-      if path.endswith(".jsonl"):
-        docs = _jsonl_docs(path)
-      else:
-        docs = [DocRef(path)] if os.path.getsize(path) > 0 else []
+      docs = file_documents(path)
     except OSError as e:
       raise CorpusError(f"cannot read {path}: {e.strerror}") from None
     if docs:

@@ -1,0 +1,88 @@
+"""`python -m jaxllm.data prepare --src=GLOBS_OR_JSONL --out=DIR [options]`
+
+Deduplicates (exact and MinHash near duplicates) and filters (Gopher's heuristics) text files
+and JSONL into sharded JSONL that `--config.data.paths=DIR` trains on, plus `DIR/report.json`
+(`jaxllm.data.prepare`). `--dedup=none` and `--filters=none` turn either off.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+
+from jaxllm.cli import common
+
+_SRC = flags.DEFINE_list("src", None, "Text files (.txt, .py, .md: one document each) and "
+                         ".jsonl files (one document per line, field 'text'): paths, "
+                         "directories or globs; `stdlib`: the Python standard library (the "
+                         "training default's corpus).")
+_OUT = flags.DEFINE_string("out", None, "Output directory (shards and report.json).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a complete earlier output.")
+_DEDUP = flags.DEFINE_list("dedup", ["exact", "minhash"], "exact, minhash, or none.")
+_MINHASH_THRESHOLD = flags.DEFINE_float(
+    "minhash_threshold", 0.8, "Estimated Jaccard similarity of word n-gram sets at or above "
+    "which a document is a near duplicate of a kept one.")
+_MINHASH_NGRAM = flags.DEFINE_integer("minhash_ngram", 5, "Words per n-gram (shingle).")
+_MINHASH_PERM = flags.DEFINE_integer("minhash_perm", 128, "MinHash permutations.")
+_FILTERS = flags.DEFINE_list("filters", ["length", "mean_word_length", "symbols", "alpha",
+                                         "repetition"],
+                             "Quality filters (Gopher), applied in this order, or none.")
+_MIN_WORDS = flags.DEFINE_integer("min_words", 50, "length: fewest words.")
+_MAX_WORDS = flags.DEFINE_integer("max_words", 100_000, "length: most words.")
+_MIN_MEAN = flags.DEFINE_float("min_mean_word_length", 3.0, "mean_word_length: lower bound.")
+_MAX_MEAN = flags.DEFINE_float("max_mean_word_length", 10.0, "mean_word_length: upper bound.")
+_MAX_SYMBOLS = flags.DEFINE_float("max_symbol_ratio", 0.1,
+                                  "symbols: most ('#' + '...') per word.")
+_MIN_ALPHA = flags.DEFINE_float("min_alpha_words", 0.8,
+                                "alpha: least share of words with a letter.")
+_MAX_DUP_LINES = flags.DEFINE_float("max_duplicate_lines", 0.3,
+                                    "repetition: most share of lines repeating an earlier one.")
+_MAX_TOP_NGRAM = flags.DEFINE_list(
+    "max_top_ngram_fractions", ["0.20", "0.18", "0.16"],
+    "repetition: most share of word characters in the most frequent 2-, 3- and 4-gram.")
+_DOCS_PER_SHARD = flags.DEFINE_integer("docs_per_shard", 10_000, "Documents per output shard.")
+_WORKERS = flags.DEFINE_integer("workers", 1, "Processes computing signatures and filters.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+flags.mark_flags_as_required(["src", "out"])
+
+
+def _methods(values: list[str]) -> tuple[str, ...]:
+  return () if values == ["none"] else tuple(values)
+
+
+@common.one_line_errors
+def main(argv):
+  if len(argv) != 2 or argv[1] != "prepare":
+    raise app.UsageError("usage: python -m jaxllm.data prepare --src=... --out=DIR")
+  from jaxllm.data import curate, prepare
+  try:
+    fractions = tuple(float(x) for x in _MAX_TOP_NGRAM.value)
+  except ValueError:
+    raise common.CommandError(f"--max_top_ngram_fractions={','.join(_MAX_TOP_NGRAM.value)} "
+                              "takes three numbers") from None
+  if len(fractions) != 3:
+    raise common.CommandError("--max_top_ngram_fractions takes three numbers (2-, 3-, 4-grams)")
+  thresholds = curate.Thresholds(
+      min_words=_MIN_WORDS.value, max_words=_MAX_WORDS.value,
+      min_mean_word_length=_MIN_MEAN.value, max_mean_word_length=_MAX_MEAN.value,
+      max_symbol_ratio=_MAX_SYMBOLS.value, min_alpha_words=_MIN_ALPHA.value,
+      max_duplicate_lines=_MAX_DUP_LINES.value, max_top_ngram_fractions=fractions)
+  settings = prepare.Settings(
+      dedup=_methods(_DEDUP.value), filters=_methods(_FILTERS.value), thresholds=thresholds,
+      minhash_threshold=_MINHASH_THRESHOLD.value, minhash_ngram=_MINHASH_NGRAM.value,
+      minhash_perm=_MINHASH_PERM.value, docs_per_shard=_DOCS_PER_SHARD.value,
+      workers=_WORKERS.value)
+  try:
+    report = prepare.prepare(_SRC.value, _OUT.value, settings, overwrite=_OVERWRITE.value,
+                             progress=_PROGRESS.value)
+  except prepare.PrepareError as e:
+    raise common.CommandError(str(e)) from None
+  summary = {k: report[k] for k in ("docs_in", "docs_out", "exact_duplicates",
+                                    "near_duplicates", "removed_by_filter", "docs_per_s",
+                                    "mb_per_s")}
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=common.parse_flags)
