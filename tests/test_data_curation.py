@@ -115,8 +115,16 @@ def test_output_is_a_corpus_and_an_interrupted_run_restarts_clean(tmp_path):
     (src / f"{i}.txt").write_text(" ".join(_words(rng, 60)))
   (src / "copy.txt").write_text((src / "3.txt").read_text())
   out = tmp_path / "out"
-  # What a killed run leaves: staged shards and a shard moved into OUT, no report.
+  # A directory that is not ours is refused and left alone.
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  (foreign / "shard-00000-of-00001.jsonl").write_text("mine\n")
+  with pytest.raises(prepare.PrepareError, match="not written by prepare"):
+    prepare.prepare([str(src)], str(foreign), progress=False)
+  assert os.listdir(foreign) == ["shard-00000-of-00001.jsonl"]
+  # What a killed run leaves: its marker, staged shards and a shard moved into OUT, no report.
   (out / ".incomplete").mkdir(parents=True)
+  (out / ".prepare-running").write_text("")
   (out / ".incomplete" / "shard-00000-of-00009.jsonl").write_text("{}\n")
   (out / "shard-00003-of-00009.jsonl").write_text('{"text": "stale"}\n')
   settings = prepare.Settings(filters=(), docs_per_shard=5)

@@ -10,9 +10,10 @@ Three passes over the documents, in input order:
   3. the kept documents are read again and written as `shard-NNNNN-of-MMMMM.jsonl` records
      `{"text", "source"}`, which `data.paths` reads like any JSONL corpus.
 The shards are written under `OUT/.incomplete/` and moved into OUT only when all are written;
-`report.json`, written last, marks OUT complete. A run that finds an incomplete OUT (a
-`.incomplete/` directory, or shards without a report) deletes what that run left and starts
-again; a complete OUT is refused unless `overwrite`.
+`report.json`, written last, marks OUT complete; `.prepare-running`, present from a run's start
+until then, marks it as ours. A run that finds an interrupted one's OUT deletes what it left
+(staged and moved shards) and starts again; a complete OUT is refused unless `overwrite`, and
+any other non-empty directory is refused untouched.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from jaxllm.data import curate
 
 REPORT = "report.json"
 _INCOMPLETE = ".incomplete"
+_RUNNING = ".prepare-running"  # present from a run's start until its report is written
 DEDUP_METHODS = ("exact", "minhash")
 
 
@@ -107,15 +109,22 @@ def _name(ref: corpus_lib.DocRef, root: str) -> str:
 
 def _clean_output(out: str, overwrite: bool) -> None:
   """Makes OUT ready for a fresh run: refuses a complete one unless `overwrite`, deletes what an
-  interrupted run left."""
+  interrupted run of ours left (it is marked by `_RUNNING`), and refuses any other non-empty
+  directory, whose files are not ours to delete."""
   if os.path.exists(out) and not os.path.isdir(out):
     raise PrepareError(f"--out={out} exists and is not a directory")
   os.makedirs(out, exist_ok=True)
+  ours = os.path.exists(os.path.join(out, REPORT)) or os.path.exists(os.path.join(out, _RUNNING))
+  if os.path.exists(os.path.join(out, REPORT)) and not overwrite:
+    raise PrepareError(f"--out={out} already holds a prepared corpus ({REPORT}); pass "
+                       "--overwrite to replace it")
+  if not ours and os.listdir(out):
+    raise PrepareError(f"--out={out} is not empty and was not written by prepare (nothing "
+                       "deleted)")
+  with open(os.path.join(out, _RUNNING), "w"):
+    pass  # from here on OUT is incomplete, and ours to clean
   if os.path.exists(os.path.join(out, REPORT)):
-    if not overwrite:
-      raise PrepareError(f"--out={out} already holds a prepared corpus ({REPORT}); pass "
-                         "--overwrite to replace it")
-    os.remove(os.path.join(out, REPORT))  # first: OUT is incomplete from here on
+    os.remove(os.path.join(out, REPORT))
   shutil.rmtree(os.path.join(out, _INCOMPLETE), ignore_errors=True)
   for name in os.listdir(out):
     if name.startswith("shard-") and name.endswith(".jsonl"):
@@ -197,6 +206,7 @@ def prepare(sources: Iterable[str], out: str, settings: Settings = Settings(), *
   with open(tmp, "w") as f:
     json.dump(report, f, indent=2)
   os.replace(tmp, os.path.join(out, REPORT))
+  os.remove(os.path.join(out, _RUNNING))
   return report
 
 
