@@ -77,6 +77,16 @@ def _train(cfg, devices):
   return state, losses
 
 
+def _assert_trains_alike(state, losses, want_state, want_losses):
+  """Losses and every parameter (relative norm of the difference) within 1e-5 of the
+  reference run."""
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+  want = dict(jax.tree_util.tree_leaves_with_path(jax.device_get(want_state["params"])))
+  for path, got in jax.tree_util.tree_leaves_with_path(jax.device_get(state["params"])):
+    rel = np.linalg.norm(got - want[path]) / np.linalg.norm(want[path])
+    assert rel <= 1e-5, (jax.tree_util.keystr(path), rel)
+
+
 @pytest.fixture(scope="module")
 def single_device():
   return _train(_config({"data": 1}), jax.devices()[:1])
@@ -100,14 +110,7 @@ def test_sharded_training_equals_single_device(name, single_device):
   train = dict(context_parallel="ring") if name in RING else {}
   state, losses = _train(_config(mesh, chunks=2 if name in CIRCULAR else 1, **train),
                          jax.devices()[:n])
-  want_state, want_losses = single_device
-  np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
-  flat = jax.tree_util.tree_leaves_with_path(jax.device_get(state["params"]))
-  want = dict(jax.tree_util.tree_leaves_with_path(jax.device_get(want_state["params"])))
-  for path, got in flat:
-    ref = want[path]
-    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
-    assert rel <= 1e-5, (jax.tree_util.keystr(path), rel)
+  _assert_trains_alike(state, losses, *single_device)
 
 
 def test_ring_flash_training_equals_single_device():
@@ -123,11 +126,7 @@ def test_ring_flash_training_equals_single_device():
   want_state, want_losses = _train(config({}, "xla"), jax.devices()[:1])
   state, losses = _train(config(dict(data=2, context=2, tensor=2), "pallas",
                                 context_parallel="ring"), jax.devices())
-  np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
-  want = dict(jax.tree_util.tree_leaves_with_path(jax.device_get(want_state["params"])))
-  for path, got in jax.tree_util.tree_leaves_with_path(jax.device_get(state["params"])):
-    rel = np.linalg.norm(got - want[path]) / np.linalg.norm(want[path])
-    assert rel <= 1e-5, (jax.tree_util.keystr(path), rel)
+  _assert_trains_alike(state, losses, want_state, want_losses)
 
 
 FAMILY_VARIANTS = {
@@ -162,11 +161,7 @@ def test_family_variants_train_under_a_mesh_like_one_device(variant, mesh):
   want_state, want_losses = _train(config({}), jax.devices()[:1])
   ring = dict(context_parallel="ring") if "context" in mesh else {}
   state, losses = _train(config(mesh, **ring), jax.devices())
-  np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
-  want = dict(jax.tree_util.tree_leaves_with_path(jax.device_get(want_state["params"])))
-  for path, got in jax.tree_util.tree_leaves_with_path(jax.device_get(state["params"])):
-    rel = np.linalg.norm(got - want[path]) / np.linalg.norm(want[path])
-    assert rel <= 1e-5, (jax.tree_util.keystr(path), rel)
+  _assert_trains_alike(state, losses, want_state, want_losses)
 
 
 def _device0_fraction(tree):

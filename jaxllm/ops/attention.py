@@ -208,8 +208,9 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
   platform = backends.target_platform()
   impl = resolve_impl(impl, Dh, platform)
   gpu_fits = P >= 16 and not P & (P - 1)
-  if impl == "pallas" and not logit_soft_cap and ((platform == "gpu" and gpu_fits) or (platform == "tpu" and P % 8 == 0)
-                           or (platform == "cpu" and gpu_fits)):
+  kernel_fits = (platform == "gpu" and gpu_fits) or (platform == "tpu" and P % 8 == 0) or (
+      platform == "cpu" and gpu_fits)
+  if impl == "pallas" and not logit_soft_cap and kernel_fits:
     return _pallas_paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales,
                                    v_scales, sliding_window, alibi_slopes,
                                    interpret=platform == "cpu")

@@ -23,8 +23,9 @@ __all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "METRICS_FILE", "TB_DIR", "TOKENIZER
 # Model keys that change parameter shapes or meaning; train.* may change between runs.
 _SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
                "tie_embeddings", "param_dtype", "qkv_bias", "qk_norm", "qk_norm_over_heads",
-               "norm_placement", "norm_offset", "embed_scale", "mlp_activation", "n_experts", "moe_d_ff", "n_shared_experts", "shared_expert_gate",
-               "first_dense_layers", "moe_every")
+               "norm_placement", "norm_offset", "embed_scale", "mlp_activation", "n_experts",
+               "moe_d_ff", "n_shared_experts", "shared_expert_gate", "first_dense_layers",
+               "moe_every")
 
 
 
