@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxllm.checkpoint import layouts
+from jaxllm.checkpoint import hf_format, layouts
 from jaxllm.checkpoint.errors import UnsupportedCheckpoint
 from jaxllm.config import ModelConfig
 
@@ -139,8 +139,7 @@ class GGUFFile:
     window = int(self._arch("attention.sliding_window", 4096 if arch == "gemma2" else 0) or 0)
     pattern = GEMMA_PATTERNS[arch]
     every = pattern if window and n_layers >= pattern else 0
-    out = dict(norm_placement="sandwich", norm_offset=1.0, embed_scale=True,
-               mlp_activation="gelu_tanh", qk_norm=arch == "gemma3", global_every=every,
+    out = dict(hf_format.GEMMA_BLOCK, qk_norm=arch == "gemma3", global_every=every,
                sliding_window=window,
                query_pre_attn_scalar=float(gemma_softmax_scalar(arch, n_layers, d_model,
                                                                 n_heads, head_dim)),

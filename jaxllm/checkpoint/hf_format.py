@@ -26,6 +26,10 @@ from jaxllm.model import positions
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2",
                          "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe")
 GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
+# The block every Gemma 2/3 checkpoint has (Hugging Face's or GGUF's): sandwich norms scaling by
+# (1 + w), embeddings times sqrt(d), GeGLU.
+GEMMA_BLOCK = dict(norm_placement="sandwich", norm_offset=1.0, embed_scale=True,
+                   mlp_activation="gelu_tanh")
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 # Families whose checkpoints hold a model that another family's layout holds too: the export
 # writes them only when asked (`hf_config(..., model_type=)`), Llama otherwise.
@@ -141,8 +145,7 @@ def _gemma_config(hf, window, local_rope, rope, where) -> tuple[int, dict[str, A
   if every and (every == 1 or not window):
     every, window = 0, 0  # every layer global
   keys: dict[str, Any] = dict(
-      norm_placement="sandwich", norm_offset=1.0, embed_scale=True, mlp_activation="gelu_tanh",
-      query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 0),
+      GEMMA_BLOCK, query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 0),
       final_logit_soft_cap=float(hf.get("final_logit_softcapping") or 0),
       attn_logit_soft_cap=float(hf.get("attn_logit_softcapping") or 0),
       qk_norm=hf.get("model_type") == "gemma3_text", global_every=every)
@@ -239,8 +242,7 @@ def model_type_for(cfg: ModelConfig, prefer: str | None = None) -> str:
                                 "(export --format=orbax instead)")
   if cfg.position_encoding != "rope":
     refuse(f"position_encoding={cfg.position_encoding} (these families' are RoPE)")
-  gemma = (cfg.norm_placement == "sandwich", cfg.norm_offset == 1.0, cfg.embed_scale,
-           cfg.mlp_activation == "gelu_tanh")
+  gemma = [getattr(cfg, key) == value for key, value in GEMMA_BLOCK.items()]
   if any(gemma):
     if not all(gemma) or cfg.qkv_bias or cfg.qk_norm_over_heads or cfg.n_experts:
       refuse("Gemma has sandwich norms of (1 + w), embeddings times sqrt(d) and GeGLU, all "
