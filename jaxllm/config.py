@@ -30,6 +30,8 @@ ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
 ROUTERS = ("softmax", "sigmoid")
 MOE_IMPLS = ("auto", "xla", "tiled", "pallas")
 CONTEXT_PARALLEL = ("all_gather", "ring")
+PACKINGS = ("concat", "best_fit")
+DATA_ORDERS = ("shuffle", "difficulty")
 NORM_PLACEMENTS = ("pre", "post", "sandwich")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 
@@ -146,6 +148,24 @@ class DataConfig:
   tokenizer: str = ""
   tokenizer_max_sentences: int = 300_000
   seed: int = 0
+  # Named sources for a mixture, `name=path_or_glob` entries (a name may repeat to add paths;
+  # `name=stdlib` is the standard library), used instead of `paths`; each is split into train
+  # and held-out files by itself.
+  sources: tuple[str, ...] = ()
+  # Weights of the sources, `name:weight,...` (normalised; empty: equal weights): the share of
+  # packed training rows each source fills (`jaxllm.data.pipeline`).
+  mixture: str = ""
+  # Held-out files given explicitly (paths, directories, globs): evaluation reads these, and
+  # training reads every other file of `paths`/`sources` (no split by hash).
+  eval_paths: tuple[str, ...] = ()
+  # "concat": concatenate documents and split them into rows (no padding, documents cut at row
+  # ends); "best_fit": best-fit bin packing of whole documents into rows, padding the rest (a
+  # document longer than a row is first cut into row-sized pieces).
+  packing: str = "concat"
+  packing_bins: int = 64  # best_fit: rows filled at once (more: less padding)
+  # "shuffle": documents in a random order each epoch; "difficulty": easiest first, by the
+  # "difficulty" field `python -m jaxllm.data score` writes (a reference model's loss).
+  order: str = "shuffle"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +202,66 @@ class TrainConfig:
   # each device; "ring" passes them around the context ring, with the sequence reordered so that
   # causal masking leaves every device the same work.
   context_parallel: str = "all_gather"
+  # Sequence-length warm-up, `length:until_step,...` (e.g. "64:100,128:300"): before step 100
+  # each row of seq_len tokens is trained as seq_len/64 rows of 64 (attention within each),
+  # then 128 until step 300, then seq_len. Tokens per step and the data stream are unchanged.
+  seq_len_schedule: str = ""
+
+
+def parse_seq_len_schedule(spec: str) -> tuple[tuple[int, int], ...]:
+  """`"64:100,128:300"` -> ((64, 100), (128, 300)); raises ConfigError on a malformed entry."""
+  stages = []
+  for entry in (e.strip() for e in spec.split(",") if e.strip()):
+    try:
+      length, until = (int(x) for x in entry.split(":"))
+    except ValueError:
+      raise ConfigError(f"train.seq_len_schedule entry {entry!r} is not length:until_step "
+                        "(two integers)") from None
+    stages.append((length, until))
+  return tuple(stages)
+
+
+def seq_len_at(schedule: tuple[tuple[int, int], ...], seq_len: int, step: int) -> int:
+  """The row length step `step` (1-based) trains at."""
+  for length, until in schedule:
+    if step < until:
+      return length
+  return seq_len
+
+
+def parse_mixture(spec: str) -> dict[str, float]:
+  """`"code:0.7,docs:0.3"` -> {"code": 0.7, "docs": 0.3}; raises ConfigError if malformed."""
+  weights = {}
+  for entry in (e.strip() for e in spec.split(",") if e.strip()):
+    name, sep, value = entry.rpartition(":")
+    try:
+      weight = float(value)
+    except ValueError:
+      weight = float("nan")
+    if not sep or not name or not weight > 0 or name in weights:
+      raise ConfigError(f"data.mixture entry {entry!r} is not name:weight with a positive "
+                        "weight and a name used once")
+    weights[name] = weight
+  return weights
+
+
+def parse_sources(entries: tuple[str, ...]) -> dict[str, list[str]]:
+  """`("code=a/*.py", "docs=b", "code=c")` -> {"code": ["a/*.py", "c"], "docs": ["b"]}."""
+  sources: dict[str, list[str]] = {}
+  for entry in entries:
+    name, sep, path = entry.partition("=")
+    if not sep or not name.strip() or not path.strip():
+      raise ConfigError(f"data.sources entry {entry!r} is not name=path_or_glob")
+    sources.setdefault(name.strip(), []).append(path.strip())
+  return sources
+
+
+def mixture_weights(data: "DataConfig") -> dict[str, float]:
+  """The normalised weight of each named source (equal when data.mixture is empty)."""
+  names = list(parse_sources(data.sources))
+  weights = parse_mixture(data.mixture) or dict.fromkeys(names, 1.0)
+  total = sum(weights.values())
+  return {name: weights[name] / total for name in names}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,6 +490,8 @@ def validate(config: Config) -> None:
     raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in (0, 1)")
   if d.tokenizer_max_sentences <= 0:
     raise ConfigError("data.tokenizer_max_sentences must be positive")
+  _validate_data_mixing(d)
+  _validate_seq_len_schedule(t, mesh)
   for key in ("data", "fsdp", "tensor", "stage", "expert"):
     value = getattr(mesh, key)
     if value == 0 or value < -1:
@@ -429,6 +511,44 @@ def validate(config: Config) -> None:
   if t.seq_len % mesh.context:
     raise ConfigError(f"train.seq_len={t.seq_len} is not divisible by mesh.context="
                       f"{mesh.context}")
+
+
+def _validate_data_mixing(d: DataConfig) -> None:
+  if d.packing not in PACKINGS:
+    raise ConfigError(f"data.packing={d.packing!r} is not one of {', '.join(PACKINGS)}")
+  if d.packing_bins < 1:
+    raise ConfigError(f"data.packing_bins={d.packing_bins} must be positive")
+  if d.order not in DATA_ORDERS:
+    raise ConfigError(f"data.order={d.order!r} is not one of {', '.join(DATA_ORDERS)}")
+  sources = parse_sources(d.sources)
+  weights = parse_mixture(d.mixture)
+  if sources and d.paths:
+    raise ConfigError("data.paths and data.sources are exclusive: name every path as a source")
+  if weights and not sources:
+    raise ConfigError("data.mixture weighs named sources: set data.sources (name=path entries)")
+  if weights and set(weights) != set(sources):
+    missing = sorted(set(sources) - set(weights))
+    unknown = sorted(set(weights) - set(sources))
+    raise ConfigError(
+        "data.mixture must weigh every source of data.sources once"
+        + (f"; no weight for {', '.join(missing)}" if missing else "")
+        + (f"; no source named {', '.join(unknown)}" if unknown else ""))
+
+
+def _validate_seq_len_schedule(t: TrainConfig, mesh: MeshConfig) -> None:
+  previous_length, previous_until = 0, 0
+  for length, until in parse_seq_len_schedule(t.seq_len_schedule):
+    if length <= previous_length or until <= previous_until or length >= t.seq_len:
+      raise ConfigError(f"train.seq_len_schedule={t.seq_len_schedule!r}: lengths and steps "
+                        f"must increase, lengths below train.seq_len={t.seq_len}")
+    if t.seq_len % length:
+      raise ConfigError(f"train.seq_len_schedule length {length} does not divide "
+                        f"train.seq_len={t.seq_len}")
+    split = 2 * mesh.context if t.context_parallel == "ring" else mesh.context
+    if length % split:
+      raise ConfigError(f"train.seq_len_schedule length {length} is not divisible by the "
+                        f"{split} context-parallel chunks")
+    previous_length, previous_until = length, until
 
 
 def _validate_moe(m: ModelConfig) -> None:
@@ -534,6 +654,11 @@ def validate_for_devices(config: Config, num_devices: int,
   if config.mesh.sequence_parallel and (sizes["tensor"] < 2 or t.seq_len % sizes["tensor"]):
     raise ConfigError(f"mesh.sequence_parallel splits train.seq_len={t.seq_len} over "
                       f"mesh.tensor={sizes['tensor']}: it needs a tensor axis > 1 that divides it")
+  if config.mesh.sequence_parallel:
+    for length, _ in parse_seq_len_schedule(t.seq_len_schedule):
+      if length % sizes["tensor"]:
+        raise ConfigError(f"train.seq_len_schedule length {length} is not divisible by "
+                          f"mesh.tensor={sizes['tensor']} (mesh.sequence_parallel)")
   if (sizes["stage"] * sizes["data"]) % config.mesh.slices:
     raise ConfigError(f"mesh.slices={config.mesh.slices} must divide mesh.stage x mesh.data = "
                       f"{sizes['stage'] * sizes['data']}: only those axes may cross slices")

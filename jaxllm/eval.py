@@ -2,12 +2,17 @@
 [--kv_cache_dtype=int8] [--prefill_chunk=C]]`
 
 Per-token loss and perplexity of a model over text files (comma-separated paths, directories or
-globs). Long files are scored with a sliding window: windows of `max_len` tokens advance by
+globs; a .jsonl file's records are its documents, as in training). Long documents are scored with a sliding window: windows of `max_len` tokens advance by
 `stride`, and each token is scored once, in the first window where it has the most context
 that window allows. The last stdout line is one JSON object: {"loss", "ppl", "tokens", "files"}.
 Long windows (8k tokens and more) fit in memory with `--prefill_chunk`: each window then goes
 through the KV cache C tokens at a time, so attention holds `[C, max_len]` scores, not
 `[max_len, max_len]`.
+
+`--scores_out=DIR` also writes every document with its own loss as "difficulty" (its other
+JSONL fields kept) to sharded JSONL in DIR, the way `python -m jaxllm.data prepare` writes
+(staged, `report.json` last): training with `--config.data.order=difficulty` on DIR then
+visits documents easiest first (a curriculum by a reference model's loss).
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ _KV_CACHE = flags.DEFINE_enum("kv_cache_dtype", None, list(KV_CACHE_DTYPES),
 _PREFILL_CHUNK = flags.DEFINE_integer(
     "prefill_chunk", None, "Score each window through the KV cache this many tokens at a time "
     "(long contexts within memory; default: the whole window at once).", lower_bound=1)
+_SCORES_OUT = flags.DEFINE_string(
+    "scores_out", None, "Also write each document with its loss as 'difficulty' here "
+    "(sharded JSONL + report.json), for data.order=difficulty.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a complete earlier --scores_out.")
 _MESH = common.define_mesh_flag()
 flags.mark_flags_as_required(["checkpoint", "data"])
 
@@ -62,6 +71,17 @@ def evaluate(model, texts, *, max_len: int, stride: int, batch_size: int, progre
              kv_cache_dtype: str | None = None, prefill_chunk: int | None = None):
   """Sum of NLL and token count over `texts` with the sliding window (through a KV cache of
   `kv_cache_dtype` when given; `prefill_chunk` tokens at a time when given)."""
+  nll, tokens = score_texts(model, texts, max_len=max_len, stride=stride, batch_size=batch_size,
+                            progress=progress, kv_cache_dtype=kv_cache_dtype,
+                            prefill_chunk=prefill_chunk)
+  return float(nll.sum()), float(tokens.sum())
+
+
+def score_texts(model, texts, *, max_len: int, stride: int, batch_size: int,
+                progress: bool = True, kv_cache_dtype: str | None = None,
+                prefill_chunk: int | None = None):
+  """Per text of `texts`: (sum of NLL, scored tokens), float64 arrays `[len(texts)]`, scored as
+  `evaluate` describes."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -82,6 +102,12 @@ def evaluate(model, texts, *, max_len: int, stride: int, batch_size: int, progre
     return kv_cache.init_cache(cfg.n_layers, batch, width, cfg.n_kv_heads, cfg.head_dim,
                                cache_dtype)
 
+  def row_sums(logits_BTV, targets_BT, weights_BT):
+    """(NLL [B], weight [B]): the loss sums of each row on its own."""
+    one_row = lambda l, t, w: losses.cross_entropy_sums(l[None], t[None], w[None])
+    nll_B, _, w_B = jax.vmap(one_row)(logits_BTV, targets_BT, weights_BT)
+    return nll_B, w_B
+
   @jax.jit
   def score(params, tokens_BT, targets_BT, weights_BT):
     net = nnx.merge(model.graphdef, params)
@@ -89,14 +115,12 @@ def evaluate(model, texts, *, max_len: int, stride: int, batch_size: int, progre
       logits_BTV = net(tokens_BT)
     else:
       logits_BTV, _ = net.extend(tokens_BT, new_cache(tokens_BT.shape[0]))
-    nll, _, w = losses.cross_entropy_sums(logits_BTV, targets_BT, weights_BT)
-    return nll, w
+    return row_sums(logits_BTV, targets_BT, weights_BT)
 
   @functools.partial(jax.jit, donate_argnums=(1,))
   def score_chunk(params, cache, tokens_BC, targets_BC, weights_BC):
     logits_BCV, cache = nnx.merge(model.graphdef, params).extend(tokens_BC, cache)
-    nll, _, w = losses.cross_entropy_sums(logits_BCV, targets_BC, weights_BC)
-    return nll, w, cache
+    return (*row_sums(logits_BCV, targets_BC, weights_BC), cache)
 
   def score_window(params, tokens, targets, weights):
     if piece is None:
@@ -109,29 +133,30 @@ def evaluate(model, texts, *, max_len: int, stride: int, batch_size: int, progre
       nll, w = nll + n, w + c
     return nll, w
 
-  jobs = []
-  for text in texts:
+  jobs = []  # (text index, window tokens, score_from)
+  for t, text in enumerate(texts):
     ids = model.prompt_ids(text)
-    jobs.extend(windows(ids, max_len, stride))
-  total_nll, total_tokens = 0.0, 0.0
+    jobs.extend((t, *job) for job in windows(ids, max_len, stride))
+  text_nll, text_tokens = np.zeros(len(texts)), np.zeros(len(texts))
   bar = tqdm(total=len(jobs), desc="eval", unit="window", disable=not progress, file=sys.stderr)
   for start in range(0, len(jobs), batch_size):
     chunk = jobs[start:start + batch_size]
     tokens = np.zeros((batch_size, width), np.int32)
     targets = np.zeros((batch_size, width), np.int32)
     weights = np.zeros((batch_size, width), np.float32)
-    for row, (win, score_from) in enumerate(chunk):
+    for row, (_, win, score_from) in enumerate(chunk):
       n = len(win)
       tokens[row, :n] = win
       targets[row, :n - 1] = win[1:]
       weights[row, score_from:n - 1] = 1.0
     with placement.in_mesh(placement.mesh_of(model.params)):
-      nll, w = score_window(model.params, tokens, targets, weights)
-    total_nll += float(nll)
-    total_tokens += float(w)
+      nll_B, w_B = jax.device_get(score_window(model.params, tokens, targets, weights))
+    for row, (t, _, _) in enumerate(chunk):
+      text_nll[t] += float(nll_B[row])
+      text_tokens[t] += float(w_B[row])
     bar.update(len(chunk))
   bar.close()
-  return total_nll, total_tokens
+  return text_nll, text_tokens
 
 
 @common.one_line_errors
@@ -140,21 +165,58 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   common.initialize_distributed()
   import jaxllm
-  from jaxllm.data import corpus
+  from jaxllm.data import corpus, prepare
   files = corpus.expand_paths([p for p in _DATA.value.split(",") if p])
-  model = jaxllm.load(_CHECKPOINT.value, mesh=_MESH.value)
-  texts = [corpus.read_document(corpus.DocRef(f)) for f in files]
   stride = _STRIDE.value or max(1, _MAX_LEN.value // 2)
   if stride > _MAX_LEN.value - 1:
     raise common.CommandError(f"--stride={stride} must be below --max_len={_MAX_LEN.value}")
-  nll, tokens = evaluate(model, texts, max_len=_MAX_LEN.value, stride=stride,
-                         batch_size=_BATCH.value, progress=_PROGRESS.value,
-                         kv_cache_dtype=_KV_CACHE.value, prefill_chunk=_PREFILL_CHUNK.value)
+  docs = [d for f in files for d in corpus.file_documents(f)]
+  if _SCORES_OUT.value:
+    try:  # refuse a bad output directory before any scoring
+      prepare.open_output(_SCORES_OUT.value, _OVERWRITE.value)
+    except prepare.PrepareError as e:
+      raise common.CommandError(str(e).replace("--out=", "--scores_out=")) from None
+  model = jaxllm.load(_CHECKPOINT.value, mesh=_MESH.value)
+  texts = [corpus.read_document(d) for d in docs]
+  doc_nll, doc_tokens = score_texts(
+      model, texts, max_len=_MAX_LEN.value, stride=stride, batch_size=_BATCH.value,
+      progress=_PROGRESS.value, kv_cache_dtype=_KV_CACHE.value,
+      prefill_chunk=_PREFILL_CHUNK.value)
+  nll, tokens = float(doc_nll.sum()), float(doc_tokens.sum())
   if tokens == 0:
     raise common.CommandError("no tokens to score (empty files?)")
   loss = nll / tokens
-  print(json.dumps({"loss": loss, "ppl": math.exp(loss), "tokens": int(tokens),
-                    "files": len(files)}))
+  summary = {"loss": loss, "ppl": math.exp(loss), "tokens": int(tokens), "files": len(files)}
+  if _SCORES_OUT.value:
+    write_scores(_SCORES_OUT.value, docs, texts, doc_nll, doc_tokens,
+                 {**summary, "checkpoint": _CHECKPOINT.value}, progress=_PROGRESS.value)
+  print(json.dumps(summary))
+
+
+def write_scores(out: str, docs, texts, doc_nll, doc_tokens, report: dict, *,
+                 progress: bool = True) -> None:
+  """Writes each document (`corpus.DocRef`, its text) with its mean NLL as "difficulty" (0 for
+  one too short to score) to OUT, made ready by `prepare.open_output`; `report` goes into
+  OUT/report.json with the difficulty quantiles."""
+  import numpy as np
+
+  from jaxllm.data import prepare
+  difficulty = doc_nll / np.maximum(doc_tokens, 1)
+
+  def records():
+    for doc, text, d in zip(docs, texts, difficulty):
+      fields = {"source": doc.path}
+      if doc.jsonl_offset >= 0:
+        with open(doc.path, "rb") as f:
+          f.seek(doc.jsonl_offset)
+          record = json.loads(f.readline())
+        fields = record if isinstance(record, dict) else {}
+      yield {**fields, "text": text, "difficulty": round(float(d), 5)}
+
+  prepare.write_shards(out, records(), len(docs), 10_000, progress)
+  quantiles = np.quantile(difficulty, [0.0, 0.1, 0.5, 0.9, 1.0]).round(4).tolist()
+  prepare.finish_output(out, {**report, "docs": len(docs),
+                              "difficulty_quantiles_0_10_50_90_100": quantiles})
 
 
 if __name__ == "__main__":

@@ -49,6 +49,17 @@ def test_default_experiment_is_valid():
     ("mesh", dict(context=3), "is not divisible by mesh.context=3"),
     ("mesh", dict(context=0), "mesh.context=0 must be a positive device count"),
     ("data", dict(eval_fraction=1.5), "data.eval_fraction=1.5"),
+    ("data", dict(mixture="code:1"), "data.mixture weighs named sources: set data.sources"),
+    ("data", dict(sources="code=a,docs=b", mixture="code:0.7,web:0.3"),
+     "no weight for docs; no source named web"),
+    ("data", dict(sources="code=a", mixture="code:-1"), "data.mixture entry 'code:-1' is not"),
+    ("data", dict(sources="code"), "data.sources entry 'code' is not name=path_or_glob"),
+    ("data", dict(sources="code=a", paths="b"), "data.paths and data.sources are exclusive"),
+    ("data", dict(packing="tight"), "data.packing='tight' is not one of concat, best_fit"),
+    ("data", dict(order="random"), "data.order='random' is not one of shuffle, difficulty"),
+    ("train", dict(seq_len_schedule="8:10,16"), "entry '16' is not length:until_step"),
+    ("train", dict(seq_len_schedule="12:10"), "length 12 does not divide train.seq_len=32"),
+    ("train", dict(seq_len_schedule="16:10,8:20"), "lengths and steps must increase"),
 ])
 def test_invalid_values_name_the_key(section, values, fragment):
   with pytest.raises(config_lib.ConfigError, match=None) as info:

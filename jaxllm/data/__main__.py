@@ -1,8 +1,13 @@
 """`python -m jaxllm.data prepare --src=GLOBS_OR_JSONL --out=DIR [options]`
+`python -m jaxllm.data packing --src=GLOBS_OR_JSONL --tokenizer=MODEL [--seq_len=256,1024]`
 
-Deduplicates (exact and MinHash near duplicates) and filters (Gopher's heuristics) text files
-and JSONL into sharded JSONL that `--config.data.paths=DIR` trains on, plus `DIR/report.json`
-(`jaxllm.data.prepare`). `--dedup=none` and `--filters=none` turn either off.
+prepare: deduplicates (exact and MinHash near duplicates) and filters (Gopher's heuristics) text
+files and JSONL into sharded JSONL that `--config.data.paths=DIR` trains on, plus
+`DIR/report.json` (`jaxllm.data.prepare`). `--dedup=none` and `--filters=none` turn either off.
+
+packing: packs the documents once in corpus order with each of `data.packing`'s modes and prints
+one JSON line per mode and row length: rows, the padding fraction and the cuts made into
+documents (`jaxllm.data.pipeline.packing_stats`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,12 @@ _SRC = flags.DEFINE_list("src", None, "Text files (.txt, .py, .md: one document 
                          ".jsonl files (one document per line, field 'text'): paths, "
                          "directories or globs; `stdlib`: the Python standard library (the "
                          "training default's corpus).")
-_OUT = flags.DEFINE_string("out", None, "Output directory (shards and report.json).")
+_OUT = flags.DEFINE_string("out", None, "prepare: output directory (shards and report.json).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "packing: a sentencepiece model (e.g. a "
+                                 "training workdir's tokenizer.model).")
+_SEQ_LEN = flags.DEFINE_list("seq_len", ["256"], "packing: row lengths to pack to.")
+_PACKING_BINS = flags.DEFINE_integer("packing_bins", 64, "packing: best_fit rows filled at once "
+                                     "(data.packing_bins).", lower_bound=1)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a complete earlier output.")
 _DEDUP = flags.DEFINE_list("dedup", ["exact", "minhash"], "exact, minhash, or none.")
 _MINHASH_THRESHOLD = flags.DEFINE_float(
@@ -44,7 +54,9 @@ _MAX_TOP_NGRAM = flags.DEFINE_list(
 _DOCS_PER_SHARD = flags.DEFINE_integer("docs_per_shard", 10_000, "Documents per output shard.")
 _WORKERS = flags.DEFINE_integer("workers", 1, "Processes computing signatures and filters.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
-flags.mark_flags_as_required(["src", "out"])
+flags.mark_flags_as_required(["src"])
+_USAGE = ("usage: python -m jaxllm.data prepare --src=... --out=DIR | "
+          "python -m jaxllm.data packing --src=... --tokenizer=MODEL")
 
 
 def _methods(values: list[str]) -> tuple[str, ...]:
@@ -53,8 +65,13 @@ def _methods(values: list[str]) -> tuple[str, ...]:
 
 @common.one_line_errors
 def main(argv):
-  if len(argv) != 2 or argv[1] != "prepare":
-    raise app.UsageError("usage: python -m jaxllm.data prepare --src=... --out=DIR")
+  if len(argv) != 2 or argv[1] not in ("prepare", "packing"):
+    raise app.UsageError(_USAGE)
+  if argv[1] == "packing":
+    _packing()
+    return
+  if not _OUT.value:
+    raise app.UsageError("prepare needs --out=DIR")
   from jaxllm.data import curate, prepare
   try:
     fractions = tuple(float(x) for x in _MAX_TOP_NGRAM.value)
@@ -82,6 +99,31 @@ def main(argv):
                                     "near_duplicates", "removed_by_filter", "docs_per_s",
                                     "mb_per_s")}
   print(json.dumps(summary))
+
+
+def _packing() -> None:
+  from jaxllm.config import PACKINGS
+  from jaxllm.data import pipeline, prepare, tokenizer
+  if not _TOKENIZER.value:
+    raise app.UsageError("packing needs --tokenizer=MODEL (a sentencepiece model)")
+  try:
+    lengths = [int(x) for x in _SEQ_LEN.value]
+  except ValueError:
+    raise common.CommandError(f"--seq_len={','.join(_SEQ_LEN.value)} takes integers") from None
+  try:
+    docs = prepare.list_documents(_SRC.value)
+  except prepare.PrepareError as e:
+    raise common.CommandError(str(e)) from None
+  try:
+    tok = tokenizer.SentencePieceTokenizer(_TOKENIZER.value)
+  except (OSError, RuntimeError) as e:
+    raise common.CommandError(f"--tokenizer={_TOKENIZER.value} cannot be loaded: {e}") from None
+  for seq_len in lengths:
+    for packing in PACKINGS:
+      stats = pipeline.packing_stats(docs, tok, seq_len=seq_len, packing=packing,
+                                     packing_bins=_PACKING_BINS.value)
+      extra = {"packing_bins": _PACKING_BINS.value} if packing == "best_fit" else {}
+      print(json.dumps({**stats, **extra}), flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ path, without test suites and site-packages). User corpora are `.txt`/`.py`/`.md
 document each) and `.jsonl` files (one document per line, in its "text" field), given as paths,
 directories or globs. The held-out split is by file, decided by a hash of the file's path, so it
 is stable across runs and machines; a corpus too small to split by file is split inside each
-document instead (its last lines are held out).
+document instead (its last lines are held out); `eval_paths` names held-out files instead. A
+mixture (`build_mixture`) is several named corpora, each with its weight.
 """
 
 from __future__ import annotations
@@ -33,12 +34,22 @@ class DocRef:
   jsonl_offset: int = -1  # byte offset of the line in a .jsonl file, -1 for text files
   line_start: int = 0  # [line_start, line_end) of a text file, line_end -1 = to the end
   line_end: int = -1
+  # A JSONL record's "difficulty" (a reference model's loss: `jaxllm.eval --scores_out`).
+  difficulty: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
   train: tuple[DocRef, ...]
   eval: tuple[DocRef, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One named source of a mixture: its training documents and its normalised weight."""
+  name: str
+  weight: float
+  train: tuple[DocRef, ...]
 
 
 def stdlib_files() -> list[str]:
@@ -96,7 +107,11 @@ def _jsonl_docs(path: str) -> list[DocRef]:
           raise CorpusError(f"{path}:{number}: not valid JSON ({e.msg})") from None
         if isinstance(record, dict) and not isinstance(record.get("text"), str):
           raise CorpusError(f"{path}:{number}: JSON object has no string field 'text'")
-        docs.append(DocRef(path, jsonl_offset=offset))
+        difficulty = record.get("difficulty") if isinstance(record, dict) else None
+        if difficulty is not None and not isinstance(difficulty, (int, float)):
+          raise CorpusError(f"{path}:{number}: field 'difficulty' is not a number")
+        docs.append(DocRef(path, jsonl_offset=offset,
+                           difficulty=None if difficulty is None else float(difficulty)))
       offset += len(line)
   return docs
 
@@ -114,15 +129,17 @@ def _is_held_out(path: str, root: str, eval_fraction: float) -> bool:
   return zlib.crc32(key.encode()) % 10_000 < eval_fraction * 10_000
 
 
-def build_corpus(paths: tuple[str, ...] | list[str], eval_fraction: float) -> Corpus:
-  """Finds the documents and splits them into train and held-out sets."""
-  if paths:
+def _files(paths) -> tuple[list[str], str]:
+  """The files of `paths` (empty or "stdlib": the standard library) and the root their held-out
+  hash is taken relative to."""
+  if paths and list(paths) != ["stdlib"]:
     files = expand_paths(paths)
-    root = os.path.commonpath([os.path.abspath(f) for f in files]) if files else ""
-  else:
-    files = stdlib_files()
-    root = sysconfig.get_paths()["stdlib"]
-  train, held_out, readable = [], [], []
+    return files, os.path.commonpath([os.path.abspath(f) for f in files]) if files else ""
+  return stdlib_files(), sysconfig.get_paths()["stdlib"]
+
+
+def _readable(files: list[str]) -> list[tuple[str, list[DocRef]]]:
+  readable = []
   for path in files:
     try:
       docs = file_documents(path)
@@ -130,13 +147,57 @@ def build_corpus(paths: tuple[str, ...] | list[str], eval_fraction: float) -> Co
       raise CorpusError(f"cannot read {path}: {e.strerror}") from None
     if docs:
       readable.append((path, docs))
-      (held_out if _is_held_out(os.path.abspath(path), root, eval_fraction) else train).extend(docs)
+  return readable
+
+
+def build_corpus(paths: tuple[str, ...] | list[str], eval_fraction: float,
+                 eval_paths: tuple[str, ...] | list[str] = ()) -> Corpus:
+  """Finds the documents and splits them into train and held-out sets: the files of
+  `eval_paths` when given (and the rest train), else a stable hash of each file's path."""
+  files, root = _files(paths)
+  held_out_files = set()
+  if eval_paths:
+    held_out_files = {os.path.abspath(f) for f in expand_paths(eval_paths)}
+  readable = _readable([f for f in files if os.path.abspath(f) not in held_out_files])
   if not readable:
     where = ", ".join(paths) if paths else sysconfig.get_paths()["stdlib"]
-    raise CorpusError(f"the corpus is empty: no non-empty text found in {where}")
+    raise CorpusError(f"the corpus is empty: no non-empty text found in {where}"
+                      + (" outside data.eval_paths" if eval_paths else ""))
+  if eval_paths:
+    held_out = [d for _, docs in _readable(sorted(held_out_files)) for d in docs]
+    if not held_out:
+      raise CorpusError(f"data.eval_paths={','.join(eval_paths)} holds no non-empty text")
+    return Corpus(tuple(d for _, docs in readable for d in docs), tuple(held_out))
+  train, held_out = [], []
+  for path, docs in readable:
+    (held_out if _is_held_out(os.path.abspath(path), root, eval_fraction) else train).extend(docs)
   if not train or not held_out:
     train, held_out = _split_inside_documents(readable, eval_fraction)
   return Corpus(tuple(train), tuple(held_out))
+
+
+def build_mixture(sources: dict[str, list[str]], weights: dict[str, float],
+                  eval_fraction: float,
+                  eval_paths: tuple[str, ...] | list[str] = ()) -> tuple[list[Source], Corpus]:
+  """Each named source's training documents with its weight, and the corpus of them all: its
+  `train` is every source's (the tokenizer learns from them), its `eval` the held-out files of
+  `eval_paths`, or else each source's own held-out split, interleaved document by document so
+  that a fixed number of evaluation batches covers every source."""
+  mixture, held_out = [], []
+  for name, paths in sources.items():
+    try:
+      corpus = build_corpus(paths, eval_fraction, eval_paths)
+    except CorpusError as e:
+      raise CorpusError(f"source {name!r}: {e}") from None
+    mixture.append(Source(name, weights[name], corpus.train))
+    held_out.append(corpus.eval)
+  if eval_paths:
+    evaluation = held_out[0]
+  else:
+    longest = max(len(h) for h in held_out)
+    evaluation = tuple(h[i] for i in range(longest) for h in held_out if i < len(h))
+  train = tuple(d for s in mixture for d in s.train)
+  return mixture, Corpus(train, evaluation)
 
 
 def _split_inside_documents(readable, eval_fraction):

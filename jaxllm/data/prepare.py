@@ -107,7 +107,7 @@ def _name(ref: corpus_lib.DocRef, root: str) -> str:
   return f"{rel}@{ref.jsonl_offset}" if ref.jsonl_offset >= 0 else rel
 
 
-def _clean_output(out: str, overwrite: bool) -> None:
+def open_output(out: str, overwrite: bool) -> None:
   """Makes OUT ready for a fresh run: refuses a complete one unless `overwrite`, deletes what an
   interrupted run of ours left (it is marked by `_RUNNING`), and refuses any other non-empty
   directory, whose files are not ours to delete."""
@@ -137,7 +137,7 @@ def prepare(sources: Iterable[str], out: str, settings: Settings = Settings(), *
   settings.check()
   sources = list(sources)
   docs = list_documents(sources)
-  _clean_output(out, overwrite)
+  open_output(out, overwrite)
   start = time.perf_counter()
   root = os.path.commonpath([os.path.abspath(d.path) for d in docs])
   root = root if os.path.isdir(root) else os.path.dirname(root)
@@ -185,8 +185,9 @@ def prepare(sources: Iterable[str], out: str, settings: Settings = Settings(), *
     kept.append(i)
 
   # Pass 3.
-  bytes_out = _write_shards(out, [docs[i] for i in kept], root, settings.docs_per_shard,
-                            progress)
+  records = ({"text": corpus_lib.read_document(docs[i]), "source": _name(docs[i], root)}
+             for i in kept)
+  bytes_out = write_shards(out, records, len(kept), settings.docs_per_shard, progress)
   seconds = time.perf_counter() - start
   bytes_in = sum(f[0] for f in features)
   largest = sorted(cluster.items(), key=lambda kv: -len(kv[1]))[:settings.clusters]
@@ -202,12 +203,17 @@ def prepare(sources: Iterable[str], out: str, settings: Settings = Settings(), *
       "settings": {**dataclasses.asdict(settings),
                    "thresholds": dataclasses.asdict(settings.thresholds)},
   }
+  finish_output(out, report)
+  return report
+
+
+def finish_output(out: str, report: dict) -> None:
+  """Writes `report.json`, which marks OUT complete, and drops the running marker."""
   tmp = os.path.join(out, REPORT + ".tmp")
   with open(tmp, "w") as f:
     json.dump(report, f, indent=2)
   os.replace(tmp, os.path.join(out, REPORT))
   os.remove(os.path.join(out, _RUNNING))
-  return report
 
 
 def _near_match(lsh, signatures: dict[int, np.ndarray], signature: np.ndarray,
@@ -223,21 +229,24 @@ def _near_match(lsh, signatures: dict[int, np.ndarray], signature: np.ndarray,
   return best
 
 
-def _write_shards(out: str, refs: list[corpus_lib.DocRef], root: str, per_shard: int,
-                  progress: bool) -> int:
-  """Writes the kept documents under OUT/.incomplete, then moves the shards into OUT."""
+def write_shards(out: str, records: Iterable[dict], n_records: int, per_shard: int,
+                 progress: bool) -> int:
+  """Writes `n_records` JSONL records (each with a "text") under OUT/.incomplete, then moves
+  the shards into OUT; returns the bytes of text written. OUT was made ready by
+  `open_output`."""
   staging = os.path.join(out, _INCOMPLETE)
   os.makedirs(staging)
-  n_shards = max(1, -(-len(refs) // per_shard))
+  n_shards = max(1, -(-n_records // per_shard))
   names = [f"shard-{s:05d}-of-{n_shards:05d}.jsonl" for s in range(n_shards)]
+  records = iter(records)
   written = 0
-  with tqdm(total=len(refs), desc="write", unit="doc", disable=not progress) as bar:
+  with tqdm(total=n_records, desc="write", unit="doc", disable=not progress) as bar:
     for s, name in enumerate(names):
       with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
-        for ref in refs[s * per_shard:(s + 1) * per_shard]:
-          text = corpus_lib.read_document(ref)
-          written += len(text.encode("utf-8"))
-          f.write(json.dumps({"text": text, "source": _name(ref, root)}, ensure_ascii=False))
+        for _ in range(min(per_shard, n_records - s * per_shard)):
+          record = next(records)
+          written += len(record["text"].encode("utf-8"))
+          f.write(json.dumps(record, ensure_ascii=False))
           f.write("\n")
           bar.update()
   for name in names:

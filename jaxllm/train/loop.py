@@ -104,6 +104,16 @@ def evaluate(eval_step, params, batches, sharding) -> dict[str, float]:
   return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0)), "eval_tokens": weight}
 
 
+def _corpus(data: config_lib.DataConfig):
+  """(what the train iterator reads: documents or mixture sources, the corpus)."""
+  if not data.sources:
+    corpus = corpus_lib.build_corpus(data.paths, data.eval_fraction, data.eval_paths)
+    return corpus.train, corpus
+  return corpus_lib.build_mixture(config_lib.parse_sources(data.sources),
+                                  config_lib.mixture_weights(data), data.eval_fraction,
+                                  data.eval_paths)
+
+
 def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
           on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
   """Trains (or resumes) `cfg` in `workdir`; returns a summary of the last step and eval.
@@ -117,9 +127,13 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
   workdir_lib.check_resumable(workdir, cfg)
   os.makedirs(workdir, exist_ok=True)
 
-  corpus = corpus_lib.build_corpus(cfg.data.paths, cfg.data.eval_fraction)
-  say(f"corpus: {len(corpus.train)} train / {len(corpus.eval)} held-out documents"
-      f"{'' if cfg.data.paths else ' (Python standard library)'}")
+  train_docs, corpus = _corpus(cfg.data)
+  if cfg.data.sources:
+    say("corpus: " + ", ".join(f"{s.name} {len(s.train)} docs x {s.weight:.3f}"
+                               for s in train_docs) + f"; {len(corpus.eval)} held-out documents")
+  else:
+    say(f"corpus: {len(corpus.train)} train / {len(corpus.eval)} held-out documents"
+        f"{'' if cfg.data.paths else ' (Python standard library)'}")
   if not os.path.exists(os.path.join(workdir, workdir_lib.TOKENIZER_FILE)):
     say(f"tokenizer: building {cfg.model.vocab_size} pieces -> {workdir}/"
         f"{workdir_lib.TOKENIZER_FILE}")
@@ -135,8 +149,10 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
   batch_sh = rules.batch_sharding(mesh)
   rows = rules.process_rows(batch_sh, cfg.train.batch_size)
   train_iter = pipeline.train_iterator(
-      corpus.train, tokenizer, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
-      seed=cfg.data.seed, rows=rows)
+      train_docs, tokenizer, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
+      seed=cfg.data.seed, rows=rows, packing=cfg.data.packing,
+      packing_bins=cfg.data.packing_bins, order=cfg.data.order)
+  schedule = config_lib.parse_seq_len_schedule(cfg.train.seq_len_schedule)
   eval_data = pipeline.eval_batches(
       corpus.eval, tokenizer, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
       num_batches=cfg.train.eval_batches, rows=rows)
@@ -169,12 +185,18 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
   bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and is_main),
              desc=f"train {cfg.name}", unit="step", dynamic_ncols=True)
   interval_start, interval_tokens, saved_step = time.perf_counter(), 0.0, resume_step
+  interval_padding = interval_rows = 0
   stopped_by: int | None = None
   try:
     with _PreemptionGuard() as guard:
       for step in range(start + 1, cfg.train.steps + 1):
-        batch = _to_global(next(train_iter), batch_sh)
-        state, metrics = train_step(state, batch)
+        host_batch = next(train_iter)
+        interval_padding += int(np.sum(host_batch["segment_ids"] == 0))
+        interval_rows += host_batch["segment_ids"].shape[0]
+        length = config_lib.seq_len_at(schedule, cfg.train.seq_len, step)
+        if length < cfg.train.seq_len:  # the sequence-length warm-up (one compile per length)
+          host_batch = pipeline.split_rows(host_batch, length)
+        state, metrics = train_step(state, _to_global(host_batch, batch_sh))
         interval_tokens += cfg.train.batch_size * cfg.train.seq_len
         final = step == cfg.train.steps
         due_log = step % cfg.train.log_every == 0 or final or step == start + 1
@@ -191,10 +213,14 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
           last = {"step": step, "loss": values["loss"], "lr": values["lr"],
                   "grad_norm": values["grad_norm"],
                   "tokens_per_s": interval_tokens / max(elapsed, 1e-9),
+                  # this process's rows: the share of their tokens that is packing padding
+                  "padding": interval_padding / max(interval_rows * cfg.train.seq_len, 1),
+                  "seq_len": length,
                   **{k: v for k, v in values.items() if k.startswith("moe_")}}
           writer.write(last)
           bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
           interval_start, interval_tokens = time.perf_counter(), 0.0
+          interval_padding = interval_rows = 0
         if step % cfg.train.eval_every == 0 or final:
           ev = {"step": step, **evaluate(eval_step, state["params"], eval_data, batch_sh)}
           writer.write({k: v for k, v in ev.items() if k != "eval_tokens"})

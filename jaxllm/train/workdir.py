@@ -47,6 +47,16 @@ def check_resumable(workdir: str, config: config_lib.Config) -> None:
       raise config_lib.ConfigError(
           f"model.{key}={new!r} differs from {old!r} in the checkpoints of {workdir}; "
           "use a new --workdir or the original value (checkpoints left untouched)")
+  # The data iterator's saved state has one part per source and the packing's own layout; the
+  # weights, paths and order may change between runs, these may not.
+  for key, old, new in (
+      ("data.packing", saved.data.packing, config.data.packing),
+      ("data.sources names", list(config_lib.parse_sources(saved.data.sources)),
+       list(config_lib.parse_sources(config.data.sources)))):
+    if old != new:
+      raise config_lib.ConfigError(
+          f"{key} {new!r} differs from {old!r} in the checkpoints of {workdir}, whose data "
+          "iterator state it cannot resume; use a new --workdir or the original value")
 
 
 def prepare_tokenizer(workdir: str, config: config_lib.Config,
