@@ -24,7 +24,8 @@ def hessian(x_NI: np.ndarray) -> np.ndarray:
   return 2.0 * x.T @ x / max(1, x.shape[0])
 
 
-def _params(w_OG: np.ndarray, bits: int, symmetric: bool, clip_search: bool = False):
+def column_group_params(w_OG: np.ndarray, bits: int, symmetric: bool,
+                        clip_search: bool = False):
   """Scale and zero per output row for a group of columns `[O, g]` (as tensor.group_params,
   whose clip search this shares)."""
   if clip_search:
@@ -42,7 +43,7 @@ def _params(w_OG: np.ndarray, bits: int, symmetric: bool, clip_search: bool = Fa
   return s, np.clip(np.round(qmin - lo / s), qmin, qmax)
 
 
-def _quantize_column(w, s, z, bits):
+def quantize_column(w, s, z, bits):
   """-> (stored integers, dequantized values) of one column `[O]`."""
   if z is None:
     qmax = 127 if bits == 8 else 7
@@ -72,7 +73,7 @@ def gptq_quantize(w_IO: np.ndarray, h_II: np.ndarray, *, bits: int, group_size: 
   zeros = None if symmetric else np.zeros((G, W.shape[0]))
   if static:
     for i in range(G):
-      s, z = _params(W[:, i * g:(i + 1) * g], bits, symmetric, clip_search)
+      s, z = column_group_params(W[:, i * g:(i + 1) * g], bits, symmetric, clip_search)
       scales[i] = s
       if zeros is not None:
         zeros[i] = z
@@ -90,12 +91,12 @@ def gptq_quantize(w_IO: np.ndarray, h_II: np.ndarray, *, bits: int, group_size: 
       col = perm[i1 + i]
       group = col // g
       if not static and col % g == 0:
-        s, z = _params(W1[:, i:i + g], bits, symmetric, clip_search)
+        s, z = column_group_params(W1[:, i:i + g], bits, symmetric, clip_search)
         scales[group] = s
         if zeros is not None:
           zeros[group] = z
       z = None if zeros is None else zeros[group]
-      q, deq = _quantize_column(W1[:, i], scales[group], z, bits)
+      q, deq = quantize_column(W1[:, i], scales[group], z, bits)
       Q[:, i1 + i] = q
       err = (W1[:, i] - deq) / U1[i, i]
       W1[:, i:] -= np.outer(err, U1[i, i:])

@@ -115,9 +115,10 @@ def _hessians(name: str, inputs: list, n_experts: int = 0) -> list[np.ndarray]:
   return out
 
 
-def _layer_gptq(lp, names, inputs, spec, *, act_order, damp):
-  """{name: QTensor} for one layer's weights (expert weights `[E, ...]`)."""
-  quantized = {}
+def map_matrices(lp, names, inputs, fn) -> dict:
+  """{name: fn(matrix `[I, O]`, its Hessian `[I, I]`, the weight's shape, in_axes)} for one
+  layer's weights, expert weights one expert at a time (results stacked to `[E, ...]`)."""
+  out = {}
   for name in names:
     w = _get(lp, name)
     per_expert = name in ("moe/gate", "moe/up", "moe/down")
@@ -126,45 +127,61 @@ def _layer_gptq(lp, names, inputs, spec, *, act_order, damp):
     for e, h in enumerate(_hessians(name, inputs, w.shape[0] if per_expert else 0)):
       w_e = np.asarray(w[e] if per_expert else w, np.float32)
       m = w_e.reshape(int(np.prod(w_e.shape[:in_axes])), -1)
-      q, sc, z = gptq.gptq_quantize(m, h, bits=spec.bits, group_size=spec.group_size,
-                                    symmetric=spec.symmetric, damp=damp, act_order=act_order,
-                                    clip_search=spec.clip_search)
-      g = qtensor.group_size_for(q.shape[0], spec.group_size)
-      results.append(qtensor.from_integers(q, sc, z, bits=spec.bits, group_size=g,
-                                           shape=tuple(w_e.shape), in_axes=in_axes))
-    quantized[name] = (jax.tree.map(lambda *a: jnp.stack(a), *results) if per_expert
-                       else results[0])
-  return quantized
+      results.append(fn(m, h, tuple(w_e.shape), in_axes))
+    out[name] = (jax.tree.map(lambda *a: jnp.stack(a), *results) if per_expert
+                 else results[0])
+  return out
 
 
-def _gptq(graphdef, params, spec, rows, *, act_order, damp, chunk_rows, progress):
-  """Walks the layers in depth order: each layer's Hessians come from its inputs as the
-  already-quantized layers before it produce them."""
+def _layer_gptq(lp, names, inputs, spec, *, act_order, damp):
+  """{name: QTensor} for one layer's weights (expert weights `[E, ...]`)."""
+  def quantize(m, h, shape, in_axes):
+    q, sc, z = gptq.gptq_quantize(m, h, bits=spec.bits, group_size=spec.group_size,
+                                  symmetric=spec.symmetric, damp=damp, act_order=act_order,
+                                  clip_search=spec.clip_search)
+    g = qtensor.group_size_for(q.shape[0], spec.group_size)
+    return qtensor.from_integers(q, sc, z, bits=spec.bits, group_size=g, shape=shape,
+                                 in_axes=in_axes)
+  return map_matrices(lp, names, inputs, quantize)
+
+
+def walk_layers(graphdef, params, rows, names_of, transform, *, chunk_rows: int,
+                progress: bool, desc: str) -> tuple[dict, tuple[str, ...]]:
+  """Walks the blocks in depth order, each layer's weights replaced by
+  `transform(lp, names, inputs)` -> {name: new weight}, where `inputs` are the layer's
+  `calibrate.Inputs` as the already transformed layers before it produce them, and `names` are
+  `names_of(stack, lp)`; the transformed layer produces the next layer's inputs.
+  -> (params with the new weights stacked, the `stack/name` paths replaced)."""
   xs = [calibrate.embed(graphdef, params, c) for c in _chunks(rows, chunk_rows)]
   order = calibrate.layer_order(graphdef, params)
   graphdefs = {stack: calibrate.block_graphdef(graphdef, params, stack)
                for stack in {stack for stack, _, _ in order}}
-  per_layer: dict[str, list] = {}
-  done: set[str] = set()
-  for stack, j, depth in tqdm(order, desc="gptq", unit="layer", disable=not progress,
+  per_layer: dict[str, dict[int, object]] = {}
+  for stack, j, depth in tqdm(order, desc=desc, unit="layer", disable=not progress,
                              file=sys.stderr):
     lp = calibrate.layer_params(params[stack], j)
     outs = [calibrate.run_block(graphdefs[stack], lp, x, depth) for x in xs]
-    names = _names(stack, lp, spec)
-    quantized = _layer_gptq(lp, names, [i for _, i in outs], spec, act_order=act_order,
-                            damp=damp)
+    new = transform(lp, names_of(stack, lp), [i for _, i in outs])
     lq = jax.tree.map(lambda a: a, lp)
-    for name, qt in quantized.items():
-      _set(lq, name, qt)
-      per_layer.setdefault(f"{stack}/{name}", []).append(qt)
-      done.add(f"{stack}/{name}")
+    for name, value in new.items():
+      _set(lq, name, value)
+      per_layer.setdefault(f"{stack}/{name}", {})[j] = value
     xs = [calibrate.run_block(graphdefs[stack], lq, x, depth)[0] for x in xs]
   flat = qparams.flatten(params)
   for path, layers in per_layer.items():
-    flat[path] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
-  done_paths = tuple(sorted(done))
+    flat[path] = jax.tree.map(lambda *a: jnp.stack(a), *[layers[j] for j in sorted(layers)])
+  return qparams.unflatten(flat), tuple(sorted(per_layer))
+
+
+def _gptq(graphdef, params, spec, rows, *, act_order, damp, chunk_rows, progress):
+  """GPTQ through `walk_layers`: each layer's Hessians come from its inputs as the
+  already-quantized layers before it produce them."""
+  out, done_paths = walk_layers(
+      graphdef, params, rows, lambda stack, lp: _names(stack, lp, spec),
+      lambda lp, names, inputs: _layer_gptq(lp, names, inputs, spec, act_order=act_order,
+                                            damp=damp),
+      chunk_rows=chunk_rows, progress=progress, desc="gptq")
   rest = dataclasses.replace(spec, exclude=spec.exclude + tuple(f"^{p}$" for p in done_paths))
-  out = qparams.unflatten(flat)
   try:  # weights outside the blocks (an untied head, when not excluded) are rounded to nearest
     out, rest_spec = qparams.quantize_params(out, dataclasses.replace(rest, method="rtn"))
     done_paths += rest_spec.quantized
