@@ -31,4 +31,6 @@ def get_config() -> ml_collections.ConfigDict:
                  pipeline_chunks=1)
   c.mesh = dict(config_lib.defaults("mesh"),
                 data=-1, fsdp=1, tensor=1, stage=1, expert=1, slices=1)
+  # Used only by `python -m jaxllm.distill` (listed so that any key can be overridden).
+  c.distill = config_lib.defaults("distill")
   return ml_collections.ConfigDict(c)

@@ -284,18 +284,46 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """Knowledge distillation (`python -m jaxllm.distill --teacher=PATH`); unused by plain
+  training."""
+  # Softmax temperature of both distributions in the distillation loss, which is scaled by T²
+  # so that its gradients keep their size as T changes (Hinton et al. 2015).
+  temperature: float = 1.0
+  # Weight of the distillation loss (forward KL, teacher || student); 1 - alpha weighs the
+  # hard-label cross-entropy.
+  alpha: float = 0.5
+  # 0: the teacher's whole distribution; k > 0: its k most likely tokens, renormalised.
+  top_k: int = 0
+  # The student starts from these teacher layers (comma-separated indices, e.g. "0,10,20,29";
+  # embeddings, final norm and head copied too) instead of a random init.
+  init_layers: str = ""
+
+
+def parse_layers(spec: str) -> tuple[int, ...]:
+  """`"0,10,29"` -> (0, 10, 29); raises ConfigError if malformed."""
+  try:
+    return tuple(int(x) for x in spec.split(",") if x.strip())
+  except ValueError:
+    raise ConfigError(f"distill.init_layers={spec!r} is not comma-separated layer indices") \
+        from None
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   name: str
   model: ModelConfig
   data: DataConfig
   train: TrainConfig
   mesh: MeshConfig
+  distill: DistillConfig = DistillConfig()
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig}
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig,
+             "distill": DistillConfig}
 
 
 def defaults(section: str) -> dict[str, Any]:
@@ -492,6 +520,14 @@ def validate(config: Config) -> None:
     raise ConfigError("data.tokenizer_max_sentences must be positive")
   _validate_data_mixing(d)
   _validate_seq_len_schedule(t, mesh)
+  k = config.distill
+  if k.temperature <= 0 or not 0.0 <= k.alpha <= 1.0 or k.top_k < 0:
+    raise ConfigError(f"distill.temperature={k.temperature} must be > 0, distill.alpha="
+                      f"{k.alpha} in [0, 1] and distill.top_k={k.top_k} >= 0")
+  layers = parse_layers(k.init_layers)
+  if layers and len(layers) != m.n_layers:
+    raise ConfigError(f"distill.init_layers names {len(layers)} teacher layers for a student "
+                      f"of model.n_layers={m.n_layers}")
   for key in ("data", "fsdp", "tensor", "stage", "expert"):
     value = getattr(mesh, key)
     if value == 0 or value < -1:

@@ -2,7 +2,8 @@
 [--kv_cache_dtype=int8] [--prefill_chunk=C]]`
 
 Per-token loss and perplexity of a model over text files (comma-separated paths, directories or
-globs; a .jsonl file's records are its documents, as in training). Long documents are scored with a sliding window: windows of `max_len` tokens advance by
+globs; a .jsonl file's records are its documents, as in training). Long documents are scored
+with a sliding window: windows of `max_len` tokens advance by
 `stride`, and each token is scored once, in the first window where it has the most context
 that window allows. The last stdout line is one JSON object: {"loss", "ppl", "tokens", "files"}.
 Long windows (8k tokens and more) fit in memory with `--prefill_chunk`: each window then goes

@@ -178,7 +178,8 @@ def read_checkpoint(path: str | os.PathLike[str], mesh=None) -> Checkpoint:
                               "nor a .gguf file")
 
 
-def _save_tokenizer(tokenizer, dst: str) -> None:
+def save_tokenizer(tokenizer, dst: str) -> None:
+  """tokenizer.model (sentencepiece) or tokenizer.json + tokenizer_config.json into `dst`."""
   if isinstance(tokenizer, tokenizer_lib.SentencePieceTokenizer):
     tokenizer.save(os.path.join(dst, "tokenizer.model"))
     return
@@ -207,7 +208,7 @@ def export_hf(ckpt: Checkpoint, dst: str, model_type: str | None = None) -> None
                                  "mixtral" if family == "mixtral" else "qwen",
                                  fused=family == "phi3")
   hf_format.write(dst, ckpt.model, state, bos_id=bos, eos_id=eos, model_type=family)
-  _save_tokenizer(ckpt.tokenizer, dst)
+  save_tokenizer(ckpt.tokenizer, dst)
 
 
 def export_orbax(ckpt: Checkpoint, dst: str, name: str = "converted") -> None:
@@ -220,7 +221,7 @@ def export_orbax(ckpt: Checkpoint, dst: str, name: str = "converted") -> None:
   cfg = config_lib.from_config_dict({"name": name, "model": dataclasses.asdict(ckpt.model),
                                      "train": {"seq_len": seq_len}})
   workdir_lib.write_config(dst, cfg)
-  _save_tokenizer(ckpt.tokenizer, dst)
+  save_tokenizer(ckpt.tokenizer, dst)
   checkpointer = Checkpointer(os.path.join(dst, CHECKPOINT_DIR), keep=1)
   try:
     from jaxllm.quant import params as quant_params

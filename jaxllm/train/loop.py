@@ -22,6 +22,7 @@ from jaxllm.data import pipeline
 from jaxllm.model import transformer
 from jaxllm.parallel import mesh as mesh_lib
 from jaxllm.parallel import rules
+from jaxllm.train import distill
 from jaxllm.train import metrics as metrics_lib
 from jaxllm.train import optim, step as step_lib
 from jaxllm.train import workdir as workdir_lib
@@ -75,16 +76,31 @@ def state_shardings(cfg: config_lib.Config, mesh):
   return graphdef, abstract_state, shardings, optimizer
 
 
-def jit_train_step(cfg: config_lib.Config, graphdef, optimizer, shardings, batch_sharding):
+def jit_train_step(cfg: config_lib.Config, graphdef, optimizer, shardings, batch_sharding,
+                   teacher=None):
   """The train step as training compiles it: shardings pinned, the old state donated (so the
-  new one is written in its place)."""
-  return jax.jit(step_lib.make_train_step(graphdef, optimizer, cfg.train),
-                 in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                 donate_argnums=0)
+  new one is written in its place). With `teacher` = (distill.Teacher, its params' shardings)
+  the teacher's params are a third, undonated argument, bound here: the result still takes
+  (state, batch)."""
+  if teacher is None:
+    return jax.jit(step_lib.make_train_step(graphdef, optimizer, cfg.train),
+                   in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                   donate_argnums=0)
+  t, t_shardings = teacher
+  step = jax.jit(step_lib.make_train_step(graphdef, optimizer, cfg.train,
+                                          (t.graphdef, cfg.distill)),
+                 in_shardings=(shardings, batch_sharding, t_shardings),
+                 out_shardings=(shardings, None), donate_argnums=0)
+  return lambda state, batch: step(state, batch, t.params)
 
 
-def initial_state(cfg: config_lib.Config, optimizer, shardings):
-  """The freshly initialised train state, created directly in its shardings."""
+def initial_state(cfg: config_lib.Config, optimizer, shardings, params=None):
+  """The freshly initialised train state, created directly in its shardings (from `params`,
+  host arrays, when given: a student initialised from its teacher)."""
+  if params is not None:
+    return jax.jit(lambda p: step_lib.init_state(p, optimizer, cfg.train.seed),
+                   out_shardings=shardings)(params)
+
   def init():
     _, params = transformer.split(transformer.create(cfg.model, cfg.train.seed))
     return step_lib.init_state(params, optimizer, cfg.train.seed)
@@ -114,16 +130,41 @@ def _corpus(data: config_lib.DataConfig):
                                   data.eval_paths)
 
 
+def _tokenizer(cfg: config_lib.Config, workdir: str, corpus, teacher, say):
+  """The run's tokenizer: the teacher's when distilling (saved into the workdir), else the
+  workdir's sentencepiece model (copied from data.tokenizer or trained first)."""
+  is_main = jax.process_index() == 0
+  if teacher is not None:
+    if is_main:
+      workdir_lib.save_tokenizer(workdir, teacher.tokenizer)
+    return teacher.tokenizer
+  if not os.path.exists(os.path.join(workdir, workdir_lib.TOKENIZER_FILE)):
+    say(f"tokenizer: building {cfg.model.vocab_size} pieces -> {workdir}/"
+        f"{workdir_lib.TOKENIZER_FILE}")
+  if jax.process_count() > 1:
+    # One process builds the tokenizer into the shared workdir; the others then read that file,
+    # so every process surely tokenizes alike.
+    if is_main:
+      workdir_lib.prepare_tokenizer(workdir, cfg, corpus)
+    multihost_utils.sync_global_devices("jaxllm:tokenizer")
+  return workdir_lib.prepare_tokenizer(workdir, cfg, corpus)
+
+
 def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
-          on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+          on_step: Callable[[int], None] | None = None,
+          teacher: distill.Teacher | None = None) -> dict[str, Any]:
   """Trains (or resumes) `cfg` in `workdir`; returns a summary of the last step and eval.
 
   `on_step(step)` is called after each completed step (tests use it to simulate preemption).
+  With `teacher` the student distills from it (`cfg.distill`): the teacher's tokenizer becomes
+  the workdir's, and the student may start from the teacher's layers.
   """
-  process_index, process_count = jax.process_index(), jax.process_count()
+  process_index = jax.process_index()
   is_main = process_index == 0
   say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress and is_main else (lambda _: None)
   mesh_shape = config_lib.validate_for_devices(cfg, jax.device_count(), jax.default_backend())
+  if teacher is not None:
+    distill.check(cfg, teacher)
   workdir_lib.check_resumable(workdir, cfg)
   os.makedirs(workdir, exist_ok=True)
 
@@ -134,16 +175,7 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
   else:
     say(f"corpus: {len(corpus.train)} train / {len(corpus.eval)} held-out documents"
         f"{'' if cfg.data.paths else ' (Python standard library)'}")
-  if not os.path.exists(os.path.join(workdir, workdir_lib.TOKENIZER_FILE)):
-    say(f"tokenizer: building {cfg.model.vocab_size} pieces -> {workdir}/"
-        f"{workdir_lib.TOKENIZER_FILE}")
-  if process_count > 1:
-    # One process builds the tokenizer into the shared workdir; the others then read that file,
-    # so every process surely tokenizes alike.
-    if is_main:
-      workdir_lib.prepare_tokenizer(workdir, cfg, corpus)
-    multihost_utils.sync_global_devices("jaxllm:tokenizer")
-  tokenizer = workdir_lib.prepare_tokenizer(workdir, cfg, corpus)
+  tokenizer = _tokenizer(cfg, workdir, corpus, teacher, say)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   graphdef, abstract_state, shardings, optimizer = state_shardings(cfg, mesh)
   batch_sh = rules.batch_sharding(mesh)
@@ -168,12 +200,23 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
                             abstract_state, shardings)
     state = checkpointer.restore(abstract, train_iter, step=resume_step)
   else:
-    state = initial_state(cfg, optimizer, shardings)
+    init_layers = config_lib.parse_layers(cfg.distill.init_layers)
+    start_params = None
+    if teacher is not None and init_layers:
+      say(f"student: teacher layers {list(init_layers)} + its embeddings and head")
+      start_params = distill.student_from_teacher(cfg.model, init_layers, teacher)
+    state = initial_state(cfg, optimizer, shardings, start_params)
   if is_main:
     workdir_lib.write_config(workdir, cfg)
 
+  teacher_step = None
+  if teacher is not None:
+    t_shardings = rules.tree_shardings(transformer.logical_axes(teacher.config), teacher.params,
+                                       mesh)
+    teacher = teacher._replace(params=jax.device_put(teacher.params, t_shardings))
+    teacher_step = (teacher, t_shardings)
   train_step = mesh_lib.under_mesh(
-      jit_train_step(cfg, graphdef, optimizer, shardings, batch_sh), mesh)
+      jit_train_step(cfg, graphdef, optimizer, shardings, batch_sh, teacher_step), mesh)
   eval_step = mesh_lib.under_mesh(jax.jit(
       step_lib.make_eval_step(graphdef), in_shardings=(shardings["params"], batch_sh)), mesh)
   writer = metrics_lib.MetricsWriter(
@@ -212,6 +255,7 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
           elapsed = time.perf_counter() - interval_start
           last = {"step": step, "loss": values["loss"], "lr": values["lr"],
                   "grad_norm": values["grad_norm"],
+                  **({"kd_loss": values["kd_loss"]} if "kd_loss" in values else {}),
                   "tokens_per_s": interval_tokens / max(elapsed, 1e-9),
                   # this process's rows: the share of their tokens that is packing padding
                   "padding": interval_padding / max(interval_rows * cfg.train.seq_len, 1),

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxllm.config import TrainConfig
+from jaxllm.config import DistillConfig, TrainConfig
 from jaxllm.model import moe
 from jaxllm.ops import ring_attention
 from jaxllm.train import losses
@@ -42,11 +42,15 @@ def load_balanced(batch: dict) -> dict:
   return {k: jnp.take(v, order, axis=1) for k, v in batch.items()}
 
 
-def batch_loss(graphdef, params, batch, cfg: TrainConfig | None = None):
-  """(summed loss to differentiate, (summed NLL, summed weight, MoE routing stats or None)).
+def batch_loss(graphdef, params, batch, cfg: TrainConfig | None = None, teacher=None):
+  """(summed loss to differentiate, (summed NLL, summed weight, MoE routing stats or None,
+  summed distillation loss or None)).
 
   The MoE losses are means over tokens; they enter the summed loss times the batch's token
   weight, so that after the step divides by the total weight they count at their coefficients.
+  `teacher` = (graphdef, params, DistillConfig): the loss becomes alpha · distillation
+  (`losses.distillation_sum` against the teacher's logits on the same batch) + (1 - alpha) ·
+  the hard-label loss.
   """
   microbatches, chunks = (cfg.microbatches, cfg.pipeline_chunks) if cfg else (1, 1)
   if cfg is not None and cfg.context_parallel == "ring":
@@ -56,19 +60,29 @@ def batch_loss(graphdef, params, batch, cfg: TrainConfig | None = None):
                                 microbatches=microbatches, pipeline_chunks=chunks)
   nll, zl, weight = losses.cross_entropy_sums(logits, batch["targets"], batch["weights"],
                                               cfg.z_loss if cfg else 0.0)
-  total = nll + zl
+  total, kd = nll + zl, None
+  if teacher is not None:
+    t_graphdef, t_params, k = teacher
+    t_logits, _ = nnx.merge(t_graphdef, t_params).forward(batch["inputs"], batch["positions"],
+                                                          batch["segment_ids"])
+    kd = losses.distillation_sum(logits, t_logits, batch["weights"], k.temperature, k.top_k)
+    total = k.alpha * kd + (1.0 - k.alpha) * total
   if stats is not None and cfg is not None:
     aux, router_z = moe.losses(stats, model.cfg.experts_per_token)
     total = total + weight * (cfg.moe_aux_loss * aux + cfg.router_z_loss * router_z)
-  return total, (nll, weight, stats)
+  return total, (nll, weight, stats, kd)
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation,
-                    cfg: TrainConfig) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: TrainConfig,
+                    teacher: tuple[Any, DistillConfig] | None = None
+                    ) -> Callable[..., tuple[TrainState, dict]]:
   """`train_step(state, batch) -> (state, metrics)`; accumulates `cfg.grad_accum` microbatches.
 
   Gradients of the summed loss are added over microbatches and divided once by the total token
-  weight, so accumulation gives the same update as one large batch.
+  weight, so accumulation gives the same update as one large batch. With `teacher` =
+  (teacher graphdef, DistillConfig) the step is `train_step(state, batch, teacher_params)`: the
+  teacher runs in the same jitted step and the metrics add `kd_loss` (`loss` stays the
+  student's hard-label NLL per token).
   """
   schedule = learning_rate_schedule(cfg)
   view = lambda p: p
@@ -76,15 +90,18 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
     from jaxllm.quant import fake, params as qparams
     spec = qparams.QuantSpec(bits=cfg.qat_bits, group_size=cfg.qat_group_size)
     view = lambda p: fake.fake_quant_params(p, spec)
-  grad_fn = jax.value_and_grad(lambda p, b: batch_loss(graphdef, view(p), b, cfg),
-                               has_aux=True)
+  def loss(p, b, teacher_params):
+    with_teacher = None if teacher is None else (teacher[0], teacher_params, teacher[1])
+    return batch_loss(graphdef, view(p), b, cfg, with_teacher)
 
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict, teacher_params=None) -> tuple[TrainState, dict]:
     params = state["params"]
     model_cfg = nnx.merge(graphdef, params).cfg  # static; merging at trace time costs nothing
     A = cfg.grad_accum
     if A == 1:
-      (_, (nll, weight, stats)), grads = grad_fn(params, batch)
+      (_, (nll, weight, stats, kd)), grads = grad_fn(params, batch, teacher_params)
     else:
       # Microbatch i takes rows i, i + A, ...: each keeps an equal share of every batch shard.
       micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1),
@@ -92,19 +109,21 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
 
       def accumulate(carry, mb):
         g_acc, nll_acc, w_acc = carry
-        (_, (nll, w, stats)), g = grad_fn(params, mb)
-        return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, w_acc + w), stats
+        (_, (nll, w, stats, kd)), g = grad_fn(params, mb, teacher_params)
+        return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, w_acc + w), (stats, kd)
 
       zeros = jax.tree.map(jnp.zeros_like, params)
-      (grads, nll, weight), stats = jax.lax.scan(
+      (grads, nll, weight), (stats, kd) = jax.lax.scan(
           accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), micro)
-      stats = jax.tree.map(lambda a: jnp.sum(a, axis=0), stats)
+      stats, kd = jax.tree.map(lambda a: jnp.sum(a, axis=0), (stats, kd))
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     metrics = {"loss": nll / denom, "grad_norm": _global_norm(grads),
                "lr": schedule(state["step"]), "tokens": weight}
+    if kd is not None:
+      metrics["kd_loss"] = kd / denom
     if stats is not None:
       new_params = _update_router_bias(new_params, params, stats, model_cfg)
       metrics.update(moe_metrics(stats, model_cfg.experts_per_token))
@@ -118,7 +137,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
 def make_eval_step(graphdef) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
   """`eval_step(params, batch) -> (sum of NLL, sum of weights)`."""
   def eval_step(params, batch):
-    _, (nll, weight, _) = batch_loss(graphdef, params, batch)
+    _, (nll, weight, _, _) = batch_loss(graphdef, params, batch)
     return nll, weight
   return eval_step
 

@@ -18,7 +18,7 @@ from jaxllm.data import pipeline, tokenizer as tokenizer_lib
 
 __all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "METRICS_FILE", "TB_DIR", "TOKENIZER_FILE",
            "check_resumable", "has_checkpoints", "prepare_tokenizer", "read_config",
-           "write_config"]
+           "save_tokenizer", "write_config"]
 
 # Model keys that change parameter shapes or meaning; train.* may change between runs.
 _SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
@@ -57,6 +57,14 @@ def check_resumable(workdir: str, config: config_lib.Config) -> None:
       raise config_lib.ConfigError(
           f"{key} {new!r} differs from {old!r} in the checkpoints of {workdir}, whose data "
           "iterator state it cannot resume; use a new --workdir or the original value")
+
+
+def save_tokenizer(workdir: str, tokenizer) -> None:
+  """Writes a given tokenizer (a distillation teacher's) into the workdir, where `load` reads
+  it: tokenizer.model or tokenizer.json."""
+  from jaxllm.checkpoint import convert
+  os.makedirs(workdir, exist_ok=True)
+  convert.save_tokenizer(tokenizer, workdir)
 
 
 def prepare_tokenizer(workdir: str, config: config_lib.Config,
