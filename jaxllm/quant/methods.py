@@ -115,16 +115,24 @@ def _hessians(name: str, inputs: list, n_experts: int = 0) -> list[np.ndarray]:
   return out
 
 
+# Weights that multiply the same input share its Hessians.
+_SAME_INPUT = {"attn/k": "attn/q", "attn/v": "attn/q", "mlp/up": "mlp/gate",
+               "moe/up": "moe/gate", "moe/shared/up": "moe/shared/gate"}
+
+
 def map_matrices(lp, names, inputs, fn) -> dict:
   """{name: fn(matrix `[I, O]`, its Hessian `[I, I]`, the weight's shape, in_axes)} for one
   layer's weights, expert weights one expert at a time (results stacked to `[E, ...]`)."""
-  out = {}
+  out, hessians = {}, {}
   for name in names:
     w = _get(lp, name)
     per_expert = name in ("moe/gate", "moe/up", "moe/down")
     in_axes = 2 if name == "attn/o" else 1
     results = []
-    for e, h in enumerate(_hessians(name, inputs, w.shape[0] if per_expert else 0)):
+    key = _SAME_INPUT.get(name, name)
+    if key not in hessians:
+      hessians[key] = _hessians(name, inputs, w.shape[0] if per_expert else 0)
+    for e, h in enumerate(hessians[key]):
       w_e = np.asarray(w[e] if per_expert else w, np.float32)
       m = w_e.reshape(int(np.prod(w_e.shape[:in_axes])), -1)
       results.append(fn(m, h, tuple(w_e.shape), in_axes))
