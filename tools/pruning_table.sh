@@ -15,17 +15,19 @@ evaluate() {  # name, checkpoint
     --noprogress | tail -1 | sed "s/^/{\"run\": \"$1\", \"eval\": /; s/$/}/" \
     | tee -a "$OUT/ppl.jsonl"
 }
-: > "$OUT/ppl.jsonl"
-evaluate dense "$MODEL"
-for row in "magnitude 0.5:--method=magnitude --sparsity=0.5" \
-           "wanda 0.5:--method=wanda --sparsity=0.5" \
-           "sparsegpt 0.5:--method=sparsegpt --sparsity=0.5" \
-           "magnitude 2:4:--method=magnitude --pattern=2:4" \
-           "wanda 2:4:--method=wanda --pattern=2:4" \
-           "sparsegpt 2:4:--method=sparsegpt --pattern=2:4" \
-           "sparsegpt 2:4 + int4:--method=sparsegpt --pattern=2:4 --bits=4"; do
-  name=${row%%:*}
-  flags=${row#*:}
+touch "$OUT/ppl.jsonl"
+done_already() { grep -q "\"run\": \"$1\", \"eval\"" "$OUT/ppl.jsonl"; }  # a rerun resumes
+done_already dense || evaluate dense "$MODEL"
+for row in "magnitude 0.5|--method=magnitude --sparsity=0.5" \
+           "wanda 0.5|--method=wanda --sparsity=0.5" \
+           "sparsegpt 0.5|--method=sparsegpt --sparsity=0.5" \
+           "magnitude 2:4|--method=magnitude --pattern=2:4" \
+           "wanda 2:4|--method=wanda --pattern=2:4" \
+           "sparsegpt 2:4|--method=sparsegpt --pattern=2:4" \
+           "sparsegpt 2:4 + int4|--method=sparsegpt --pattern=2:4 --bits=4"; do
+  name=${row%%|*}
+  flags=${row#*|}
+  done_already "$name" && continue
   dir="$OUT/ckpt"
   rm -rf "$dir"
   start=$(date +%s)
