@@ -14,7 +14,6 @@ speculative draft of the teacher.
 
 from __future__ import annotations
 
-import sys
 
 from absl import app, flags
 
@@ -45,13 +44,7 @@ def main(argv):
   result = loop.train(cfg, workdir, progress=_PROGRESS.value,
                       teacher=distill.Teacher(teacher.config, teacher.graphdef, teacher.params,
                                               teacher.tokenizer))
-  summary = {k: v for k, v in result.items() if k != "params"}
-  if result["preempted_by"] is not None:
-    print(f"stopped by signal {result['preempted_by']} after step {result['step']}; "
-          f"checkpoint step {result['checkpoint_step']} saved in {workdir}; "
-          "run the same command to resume", file=sys.stderr)
-    sys.exit(128 + result["preempted_by"])
-  print(f"done: {summary}")
+  common.finish_training(result, workdir)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 from absl import app, flags
@@ -53,9 +52,7 @@ flags.mark_flags_as_required(["checkpoint", "out"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  out = os.path.abspath(_OUT.value)
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise common.CommandError(f"--out={_OUT.value} exists and is not empty (nothing written)")
+  out = common.empty_out_dir(_OUT.value)
   from jaxllm.quant import params as qparams
   from jaxllm.quant import pruning
   try:
@@ -84,20 +81,10 @@ def main(argv):
   except ValueError as e:
     raise common.CommandError(str(e)) from None
   seconds = time.time() - start
-  tmp = f"{out}.partial-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
   target = spec.pattern or f"{spec.sparsity:g}"
-  try:
-    convert.export_orbax(convert.Checkpoint(model.config, params, model.tokenizer, "jaxllm"),
-                         tmp, name=f"{spec.method}-{target}")
-    spec.save(tmp)
-    if spec.quant_spec() is not None:
-      spec.quant_spec().save(tmp)
-    if os.path.isdir(out):
-      os.rmdir(out)  # empty (checked above)
-    os.replace(tmp, out)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  common.write_model_dir(out, convert.Checkpoint(model.config, params, model.tokenizer, "jaxllm"),
+                         f"{spec.method}-{target}",
+                         [spec] + ([spec.quant_spec()] if spec.bits else []))
   import numpy as np
   layers = {p: float(np.mean(v)) for p, v in spec.measured.items()}
   for path, fraction in layers.items():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 from absl import app, flags
@@ -54,9 +53,7 @@ def _dir_bytes(path: str) -> int:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  out = os.path.abspath(_OUT.value)
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise common.CommandError(f"--out={_OUT.value} exists and is not empty (nothing written)")
+  out = common.empty_out_dir(_OUT.value)
   bits = int(_BITS.value)
   group = _GROUP.value if _GROUP.value is not None else (0 if bits == 8 else 128)
   from jaxllm.quant import params as qparams
@@ -88,17 +85,8 @@ def main(argv):
   except ValueError as e:
     raise common.CommandError(str(e)) from None
   seconds = time.time() - start
-  tmp = f"{out}.partial-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
-    convert.export_orbax(convert.Checkpoint(model.config, params, model.tokenizer, "jaxllm"),
-                         tmp, name=f"{spec.method}-int{bits}")
-    spec.save(tmp)
-    if os.path.isdir(out):
-      os.rmdir(out)  # empty (checked above)
-    os.replace(tmp, out)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  common.write_model_dir(out, convert.Checkpoint(model.config, params, model.tokenizer, "jaxllm"),
+                         f"{spec.method}-int{bits}", [spec])
   report = {"method": spec.method, "bits": bits, "group_size": group,
             "symmetric": spec.symmetric, "quantized": list(spec.quantized),
             "memory_bytes_before": qtensor.tree_nbytes(model.params),

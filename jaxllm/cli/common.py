@@ -113,3 +113,42 @@ def config_value(holder):
     path = config_flags.get_config_filename(flags.FLAGS[holder.name])
     raise ConfigError(f"cannot load experiment file {path!r} (missing, or no get_config())"
                       ) from None
+
+
+def empty_out_dir(value: str) -> str:
+  """The absolute path of an `--out` directory that must not exist or be empty."""
+  out = os.path.abspath(value)
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise CommandError(f"--out={value} exists and is not empty (nothing written)")
+  return out
+
+
+def write_model_dir(out: str, checkpoint, name: str, specs=()) -> None:
+  """Writes `checkpoint` (`convert.Checkpoint`) as a jaxllm directory at `out` (checked by
+  `empty_out_dir`), each of `specs` saving its file beside it (`.save(directory)`): under a
+  temporary name, renamed when complete, so a failed run leaves nothing half-written."""
+  import shutil
+
+  from jaxllm.checkpoint import convert
+  tmp = f"{out}.partial-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    convert.export_orbax(checkpoint, tmp, name=name)
+    for spec in specs:
+      spec.save(tmp)
+    if os.path.isdir(out):
+      os.rmdir(out)  # empty (checked by empty_out_dir)
+    os.replace(tmp, out)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def finish_training(result: dict, workdir: str) -> None:
+  """Prints a training run's summary, or how to resume one stopped by a signal (and exits
+  128 + the signal, as the shell does)."""
+  if result["preempted_by"] is not None:
+    print(f"stopped by signal {result['preempted_by']} after step {result['step']}; "
+          f"checkpoint step {result['checkpoint_step']} saved in {workdir}; "
+          "run the same command to resume", file=sys.stderr)
+    sys.exit(128 + result["preempted_by"])
+  print(f"done: { {k: v for k, v in result.items() if k != 'params'} }")

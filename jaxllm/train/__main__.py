@@ -5,7 +5,6 @@ Trains the experiment, or resumes it from the latest checkpoint in the workdir.
 
 from __future__ import annotations
 
-import sys
 
 from absl import app, flags
 
@@ -26,13 +25,7 @@ def main(argv):
   from jaxllm.train import loop
   workdir = _WORKDIR.value or f"runs/{cfg.name}"
   result = loop.train(cfg, workdir, progress=_PROGRESS.value)
-  summary = {k: v for k, v in result.items() if k != "params"}
-  if result["preempted_by"] is not None:
-    print(f"stopped by signal {result['preempted_by']} after step {result['step']}; "
-          f"checkpoint step {result['checkpoint_step']} saved in {workdir}; "
-          "run the same command to resume", file=sys.stderr)
-    sys.exit(128 + result["preempted_by"])
-  print(f"done: {summary}")
+  common.finish_training(result, workdir)
 
 
 if __name__ == "__main__":
