@@ -136,10 +136,8 @@ def sparsegpt(w_IO: np.ndarray, h_II: np.ndarray, target: Target, *, block: int 
           if zeros is not None:
             zeros[col // g] = z
         z = None if zeros is None else zeros[col // g]
-        q, deq = gptq.quantize_column(kept, scales[col // g], z, bits)
-        zero_q, _ = gptq.quantize_column(np.zeros(O), scales[col // g], z, bits)
-        ints[:, col] = np.where(mask[:, col], zero_q, q)
-        kept = np.where(mask[:, col], 0.0, deq)
+        # A pruned weight (0) rounds to the integer of 0, which dequantizes to exactly 0.
+        ints[:, col], kept = gptq.quantize_column(kept, scales[col // g], z, bits)
       W[:, col] = kept
       err = (w - kept) / U1[i, i]
       W1[:, i:] -= np.outer(err, U1[i, i:])
