@@ -22,7 +22,8 @@ class ConfigError(ValueError):
   """An invalid configuration; the message names the key and the reason."""
 
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# offload_dots: the matmul outputs the backward needs are saved in host memory (GPU/TPU).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload_dots")
 ROPE_SCALINGS = ("none", "linear", "llama3", "ntk", "dynamic", "yarn")
 POSITION_ENCODINGS = ("rope", "alibi")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -34,6 +35,12 @@ PACKINGS = ("concat", "best_fit")
 DATA_ORDERS = ("shuffle", "difficulty")
 NORM_PLACEMENTS = ("pre", "post", "sandwich")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+# ZeRO over the data axis (`jaxllm.parallel.zero`): 0 off, 1 optimizer state, 2 and gradients.
+# Stage 3 (parameters too) is FSDP: mesh.fsdp.
+ZERO_STAGES = (0, 1, 2)
+PIPELINE_SCHEDULES = ("auto", "gpipe", "circular", "1f1b")
+# "auto": dynamic loss scaling when model.dtype is float16, none otherwise.
+LOSS_SCALINGS = ("auto", "dynamic", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +198,10 @@ class TrainConfig:
   seed: int = 0
   microbatches: int = 1
   pipeline_chunks: int = 1  # 1 = GPipe; v > 1 = circular schedule, v layer chunks per stage
+  # Pipeline schedule under mesh.stage > 1: gpipe, circular (pipeline_chunks > 1) or 1f1b
+  # (each microbatch's backward right after its forward: activation memory flat in the number
+  # of microbatches); "auto" is circular when pipeline_chunks > 1, else gpipe.
+  pipeline_schedule: str = "auto"
   qat_bits: int = 0  # quantization-aware training: 0 off, 8 or 4 (fake-quantized block weights)
   qat_group_size: int = 128  # rows per scale group for qat_bits (0: per channel)
   # MoE models: coefficients of the load-balancing loss (Switch/GShard: E * sum_e f_e P_e per
@@ -206,6 +217,38 @@ class TrainConfig:
   # each row of seq_len tokens is trained as seq_len/64 rows of 64 (attention within each),
   # then 128 until step 300, then seq_len. Tokens per step and the data stream are unchanged.
   seq_len_schedule: str = ""
+  # float16 training (`jaxllm.train.loss_scale`): the loss is multiplied by a scale before the
+  # backward pass and the gradients divided by it; a step whose gradients are not finite is
+  # skipped and halves the scale, `loss_scale_period` finite steps in a row double it.
+  loss_scaling: str = "auto"
+  loss_scale_init: float = 2.0 ** 15
+  loss_scale_period: int = 2000
+  # "START,COUNT": a jax.profiler trace of steps START .. START + COUNT - 1 into the workdir's
+  # tb/ (TensorBoard's profile plugin and Perfetto read it); empty: no trace.
+  profile_steps: str = ""
+  # The optimizer state lives in host memory (pinned_host) and visits the accelerator for each
+  # step's update (GPU/TPU; `jaxllm.parallel.zero` places it).
+  offload_optimizer: bool = False
+
+
+def parse_profile_steps(spec: str) -> tuple[int, int] | None:
+  """`"5,3"` -> (5, 3); None for an empty spec; raises ConfigError if malformed."""
+  if not spec.strip():
+    return None
+  try:
+    start, count = (int(x) for x in spec.split(","))
+  except ValueError:
+    raise ConfigError(f"train.profile_steps={spec!r} is not START,COUNT (two integers)") \
+        from None
+  if start < 1 or count < 1:
+    raise ConfigError(f"train.profile_steps={spec!r}: START and COUNT must be >= 1")
+  return start, count
+
+
+def loss_scaling_on(config: "Config") -> bool:
+  """Whether the run scales its loss (train.loss_scaling, "auto": for float16 compute)."""
+  mode = config.train.loss_scaling
+  return mode == "dynamic" or (mode == "auto" and config.model.dtype == "float16")
 
 
 def parse_seq_len_schedule(spec: str) -> tuple[tuple[int, int], ...]:
@@ -281,6 +324,9 @@ class MeshConfig:
   # Context parallelism: the sequence of every batch row split over this many devices, in
   # training (forward and backward); attention gathers the keys and values it needs.
   context: int = 1
+  # ZeRO over the data axis: 1 splits the optimizer state over mesh.data, 2 the gradients too
+  # (`jaxllm.parallel.zero`); FSDP (mesh.fsdp) is stage 3 and composes with both.
+  zero_stage: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -538,6 +584,20 @@ def validate(config: Config) -> None:
     raise ConfigError(f"mesh.slices={mesh.slices} must be at least 1")
   if mesh.context < 1:
     raise ConfigError(f"mesh.context={mesh.context} must be a positive device count")
+  if mesh.zero_stage not in ZERO_STAGES:
+    raise ConfigError(f"mesh.zero_stage={mesh.zero_stage} is not one of 0, 1, 2 (ZeRO stage 3, "
+                      "parameters sharded too, is mesh.fsdp)")
+  if t.loss_scaling not in LOSS_SCALINGS:
+    raise ConfigError(f"train.loss_scaling={t.loss_scaling!r} is not one of "
+                      f"{', '.join(LOSS_SCALINGS)}")
+  if not t.loss_scale_init >= 1.0 or t.loss_scale_period < 1:
+    raise ConfigError(f"train.loss_scale_init={t.loss_scale_init} must be >= 1 and "
+                      f"train.loss_scale_period={t.loss_scale_period} >= 1")
+  _validate_pipeline_schedule(config)
+  profile = parse_profile_steps(t.profile_steps)
+  if profile and profile[0] > t.steps:
+    raise ConfigError(f"train.profile_steps={t.profile_steps!r} starts after the last step "
+                      f"(train.steps={t.steps})")
   if t.context_parallel not in CONTEXT_PARALLEL:
     raise ConfigError(f"train.context_parallel={t.context_parallel!r} is not one of "
                       f"{', '.join(CONTEXT_PARALLEL)}")
@@ -547,6 +607,33 @@ def validate(config: Config) -> None:
   if t.seq_len % mesh.context:
     raise ConfigError(f"train.seq_len={t.seq_len} is not divisible by mesh.context="
                       f"{mesh.context}")
+
+
+def pipeline_schedule(t: TrainConfig) -> str:
+  """The schedule train.pipeline_schedule names ("auto" resolved by train.pipeline_chunks)."""
+  if t.pipeline_schedule != "auto":
+    return t.pipeline_schedule
+  return "circular" if t.pipeline_chunks > 1 else "gpipe"
+
+
+def _validate_pipeline_schedule(config: Config) -> None:
+  t, m = config.train, config.model
+  if t.pipeline_schedule not in PIPELINE_SCHEDULES:
+    raise ConfigError(f"train.pipeline_schedule={t.pipeline_schedule!r} is not one of "
+                      f"{', '.join(PIPELINE_SCHEDULES)}")
+  schedule = pipeline_schedule(t)
+  if (schedule == "circular") != (t.pipeline_chunks > 1):
+    raise ConfigError(f"train.pipeline_schedule={schedule} with train.pipeline_chunks="
+                      f"{t.pipeline_chunks}: the circular schedule, and only it, runs "
+                      "pipeline_chunks > 1 layer chunks per stage")
+  if schedule != "1f1b":
+    return
+  if m.n_experts:
+    raise ConfigError("train.pipeline_schedule=1f1b runs dense models (an MoE model's routing "
+                      "losses need every microbatch's statistics first); use gpipe or circular")
+  if loss_scaling_on(config):
+    raise ConfigError("train.pipeline_schedule=1f1b does not scale its loss: use "
+                      "model.dtype=bfloat16 (or train.loss_scaling=none) with it")
 
 
 def _validate_data_mixing(d: DataConfig) -> None:
@@ -678,6 +765,10 @@ def validate_for_devices(config: Config, num_devices: int,
                       f"divisible by mesh.tensor={sizes['tensor']}")
   if m.attention_impl == "cudnn" and platform not in (None, "gpu"):
     raise ConfigError(f"model.attention_impl=cudnn needs a GPU (this machine runs {platform})")
+  # XLA:CPU has one memory space: there is no host memory to offload to.
+  if platform == "cpu" and (t.offload_optimizer or m.remat == "offload_dots"):
+    raise ConfigError("train.offload_optimizer and model.remat=offload_dots move data to host "
+                      "memory, which needs a GPU or TPU (this machine runs cpu)")
   if sizes["expert"] > 1:
     if not m.n_experts:
       raise ConfigError(f"mesh.expert={sizes['expert']} needs an MoE model (model.n_experts > 0);"

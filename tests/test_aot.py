@@ -62,6 +62,26 @@ def test_train_step_compiles_for_v5p_with_the_planned_argument_bytes(tmp_path):
 
 
 @needs_libtpu
+def test_host_offload_compiles_for_v5p_and_moves_bytes_to_host_memory():
+  """train.offload_optimizer + model.remat=offload_dots on a 4-chip v5p: the optimizer state
+  is a host-memory argument (plan's bytes on both sides), the saved matmul outputs are host
+  temporaries, and the step's peak device memory falls against the same step without them."""
+  base = _small_tiny(data=2, fsdp=2)
+  cfg = dataclasses.replace(
+      base, model=dataclasses.replace(base.model, remat="offload_dots"),
+      train=dataclasses.replace(base.train, offload_optimizer=True))
+  target = aot.tpu_target("v5p-8")
+  before, after = aot.compile_for_tpu(base, target), aot.compile_for_tpu(cfg, target)
+  planned = plan.plan(cfg, 4, compile_check=False, platform="tpu")
+  assert after["host_argument_bytes"] == planned["host_argument_bytes"] > 0
+  assert after["argument_bytes"] == planned["argument_bytes"]
+  assert (before["argument_bytes"] - after["argument_bytes"]
+          == planned["host_argument_bytes"])
+  assert after["host_temp_bytes"] > 0 and before["host_temp_bytes"] == 0
+  assert after["peak_bytes"] < before["peak_bytes"]
+
+
+@needs_libtpu
 def test_ring_context_parallel_compiles_for_v5p_with_the_flash_kernel(tmp_path):
   """train.context_parallel=ring over context=2 x data=2: every ring block runs our Mosaic
   kernel inside the shard_map and the cond that picks its chunks, and compiles for v5p."""

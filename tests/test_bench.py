@@ -66,14 +66,18 @@ def test_bench_attention_json_on_cpu(tmp_path):
 
 
 def test_bench_pipeline_json():
-  proc = _run("pipeline", "--json", "--stages=2", "--repeats=1", *SMALL[:-1],
-              xla_flags="--xla_force_host_platform_device_count=2")
+  proc = _run("pipeline", "--json", "--stages=2", "--repeats=1", "--pipeline_memory=2,8",
+              *SMALL[:-1], xla_flags="--xla_force_host_platform_device_count=2")
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   rows = result["rows"]
   assert [(r["stages"], r["microbatches"]) for r in rows] == [(2, 1), (2, 2), (2, 4), (2, 8)]
   assert [r["formula_bubble"] for r in rows] == [1 / 2, 1 / 3, 1 / 5, 1 / 9]
   assert all(r["step_s"] > 0 and r["measured_bubble"] < 1 for r in rows)
+  # Two layers cannot make 2 stages x 2 circular chunks: GPipe and 1F1B only.
+  memory = {(r["schedule"], r["microbatches"]): r["temp_bytes"] for r in result["memory"]}
+  assert sorted(memory) == [("1f1b", 2), ("1f1b", 8), ("gpipe", 2), ("gpipe", 8)]
+  assert memory["gpipe", 8] - memory["gpipe", 2] > 2 * (memory["1f1b", 8] - memory["1f1b", 2])
 
 
 def test_bench_decode_json(tmp_path):

@@ -60,6 +60,17 @@ def test_default_experiment_is_valid():
     ("train", dict(seq_len_schedule="8:10,16"), "entry '16' is not length:until_step"),
     ("train", dict(seq_len_schedule="12:10"), "length 12 does not divide train.seq_len=32"),
     ("train", dict(seq_len_schedule="16:10,8:20"), "lengths and steps must increase"),
+    ("mesh", dict(zero_stage=3), "mesh.zero_stage=3 is not one of 0, 1, 2 (ZeRO stage 3"),
+    ("train", dict(pipeline_schedule="zero_bubble"), "train.pipeline_schedule='zero_bubble'"),
+    ("train", dict(pipeline_schedule="1f1b", pipeline_chunks=2),
+     "the circular schedule, and only it, runs pipeline_chunks > 1"),
+    ("train", dict(pipeline_schedule="circular"), "train.pipeline_schedule=circular with train."
+     "pipeline_chunks=1"),
+    ("train", dict(loss_scaling="static"), "train.loss_scaling='static' is not one of"),
+    ("train", dict(loss_scale_init=0.5), "train.loss_scale_init=0.5 must be >= 1"),
+    ("train", dict(profile_steps="5"), "train.profile_steps='5' is not START,COUNT"),
+    ("train", dict(profile_steps="0,2"), "START and COUNT must be >= 1"),
+    ("train", dict(profile_steps="30,2"), "starts after the last step (train.steps=20)"),
 ])
 def test_invalid_values_name_the_key(section, values, fragment):
   with pytest.raises(config_lib.ConfigError, match=None) as info:
@@ -90,6 +101,16 @@ def test_pipeline_and_kernel_choices_are_checked_before_compiling():
         tiny_experiment(mesh=dict(data=1, stage=2), train=dict(microbatches=3)), 2)
   with pytest.raises(config_lib.ConfigError, match="mesh.expert=2 needs an MoE model"):
     config_lib.validate_for_devices(tiny_experiment(mesh=dict(data=1, expert=2)), 2)
+  with pytest.raises(config_lib.ConfigError, match="1f1b does not scale its loss"):
+    tiny_experiment(model=dict(dtype="float16"), train=dict(pipeline_schedule="1f1b"))
+  with pytest.raises(config_lib.ConfigError, match="1f1b runs dense models"):
+    tiny_experiment(model=dict(n_experts=4, experts_per_token=2),
+                    train=dict(pipeline_schedule="1f1b"))
+  for cfg in (tiny_experiment(train=dict(offload_optimizer=True)),
+              tiny_experiment(model=dict(remat="offload_dots"))):
+    with pytest.raises(config_lib.ConfigError, match="needs a GPU or TPU .this machine runs cpu"):
+      config_lib.validate_for_devices(cfg, 8, "cpu")
+    assert config_lib.validate_for_devices(cfg, 8, "gpu")
   with pytest.raises(config_lib.ConfigError, match="cudnn needs a GPU"):
     config_lib.validate_for_devices(tiny_experiment(model=dict(attention_impl="cudnn")), 8,
                                     "cpu")

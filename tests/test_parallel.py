@@ -67,8 +67,9 @@ def _train(cfg, devices):
   graphdef, _, shardings, optimizer = loop.state_shardings(cfg, mesh)
   state = loop.initial_state(cfg, optimizer, shardings)
   batch_sh = rules.batch_sharding(mesh)
-  step = mesh_lib.under_mesh(jax.jit(step_lib.make_train_step(graphdef, optimizer, cfg.train),
-                                     in_shardings=(shardings, batch_sh),
+  step_fn = step_lib.make_train_step(graphdef, optimizer, cfg.train,
+                                    grad_shardings=loop.gradient_shardings(cfg, shardings, mesh))
+  step = mesh_lib.under_mesh(jax.jit(step_fn, in_shardings=(shardings, batch_sh),
                                      out_shardings=(shardings, None)), mesh)
   losses = []
   for batch in _batches(cfg):
@@ -102,12 +103,34 @@ RING = {"cp2_ring": dict(data=1, context=2), "cp4_ring": dict(data=1, context=4)
         "fsdp2_cp2_pp2_ring": dict(data=1, fsdp=2, context=2, stage=2)}
 
 
-@pytest.mark.parametrize("name", list(MESHES) + list(CIRCULAR) + list(RING))
+# ZeRO-1/2 over the data axis, alone and beside FSDP, tensor and pipeline parallelism (the
+# dp4 case accumulates 2 microbatches of gradients in their ZeRO-2 shards).
+ZERO = {"dp8_zero1": dict(data=8, zero_stage=1), "dp8_zero2": dict(data=8, zero_stage=2),
+        "dp4_zero2_accum2": dict(data=4, zero_stage=2),
+        "dp2_fsdp2_tp2_zero1": dict(data=2, fsdp=2, tensor=2, zero_stage=1),
+        "dp2_fsdp2_tp2_zero2": dict(data=2, fsdp=2, tensor=2, zero_stage=2),
+        "dp2_tp2_pp2_zero2": dict(data=2, tensor=2, stage=2, zero_stage=2)}
+
+
+# The 1F1B schedule (loss and backward inside the pipeline), alone and with FSDP, TP, sequence
+# parallelism and ZeRO.
+ONE_F_ONE_B = {"pp2_1f1b": dict(data=1, stage=2), "pp4_1f1b": dict(data=1, stage=4),
+               "fsdp2_tp2_pp2_1f1b": dict(data=1, fsdp=2, tensor=2, stage=2),
+               "dp2_tp2_pp2_sp_zero2_1f1b": dict(data=2, tensor=2, stage=2,
+                                                 sequence_parallel=True, zero_stage=2)}
+
+
+@pytest.mark.parametrize("name", list(MESHES) + list(CIRCULAR) + list(RING) + list(ZERO)
+                         + list(ONE_F_ONE_B))
 def test_sharded_training_equals_single_device(name, single_device):
-  mesh = {**MESHES, **CIRCULAR, **RING}[name]
-  n = int(np.prod(list(mesh.values())))
+  mesh = {**MESHES, **CIRCULAR, **RING, **ZERO, **ONE_F_ONE_B}[name]
+  n = int(np.prod([v for k, v in mesh.items() if k != "zero_stage"]))
   # Circular: 4 layers in 2 stages x 2 chunks, 4 microbatches going around the ring twice.
   train = dict(context_parallel="ring") if name in RING else {}
+  if name in ONE_F_ONE_B:
+    train["pipeline_schedule"] = "1f1b"
+  if name.endswith("accum2"):
+    train["grad_accum"] = 2
   state, losses = _train(_config(mesh, chunks=2 if name in CIRCULAR else 1, **train),
                          jax.devices()[:n])
   _assert_trains_alike(state, losses, *single_device)
@@ -181,6 +204,38 @@ def test_fsdp8_holds_an_eighth_of_params_and_optimizer_state():
   state = loop.initial_state(cfg, optimizer, shardings)
   assert abs(_device0_fraction(state["params"]) - 1 / 8) <= 0.02 / 8
   assert abs(_device0_fraction(state["opt_state"]) - 1 / 8) <= 0.02 / 8
+
+
+@pytest.mark.parametrize("mesh", [dict(data=8, zero_stage=1),
+                                  dict(data=2, fsdp=2, tensor=2, zero_stage=2)],
+                         ids=["dp8_zero1", "dp2_fsdp2_tp2_zero2"])
+def test_zero_holds_an_nth_of_the_optimizer_moments_to_the_byte(mesh):
+  """Each device holds 1/data of the Adam moments it holds without ZeRO (on top of the split
+  fsdp and tensor give them); only the step counters stay whole. Stage 2 pins the gradients
+  to the same shards."""
+  def held_moments(cfg):
+    device_mesh = mesh_lib.make_mesh(cfg.mesh)
+    _, _, shardings, optimizer = loop.state_shardings(cfg, device_mesh)
+    state = loop.initial_state(cfg, optimizer, shardings)
+    moments = [x for x in jax.tree.leaves(state["opt_state"]) if x.ndim]
+    counters = [x for x in jax.tree.leaves(state["opt_state"]) if not x.ndim]
+    assert counters and all(x.sharding.is_fully_replicated for x in counters)
+    held = {d: sum(s.data.nbytes for x in moments for s in x.addressable_shards
+                   if s.device == d) for d in jax.devices()}
+    return held, state, shardings, device_mesh
+
+  cfg = _config(mesh)
+  without, _, _, _ = held_moments(_config({**mesh, "zero_stage": 0}))
+  held, state, shardings, device_mesh = held_moments(cfg)
+  for device in jax.devices():
+    assert held[device] * cfg.mesh.data == without[device], (device, held, without)
+  grads = loop.gradient_shardings(cfg, shardings, device_mesh)
+  if cfg.mesh.zero_stage == 2:
+    mu = state["opt_state"][-1][0].mu  # clip_by_global_norm, then adamw's ScaleByAdamState
+    assert ([s.spec for s in jax.tree.leaves(grads)]
+            == [x.sharding.spec for x in jax.tree.leaves(mu)])
+  else:
+    assert grads is None
 
 
 def test_tensor_parallel_splits_megatron_style():

@@ -49,6 +49,9 @@ _WIDTH = flags.DEFINE_integer("width", None, "attention: heads x head_dim (defau
 _REPEATS = flags.DEFINE_integer("repeats", 5, "attention, pipeline, decode: timed calls per "
                                 "measurement.", lower_bound=1)
 _STAGES = flags.DEFINE_list("stages", ["2", "4"], "pipeline: stage counts to measure.")
+_PIPELINE_MEMORY = flags.DEFINE_list(
+    "pipeline_memory", [], "pipeline: microbatch counts at which to compile each schedule "
+    "(GPipe, circular, 1F1B) and report its memory (e.g. 4,8,16; empty: skip).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "decode, serve, passkey: model to load (default: "
                                   "SmolLM2-135M-Instruct via jaxllm.fetch).")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8", "32"], "decode: batch sizes.")
@@ -209,7 +212,8 @@ def main(argv):
     from jaxllm.bench import pipeline
     cfg = config_lib.from_config_dict(common.config_value(_CONFIG))
     stages = _integers(_STAGES)
-    result = pipeline.run(cfg, stages=stages, repeats=_REPEATS.value)
+    result = pipeline.run(cfg, stages=stages, repeats=_REPEATS.value,
+                          memory_microbatches=tuple(_integers(_PIPELINE_MEMORY, [])))
     text = pipeline.table(result)
   else:
     from jaxllm import config as config_lib

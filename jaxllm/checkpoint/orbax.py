@@ -50,8 +50,8 @@ class Checkpointer:
     step = int(jax.device_get(state["step"]))
     items = {
         "params": ocp.args.StandardSave(state["params"]),
-        "train_state": ocp.args.StandardSave(
-            {"opt_state": state["opt_state"], "step": state["step"], "rng": state["rng"]}),
+        # opt_state, step, rng (and the loss scale of a float16 run)
+        "train_state": ocp.args.StandardSave({k: v for k, v in state.items() if k != "params"}),
     }
     if data_iterator is not None:
       items["data"] = ocp.args.JsonSave(json.loads(data_iterator.get_state()))
@@ -74,8 +74,8 @@ class Checkpointer:
     abstract_state = _abstract(abstract_state)
     items = {
         "params": ocp.args.StandardRestore(abstract_state["params"]),
-        "train_state": ocp.args.StandardRestore({k: abstract_state[k]
-                                                 for k in ("opt_state", "step", "rng")}),
+        "train_state": ocp.args.StandardRestore({k: v for k, v in abstract_state.items()
+                                                 if k != "params"}),
     }
     legacy_data = self._legacy_data_state(step)
     if data_iterator is not None and legacy_data is None:

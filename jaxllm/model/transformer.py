@@ -26,12 +26,16 @@ from jaxllm.model.attention import Attention
 from jaxllm.model.layers import RMSNorm, param
 from jaxllm.model.mlp import MLP
 from jaxllm.model.moe import MoE
-from jaxllm.parallel import pipeline, placement, rules
+from jaxllm.parallel import pipeline, pipeline_1f1b, placement, rules
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The weight matmuls' outputs go to host memory in the forward and come back for the
+    # backward: device memory of "full", recomputation of "dots_no_batch".
+    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device",
+                                                                           "pinned_host"),
 }
 
 
@@ -216,15 +220,53 @@ class Transformer(nnx.Module):
     return x_BTD
 
   def _logits(self, x_BTD):
-    x_BTD = self.final_norm(x_BTD)
-    if self.cfg.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", x_BTD, self.embed[...].astype(x_BTD.dtype),
-                          preferred_element_type=jnp.float32)
-    else:
-      logits = jnp.einsum("btd,dv->btv", x_BTD, self.lm_head[...].astype(x_BTD.dtype),
-                          preferred_element_type=jnp.float32)
+    norm_graphdef, head_params = self._head()
+    return self._head_logits(x_BTD, norm_graphdef, head_params)
+
+  def _head(self):
+    """(graphdef of the final norm, head params: (its state, the output matrix))."""
+    norm_graphdef, norm_state = nnx.split(self.final_norm)
+    weight = self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...]
+    return norm_graphdef, (norm_state, weight)
+
+  def _head_logits(self, x_BTD, norm_graphdef, head_params):
+    """Final norm and output projection as a pure function of the head params: logits
+    `[B, T, V]` float32 (tied: `[V, D]` embedding; else `[D, V]` lm_head)."""
+    norm_state, weight = head_params
+    x_BTD = nnx.merge(norm_graphdef, norm_state)(x_BTD)
+    spec = "btd,vd->btv" if self.cfg.tie_embeddings else "btd,dv->btv"
+    logits = jnp.einsum(spec, x_BTD, weight.astype(x_BTD.dtype),
+                        preferred_element_type=jnp.float32)
     cap = self.cfg.final_logit_soft_cap
     return cap * jnp.tanh(logits / cap) if cap else logits
+
+  def pipeline_loss(self, tokens_BT: jax.Array, positions_BT: jax.Array,
+                    segment_ids_BT: jax.Array | None, targets_BT: jax.Array,
+                    weights_BT: jax.Array, loss_fn, *, microbatches: int):
+    """Training loss of a dense model under the 1F1B pipeline schedule
+    (`jaxllm.parallel.pipeline_1f1b`): (summed loss, (summed NLL, summed weight)).
+
+    `loss_fn(logits_BTV, targets_BT, weights_BT) -> (loss, (nll, weight))` is applied by the
+    last stage to each microbatch, so that its backward can start at once."""
+    (dense_gd, dense), _ = self._stacks()
+    axes = self.activation_axes
+
+    def unit(x, p, pos, seg):
+      x, _ = nnx.merge(dense_gd, p["block"])(x, pos, seg, p["depth"])
+      return rules.constrain(x, axes), None
+
+    norm_graphdef, head_params = self._head()
+
+    def head(y, head_params, targets, weights):
+      # Whole rows of logits: XLA's partitioner aborts on the loss's gather along a vocab split
+      # over `tensor` inside the pipeline's shard_map (jax 0.10, CPU), so the split is undone.
+      logits = self._head_logits(y, norm_graphdef, head_params)
+      return loss_fn(rules.constrain(logits, ("batch", "length", None)), targets, weights)
+
+    x_BTD = rules.constrain(self.embed_tokens(tokens_BT), axes)
+    units = {"block": dense, "depth": jnp.asarray(self.layout.dense_depths())}
+    return pipeline_1f1b.run(self._remat(unit), head, x_BTD, units, head_params, positions_BT,
+                             segment_ids_BT, targets_BT, weights_BT, microbatches=microbatches)
 
   def _remat(self, fn):
     if self.cfg.remat == "none":

@@ -102,7 +102,10 @@ def analysis(compiled, seconds: float) -> dict:
     out.update(argument_bytes=memory.argument_size_in_bytes,
                output_bytes=memory.output_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
                alias_bytes=memory.alias_size_in_bytes,
-               code_bytes=memory.generated_code_size_in_bytes)
+               code_bytes=memory.generated_code_size_in_bytes,
+               # host memory (offloaded optimizer state and activations)
+               host_argument_bytes=getattr(memory, "host_argument_size_in_bytes", 0),
+               host_temp_bytes=getattr(memory, "host_temp_size_in_bytes", 0))
     # Live at once: inputs, outputs not written in place of a donated input, scratch, code.
     out["peak_bytes"] = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                          - memory.alias_size_in_bytes + memory.temp_size_in_bytes

@@ -10,7 +10,11 @@ heads and mlp divided by mesh.tensor):
   remat none           c * (4 D + 2 (H + K) Dh + 3 F) (+ 4 H T for XLA's materialised softmax)
   remat dots*          c * (2 D + (2 H + 2 K) Dh + 2 F)   matmul outputs only
   remat full           c * D                               the layer input; one layer recomputed
-plus the float32 logits and their gradient (8 V / tensor bytes per token). In an MoE layer the
+  remat offload_dots   as full on the device (the matmul outputs wait in host memory)
+plus the float32 logits and their gradient (8 V / tensor bytes per token). Under mesh.stage > 1
+GPipe and circular keep every microbatch's activations until the flush (times m); 1F1B keeps
+one microbatch's, its stash of stage inputs (`pipeline_1f1b.stash_size`, 4 D bytes per token
+each) and the batch's inputs and input cotangents (8 D bytes per token of the whole batch). In an MoE layer the
 MLP's 3 F becomes each token's k expert slots, 3 k F (+ 3 F_shared for shared experts), plus
 the dispatch copies: the sorted token rows and their outputs, 2 k D (F over mesh.tensor).
 
@@ -28,12 +32,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jaxllm import config as config_lib
 from jaxllm.model import transformer
 from jaxllm.ops import attention as attention_ops
-from jaxllm.parallel import pipeline, rules
+from jaxllm.parallel import pipeline, pipeline_1f1b, rules, zero
 from jaxllm.train import optim
 
 
@@ -62,17 +65,22 @@ def _per_device_bytes(abstract_tree, spec_tree, sizes, granule: int = 1) -> floa
 
 
 def _argument_bytes(cfg, sizes, params, param_specs, opt, opt_specs, granule: int) -> float:
-  """Per-device bytes of the train step's inputs: the state (params, optimizer state, step and
-  rng) and one global batch of five `[B, T]` 32-bit arrays split over the batch shards."""
+  """Per-device bytes of the train step's inputs in device memory: the state (params, optimizer
+  state unless it is offloaded to the host, step and rng) and one global batch of five `[B, T]`
+  32-bit arrays split over the batch shards."""
   P = jax.sharding.PartitionSpec
   scalars = {"step": jax.ShapeDtypeStruct((), jnp.int32),
              "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+  if config_lib.loss_scaling_on(cfg):  # the dynamic loss scale's state
+    scalars["scale"] = jax.ShapeDtypeStruct((), jnp.float32)
+    scalars["good_steps"] = jax.ShapeDtypeStruct((), jnp.int32)
   shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
   batch = [jax.ShapeDtypeStruct((cfg.train.batch_size // shards, cfg.train.seq_len), jnp.int32)
            ] * 5
   return (_per_device_bytes(params, param_specs, sizes, granule)
-          + _per_device_bytes(opt, opt_specs, sizes, granule)
-          + _per_device_bytes(scalars, {"step": P(), "rng": P()}, sizes, granule)
+          + (0 if cfg.train.offload_optimizer else _per_device_bytes(opt, opt_specs, sizes,
+                                                                      granule))
+          + _per_device_bytes(scalars, {k: P() for k in scalars}, sizes, granule)
           + _per_device_bytes(batch, [P()] * 5, sizes, granule))
 
 
@@ -93,7 +101,7 @@ def _activation_bytes(cfg: config_lib.Config, sizes: dict, layers_per_stage: int
   # Sequence parallelism splits the residual stream (the norms' inputs and outputs, the D-wide
   # terms) over the tensor axis too.
   Dr = D / tp if cfg.mesh.sequence_parallel else D
-  if m.remat == "full":
+  if m.remat in ("full", "offload_dots"):  # offload: the dots wait in host memory instead
     per_token_layer = c * Dr
     recompute = c * (4 * Dr + 2 * (H + K) * Dh + 3 * F)  # one layer live during its backward
   elif m.remat in ("dots", "dots_no_batch"):
@@ -126,7 +134,8 @@ def _activation_bytes(cfg: config_lib.Config, sizes: dict, layers_per_stage: int
     # blocks in the backward (jax.checkpoint) and keeps none; about five rows' worth of its
     # blocks are live at once.
     scores = 4 * H * T
-    saved, transient = {"none": (3, 2), "full": (0, 4)}.get(m.remat, (1, 4))
+    saved, transient = {"none": (3, 2), "full": (0, 4), "offload_dots": (0, 4)}.get(m.remat,
+                                                                                (1, 4))
     if context > 1 and t.context_parallel == "ring":
       saved, transient = 0, 5
     per_token_layer += saved * scores
@@ -137,9 +146,17 @@ def _activation_bytes(cfg: config_lib.Config, sizes: dict, layers_per_stage: int
   tokens = micro * T / context
   gathered_kv = c * 2 * K * Dh * micro * T * layers_per_stage if context > 1 else 0.0
   in_flight = 1
+  logits = 8 * m.vocab_size / tp * tokens
+  if sizes["stage"] > 1 and config_lib.pipeline_schedule(t) == "1f1b":
+    # One microbatch's activations at a time (its backward recomputes them from the stashed
+    # stage input); the stash of float32 stage inputs, and the batch's inputs and their
+    # cotangents ([B, T, D] float32 each); whole-vocab logits of one microbatch.
+    mb = max(t.microbatches, 1)
+    stash = pipeline_1f1b.stash_size(sizes["stage"], mb) * tokens * 4 * D
+    return (tokens * (per_token_layer * layers_per_stage + recompute) + gathered_kv + stash
+            + 2 * mb * tokens * 4 * D + tokens * transient + 8 * m.vocab_size * tokens)
   if sizes["stage"] > 1:  # GPipe keeps every microbatch's activations until the flush
     in_flight = max(t.microbatches, 1)
-  logits = 8 * m.vocab_size / tp * tokens
   return (tokens * (per_token_layer * layers_per_stage + recompute) + gathered_kv) * in_flight + (
       tokens * transient + logits)
 
@@ -158,10 +175,11 @@ def plan(cfg: config_lib.Config, num_devices: int, *, compile_check: bool = True
                              abstract_params, is_leaf=lambda x: isinstance(x, tuple))
   optimizer = optim.make_optimizer(cfg.train)
   abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-  replicated = jax.sharding.PartitionSpec()
-  opt_specs = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_specs,
-                                    transform_non_params=lambda _: replicated,
-                                    is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+  opt_specs = zero.optimizer_specs(optimizer, abstract_opt, param_specs, sizes,
+                                   cfg.mesh.zero_stage)
+  grad_specs = param_specs if cfg.mesh.zero_stage < 2 else jax.tree.map(
+      lambda s, x: zero.shard_over_data(s, x.shape, sizes), param_specs, abstract_params,
+      is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
   n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
   stage = sizes["stage"]
   layers_per_stage = math.ceil(cfg.model.n_layers / stage)
@@ -170,7 +188,9 @@ def plan(cfg: config_lib.Config, num_devices: int, *, compile_check: bool = True
   result = {
       "config": cfg.name, "devices": num_devices, "mesh": sizes, "params": n_params,
       "param_bytes": params,
-      "grad_bytes": params,  # gradients take the params' dtype and sharding
+      # gradients take the params' dtype and sharding (ZeRO-2: the moments' sharding)
+      "grad_bytes": _per_device_bytes(abstract_params, grad_specs, sizes),
+      "zero_stage": cfg.mesh.zero_stage,
       "optimizer_bytes": _per_device_bytes(abstract_opt, opt_specs, sizes),
       "activation_bytes": _activation_bytes(cfg, sizes, layers_per_stage, platform),
       "remat": cfg.model.remat,
@@ -183,15 +203,31 @@ def plan(cfg: config_lib.Config, num_devices: int, *, compile_check: bool = True
                                      + result["optimizer_bytes"]) / n_params
   if cfg.model.n_experts:
     result["moe"] = _moe_plan(cfg, sizes, abstract_params, param_specs)
+  # Offloaded, the optimizer state waits in host memory and visits the device leaf by leaf
+  # for the update (estimate: its largest leaf at a time).
+  opt_on_device = result["optimizer_bytes"]
+  result["host_argument_bytes"] = 0.0
+  if cfg.train.offload_optimizer:
+    result["host_argument_bytes"] = _per_device_bytes(abstract_opt, opt_specs, sizes, granule)
+    opt_on_device = max(_per_device_bytes([x], [s], sizes) for x, s in zip(
+        jax.tree.leaves(abstract_opt), jax.tree.leaves(
+            opt_specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))))
   result["total_bytes"] = (result["param_bytes"] + result["grad_bytes"]
-                           + result["optimizer_bytes"] + result["activation_bytes"])
+                           + opt_on_device + result["activation_bytes"])
   m = max(cfg.train.microbatches, 1)
   v = cfg.train.pipeline_chunks
+  schedule = config_lib.pipeline_schedule(cfg.train)
   result["bubble"] = {"gpipe": pipeline.bubble_fraction(stage, m),
-                      "configured": pipeline.bubble_fraction(stage, m, v),
-                      "schedule": "gpipe" if v == 1 else f"circular x{v}"}
+                      "configured": (pipeline_1f1b.bubble_fraction(stage, m)
+                                     if schedule == "1f1b"
+                                     else pipeline.bubble_fraction(stage, m, v)),
+                      "schedule": schedule if v == 1 else f"circular x{v}"}
   result["compiled"] = None
-  if compile_check and stage == 1 and num_devices <= jax.device_count():
+  # Host offload has no host memory to go to on CPU: nothing local to compile it for.
+  offloads = cfg.train.offload_optimizer or cfg.model.remat == "offload_dots"
+  local_cpu = jax.default_backend() == "cpu"
+  if (compile_check and stage == 1 and num_devices <= jax.device_count()
+      and not (offloads and local_cpu)):
     from jaxllm.planner import aot
     compiled = aot.compile_train_step(cfg, jax.devices()[:num_devices])
     result["compiled"] = compiled if "argument_bytes" in compiled else None
@@ -239,7 +275,9 @@ def table(result: dict) -> str:
       ("mesh", f"{mesh} ({result['devices']} devices)"),
       ("params / device", gib(result["param_bytes"])),
       ("grads / device", gib(result["grad_bytes"])),
-      ("optimizer / device", gib(result["optimizer_bytes"])),
+      ("optimizer / device", gib(result["optimizer_bytes"])
+       + (f" (ZeRO-{result['zero_stage']} over data)" if result["zero_stage"] else "")
+       + (" in host memory" if result["host_argument_bytes"] else "")),
       ("state bytes / param", f"{result['state_bytes_per_param']:.2f} (per device)"),
       (f"activations (remat {result['remat']})", gib(result["activation_bytes"]) + " (estimate)"),
       ("total / device", gib(result["total_bytes"])),

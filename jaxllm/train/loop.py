@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-import optax
+from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
@@ -21,10 +21,10 @@ from jaxllm.data import corpus as corpus_lib
 from jaxllm.data import pipeline
 from jaxllm.model import transformer
 from jaxllm.parallel import mesh as mesh_lib
-from jaxllm.parallel import rules
+from jaxllm.parallel import rules, zero
 from jaxllm.train import distill
 from jaxllm.train import metrics as metrics_lib
-from jaxllm.train import optim, step as step_lib
+from jaxllm.train import optim, profiling, step as step_lib
 from jaxllm.train import workdir as workdir_lib
 
 
@@ -64,16 +64,29 @@ def state_shardings(cfg: config_lib.Config, mesh):
       context_parallel=cfg.train.context_parallel)
   optimizer = optim.make_optimizer(cfg.train)
   param_sh = rules.tree_shardings(transformer.logical_axes(cfg.model), abstract_params, mesh)
-  abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, optimizer, cfg.train.seed),
-                                  abstract_params)
+  abstract_state = jax.eval_shape(lambda p: fresh_state(cfg, p, optimizer), abstract_params)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  # Optimizer moments take their parameter's sharding (ZeRO: FSDP shards them too); counters
-  # and other non-parameter leaves are replicated.
-  opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, abstract_state["opt_state"],
-                                 param_sh, transform_non_params=lambda _: replicated)
+  # Optimizer moments take their parameter's sharding (FSDP and tensor parallelism split them
+  # alike), and from ZeRO stage 1 a split over the data axis too.
+  opt_sh = zero.state_shardings(optimizer, abstract_state["opt_state"], param_sh, mesh,
+                                cfg.mesh.zero_stage, cfg.train.offload_optimizer)
   shardings = jax.tree.map(lambda _: replicated, abstract_state)
   shardings["params"], shardings["opt_state"] = param_sh, opt_sh
   return graphdef, abstract_state, shardings, optimizer
+
+
+def fresh_state(cfg: config_lib.Config, params, optimizer) -> step_lib.TrainState:
+  """The train state of step 0 around `params` (with the loss scale when the run scales)."""
+  scale = cfg.train.loss_scale_init if config_lib.loss_scaling_on(cfg) else None
+  return step_lib.init_state(params, optimizer, cfg.train.seed, scale)
+
+
+def gradient_shardings(cfg: config_lib.Config, shardings, mesh):
+  """Where the train step pins gradients: the moments' layout under ZeRO stage 2, else None."""
+  if cfg.mesh.zero_stage < 2:
+    return None
+  _, abstract_params = transformer.abstract_params(cfg.model)
+  return zero.gradient_shardings(abstract_params, shardings["params"], mesh, cfg.mesh.zero_stage)
 
 
 def jit_train_step(cfg: config_lib.Config, graphdef, optimizer, shardings, batch_sharding,
@@ -82,13 +95,18 @@ def jit_train_step(cfg: config_lib.Config, graphdef, optimizer, shardings, batch
   new one is written in its place). With `teacher` = (distill.Teacher, its params' shardings)
   the teacher's params are a third, undonated argument, bound here: the result still takes
   (state, batch)."""
+  mesh = jax.tree.leaves(shardings)[0].mesh
+  grad_sh = gradient_shardings(cfg, shardings, mesh)
+  offload = ((zero.on_device(shardings["opt_state"]), shardings["opt_state"])
+             if cfg.train.offload_optimizer else None)
   if teacher is None:
-    return jax.jit(step_lib.make_train_step(graphdef, optimizer, cfg.train),
+    return jax.jit(step_lib.make_train_step(graphdef, optimizer, cfg.train,
+                                            grad_shardings=grad_sh, offload=offload),
                    in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                    donate_argnums=0)
   t, t_shardings = teacher
   step = jax.jit(step_lib.make_train_step(graphdef, optimizer, cfg.train,
-                                          (t.graphdef, cfg.distill)),
+                                          (t.graphdef, cfg.distill), grad_sh, offload),
                  in_shardings=(shardings, batch_sharding, t_shardings),
                  out_shardings=(shardings, None), donate_argnums=0)
   return lambda state, batch: step(state, batch, t.params)
@@ -98,12 +116,11 @@ def initial_state(cfg: config_lib.Config, optimizer, shardings, params=None):
   """The freshly initialised train state, created directly in its shardings (from `params`,
   host arrays, when given: a student initialised from its teacher)."""
   if params is not None:
-    return jax.jit(lambda p: step_lib.init_state(p, optimizer, cfg.train.seed),
-                   out_shardings=shardings)(params)
+    return jax.jit(lambda p: fresh_state(cfg, p, optimizer), out_shardings=shardings)(params)
 
   def init():
     _, params = transformer.split(transformer.create(cfg.model, cfg.train.seed))
-    return step_lib.init_state(params, optimizer, cfg.train.seed)
+    return fresh_state(cfg, params, optimizer)
   return jax.jit(init, out_shardings=shardings)()
 
 
@@ -148,6 +165,25 @@ def _tokenizer(cfg: config_lib.Config, workdir: str, corpus, teacher, say):
       workdir_lib.prepare_tokenizer(workdir, cfg, corpus)
     multihost_utils.sync_global_devices("jaxllm:tokenizer")
   return workdir_lib.prepare_tokenizer(workdir, cfg, corpus)
+
+
+def log_compiles(compile_log: profiling.CompileLog, writer, step: int, length: int,
+                  compiled_lengths: set[int]) -> None:
+  """One metrics row per compilation since the last call (`compile` the function, `compile_s`
+  its seconds, `compiles` its count so far); a train step compiled again for a row length it
+  has compiled before is a recompilation, and a warning."""
+  for name, (_, seconds) in compile_log.take().items():
+    row = {"step": step, "compile": name, "compile_s": seconds,
+           "compiles": compile_log.counts[name]}
+    if name == "train_step":
+      if length in compiled_lengths:
+        row["recompiled"] = True
+        logging.warning(
+            "train_step compiled again at step %d (%.1f s; %d compilations so far): the "
+            "shapes, dtypes or shardings of its inputs changed since its first step", step,
+            seconds, compile_log.counts[name])
+      compiled_lengths.add(length)
+    writer.write(row)
 
 
 def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
@@ -230,8 +266,12 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
   interval_start, interval_tokens, saved_step = time.perf_counter(), 0.0, resume_step
   interval_padding = interval_rows = 0
   stopped_by: int | None = None
+  compile_log = profiling.CompileLog(("train_step", "eval_step"))
+  trace = profiling.TraceWindow(config_lib.parse_profile_steps(cfg.train.profile_steps),
+                                os.path.join(workdir, workdir_lib.TB_DIR))
+  compiled_lengths: set[int] = set()
   try:
-    with _PreemptionGuard() as guard:
+    with _PreemptionGuard() as guard, compile_log:
       for step in range(start + 1, cfg.train.steps + 1):
         host_batch = next(train_iter)
         interval_padding += int(np.sum(host_batch["segment_ids"] == 0))
@@ -239,7 +279,12 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
         length = config_lib.seq_len_at(schedule, cfg.train.seq_len, step)
         if length < cfg.train.seq_len:  # the sequence-length warm-up (one compile per length)
           host_batch = pipeline.split_rows(host_batch, length)
+        trace.before(step)
         state, metrics = train_step(state, _to_global(host_batch, batch_sh))
+        if trace.after(step, metrics):
+          say(f"profile: steps {step - trace.count + 1}-{step} traced into "
+              f"{workdir}/{workdir_lib.TB_DIR}")
+        log_compiles(compile_log, writer, step, length, compiled_lengths)
         interval_tokens += cfg.train.batch_size * cfg.train.seq_len
         final = step == cfg.train.steps
         due_log = step % cfg.train.log_every == 0 or final or step == start + 1
@@ -247,15 +292,20 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
         if due_log or due_ckpt:
           values = {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
                     for k, v in jax.device_get(metrics).items()}
-          if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+          # Under loss scaling a step with non-finite gradients was skipped (state intact) and
+          # halved the scale; only at the floor scale of 1 is that divergence.
+          skipped = values.get("skipped", 0.0) > 0 and values["loss_scale"] > 1.0
+          if not skipped and not (math.isfinite(values["loss"])
+                                  and math.isfinite(values["grad_norm"])):
             raise TrainingDiverged(
                 f"non-finite loss {values['loss']} / grad norm {values['grad_norm']} at step "
-                f"{step}; last good checkpoint: step {saved_step} (kept)")
+                f"{step}{' (loss scale 1)' if 'loss_scale' in values else ''}; last good "
+                f"checkpoint: step {saved_step} (kept)")
         if due_log:
           elapsed = time.perf_counter() - interval_start
           last = {"step": step, "loss": values["loss"], "lr": values["lr"],
                   "grad_norm": values["grad_norm"],
-                  **({"kd_loss": values["kd_loss"]} if "kd_loss" in values else {}),
+                  **{k: values[k] for k in ("kd_loss", "loss_scale", "skipped") if k in values},
                   "tokens_per_s": interval_tokens / max(elapsed, 1e-9),
                   # this process's rows: the share of their tokens that is packing padding
                   "padding": interval_padding / max(interval_rows * cfg.train.seq_len, 1),
@@ -267,6 +317,7 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
           interval_padding = interval_rows = 0
         if step % cfg.train.eval_every == 0 or final:
           ev = {"step": step, **evaluate(eval_step, state["params"], eval_data, batch_sh)}
+          log_compiles(compile_log, writer, step, length, compiled_lengths)
           writer.write({k: v for k, v in ev.items() if k != "eval_tokens"})
           last.update(ev)
           say(f"step {step}: eval_loss {ev['eval_loss']:.4f}  eval_ppl {ev['eval_ppl']:.2f}")
@@ -285,6 +336,7 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
           stopped_by = guard.signum
           break
   finally:
+    trace.close()
     train_iter.close()
     bar.close()
     writer.close()

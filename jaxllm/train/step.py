@@ -1,6 +1,7 @@
 """Pure, jittable train and eval steps.
 
-TrainState is a plain dict pytree: {"params", "opt_state", "step" (int32 []), "rng" (uint32 [2])}.
+TrainState is a plain dict pytree: {"params", "opt_state", "step" (int32 []), "rng" (uint32 [2])},
+plus "loss_scale" when the run scales its loss (float16).
 Batches are the dicts of `jaxllm.data.pipeline` (`[B, T]` arrays).
 """
 
@@ -13,9 +14,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxllm.config import DistillConfig, TrainConfig
+from jaxllm.config import DistillConfig, TrainConfig, pipeline_schedule
 from jaxllm.model import moe
 from jaxllm.ops import ring_attention
+from jaxllm.parallel import pipeline
+from jaxllm.train import loss_scale as loss_scale_lib
 from jaxllm.train import losses
 from jaxllm.train.optim import learning_rate_schedule
 
@@ -25,9 +28,15 @@ TrainState = dict[str, Any]
 _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
 
-def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-  return {"params": params, "opt_state": optimizer.init(params),
-          "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(seed)}
+def init_state(params, optimizer: optax.GradientTransformation, seed: int,
+               loss_scale: float | None = None) -> TrainState:
+  """A fresh train state; with `loss_scale` (float16 training) it holds the dynamic loss
+  scale's state too (`jaxllm.train.loss_scale`)."""
+  state = {"params": params, "opt_state": optimizer.init(params),
+           "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(seed)}
+  if loss_scale is not None:
+    state["loss_scale"] = loss_scale_lib.init(loss_scale)
+  return state
 
 
 def load_balanced(batch: dict) -> dict:
@@ -56,6 +65,18 @@ def batch_loss(graphdef, params, batch, cfg: TrainConfig | None = None, teacher=
   if cfg is not None and cfg.context_parallel == "ring":
     batch = load_balanced(batch)
   model = nnx.merge(graphdef, params)
+  if (cfg is not None and pipeline_schedule(cfg) == "1f1b"
+      and pipeline.num_stages() > 1):
+    if teacher is not None:
+      raise ValueError("distillation runs under the gpipe or circular pipeline schedules")
+
+    def loss_fn(logits, targets, weights):
+      nll, zl, weight = losses.cross_entropy_sums(logits, targets, weights, cfg.z_loss)
+      return nll + zl, (nll, weight)
+    total, (nll, weight) = model.pipeline_loss(
+        batch["inputs"], batch["positions"], batch["segment_ids"], batch["targets"],
+        batch["weights"], loss_fn, microbatches=microbatches)
+    return total, (nll, weight, None, None)
   logits, stats = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"],
                                 microbatches=microbatches, pipeline_chunks=chunks)
   nll, zl, weight = losses.cross_entropy_sums(logits, batch["targets"], batch["weights"],
@@ -74,15 +95,24 @@ def batch_loss(graphdef, params, batch, cfg: TrainConfig | None = None, teacher=
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: TrainConfig,
-                    teacher: tuple[Any, DistillConfig] | None = None
-                    ) -> Callable[..., tuple[TrainState, dict]]:
+                    teacher: tuple[Any, DistillConfig] | None = None, grad_shardings=None,
+                    offload=None) -> Callable[..., tuple[TrainState, dict]]:
   """`train_step(state, batch) -> (state, metrics)`; accumulates `cfg.grad_accum` microbatches.
 
   Gradients of the summed loss are added over microbatches and divided once by the total token
   weight, so accumulation gives the same update as one large batch. With `teacher` =
   (teacher graphdef, DistillConfig) the step is `train_step(state, batch, teacher_params)`: the
   teacher runs in the same jitted step and the metrics add `kd_loss` (`loss` stays the
-  student's hard-label NLL per token).
+  student's hard-label NLL per token). `grad_shardings` (ZeRO stage 2,
+  `jaxllm.parallel.zero.gradient_shardings`) pins every gradient, and the accumulated sum, to
+  its shards as soon as it exists. `offload` = (device, host) shardings of an optimizer state
+  kept in host memory: it is brought to the device for the update and sent back.
+
+  A state with "loss_scale" trains with dynamic loss scaling: the summed loss is multiplied by
+  scale / tokens in the batch before differentiation and the gradients divided by that factor
+  after it (the scale applies to the mean loss, as loss scales are usually given); a step with
+  non-finite gradients leaves params and optimizer state as they were (metrics `skipped` 1,
+  `loss_scale` the scale it ran with).
   """
   schedule = learning_rate_schedule(cfg)
   view = lambda p: p
@@ -90,18 +120,26 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
     from jaxllm.quant import fake, params as qparams
     spec = qparams.QuantSpec(bits=cfg.qat_bits, group_size=cfg.qat_group_size)
     view = lambda p: fake.fake_quant_params(p, spec)
-  def loss(p, b, teacher_params):
+  def loss(p, b, teacher_params, scale):
     with_teacher = None if teacher is None else (teacher[0], teacher_params, teacher[1])
-    return batch_loss(graphdef, view(p), b, cfg, with_teacher)
+    total, aux = batch_loss(graphdef, view(p), b, cfg, with_teacher)
+    return (total if scale is None else total * scale), aux
 
   grad_fn = jax.value_and_grad(loss, has_aux=True)
+  pin = ((lambda g: g) if grad_shardings is None
+         else (lambda g: jax.lax.with_sharding_constraint(g, grad_shardings)))
 
   def train_step(state: TrainState, batch: dict, teacher_params=None) -> tuple[TrainState, dict]:
     params = state["params"]
     model_cfg = nnx.merge(graphdef, params).cfg  # static; merging at trace time costs nothing
+    scaled = "loss_scale" in state
+    # The loss is a sum over the batch's tokens; the scale applies to their mean (as loss
+    # scales are usually stated), so it multiplies the sum by scale / tokens.
+    scale = state["loss_scale"]["scale"] / batch["inputs"].size if scaled else None
     A = cfg.grad_accum
     if A == 1:
-      (_, (nll, weight, stats, kd)), grads = grad_fn(params, batch, teacher_params)
+      (_, (nll, weight, stats, kd)), grads = grad_fn(params, batch, teacher_params, scale)
+      grads = pin(grads)
     else:
       # Microbatch i takes rows i, i + A, ...: each keeps an equal share of every batch shard.
       micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1),
@@ -109,16 +147,19 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
 
       def accumulate(carry, mb):
         g_acc, nll_acc, w_acc = carry
-        (_, (nll, w, stats, kd)), g = grad_fn(params, mb, teacher_params)
-        return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, w_acc + w), (stats, kd)
+        (_, (nll, w, stats, kd)), g = grad_fn(params, mb, teacher_params, scale)
+        return (pin(jax.tree.map(jnp.add, g_acc, pin(g))), nll_acc + nll, w_acc + w), (stats, kd)
 
-      zeros = jax.tree.map(jnp.zeros_like, params)
+      zeros = pin(jax.tree.map(jnp.zeros_like, params))
       (grads, nll, weight), (stats, kd) = jax.lax.scan(
           accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), micro)
       stats, kd = jax.tree.map(lambda a: jnp.sum(a, axis=0), (stats, kd))
     denom = jnp.maximum(weight, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    grads = jax.tree.map(lambda g: g / (denom if scale is None else denom * scale), grads)
+    old_opt_state = state["opt_state"]
+    if offload is not None:
+      old_opt_state = jax.device_put(old_opt_state, offload[0])
+    updates, opt_state = optimizer.update(grads, old_opt_state, params)
     new_params = optax.apply_updates(params, updates)
     metrics = {"loss": nll / denom, "grad_norm": _global_norm(grads),
                "lr": schedule(state["step"]), "tokens": weight}
@@ -129,6 +170,16 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
       metrics.update(moe_metrics(stats, model_cfg.experts_per_token))
     new_state = {"params": new_params, "opt_state": opt_state,
                  "step": state["step"] + 1, "rng": jax.random.fold_in(state["rng"], state["step"])}
+    if scaled:
+      finite = loss_scale_lib.all_finite(grads)
+      new_state["params"] = loss_scale_lib.keep_if(finite, new_params, params)
+      new_state["opt_state"] = loss_scale_lib.keep_if(finite, opt_state, old_opt_state)
+      new_state["loss_scale"] = loss_scale_lib.adjust(state["loss_scale"], finite,
+                                                      cfg.loss_scale_period)
+      metrics["loss_scale"] = state["loss_scale"]["scale"]
+      metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+    if offload is not None:
+      new_state["opt_state"] = jax.device_put(new_state["opt_state"], offload[1])
     return new_state, metrics
 
   return train_step

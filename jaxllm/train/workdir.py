@@ -47,6 +47,14 @@ def check_resumable(workdir: str, config: config_lib.Config) -> None:
       raise config_lib.ConfigError(
           f"model.{key}={new!r} differs from {old!r} in the checkpoints of {workdir}; "
           "use a new --workdir or the original value (checkpoints left untouched)")
+  # The loss scale is a part of the saved train state only when the run scales its loss.
+  if config_lib.loss_scaling_on(saved) != config_lib.loss_scaling_on(config):
+    raise config_lib.ConfigError(
+        f"loss scaling is {'on' if config_lib.loss_scaling_on(config) else 'off'} "
+        f"(train.loss_scaling={config.train.loss_scaling!r}, model.dtype={config.model.dtype}) "
+        f"but the checkpoints of {workdir} were written with it "
+        f"{'on' if config_lib.loss_scaling_on(saved) else 'off'}; use a new --workdir or "
+        "set train.loss_scaling to match")
   # The data iterator's saved state has one part per source and the packing's own layout; the
   # weights, paths and order may change between runs, these may not.
   for key, old, new in (
