@@ -84,6 +84,9 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
+  # The remat policy on every N-th layer only (layers 0, N, 2N, ...); the others keep all
+  # their activations: between no remat and remat on every layer. Dense, unpipelined models.
+  remat_every: int = 1
   attention_impl: str = "auto"
   init_std: float = 0.02
   # Attention variants: biases on the q/k/v projections (Qwen2); RMSNorm over each query and
@@ -523,6 +526,10 @@ def validate_model(m: ModelConfig) -> None:
       raise ConfigError(f"model.{key}={getattr(m, key)!r} is not one of {', '.join(DTYPES)}")
   if m.remat not in REMAT_POLICIES:
     raise ConfigError(f"model.remat={m.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
+  if m.remat_every < 1 or (m.remat_every > 1 and (
+      m.remat == "none" or m.n_experts or m.n_layers % m.remat_every)):
+    raise ConfigError(f"model.remat_every={m.remat_every} must be >= 1; above 1 it needs a "
+                      "model.remat policy, a dense model and model.n_layers divisible by it")
   if m.attention_impl not in ATTENTION_IMPLS:
     raise ConfigError(
         f"model.attention_impl={m.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
@@ -778,6 +785,9 @@ def validate_for_devices(config: Config, num_devices: int,
                         f"mesh.expert={sizes['expert']}")
   if sizes["stage"] > 1:
     _validate_pipeline(m, t, sizes, micro, batch_shards)
+  if sizes["stage"] > 1 and m.remat_every > 1:
+    raise ConfigError(f"model.remat_every={m.remat_every} selects layers of an unpipelined "
+                      "model; under mesh.stage > 1 remat applies to every layer")
   if config.mesh.sequence_parallel and (sizes["tensor"] < 2 or t.seq_len % sizes["tensor"]):
     raise ConfigError(f"mesh.sequence_parallel splits train.seq_len={t.seq_len} over "
                       f"mesh.tensor={sizes['tensor']}: it needs a tensor axis > 1 that divides it")

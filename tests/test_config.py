@@ -61,6 +61,9 @@ def test_default_experiment_is_valid():
     ("train", dict(seq_len_schedule="12:10"), "length 12 does not divide train.seq_len=32"),
     ("train", dict(seq_len_schedule="16:10,8:20"), "lengths and steps must increase"),
     ("mesh", dict(zero_stage=3), "mesh.zero_stage=3 is not one of 0, 1, 2 (ZeRO stage 3"),
+    ("model", dict(remat_every=2), "model.remat_every=2 must be >= 1; above 1 it needs a "
+     "model.remat policy"),
+    ("model", dict(remat="full", remat_every=3), "model.n_layers divisible by it"),
     ("train", dict(pipeline_schedule="zero_bubble"), "train.pipeline_schedule='zero_bubble'"),
     ("train", dict(pipeline_schedule="1f1b", pipeline_chunks=2),
      "the circular schedule, and only it, runs pipeline_chunks > 1"),
@@ -101,6 +104,10 @@ def test_pipeline_and_kernel_choices_are_checked_before_compiling():
         tiny_experiment(mesh=dict(data=1, stage=2), train=dict(microbatches=3)), 2)
   with pytest.raises(config_lib.ConfigError, match="mesh.expert=2 needs an MoE model"):
     config_lib.validate_for_devices(tiny_experiment(mesh=dict(data=1, expert=2)), 2)
+  with pytest.raises(config_lib.ConfigError, match="model.remat_every=2 selects layers of an "
+                     "unpipelined model"):
+    config_lib.validate_for_devices(tiny_experiment(model=dict(remat="full", remat_every=2),
+                                                    mesh=dict(data=1, stage=2)), 2)
   with pytest.raises(config_lib.ConfigError, match="1f1b does not scale its loss"):
     tiny_experiment(model=dict(dtype="float16"), train=dict(pipeline_schedule="1f1b"))
   with pytest.raises(config_lib.ConfigError, match="1f1b runs dense models"):

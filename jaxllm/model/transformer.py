@@ -155,11 +155,14 @@ def _stacked_blocks(cfg: ModelConfig, key: jax.Array, n: int, moe: bool,
   return nnx.merge(graphdef, stacked)
 
 
-def _traverse(layout: LayerLayout, dense, moe, carry, dense_fn, moe_fn, wrap=lambda f: f):
+def _traverse(layout: LayerLayout, dense, moe, carry, dense_fn, moe_fn, wrap=lambda f: f,
+              wrap_every: int = 1):
   """Runs the layers in depth order over stacked params (`dense` `[Ld, ...]`, `moe`
   `[Lm, ...]`, either None when absent): `dense_fn(carry, params, depth) -> carry` and
-  `moe_fn(carry, params, depth) -> (carry, stats)`, each wrapped by `wrap` (remat). Returns
+  `moe_fn(carry, params, depth) -> (carry, stats)`, each wrapped by `wrap` (remat; with
+  `wrap_every` N > 1 only every N-th dense layer is, scanned in groups of N). Returns
   (carry, the MoE layers' stats stacked `[Lm, ...]`, or None)."""
+  plain_dense_fn = dense_fn
   dense_fn, moe_fn = wrap(dense_fn), wrap(moe_fn)
   f, G, m = layout.prefix, layout.groups, layout.group
   depths = jnp.asarray(layout.dense_depths())
@@ -168,7 +171,15 @@ def _traverse(layout: LayerLayout, dense, moe, carry, dense_fn, moe_fn, wrap=lam
     if hi <= lo:
       return carry
     xs = (jax.tree.map(lambda a: a[lo:hi], dense), depths[lo:hi])
-    return jax.lax.scan(lambda c, x: (dense_fn(c, *x), None), carry, xs)[0]
+    if wrap_every == 1:
+      return jax.lax.scan(lambda c, x: (dense_fn(c, *x), None), carry, xs)[0]
+
+    def group(c, g):  # one wrapped layer, then N - 1 plain ones
+      c = dense_fn(c, *jax.tree.map(lambda a: a[0], g))
+      rest = jax.tree.map(lambda a: a[1:], g)
+      return jax.lax.scan(lambda c, x: (plain_dense_fn(c, *x), None), c, rest)[0], None
+    groups = jax.tree.map(lambda a: a.reshape((-1, wrap_every) + a.shape[1:]), xs)
+    return jax.lax.scan(group, carry, groups)[0]
 
   carry = scan_dense(carry, 0, f)
   stats = None
@@ -334,7 +345,8 @@ class Transformer(nnx.Module):
       x_BTD, stats = _traverse(
           self.layout, dense, moe, x_BTD,
           lambda x, p, depth: dense_block(x, p, positions_BT, segment_ids_BT, depth),
-          lambda x, p, _: moe_block(x, p, positions_BT, segment_ids_BT), self._remat)
+          lambda x, p, _: moe_block(x, p, positions_BT, segment_ids_BT), self._remat,
+          self.cfg.remat_every)
     return rules.constrain(self._logits(x_BTD), rules.ACTIVATION_AXES_BTV), stats
 
   def extend(self, tokens_BT: jax.Array, cache: KVCache | PagedKVCache,

@@ -11,6 +11,7 @@ heads and mlp divided by mesh.tensor):
   remat dots*          c * (2 D + (2 H + 2 K) Dh + 2 F)   matmul outputs only
   remat full           c * D                               the layer input; one layer recomputed
   remat offload_dots   as full on the device (the matmul outputs wait in host memory)
+  remat_every N        the policy's figure on 1 layer in N, remat none's on the others
 plus the float32 logits and their gradient (8 V / tensor bytes per token). Under mesh.stage > 1
 GPipe and circular keep every microbatch's activations until the flush (times m); 1F1B keeps
 one microbatch's, its stash of stage inputs (`pipeline_1f1b.stash_size`, 4 D bytes per token
@@ -108,6 +109,9 @@ def _activation_bytes(cfg: config_lib.Config, sizes: dict, layers_per_stage: int
     per_token_layer, recompute = c * (2 * Dr + (2 * H + 2 * K) * Dh + 2 * F), 0.0
   else:
     per_token_layer, recompute = c * (4 * Dr + 2 * (H + K) * Dh + 3 * F), 0.0
+  none_layer = c * (4 * Dr + 2 * (H + K) * Dh + 3 * F)
+  N = m.remat_every  # the policy on every N-th layer, nothing saved-only on the others
+  per_token_layer = (per_token_layer + (N - 1) * none_layer) / N
   context = sizes.get("context", 1)
   impl = attention_ops.resolve_impl(m.attention_impl, m.head_dim, platform)
   ring = context > 1 and t.context_parallel == "ring"
@@ -138,7 +142,7 @@ def _activation_bytes(cfg: config_lib.Config, sizes: dict, layers_per_stage: int
                                                                                 (1, 4))
     if context > 1 and t.context_parallel == "ring":
       saved, transient = 0, 5
-    per_token_layer += saved * scores
+    per_token_layer += (saved + (N - 1) * 3) / N * scores
     transient *= scores
   micro /= sizes["expert"]  # the expert axis splits the batch too
   # Context parallelism: each device keeps 1/context of every row's tokens, and per layer the
