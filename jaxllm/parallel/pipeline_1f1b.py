@@ -165,6 +165,7 @@ def _schedule(layer, head, rebuild, microbatches, floats, others, head_params, x
       live_b = (jb >= 0) & (jb < m)
       jb = jnp.clip(jb, 0, m - 1)
       ct = jnp.where(s == p - 1, dy, bwd_in)
+
       def backward(h, ct):
         _, pull = jax.vjp(lambda h, f: stage_forward(h, f, jb), h, floats)
         return pull(ct)
@@ -203,4 +204,3 @@ def _schedule(layer, head, rebuild, microbatches, floats, others, head_params, x
   g_head = jax.tree.map(lambda g, a: g.astype(a.dtype), g_head, head_params)
   g_x = dxs.reshape(B, T, D).astype(x_BTD.dtype)
   return sums[0], (sums[1], sums[2]), (g_floats, g_head, g_x)
-
