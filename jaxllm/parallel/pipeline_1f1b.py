@@ -118,7 +118,10 @@ def _schedule(layer, head, rebuild, microbatches, floats, others, head_params, x
     raise ValueError(f"{L} layers do not split into {p} stages")
   K = stash_size(p, m)
   compute_dtype = x_BTD.dtype
-  split = lambda a: a.reshape((m, B // m) + a.shape[1:])
+  # Microbatch j takes rows j, j + m, ...: each keeps an equal share of every batch shard, so
+  # picking a microbatch inside a stage's branch never moves rows between devices (a
+  # collective inside a branch only some devices take would hang).
+  split = lambda a: a.reshape((B // m, m) + a.shape[1:]).swapaxes(0, 1)
   # Activations and cotangents travel and wait in float32 (see `pipeline.run`).
   xs = split(x_BTD.astype(jnp.float32))
   pos, seg, tgt, wts = (split(a) for a in (positions_BT, segment_ids_BT, targets_BT,
@@ -202,5 +205,5 @@ def _schedule(layer, head, rebuild, microbatches, floats, others, head_params, x
   sums, g_head, dxs = sums[p - 1], jax.tree.map(lambda a: a[p - 1], g_head), dxs[0]
   g_floats = [g.astype(a.dtype) for g, a in zip(g_floats, floats)]
   g_head = jax.tree.map(lambda g, a: g.astype(a.dtype), g_head, head_params)
-  g_x = dxs.reshape(B, T, D).astype(x_BTD.dtype)
+  g_x = dxs.swapaxes(0, 1).reshape(B, T, D).astype(x_BTD.dtype)
   return sums[0], (sums[1], sums[2]), (g_floats, g_head, g_x)
