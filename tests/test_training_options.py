@@ -35,8 +35,8 @@ def _max_relative(tree, want):
 
 def test_float16_with_loss_scaling_trains_like_float32():
   """50 steps of the tiny model: float16 compute with dynamic scaling (a period of 10 steps,
-  so the scale grows and overflows at least once on the way) follows float32 within 1e-4 of
-  the loss and 5e-3 of each parameter (measured: 4e-6 and 8e-4)."""
+  so the scale grows; a one-off run saw one overflow skipped on the way) follows float32
+  within 1e-4 of the loss and 5e-3 of each parameter (measured: 4e-6 and 8e-4)."""
   runs = {}
   for dtype in ("float32", "float16"):
     cfg = tiny_experiment(model=dict(dtype=dtype),
