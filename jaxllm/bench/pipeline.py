@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxllm import config as config_lib
 from jaxllm.parallel import mesh as mesh_lib
-from jaxllm.parallel import pipeline, pipeline_1f1b
+from jaxllm.parallel import pipeline
 from jaxllm.train import loop, step as step_lib
 
 
@@ -52,12 +52,6 @@ def _step_seconds(cfg: config_lib.Config, devices, repeats: int) -> float:
     jax.block_until_ready(fn(params, batch))
     times.append(time.perf_counter() - start)
   return statistics.median(times)
-
-
-def _formula(schedule: str, p: int, m: int, v: int) -> float:
-  if schedule == "1f1b":
-    return pipeline_1f1b.bubble_fraction(p, m)
-  return pipeline.bubble_fraction(p, m, v)
 
 
 def memory(cfg: config_lib.Config, stages: int, microbatches=(4, 8, 16),
@@ -110,7 +104,7 @@ def run(cfg: config_lib.Config, stages=(2, 4), microbatches=(1, 2, 4, 8),
     for m in ms_here:
       rows.append({"stages": p, "microbatches": m, "chunks": v, "schedule": schedule,
                    "step_s": times[m], "measured_bubble": 1.0 - m * tau / times[m],
-                   "formula_bubble": _formula(schedule, p, m, v),
+                   "formula_bubble": pipeline.bubble_fraction(p, m, v),
                    "overhead_ticks": overhead / tau * v})
   result = {"suite": "pipeline", "config": cfg.name, "backend": jax.default_backend(),
             "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,

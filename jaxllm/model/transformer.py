@@ -259,13 +259,7 @@ class Transformer(nnx.Module):
 
     `loss_fn(logits_BTV, targets_BT, weights_BT) -> (loss, (nll, weight))` is applied by the
     last stage to each microbatch, so that its backward can start at once."""
-    (dense_gd, dense), _ = self._stacks()
-    axes = self.activation_axes
-
-    def unit(x, p, pos, seg):
-      x, _ = nnx.merge(dense_gd, p["block"])(x, pos, seg, p["depth"])
-      return rules.constrain(x, axes), None
-
+    unit, units = self._dense_pipeline_units()
     norm_graphdef, head_params = self._head()
 
     def head(y, head_params, targets, weights):
@@ -274,10 +268,22 @@ class Transformer(nnx.Module):
       logits = self._head_logits(y, norm_graphdef, head_params)
       return loss_fn(rules.constrain(logits, ("batch", "length", None)), targets, weights)
 
-    x_BTD = rules.constrain(self.embed_tokens(tokens_BT), axes)
-    units = {"block": dense, "depth": jnp.asarray(self.layout.dense_depths())}
+    x_BTD = rules.constrain(self.embed_tokens(tokens_BT), self.activation_axes)
     return pipeline_1f1b.run(self._remat(unit), head, x_BTD, units, head_params, positions_BT,
                              segment_ids_BT, targets_BT, weights_BT, microbatches=microbatches)
+
+  def _dense_pipeline_units(self):
+    """(unit, stacked units) of a dense model's pipeline (GPipe, circular, 1F1B): a unit is one
+    layer, `unit(x_BTD, params, positions_BT, segment_ids_BT) -> (x_BTD, None)`, whose params
+    travel with its depth."""
+    (dense_gd, dense), _ = self._stacks()
+    axes = self.activation_axes
+
+    def unit(x_BTD, p, positions_BT, segment_ids_BT):
+      x_BTD, _ = nnx.merge(dense_gd, p["block"])(x_BTD, positions_BT, segment_ids_BT,
+                                                 p["depth"])
+      return rules.constrain(x_BTD, axes), None
+    return unit, {"block": dense, "depth": jnp.asarray(self.layout.dense_depths())}
 
   def _remat(self, fn):
     if self.cfg.remat == "none":
@@ -324,9 +330,8 @@ class Transformer(nnx.Module):
 
     x_BTD = rules.constrain(self.embed_tokens(tokens_BT), axes)
     if pipeline.num_stages() > 1:
-      if moe is None:  # each unit's params travel with its depth
-        unit = lambda x, p, pos, seg: (dense_block(x, p["block"], pos, seg, p["depth"]), None)
-        units = {"block": dense, "depth": jnp.asarray(self.layout.dense_depths())}
+      if moe is None:
+        unit, units = self._dense_pipeline_units()
       else:  # units: groups of (moe_every - 1) dense layers and one MoE layer
         m = self.layout.group
 

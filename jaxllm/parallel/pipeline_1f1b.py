@@ -16,7 +16,7 @@ so a stage holds at most 2 (p - s) - 1 stashed inputs, whatever m is (GPipe: m).
 m + 2 (p - 1) ticks of a forward and a backward slot each; a slot with no microbatch skips its
 work (`lax.cond` on the stage's own predicate), so the first p - 1 ticks cost a forward, the
 last p - 1 a backward, the m between both: (m + p - 1) (F + B) in all when the stages run in
-parallel, GPipe's bubble (p - 1) / (m + p - 1). The backward recomputes the stage's forward
+parallel, GPipe's bubble (p - 1) / (m + p - 1) (`pipeline.bubble_fraction`). The backward recomputes the stage's forward
 (B = 3 F against autodiff's 2 F without remat): 1F1B trades a third more compute for
 activation memory that does not grow with m.
 
@@ -36,12 +36,6 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.parallel.pipeline import AXIS, num_stages
-
-
-def bubble_fraction(stages: int, microbatches: int) -> float:
-  """Idle fraction of a stage's time when the stages run in parallel: (p - 1) / (m + p - 1),
-  as GPipe (idle slots skip their work, module docstring)."""
-  return (stages - 1) / (microbatches + stages - 1)
 
 
 def stash_size(stages: int, microbatches: int) -> int:

@@ -13,7 +13,7 @@ host memory and the step brings it to the device for the update and sends it bac
 scheduler moves it leaf by leaf, so only part of it is on the device at a time (GPU/TPU only).
 
 Everything here is placement: the arithmetic of the step is unchanged, so a ZeRO run trains as
-one device does (tests/test_zero.py).
+one device does (tests/test_parallel.py).
 """
 
 from __future__ import annotations
@@ -87,12 +87,22 @@ def on_device(shardings):
   return jax.tree.map(lambda s: s.with_memory_kind(DEVICE_MEMORY), shardings)
 
 
+def gradient_specs(abstract_params, param_specs, mesh_shape: Mapping[str, int],
+                   zero_stage: int):
+  """PartitionSpecs of the gradients: their parameter's below stage 2, the moments' layout
+  (split over `data` too) from stage 2."""
+  if zero_stage < 2:
+    return param_specs
+  return jax.tree.map(lambda x, s: shard_over_data(s, x.shape, mesh_shape), abstract_params,
+                      param_specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
+
+
 def gradient_shardings(abstract_params, param_shardings, mesh, zero_stage: int):
-  """Where stage 2 keeps the gradients (the moments' layout); None below stage 2 (gradients
-  then take their parameter's layout)."""
+  """Where stage 2 keeps the gradients (`gradient_specs` on `mesh`); None below stage 2
+  (gradients then take their parameter's layout)."""
   if zero_stage < 2:
     return None
-  shape = dict(mesh.shape)
-  return jax.tree.map(
-      lambda x, s: NamedSharding(mesh, shard_over_data(s.spec, x.shape, shape)),
-      abstract_params, param_shardings)
+  specs = gradient_specs(abstract_params, jax.tree.map(lambda s: s.spec, param_shardings),
+                         dict(mesh.shape), zero_stage)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda s: isinstance(s, PartitionSpec))

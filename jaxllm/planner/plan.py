@@ -102,14 +102,14 @@ def _activation_bytes(cfg: config_lib.Config, sizes: dict, layers_per_stage: int
   # Sequence parallelism splits the residual stream (the norms' inputs and outputs, the D-wide
   # terms) over the tensor axis too.
   Dr = D / tp if cfg.mesh.sequence_parallel else D
+  none_layer = c * (4 * Dr + 2 * (H + K) * Dh + 3 * F)  # everything a layer saves
   if m.remat in ("full", "offload_dots"):  # offload: the dots wait in host memory instead
     per_token_layer = c * Dr
-    recompute = c * (4 * Dr + 2 * (H + K) * Dh + 3 * F)  # one layer live during its backward
+    recompute = none_layer  # one layer live during its backward
   elif m.remat in ("dots", "dots_no_batch"):
     per_token_layer, recompute = c * (2 * Dr + (2 * H + 2 * K) * Dh + 2 * F), 0.0
   else:
-    per_token_layer, recompute = c * (4 * Dr + 2 * (H + K) * Dh + 3 * F), 0.0
-  none_layer = c * (4 * Dr + 2 * (H + K) * Dh + 3 * F)
+    per_token_layer, recompute = none_layer, 0.0
   N = m.remat_every  # the policy on every N-th layer, nothing saved-only on the others
   per_token_layer = (per_token_layer + (N - 1) * none_layer) / N
   context = sizes.get("context", 1)
@@ -181,9 +181,7 @@ def plan(cfg: config_lib.Config, num_devices: int, *, compile_check: bool = True
   abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
   opt_specs = zero.optimizer_specs(optimizer, abstract_opt, param_specs, sizes,
                                    cfg.mesh.zero_stage)
-  grad_specs = param_specs if cfg.mesh.zero_stage < 2 else jax.tree.map(
-      lambda s, x: zero.shard_over_data(s, x.shape, sizes), param_specs, abstract_params,
-      is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+  grad_specs = zero.gradient_specs(abstract_params, param_specs, sizes, cfg.mesh.zero_stage)
   n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
   stage = sizes["stage"]
   layers_per_stage = math.ceil(cfg.model.n_layers / stage)
@@ -220,12 +218,11 @@ def plan(cfg: config_lib.Config, num_devices: int, *, compile_check: bool = True
                            + opt_on_device + result["activation_bytes"])
   m = max(cfg.train.microbatches, 1)
   v = cfg.train.pipeline_chunks
-  schedule = config_lib.pipeline_schedule(cfg.train)
+  # 1F1B (one chunk per stage) has GPipe's bubble: its idle slots skip their work.
   result["bubble"] = {"gpipe": pipeline.bubble_fraction(stage, m),
-                      "configured": (pipeline_1f1b.bubble_fraction(stage, m)
-                                     if schedule == "1f1b"
-                                     else pipeline.bubble_fraction(stage, m, v)),
-                      "schedule": schedule if v == 1 else f"circular x{v}"}
+                      "configured": pipeline.bubble_fraction(stage, m, v),
+                      "schedule": (config_lib.pipeline_schedule(cfg.train) if v == 1
+                                   else f"circular x{v}")}
   result["compiled"] = None
   # Host offload has no host memory to go to on CPU: nothing local to compile it for.
   offloads = cfg.train.offload_optimizer or cfg.model.remat == "offload_dots"
