@@ -113,13 +113,18 @@ class LoadedModel:
     ids = self.chat_ids([{"role": "user", "content": message}])
     return self.generate([ids], details=True, **kwargs)[0].text
 
-  def quantized(self, bits: int = 4, group_size: int | None = None) -> LoadedModel:
+  def quantized(self, bits: int = 4, group_size: int | None = None, *, head_bits: int = 0,
+                head_group_size: int | None = None) -> LoadedModel:
     """This model with its block weights rounded to int8/int4 in memory (`jaxllm.quantize`
-    writes GPTQ/AWQ checkpoints); group_size defaults to per-channel for int8, 128 for int4."""
+    writes GPTQ/AWQ checkpoints); group_size defaults to per-channel for int8, 128 for int4.
+    `head_bits` 8 or 4 also rounds the embedding and head (0 keeps them in float), per vocab
+    row for int8 and in groups of `head_group_size` (default 32) for int4."""
     from jaxllm.quant import params as qparams
     group = group_size if group_size is not None else (0 if bits == 8 else 128)
-    params, _ = qparams.quantize_params(self.params, qparams.QuantSpec(bits=bits,
-                                                                      group_size=group))
+    head_group = (head_group_size if head_group_size is not None
+                  else qparams.default_head_group(head_bits))
+    params, _ = qparams.quantize_params(self.params, qparams.QuantSpec(
+        bits=bits, group_size=group, head_bits=head_bits, head_group_size=head_group))
     if self.mesh is not None:
       params = jax.device_put(params, placement.qtensor_shardings(
           params, transformer.logical_axes(self.config), self.mesh))

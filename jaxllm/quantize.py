@@ -1,4 +1,5 @@
-"""`python -m jaxllm.quantize --checkpoint=PATH --method=rtn|gptq|awq --bits=8|4 --out=DIR`
+"""`python -m jaxllm.quantize --checkpoint=PATH --method=rtn|gptq|awq --bits=8|4 --out=DIR
+[--head_bits=8|4]`
 
 Reads any checkpoint `jaxllm.load` reads and writes a quantized jaxllm directory (config,
 tokenizer, quant.json, orbax params) that `jaxllm.load`, generate, serve and eval accept.
@@ -28,7 +29,14 @@ _SYMMETRIC = flags.DEFINE_bool("symmetric", True, "Symmetric (no zero points).")
 _CLIP = flags.DEFINE_bool("clip_search", False, "Shrink each group's range to the clipping of "
                           "least squared rounding error (a grid of 21 factors, 1.0 to 0.5).")
 _EXCLUDE = flags.DEFINE_list("exclude", ["lm_head"], "Params paths (regexes) kept in full "
-                             "precision, e.g. blocks/mlp/down. The embedding always is.")
+                             "precision, e.g. blocks/mlp/down. The embedding is unless "
+                             "--head_bits.")
+_HEAD_BITS = flags.DEFINE_enum("head_bits", "0", ["0", "8", "4"], "Also round the embedding "
+                               "and LM head (tied or not) to nearest: 8 per vocab row, 4 in "
+                               "groups of --head_group_size. 0 keeps them in float.")
+_HEAD_GROUP = flags.DEFINE_integer("head_group_size", None, "Embedding columns per scale "
+                                   "(0: one per row). Default: 0 for int8, 32 for int4.",
+                                   lower_bound=0)
 _CALIB_DATA = flags.DEFINE_list("calib_data", [], "Calibration text files/dirs/globs "
                                 "(default: the Python standard library).")
 _CALIB_ROWS = flags.DEFINE_integer("calib_rows", 64, "Calibration rows.", lower_bound=1)
@@ -60,7 +68,10 @@ def main(argv):
   try:
     spec = qparams.QuantSpec(bits=bits, group_size=group, symmetric=_SYMMETRIC.value,
                              method=_METHOD.value, exclude=tuple(_EXCLUDE.value),
-                             clip_search=_CLIP.value)
+                             clip_search=_CLIP.value, head_bits=int(_HEAD_BITS.value),
+                             head_group_size=(_HEAD_GROUP.value if _HEAD_GROUP.value is not None
+                                              else qparams.default_head_group(
+                                                  int(_HEAD_BITS.value))))
   except ValueError as e:
     raise common.CommandError(str(e)) from None
   common.initialize_distributed()
@@ -88,6 +99,7 @@ def main(argv):
   common.write_model_dir(out, convert.Checkpoint(model.config, params, model.tokenizer, "jaxllm"),
                          f"{spec.method}-int{bits}", [spec])
   report = {"method": spec.method, "bits": bits, "group_size": group,
+            "head_bits": spec.head_bits, "head_group_size": spec.head_group_size,
             "symmetric": spec.symmetric, "quantized": list(spec.quantized),
             "memory_bytes_before": qtensor.tree_nbytes(model.params),
             "memory_bytes_after": qtensor.tree_nbytes(params),

@@ -86,19 +86,29 @@ def test_bench_decode_json(tmp_path):
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
   proc = _run("decode", "--json", "--batches=1,2", "--prompt_tokens=12", "--new_tokens=6",
-              "--decode_peers=jaxllm_fp32,jaxllm_int4,transformers",
+              "--decode_peers=jaxllm_fp32,jaxllm_int4,transformers,llama_cpp",
               "--drafts=ngram:2,layer_skip:4,int4",
               "--k=2", "--repeats=1")
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["suite"] == "decode" and result["new_tokens"] == 6
   rows = {(r["peer"], r["batch"]): r for r in result["rows"]}
+  # llama.cpp is an optional peer (batch 1 only): measured where llama-cpp-python is installed.
+  llama = {("llama_cpp", 1)} if "llama_cpp" not in result["errors"] else set()
+  if not llama:
+    assert "pip install llama-cpp-python" in result["errors"]["llama_cpp"]
   assert set(rows) == {(p, b) for p in ("jaxllm_fp32", "jaxllm_int4", "transformers")
-                       for b in (1, 2)}
+                       for b in (1, 2)} | llama
   for (peer, batch), r in rows.items():
     assert abs(r["tokens_per_s"] - batch * 6 / r["seconds"]) < 1e-6 * r["tokens_per_s"]
     assert r["decode_tokens_per_s"] > 0 and 0 < r["prefill_seconds"]
     assert r["vs_transformers"] == r["tokens_per_s"] / rows["transformers", batch]["tokens_per_s"]
+    assert (r["bandwidth_fraction"] > 0) if batch == 1 else r["bandwidth_fraction"] is None
+  # Bytes per token: SmolLM2's 538 MB of float32 weights; int4 blocks with the int8 tied
+  # table read about 85 MB.
+  fp32, int4 = rows["jaxllm_fp32", 1]["bytes_per_token"], rows["jaxllm_int4", 1]["bytes_per_token"]
+  assert 530e6 < fp32 < 560e6 and 80e6 < int4 < 92e6, (fp32, int4)
+  assert result["copy_bandwidth_gbps"] > 0
   # Same weights, same prompts, greedy: the same tokens as transformers.
   assert result["greedy_matches_transformers"] == {"1": True, "2": True}
   assert [s["draft"] for s in result["speculative"]] == ["ngram:2", "layer_skip:4", "int4"]

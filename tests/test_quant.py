@@ -50,11 +50,22 @@ def test_dequantized_error_is_within_half_a_step(bits, group_size, symmetric):
     assert q.nbytes == 2 * 100 * 24 + 2 * 24 * 4
 
 
-def test_quantized_model_equals_its_dequantized_weights():
-  cfg = tiny_model(dtype="float32")
+@pytest.mark.parametrize("head_bits, head_group, tied, symmetric", [
+    (0, 0, True, True), (8, 0, True, True), (4, 16, True, False), (8, 0, False, True)])
+def test_quantized_model_equals_its_dequantized_weights(head_bits, head_group, tied, symmetric):
+  """Every path that reads a QTensor (blocks; the embedding's lookup and the tied head's
+  integer contraction; an untied head) against the same weights dequantized up front."""
+  cfg = tiny_model(dtype="float32", tie_embeddings=tied, d_model=36)  # 36: ragged int4 head groups of 16
   graphdef, params = transformer.split(transformer.create(cfg, 0))
-  qp, spec = qparams.quantize_params(params, qparams.QuantSpec(bits=4, group_size=16))
-  assert set(spec.quantized) == {f"blocks/{n}" for n in methods.INPUT_OF}
+  qp, spec = qparams.quantize_params(params, qparams.QuantSpec(
+      bits=4, group_size=12, symmetric=symmetric, head_bits=head_bits,
+      head_group_size=head_group))
+  heads = {"embed"} | ({"lm_head"} if not tied else set()) if head_bits else set()
+  assert set(spec.quantized) == {f"blocks/{n}" for n in methods.INPUT_OF} | heads
+  if head_bits:
+    embed = qp["embed"]
+    groups = 1 if head_group == 0 else -(-cfg.d_model // head_group)
+    assert embed.bits == head_bits and embed.scales.shape == (cfg.vocab_size, groups, 1)
   dequantized = jax.tree.map(lambda x: x.dequantize() if qtensor.is_qtensor(x) else x, qp,
                              is_leaf=qtensor.is_qtensor)
   forward = jax.jit(lambda p, ids: nnx.merge(graphdef, p)(ids))

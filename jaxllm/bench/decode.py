@@ -9,9 +9,17 @@ leaves the prompt out: B * (new_tokens - 1) / (that time - the time of the same 
 new token). Peers, same weights and prompts:
   jaxllm_fp32   float32 params and compute (the default)
   jaxllm_bf16   params cast to bfloat16, bfloat16 compute
-  jaxllm_int8   block weights int8 per channel (round to nearest), float32 compute
-  jaxllm_int4   block weights int4 in groups of 128 (round to nearest), float32 compute
+  jaxllm_int8   block weights int8 per channel, embedding/tied head int8 per vocab row
+                (round to nearest), float32 compute
+  jaxllm_int4   block weights int4 in groups of 128, embedding/tied head int8 per row
   transformers  `model.generate` (torch, float32, all CPU threads)
+  llama_cpp     llama.cpp through `llama-cpp-python` (when installed), the GGUF file itself
+                (its own quantization), all CPU threads, greedy; batch 1 only
+Every row also reports the bytes a decode step must read per token (its weights, the
+embedding only where tied, plus the KV cache of the average live context) and the fraction
+of the machine's bandwidth bound that its decode rate reaches: bytes/token x decode tokens/s /
+the copy bandwidth measured in the same run (`timing.copy_bandwidth_gbps`). Batch B reads the
+weights once for B tokens, so only batch 1 is bandwidth-bound.
 Speculative rows run batch 1 (greedy) per draft source and report the speedup over plain
 jaxllm_fp32 decoding of the same prompts, the acceptance rate, tokens per target pass, and
 whether the output equals plain greedy decoding token for token.
@@ -27,7 +35,12 @@ import time
 import jax
 import jax.numpy as jnp
 
-PEERS = ("jaxllm_fp32", "jaxllm_bf16", "jaxllm_int8", "jaxllm_int4", "transformers")
+from jaxllm.bench import timing
+
+PEERS = ("jaxllm_fp32", "jaxllm_bf16", "jaxllm_int8", "jaxllm_int4", "transformers",
+         "llama_cpp")
+# The quantized peers' embedding/tied head: int8, one scale per vocab row.
+HEAD_BITS = 8
 
 
 def stdlib_prompts(tokenizer, count: int, length: int, bos: int | None) -> list[list[int]]:
@@ -104,6 +117,49 @@ def _transformers_call(path, prompts, new_tokens):
   return call
 
 
+@functools.lru_cache(maxsize=1)
+def _llama_cpp_model(path, n_ctx):
+  import llama_cpp
+  threads = os.cpu_count() or 1
+  return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads,
+                         n_threads_batch=threads, verbose=False)
+
+
+def _llama_cpp_call(path, prompts, new_tokens):
+  llm = _llama_cpp_model(path, len(prompts[0]) + new_tokens)
+
+  def call():
+    outs = []
+    for prompt in prompts:
+      llm.reset()  # no KV reuse from the previous call: every call prefills its prompt
+      out = []
+      for token in llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True):
+        out.append(int(token))
+        if len(out) == new_tokens:
+          break
+      outs.append(out)
+    return outs, None
+  return call
+
+
+def _gguf_tensor_bytes(path: str) -> int:
+  import gguf
+  return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+
+
+def weight_bytes_per_token(params, cfg) -> int:
+  """Weight bytes one batch-1 decode step reads: all of them, except that an untied
+  embedding table is only looked up (a row per token)."""
+  from jaxllm.quant import tensor as qtensor
+  total = qtensor.tree_nbytes(params)
+  return total if cfg.tie_embeddings else total - qtensor.tree_nbytes(params["embed"])
+
+
+def kv_bytes_per_position(cfg, itemsize: int) -> int:
+  """K and V of one position, every layer."""
+  return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize
+
+
 def run(path: str, *, batches=(1, 8, 32), peers=PEERS, drafts=("ngram:3", "layer_skip:10"),
         k: int = 4, prompt_tokens: int = 64, new_tokens: int = 64, repeats: int = 1) -> dict:
   import jaxllm
@@ -112,9 +168,24 @@ def run(path: str, *, batches=(1, 8, 32), peers=PEERS, drafts=("ngram:3", "layer
   tok = model.tokenizer
   bos = tok.bos_id if tok.add_bos and tok.bos_id >= 0 else None
   prompts = stdlib_prompts(tok, max(batches), prompt_tokens, bos)
-  errors, calls = {}, {}
+  cfg = model.config
+  live = prompt_tokens + (new_tokens - 1) / 2  # average context a decode step attends to
+  errors, calls, bytes_per_token = {}, {}, {}
   for peer in peers:
-    if peer == "transformers":
+    peer_batches = batches
+    if peer == "llama_cpp":
+      try:
+        import llama_cpp  # noqa: F401
+      except ImportError as e:
+        errors[peer] = f"{type(e).__name__}: {e} (pip install llama-cpp-python)"
+        continue
+      if not path.endswith(".gguf"):
+        errors[peer] = "needs a GGUF checkpoint"
+        continue
+      make = functools.partial(_llama_cpp_call, path)
+      peer_batches = [B for B in batches if B == 1]  # it decodes one sequence at a time
+      bytes_per_token[peer] = _gguf_tensor_bytes(path) + live * kv_bytes_per_position(cfg, 2)
+    elif peer == "transformers":
       try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
@@ -122,22 +193,33 @@ def run(path: str, *, batches=(1, 8, 32), peers=PEERS, drafts=("ngram:3", "layer
         errors[peer] = f"{type(e).__name__}: {e}"
         continue
       make = functools.partial(_transformers_call, path)
+      bytes_per_token[peer] = (weight_bytes_per_token(model.params, cfg)
+                               + live * kv_bytes_per_position(cfg, 4))
     elif peer == "jaxllm_bf16":
-      make = functools.partial(_jaxllm_call, *_bf16(model))
+      graphdef, params = _bf16(model)
+      make = functools.partial(_jaxllm_call, graphdef, params)
+      bytes_per_token[peer] = (weight_bytes_per_token(params, cfg)
+                               + live * kv_bytes_per_position(cfg, 4))
     elif peer == "jaxllm_fp32":
       make = functools.partial(_jaxllm_call, model.graphdef, model.params)
+      bytes_per_token[peer] = (weight_bytes_per_token(model.params, cfg)
+                               + live * kv_bytes_per_position(cfg, 4))
     elif peer in ("jaxllm_int8", "jaxllm_int4"):
-      low = model.quantized(int(peer[-1]))
+      low = model.quantized(int(peer[-1]), head_bits=HEAD_BITS)
       make = functools.partial(_jaxllm_call, low.graphdef, low.params)
+      bytes_per_token[peer] = (weight_bytes_per_token(low.params, cfg)
+                               + live * kv_bytes_per_position(cfg, 4))
     else:
       raise ValueError(f"unknown peer {peer!r} (one of {', '.join(PEERS)})")
-    for B in batches:
+    for B in peer_batches:
       calls[peer, B, new_tokens] = make(prompts[:B], new_tokens)
       calls[peer, B, 1] = make(prompts[:B], 1)
   for spec in drafts or ():
     calls["spec", spec] = _jaxllm_call(model.graphdef, model.params, prompts[:1], new_tokens,
                                        model.draft(spec), k)
+  bandwidth = timing.copy_bandwidth_gbps()
   best, outputs = _interleaved(calls, repeats)
+  bandwidth = max(bandwidth, timing.copy_bandwidth_gbps())  # before and after: the better
 
   rows = []
   tokens = lambda out: [o if isinstance(o, list) else o.tokens for o in out[0]]
@@ -146,16 +228,21 @@ def run(path: str, *, batches=(1, 8, 32), peers=PEERS, drafts=("ngram:3", "layer
       if (peer, B, new_tokens) not in best:
         continue
       seconds, first_s = best[peer, B, new_tokens], best[peer, B, 1]
+      decode_rate = B * (new_tokens - 1) / max(seconds - first_s, 1e-9)
       rows.append(dict(peer=peer, batch=B, seconds=seconds, prefill_seconds=first_s,
-                       tokens_per_s=B * new_tokens / seconds,
-                       decode_tokens_per_s=B * (new_tokens - 1) / max(seconds - first_s, 1e-9)))
+                       tokens_per_s=B * new_tokens / seconds, decode_tokens_per_s=decode_rate,
+                       bytes_per_token=int(bytes_per_token[peer]),
+                       bandwidth_fraction=(bytes_per_token[peer] * decode_rate
+                                           / (bandwidth * 1e9) if B == 1 else None)))
   by = {(r["peer"], r["batch"]): r for r in rows}
   for r in rows:
     base = by.get(("transformers", r["batch"]))
+    llama = by.get(("llama_cpp", r["batch"]))
     one = by.get((r["peer"], 1))
     for key in ("tokens_per_s", "decode_tokens_per_s"):
       prefix = "" if key == "tokens_per_s" else "decode_"
       r[f"{prefix}vs_transformers"] = r[key] / base[key] if base else None
+      r[f"{prefix}vs_llama_cpp"] = r[key] / llama[key] if llama else None
       r[f"{prefix}scaling_vs_batch1"] = r[key] / one[key] if one else None
   spec_rows = []
   if drafts:
@@ -176,21 +263,27 @@ def run(path: str, *, batches=(1, 8, 32), peers=PEERS, drafts=("ngram:3", "layer
   return dict(suite="decode", checkpoint=path, backend=jax.default_backend(),
               prompt_tokens=prompt_tokens, new_tokens=new_tokens, rows=rows,
               speculative=spec_rows, compiles=gen.trace_counts(), errors=errors,
-              repeats=repeats, greedy_matches_transformers=matches)
+              repeats=repeats, greedy_matches_transformers=matches,
+              copy_bandwidth_gbps=bandwidth)
 
 
 def table(result: dict) -> str:
   lines = [f"decode: {result['checkpoint']} on {result['backend']}, "
-           f"{result['prompt_tokens']} prompt + {result['new_tokens']} new tokens, greedy",
-           f"{'':<20}{'| whole call (prefill included)':<40}{'| decode only':<40}",
-           f"{'peer':<14}{'batch':>6}" + f"{'tokens/s':>11}{'vs transformers':>17}"
-           f"{'vs batch 1':>12}" * 2]
-  fmt = lambda x, spec: "-" if x is None else format(x, spec)
+           f"{result['prompt_tokens']} prompt + {result['new_tokens']} new tokens, greedy; "
+           f"copy bandwidth {result['copy_bandwidth_gbps']:.1f} GB/s",
+           f"{'':<20}{'| whole call (prefill included)':<28}{'| decode only':<52}",
+           f"{'peer':<14}{'batch':>6}{'tokens/s':>11}{'vs transf.':>11}{'tokens/s':>11}"
+           f"{'vs transf.':>11}{'vs llama.cpp':>13}{'vs batch 1':>11}{'MB/token':>10}"
+           f"{'of bw bound':>12}"]
+  fmt = lambda x, spec, unit="": "-" if x is None else format(x, spec) + unit
   for r in result["rows"]:
-    cells = "".join(
-        f"{r[p + 'tokens_per_s']:>11.1f}{fmt(r[p + 'vs_transformers'], '>16.2f')}x"
-        f"{fmt(r[p + 'scaling_vs_batch1'], '>11.2f')}x" for p in ("", "decode_"))
-    lines.append(f"{r['peer']:<14}{r['batch']:>6}{cells}")
+    lines.append(
+        f"{r['peer']:<14}{r['batch']:>6}{r['tokens_per_s']:>11.1f}"
+        f"{fmt(r['vs_transformers'], '>10.2f', 'x')}{r['decode_tokens_per_s']:>11.1f}"
+        f"{fmt(r['decode_vs_transformers'], '>10.2f', 'x')}"
+        f"{fmt(r['decode_vs_llama_cpp'], '>12.2f', 'x')}"
+        f"{fmt(r['decode_scaling_vs_batch1'], '>10.2f', 'x')}"
+        f"{r['bytes_per_token'] / 1e6:>10.1f}{fmt(r['bandwidth_fraction'], '>12.0%')}")
   if result["speculative"]:
     lines.append(f"{'draft (batch 1)':<18}{'k':>3}{'speedup':>9}{'accepted':>10}"
                  f"{'tok/pass':>10}{'identical':>11}")

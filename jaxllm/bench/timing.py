@@ -6,6 +6,7 @@ import statistics
 import time
 
 import jax
+import numpy as np
 
 
 def median_seconds(fn, args, repeats: int) -> float:
@@ -18,3 +19,19 @@ def median_seconds(fn, args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   return statistics.median(times)
+
+
+def copy_bandwidth_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+  """This machine's memory bandwidth as a bare copy measures it: bytes read plus bytes written
+  per second (GB/s) by the best of `repeats` numpy copies of `nbytes` (far beyond the caches).
+  Decoding at batch 1 reads every weight once per token, so bytes per token / this is the
+  fastest a token can be on a CPU."""
+  src = np.ones(nbytes // 4, np.float32)
+  dst = np.empty_like(src)
+  np.copyto(dst, src)  # pages faulted in before timing
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    np.copyto(dst, src)
+    best = min(best, time.perf_counter() - start)
+  return 2 * nbytes / best / 1e9

@@ -26,6 +26,7 @@ from jaxllm.model.attention import Attention
 from jaxllm.model.layers import RMSNorm, param
 from jaxllm.model.mlp import MLP
 from jaxllm.model.moe import MoE
+from jaxllm.ops import quant_matmul
 from jaxllm.parallel import pipeline, pipeline_1f1b, placement, rules
 
 _REMAT_POLICIES = {
@@ -225,7 +226,7 @@ class Transformer(nnx.Module):
     """Token ids `[B, T]` -> embeddings `[B, T, D]` in the compute dtype (times sqrt(D) in that
     dtype under `cfg.embed_scale`, as Gemma does)."""
     dtype = jnp.dtype(self.cfg.dtype)
-    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype)
+    x_BTD = quant_matmul.lookup(self.embed[...], tokens_BT, dtype)
     if self.cfg.embed_scale:
       x_BTD = x_BTD * jnp.asarray(self.cfg.d_model ** 0.5, dtype)
     return x_BTD
@@ -245,9 +246,10 @@ class Transformer(nnx.Module):
     `[B, T, V]` float32 (tied: `[V, D]` embedding; else `[D, V]` lm_head)."""
     norm_state, weight = head_params
     x_BTD = nnx.merge(norm_graphdef, norm_state)(x_BTD)
-    spec = "btd,vd->btv" if self.cfg.tie_embeddings else "btd,dv->btv"
-    logits = jnp.einsum(spec, x_BTD, weight.astype(x_BTD.dtype),
-                        preferred_element_type=jnp.float32)
+    if self.cfg.tie_embeddings:
+      logits = quant_matmul.project_rows(x_BTD, weight)
+    else:
+      logits = quant_matmul.project(x_BTD, weight, preferred_element_type=jnp.float32)
     cap = self.cfg.final_logit_soft_cap
     return cap * jnp.tanh(logits / cap) if cap else logits
 

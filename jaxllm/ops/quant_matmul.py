@@ -1,9 +1,13 @@
-"""`project(x, w, in_axes)`: x `[..., *in]` times a weight `[*in, *out]`, float or QTensor.
+"""`project(x, w, in_axes)`: x `[..., *in]` times a weight `[*in, *out]`, float or QTensor;
+`lookup` and `project_rows`: the embedding table's two uses (rows by id, and the tied head).
 
 Float weights contract with one `dot_general`; an int8 QTensor dequantizes first, inside the
 same jitted step (XLA:CPU folds the int8 convert into the dot); an int4 QTensor is multiplied
 as its two nibble halves (`_int4_halves`). On a GPU an int4 QTensor goes through the fused
 Pallas kernel (`pallas_kernels.int4_matmul`), which reads the packed weight directly.
+
+On CPU, a decode step's small-batch products take `cpu_gemv`'s C++ kernel (float32, int8
+and int4 weights read in place; `cpu_gemv.cpu_kernel(mode)` says when).
 
 Which path int4 takes is `int4_kernel(mode)`, a context read when the step traces: "auto" (the
 default: the fused kernel on GPU only), "always" (also elsewhere, in the Pallas interpreter:
@@ -19,6 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxllm.ops import cpu_gemv
 from jaxllm.quant import tensor as qtensor
 from pallas_kernels import backends
 
@@ -49,8 +54,15 @@ def fused(w) -> bool:
   return w.group_size % 32 == 0 and w.cols % 64 == 0
 
 
-def project(x: jax.Array, w, in_axes: int = 1) -> jax.Array:
-  """Contracts x's last `in_axes` axes with w's first `in_axes` axes, in x's dtype."""
+def project(x: jax.Array, w, in_axes: int = 1, preferred_element_type=None) -> jax.Array:
+  """Contracts x's last `in_axes` axes with w's first `in_axes` axes, in x's dtype (or
+  `preferred_element_type`)."""
+  if cpu_gemv.applies(x, w, in_axes):
+    lead = x.shape[:x.ndim - in_axes]
+    y = cpu_gemv.matmul(x.reshape(-1, math.prod(x.shape[x.ndim - in_axes:])), w)
+    return y.reshape(*lead, *w.shape[in_axes:]).astype(preferred_element_type or x.dtype)
+  if preferred_element_type is not None and qtensor.is_qtensor(w):
+    return project(x, w, in_axes).astype(preferred_element_type)
   if fused(w):
     from pallas_kernels.int4_matmul import int4_matmul
     lead = x.shape[:x.ndim - in_axes]
@@ -62,7 +74,47 @@ def project(x: jax.Array, w, in_axes: int = 1) -> jax.Array:
     lead = x.shape[:x.ndim - in_axes]
     y = _int4_halves(x.reshape(*lead, w.rows), w)
     return y.reshape(*lead, *w.shape[in_axes:])
-  return jnp.tensordot(x, w.astype(x.dtype), axes=in_axes)
+  return jnp.tensordot(x, w.astype(x.dtype), axes=in_axes,
+                       preferred_element_type=preferred_element_type)
+
+
+def lookup(table, ids: jax.Array, dtype) -> jax.Array:
+  """Rows `ids` `[...]` of an embedding table `[V, D]` (float, or a QTensor quantized per row
+  group, `quant.params.LAYOUTS["embed"]`) -> `[..., D]` in `dtype`: a quantized table
+  dequantizes only the rows it reads."""
+  if qtensor.is_qtensor(table):
+    return qtensor.take(table, ids, dtype)
+  return jnp.take(table, ids, axis=0).astype(dtype)
+
+
+def project_rows(x: jax.Array, table) -> jax.Array:
+  """x `[..., D]` times an embedding table `[V, D]` transposed (the tied head): `[..., V]`
+  float32. A quantized table contracts its integers, each row's group scales applied to the
+  group's partial sums, so the float table never exists."""
+  if cpu_gemv.applies(x, table, rows=True):
+    return cpu_gemv.matmul_rows(x.reshape(-1, x.shape[-1]), table).reshape(*x.shape[:-1], -1)
+  if not qtensor.is_qtensor(table):
+    return jnp.einsum("...d,vd->...v", x, table.astype(x.dtype),
+                      preferred_element_type=jnp.float32)
+  V, G, g = table.values.shape[0], table.num_groups, table.group_size
+  lead = x.shape[:-1]
+  xg = jnp.pad(x.astype(jnp.float32), [(0, 0)] * len(lead) + [(0, G * g - table.rows)])
+  xg = xg.reshape(*lead, G, g)
+  expand = lambda a: a.reshape((1,) * len(lead) + a.shape)  # [V, G] -> [..., V, G]
+  scales = expand(table.scales[..., 0])
+  if table.bits == 8:
+    q = table.values.reshape(V, G, g).astype(jnp.float32)
+    zero = 0.0 if table.zeros is None else expand(table.zeros[..., 0])
+    partial = jnp.einsum("...gk,vgk->...vg", xg, q)
+  else:
+    # Each group's low nibbles are its first half of rows, the high nibbles its second half.
+    packed = table.values.reshape(V, G, g // 2)
+    zero = 8.0 if table.zeros is None else expand(table.zeros[..., 0])
+    partial = (jnp.einsum("...gk,vgk->...vg", xg[..., :g // 2], (packed & 0xF).astype(jnp.float32))
+               + jnp.einsum("...gk,vgk->...vg", xg[..., g // 2:], (packed >> 4).astype(jnp.float32)))
+  # sum_k x_k (q_k - z) s = s (sum_k x_k q_k - z sum_k x_k), per row v and group g.
+  partial = partial - zero * jnp.sum(xg, axis=-1)[..., None, :]
+  return jnp.sum(partial * scales, axis=-1)
 
 
 def _int4_halves(x, w) -> jax.Array:

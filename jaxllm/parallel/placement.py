@@ -157,7 +157,8 @@ def _qtensor_storage_axes(float_axes: tuple, in_axes: int, batch_axes: int, leaf
   outermost, so contiguous row blocks are blocks of it) and the first output axis for columns."""
   batch = tuple(float_axes[:batch_axes])
   rows = float_axes[batch_axes]
-  out = float_axes[batch_axes + in_axes]
+  # The embedding `[V, D]` is V batch entries of a `[D]` row: its columns axis is a stored 1.
+  out = float_axes[batch_axes + in_axes] if batch_axes + in_axes < len(float_axes) else None
   return batch + ((rows if leaf == "values" else None), out)
 
 

@@ -26,7 +26,7 @@ from jaxllm.quant import tensor as qtensor
 SPEC_FILE = "sparsity.json"
 METHODS = ("magnitude", "wanda", "sparsegpt")
 # The block matmuls; routers, norms, embeddings and the head are never pruned.
-PRUNABLE = tuple(p for p in qparams.LAYOUTS if p != "lm_head")
+PRUNABLE = tuple(p for p in qparams.LAYOUTS if p not in qparams.HEAD_PATHS)
 
 
 @dataclasses.dataclass(frozen=True)

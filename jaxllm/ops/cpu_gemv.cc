@@ -1,0 +1,432 @@
+// Small-batch matrix products for XLA:CPU that stream their weights at memory bandwidth:
+// float32, int8 and packed int4 weights (`jaxllm.quant.tensor.QTensor`'s layout), read once
+// per call and never dequantized into memory. Built and registered by `jaxllm.ops.cpu_gemv`.
+//
+// Two layouts:
+//   gemv_io    y[m, o] = sum_i x[m, i] w[i, o]   (the model's `[in, out]` weights): each task
+//              owns a block of output columns and sweeps the rows, so the inner loop runs along
+//              contiguous columns and vectorizes without reassociating any sum.
+//   gemv_rows  y[m, v] = sum_d x[m, d] w[v, d]   (the embedding table as the tied head): each
+//              task owns a block of rows; a row's dot product keeps 16 partial sums (lanes).
+// Quantized weights: w = (q - z) * s per group of `group` input rows and output column; a
+// group's integer partial sum is scaled once: s * (sum_k x_k q_k - z * sum_k x_k). int4 bytes
+// hold a group's first half of rows in the low nibbles and its second half in the high ones.
+//
+// Work is split into blocks taken from an atomic counter by the calling thread and by tasks
+// scheduled on XLA's intra-op pool; the caller keeps taking blocks until none are left, so the
+// call finishes even when no pool thread is free (two such calls at once cannot deadlock).
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kMaxRows = 16;  // x rows (the batch) handled in one sweep of the weights
+constexpr int kLanes = 16;
+
+struct Problem {
+  const float* x;      // [M, I] (I padded to whole groups)
+  const void* w;       // io: [I(/2), O]; rows: [O, I(/2)]
+  const float* scales; // io: [G, O]; rows: [O, G]; null for float weights
+  const float* zeros;  // same shape as scales, or null (symmetric)
+  float* y;            // [M, O]
+  int64_t M, I, O, group;
+  int bits;            // 0 (float32), 8, 4
+};
+
+inline float zero_point(const Problem& p, int64_t index) {
+  if (p.zeros) return p.zeros[index];
+  return p.bits == 4 ? 8.0f : 0.0f;
+}
+
+// ---- inner loops: a[o] += sum_r x_r w_r[o] over a few weight rows, and dot products ------
+// With AVX-512 each step converts 16 weights straight from memory (int8 -> int32 -> float in
+// two instructions); the portable loops are for other CPUs (the compiler's vectorizer
+// widens int8 through int16, several shuffles per 16 weights: about half the speed here).
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define JAXLLM_AVX512 1
+#include <immintrin.h>
+
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
+inline __m512 load(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+inline __m512 load(const int8_t* p, __mmask16 k) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, p)));
+}
+inline __m512i load_bytes(const uint8_t* p, __mmask16 k) {
+  return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, p));
+}
+inline __m512 low_nibbles(__m512i b) {
+  return _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+}
+inline __m512 high_nibbles(__m512i b) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)); }
+
+template <typename T>
+inline void axpy4(float* a, const T* w0, const T* w1, const T* w2, const T* w3, float x0,
+                  float x1, float x2, float x3, int64_t n) {
+  const __m512 v0 = _mm512_set1_ps(x0), v1 = _mm512_set1_ps(x1), v2 = _mm512_set1_ps(x2),
+               v3 = _mm512_set1_ps(x3);
+  // The next four rows follow these in memory: fetch them while these are summed (the
+  // hardware prefetcher alone leaves a core at about half its bandwidth on int8 rows).
+  const char* next = reinterpret_cast<const char*>(w3 + (w1 - w0));
+  const int64_t next_bytes = 4 * (w1 - w0) * static_cast<int64_t>(sizeof(T));
+  int64_t fetched = 0;
+  for (int64_t o = 0; o < n; o += 16) {
+    const __mmask16 k = tail_mask(n - o);
+    for (const int64_t until = (o + 16) * next_bytes / n; fetched < until; fetched += 64) {
+      _mm_prefetch(next + fetched, _MM_HINT_T0);
+    }
+    __m512 acc = _mm512_maskz_loadu_ps(k, a + o);
+    acc = _mm512_fmadd_ps(v0, load(w0 + o, k), acc);
+    acc = _mm512_fmadd_ps(v1, load(w1 + o, k), acc);
+    acc = _mm512_fmadd_ps(v2, load(w2 + o, k), acc);
+    acc = _mm512_fmadd_ps(v3, load(w3 + o, k), acc);
+    _mm512_mask_storeu_ps(a + o, k, acc);
+  }
+}
+
+template <typename T>
+inline void axpy1(float* a, const T* w0, float x0, int64_t n) {
+  const __m512 v0 = _mm512_set1_ps(x0);
+  for (int64_t o = 0; o < n; o += 16) {
+    const __mmask16 k = tail_mask(n - o);
+    _mm512_mask_storeu_ps(a + o, k, _mm512_fmadd_ps(v0, load(w0 + o, k),
+                                                    _mm512_maskz_loadu_ps(k, a + o)));
+  }
+}
+
+// Two packed int4 rows: each byte's low nibble multiplies lo_x, its high nibble hi_x.
+inline void axpy_nibbles(float* a, const uint8_t* w0, const uint8_t* w1, float l0, float h0,
+                         float l1, float h1, int64_t n) {
+  const __m512 vl0 = _mm512_set1_ps(l0), vh0 = _mm512_set1_ps(h0), vl1 = _mm512_set1_ps(l1),
+               vh1 = _mm512_set1_ps(h1);
+  const char* next = reinterpret_cast<const char*>(w0 + 2 * (w1 - w0));
+  const int64_t next_bytes = 2 * (w1 - w0);
+  int64_t fetched = 0;
+  for (int64_t o = 0; o < n; o += 16) {
+    const __mmask16 k = tail_mask(n - o);
+    for (const int64_t until = (o + 16) * next_bytes / n; fetched < until; fetched += 64) {
+      _mm_prefetch(next + fetched, _MM_HINT_T0);
+    }
+    const __m512i b0 = load_bytes(w0 + o, k), b1 = load_bytes(w1 + o, k);
+    __m512 acc = _mm512_maskz_loadu_ps(k, a + o);
+    acc = _mm512_fmadd_ps(vl0, low_nibbles(b0), acc);
+    acc = _mm512_fmadd_ps(vh0, high_nibbles(b0), acc);
+    acc = _mm512_fmadd_ps(vl1, low_nibbles(b1), acc);
+    acc = _mm512_fmadd_ps(vh1, high_nibbles(b1), acc);
+    _mm512_mask_storeu_ps(a + o, k, acc);
+  }
+}
+
+template <typename T>
+inline float dot(const float* x, const T* w, int64_t n) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), load(w + k, 0xFFFF), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), load(w + k + 16, 0xFFFF), acc1);
+  }
+  for (; k < n; k += 16) {
+    const __mmask16 m = tail_mask(n - k);
+    acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + k), load(w + k, m), acc0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+// A packed int4 group of h bytes: sum_r lo_x[r] lo(w[r]) + hi_x[r] hi(w[r]).
+inline float dot_nibbles(const float* lo_x, const float* hi_x, const uint8_t* w, int64_t h) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (int64_t k = 0; k < h; k += 16) {
+    const __mmask16 m = tail_mask(h - k);
+    const __m512i b = load_bytes(w + k, m);
+    acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, lo_x + k), low_nibbles(b), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, hi_x + k), high_nibbles(b), acc1);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+inline void prefetch(const void* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) {
+    _mm_prefetch(static_cast<const char*>(p) + b, _MM_HINT_T0);
+  }
+}
+
+#else  // portable
+
+inline void prefetch(const void*, int64_t) {}
+
+template <typename T>
+inline void axpy4(float* a, const T* w0, const T* w1, const T* w2, const T* w3, float x0,
+                  float x1, float x2, float x3, int64_t n) {
+  for (int64_t o = 0; o < n; ++o) {
+    a[o] += x0 * static_cast<float>(w0[o]) + x1 * static_cast<float>(w1[o]) +
+            x2 * static_cast<float>(w2[o]) + x3 * static_cast<float>(w3[o]);
+  }
+}
+
+template <typename T>
+inline void axpy1(float* a, const T* w0, float x0, int64_t n) {
+  for (int64_t o = 0; o < n; ++o) a[o] += x0 * static_cast<float>(w0[o]);
+}
+
+inline void axpy_nibbles(float* a, const uint8_t* w0, const uint8_t* w1, float l0, float h0,
+                         float l1, float h1, int64_t n) {
+  for (int64_t o = 0; o < n; ++o) {
+    a[o] += l0 * static_cast<float>(w0[o] & 15) + h0 * static_cast<float>(w0[o] >> 4) +
+            l1 * static_cast<float>(w1[o] & 15) + h1 * static_cast<float>(w1[o] >> 4);
+  }
+}
+
+template <typename T>
+inline float dot(const float* x, const T* w, int64_t n) {
+  float lanes[kLanes] = {0};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] += x[k + l] * static_cast<float>(w[k + l]);
+  }
+  float total = 0.0f;
+  for (; k < n; ++k) total += x[k] * static_cast<float>(w[k]);
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+inline float dot_nibbles(const float* lo_x, const float* hi_x, const uint8_t* w, int64_t h) {
+  float lanes[kLanes] = {0};
+  int64_t k = 0;
+  for (; k + kLanes <= h; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      lanes[l] += lo_x[k + l] * static_cast<float>(w[k + l] & 15) +
+                  hi_x[k + l] * static_cast<float>(w[k + l] >> 4);
+    }
+  }
+  float total = 0.0f;
+  for (; k < h; ++k) {
+    total += lo_x[k] * static_cast<float>(w[k] & 15) + hi_x[k] * static_cast<float>(w[k] >> 4);
+  }
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+#endif
+
+// One weight row range [r0, r0 + n) of a typed matrix with O columns: a += x[r0:] w.
+template <typename T>
+inline void sweep(float* a, const T* w, const float* x, int64_t n, int64_t O) {
+  int64_t r = 0;
+  for (; r + 4 <= n; r += 4) {
+    const T* w0 = w + r * O;
+    axpy4(a, w0, w0 + O, w0 + 2 * O, w0 + 3 * O, x[r], x[r + 1], x[r + 2], x[r + 3], O);
+  }
+  for (; r < n; ++r) axpy1(a, w + r * O, x[r], O);
+}
+
+// Input rows [i0, i1) (whole groups) of x rows [m0, m0 + mc): adds their share of y into
+// `out` [mc, O]. A task's rows are one contiguous stretch of the weights, streamed in order;
+// each step folds four weight rows into the accumulators, so an accumulator is loaded and
+// stored once per four rows instead of once per row.
+void io_block(const Problem& p, int64_t m0, int64_t mc, int64_t i0, int64_t i1, float* out) {
+  const int64_t O = p.O;
+  std::vector<float> part(p.bits ? mc * O : 0);
+  float* acc = p.bits ? part.data() : out;
+  // Float weights have no groups: the whole stretch is one.
+  const int64_t glen = p.bits ? p.group : i1 - i0;
+  const int64_t G0 = p.bits ? i0 / p.group : 0, G1 = p.bits ? i1 / p.group : 1;
+  for (int64_t g = G0; g < G1; ++g) {
+    if (p.bits) std::fill(part.begin(), part.end(), 0.0f);
+    const int64_t r0 = p.bits ? g * p.group : i0;
+    for (int64_t m = 0; m < mc; ++m) {
+      const float* xm = p.x + (m0 + m) * p.I + r0;
+      float* a = acc + m * O;
+      if (p.bits == 0) {
+        sweep(a, static_cast<const float*>(p.w) + r0 * O, xm, glen, O);
+      } else if (p.bits == 8) {
+        sweep(a, static_cast<const int8_t*>(p.w) + r0 * O, xm, glen, O);
+      } else {
+        const int64_t h = glen / 2;
+        const uint8_t* w = static_cast<const uint8_t*>(p.w) + (r0 / 2) * O;
+        int64_t r = 0;
+        for (; r + 2 <= h; r += 2) {
+          axpy_nibbles(a, w + r * O, w + (r + 1) * O, xm[r], xm[h + r], xm[r + 1],
+                       xm[h + r + 1], O);
+        }
+        if (r < h) axpy_nibbles(a, w + r * O, w + r * O, xm[r], xm[h + r], 0.0f, 0.0f, O);
+      }
+    }
+    if (p.bits == 0) continue;
+    for (int64_t m = 0; m < mc; ++m) {
+      const float* xm = p.x + (m0 + m) * p.I + r0;
+      float xsum = 0.0f;
+      for (int64_t k = 0; k < p.group; ++k) xsum += xm[k];
+      const float* sc = p.scales + g * O;
+      const float* pa = part.data() + m * O;
+      float* o_m = out + m * O;
+      if (p.zeros) {
+        const float* z = p.zeros + g * O;
+        for (int64_t o = 0; o < O; ++o) o_m[o] += sc[o] * (pa[o] - z[o] * xsum);
+      } else {
+        const float z = p.bits == 4 ? 8.0f * xsum : 0.0f;
+        for (int64_t o = 0; o < O; ++o) o_m[o] += sc[o] * (pa[o] - z);
+      }
+    }
+  }
+}
+
+// Rows [v0, v1) of the table: y[:, v0:v1].
+void rows_block(const Problem& p, int64_t m0, int64_t mc, int64_t v0, int64_t v1) {
+  const int64_t G = p.bits ? p.I / p.group : 1;
+  const int64_t h = p.group / 2;
+  std::vector<float> xsums(mc * G);  // sum of x over each group, per x row
+  for (int64_t m = 0; m < mc; ++m) {
+    for (int64_t g = 0; g < G; ++g) {
+      float t = 0.0f;
+      for (int64_t k = 0; k < p.group; ++k) t += p.x[(m0 + m) * p.I + g * p.group + k];
+      xsums[m * G + g] = t;
+    }
+  }
+  const int64_t row_bytes = p.bits == 4 ? p.I / 2 : p.I * (p.bits == 8 ? 1 : 4);
+  constexpr int64_t kAhead = 4;  // rows fetched ahead of the one being summed
+  for (int64_t v = v0; v < v1; ++v) {
+    if (v + kAhead < v1) {
+      prefetch(static_cast<const char*>(p.w) + (v + kAhead) * row_bytes, row_bytes);
+    }
+    for (int64_t m = 0; m < mc; ++m) {
+      const float* xm = p.x + (m0 + m) * p.I;
+      float total = 0.0f;
+      if (p.bits == 0) {
+        total = dot(xm, static_cast<const float*>(p.w) + v * p.I, p.I);
+      } else {
+        for (int64_t g = 0; g < G; ++g) {
+          const float* xg = xm + g * p.group;
+          float part;
+          if (p.bits == 8) {
+            part = dot(xg, static_cast<const int8_t*>(p.w) + v * p.I + g * p.group, p.group);
+          } else {
+            part = dot_nibbles(xg, xg + h, static_cast<const uint8_t*>(p.w) + v * (p.I / 2) + g * h,
+                               h);
+          }
+          total += p.scales[v * G + g] * (part - zero_point(p, v * G + g) * xsums[m * G + g]);
+        }
+      }
+      p.y[(m0 + m) * p.O + v] = total;
+    }
+  }
+}
+
+struct Shared {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// Runs `blocks` calls of fn(block) on the caller and the pool; returns when all are done.
+template <typename Fn>
+void parallel_blocks(ffi::ThreadPool& pool, int64_t blocks, Fn fn) {
+  const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  int64_t helpers = std::min<int64_t>({pool.num_threads(), blocks - 1, cores - 1});
+  if (helpers <= 0) {
+    for (int64_t b = 0; b < blocks; ++b) fn(b);
+    return;
+  }
+  auto shared = std::make_shared<Shared>();
+  auto work = [shared, blocks, fn]() {
+    for (int64_t b; (b = shared->next.fetch_add(1)) < blocks;) {
+      fn(b);
+      shared->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 0; t < helpers; ++t) {
+    auto task = work;  // the pool owns (and deletes) its own copy
+    pool.Schedule(std::move(task));
+  }
+  work();
+  while (shared->done.load(std::memory_order_acquire) < blocks) std::this_thread::yield();
+}
+
+ffi::Error Run(ffi::ThreadPool pool, const Problem& p, bool rows_layout) {
+  // The caller and the pool's threads, but no more than the cores: a third thread on two
+  // cores only takes turns with the other two.
+  const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads() + 1, cores));
+  const int64_t m_blocks = (p.M + kMaxRows - 1) / kMaxRows;
+  if (rows_layout) {
+    // Blocks of whole table rows, enough to share among the threads.
+    const int64_t want = std::max<int64_t>(1, std::min<int64_t>(4 * threads, p.O / 256));
+    const int64_t width = (p.O + want - 1) / want;
+    const int64_t blocks = (p.O + width - 1) / width;
+    parallel_blocks(pool, blocks * m_blocks, [&p, width, blocks](int64_t b) {
+      const int64_t m0 = (b / blocks) * kMaxRows, mc = std::min<int64_t>(kMaxRows, p.M - m0);
+      const int64_t v0 = (b % blocks) * width;
+      rows_block(p, m0, mc, v0, std::min<int64_t>(p.O, v0 + width));
+    });
+    return ffi::Error::Success();
+  }
+  // One contiguous stretch of whole groups (float weights: of rows) per thread, each
+  // summing into its own [M, O] partial; the partials are added at the end.
+  const int64_t unit = p.bits ? p.group : 1;
+  const int64_t units = p.I / unit;
+  const int64_t stretches = std::max<int64_t>(1, std::min<int64_t>(threads, units));
+  const int64_t per = (units + stretches - 1) / stretches;
+  std::vector<float> partial(stretches * p.M * p.O, 0.0f);
+  parallel_blocks(pool, stretches * m_blocks, [&](int64_t b) {
+    const int64_t t = b % stretches;
+    const int64_t m0 = (b / stretches) * kMaxRows, mc = std::min<int64_t>(kMaxRows, p.M - m0);
+    const int64_t i0 = t * per * unit, i1 = std::min<int64_t>(units, (t + 1) * per) * unit;
+    if (i0 < i1) io_block(p, m0, mc, i0, i1, partial.data() + (t * p.M + m0) * p.O);
+  });
+  for (int64_t k = 0; k < p.M * p.O; ++k) {
+    float total = 0.0f;
+    for (int64_t t = 0; t < stretches; ++t) total += partial[t * p.M * p.O + k];
+    p.y[k] = total;
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> zeros,
+                ffi::ResultBuffer<ffi::F32> y, int64_t bits, int64_t group, bool has_zeros,
+                bool rows_layout) {
+  auto xd = x.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 2 || yd.size() != 2) {
+    return ffi::Error::InvalidArgument("gemv: x and y must be 2-D");
+  }
+  Problem p;
+  p.x = x.typed_data();
+  p.w = w.untyped_data();
+  p.scales = bits ? scales.typed_data() : nullptr;
+  p.zeros = has_zeros ? zeros.typed_data() : nullptr;
+  p.y = y->typed_data();
+  p.M = xd[0];
+  p.I = xd[1];
+  p.O = yd[1];
+  p.bits = static_cast<int>(bits);
+  p.group = bits ? group : p.I;
+  if ((bits == 4 && group % 2) || (bits && p.I % group)) {
+    return ffi::Error::InvalidArgument("gemv: x's width must be whole groups (even for int4)");
+  }
+  return Run(pool, p, rows_layout);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxllmGemv, Gemv,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::F32>>()  // x [M, I]
+        .Arg<ffi::AnyBuffer>()         // w
+        .Arg<ffi::Buffer<ffi::F32>>()  // scales
+        .Arg<ffi::Buffer<ffi::F32>>()  // zeros (a [0] placeholder when symmetric)
+        .Ret<ffi::Buffer<ffi::F32>>()  // y [M, O]
+        .Attr<int64_t>("bits")
+        .Attr<int64_t>("group")
+        .Attr<bool>("has_zeros")
+        .Attr<bool>("rows_layout"));
