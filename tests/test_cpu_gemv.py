@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxllm.model import cache as kv_cache
 from jaxllm.model import transformer
 from jaxllm.ops import cpu_gemv, quant_matmul
 from jaxllm.quant import params as qparams
@@ -95,21 +96,40 @@ def test_gradients_through_the_kernel_are_xlas():
 @pytest.mark.parametrize("bits, head_bits", [(0, 0), (8, 8), (4, 4)])
 @needs_kernel
 def test_model_forward_through_the_kernel_equals_xla(bits, head_bits):
-  """A tiny model's forward over 12 tokens (every product a kernel call: attention, MLP and
-  the tied head) against the same model on XLA's products."""
+  """A tiny model's forward over 12 tokens, and the same tokens decoded against a KV cache
+  (every product a kernel call: attention, MLP, the tied head; in decoding each layer read in
+  place from the stacks), against the same model on XLA's products."""
   cfg = tiny_model(dtype="float32", d_model=48)
   graphdef, params = transformer.split(transformer.create(cfg, 0))
   if bits:
     params, _ = qparams.quantize_params(params, qparams.QuantSpec(
         bits=bits, group_size=16, head_bits=head_bits, head_group_size=16))
   ids = jnp.arange(12, dtype=jnp.int32)[None] % cfg.vocab_size
+
+  def decode(p, ids):
+    """Prefill 8 tokens, then 4 decode steps of one (layers read by index: `LayerView`)."""
+    model = nnx.merge(graphdef, p)
+    cache = kv_cache.init_cache(cfg.n_layers, 1, 16, cfg.n_kv_heads, cfg.head_dim)
+    first, cache = model.extend(ids[:, :8], cache)
+    steps = []
+    for t in range(8, 12):
+      step, cache = model.extend(ids[:, t:t + 1], cache)
+      steps.append(step)
+    return jnp.concatenate([first, *steps], axis=1)
+
   logits = {}
   for mode in ("always", "never"):
     with cpu_gemv.cpu_kernel(mode):
-      forward = jax.jit(lambda p, ids: nnx.merge(graphdef, p)(ids))  # traced in this mode
-      assert (cpu_gemv.TARGET in forward.lower(params, ids).as_text()) == (mode == "always")
-      logits[mode] = forward(params, ids)
-  chex.assert_trees_all_close(logits["always"], logits["never"], rtol=1e-5, atol=1e-5)
+      for name, fn in (("forward", lambda p, ids: nnx.merge(graphdef, p)(ids)),
+                       ("decode", lambda p, ids: decode(p, ids))):
+        fn = jax.jit(fn)  # a new function object: traced anew, in this mode
+        assert (cpu_gemv.TARGET in fn.lower(params, ids).as_text()) == (mode == "always")
+        logits[mode, name] = fn(params, ids)
+  for name in ("forward", "decode"):
+    chex.assert_trees_all_close(logits["always", name], logits["never", name], rtol=1e-5,
+                                atol=1e-5)
+  chex.assert_trees_all_close(logits["always", "decode"], logits["never", "forward"],
+                              rtol=1e-4, atol=1e-4)
 
 
 def test_without_a_compiler_products_take_xlas_path(monkeypatch, tmp_path, caplog):

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.bench import timing
+from jaxllm.ops import cpu_gemv
 
 PEERS = ("jaxllm_fp32", "jaxllm_bf16", "jaxllm_int8", "jaxllm_int4", "transformers",
          "llama_cpp")
@@ -256,6 +257,24 @@ def run(path: str, *, batches=(1, 8, 32), peers=PEERS, drafts=("ngram:3", "layer
                             speedup=plain_s / seconds, acceptance_rate=st.acceptance_rate,
                             tokens_per_target_pass=new_tokens / max(st.iterations + 1, 1),
                             identical=out[0].tokens == plain))
+  # The CPU kernel must not change what a model generates: each jaxllm peer's batch-1 output
+  # again with XLA's products (every jitted function traced anew, under "never").
+  same_on_xla = {}
+  if jax.default_backend() == "cpu" and cpu_gemv.available():
+    jax.clear_caches()
+    with cpu_gemv.cpu_kernel("never"):
+      for peer in peers:
+        if peer.startswith("jaxllm") and (peer, 1, new_tokens) in calls:
+          again = calls[peer, 1, new_tokens]()
+          same_on_xla[peer] = tokens(again) == tokens(outputs[peer, 1, new_tokens])
+    jax.clear_caches()
+  # llama.cpp decodes its own quantization, so its tokens may part from ours: how many of the
+  # first agree with jaxllm_fp32's (a sanity check that both continue the same prompt).
+  agreement = None
+  if ("llama_cpp", 1, new_tokens) in outputs and ("jaxllm_fp32", 1, new_tokens) in outputs:
+    ours, theirs = (tokens(outputs[p, 1, new_tokens])[0] for p in ("jaxllm_fp32", "llama_cpp"))
+    agreement = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
+                     min(len(ours), len(theirs)))
   matches = {B: tokens(outputs["jaxllm_fp32", B, new_tokens])
              == tokens(outputs["transformers", B, new_tokens])
              for B in batches if ("jaxllm_fp32", B, new_tokens) in outputs
@@ -264,7 +283,8 @@ def run(path: str, *, batches=(1, 8, 32), peers=PEERS, drafts=("ngram:3", "layer
               prompt_tokens=prompt_tokens, new_tokens=new_tokens, rows=rows,
               speculative=spec_rows, compiles=gen.trace_counts(), errors=errors,
               repeats=repeats, greedy_matches_transformers=matches,
-              copy_bandwidth_gbps=bandwidth)
+              greedy_matches_xla_path=same_on_xla, copy_bandwidth_gbps=bandwidth,
+              llama_cpp_leading_tokens_equal_fp32=agreement)
 
 
 def table(result: dict) -> str:
@@ -275,7 +295,10 @@ def table(result: dict) -> str:
            f"{'peer':<14}{'batch':>6}{'tokens/s':>11}{'vs transf.':>11}{'tokens/s':>11}"
            f"{'vs transf.':>11}{'vs llama.cpp':>13}{'vs batch 1':>11}{'MB/token':>10}"
            f"{'of bw bound':>12}"]
-  fmt = lambda x, spec, unit="": "-" if x is None else format(x, spec) + unit
+  def fmt(x, spec, unit=""):
+    if x is None:  # as wide as a number would be
+      return format("-", spec.split(".")[0]) + " " * len(unit)
+    return format(x, spec) + unit
   for r in result["rows"]:
     lines.append(
         f"{r['peer']:<14}{r['batch']:>6}{r['tokens_per_s']:>11.1f}"
@@ -292,6 +315,12 @@ def table(result: dict) -> str:
                    f"{r['acceptance_rate']:>10.1%}{r['tokens_per_target_pass']:>10.2f}"
                    f"{str(r['identical']):>11}")
   lines.append(f"greedy output equals transformers': {result['greedy_matches_transformers']}")
+  if result["llama_cpp_leading_tokens_equal_fp32"] is not None:
+    lines.append("llama.cpp's first tokens equal to jaxllm_fp32's: "
+                 f"{result['llama_cpp_leading_tokens_equal_fp32']} of {result['new_tokens']}")
+  if result["greedy_matches_xla_path"]:
+    lines.append("batch-1 greedy output with the CPU kernel equals XLA's products': "
+                 f"{result['greedy_matches_xla_path']}")
   lines.append(f"compiled functions: {result['compiles']}")
   for peer, err in result["errors"].items():
     lines.append(f"{peer}: not measured ({err})")

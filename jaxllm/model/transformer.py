@@ -26,7 +26,7 @@ from jaxllm.model.attention import Attention
 from jaxllm.model.layers import RMSNorm, param
 from jaxllm.model.mlp import MLP
 from jaxllm.model.moe import MoE
-from jaxllm.ops import quant_matmul
+from jaxllm.ops import quant_matmul, stacked
 from jaxllm.parallel import pipeline, pipeline_1f1b, placement, rules
 
 _REMAT_POLICIES = {
@@ -157,12 +157,15 @@ def _stacked_blocks(cfg: ModelConfig, key: jax.Array, n: int, moe: bool,
 
 
 def _traverse(layout: LayerLayout, dense, moe, carry, dense_fn, moe_fn, wrap=lambda f: f,
-              wrap_every: int = 1):
+              wrap_every: int = 1, by_index: bool = False):
   """Runs the layers in depth order over stacked params (`dense` `[Ld, ...]`, `moe`
   `[Lm, ...]`, either None when absent): `dense_fn(carry, params, depth) -> carry` and
   `moe_fn(carry, params, depth) -> (carry, stats)`, each wrapped by `wrap` (remat; with
   `wrap_every` N > 1 only every N-th dense layer is, scanned in groups of N). Returns
-  (carry, the MoE layers' stats stacked `[Lm, ...]`, or None)."""
+  (carry, the MoE layers' stats stacked `[Lm, ...]`, or None).
+
+  `by_index` (inference): the dense layers are scanned by index over the whole stacks, their
+  params `ops.stacked.LayerView`s, so that a product that can read a layer in place does."""
   plain_dense_fn = dense_fn
   dense_fn, moe_fn = wrap(dense_fn), wrap(moe_fn)
   f, G, m = layout.prefix, layout.groups, layout.group
@@ -171,6 +174,9 @@ def _traverse(layout: LayerLayout, dense, moe, carry, dense_fn, moe_fn, wrap=lam
   def scan_dense(carry, lo, hi):
     if hi <= lo:
       return carry
+    if by_index and wrap_every == 1:
+      return jax.lax.scan(lambda c, i: (dense_fn(c, stacked.views(dense, i), depths[i]), None),
+                          carry, jnp.arange(lo, hi, dtype=jnp.int32))[0]
     xs = (jax.tree.map(lambda a: a[lo:hi], dense), depths[lo:hi])
     if wrap_every == 1:
       return jax.lax.scan(lambda c, x: (dense_fn(c, *x), None), carry, xs)[0]
@@ -388,7 +394,7 @@ class Transformer(nnx.Module):
     moe_step = lambda carry, params, depth: (step(moe_gd)(carry, params, depth), None)
     (x_BTD, k, v), _ = _traverse(self.layout, dense, moe,
                                  (self.embed_tokens(tokens_BT), hold(cache.k), hold(cache.v)),
-                                 step(dense_gd), moe_step)
+                                 step(dense_gd), moe_step, by_index=True)
     k, v = hold(k), hold(v)
     num_new_B = jnp.full((B,), T, jnp.int32) if num_new_B is None else num_new_B
     if last_only:

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.ops import stacked
 from jaxllm.quant import tensor as qtensor
 from pallas_kernels import backends
 
@@ -124,6 +125,8 @@ def applies(x: jax.Array, w, in_axes: int = 1, *, rows: bool = False) -> bool:
     return False  # sharded weights: XLA's partitioner knows dots, not this custom call
   if x.dtype != jnp.float32 or math.prod(x.shape[:x.ndim - in_axes]) > MAX_ROWS:
     return False
+  if isinstance(w, stacked.LayerView):
+    w = w.get()  # its shape and kind (XLA drops the slice when the kernel takes the stack)
   if qtensor.is_qtensor(w):
     ok = w.values.ndim == (3 if rows else 2)  # one matrix (the table: `[V, D, 1]`)
   else:
@@ -131,13 +134,19 @@ def applies(x: jax.Array, w, in_axes: int = 1, *, rows: bool = False) -> bool:
   return ok and available()
 
 
-def _call(x2, values, scales, zeros, out_cols, *, bits, group, rows_layout):
+def _call(x2, values, scales, zeros, out_cols, *, bits, group, rows_layout, layer=None):
+  """The FFI call. `layer` None: values/scales/zeros are one matrix's; else they are stacked
+  `[L, ...]` and the kernel reads layer `layer` in place."""
+  if layer is None:
+    values, scales, zeros = (None if a is None else a[None] for a in (values, scales, zeros))
+    layer = 0
   empty = jnp.zeros((0,), jnp.float32)
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2.shape[0], out_cols), jnp.float32),
                           vmap_method="sequential")
   return call(x2, values, empty if scales is None else scales,
-              empty if zeros is None else zeros, bits=np.int64(bits), group=np.int64(group),
-              has_zeros=zeros is not None, rows_layout=rows_layout)
+              empty if zeros is None else zeros, jnp.asarray(layer, jnp.int32),
+              bits=np.int64(bits), group=np.int64(group), has_zeros=zeros is not None,
+              rows_layout=rows_layout)
 
 
 def _padded(x2: jax.Array, rows: int) -> jax.Array:
@@ -145,13 +154,18 @@ def _padded(x2: jax.Array, rows: int) -> jax.Array:
 
 
 def _matmul(x2: jax.Array, w) -> jax.Array:
+  layer = None
+  if isinstance(w, stacked.LayerView):
+    w, layer = w.stack, w.index
+  lead = w.shape[:1] if layer is not None and not qtensor.is_qtensor(w) else ()  # [L]
   if not qtensor.is_qtensor(w):
     I = x2.shape[1]
-    return _call(x2, w.reshape(I, -1), None, None, w.size // I, bits=0, group=0,
-                 rows_layout=False)
+    cols = math.prod(w.shape[len(lead):]) // I
+    return _call(x2, w.reshape(*lead, I, cols), None, None, cols, bits=0, group=0,
+                 rows_layout=False, layer=layer)
   G, g = w.num_groups, w.group_size
   return _call(_padded(x2, G * g), w.values, w.scales, w.zeros, w.cols, bits=w.bits, group=g,
-               rows_layout=False)
+               rows_layout=False, layer=layer)
 
 
 def _matmul_rows(x2: jax.Array, table) -> jax.Array:
@@ -164,6 +178,7 @@ def _matmul_rows(x2: jax.Array, table) -> jax.Array:
 
 
 def _float(w) -> jax.Array:
+  w = w.get() if isinstance(w, stacked.LayerView) else w
   return w.dequantize() if qtensor.is_qtensor(w) else w
 
 
@@ -187,6 +202,9 @@ def matmul(x2: jax.Array, w) -> jax.Array:
 
 def _matmul_bwd(residuals, dy):
   x2, w = residuals
+  if isinstance(w, stacked.LayerView):
+    raise NotImplementedError("gradients through a LayerView (inference's by-index layer "
+                              "scan); train through sliced params")
   w_io = _float(w).reshape(x2.shape[1], -1)
   dw = _no_cotangent(w) if qtensor.is_qtensor(w) else (x2.T @ dy).reshape(w.shape)
   return dy @ w_io.T, dw

@@ -23,7 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxllm.ops import cpu_gemv
+from jaxllm.ops import cpu_gemv, stacked
 from jaxllm.quant import tensor as qtensor
 from pallas_kernels import backends
 
@@ -59,8 +59,11 @@ def project(x: jax.Array, w, in_axes: int = 1, preferred_element_type=None) -> j
   `preferred_element_type`)."""
   if cpu_gemv.applies(x, w, in_axes):
     lead = x.shape[:x.ndim - in_axes]
+    shape = (w.get() if isinstance(w, stacked.LayerView) else w).shape
     y = cpu_gemv.matmul(x.reshape(-1, math.prod(x.shape[x.ndim - in_axes:])), w)
-    return y.reshape(*lead, *w.shape[in_axes:]).astype(preferred_element_type or x.dtype)
+    return y.reshape(*lead, *shape[in_axes:]).astype(preferred_element_type or x.dtype)
+  if isinstance(w, stacked.LayerView):
+    w = w.get()
   if preferred_element_type is not None and qtensor.is_qtensor(w):
     return project(x, w, in_axes).astype(preferred_element_type)
   if fused(w):
@@ -89,32 +92,23 @@ def lookup(table, ids: jax.Array, dtype) -> jax.Array:
 
 def project_rows(x: jax.Array, table) -> jax.Array:
   """x `[..., D]` times an embedding table `[V, D]` transposed (the tied head): `[..., V]`
-  float32. A quantized table contracts its integers, each row's group scales applied to the
-  group's partial sums, so the float table never exists."""
+  float32. On CPU at decode sizes the kernel reads a quantized table in place (`cpu_gemv`).
+  Otherwise an int8 table with one scale per row contracts its integers and scales the sums
+  (the float table never exists); a table in groups is dequantized next to its dot (per-group
+  partial sums would be G logits-sized arrays)."""
   if cpu_gemv.applies(x, table, rows=True):
     return cpu_gemv.matmul_rows(x.reshape(-1, x.shape[-1]), table).reshape(*x.shape[:-1], -1)
-  if not qtensor.is_qtensor(table):
-    return jnp.einsum("...d,vd->...v", x, table.astype(x.dtype),
-                      preferred_element_type=jnp.float32)
-  V, G, g = table.values.shape[0], table.num_groups, table.group_size
-  lead = x.shape[:-1]
-  xg = jnp.pad(x.astype(jnp.float32), [(0, 0)] * len(lead) + [(0, G * g - table.rows)])
-  xg = xg.reshape(*lead, G, g)
-  expand = lambda a: a.reshape((1,) * len(lead) + a.shape)  # [V, G] -> [..., V, G]
-  scales = expand(table.scales[..., 0])
-  if table.bits == 8:
-    q = table.values.reshape(V, G, g).astype(jnp.float32)
-    zero = 0.0 if table.zeros is None else expand(table.zeros[..., 0])
-    partial = jnp.einsum("...gk,vgk->...vg", xg, q)
-  else:
-    # Each group's low nibbles are its first half of rows, the high nibbles its second half.
-    packed = table.values.reshape(V, G, g // 2)
-    zero = 8.0 if table.zeros is None else expand(table.zeros[..., 0])
-    partial = (jnp.einsum("...gk,vgk->...vg", xg[..., :g // 2], (packed & 0xF).astype(jnp.float32))
-               + jnp.einsum("...gk,vgk->...vg", xg[..., g // 2:], (packed >> 4).astype(jnp.float32)))
-  # sum_k x_k (q_k - z) s = s (sum_k x_k q_k - z sum_k x_k), per row v and group g.
-  partial = partial - zero * jnp.sum(xg, axis=-1)[..., None, :]
-  return jnp.sum(partial * scales, axis=-1)
+  if qtensor.is_qtensor(table) and table.bits == 8 and table.num_groups == 1:
+    q = table.values[..., 0].astype(jnp.float32)  # [V, Dp]
+    x32 = x.astype(jnp.float32)
+    dots = jnp.einsum("...d,vd->...v", jnp.pad(
+        x32, [(0, 0)] * (x.ndim - 1) + [(0, q.shape[1] - table.rows)]), q)
+    per_row = lambda a: a[:, 0, 0].reshape((1,) * (x.ndim - 1) + (-1,))  # [V] -> [..., V]
+    if table.zeros is not None:  # sum_d x_d (q_d - z) = sum_d x_d q_d - z sum_d x_d
+      dots = dots - jnp.sum(x32, axis=-1, keepdims=True) * per_row(table.zeros)
+    return dots * per_row(table.scales)
+  return jnp.einsum("...d,vd->...v", x, table.astype(x.dtype),
+                    preferred_element_type=jnp.float32)
 
 
 def _int4_halves(x, w) -> jax.Array:
