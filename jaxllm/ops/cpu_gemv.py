@@ -13,7 +13,7 @@ jaxlib's FFI headers (`-march=native`: the machine that runs it), cached under
 (or if the build fails) every product takes XLA's path, after one warning.
 
 Which path a product takes is `cpu_kernel(mode)`, a context read when the step traces: "auto"
-(the default: on a single CPU device, for x of at most `MAX_ROWS` rows in float32), "always"
+(the default: on a single CPU device, for float32 x of at most `MAX_ROWS` rows), "always"
 (on any CPU backend and device count: the tests) or "never" (XLA's path).
 """
 
@@ -40,7 +40,11 @@ from jaxllm.ops import stacked
 from jaxllm.quant import tensor as qtensor
 from pallas_kernels import backends
 
-MAX_ROWS = 16  # x rows up to which the kernel beats XLA (a decode step's batch, not a prefill)
+# The most x rows for which the kernel beats XLA, measured on a 2-core AVX-512 machine (BUILD.md,
+# "the CPU decode kernel"): it sweeps the weights once per x row of a block, so XLA's GEMM wins
+# as rows grow, sooner for float32 weights (XLA's float dots are fast) than for quantized ones.
+# A float32 table (the tied head) stays with XLA's own product, as fast as the kernel's.
+MAX_ROWS = {"float": 2, "quantized": 8, "quantized_table": 16}
 MODES = ("auto", "always", "never")
 TARGET = "jaxllm_cpu_gemv"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_gemv.cc")
@@ -123,15 +127,17 @@ def applies(x: jax.Array, w, in_axes: int = 1, *, rows: bool = False) -> bool:
     return False
   if mode == "auto" and jax.device_count() != 1:
     return False  # sharded weights: XLA's partitioner knows dots, not this custom call
-  if x.dtype != jnp.float32 or math.prod(x.shape[:x.ndim - in_axes]) > MAX_ROWS:
+  if x.dtype != jnp.float32:
     return False
   if isinstance(w, stacked.LayerView):
     w = w.get()  # its shape and kind (XLA drops the slice when the kernel takes the stack)
   if qtensor.is_qtensor(w):
     ok = w.values.ndim == (3 if rows else 2)  # one matrix (the table: `[V, D, 1]`)
+    limit = MAX_ROWS["quantized_table" if rows else "quantized"]
   else:
-    ok = w.dtype == jnp.float32 and w.ndim >= 2
-  return ok and available()
+    ok = w.dtype == jnp.float32 and w.ndim >= 2 and not rows
+    limit = MAX_ROWS["float"]
+  return ok and math.prod(x.shape[:x.ndim - in_axes]) <= limit and available()
 
 
 def _call(x2, values, scales, zeros, out_cols, *, bits, group, rows_layout, layer=None):
