@@ -3,11 +3,12 @@
 // per call and never dequantized into memory. Built and registered by `jaxllm.ops.cpu_gemv`.
 //
 // Two layouts:
-//   gemv_io    y[m, o] = sum_i x[m, i] w[i, o]   (the model's `[in, out]` weights): each task
-//              owns a block of output columns and sweeps the rows, so the inner loop runs along
-//              contiguous columns and vectorizes without reassociating any sum.
-//   gemv_rows  y[m, v] = sum_d x[m, d] w[v, d]   (the embedding table as the tied head): each
-//              task owns a block of rows; a row's dot product keeps 16 partial sums (lanes).
+//   io_block    y[m, o] = sum_i x[m, i] w[i, o]   (the model's `[in, out]` weights): each task
+//               sweeps a contiguous stretch of rows into its own partial y, the inner loop
+//               along contiguous columns (vectorized without reassociating any sum); the
+//               partials are added at the end.
+//   rows_block  y[m, v] = sum_d x[m, d] w[v, d]   (the embedding table as the tied head): each
+//               task owns a block of table rows; a row's dot product keeps 16-lane partial sums.
 // Quantized weights: w = (q - z) * s per group of `group` input rows and output column; a
 // group's integer partial sum is scaled once: s * (sum_k x_k q_k - z * sum_k x_k). int4 bytes
 // hold a group's first half of rows in the low nibbles and its second half in the high ones.
@@ -54,7 +55,6 @@ inline float zero_point(const Problem& p, int64_t index) {
 // widens int8 through int16, several shuffles per 16 weights: about half the speed here).
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define JAXLLM_AVX512 1
 #include <immintrin.h>
 
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
