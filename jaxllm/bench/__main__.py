@@ -56,8 +56,9 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "decode, serve, passkey: m
                                   "SmolLM2-135M-Instruct via jaxllm.fetch).")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8", "32"], "decode: batch sizes.")
 _DECODE_PEERS = flags.DEFINE_list("decode_peers", ["jaxllm_fp32", "jaxllm_bf16", "jaxllm_int8",
-                                                   "jaxllm_int4", "transformers"],
-                                  "decode: generators to measure.")
+                                                   "jaxllm_int4", "transformers", "llama_cpp"],
+                                  "decode: generators to measure (llama_cpp: when "
+                                  "llama-cpp-python is installed, batch 1).")
 _DRAFTS = flags.DEFINE_list("drafts", ["ngram:3", "layer_skip:10", "int4"],
                             "decode: speculative draft sources (ngram[:N], layer_skip:N, int4[:G], "
                             "int8, PATH).")
