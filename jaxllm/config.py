@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Mapping
 
 import ml_collections
@@ -800,3 +801,9 @@ def validate_for_devices(config: Config, num_devices: int,
     raise ConfigError(f"mesh.slices={config.mesh.slices} must divide mesh.stage x mesh.data = "
                       f"{sizes['stage'] * sizes['data']}: only those axes may cross slices")
   return sizes
+
+
+def cache_dir() -> str:
+  """jaxllm's cache: `$JAXLLM_CACHE`, default `~/.cache/jaxllm` (fetched models, built
+  kernels)."""
+  return os.path.expanduser(os.environ.get("JAXLLM_CACHE", "~/.cache/jaxllm"))

