@@ -171,6 +171,8 @@ def run(path: str, *, batches=(1, 8, 32), peers=PEERS, drafts=("ngram:3", "layer
   prompts = stdlib_prompts(tok, max(batches), prompt_tokens, bos)
   cfg = model.config
   live = prompt_tokens + (new_tokens - 1) / 2  # average context a decode step attends to
+  # A float32-cache peer's bytes per token: its weights plus K/V of the live context.
+  read = lambda params: weight_bytes_per_token(params, cfg) + live * kv_bytes_per_position(cfg, 4)
   errors, calls, bytes_per_token = {}, {}, {}
   for peer in peers:
     peer_batches = batches
@@ -194,22 +196,18 @@ def run(path: str, *, batches=(1, 8, 32), peers=PEERS, drafts=("ngram:3", "layer
         errors[peer] = f"{type(e).__name__}: {e}"
         continue
       make = functools.partial(_transformers_call, path)
-      bytes_per_token[peer] = (weight_bytes_per_token(model.params, cfg)
-                               + live * kv_bytes_per_position(cfg, 4))
+      bytes_per_token[peer] = read(model.params)
     elif peer == "jaxllm_bf16":
       graphdef, params = _bf16(model)
       make = functools.partial(_jaxllm_call, graphdef, params)
-      bytes_per_token[peer] = (weight_bytes_per_token(params, cfg)
-                               + live * kv_bytes_per_position(cfg, 4))
+      bytes_per_token[peer] = read(params)
     elif peer == "jaxllm_fp32":
       make = functools.partial(_jaxllm_call, model.graphdef, model.params)
-      bytes_per_token[peer] = (weight_bytes_per_token(model.params, cfg)
-                               + live * kv_bytes_per_position(cfg, 4))
+      bytes_per_token[peer] = read(model.params)
     elif peer in ("jaxllm_int8", "jaxllm_int4"):
       low = model.quantized(int(peer[-1]), head_bits=HEAD_BITS)
       make = functools.partial(_jaxllm_call, low.graphdef, low.params)
-      bytes_per_token[peer] = (weight_bytes_per_token(low.params, cfg)
-                               + live * kv_bytes_per_position(cfg, 4))
+      bytes_per_token[peer] = read(low.params)
     else:
       raise ValueError(f"unknown peer {peer!r} (one of {', '.join(PEERS)})")
     for B in peer_batches:

@@ -19,7 +19,6 @@ Which path a product takes is `cpu_kernel(mode)`, a context read when the step t
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import ctypes
 import functools
@@ -36,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.ops import stacked
+from jaxllm.ops import kernel_mode, stacked
 from jaxllm.quant import tensor as qtensor
 from pallas_kernels import backends
 
@@ -45,24 +44,16 @@ from pallas_kernels import backends
 # as rows grow, sooner for float32 weights (XLA's float dots are fast) than for quantized ones.
 # A float32 table (the tied head) stays with XLA's own product, as fast as the kernel's.
 MAX_ROWS = {"float": 2, "quantized": 8, "quantized_table": 16}
-MODES = ("auto", "always", "never")
 TARGET = "jaxllm_cpu_gemv"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_gemv.cc")
 _MODE = contextvars.ContextVar("cpu_kernel", default="auto")
 _log = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
 def cpu_kernel(mode: str):
   """Within the block (and the jitted functions traced in it), small-batch products on CPU
   take the C++ kernel per `mode`: auto | always | never."""
-  if mode not in MODES:
-    raise ValueError(f"cpu kernel mode {mode!r}: one of {MODES}")
-  token = _MODE.set(mode)
-  try:
-    yield
-  finally:
-    _MODE.reset(token)
+  return kernel_mode.scoped(_MODE, mode, "cpu kernel")
 
 
 def _cpu_flags() -> str:

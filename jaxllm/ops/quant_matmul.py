@@ -16,32 +16,24 @@ tests) or "never" (always dequantize, then dot).
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import math
 
 import jax
 import jax.numpy as jnp
 
-from jaxllm.ops import cpu_gemv, stacked
+from jaxllm.ops import cpu_gemv, kernel_mode, stacked
 from jaxllm.quant import tensor as qtensor
 from pallas_kernels import backends
 
-INT4_KERNEL_MODES = ("auto", "always", "never")
+INT4_KERNEL_MODES = kernel_mode.MODES
 _INT4_KERNEL = contextvars.ContextVar("int4_kernel", default="auto")
 
 
-@contextlib.contextmanager
 def int4_kernel(mode: str):
   """Within the block (and the jitted functions traced in it), int4 weights take the fused
   kernel per `mode`: auto | always | never."""
-  if mode not in INT4_KERNEL_MODES:
-    raise ValueError(f"int4 kernel mode {mode!r}: one of {INT4_KERNEL_MODES}")
-  token = _INT4_KERNEL.set(mode)
-  try:
-    yield
-  finally:
-    _INT4_KERNEL.reset(token)
+  return kernel_mode.scoped(_INT4_KERNEL, mode, "int4 kernel")
 
 
 def fused(w) -> bool:
