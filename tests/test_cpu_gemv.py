@@ -63,6 +63,28 @@ class KernelTest(chex.TestCase):
       chex.assert_trees_all_close(got, x @ table_float.T, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
+def test_products_from_several_threads_at_once_are_each_right():
+  """Concurrent calls share the kernel's helper threads (one call at a time uses them, the
+  others run alone): every result must still be its own product, none mixed with another's."""
+  import concurrent.futures
+  kinds = [(8, 0, True), (4, 32, True), (0, 0, True)]
+  cases = []
+  for i, kind in enumerate(kinds):
+    w, w_float = _weight(kind, 256, 512, seed=10 + i)
+    x = jnp.asarray(np.random.default_rng(i).standard_normal((1, 256)), jnp.float32)
+    cases.append((jax.jit(cpu_gemv.matmul), x, w, np.asarray(x @ w_float)))
+
+  def run(case):
+    fn, x, w, want = case
+    for _ in range(200):
+      np.testing.assert_allclose(np.asarray(fn(x, w)), want, rtol=1e-5, atol=1e-4)
+
+  with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+    for future in [pool.submit(run, case) for case in cases]:
+      future.result()
+
+
 def test_project_takes_the_kernel_only_for_small_float32_batches():
   int8, _ = _weight((8, 0, True), 64, 32)
   table, _ = _weight((8, 0, True), 64, 32, batch_axes=1)

@@ -13,15 +13,19 @@
 // group's integer partial sum is scaled once: s * (sum_k x_k q_k - z * sum_k x_k). int4 bytes
 // hold a group's first half of rows in the low nibbles and its second half in the high ones.
 //
-// Work is split into blocks taken from an atomic counter by the calling thread and by tasks
-// scheduled on XLA's intra-op pool; the caller keeps taking blocks until none are left, so the
-// call finishes even when no pool thread is free (two such calls at once cannot deadlock).
+// Work is split into blocks claimed by the calling thread and the kernel's own helper threads
+// (`Team`); the caller keeps claiming blocks until none are left, so a call finishes even when
+// no helper joins it (two calls at once cannot deadlock).
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -332,39 +336,125 @@ void rows_block(const Problem& p, int64_t m0, int64_t mc, int64_t v0, int64_t v1
   }
 }
 
-struct Shared {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
+// The core count, read once: std::thread::hardware_concurrency() reads /sys on every call,
+// about 5 us, more than a small product takes.
+int64_t Cores() {
+  static const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  return cores;
+}
+
+// Helper threads of the kernel's own, one per core besides the caller's, which wait for the
+// next product by spinning for a while before they sleep. A decode step makes about 200 calls
+// of 10-100 us each, back to back; a sleeping thread (XLA's pool wakes its threads through the
+// kernel) took longer to wake than half a product, so a product on two threads was no faster
+// than on one.
+//
+// One product at a time uses the team: a caller that finds it taken (XLA may run two
+// independent products at once) does all its blocks itself. Blocks are claimed from `state_`,
+// the job's generation (high 32 bits) and its next block (low 32): a helper that read a job
+// late can only claim a block of that job while it is still running, never of the next one.
+class Team {
+ public:
+  static Team& Get() {
+    static Team* team = new Team(Cores() - 1);  // never destroyed: threads outlive exit
+    return *team;
+  }
+
+  // Runs fn(b) for b in [0, blocks) on the caller, and on the helpers if `helpers`.
+  void Run(int64_t blocks, bool helpers, const std::function<void(int64_t)>& fn) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!helpers || threads_ == 0 || blocks < 2 || !busy.owns_lock()) {
+      for (int64_t b = 0; b < blocks; ++b) fn(b);
+      return;
+    }
+    job_.store(&fn, std::memory_order_relaxed);
+    blocks_.store(blocks, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = (state_.load(std::memory_order_relaxed) >> 32) + 1;
+    state_.store(gen << 32, std::memory_order_seq_cst);
+    if (sleeping_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lock(sleep_mu_);
+      wake_.notify_all();
+    }
+    Work(gen, fn, blocks);
+    while (done_.load(std::memory_order_acquire) < blocks) Pause();
+  }
+
+ private:
+  explicit Team(int64_t threads) : threads_(std::max<int64_t>(0, threads)) {
+    for (int64_t t = 0; t < threads_; ++t) std::thread([this] { Loop(); }).detach();
+  }
+
+  static void Pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+
+  // Claims and runs blocks of job `gen` until none is left.
+  void Work(uint64_t gen, const std::function<void(int64_t)>& fn, int64_t blocks) {
+    for (uint64_t s = state_.load(std::memory_order_acquire);;) {
+      const uint64_t b = s & 0xFFFFFFFFu;
+      if ((s >> 32) != gen || static_cast<int64_t>(b) >= blocks) return;
+      if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) continue;
+      fn(static_cast<int64_t>(b));
+      done_.fetch_add(1, std::memory_order_release);
+      s = state_.load(std::memory_order_acquire);
+    }
+  }
+
+  void Loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t s = state_.load(std::memory_order_acquire);
+      int64_t spins = 0;
+      for (auto start = std::chrono::steady_clock::now(); (s >> 32) == seen;
+           s = state_.load(std::memory_order_acquire)) {
+        Pause();
+        if (++spins % 64 == 0 && std::chrono::steady_clock::now() - start > kSpin) {
+          std::unique_lock<std::mutex> lock(sleep_mu_);
+          sleeping_.fetch_add(1, std::memory_order_seq_cst);
+          wake_.wait(lock, [&] { return (state_.load(std::memory_order_seq_cst) >> 32) != seen; });
+          sleeping_.fetch_sub(1, std::memory_order_relaxed);
+          start = std::chrono::steady_clock::now();
+        }
+      }
+      seen = s >> 32;
+      // job_ and blocks_ were written before the generation was: they are this job's or a
+      // later one's, and Work claims nothing unless the generation is still `seen`.
+      Work(seen, *job_.load(std::memory_order_relaxed), blocks_.load(std::memory_order_relaxed));
+    }
+  }
+
+  // How long an idle helper spins before it sleeps: longer than the gaps between a decode
+  // step's products, short enough not to hold a core through a long idle spell.
+  static constexpr std::chrono::microseconds kSpin{2000};
+
+  const int64_t threads_;
+  std::mutex busy_;
+  std::atomic<uint64_t> state_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<const std::function<void(int64_t)>*> job_{nullptr};
+  std::atomic<int64_t> blocks_{0};
+  std::mutex sleep_mu_;
+  std::condition_variable wake_;
+  std::atomic<int> sleeping_{0};
 };
 
-// Runs `blocks` calls of fn(block) on the caller and the pool; returns when all are done.
+// Runs `blocks` calls of fn(block) on the caller and the team, using helpers only when XLA's
+// own pool has threads (a process limited to one thread keeps to one).
 template <typename Fn>
 void parallel_blocks(ffi::ThreadPool& pool, int64_t blocks, Fn fn) {
-  const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  int64_t helpers = std::min<int64_t>({pool.num_threads(), blocks - 1, cores - 1});
-  if (helpers <= 0) {
-    for (int64_t b = 0; b < blocks; ++b) fn(b);
-    return;
-  }
-  auto shared = std::make_shared<Shared>();
-  auto work = [shared, blocks, fn]() {
-    for (int64_t b; (b = shared->next.fetch_add(1)) < blocks;) {
-      fn(b);
-      shared->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 0; t < helpers; ++t) {
-    auto task = work;  // the pool owns (and deletes) its own copy
-    pool.Schedule(std::move(task));
-  }
-  work();
-  while (shared->done.load(std::memory_order_acquire) < blocks) std::this_thread::yield();
+  const std::function<void(int64_t)> job(fn);
+  Team::Get().Run(blocks, pool.num_threads() > 0, job);
 }
 
 ffi::Error Run(ffi::ThreadPool pool, const Problem& p, bool rows_layout) {
-  // The caller and the pool's threads, but no more than the cores: a third thread on two
-  // cores only takes turns with the other two.
-  const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  // The caller and the helpers, one thread per core (none besides the caller when XLA's pool
+  // has no threads).
+  const int64_t cores = Cores();
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads() + 1, cores));
   const int64_t m_blocks = (p.M + kMaxRows - 1) / kMaxRows;
   if (rows_layout) {
@@ -384,8 +474,9 @@ ffi::Error Run(ffi::ThreadPool pool, const Problem& p, bool rows_layout) {
   const int64_t rows = p.bits == 4 ? p.I / 2 : p.I;  // stored rows
   const int64_t unit = 4;
   const int64_t units = (rows + unit - 1) / unit;
-  // A few stretches per thread: a pool thread that wakes late still finds work left.
-  const int64_t stretches = std::max<int64_t>(1, std::min<int64_t>(4 * threads, units));
+  // One stretch per thread: helpers spin between products, so none starts late enough for
+  // smaller pieces (and more partials to add up) to pay.
+  const int64_t stretches = std::max<int64_t>(1, std::min<int64_t>(threads, units));
   const int64_t per = (units + stretches - 1) / stretches;
   std::vector<float> partial(stretches * p.M * p.O, 0.0f);
   parallel_blocks(pool, stretches * m_blocks, [&](int64_t b) {
