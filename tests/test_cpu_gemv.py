@@ -129,7 +129,8 @@ def test_gradients_through_the_kernel_are_xlas():
 def test_model_forward_through_the_kernel_equals_xla(bits, head_bits):
   """A tiny model's forward over 2 tokens, and 12 tokens decoded against a KV cache (a
   prefill of 8, then 4 steps of one: the products a kernel call where `MAX_ROWS` allows, each
-  layer read in place from the stacks), against the same model on XLA's products."""
+  layer read in place from the stacks; attention over the cache the kernel library's too),
+  against the same model on XLA's products and attention."""
   cfg = tiny_model(dtype="float32", d_model=48)
   graphdef, params = transformer.split(transformer.create(cfg, 0))
   if bits:
@@ -154,7 +155,10 @@ def test_model_forward_through_the_kernel_equals_xla(bits, head_bits):
       for name, fn in (("forward", lambda p, ids: nnx.merge(graphdef, p)(ids[:, :2])),
                        ("decode", lambda p, ids: decode(p, ids))):
         fn = jax.jit(fn)  # a new function object: traced anew, in this mode
-        assert (cpu_gemv.TARGET in fn.lower(params, ids).as_text()) == (mode == "always")
+        text = fn.lower(params, ids).as_text()
+        assert (cpu_gemv.TARGET in text) == (mode == "always")
+        if name == "decode":  # attention over the cache too (`jaxllm.ops.cpu_attention`)
+          assert (cpu_gemv.ATTENTION_TARGET in text) == (mode == "always")
         logits[mode, name] = fn(params, ids)
   for name in ("forward", "decode"):
     chex.assert_trees_all_close(logits["always", name], logits["never", name], rtol=1e-5,

@@ -17,6 +17,7 @@ from jaxllm.model import positions
 from jaxllm.model.layers import RMSNorm, param
 from jaxllm.model.positions import Rope, alibi_slopes
 from jaxllm.ops import attention as attention_ops
+from jaxllm.ops import cpu_attention
 from jaxllm.ops.quant_matmul import project
 
 
@@ -178,6 +179,13 @@ class Attention(nnx.Module):
       kv_index_BS = kv_cache.ring_positions(lengths_B + T, S)
     else:
       kv_index_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    if cpu_attention.applies(q, cache_k, alibi_slopes=self.alibi_slopes,
+                             logit_soft_cap=self.soft_cap):
+      # Reads the layer in place: no copy of it out of the cache, one pass per kv head.
+      out = self._windowed(lambda window: cpu_attention.attention(
+          q, cache_k, cache_v, layer, q_index_BT=q_index_BT, kv_index_BS=kv_index_BS,
+          sliding_window=window), local)
+      return self.out_projection(out), cache_k, cache_v
     keys = kv_cache.read(cache_k, layer, q.dtype)
     values = kv_cache.read(cache_v, layer, q.dtype)
     out = self._windowed(lambda window: attention_ops.attention(

@@ -18,6 +18,7 @@
 // no helper joins it (two calls at once cannot deadlock).
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -527,6 +528,120 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
   return Run(pool, p, rows_layout);
 }
 
+// ---- decode attention over a contiguous cache -------------------------------------------
+// XLA:CPU spends about 50 us a layer on a decode step's attention (two batched dots with
+// their transposes, the mask and the softmax as separate loops), ten times the arithmetic.
+// One query row against one kv head's keys, exactly as `jaxllm.ops.attention.attention`
+// defines it: masked logits take the same finite mask value, so a row that sees no key
+// averages all of them as XLA's softmax does.
+
+constexpr float kMaskValue = -0.7f * 3.4028234663852886e38f;
+
+struct AttentionProblem {
+  const float* q;         // [B, T, H, Dh]
+  const float* k;         // [B, S, K, Dh] (this layer's)
+  const float* v;
+  const int32_t* q_index; // [B, T]
+  const int32_t* kv_index;// [B, S]
+  float* out;             // [B, T, H, Dh]
+  int64_t B, T, H, K, S, Dh;
+  int64_t window;         // 0: none
+  float scale;
+};
+
+// Every query head of sequence `b`, every query token. The keys (then the values) are read
+// in one sequential pass over the cache positions, all kv heads of a position together (one
+// contiguous `[K, Dh]` row): per head, a strided walk left the reads waiting on memory.
+// `logits` has room for H * S floats.
+void attend_sequence(const AttentionProblem& p, int64_t b, float* logits) {
+  const int64_t G = p.H / p.K, S = p.S, Dh = p.Dh, row = p.K * Dh;
+  const float* keys = p.k + b * S * row;
+  const float* values = p.v + b * S * row;
+  for (int64_t t = 0; t < p.T; ++t) {
+    const int32_t qi = p.q_index[b * p.T + t];
+    const float* q = p.q + (b * p.T + t) * p.H * Dh;  // [H, Dh]; head h = kh * G + g
+    float* o = p.out + (b * p.T + t) * p.H * Dh;
+    bool any = false;  // whether any key is visible to this query
+    for (int64_t s = 0; s < S; ++s) {
+      const int32_t ki = p.kv_index[b * S + s];
+      const bool visible = ki <= qi && (p.window == 0 || ki > qi - p.window);
+      any |= visible;
+      if (s + 2 < S) prefetch(keys + (s + 2) * row, row * sizeof(float));
+      for (int64_t h = 0; h < p.H; ++h) {
+        logits[h * S + s] = visible ? dot(q + h * Dh, keys + s * row + (h / G) * Dh, Dh) * p.scale
+                                    : kMaskValue;
+      }
+    }
+    float totals[256];
+    float* total = p.H <= 256 ? totals : new float[p.H];
+    for (int64_t h = 0; h < p.H; ++h) {
+      float* l = logits + h * S;
+      const float top = *std::max_element(l, l + S);
+      float sum = 0.0f;
+      for (int64_t s = 0; s < S; ++s) {
+        // A masked key's weight is exactly 0 beside a visible one (exp underflows), and
+        // exp(0) = 1 like every other key's when none is visible.
+        l[s] = (any && l[s] == kMaskValue) ? 0.0f : std::exp(l[s] - top);
+        sum += l[s];
+      }
+      total[h] = sum;
+    }
+    std::fill(o, o + p.H * Dh, 0.0f);
+    for (int64_t s = 0; s < S; ++s) {
+      if (s + 2 < S) prefetch(values + (s + 2) * row, row * sizeof(float));
+      for (int64_t h = 0; h < p.H; ++h) {
+        const float weight = logits[h * S + s];
+        if (weight != 0.0f) axpy1(o + h * Dh, values + s * row + (h / G) * Dh, weight, Dh);
+      }
+    }
+    for (int64_t h = 0; h < p.H; ++h) {
+      const float inv = 1.0f / total[h];
+      for (int64_t d = 0; d < Dh; ++d) o[h * Dh + d] *= inv;
+    }
+    if (total != totals) delete[] total;
+  }
+}
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer,
+                           ffi::Buffer<ffi::S32> q_index, ffi::Buffer<ffi::S32> kv_index,
+                           ffi::ResultBuffer<ffi::F32> out, int64_t window, float scale) {
+  auto qd = q.dimensions();
+  auto kd = k.dimensions();
+  auto vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 5 || vd.size() != 5 ||
+      !std::equal(kd.begin(), kd.end(), vd.begin())) {
+    return ffi::Error::InvalidArgument(
+        "decode attention: q [B, T, H, Dh], k and v stacked [L, B, S, K, Dh]");
+  }
+  AttentionProblem p;
+  p.B = qd[0]; p.T = qd[1]; p.H = qd[2]; p.Dh = qd[3];
+  p.S = kd[2]; p.K = kd[3];
+  const int64_t L = kd[0];
+  const int64_t l = *layer.typed_data();
+  if (l < 0 || l >= L || kd[1] != p.B || kd[4] != p.Dh || p.H % p.K) {
+    return ffi::Error::InvalidArgument("decode attention: shapes or layer index out of range");
+  }
+  const int64_t per_layer = p.B * p.S * p.K * p.Dh;
+  p.k = k.typed_data() + l * per_layer;
+  p.v = v.typed_data() + l * per_layer;
+  p.q = q.typed_data();
+  p.q_index = q_index.typed_data();
+  p.kv_index = kv_index.typed_data();
+  p.out = out->typed_data();
+  p.window = window;
+  p.scale = scale;
+  const int64_t blocks = p.B;
+  // Short contexts are a few microseconds of work: waking helpers would cost more.
+  const bool spread = p.S * p.T * p.H * p.Dh >= (1 << 18);
+  const std::function<void(int64_t)> job = [&p](int64_t b) {
+    std::vector<float> logits(p.H * p.S);
+    attend_sequence(p, b, logits.data());
+  };
+  Team::Get().Run(blocks, spread && pool.num_threads() > 0, job);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -543,3 +658,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("group")
         .Attr<bool>("has_zeros")
         .Attr<bool>("rows_layout"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxllmDecodeAttention, DecodeAttention,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::F32>>()  // q [B, T, H, Dh]
+        .Arg<ffi::Buffer<ffi::F32>>()  // k cache [L, B, S, K, Dh]
+        .Arg<ffi::Buffer<ffi::F32>>()  // v cache
+        .Arg<ffi::Buffer<ffi::S32>>()  // layer []
+        .Arg<ffi::Buffer<ffi::S32>>()  // q_index [B, T]
+        .Arg<ffi::Buffer<ffi::S32>>()  // kv_index [B, S]
+        .Ret<ffi::Buffer<ffi::F32>>()  // out [B, T, H, Dh]
+        .Attr<int64_t>("window")
+        .Attr<float>("scale"));

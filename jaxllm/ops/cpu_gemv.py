@@ -45,6 +45,7 @@ from pallas_kernels import backends
 # A float32 table (the tied head) stays with XLA's own product, as fast as the kernel's.
 MAX_ROWS = {"float": 2, "quantized": 8, "quantized_table": 16}
 TARGET = "jaxllm_cpu_gemv"
+ATTENTION_TARGET = "jaxllm_cpu_decode_attention"  # served by jaxllm.ops.cpu_attention
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_gemv.cc")
 _MODE = contextvars.ContextVar("cpu_kernel", default="auto")
 _log = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ def _register(path: str) -> None:
   """Loads a built library and registers its handler with XLA (once per process and path)."""
   library = ctypes.cdll.LoadLibrary(path)
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxllmGemv), platform="cpu")
+  jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(library.JaxllmDecodeAttention),
+                              platform="cpu")
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,15 +113,20 @@ def available() -> bool:
     return False
 
 
-def applies(x: jax.Array, w, in_axes: int = 1, *, rows: bool = False) -> bool:
-  """Whether x `[..., *in]` and weight `w` go through the kernel: `matmul` (w `[*in, *out]`)
-  or, with `rows`, `matmul_rows` (w an embedding table `[V, D]`)."""
+def enabled() -> bool:
+  """Whether `cpu_kernel`'s mode lets the library's kernels run in the step being traced: on
+  the CPU backend, and in "auto" only on a single device (sharded arrays: XLA's partitioner
+  knows its own ops, not these custom calls). Built on first call."""
   mode = _MODE.get()
   if mode == "never" or backends.target_platform() != "cpu":
     return False
-  if mode == "auto" and jax.device_count() != 1:
-    return False  # sharded weights: XLA's partitioner knows dots, not this custom call
-  if x.dtype != jnp.float32:
+  return (mode == "always" or jax.device_count() == 1) and available()
+
+
+def applies(x: jax.Array, w, in_axes: int = 1, *, rows: bool = False) -> bool:
+  """Whether x `[..., *in]` and weight `w` go through the kernel: `matmul` (w `[*in, *out]`)
+  or, with `rows`, `matmul_rows` (w an embedding table `[V, D]`)."""
+  if x.dtype != jnp.float32 or not enabled():
     return False
   if isinstance(w, stacked.LayerView):
     w = w.get()  # its shape and kind (XLA drops the slice when the kernel takes the stack)
@@ -128,7 +136,7 @@ def applies(x: jax.Array, w, in_axes: int = 1, *, rows: bool = False) -> bool:
   else:
     ok = w.dtype == jnp.float32 and w.ndim >= 2 and not rows
     limit = MAX_ROWS["float"]
-  return ok and math.prod(x.shape[:x.ndim - in_axes]) <= limit and available()
+  return ok and math.prod(x.shape[:x.ndim - in_axes]) <= limit
 
 
 def _call(x2, values, scales, zeros, out_cols, *, bits, group, rows_layout, layer=None):
