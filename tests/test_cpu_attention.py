@@ -6,7 +6,6 @@ import chex
 import numpy as np
 import pytest
 
-import jax
 import jax.numpy as jnp
 
 from jaxllm.ops import attention as attention_ops

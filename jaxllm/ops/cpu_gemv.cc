@@ -633,7 +633,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   p.scale = scale;
   const int64_t blocks = p.B;
   // Short contexts are a few microseconds of work: waking helpers would cost more.
-  const bool spread = p.S * p.T * p.H * p.Dh >= (1 << 18);
+  const bool spread = p.B * p.S * p.T * p.H * p.Dh >= (1 << 18);
   const std::function<void(int64_t)> job = [&p](int64_t b) {
     std::vector<float> logits(p.H * p.S);
     attend_sequence(p, b, logits.data());
