@@ -21,7 +21,7 @@ def _case(B=2, T=3, H=6, K=2, S=37, Dh=40, L=3, seed=0):
                       for _ in range(2))
   # Sequence 0 is at position 20 (keys beyond it are stale slots), sequence 1 at 33; query
   # index -1 sees no key (XLA's softmax then averages all of them, and so must the kernel).
-  q_index = jnp.asarray([[20, 21, 22], [33, 34, -1]], jnp.int32)[:B, :T]
+  q_index = jnp.asarray([[20, 21, 22], [33, -1, 34]], jnp.int32)[:B, :T]
   kv_index = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
   return q, cache_k, cache_v, q_index, kv_index
 
@@ -44,7 +44,7 @@ class DecodeAttentionTest(chex.TestCase):
 
 
 def test_applies_only_to_float32_short_steps_without_alibi_or_soft_cap():
-  q, cache_k, _, _, _ = _case()
+  q, cache_k, _, _, _ = _case(T=cpu_attention.MAX_QUERIES)
   with cpu_gemv.cpu_kernel("always"):
     assert cpu_attention.applies(q, cache_k) == cpu_gemv.available()
     assert not cpu_attention.applies(q.astype(jnp.bfloat16), cache_k.astype(jnp.bfloat16))
