@@ -413,8 +413,14 @@ class Team {
       int64_t spins = 0;
       for (auto start = std::chrono::steady_clock::now(); (s >> 32) == seen;
            s = state_.load(std::memory_order_acquire)) {
-        Pause();
-        if (++spins % 64 == 0 && std::chrono::steady_clock::now() - start > kSpin) {
+        // The first spins only pause; later ones yield the core to any other runnable thread
+        // (XLA's own pool multiplying a batch's products between two of ours).
+        if (++spins < 256) {
+          Pause();
+          continue;
+        }
+        std::this_thread::yield();
+        if (spins % 16 == 0 && std::chrono::steady_clock::now() - start > kSpin) {
           std::unique_lock<std::mutex> lock(sleep_mu_);
           sleeping_.fetch_add(1, std::memory_order_seq_cst);
           wake_.wait(lock, [&] { return (state_.load(std::memory_order_seq_cst) >> 32) != seen; });
