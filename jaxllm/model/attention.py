@@ -181,7 +181,7 @@ class Attention(nnx.Module):
       kv_index_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     if cpu_attention.applies(q, cache_k, alibi_slopes=self.alibi_slopes,
                              logit_soft_cap=self.soft_cap):
-      # Reads the layer in place: no copy of it out of the cache, one pass per kv head.
+      # Reads the layer in place (no copy of it out of the cache), one pass over the positions.
       out = self._windowed(lambda window: cpu_attention.attention(
           q, cache_k, cache_v, layer, q_index_BT=q_index_BT, kv_index_BS=kv_index_BS,
           sliding_window=window), local)

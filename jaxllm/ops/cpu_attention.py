@@ -4,8 +4,9 @@ XLA:CPU turns a decode step's attention (`jaxllm.ops.attention.attention` for T 
 S cached keys) into two batched dots with a transpose before each, the mask and a softmax as
 separate loops: about 50 us a layer for SmolLM2-135M at S = 128, ten times the arithmetic, a
 tenth of a quantized decode step. The CPU kernel library (`cpu_gemv.cc`, built and registered
-by `jaxllm.ops.cpu_gemv`) has a handler doing it in one pass per kv head, reading layer
-`layer` of the stacked cache in place; same masking rules, same finite mask value.
+by `jaxllm.ops.cpu_gemv`) has a handler doing it in one pass over the cached positions (then
+one over the values), reading layer `layer` of the stacked cache in place; same masking rules,
+same finite mask value.
 
 Inference only (no gradient); float32 queries and cache; no ALiBi or logit soft cap (those
 keep XLA's path). Taken under the same `cpu_gemv.cpu_kernel` mode as the products.

@@ -1,6 +1,7 @@
 // Small-batch matrix products for XLA:CPU that stream their weights at memory bandwidth:
 // float32, int8 and packed int4 weights (`jaxllm.quant.tensor.QTensor`'s layout), read once
-// per call and never dequantized into memory. Built and registered by `jaxllm.ops.cpu_gemv`.
+// per call and never dequantized into memory; and a decode step's attention over a contiguous
+// KV cache (at the end). Built and registered by `jaxllm.ops.cpu_gemv`.
 //
 // Two layouts:
 //   io_block    y[m, o] = sum_i x[m, i] w[i, o]   (the model's `[in, out]` weights): each task

@@ -5,7 +5,9 @@ matters most: a float32 weight streams at about half the machine's read bandwidt
 or int4 weight, converted and scaled element by element, at a few GB/s (an int8 tied head
 `[V, D]` at under 1 GB/s). `cpu_gemv.cc` does these products in C++, registered with XLA as a
 typed FFI handler: float32, int8 and packed int4 weights (QTensor's layout, group scales and
-zero points) read once, in order, split over XLA's own intra-op thread pool.
+zero points) read once, in order, split between the calling thread and helper threads of
+the library's own (they spin between a decode step's calls; see `Team` in the source). The
+same library serves a decode step's attention (`jaxllm.ops.cpu_attention`).
 
 The library is compiled on first use with the system's C++ compiler against the installed
 jaxlib's FFI headers (`-march=native`: the machine that runs it), cached under
