@@ -451,12 +451,12 @@ class Team {
   std::atomic<int> sleeping_{0};
 };
 
-// Runs `blocks` calls of fn(block) on the caller and the team, using helpers only when XLA's
-// own pool has threads (a process limited to one thread keeps to one).
+// Runs `blocks` calls of fn(block) on the caller and, if `spread`, the team, using helpers
+// only when XLA's own pool has threads (a process limited to one thread keeps to one).
 template <typename Fn>
-void parallel_blocks(ffi::ThreadPool& pool, int64_t blocks, Fn fn) {
+void parallel_blocks(ffi::ThreadPool& pool, int64_t blocks, Fn fn, bool spread = true) {
   const std::function<void(int64_t)> job(fn);
-  Team::Get().Run(blocks, pool.num_threads() > 0, job);
+  Team::Get().Run(blocks, spread && pool.num_threads() > 0, job);
 }
 
 ffi::Error Run(ffi::ThreadPool pool, const Problem& p, bool rows_layout) {
@@ -538,9 +538,9 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
 // ---- decode attention over a contiguous cache -------------------------------------------
 // XLA:CPU spends about 50 us a layer on a decode step's attention (two batched dots with
 // their transposes, the mask and the softmax as separate loops), ten times the arithmetic.
-// One query row against one kv head's keys, exactly as `jaxllm.ops.attention.attention`
-// defines it: masked logits take the same finite mask value, so a row that sees no key
-// averages all of them as XLA's softmax does.
+// Each query exactly as `jaxllm.ops.attention.attention` defines it: masked logits take the
+// same finite mask value, so a query that sees no key averages all of them as XLA's softmax
+// does.
 
 constexpr float kMaskValue = -0.7f * 3.4028234663852886e38f;
 
@@ -559,8 +559,8 @@ struct AttentionProblem {
 // Every query head of sequence `b`, every query token. The keys (then the values) are read
 // in one sequential pass over the cache positions, all kv heads of a position together (one
 // contiguous `[K, Dh]` row): per head, a strided walk left the reads waiting on memory.
-// `logits` has room for H * S floats.
-void attend_sequence(const AttentionProblem& p, int64_t b, float* logits) {
+// `logits` has room for H * S floats, `total` for H.
+void attend_sequence(const AttentionProblem& p, int64_t b, float* logits, float* total) {
   const int64_t G = p.H / p.K, S = p.S, Dh = p.Dh, row = p.K * Dh;
   const float* keys = p.k + b * S * row;
   const float* values = p.v + b * S * row;
@@ -579,8 +579,6 @@ void attend_sequence(const AttentionProblem& p, int64_t b, float* logits) {
                                     : kMaskValue;
       }
     }
-    float totals[256];
-    float* total = p.H <= 256 ? totals : new float[p.H];
     for (int64_t h = 0; h < p.H; ++h) {
       float* l = logits + h * S;
       const float top = *std::max_element(l, l + S);
@@ -605,7 +603,6 @@ void attend_sequence(const AttentionProblem& p, int64_t b, float* logits) {
       const float inv = 1.0f / total[h];
       for (int64_t d = 0; d < Dh; ++d) o[h * Dh + d] *= inv;
     }
-    if (total != totals) delete[] total;
   }
 }
 
@@ -638,14 +635,12 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   p.out = out->typed_data();
   p.window = window;
   p.scale = scale;
-  const int64_t blocks = p.B;
   // Short contexts are a few microseconds of work: waking helpers would cost more.
   const bool spread = p.B * p.S * p.T * p.H * p.Dh >= (1 << 18);
-  const std::function<void(int64_t)> job = [&p](int64_t b) {
-    std::vector<float> logits(p.H * p.S);
-    attend_sequence(p, b, logits.data());
-  };
-  Team::Get().Run(blocks, spread && pool.num_threads() > 0, job);
+  parallel_blocks(pool, p.B, [&p](int64_t b) {
+    std::vector<float> scratch(p.H * (p.S + 1));  // logits [H, S], then totals [H]
+    attend_sequence(p, b, scratch.data(), scratch.data() + p.H * p.S);
+  }, spread);
   return ffi::Error::Success();
 }
 
