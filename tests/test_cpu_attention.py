@@ -31,7 +31,14 @@ class DecodeAttentionTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_equals_xla_attention_on_the_layer(self):
-    q, cache_k, cache_v, q_index, kv_index = _case()
+    # Head sizes of whole 16-float vectors take the kernel's blocks of 16 positions (here
+    # whole blocks nobody sees, a window that hides a block, a ragged last block), others and
+    # each shape's tail positions one at a time; 8 query heads per kv head of 48 floats are
+    # more accumulators than the blocked value pass holds.
+    for shape in (dict(), dict(S=53, Dh=32), dict(H=8, K=1, S=40, Dh=48)):
+      self._check(*_case(**shape))
+
+  def _check(self, q, cache_k, cache_v, q_index, kv_index):
     for layer in (0, 2):
       for window in (None, 5):
         got = self.variant(lambda q, k, v, layer: cpu_attention.attention(

@@ -22,9 +22,9 @@ from jaxllm.ops import cpu_gemv
 
 # The most new tokens per sequence for which the kernel runs. It computes each query's dot
 # products on its own, where XLA's batched dot shares the work between queries: measured per
-# layer at S = 128 (SmolLM2 shapes, BUILD.md), kernel vs XLA 42 vs 64 us at T = 1, 71 vs 86 at
-# T = 2, 169 vs 97 at T = 5 (a speculative verify step of k = 4).
-MAX_QUERIES = 2
+# layer at S = 128 (SmolLM2 shapes, BUILD.md), kernel vs XLA 19 vs 48 us at T = 1, 32 vs 56 at
+# T = 2, 66 vs 85 at T = 5 (a speculative verify step of k = 4), 111 vs 92 at T = 8.
+MAX_QUERIES = 5
 
 
 def applies(q_BTHDh: jax.Array, cache_k, *, alibi_slopes=None,

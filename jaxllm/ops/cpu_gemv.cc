@@ -606,43 +606,186 @@ struct AttentionProblem {
   float scale;
 };
 
+inline bool visible(int32_t ki, int32_t qi, int64_t window) {
+  return ki <= qi && (window == 0 || ki > static_cast<int64_t>(qi) - window);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// Blocks of 16 cache positions: a block's logits for one head come out as one vector (one
+// reduction for 16 dot products instead of one each), its softmax weights are exponentiated
+// 16 at a time, and its values are summed into registers, all heads of a kv head at once.
+constexpr int64_t kBlock = 16;
+
+// Lane j: the sum of v[j]'s 16 lanes. Pairs of vectors are folded into each other's halves,
+// quarters, then pairs of lanes (15 folds for 16 sums); a last permute puts sums in order.
+inline __m512 sum_each(const __m512 (&v)[16]) {
+  __m512 w[8], x[4], y[2];
+  for (int j = 0; j < 8; ++j) {
+    w[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[j], v[j + 8], 0x44),
+                         _mm512_shuffle_f32x4(v[j], v[j + 8], 0xEE));
+  }
+  for (int j = 0; j < 4; ++j) {
+    x[j] = _mm512_add_ps(_mm512_shuffle_f32x4(w[j], w[j + 4], 0x88),
+                         _mm512_shuffle_f32x4(w[j], w[j + 4], 0xDD));
+  }
+  for (int j = 0; j < 2; ++j) {
+    y[j] = _mm512_add_ps(_mm512_shuffle_ps(x[j], x[j + 2], 0x44),
+                         _mm512_shuffle_ps(x[j], x[j + 2], 0xEE));
+  }
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88),
+                                 _mm512_shuffle_ps(y[0], y[1], 0xDD));
+  const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+  return _mm512_permutexvar_ps(order, r);
+}
+
+// exp(x) for x <= 0, within about 1 ulp of std::exp: x = n ln2 + r with |r| <= ln2 / 2,
+// exp(r) by its Taylor polynomial to r^7 (error below 1e-8), times 2^n by `scalef` (which
+// underflows to 0 the way exp does). Below -104 exp is 0 in float32; clamping first keeps
+// n ln2 from cancelling x's digits.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);   // ln2, high bits
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);       // ln2, the rest
+  __m512 e = _mm512_set1_ps(1.0f / 5040);
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f / 720));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f / 120));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f / 24));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f / 6));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(0.5f));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(e, n);
+}
+
+// Which of positions [s, s + 16) query position qi sees.
+inline __mmask16 visible_block(const int32_t* kv_index, int32_t qi, int64_t window) {
+  const __m512i ki = _mm512_loadu_si512(kv_index);
+  __mmask16 m = _mm512_cmple_epi32_mask(ki, _mm512_set1_epi32(qi));
+  const int64_t low = static_cast<int64_t>(qi) - window;  // keys after it (int64: no overflow)
+  if (window && low >= INT32_MIN) {
+    m &= _mm512_cmpgt_epi32_mask(ki, _mm512_set1_epi32(static_cast<int32_t>(low)));
+  }
+  return m;
+}
+#else
+constexpr int64_t kBlock = 1;  // the portable loops below take every position one at a time
+#endif
+
 // Every query head of sequence `b`, every query token. The keys (then the values) are read
 // in one sequential pass over the cache positions, all kv heads of a position together (one
 // contiguous `[K, Dh]` row): per head, a strided walk left the reads waiting on memory.
-// `logits` has room for H * S floats, `total` for H.
+// Blocks of positions that no query sees are skipped. `logits` has room for H * S floats,
+// `total` for H.
 void attend_sequence(const AttentionProblem& p, int64_t b, float* logits, float* total) {
   const int64_t G = p.H / p.K, S = p.S, Dh = p.Dh, row = p.K * Dh;
   const float* keys = p.k + b * S * row;
   const float* values = p.v + b * S * row;
+  const int32_t* kv_index = p.kv_index + b * S;
+  // Whole blocks go through the vector loops (which hold a head's Dh in whole vectors); the
+  // positions after the last whole block, one at a time.
+  [[maybe_unused]] const int64_t blocked = Dh % 16 == 0 ? S / kBlock * kBlock : 0;
   for (int64_t t = 0; t < p.T; ++t) {
     const int32_t qi = p.q_index[b * p.T + t];
     const float* q = p.q + (b * p.T + t) * p.H * Dh;  // [H, Dh]; head h = kh * G + g
     float* o = p.out + (b * p.T + t) * p.H * Dh;
     bool any = false;  // whether any key is visible to this query
-    for (int64_t s = 0; s < S; ++s) {
-      const int32_t ki = p.kv_index[b * S + s];
-      const bool visible = ki <= qi && (p.window == 0 || ki > qi - p.window);
-      any |= visible;
+    int64_t s = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    for (; s < blocked; s += kBlock) {
+      const __mmask16 seen = visible_block(kv_index + s, qi, p.window);
+      any |= seen != 0;
+      if (!seen) {
+        for (int64_t h = 0; h < p.H; ++h) {
+          _mm512_storeu_ps(logits + h * S + s, _mm512_set1_ps(kMaskValue));
+        }
+        continue;
+      }
+      if (s + kBlock < blocked) prefetch(keys + (s + kBlock) * row, kBlock * row * sizeof(float));
+      for (int64_t h = 0; h < p.H; ++h) {
+        const float* key = keys + s * row + (h / G) * Dh;
+        __m512 acc[16];
+        for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < Dh; d += 16) {
+          const __m512 qd = _mm512_loadu_ps(q + h * Dh + d);
+          for (int j = 0; j < 16; ++j) {
+            acc[j] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(key + j * row + d), acc[j]);
+          }
+        }
+        const __m512 l = _mm512_mul_ps(sum_each(acc), _mm512_set1_ps(p.scale));
+        _mm512_storeu_ps(logits + h * S + s, _mm512_mask_blend_ps(seen, _mm512_set1_ps(kMaskValue), l));
+      }
+    }
+#endif
+    for (; s < S; ++s) {
+      const bool seen = visible(kv_index[s], qi, p.window);
+      any |= seen;
       if (s + 2 < S) prefetch(keys + (s + 2) * row, row * sizeof(float));
       for (int64_t h = 0; h < p.H; ++h) {
-        logits[h * S + s] = visible ? dot(q + h * Dh, keys + s * row + (h / G) * Dh, Dh) * p.scale
-                                    : kMaskValue;
+        logits[h * S + s] = seen ? dot(q + h * Dh, keys + s * row + (h / G) * Dh, Dh) * p.scale
+                                 : kMaskValue;
       }
     }
     for (int64_t h = 0; h < p.H; ++h) {
       float* l = logits + h * S;
       const float top = *std::max_element(l, l + S);
       float sum = 0.0f;
-      for (int64_t s = 0; s < S; ++s) {
-        // A masked key's weight is exactly 0 beside a visible one (exp underflows), and
-        // exp(0) = 1 like every other key's when none is visible.
+      int64_t s = 0;
+      // A masked key's weight is exactly 0 beside a visible one (exp underflows), and
+      // exp(0) = 1 like every other key's when none is visible.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+      __m512 sums = _mm512_setzero_ps();
+      for (; s < blocked; s += kBlock) {
+        const __m512 x = _mm512_loadu_ps(l + s);
+        const __mmask16 keep =
+            any ? _mm512_cmp_ps_mask(x, _mm512_set1_ps(kMaskValue), _CMP_NEQ_OQ) : 0xFFFF;
+        const __m512 e = _mm512_maskz_mov_ps(keep, exp_nonpositive(_mm512_sub_ps(x, _mm512_set1_ps(top))));
+        _mm512_storeu_ps(l + s, e);
+        sums = _mm512_add_ps(sums, e);
+      }
+      sum = _mm512_reduce_add_ps(sums);
+#endif
+      for (; s < S; ++s) {
         l[s] = (any && l[s] == kMaskValue) ? 0.0f : std::exp(l[s] - top);
         sum += l[s];
       }
       total[h] = sum;
     }
     std::fill(o, o + p.H * Dh, 0.0f);
-    for (int64_t s = 0; s < S; ++s) {
+    s = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    // A block's values, each kv head's Dh in registers for its G query heads (at most 8
+    // vectors per head: G * Dh / 16 accumulators, else the positions go one at a time).
+    const bool in_registers = G * Dh / 16 <= 16;
+    for (; in_registers && s < blocked; s += kBlock) {
+      if (any && !visible_block(kv_index + s, qi, p.window)) continue;
+      if (s + kBlock < blocked) prefetch(values + (s + kBlock) * row, kBlock * row * sizeof(float));
+      for (int64_t kh = 0; kh < p.K; ++kh) {
+        __m512 acc[16];
+        const int64_t chunks = Dh / 16, n = G * chunks;
+        for (int64_t i = 0; i < n; ++i) acc[i] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < kBlock; ++j) {
+          const float* value = values + (s + j) * row + kh * Dh;
+          for (int64_t c = 0; c < chunks; ++c) {
+            const __m512 vc = _mm512_loadu_ps(value + c * 16);
+            for (int64_t g = 0; g < G; ++g) {
+              acc[g * chunks + c] = _mm512_fmadd_ps(
+                  _mm512_set1_ps(logits[(kh * G + g) * S + s + j]), vc, acc[g * chunks + c]);
+            }
+          }
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          float* oh = o + (kh * G + g) * Dh;
+          for (int64_t c = 0; c < chunks; ++c) {
+            _mm512_storeu_ps(oh + c * 16,
+                             _mm512_add_ps(_mm512_loadu_ps(oh + c * 16), acc[g * chunks + c]));
+          }
+        }
+      }
+    }
+#endif
+    for (; s < S; ++s) {
       if (s + 2 < S) prefetch(values + (s + 2) * row, row * sizeof(float));
       for (int64_t h = 0; h < p.H; ++h) {
         const float weight = logits[h * S + s];
