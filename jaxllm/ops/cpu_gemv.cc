@@ -91,8 +91,9 @@ inline __m512 high_nibbles(__m512i b) { return _mm512_cvtepi32_ps(_mm512_srli_ep
 // column o + 16, the first (o + 16) / n of them (the hardware prefetcher alone leaves a core
 // at about half its bandwidth on int8 rows). `pace` is bytes per column in 1/65536ths.
 struct Prefetcher {
-  Prefetcher(const void* next, int64_t bytes, int64_t n)
-      : next(static_cast<const char*>(next)), bytes(bytes), pace((bytes << 16) / std::max<int64_t>(1, n)) {}
+  Prefetcher(const void* start, int64_t length, int64_t n)
+      : next(static_cast<const char*>(start)), bytes(length),
+        pace((length << 16) / std::max<int64_t>(1, n)) {}
   void upto(int64_t columns) {
     for (const int64_t until = (columns * pace) >> 16; fetched < until; fetched += 64) {
       _mm_prefetch(next + fetched, _MM_HINT_T0);
@@ -714,7 +715,8 @@ void attend_sequence(const AttentionProblem& p, int64_t b, float* logits, float*
           }
         }
         const __m512 l = _mm512_mul_ps(sum_each(acc), _mm512_set1_ps(p.scale));
-        _mm512_storeu_ps(logits + h * S + s, _mm512_mask_blend_ps(seen, _mm512_set1_ps(kMaskValue), l));
+        _mm512_storeu_ps(logits + h * S + s,
+                         _mm512_mask_blend_ps(seen, _mm512_set1_ps(kMaskValue), l));
       }
     }
 #endif
@@ -731,32 +733,33 @@ void attend_sequence(const AttentionProblem& p, int64_t b, float* logits, float*
       float* l = logits + h * S;
       const float top = *std::max_element(l, l + S);
       float sum = 0.0f;
-      int64_t s = 0;
+      int64_t i = 0;
       // A masked key's weight is exactly 0 beside a visible one (exp underflows), and
       // exp(0) = 1 like every other key's when none is visible.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
       __m512 sums = _mm512_setzero_ps();
-      for (; s < blocked; s += kBlock) {
-        const __m512 x = _mm512_loadu_ps(l + s);
+      for (; i < blocked; i += kBlock) {
+        const __m512 x = _mm512_loadu_ps(l + i);
         const __mmask16 keep =
             any ? _mm512_cmp_ps_mask(x, _mm512_set1_ps(kMaskValue), _CMP_NEQ_OQ) : 0xFFFF;
-        const __m512 e = _mm512_maskz_mov_ps(keep, exp_nonpositive(_mm512_sub_ps(x, _mm512_set1_ps(top))));
-        _mm512_storeu_ps(l + s, e);
+        const __m512 e =
+            _mm512_maskz_mov_ps(keep, exp_nonpositive(_mm512_sub_ps(x, _mm512_set1_ps(top))));
+        _mm512_storeu_ps(l + i, e);
         sums = _mm512_add_ps(sums, e);
       }
       sum = _mm512_reduce_add_ps(sums);
 #endif
-      for (; s < S; ++s) {
-        l[s] = (any && l[s] == kMaskValue) ? 0.0f : std::exp(l[s] - top);
-        sum += l[s];
+      for (; i < S; ++i) {
+        l[i] = (any && l[i] == kMaskValue) ? 0.0f : std::exp(l[i] - top);
+        sum += l[i];
       }
       total[h] = sum;
     }
     std::fill(o, o + p.H * Dh, 0.0f);
     s = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-    // A block's values, each kv head's Dh in registers for its G query heads (at most 8
-    // vectors per head: G * Dh / 16 accumulators, else the positions go one at a time).
+    // A block's values, each kv head's Dh in registers for its G query heads: G * Dh / 16
+    // accumulators, at most 16 (with more the positions go one at a time).
     const bool in_registers = G * Dh / 16 <= 16;
     for (; in_registers && s < blocked; s += kBlock) {
       if (any && !visible_block(kv_index + s, qi, p.window)) continue;
