@@ -61,6 +61,12 @@ inline float zero_point(const Problem& p, int64_t index) {
 // widens int8 through int16, several shuffles per 16 weights: about half the speed here).
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define JAXLLM_AVX512 1
+#else
+#define JAXLLM_AVX512 0
+#endif
+
+#if JAXLLM_AVX512
 #include <immintrin.h>
 
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
@@ -611,7 +617,7 @@ inline bool visible(int32_t ki, int32_t qi, int64_t window) {
   return ki <= qi && (window == 0 || ki > static_cast<int64_t>(qi) - window);
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if JAXLLM_AVX512
 // Blocks of 16 cache positions: a block's logits for one head come out as one vector (one
 // reduction for 16 dot products instead of one each), its softmax weights are exponentiated
 // 16 at a time, and its values are summed into registers, all heads of a kv head at once.
@@ -670,8 +676,6 @@ inline __mmask16 visible_block(const int32_t* kv_index, int32_t qi, int64_t wind
   }
   return m;
 }
-#else
-constexpr int64_t kBlock = 1;  // the portable loops below take every position one at a time
 #endif
 
 // Every query head of sequence `b`, every query token. The keys (then the values) are read
@@ -684,16 +688,18 @@ void attend_sequence(const AttentionProblem& p, int64_t b, float* logits, float*
   const float* keys = p.k + b * S * row;
   const float* values = p.v + b * S * row;
   const int32_t* kv_index = p.kv_index + b * S;
+#if JAXLLM_AVX512
   // Whole blocks go through the vector loops (which hold a head's Dh in whole vectors); the
   // positions after the last whole block, one at a time.
-  [[maybe_unused]] const int64_t blocked = Dh % 16 == 0 ? S / kBlock * kBlock : 0;
+  const int64_t blocked = Dh % 16 == 0 ? S / kBlock * kBlock : 0;
+#endif
   for (int64_t t = 0; t < p.T; ++t) {
     const int32_t qi = p.q_index[b * p.T + t];
     const float* q = p.q + (b * p.T + t) * p.H * Dh;  // [H, Dh]; head h = kh * G + g
     float* o = p.out + (b * p.T + t) * p.H * Dh;
     bool any = false;  // whether any key is visible to this query
     int64_t s = 0;
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if JAXLLM_AVX512
     for (; s < blocked; s += kBlock) {
       const __mmask16 seen = visible_block(kv_index + s, qi, p.window);
       any |= seen != 0;
@@ -736,7 +742,7 @@ void attend_sequence(const AttentionProblem& p, int64_t b, float* logits, float*
       int64_t i = 0;
       // A masked key's weight is exactly 0 beside a visible one (exp underflows), and
       // exp(0) = 1 like every other key's when none is visible.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if JAXLLM_AVX512
       __m512 sums = _mm512_setzero_ps();
       for (; i < blocked; i += kBlock) {
         const __m512 x = _mm512_loadu_ps(l + i);
@@ -757,7 +763,7 @@ void attend_sequence(const AttentionProblem& p, int64_t b, float* logits, float*
     }
     std::fill(o, o + p.H * Dh, 0.0f);
     s = 0;
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if JAXLLM_AVX512
     // A block's values, each kv head's Dh in registers for its G query heads: G * Dh / 16
     // accumulators, at most 16 (with more the positions go one at a time).
     const bool in_registers = G * Dh / 16 <= 16;
