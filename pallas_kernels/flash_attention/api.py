@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import backends
-from pallas_kernels.flash_attention import gpu, tpu
+from pallas_kernels.flash_attention import gpu, mosaic_gpu, tpu
 from pallas_kernels.flash_attention.common import BlockSizes, Options
 
 HEAD_DIMS = (64, 128, 256)
-_LOWERINGS = {"gpu": gpu, "tpu": tpu}
+_LOWERINGS = {"gpu": gpu, "tpu": tpu, "mosaic_gpu": mosaic_gpu}
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
@@ -36,12 +36,19 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
   -slope_h * |q_pos - k_pos| to the logits (not differentiated). logit_soft_cap=c: logits become
   c * tanh(logits / c), before ALiBi. sm_scale defaults to Dh ** -0.5.
   backend: "gpu" (Pallas Triton) or "tpu" (Pallas Mosaic); default: the default device's.
-  interpret: run the chosen lowering in the Pallas interpreter (the only way on CPU).
+  "mosaic_gpu" (asked for by name): the forward through Pallas Mosaic GPU (Hopper), the
+  backward through Triton; bf16/f16 without segments, windows, ALiBi or soft caps.
+  interpret: run the chosen lowering in the Pallas interpreter (the only way on CPU; for
+  "mosaic_gpu", Mosaic GPU's own interpreter, jax >= 0.11).
   block_sizes: tiles; defaults per backend (`BlockSizes.default`). Gradients flow to q, k, v.
   return_lse: also return each row's log-sum-exp of its logits, `[B, H, T]` float32, so that
   attention over several key blocks can be merged (ring attention); gradients flow through it.
   """
-  backend = backends.resolve(backend, interpret)
+  if backend != "mosaic_gpu":
+    backend = backends.resolve(backend, interpret)
+  elif not interpret and backends.target_platform() != "gpu":
+    raise ValueError(f"backend='mosaic_gpu' runs natively on a GPU only (this is "
+                     f"{backends.target_platform()!r}): pass interpret=True")
   B, T, H, Dh = _check_shapes(q, k, v)
   S, K = k.shape[1], k.shape[2]
   if sliding_window is not None and (not causal or sliding_window < 1):
@@ -68,7 +75,15 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
                  logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
                  sm_scale=float(Dh ** -0.5 if sm_scale is None else sm_scale),
                  has_segments=segment_ids is not None, has_alibi=alibi_slopes is not None)
-  bs = _fit_blocks(block_sizes or BlockSizes.default(backend, Dh), backend, T, S)
+  if backend == "mosaic_gpu":
+    reason = mosaic_gpu.supports(opts, q.dtype, Dh)
+    if reason:
+      raise ValueError(f"backend='mosaic_gpu' does not take {reason}: use backend='gpu' "
+                       "(Triton)")
+    default = mosaic_gpu.default_block_sizes(Dh)
+  else:
+    default = BlockSizes.default(backend, Dh)
+  bs = _fit_blocks(block_sizes or default, backend, T, S)
   q_seg = k_seg = slopes = None
   if segment_ids is not None:
     # Padding rows and keys get segments no real token has (and that differ from each other).
@@ -113,18 +128,24 @@ class _Fitted(BlockSizes):
 
 def _fit_blocks(bs: BlockSizes, backend: str, T: int, S: int) -> _Fitted:
   """Shrinks tiles larger than the (rounded-up) sequence, so short inputs are not padded to 128."""
+  triton = backend in ("gpu", "mosaic_gpu")  # mosaic_gpu's backward is Triton's
+
   def fit(block, length):
-    if backend == "gpu":  # Triton tiles are powers of two, at least 16 for tensor-core dots
+    if triton:  # Triton tiles are powers of two, at least 16 for tensor-core dots
       return min(block, max(16, 1 << (length - 1).bit_length()))
     return min(block, -(-length // 8) * 8)
 
   requested = dict(block_q=bs.block_q, block_k=bs.block_k, block_q_bwd=bs.bwd[0],
                    block_k_bwd=bs.bwd[1])
   for name, value in requested.items():
-    if value < 1 or (backend == "gpu" and value & (value - 1)):
+    if value < 1 or (triton and value & (value - 1)):
       raise ValueError(f"{name}={value}: GPU tiles must be powers of two")
-  sizes = dict(block_q=fit(bs.block_q, T), block_k=fit(bs.block_k, S),
-               block_q_bwd=fit(bs.bwd[0], T), block_k_bwd=fit(bs.bwd[1], S),
+  if backend == "mosaic_gpu":
+    mosaic_gpu.check_block_sizes(bs.block_q, bs.block_k)
+    forward = dict(block_q=bs.block_q, block_k=bs.block_k)  # whole wgmma tiles: pad, never shrink
+  else:
+    forward = dict(block_q=fit(bs.block_q, T), block_k=fit(bs.block_k, S))
+  sizes = dict(**forward, block_q_bwd=fit(bs.bwd[0], T), block_k_bwd=fit(bs.bwd[1], S),
                num_warps=bs.num_warps, num_stages=bs.num_stages)
   fitted = _Fitted(**sizes)
   if backend == "tpu":
