@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from jaxllm.ops import cpu_gemv
+from pallas_kernels.flash_attention import mosaic_gpu
 from tests.helpers import REPO
 
 SMALL = ["--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.head_dim=8",
@@ -58,7 +59,13 @@ def test_bench_attention_json_on_cpu(tmp_path):
       assert row[f"jax_pallas_{mode}_tflops"] > 0
       assert row[f"ours_vs_jax_pallas_{mode}"] == (row[f"ours_{mode}_tflops"]
                                                    / row[f"jax_pallas_{mode}_tflops"])
-      assert row[f"cudnn_{mode}_tflops"] is None and f"cudnn_{mode}" in row["errors"]
+      # Our Mosaic GPU forward runs in Mosaic GPU's interpreter where jax has one (>= 0.11).
+      if mosaic_gpu.interpreter_available():
+        assert row[f"ours_mgpu_{mode}_tflops"] > 0
+      else:
+        assert "interpreter" in row["errors"][f"ours_mgpu_{mode}"]
+      for gpu_only in ("cudnn", "jax_pallas_mgpu"):
+        assert row[f"{gpu_only}_{mode}_tflops"] is None and f"{gpu_only}_{mode}" in row["errors"]
   # Same tokens per problem: flash memory stays flat, materialised scores grow ~T.
   assert long["ours_fwd_bwd_temp_bytes"] < 1.5 * short["ours_fwd_bwd_temp_bytes"]
   assert long["xla_fwd_bwd_temp_bytes"] > 2 * short["xla_fwd_bwd_temp_bytes"]
@@ -146,3 +153,23 @@ def test_bench_serve_json():
   spec = result["rows"]["speculative"]  # greedy: proposals change the speed, not the tokens
   assert spec["identical"] and spec["output_tokens"] == cont["output_tokens"]
   assert 0 <= spec["acceptance"] <= 1
+
+
+def test_decode_of_a_random_model_with_a_checkpoints_tokenizer():
+  """`--random_init`'s path: random weights of a config (vocabulary resized to SmolLM2's
+  tokenizer), bf16 + int4 weights read per token as counted, non-jaxllm peers refused."""
+  from jaxllm.bench import decode
+  from jaxllm.fetch import fetch
+  from tests.helpers import tiny_model
+  result = decode.run(fetch("smollm2-135m"), batches=(1,),
+                      peers=("jaxllm_fp32", "jaxllm_bf16_int4", "transformers"), drafts=(),
+                      prompt_tokens=8, new_tokens=4, random_model_config=tiny_model(
+                          d_model=64, head_dim=16, max_seq_len=64))
+  rows = {r["peer"]: r for r in result["rows"]}
+  assert set(rows) == {"jaxllm_fp32", "jaxllm_bf16_int4"}
+  assert result["errors"] == {"transformers": "random weights: jaxllm peers only"}
+  # Tied float32 table [49152, 64] plus 2 layers; int4 layers and an int8 table about 4x less.
+  fp32, low = rows["jaxllm_fp32"]["bytes_per_token"], rows["jaxllm_bf16_int4"]["bytes_per_token"]
+  assert 49152 * 64 * 4 < fp32 < 49152 * 64 * 4 * 1.1 and 0.25 * fp32 < low < 0.3 * fp32
+  assert result["checkpoint"].startswith("random 3.") and all(
+      0 < r["bandwidth_fraction"] for r in rows.values())

@@ -31,6 +31,16 @@ def test_llama3_8b_fsdp8_holds_an_eighth_of_mixed_precision_adam():
   assert result["optimizer_bytes"] == pytest.approx(2 * result["param_bytes"], rel=0.01)
 
 
+def test_llama_1b_fits_one_gpu_with_and_without_remat():
+  """The single-GPU MFU model (Llama 3.2 1B shapes): 1.24B params, whole Adam state on the
+  device; the plan for a GPU (flash attention) fits an H200 without remat and 80 GB with it."""
+  import experiments.llama_1b as llama_1b
+  plain, remat = (plan_lib.plan(_experiment(llama_1b, p), 1, compile_check=False,
+                                platform="gpu") for p in ("gpu1", "gpu1_remat"))
+  assert 1.23e9 < plain["params"] < 1.24e9 and plain["state_bytes_per_param"] == pytest.approx(16)
+  assert remat["total_bytes"] < 80e9 < plain["total_bytes"] < 141e9
+
+
 def test_context_and_sequence_parallelism_shrink_activations():
   """Llama-3-8B, one 8k-token row per fsdp x tensor group: context=2 halves each device's
   tokens and scores (it keeps the gathered K/V besides) against the same XLA attention on one

@@ -39,7 +39,8 @@ _SEQ_LENS = flags.DEFINE_list(
     "seq_lens", None, "attention, context: sequence lengths (attention: 1024..16384 on GPU/TPU, "
     "256 on CPU; context: 512,1024,2048).")
 _HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "attention: head sizes.")
-_PEERS = flags.DEFINE_list("peers", ["ours", "xla", "cudnn", "jax_pallas"],
+_PEERS = flags.DEFINE_list("peers", ["ours", "ours_mgpu", "xla", "cudnn", "jax_pallas",
+                                     "jax_pallas_mgpu"],
                            "attention: implementations to measure.")
 _CAUSAL = flags.DEFINE_list("causal", ["true", "false"], "attention: mask modes.")
 _TOKENS = flags.DEFINE_integer("tokens", None, "attention: batch x seq_len per problem "
@@ -54,6 +55,8 @@ _PIPELINE_MEMORY = flags.DEFINE_list(
     "(GPipe, circular, 1F1B) and report its memory (e.g. 4,8,16; empty: skip).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "decode, serve, passkey: model to load (default: "
                                   "SmolLM2-135M-Instruct via jaxllm.fetch).")
+_RANDOM_INIT = flags.DEFINE_bool("random_init", False, "decode: random weights of --config's "
+                                  "model, with --checkpoint's tokenizer (jaxllm peers only).")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8", "32"], "decode: batch sizes.")
 _DECODE_PEERS = flags.DEFINE_list("decode_peers", ["jaxllm_fp32", "jaxllm_bf16", "jaxllm_int8",
                                                    "jaxllm_int4", "transformers", "llama_cpp"],
@@ -174,11 +177,15 @@ def main(argv):
     else:
       from jaxllm.fetch import fetch
       path = fetch("smollm2-135m")
+    random_cfg = None
+    if _RANDOM_INIT.value:
+      from jaxllm import config as config_lib
+      random_cfg = config_lib.from_config_dict(common.config_value(_CONFIG)).model
     try:
       result = decode.run(path, batches=batches, peers=peers,
                           drafts=tuple(_DRAFTS.value), k=_K.value,
                           prompt_tokens=_PROMPT_TOKENS.value, new_tokens=_NEW_TOKENS.value,
-                          repeats=_REPEATS.value)
+                          repeats=_REPEATS.value, random_model_config=random_cfg)
     except ValueError as e:
       raise common.CommandError(str(e)) from None
     text = decode.table(result)

@@ -12,6 +12,8 @@ new token). Peers, same weights and prompts:
   jaxllm_int8   block weights int8 per channel, embedding/tied head int8 per vocab row
                 (round to nearest), float32 compute
   jaxllm_int4   block weights int4 in groups of 128, embedding/tied head int8 per row
+  jaxllm_bf16_int4  jaxllm_int4's weights with bfloat16 compute (on a GPU, the int4 products
+                take the fused Pallas kernel: its bandwidth inside decoding)
   transformers  `model.generate` (torch, float32, all CPU threads)
   llama_cpp     llama.cpp through `llama-cpp-python` (when installed), the GGUF file itself
                 (its own quantization), all CPU threads, greedy; batch 1 only
@@ -20,6 +22,9 @@ embedding only where tied, plus the KV cache of the average live context) and th
 of the machine's bandwidth bound that its decode rate reaches: bytes/token x decode tokens/s /
 the copy bandwidth measured in the same run (`timing.copy_bandwidth_gbps`). Batch B reads the
 weights once for B tokens, so only batch 1 is bandwidth-bound.
+With `random_model` (a ModelConfig) the weights are that model's random initialisation (float32,
+vocabulary resized to the tokenizer's) and only the tokenizer comes from `path`: decoding speed
+of a model size no checkpoint on the machine has (jaxllm peers only; outputs are noise).
 Speculative rows run batch 1 (greedy) per draft source and report the speedup over plain
 jaxllm_fp32 decoding of the same prompts, the acceptance rate, tokens per target pass, and
 whether the output equals plain greedy decoding token for token.
@@ -38,8 +43,8 @@ import jax.numpy as jnp
 from jaxllm.bench import timing
 from jaxllm.ops import cpu_gemv
 
-PEERS = ("jaxllm_fp32", "jaxllm_bf16", "jaxllm_int8", "jaxllm_int4", "transformers",
-         "llama_cpp")
+PEERS = ("jaxllm_fp32", "jaxllm_bf16", "jaxllm_int8", "jaxllm_int4", "jaxllm_bf16_int4",
+         "transformers", "llama_cpp")
 # The quantized peers' embedding/tied head: int8, one scale per vocab row.
 HEAD_BITS = 8
 
@@ -60,10 +65,25 @@ def stdlib_prompts(tokenizer, count: int, length: int, bos: int | None) -> list[
 
 
 def _bf16(model):
+  """`model` with bfloat16 params and compute."""
   from jaxllm.model import transformer
   cfg = dataclasses.replace(model.config, dtype="bfloat16", param_dtype="bfloat16")
   graphdef, _ = transformer.abstract_params(cfg)
-  return graphdef, jax.tree.map(lambda x: x.astype(jnp.bfloat16), model.params)
+  return dataclasses.replace(model, config=cfg, graphdef=graphdef,
+                             params=jax.tree.map(lambda x: x.astype(jnp.bfloat16), model.params))
+
+
+def random_model(cfg, path: str):
+  """A LoadedModel of `cfg` (float32) with random weights and the tokenizer of checkpoint
+  `path`, its vocabulary resized to that tokenizer's."""
+  from jaxllm import api
+  from jaxllm.checkpoint import convert
+  from jaxllm.model import transformer
+  tokenizer = convert.read_checkpoint(path).tokenizer  # host memory only; its weights unused
+  cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size, dtype="float32",
+                            param_dtype="float32")
+  graphdef, params = transformer.split(transformer.create(cfg, 0))
+  return api.LoadedModel(cfg, graphdef, params, tokenizer, kind="random")
 
 
 def _interleaved(calls: dict, repeats: int) -> tuple[dict, dict]:
@@ -162,10 +182,14 @@ def kv_bytes_per_position(cfg, itemsize: int) -> int:
 
 
 def run(path: str, *, batches=(1, 8, 32), peers=PEERS, drafts=("ngram:3", "layer_skip:10"),
-        k: int = 4, prompt_tokens: int = 64, new_tokens: int = 64, repeats: int = 1) -> dict:
+        k: int = 4, prompt_tokens: int = 64, new_tokens: int = 64, repeats: int = 1,
+        random_model_config=None) -> dict:
   import jaxllm
   from jaxllm.inference import generate as gen
-  model = jaxllm.load(path)
+  if random_model_config is not None:
+    model = random_model(random_model_config, path)
+  else:
+    model = jaxllm.load(path)
   tok = model.tokenizer
   bos = tok.bos_id if tok.add_bos and tok.bos_id >= 0 else None
   prompts = stdlib_prompts(tok, max(batches), prompt_tokens, bos)
@@ -176,6 +200,9 @@ def run(path: str, *, batches=(1, 8, 32), peers=PEERS, drafts=("ngram:3", "layer
   errors, calls, bytes_per_token = {}, {}, {}
   for peer in peers:
     peer_batches = batches
+    if random_model_config is not None and not peer.startswith("jaxllm"):
+      errors[peer] = "random weights: jaxllm peers only"
+      continue
     if peer == "llama_cpp":
       try:
         import llama_cpp  # noqa: F401
@@ -197,10 +224,12 @@ def run(path: str, *, batches=(1, 8, 32), peers=PEERS, drafts=("ngram:3", "layer
         continue
       make = functools.partial(_transformers_call, path)
       bytes_per_token[peer] = read(model.params)
-    elif peer == "jaxllm_bf16":
-      graphdef, params = _bf16(model)
-      make = functools.partial(_jaxllm_call, graphdef, params)
-      bytes_per_token[peer] = read(params)
+    elif peer in ("jaxllm_bf16", "jaxllm_bf16_int4"):
+      low = _bf16(model)
+      if peer.endswith("int4"):
+        low = low.quantized(4, head_bits=HEAD_BITS)
+      make = functools.partial(_jaxllm_call, low.graphdef, low.params)
+      bytes_per_token[peer] = read(low.params)
     elif peer == "jaxllm_fp32":
       make = functools.partial(_jaxllm_call, model.graphdef, model.params)
       bytes_per_token[peer] = read(model.params)
@@ -277,7 +306,9 @@ def run(path: str, *, batches=(1, 8, 32), peers=PEERS, drafts=("ngram:3", "layer
              == tokens(outputs["transformers", B, new_tokens])
              for B in batches if ("jaxllm_fp32", B, new_tokens) in outputs
              and ("transformers", B, new_tokens) in outputs}
-  return dict(suite="decode", checkpoint=path, backend=jax.default_backend(),
+  name = path if random_model_config is None else (
+      f"random {sum(x.size for x in jax.tree.leaves(model.params)) / 1e6:,.1f}M params")
+  return dict(suite="decode", checkpoint=name, backend=jax.default_backend(),
               prompt_tokens=prompt_tokens, new_tokens=new_tokens, rows=rows,
               speculative=spec_rows, compiles=gen.trace_counts(), errors=errors,
               repeats=repeats, greedy_matches_transformers=matches,
@@ -289,8 +320,8 @@ def table(result: dict) -> str:
   lines = [f"decode: {result['checkpoint']} on {result['backend']}, "
            f"{result['prompt_tokens']} prompt + {result['new_tokens']} new tokens, greedy; "
            f"copy bandwidth {result['copy_bandwidth_gbps']:.1f} GB/s",
-           f"{'':<20}{'| whole call (prefill included)':<28}{'| decode only':<52}",
-           f"{'peer':<14}{'batch':>6}{'tokens/s':>11}{'vs transf.':>11}{'tokens/s':>11}"
+           f"{'':<23}{'| whole call (prefill included)':<28}{'| decode only':<52}",
+           f"{'peer':<17}{'batch':>6}{'tokens/s':>11}{'vs transf.':>11}{'tokens/s':>11}"
            f"{'vs transf.':>11}{'vs llama.cpp':>13}{'vs batch 1':>11}{'MB/token':>10}"
            f"{'of bw bound':>12}"]
   def fmt(x, spec, unit=""):
@@ -299,7 +330,7 @@ def table(result: dict) -> str:
     return format(x, spec) + unit
   for r in result["rows"]:
     lines.append(
-        f"{r['peer']:<14}{r['batch']:>6}{r['tokens_per_s']:>11.1f}"
+        f"{r['peer']:<17}{r['batch']:>6}{r['tokens_per_s']:>11.1f}"
         f"{fmt(r['vs_transformers'], '>10.2f', 'x')}{r['decode_tokens_per_s']:>11.1f}"
         f"{fmt(r['decode_vs_transformers'], '>10.2f', 'x')}"
         f"{fmt(r['decode_vs_llama_cpp'], '>12.2f', 'x')}"

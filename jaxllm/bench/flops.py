@@ -20,8 +20,10 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """PaLM's estimate: 6 N + 12 L H Dh T (forward + backward, attention counted unmasked)."""
-  return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+  """PaLM's estimate, forward + backward: 6 N for the matmuls plus 12 L H Dh T for attention,
+  counted at half because the mask is causal (a decoder computes half the score matrix; the
+  flash kernels skip the masked blocks). Sliding windows are not discounted further."""
+  return 6.0 * matmul_params(cfg) + 6.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
 
 def device_peak_tflops(device_kind: str) -> float | None:
