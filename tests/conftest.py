@@ -42,7 +42,9 @@ def pytest_configure(config):
 
 # The longest files first: with `-n 2 --dist loadfile` a worker takes the default training run
 # (~20 minutes on a slow machine) at the start instead of after everything else, so the two
-# workers finish together (2026-11-30: it started 48 minutes into a 72-minute run).
+# workers finish together (2026-11-30: it started 48 minutes into a 72-minute run). Only with
+# `--no-loadscope-reorder`: pytest-xdist 3.8 otherwise re-sorts files by test count, and the
+# one-test default run goes last (2026-12-02: 50 minutes into a 74-minute run; BUILD.md).
 FIRST = ("test_default_run.py", "test_bench.py", "test_multiprocess.py", "test_server.py")
 
 
