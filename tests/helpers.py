@@ -28,3 +28,41 @@ def tiny_experiment(**sections) -> config_lib.Config:
   for key, value in sections.items():
     values[key] = {**values.get(key, {}), **value}
   return config_lib.from_config_dict(values)
+
+
+def greedy_by_full_forward(model, prompt: str, max_tokens: int) -> str:
+  """The greedy continuation of `prompt` by a full forward pass per token (no KV cache, no
+  decode loop): the reference `LoadedModel.generate(temperature=0)` must equal. Stops at EOS
+  as generation does."""
+  import numpy as np
+  ids = model.prompt_ids(prompt)
+  new = []
+  for _ in range(max_tokens):
+    token = int(np.argmax(np.asarray(model.logits([ids + new]))[0, -1]))
+    if token == model.tokenizer.eos_id:
+      break
+    new.append(token)
+  return model.tokenizer.decode(new)
+
+
+def write_tiny_chat_model(dst: str, seed: int = 0) -> str:
+  """A 2-layer random Llama (1.3M parameters) with SmolLM2-135M's tokenizer and chat template, written as a
+  Hugging Face directory (what `jaxllm.load`, the server, the benches and `transformers` read).
+
+  For tests of serving and benchmark plumbing, where what matters is the tokenizer, the chat
+  template and the paths a request takes, not what 135M trained weights say. init_std 0.5
+  (logits of spread ~4) keeps greedy argmaxes decisive, so paths that differ in float32
+  rounding (paged vs contiguous, batched vs alone, speculative vs plain) pick the same tokens.
+  """
+  import jax
+  from jaxllm.checkpoint import convert
+  from jaxllm.fetch import fetch
+  from jaxllm.model import transformer
+  tokenizer = convert.read_tokenizer(fetch("smollm2-135m"))
+  # 6 query and 3 KV heads, as SmolLM2's 9 and 3: splits over tensor=2 and tensor=3 meshes.
+  cfg = tiny_model(vocab_size=tokenizer.vocab_size, d_model=96, n_layers=2, n_heads=6,
+                   n_kv_heads=3, head_dim=16, d_ff=192, max_seq_len=1024, tie_embeddings=True,
+                   init_std=0.5)
+  _, params = transformer.split(transformer.create(cfg, seed))
+  convert.export_hf(convert.Checkpoint(cfg, jax.device_get(params), tokenizer, "random"), dst)
+  return dst

@@ -17,7 +17,7 @@ from jaxllm.inference import generate as generate_lib
 from jaxllm.inference import sampling
 from jaxllm.model import transformer
 from jaxllm.train import loop
-from tests.helpers import REPO, tiny_experiment, tiny_model
+from tests.helpers import REPO, greedy_by_full_forward, tiny_experiment, tiny_model
 
 
 
@@ -107,7 +107,7 @@ def test_load_workdir_and_step(trained):
   logits = model.logits([ids])
   chex.assert_shape(logits, (1, len(ids), model.config.vocab_size))
   text = model.generate("def f(x):", max_tokens=5, temperature=0.0)
-  assert isinstance(text, str)
+  assert text == greedy_by_full_forward(model, "def f(x):", 5)
   full = model.generate("def f(x):", max_tokens=12, temperature=0.0, details=True)
   assert full.text == model.tokenizer.decode(full.tokens) and len(full.logprobs) == 12
   stop = full.text[len(full.text) // 2:][:2]
@@ -123,7 +123,9 @@ def test_generate_cli(trained):
        "--prompt=def fibonacci(n):", "--max_tokens=8", "--temperature=0"],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
-  assert proc.stdout.startswith("def fibonacci(n):")
+  # The prompt, then the greedy continuation (reference: a full forward pass per token).
+  expected = greedy_by_full_forward(jaxllm.load(workdir), "def fibonacci(n):", 8)
+  assert proc.stdout.rstrip("\n") == "def fibonacci(n):" + expected.rstrip("\n")
   spec = subprocess.run(
       [sys.executable, "-m", "jaxllm.generate", f"--checkpoint={workdir}",
        "--prompt=def fibonacci(n):", "--max_tokens=8", "--temperature=0", "--cache=paged",

@@ -162,4 +162,6 @@ def test_bf16_compute_tracks_fp32():
     cfg = tiny_model(dtype=dtype)
     graphdef, params = transformer.split(transformer.create(cfg, 11))
     outs.append(_forward(cfg, params, graphdef, tokens))
-  np.testing.assert_allclose(outs[0], outs[1], atol=5e-2)
+  # Measured 2.1e-3 with logits up to 0.77 (jax 0.10 and 0.12); the earlier 5e-2 was 6% of
+  # that range.
+  np.testing.assert_allclose(outs[0], outs[1], atol=5e-3)

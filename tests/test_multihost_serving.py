@@ -1,5 +1,5 @@
-"""Two local processes (3 CPU devices each, gloo collectives) serve SmolLM2 on one mesh that
-spans them (data=2 x tensor=3): process 0 answers HTTP, process 1 follows its engine steps.
+"""Two local processes (3 CPU devices each, gloo collectives) serve a tiny random model with
+SmolLM2's tokenizer (`helpers.write_tiny_chat_model`) on one mesh that spans them (data=2 x tensor=3): process 0 answers HTTP, process 1 follows its engine steps.
 The openai client's greedy answers equal one-device generation, and stopping process 0 stops
 process 1 cleanly."""
 
@@ -18,7 +18,6 @@ pytest.importorskip("uvicorn")
 import httpx  # noqa: E402
 
 import jaxllm  # noqa: E402
-from jaxllm.fetch import fetch  # noqa: E402
 from tests.helpers import REPO  # noqa: E402
 
 
@@ -29,8 +28,8 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_two_processes_serve_one_model():
-  path = fetch("smollm2-135m")
+def test_two_processes_serve_one_model(tiny_chat_model):
+  path = tiny_chat_model
   coordinator, http = _free_port(), _free_port()
   env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
          "XLA_FLAGS": "--xla_force_host_platform_device_count=3", "JAX_PLATFORMS": "cpu"}

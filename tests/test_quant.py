@@ -192,8 +192,11 @@ def test_quantize_cli_writes_a_checkpoint_load_reads(trained, tmp_path, method, 
                               atol=1e-5)
   drift = float(jnp.abs(jax.nn.log_softmax(model.logits(ids)) -
                         jax.nn.log_softmax(original.logits(ids))).mean())
-  assert drift < (0.05 if bits == 8 else 0.5 if head_bits < 4 else 0.6), drift
-  assert isinstance(model.generate("def f(x):", max_tokens=4), str)
+  # Measured (jax 0.12, 2026-12-06): rtn8 0.0006, gptq4 0.0019, awq4 with a 4-bit head 0.011;
+  # zeroing every block weight drifts 0.046, so a CLI that wrote zeros fails each limit.
+  assert drift < (0.005 if bits == 8 else 0.01 if head_bits == 0 else 0.025), drift
+  # Greedy text through the quantized checkpoint is the float model's.
+  assert model.generate("def f(x):", max_tokens=4) == original.generate("def f(x):", max_tokens=4)
 
 
 def test_quantize_cli_errors_are_one_line(trained, tmp_path):

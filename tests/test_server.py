@@ -1,4 +1,10 @@
-"""A real server on 127.0.0.1 with SmolLM2-135M, driven by the official `openai` client."""
+"""A real server on 127.0.0.1, driven by the official `openai` client.
+
+The model is a tiny random one with SmolLM2-135M's tokenizer and chat template
+(`helpers.write_tiny_chat_model`): what these tests prove (the OpenAI protocol, streaming,
+batching, replicas, errors) does not depend on trained weights, and the real model's
+generation is checked against transformers in test_hf_parity.py.
+"""
 
 import concurrent.futures
 import contextlib
@@ -16,7 +22,6 @@ uvicorn = pytest.importorskip("uvicorn")
 import httpx  # noqa: E402
 
 from jaxllm.inference import server as server_lib  # noqa: E402
-from jaxllm.fetch import fetch  # noqa: E402
 from jaxllm.inference import generate as gen  # noqa: E402
 from jaxllm.inference import sampling  # noqa: E402
 from tests.helpers import REPO  # noqa: E402
@@ -31,10 +36,11 @@ def _free_port():
 
 
 @contextlib.contextmanager
-def _serving(**build):
-  """(base url, openai client, engine, app) of a live server on a free port."""
+def _serving(path, **build):
+  """(base url, openai client, engine, app) of a live server of checkpoint `path` on a free
+  port."""
   sizes = dict(max_slots=8, page_size=16, num_pages=160, max_seq_len=320, prefill_chunk=64)
-  app, engine = server_lib.build(fetch("smollm2-135m"), model_name=NAME, **{**sizes, **build})
+  app, engine = server_lib.build(path, model_name=NAME, **{**sizes, **build})
   port = _free_port()
   srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
   thread = threading.Thread(target=srv.run, daemon=True)
@@ -51,11 +57,11 @@ def _serving(**build):
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tiny_chat_model):
   import jaxllm
-  with _serving() as (base, client, engine, app):
-    model = jaxllm.load(fetch("smollm2-135m"))
-    yield base, client, model, engine, app
+  with _serving(tiny_chat_model) as (base, client, engine, app):
+    model = jaxllm.load(tiny_chat_model)
+    yield base, client, model, engine, app, tiny_chat_model
 
 
 def _metrics(base):
@@ -76,7 +82,7 @@ def _wait_idle(base, engine):
 
 
 def test_models_health_metrics(server):
-  base, client, _, _, _ = server
+  base, client, _, _, _, _ = server
   assert [m.id for m in client.models.list().data] == [NAME]
   assert httpx.get(f"{base}/health").json() == {"status": "ok"}
   m = _metrics(base)
@@ -85,14 +91,17 @@ def test_models_health_metrics(server):
 
 
 def test_greedy_chat_and_completion_equal_jaxllm_generate(server):
-  base, client, model, engine, _ = server
+  base, client, model, engine, _, _ = server
   question = "What is the capital of France?"
-  want = model.chat(question, max_tokens=12, temperature=0.0)
+  ids = model.chat_ids([{"role": "user", "content": question}])
+  reference = model.generate([ids], max_tokens=12, temperature=0.0, details=True)[0]
+  want = reference.text
   chat = client.chat.completions.create(model=NAME, max_tokens=12, temperature=0,
                                         messages=[{"role": "user", "content": question}])
   assert chat.choices[0].message.content == want
-  assert chat.usage.completion_tokens == len(model.tokenizer.encode(want)) or \
-      chat.choices[0].finish_reason == "length"
+  assert chat.choices[0].finish_reason == reference.finish_reason
+  assert chat.usage.completion_tokens == len(reference.tokens)
+  assert chat.usage.prompt_tokens == len(ids)
   stream = client.chat.completions.create(model=NAME, max_tokens=12, temperature=0,
                                           stream=True,
                                           messages=[{"role": "user", "content": question}])
@@ -111,18 +120,20 @@ def test_greedy_chat_and_completion_equal_jaxllm_generate(server):
 
 
 def test_seeded_sampling_n_logprobs_and_stop(server):
-  base, client, model, engine, _ = server
+  base, client, model, engine, _, _ = server
   kw = dict(model=NAME, prompt="import os\n", max_tokens=10, temperature=0.9, top_p=0.95,
             seed=7, n=2, logprobs=1)
   a, b = client.completions.create(**kw), client.completions.create(**kw)
   assert [c.text for c in a.choices] == [c.text for c in b.choices]
-  assert a.choices[0].text != a.choices[1].text or a.choices[0].text == ""
   # Choice i samples with seed + i, exactly as the library does.
   ids = model.prompt_ids("import os\n")
-  want = gen.generate_requests(model.graphdef, model.params, [ids], [sampling.SamplingParams(
-      temperature=0.9, top_p=0.95, seed=8, max_tokens=10)], eos_id=model.tokenizer.eos_id)[0]
-  assert a.choices[1].logprobs.token_logprobs == pytest.approx(want.logprobs, abs=1e-4)
-  assert a.choices[1].text == model.tokenizer.decode(want.tokens)
+  want = [gen.generate_requests(model.graphdef, model.params, [ids], [sampling.SamplingParams(
+      temperature=0.9, top_p=0.95, seed=seed, max_tokens=10)], eos_id=model.tokenizer.eos_id)[0]
+          for seed in (7, 8)]
+  assert want[0].tokens != want[1].tokens  # so equal choices below would be a bug
+  for choice, w in zip(a.choices, want):
+    assert choice.logprobs.token_logprobs == pytest.approx(w.logprobs, abs=1e-4)
+    assert choice.text == model.tokenizer.decode(w.tokens)
   full = client.completions.create(model=NAME, prompt="def f(x):", max_tokens=20,
                                    temperature=0).choices[0].text
   stop = full[5:8]
@@ -137,7 +148,7 @@ def test_seeded_sampling_n_logprobs_and_stop(server):
 
 
 def test_bad_requests_get_openai_errors(server):
-  base, client, _, _, app = server
+  base, client, _, _, app, _ = server
   with pytest.raises(openai.BadRequestError) as e:
     client.completions.create(model=NAME, prompt="x " * 400, max_tokens=10)
   assert e.value.code == "context_length_exceeded"
@@ -191,7 +202,7 @@ def test_hostile_requests_get_4xx_in_openai_shape(server):
 
 def test_api_key(server):
   from fastapi.testclient import TestClient
-  _, _, model, engine, _ = server
+  _, _, model, engine, _, _ = server
   guarded = TestClient(server_lib.create_app(model, engine, model_name=NAME, api_key="s3cret"))
   assert guarded.get("/v1/models").status_code == 401
   assert guarded.get("/v1/models").json()["error"]["code"] == "invalid_api_key"
@@ -225,7 +236,7 @@ def _stream_64(client):
 
 
 def test_64_concurrent_streams_and_disconnects(server, want_64):
-  base, client, model, engine, _ = server
+  base, client, model, engine, _, _ = server
   assert _stream_64(client) == want_64
   _wait_idle(base, engine)
 
@@ -247,8 +258,8 @@ def test_streaming_server_generates_past_its_context(server):
   same streaming settings (the contiguous cache, checked against a reference decoder)."""
   model = server[2]
   prompt = "1, 2, 3, 4, 5,"
-  with _serving(max_slots=2, num_pages=None, max_seq_len=64, prefill_chunk=16, sink_tokens=4,
-                stream_window=32) as (_, client, engine, _):
+  with _serving(server[5], max_slots=2, num_pages=None, max_seq_len=64, prefill_chunk=16,
+                sink_tokens=4, stream_window=32) as (_, client, engine, _):
     assert engine.max_pages == 4 and engine.allocator.num_pages == 8  # 4 + 32 + 15 slots
     out = client.completions.create(model=NAME, prompt=prompt, max_tokens=100, temperature=0)
   assert out.usage.completion_tokens == 100 and out.choices[0].finish_reason == "length"
@@ -265,7 +276,7 @@ def test_serve_cli_reports_bad_checkpoints_in_one_line():
 
 def test_streamed_logprobs_equal_the_whole_response(server):
   """logprobs=0 (chosen tokens only) comes back streamed exactly as it does unstreamed."""
-  _, client, _, _, _ = server
+  _, client, _, _, _, _ = server
   kw = dict(model=NAME, prompt="for i in range(", max_tokens=6, temperature=0, logprobs=0)
   whole = client.completions.create(**kw).choices[0].logprobs.token_logprobs
   streamed = [lp for c in client.completions.create(stream=True, **kw)
@@ -277,7 +288,7 @@ def test_two_tensor_parallel_replicas_serve_64_streams(server, want_64):
   # 2 replicas x tensor=3 (6 of the 8 devices): every output equals one device's, both
   # replicas take requests, and every page comes back.
   model = server[2]
-  with _serving(mesh="tensor=3", replicas=2) as (base, client, engine, _):
+  with _serving(server[5], mesh="tensor=3", replicas=2) as (base, client, engine, _):
     assert [e.mesh.devices.size for e in engine.engines] == [3, 3]
     assert _stream_64(client) == want_64
     assert min(engine.routed) >= 16, engine.routed

@@ -3,6 +3,8 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import chex
 import numpy as np
@@ -14,7 +16,7 @@ from jaxllm import config as config_lib
 from jaxllm.model import transformer
 from jaxllm.train import loop, optim, step as step_lib
 from jaxllm.train.workdir import METRICS_FILE
-from tests.helpers import tiny_experiment
+from tests.helpers import REPO, tiny_experiment
 
 
 def _losses(workdir):
@@ -61,6 +63,48 @@ def test_resume_after_preemption_is_bitwise_exact(straight_run, tmp_path):
   assert second["step"] == 20
   want, got = _losses(straight_dir), _losses(workdir)
   assert sorted(got) == list(range(1, 21))  # the file reads as one run, no duplicates
+  for s in range(1, 21):
+    assert got[s] == want[s], (s, got[s], want[s])
+  chex.assert_trees_all_equal(jax.device_get(second["params"]),
+                              jax.device_get(straight["params"]))
+
+
+# A run killed (SIGKILL: no handler, no flush) in the middle of saving its step-20 checkpoint:
+# orbax has written everything into its temporary directory and is about to rename it into
+# place. A half-written metrics line is appended as a kill mid-write would leave it.
+_KILLED_DURING_SAVE = """
+import os, shutil, signal, sys
+
+def kill_before_commit(real):
+  def rename(src, dst, *args, **kwargs):
+    dst = os.fspath(dst)
+    if os.path.basename(dst) == "20" and os.path.basename(os.path.dirname(dst)) == "checkpoints":
+      with open(os.path.join(sys.argv[1], "metrics.jsonl"), "a") as f:
+        f.write('{"loss": 1.0, "st')
+      os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst, *args, **kwargs)
+  return rename
+
+os.rename, os.replace, shutil.move = (kill_before_commit(f)
+                                      for f in (os.rename, os.replace, shutil.move))
+from jaxllm.train import loop
+from tests.helpers import REPO, tiny_experiment
+loop.train(tiny_experiment(), sys.argv[1], progress=False)
+"""
+
+
+def test_kill_during_a_save_resumes_from_the_last_complete_checkpoint(straight_run, tmp_path):
+  straight_dir, straight = straight_run
+  workdir = str(tmp_path / "killed")
+  proc = subprocess.run([sys.executable, "-c", _KILLED_DURING_SAVE, workdir], cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  assert steps == [10]  # step 20 never committed
+  second = loop.train(tiny_experiment(), workdir, progress=False)
+  assert second["step"] == 20 and second["checkpoint_step"] == 20
+  want, got = _losses(straight_dir), _losses(workdir)
+  assert sorted(got) == list(range(1, 21))  # the cut line and the lost steps' lines are gone
   for s in range(1, 21):
     assert got[s] == want[s], (s, got[s], want[s])
   chex.assert_trees_all_equal(jax.device_get(second["params"]),

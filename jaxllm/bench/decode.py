@@ -79,7 +79,7 @@ def random_model(cfg, path: str):
   from jaxllm import api
   from jaxllm.checkpoint import convert
   from jaxllm.model import transformer
-  tokenizer = convert.read_checkpoint(path).tokenizer  # host memory only; its weights unused
+  tokenizer = convert.read_tokenizer(path)  # its weights are never read
   cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size, dtype="float32",
                             param_dtype="float32")
   graphdef, params = transformer.split(transformer.create(cfg, 0))

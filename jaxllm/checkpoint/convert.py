@@ -91,10 +91,8 @@ def _placer(cfg: config_lib.ModelConfig, mesh):
   return lambda path, x: jax.device_put(x, shardings[path])
 
 
-def _gguf_checkpoint(path: str, mesh=None) -> Checkpoint:
-  from jaxllm.checkpoint.gguf_format import GGUFFile
-  g = GGUFFile(path)
-  cfg = g.model_config()
+def _gguf_tokenizer(g, path: str):
+  """The tokenizer a GGUF file carries (`g`: its `GGUFFile`)."""
   m = g.metadata
   try:
     tok = tokenizer_lib.tokenizer_from_gguf_vocab(
@@ -107,10 +105,17 @@ def _gguf_checkpoint(path: str, mesh=None) -> Checkpoint:
   if m.get("tokenizer.ggml.model") != "gpt2":
     raise UnsupportedCheckpoint(f"{path}: GGUF tokenizer model "
                                 f"{m.get('tokenizer.ggml.model')!r} is not supported (gpt2)")
-  tokenizer = tokenizer_lib.HFTokenizer(
+  return tokenizer_lib.HFTokenizer(
       tok, bos_id=m.get("tokenizer.ggml.bos_token_id"), eos_id=m.get("tokenizer.ggml.eos_token_id"),
       pad_id=m.get("tokenizer.ggml.padding_token_id"),
       add_bos=bool(m.get("tokenizer.ggml.add_bos_token", False)), chat_template=g.chat_template())
+
+
+def _gguf_checkpoint(path: str, mesh=None) -> Checkpoint:
+  from jaxllm.checkpoint.gguf_format import GGUFFile
+  g = GGUFFile(path)
+  cfg = g.model_config()
+  tokenizer = _gguf_tokenizer(g, path)
   params = layouts.params_from_hf(g.hf_state_dict(), cfg, _placer(cfg, mesh))
   return Checkpoint(cfg, params, tokenizer, "gguf")
 
@@ -176,6 +181,23 @@ def read_checkpoint(path: str | os.PathLike[str], mesh=None) -> Checkpoint:
     return _jaxllm_checkpoint(path, step, mesh)
   raise UnsupportedCheckpoint(f"{path} is neither a jaxllm workdir, a Hugging Face directory "
                               "nor a .gguf file")
+
+
+def read_tokenizer(path: str | os.PathLike[str]):
+  """The tokenizer of the checkpoint at `path` (a .gguf file, a Hugging Face directory or a
+  jaxllm workdir), without reading or converting its weights."""
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no such checkpoint: {path}")
+  if os.path.isfile(path):
+    if not path.endswith(".gguf"):
+      raise UnsupportedCheckpoint(f"{path}: unsupported checkpoint file (expected .gguf or a "
+                                  "directory)")
+    from jaxllm.checkpoint.gguf_format import GGUFFile
+    return _gguf_tokenizer(GGUFFile(path), path)
+  if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == CHECKPOINT_DIR:
+    path = os.path.dirname(os.path.dirname(path))
+  return read_hf_tokenizer(path)
 
 
 def save_tokenizer(tokenizer, dst: str) -> None:

@@ -22,7 +22,8 @@ class MetricsWriter:
       return
     if os.path.exists(jsonl_path):
       with open(jsonl_path) as f:
-        kept = [line for line in f if line.strip() and _step_of(line) <= (resume_step or 0)]
+        # A line cut short by a killed process parses to no step and goes too.
+        kept = [line for line in f if 0 <= _step_of(line) <= (resume_step or 0)]
       tmp = f"{jsonl_path}.tmp{os.getpid()}"
       with open(tmp, "w") as f:
         f.writelines(kept)
