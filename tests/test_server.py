@@ -302,3 +302,21 @@ def test_two_tensor_parallel_replicas_serve_64_streams(server, want_64):
     for e in engine.engines:
       m = e.metrics()
       assert m["pages_in_use"] == m["prefix_cached_pages"] and m["active_slots"] == 0
+
+
+def test_an_engine_failure_answers_500_instead_of_hanging(tiny_chat_model, monkeypatch):
+  """A step that raises (a lost device, a compiler crash) ends every request with an
+  OpenAI-shaped 500, refuses later ones at once, and turns /health to 503."""
+  with _serving(tiny_chat_model, max_slots=2) as (base, client, engine, _):
+    def lost_device():
+      raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine, "_decode_step", lost_device)
+    client = client.with_options(max_retries=0, timeout=60)
+    for stream in (False, True, False):  # the first fails in the loop, the others at submit
+      with pytest.raises(openai.APIError) as e:
+        out = client.completions.create(model=NAME, prompt="hi", max_tokens=4, stream=stream)
+        list(out) if stream else None
+      assert "the engine failed: RuntimeError('device lost')" in str(e.value), e.value
+    health = httpx.get(f"{base}/health")
+    assert health.status_code == 503 and health.json()["status"] == "failed"

@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 import threading
 import time
 from typing import Callable, Sequence
@@ -137,6 +138,10 @@ class Request:
     return self.finish_reason is not None
 
 
+class EngineFailed(RuntimeError):
+  """The engine's loop stopped on an error; no request can run."""
+
+
 class Engine:
   """Continuous batching for one model. Thread-safe `submit`/`cancel`; `step` or
   `run_until_idle` from one thread (or `start()` a background loop)."""
@@ -200,6 +205,7 @@ class Engine:
     self._sub = jnp.zeros((B, V), jnp.float32)
     self._slots: list[Request | None] = [None] * B
     self._pending: tuple | None = None  # a dispatched decode step's (tokens, logprobs, rows)
+    self.failure: Exception | None = None  # what stopped the loop's thread, if anything did
     self._arrays_for: tuple | None = None  # the slot occupants _arrays was built for
     self._arrays = None
     self._waiting: collections.deque[Request] = collections.deque()
@@ -244,6 +250,8 @@ class Engine:
     if self.stream is None and len(prompt) + params.max_tokens > self.max_seq_len:
       raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) "
                        f"exceeds the context of {self.max_seq_len} tokens")
+    if self.failure is not None:
+      raise EngineFailed(f"the engine has stopped after an error: {self.failure!r}")
     key = next(self._ids)
     request = Request(request_id or f"req-{key}", prompt, params, on_token=on_token,
                       on_finish=on_finish, key=key)
@@ -346,11 +354,33 @@ class Engine:
             if not self._wake.wait(timeout=LOCKSTEP_HEARTBEAT_S if self.lockstep else None):
               break
         if not self._stop:
-          self.step()
+          try:
+            self.step()
+          except Exception as e:  # noqa: BLE001 - every request must hear of it, not hang
+            self._fail(e)
+            return
       if self.lockstep:
         self.step()  # tells the followers to stop
     self._thread = threading.Thread(target=loop, name="jaxllm-engine", daemon=True)
     self._thread.start()
+
+  def _fail(self, error: Exception) -> None:
+    """The loop's step raised: every unfinished request ends with finish_reason "error" (its
+    caller hears at once instead of waiting forever) and later submissions are refused."""
+    logging.exception("jaxllm engine step failed; the engine has stopped")
+    with self._wake:
+      self.failure = error
+      self._stop = True
+      unfinished = [*self._waiting, *(r for r in self._slots if r is not None),
+                    *self._live.values()]
+      self._waiting = []
+    seen = set()
+    for r in unfinished:
+      if not r.done and id(r) not in seen:
+        seen.add(id(r))
+        r.finish_reason = "error"
+        if r.on_finish is not None:
+          r.on_finish(r)
 
   def follow(self) -> None:
     """Lockstep, processes other than 0: run process 0's steps until it shuts down."""

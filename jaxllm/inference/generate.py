@@ -31,7 +31,7 @@ from jaxllm.parallel import placement
 
 CACHE_KINDS = ("contiguous", "paged")
 # Why a request ended: a stop token or string, max_tokens, or (engine) cancelled by its client.
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "error"]  # error: the engine failed
 # The decode loops' reason codes (0: still running).
 FINISH_REASONS: dict[int, FinishReason] = {1: "stop", 2: "length"}
 

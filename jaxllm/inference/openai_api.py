@@ -26,10 +26,12 @@ class APIError(Exception):
     self.status, self.message, self.type, self.param, self.code = (status, message, type_,
                                                                    param, code)
 
+  def body(self) -> dict:
+    return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                      "code": self.code}}
+
   def response(self):
-    return responses.JSONResponse(
-        {"error": {"message": self.message, "type": self.type, "param": self.param,
-                   "code": self.code}}, status_code=self.status)
+    return responses.JSONResponse(self.body(), status_code=self.status)
 
 
 def encodable(text: str) -> str:

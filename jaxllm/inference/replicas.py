@@ -63,6 +63,11 @@ class Replicas:
       self.routed[i] += 1
     return request
 
+  @property
+  def failure(self) -> Exception | None:
+    """The first replica's error that stopped its loop, if any did."""
+    return next((e.failure for e in self.engines if e.failure is not None), None)
+
   def cancel(self, request: engine_lib.Request) -> None:
     with self._lock:
       engine = self._owner.get(id(request))

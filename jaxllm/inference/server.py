@@ -13,6 +13,7 @@ requests, which frees their pages at the engine's next step.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import time
@@ -102,8 +103,14 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
 
     try:
       return engine.submit(ids, params, on_token=on_token, on_finish=on_finish)
+    except engine_lib.EngineFailed:
+      raise _engine_error(repr(engine.failure)) from None
     except ValueError as e:
       raise api.submit_error(e, chat=isinstance(body, api.ChatRequest)) from None
+
+  def _engine_error(detail) -> api.APIError:
+    return api.APIError(500, f"the engine failed: {detail}", type_="server_error",
+                        code="engine_failed")
 
   async def _run(http_request: fastapi.Request, body: api.CommonRequest, ids: list[int],
                  chat: bool):
@@ -135,6 +142,8 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
       for r in reqs:
         if not r.done:
           engine.cancel(r)
+    if any(r.finish_reason == "error" for r in reqs):
+      raise _engine_error(repr(engine.failure))
     return out.full(body, reqs, rid, chat, ids)
 
   async def _stream(http_request, body, reqs, queue, rid, chat):
@@ -154,6 +163,10 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
           if await http_request.is_disconnected():
             return
           continue
+        if kind == "finish" and r.finish_reason == "error":
+          # Mid-stream: the status is sent already; the error goes as an event, then the end.
+          yield f"data: {json.dumps(_engine_error(repr(engine.failure)).body())}\n\n"
+          return
         if kind == "finish":
           pending -= 1
           text = out.text(r)
@@ -178,6 +191,9 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
 
   @app.get("/health")
   async def health():
+    if engine.failure is not None:  # a load balancer takes this server out
+      return responses.JSONResponse({"status": "failed", "error": repr(engine.failure)},
+                                    status_code=503)
     return {"status": "ok"}
 
   @app.get("/v1/models")
