@@ -1,9 +1,6 @@
 """Flash attention's Mosaic GPU forward (`backend="mosaic_gpu"`, Triton backward) against the
-plain-jnp reference: in Mosaic GPU's interpreter on CPU (jax >= 0.11, so python >= 3.12 here:
-`.ci/run` runs this file in a python 3.12 venv of its own), compiled on a Hopper GPU; and its
-real lowering for an H100 on any jax (the main CI run has jax 0.10).
-
-Imports only jax and pallas_kernels, so that the small venv can run it.
+plain-jnp reference: in Mosaic GPU's interpreter on CPU (jax >= 0.11: CI's main run, python
+3.12 with jax 0.12), compiled on a Hopper GPU; and its real lowering for an H100 on any jax.
 """
 
 import dataclasses
@@ -20,8 +17,8 @@ from pallas_kernels.flash_attention import mosaic_gpu
 ON_GPU = jax.default_backend() == "gpu"
 needs_mosaic_gpu = pytest.mark.skipif(
     not (ON_GPU or mosaic_gpu.interpreter_available()),
-    reason=f"jax {jax.__version__} has no Mosaic GPU interpreter (jax >= 0.11; .ci/run runs "
-           "this file with python 3.12)")
+    reason=f"jax {jax.__version__} has no Mosaic GPU interpreter (jax >= 0.11; CI's main run "
+           "has jax 0.12)")
 
 # (B, T, S, H, K, Dh, causal, block_q): padding to whole 128-row / 128-key tiles, queries after
 # a prefix (T < S), grouped kv heads, several key blocks, a wide head, one compute warpgroup.

@@ -373,7 +373,7 @@ class Engine:
       self._stop = True
       unfinished = [*self._waiting, *(r for r in self._slots if r is not None),
                     *self._live.values()]
-      self._waiting = []
+      self._waiting.clear()
     seen = set()
     for r in unfinished:
       if not r.done and id(r) not in seen:
