@@ -46,8 +46,9 @@ def greedy_by_full_forward(model, prompt: str, max_tokens: int) -> str:
 
 
 def write_tiny_chat_model(dst: str, seed: int = 0) -> str:
-  """A 2-layer random Llama (1.3M parameters) with SmolLM2-135M's tokenizer and chat template, written as a
-  Hugging Face directory (what `jaxllm.load`, the server, the benches and `transformers` read).
+  """A 2-layer random Llama (4.9M parameters, 4.7M of them the tied [49152, 96] embedding) with
+  SmolLM2-135M's tokenizer and chat template, written as a Hugging Face directory (what
+  `jaxllm.load`, the server, the benches and `transformers` read).
 
   For tests of serving and benchmark plumbing, where what matters is the tokenizer, the chat
   template and the paths a request takes, not what 135M trained weights say. init_std 0.5
