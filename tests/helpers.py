@@ -30,19 +30,27 @@ def tiny_experiment(**sections) -> config_lib.Config:
   return config_lib.from_config_dict(values)
 
 
-def greedy_by_full_forward(model, prompt: str, max_tokens: int) -> str:
-  """The greedy continuation of `prompt` by a full forward pass per token (no KV cache, no
-  decode loop): the reference `LoadedModel.generate(temperature=0)` must equal. Stops at EOS
-  as generation does."""
-  import numpy as np
-  ids = model.prompt_ids(prompt)
-  new = []
+def greedy_by_recompute(graphdef, params, prompt, max_tokens: int, eos_id: int | None = None):
+  """Reference greedy decoding: the full forward over the whole sequence for every new token
+  (no KV cache, no decode loop); stops after `eos_id` is drawn (not returned), as generation
+  does."""
+  import jax.numpy as jnp
+  from flax import nnx
+  model = nnx.merge(graphdef, params)
+  seq = list(prompt)
   for _ in range(max_tokens):
-    token = int(np.argmax(np.asarray(model.logits([ids + new]))[0, -1]))
-    if token == model.tokenizer.eos_id:
+    token = int(jnp.argmax(model(jnp.asarray([seq], jnp.int32))[0, -1]))
+    if token == eos_id:
       break
-    new.append(token)
-  return model.tokenizer.decode(new)
+    seq.append(token)
+  return seq[len(prompt):]
+
+
+def greedy_by_full_forward(model, prompt: str, max_tokens: int) -> str:
+  """`greedy_by_recompute`'s text for a `LoadedModel` and a text prompt: what
+  `model.generate(prompt, temperature=0)` must equal."""
+  return model.tokenizer.decode(greedy_by_recompute(
+      model.graphdef, model.params, model.prompt_ids(prompt), max_tokens, model.tokenizer.eos_id))
 
 
 def write_tiny_chat_model(dst: str, seed: int = 0) -> str:

@@ -10,14 +10,14 @@ import pytest
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 import jaxllm
 from jaxllm.inference import generate as generate_lib
 from jaxllm.inference import sampling
 from jaxllm.model import transformer
 from jaxllm.train import loop
-from tests.helpers import REPO, greedy_by_full_forward, tiny_experiment, tiny_model
+from tests.helpers import (REPO, greedy_by_full_forward, greedy_by_recompute,
+                           tiny_experiment, tiny_model)
 
 
 
@@ -51,22 +51,13 @@ def test_sampling_follows_the_distribution():
   np.testing.assert_allclose(np.mean(top2 == 0), 0.5 / 0.8, atol=0.03)
 
 
-def _greedy_by_recompute(graphdef, params, prompt, n):
-  """Reference: re-run the full forward over the whole sequence for every new token."""
-  seq = list(prompt)
-  for _ in range(n):
-    logits = nnx.merge(graphdef, params)(jnp.asarray([seq], jnp.int32))
-    seq.append(int(jnp.argmax(logits[0, -1])))
-  return seq[len(prompt):]
-
-
 def test_cached_greedy_generation_equals_recompute():
   cfg = tiny_model()
   graphdef, params = transformer.split(transformer.create(cfg, 3))
   prompts = [[5, 9, 2, 33], [7, 1, 8, 8, 3, 10, 11, 40, 2, 6, 1, 1, 9, 20, 4, 17, 3]]
   out = generate_lib.generate(graphdef, params, prompts, max_tokens=12, temperature=0.0)
   for prompt, got in zip(prompts, out):
-    assert got == _greedy_by_recompute(graphdef, params, prompt, 12)
+    assert got == greedy_by_recompute(graphdef, params, prompt, 12)
 
 
 def test_seeded_sampling_is_reproducible_and_stops_at_eos():

@@ -104,12 +104,12 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
     try:
       return engine.submit(ids, params, on_token=on_token, on_finish=on_finish)
     except engine_lib.EngineFailed:
-      raise _engine_error(repr(engine.failure)) from None
+      raise _engine_error() from None
     except ValueError as e:
       raise api.submit_error(e, chat=isinstance(body, api.ChatRequest)) from None
 
-  def _engine_error(detail) -> api.APIError:
-    return api.APIError(500, f"the engine failed: {detail}", type_="server_error",
+  def _engine_error() -> api.APIError:
+    return api.APIError(500, f"the engine failed: {engine.failure!r}", type_="server_error",
                         code="engine_failed")
 
   async def _run(http_request: fastapi.Request, body: api.CommonRequest, ids: list[int],
@@ -143,7 +143,7 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
         if not r.done:
           engine.cancel(r)
     if any(r.finish_reason == "error" for r in reqs):
-      raise _engine_error(repr(engine.failure))
+      raise _engine_error()
     return out.full(body, reqs, rid, chat, ids)
 
   async def _stream(http_request, body, reqs, queue, rid, chat):
@@ -165,7 +165,7 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
           continue
         if kind == "finish" and r.finish_reason == "error":
           # Mid-stream: the status is sent already; the error goes as an event, then the end.
-          yield f"data: {json.dumps(_engine_error(repr(engine.failure)).body())}\n\n"
+          yield f"data: {json.dumps(_engine_error().body())}\n\n"
           return
         if kind == "finish":
           pending -= 1
