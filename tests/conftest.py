@@ -8,11 +8,12 @@ local `pytest` skips them to stay fast.
 
 import os
 
+from tests.helpers import xla_flags  # imports no JAX
+
 # The suite is mostly XLA:CPU compilation of small programs: LLVM's -O0 backend halves compile
 # times (a 8-device MoE train step: 15 s -> 8 s) and slows the tiny programs' run time little.
-# Tests that time or train for real in a subprocess set their own XLA_FLAGS.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      "--xla_backend_optimization_level=0")
+# Subprocesses get the same through helpers.xla_flags; only the default run keeps XLA's own.
+os.environ.setdefault("XLA_FLAGS", xla_flags(devices=8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The AOT tests load libtpu (where installed) in both pytest-xdist workers at once.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -44,9 +45,14 @@ def pytest_addoption(parser):
 # --without-parity and its oldest-JAX stage (python 3.11, torch's CPU build) runs `-m parity`.
 PARITY_FILES = ("test_hf_parity.py", "test_model_families.py", "test_moe_checkpoints.py")
 PARITY_TESTS = ("test_bench.py::test_bench_decode_json",)
-# The oldest supported JAX runs these besides the parity tests: the model, training, the
-# checkpoint round trip and generation, each through its real entry point.
-OLDEST_JAX_SMOKE = ("test_model.py", "test_train.py", "test_generate.py")
+# The oldest supported JAX runs these besides the parity tests (files, or file::test): the
+# model, training and its bitwise resume, the checkpoint round trip and generation, each through
+# its real entry point.
+OLDEST_JAX_SMOKE = ("test_model.py",
+                    "test_train.py::test_short_run_loss_falls_and_workdir_is_complete",
+                    "test_train.py::test_resume_after_preemption_is_bitwise_exact",
+                    "test_generate.py::test_cached_greedy_generation_equals_recompute",
+                    "test_generate.py::test_generate_cli")
 
 # The only skips CI accepts (test id -> why it cannot run in CI). Any other skip fails a CI run:
 # a missing compiler, libtpu, extra or python would otherwise leave CI green with tests unrun.
@@ -74,12 +80,15 @@ def pytest_ignore_collect(collection_path, config):
   return None
 
 
-# The longest files first: with `-n 2 --dist loadfile --no-loadscope-reorder` (.ci/run) a
-# worker takes the default training run at the start instead of after everything else, so the
-# two workers finish together. pytest-xdist 3.8 without --no-loadscope-reorder re-sorts files by
-# test count, and the one-test default run went last (2026-12-02: 50 minutes into a 74-minute
-# run; BUILD.md).
-FIRST = ("test_default_run.py", "test_bench.py", "test_multiprocess.py", "test_server.py")
+# The longest files first (worker seconds in tools/ci_times.py's table): with `-n 2 --dist
+# loadfile --no-loadscope-reorder` (.ci/run) a worker takes the default training run at the
+# start instead of after everything else, and the two workers finish together. pytest-xdist
+# 3.8 without --no-loadscope-reorder re-sorts files by test count, and the one-test default run
+# went last (2026-12-02: 50 minutes into a 74-minute run; BUILD.md).
+FIRST = ("test_default_run.py", "test_parallel.py", "test_bench.py", "test_engine.py",
+         "test_flash_attention.py", "test_moe_parallel.py", "test_speculative.py",
+         "test_multiprocess.py", "test_moe.py", "test_quant.py", "test_sharded_inference.py",
+         "test_training_options.py", "test_data_mixing.py", "test_server.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # markers before `-m` selects on them
@@ -88,7 +97,7 @@ def pytest_collection_modifyitems(config, items):
     name = item.path.name
     if name in PARITY_FILES or f"{name}::{item.name}" in PARITY_TESTS:
       item.add_marker(pytest.mark.parity)
-    if name in OLDEST_JAX_SMOKE:
+    if name in OLDEST_JAX_SMOKE or f"{name}::{item.originalname}" in OLDEST_JAX_SMOKE:
       item.add_marker(pytest.mark.oldest_jax)
   if config.getoption("--without-parity"):
     kept = [item for item in items if "parity" not in item.keywords]

@@ -11,7 +11,7 @@ import sys
 
 from jaxllm.parallel import mesh as mesh_lib
 from jaxllm.train import loop
-from tests.helpers import tiny_experiment
+from tests.helpers import tiny_experiment, xla_flags
 
 FSDP = dict(data=1, fsdp=-1)
 MOE_MODEL = dict(n_experts=8, experts_per_token=2, moe_d_ff=32, n_shared_experts=1)
@@ -42,7 +42,6 @@ def main(port, num_processes, process_id, workdir, stop_at, kind="fsdp"):
 if __name__ == "__main__":
   # Set here, not at import: the test process imports FSDP from this module and must keep its
   # own 8 devices. JAX reads these when its backend starts, after this.
-  os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 "
-                             "--xla_backend_optimization_level=0")  # as conftest
+  os.environ["XLA_FLAGS"] = xla_flags(devices=4)
   os.environ["JAX_PLATFORMS"] = "cpu"
   main(*sys.argv[1:])

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from tests.helpers import REPO
+from tests.helpers import REPO, xla_flags
 
 # Packages that only the extras bring (test, serve, parity, tpu).
 EXTRAS_ONLY = ("fastapi", "uvicorn", "starlette", "openai", "httpx", "schemathesis", "torch",
@@ -39,7 +39,7 @@ TINY = ["--config.model.vocab_size=384", "--config.model.d_model=32", "--config.
 
 
 def _without_extras(module, *args):
-  env = {**os.environ, "XLA_FLAGS": ""}
+  env = {**os.environ, "XLA_FLAGS": xla_flags()}
   return subprocess.run([sys.executable, "-c", _WITHOUT_EXTRAS, ",".join(EXTRAS_ONLY), module,
                          *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 

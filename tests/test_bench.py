@@ -9,15 +9,15 @@ import pytest
 
 from jaxllm.ops import cpu_gemv
 from pallas_kernels.flash_attention import mosaic_gpu
-from tests.helpers import REPO
+from tests.helpers import REPO, xla_flags
 
 SMALL = ["--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.head_dim=8",
          "--config.model.d_ff=64", "--config.model.vocab_size=256", "--config.train.seq_len=32",
          "--config.train.batch_size=4", "--steps=2"]
 
 
-def _run(*args, xla_flags="", timeout=300):
-  env = {**os.environ, "XLA_FLAGS": xla_flags}
+def _run(*args, devices=1, timeout=300):
+  env = {**os.environ, "XLA_FLAGS": xla_flags(devices)}
   return subprocess.run([sys.executable, "-m", "jaxllm.bench", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
@@ -75,7 +75,7 @@ def test_bench_attention_json_on_cpu(tmp_path):
 
 def test_bench_pipeline_json():
   proc = _run("pipeline", "--json", "--stages=2", "--repeats=1", "--pipeline_memory=2,8",
-              *SMALL[:-1], xla_flags="--xla_force_host_platform_device_count=2")
+              *SMALL[:-1], devices=2)
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   rows = result["rows"]
@@ -158,13 +158,13 @@ def test_bench_serve_json(tiny_chat_model):
   assert 0 <= spec["acceptance"] <= 1
 
 
-def test_decode_of_a_random_model_with_a_checkpoints_tokenizer():
-  """`--random_init`'s path: random weights of a config (vocabulary resized to SmolLM2's
-  tokenizer), bf16 + int4 weights read per token as counted, non-jaxllm peers refused."""
+def test_decode_of_a_random_model_with_a_checkpoints_tokenizer(tiny_chat_model):
+  """`--random_init`'s path: random weights of a config (vocabulary resized to the checkpoint's
+  tokenizer, SmolLM2's), bf16 + int4 weights read per token as counted, non-jaxllm peers
+  refused."""
   from jaxllm.bench import decode
-  from jaxllm.fetch import fetch
   from tests.helpers import tiny_model
-  result = decode.run(fetch("smollm2-135m"), batches=(1,),
+  result = decode.run(tiny_chat_model, batches=(1,),
                       peers=("jaxllm_fp32", "jaxllm_bf16_int4", "transformers"), drafts=(),
                       prompt_tokens=8, new_tokens=4, random_model_config=tiny_model(
                           d_model=64, head_dim=16, max_seq_len=64))

@@ -21,7 +21,7 @@ from jaxllm.data import chat, tokenizer as tokenizer_lib
 from jaxllm.eval import windows
 from jaxllm.model import transformer
 from tests.gguf_fixtures import write_llama_gguf
-from tests.helpers import REPO, tiny_model
+from tests.helpers import REPO, tiny_model, xla_flags
 
 
 def _random(cfg, seed=0):
@@ -179,7 +179,7 @@ def test_cli_convert_and_eval(tmp_path):
   _, params = _random(cfg, 6)
   write_llama_gguf(tmp_path / "m.gguf", cfg, params)
   run = lambda *a: subprocess.run([sys.executable, "-m", *a], cwd=REPO, capture_output=True,
-                                  text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""})
+                                  text=True, timeout=300, env={**os.environ, "XLA_FLAGS": xla_flags()})
   proc = run("jaxllm.convert", f"--src={tmp_path}/m.gguf", f"--dst={tmp_path}/hf", "--format=hf")
   assert proc.returncode == 0, proc.stderr
   again = run("jaxllm.convert", f"--src={tmp_path}/m.gguf", f"--dst={tmp_path}/hf",

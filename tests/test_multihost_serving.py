@@ -18,7 +18,7 @@ pytest.importorskip("uvicorn")
 import httpx  # noqa: E402
 
 import jaxllm  # noqa: E402
-from tests.helpers import REPO  # noqa: E402
+from tests.helpers import REPO, xla_flags  # noqa: E402
 
 
 def _free_port():
@@ -32,7 +32,7 @@ def test_two_processes_serve_one_model(tiny_chat_model):
   path = tiny_chat_model
   coordinator, http = _free_port(), _free_port()
   env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=3", "JAX_PLATFORMS": "cpu"}
+         "XLA_FLAGS": xla_flags(devices=3), "JAX_PLATFORMS": "cpu"}
   procs = [subprocess.Popen(
       [sys.executable, "-m", "jaxllm.serve", f"--checkpoint={path}", "--model_name=smol",
        "--mesh=data=2,tensor=3", "--max_slots=4", "--max_seq_len=256", f"--port={http}",

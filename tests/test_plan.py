@@ -13,7 +13,7 @@ from jaxllm import config as config_lib
 from jaxllm.parallel import mesh as mesh_lib
 from jaxllm.planner import plan as plan_lib
 from jaxllm.train import loop
-from tests.helpers import REPO, tiny_experiment
+from tests.helpers import REPO, tiny_experiment, xla_flags
 
 import experiments.llama3_8b as llama3_8b
 
@@ -136,7 +136,7 @@ def test_1f1b_activations_stay_flat_in_the_plan_and_the_compiler():
 
 
 def _plan(*args):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags(devices=8)}
   return subprocess.run([sys.executable, "-m", "jaxllm.plan", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
 

@@ -158,27 +158,26 @@ def test_orbax_checkpoint_restores_into_its_shards(tmp_path, model, bits):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-  """SmolLM2 on one device: (path, prompts, greedy tokens, logits of the second prompt)."""
-  from jaxllm.fetch import fetch
-  path = fetch("smollm2-135m")
-  one = jaxllm.load(path)
+def chat_model(tiny_chat_model):
+  """The tiny chat model (a Hugging Face directory with SmolLM2's tokenizer) on one device:
+  (path, prompts, greedy tokens, logits of the second prompt)."""
+  one = jaxllm.load(tiny_chat_model)
   prompts = [one.chat_ids([{"role": "user", "content": "What is a Python list?"}]),
              one.prompt_ids("def fibonacci(n):")]
-  want = gen.generate_requests(one.graphdef, one.params, prompts, SMOL_GREEDY, cache="paged")
-  return path, prompts, _tokens(want), np.asarray(one.logits([prompts[1]]))
+  want = gen.generate_requests(one.graphdef, one.params, prompts, CHAT_GREEDY, cache="paged")
+  return tiny_chat_model, prompts, _tokens(want), np.asarray(one.logits([prompts[1]]))
 
 
-SMOL_GREEDY = [sampling.SamplingParams(max_tokens=12)] * 2
+CHAT_GREEDY = [sampling.SamplingParams(max_tokens=12)] * 2
 
 
 @pytest.mark.parametrize("mesh", ["tensor=3", "data=2,tensor=3"])
-def test_smollm2_on_a_mesh_equals_one_device(smollm2, mesh):
-  # 9 query heads and 3 KV heads: one KV head (and its 3 query heads) per device.
-  path, prompts, want, ref = smollm2
+def test_hf_checkpoint_on_a_mesh_equals_one_device(chat_model, mesh):
+  # 6 query heads and 3 KV heads (SmolLM2 has 9 and 3): one KV head per device.
+  path, prompts, want, ref = chat_model
   split = jaxllm.load(path, mesh=mesh)
   assert split.config.n_kv_heads == 3
-  got = gen.generate_requests(split.graphdef, split.params, prompts, SMOL_GREEDY, cache="paged")
+  got = gen.generate_requests(split.graphdef, split.params, prompts, CHAT_GREEDY, cache="paged")
   assert _tokens(got) == want
   out = np.asarray(split.logits([prompts[1]]))
   rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)

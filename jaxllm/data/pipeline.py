@@ -24,6 +24,7 @@ is that each process tokenizes every document, which is small beside a training 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Iterator, Sequence
 
 import grain
@@ -143,13 +144,23 @@ def _ordered(docs: Sequence[corpus_lib.DocRef], order: str, seed: int,
   return ds.shuffle(seed=seed) if shuffle else ds
 
 
+def read_options() -> grain.ReadOptions:
+  """Tokenizing threads and prefetch buffer of each source, sized to this host's CPUs.
+
+  grain's defaults (16 threads, 500 prefetched documents per source) cost a scan of the whole
+  buffer on every document read: a 3-source mixture of short documents read 2000 rows in
+  14.4 s with them and 4.0 s with these on a 2-core CPU."""
+  threads = min(16, os.cpu_count() or 1)
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=8 * threads)
+
+
 def _source_rows(docs: Sequence[corpus_lib.DocRef], tokenizer: Tokenizer, *, seq_len: int,
                  seed: int, shuffle: bool, repeat: bool, packing: str, packing_bins: int,
                  order: str) -> grain.IterDataset:
   ds = _ordered(docs, order, seed, shuffle)
   if repeat:
     ds = ds.repeat()
-  ds = ds.map(_Tokenize(tokenizer)).to_iter_dataset()
+  ds = ds.map(_Tokenize(tokenizer)).to_iter_dataset(read_options())
   row = {"tokens": seq_len + 1}
   if packing == "best_fit":
     ds = grain.experimental.FlatMapIterDataset(ds, _CutLongDocuments(seq_len + 1))
