@@ -178,8 +178,9 @@ def test_cli_convert_and_eval(tmp_path):
   cfg = tiny_model(vocab_size=40)
   _, params = _random(cfg, 6)
   write_llama_gguf(tmp_path / "m.gguf", cfg, params)
+  env = {**os.environ, "XLA_FLAGS": xla_flags()}
   run = lambda *a: subprocess.run([sys.executable, "-m", *a], cwd=REPO, capture_output=True,
-                                  text=True, timeout=300, env={**os.environ, "XLA_FLAGS": xla_flags()})
+                                  text=True, timeout=300, env=env)
   proc = run("jaxllm.convert", f"--src={tmp_path}/m.gguf", f"--dst={tmp_path}/hf", "--format=hf")
   assert proc.returncode == 0, proc.stderr
   again = run("jaxllm.convert", f"--src={tmp_path}/m.gguf", f"--dst={tmp_path}/hf",
