@@ -1,6 +1,6 @@
 """The default experiment: a 3.4M-parameter Llama-style model trained on the Python standard
 library's own sources, sized to reach a held-out loss below ln(vocab)/2 on a 2-core CPU in
-about 10 minutes (600 steps of 8 x 256 tokens). The tokenizer is a 1024-piece BPE learned from
+about 7 minutes (600 steps of 8 x 256 tokens). The tokenizer is a 1024-piece BPE learned from
 the train split. float32 compute: on an AVX2 CPU (`python -m jaxllm.bench train`, batch 16)
 jax 0.12 runs a step in 1.46 s in float32 against 1.98 s in bfloat16, jax 0.10 in 1.60 s
 against 1.41 s (2026-12-06); the newest JAX decides.

@@ -167,24 +167,34 @@ FAMILY_VARIANTS = {
 }
 
 
+def _family_config(variant, mesh, **train):
+  return tiny_experiment(model=dict(MODEL, **FAMILY_VARIANTS[variant]),
+                         train=dict(batch_size=8, seq_len=32, microbatches=4, **train),
+                         mesh={"data": 1, "fsdp": 1, "tensor": 1, **mesh})
+
+
+@pytest.fixture(scope="module")
+def family_single_device():
+  """Each variant's one-device run, computed once for the three meshes that check it."""
+  runs = {}
+
+  def run(variant):
+    if variant not in runs:
+      runs[variant] = _train(_family_config(variant, {}), jax.devices()[:1])
+    return runs[variant]
+  return run
+
+
 @pytest.mark.parametrize("variant", sorted(FAMILY_VARIANTS))
 @pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2, sequence_parallel=True),
                                   dict(data=1, fsdp=2, tensor=2, stage=2),
                                   dict(data=2, context=4)], ids=["dp_fsdp_tp_sp", "fsdp_tp_pp",
                                                                  "dp_cp4_ring"])
-def test_family_variants_train_under_a_mesh_like_one_device(variant, mesh):
+def test_family_variants_train_under_a_mesh_like_one_device(variant, mesh, family_single_device):
   """The families' block variants shard like the rest (ring attention included)."""
-  model = dict(MODEL, **FAMILY_VARIANTS[variant])
-
-  def config(mesh, **train):
-    return tiny_experiment(model=model, train=dict(batch_size=8, seq_len=32, microbatches=4,
-                                                   **train),
-                           mesh={"data": 1, "fsdp": 1, "tensor": 1, **mesh})
-
-  want_state, want_losses = _train(config({}), jax.devices()[:1])
   ring = dict(context_parallel="ring") if "context" in mesh else {}
-  state, losses = _train(config(mesh, **ring), jax.devices())
-  _assert_trains_alike(state, losses, want_state, want_losses)
+  state, losses = _train(_family_config(variant, mesh, **ring), jax.devices())
+  _assert_trains_alike(state, losses, *family_single_device(variant))
 
 
 def _device0_fraction(tree):

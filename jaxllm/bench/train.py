@@ -7,6 +7,7 @@ the same devices ("matmul-relative MFU"), which is what the CPU has instead of a
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 
@@ -62,11 +63,13 @@ def run(cfg: config_lib.Config, steps: int = 10, warmup: int = 2) -> dict:
     state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   times = []
+  usage = resource.getrusage(resource.RUSAGE_SELF)
   for _ in range(steps):
     start = time.perf_counter()
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
+  after = resource.getrusage(resource.RUSAGE_SELF)
   step_s = statistics.median(times)
   tokens_per_s = B * T / step_s
   model_flops = flops.train_flops_per_token(cfg.model, T) * tokens_per_s
@@ -80,7 +83,11 @@ def run(cfg: config_lib.Config, steps: int = 10, warmup: int = 2) -> dict:
       "batch_size": B, "seq_len": T, "dtype": cfg.model.dtype,
       "matmul_params": flops.matmul_params(cfg.model),
       "compile_s": compile_s, "step_s": step_s, "step_s_min": min(times),
-      "tokens_per_s": tokens_per_s, "model_tflops_per_s": model_flops / 1e12,
+      "tokens_per_s": tokens_per_s,
+      # The whole process per step: minor page faults and kernel CPU time (on XLA:CPU, the
+      # cost of fresh temporaries; see jaxllm.cli.host_allocator).
+      "page_faults_per_step": (after.ru_minflt - usage.ru_minflt) / steps,
+      "kernel_s_per_step": (after.ru_stime - usage.ru_stime) / steps, "model_tflops_per_s": model_flops / 1e12,
       "matmul_peer_tflops_per_s": peer / 1e12, "mfu_vs_matmul_peer": model_flops / peer,
       "mfu_vs_datasheet": (model_flops / (peak_tflops * 1e12 * n_dev)) if peak_tflops else None,
   }
@@ -96,6 +103,8 @@ def table(result: dict) -> str:
       ("compile", f"{result['compile_s']:.2f} s"),
       ("step time", f"{result['step_s'] * 1e3:.1f} ms (median; min {result['step_s_min'] * 1e3:.1f})"),
       ("tokens/s", f"{result['tokens_per_s']:,.0f}"),
+      ("page faults/step", f"{result['page_faults_per_step']:,.0f} (kernel "
+                           f"{result['kernel_s_per_step'] * 1e3:.0f} ms/step)"),
       ("model TFLOP/s", f"{result['model_tflops_per_s']:.4f}"),
       ("matmul peer TFLOP/s", f"{result['matmul_peer_tflops_per_s']:.4f}"),
       ("MFU vs matmul peer", f"{result['mfu_vs_matmul_peer']:.1%}"),

@@ -14,6 +14,10 @@ _COORDINATOR = flags.DEFINE_string(
     "(discovered automatically on Cloud TPU VMs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the run.")
+_KEEP_FREED_MEMORY = flags.DEFINE_bool(
+    "keep_freed_memory", True, "On a CPU-only Linux host, keep freed memory in the process "
+    "(glibc malloc: one arena, no mmap, no trimming), so that XLA:CPU does not fault its "
+    "per-step buffers in anew every step (jaxllm.cli.host_allocator).")
 
 
 def define_mesh_flag():
@@ -53,9 +57,13 @@ def user_errors():
 
 
 def one_line_errors(main):
-  """Wraps an absl main: quiet library logs, and user errors exit 2 with a one-line message."""
+  """Wraps an absl main: quiet library logs, the host allocator set for XLA:CPU before JAX
+  starts (`--keep_freed_memory`), and user errors exit 2 with a one-line message."""
   @functools.wraps(main)
   def wrapped(argv):
+    if _KEEP_FREED_MEMORY.value:
+      from jaxllm.cli import host_allocator
+      host_allocator.keep_freed_memory()
     if not flags.FLAGS["verbosity"].present:
       # orbax logs every file it writes at INFO; keep the terminal for the progress bar.
       logging.set_verbosity(logging.WARNING)
