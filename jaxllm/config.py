@@ -34,6 +34,8 @@ MOE_IMPLS = ("auto", "xla", "tiled", "pallas")
 CONTEXT_PARALLEL = ("all_gather", "ring")
 PACKINGS = ("concat", "best_fit")
 DATA_ORDERS = ("shuffle", "difficulty")
+# What reading text does with a file or JSONL record that is not UTF-8 (`jaxllm.data.corpus`).
+UNDECODABLE = ("skip", "replace")
 NORM_PLACEMENTS = ("pre", "post", "sandwich")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 # ZeRO over the data axis (`jaxllm.parallel.zero`): 0 off, 1 optimizer state, 2 and gradients.
@@ -177,6 +179,9 @@ class DataConfig:
   # "shuffle": documents in a random order each epoch; "difficulty": easiest first, by the
   # "difficulty" field `python -m jaxllm.data score` writes (a reference model's loss).
   order: str = "shuffle"
+  # Files and JSONL records that are not UTF-8: "skip" leaves them out, "replace" keeps them
+  # with each bad byte sequence as U+FFFD; either way the run says how many.
+  undecodable: str = "skip"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -651,6 +656,9 @@ def _validate_data_mixing(d: DataConfig) -> None:
     raise ConfigError(f"data.packing_bins={d.packing_bins} must be positive")
   if d.order not in DATA_ORDERS:
     raise ConfigError(f"data.order={d.order!r} is not one of {', '.join(DATA_ORDERS)}")
+  if d.undecodable not in UNDECODABLE:
+    raise ConfigError(f"data.undecodable={d.undecodable!r} is not one of "
+                      f"{', '.join(UNDECODABLE)}")
   sources = parse_sources(d.sources)
   weights = parse_mixture(d.mixture)
   if sources and d.paths:
@@ -735,6 +743,11 @@ def _validate_pipeline(m: ModelConfig, t: TrainConfig, sizes: dict[str, int], mi
                       "batch shards (the MoE layers dispatch per shard)")
 
 
+def devices_available(n: int) -> str:
+  """"1 is available" / "8 are available": the end of the errors about too few devices."""
+  return f"{n} {'is' if n == 1 else 'are'} available"
+
+
 def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
   """Mesh axis sizes with -1 filled in; raises ConfigError if they do not tile the devices."""
   sizes = {k: getattr(mesh, k) for k in ("data", "fsdp", "tensor", "stage", "expert")}
@@ -743,13 +756,14 @@ def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
   fixed = math.prod(v for v in sizes.values() if v != -1)
   if num_devices % fixed:
     raise ConfigError(
-        f"mesh {sizes} needs a multiple of {fixed} devices, but {num_devices} are available")
+        f"mesh {sizes} needs a multiple of {fixed} devices, but "
+        f"{devices_available(num_devices)}")
   for k, v in sizes.items():
     if v == -1:
       sizes[k] = num_devices // fixed
   if math.prod(sizes.values()) != num_devices:
     raise ConfigError(f"mesh {sizes} uses {math.prod(sizes.values())} devices, "
-                      f"but {num_devices} are available (set one axis to -1)")
+                      f"but {devices_available(num_devices)} (set one axis to -1)")
   return sizes
 
 

@@ -24,6 +24,7 @@ _TEACHER = flags.DEFINE_string("teacher", None, "Teacher checkpoint (workdir, ja
                                "directory or .gguf).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<config name>).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_KEEP_FREED_MEMORY = common.define_keep_freed_memory_flag()
 flags.mark_flags_as_required(["teacher"])
 
 
@@ -31,6 +32,7 @@ flags.mark_flags_as_required(["teacher"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  common.keep_freed_memory(_KEEP_FREED_MEMORY)
   from jaxllm import config as config_lib
   cfg = config_lib.from_config_dict(common.config_value(_CONFIG))  # validated before any JAX work
   common.initialize_distributed()

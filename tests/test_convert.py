@@ -164,6 +164,9 @@ def test_corrupt_and_unsupported_files_fail_clearly(tmp_path):
   hf = tmp_path / "hf"
   write_llama_gguf(tmp_path / "ok.gguf", cfg, params)
   convert.export_hf(convert.read_checkpoint(tmp_path / "ok.gguf"), str(hf))
+  # The export is readable by others as its JSON files are (safetensors alone would give 600).
+  mode = lambda name: (hf / name).stat().st_mode & 0o777
+  assert mode("model.safetensors") == mode("config.json")
   data = (hf / "model.safetensors").read_bytes()
   (hf / "model.safetensors").write_bytes(data[: len(data) // 2])
   with pytest.raises(UnsupportedCheckpoint, match="model.safetensors is corrupt or truncated"):

@@ -128,3 +128,39 @@ def test_a_vanished_document_is_a_clear_error(tmp_path):
   path.unlink()
   with pytest.raises(corpus_lib.CorpusError, match="cannot read .*gone.txt"):
     corpus_lib.read_document(ref)
+
+
+def test_text_that_is_not_utf8_is_counted_and_never_altered_silently(tmp_path):
+  for i in range(20):
+    (tmp_path / f"doc{i}.txt").write_text(f"café {i}\n" * 3, encoding="utf-8")
+  (tmp_path / "latin1.txt").write_bytes("café latin-1\n".encode("latin-1"))
+  (tmp_path / "mixed.jsonl").write_bytes(b'{"text": "good one"}\n{"text": "bad \xff byte"}\n'
+                                         b'{"text": "good two"}\n')
+  bad = [str(tmp_path / "latin1.txt"), f"{tmp_path / 'mixed.jsonl'}:2"]
+
+  def texts(corpus):
+    return sorted(corpus_lib.read_document(r) for r in corpus.train + corpus.eval)
+
+  skipped = corpus_lib.build_corpus((str(tmp_path),), eval_fraction=0.2)
+  assert list(skipped.undecodable) == bad
+  assert texts(skipped) == sorted([f"café {i}\n" * 3 for i in range(20)]
+                                  + ["good one", "good two"])
+  kept = corpus_lib.build_corpus((str(tmp_path),), eval_fraction=0.2, undecodable="replace")
+  assert list(kept.undecodable) == bad
+  assert texts(kept) == sorted(texts(skipped) + ["caf\ufffd latin-1\n", "bad \ufffd byte"])
+  with pytest.raises(corpus_lib.CorpusError, match="undecodable='ignore' is not one of"):
+    corpus_lib.build_corpus((str(tmp_path),), 0.2, undecodable="ignore")
+  # A file checked as UTF-8 when listed and changed since is an error, not replaced text.
+  ref = next(r for r in skipped.train if r.path.endswith("doc3.txt"))
+  (tmp_path / "doc3.txt").write_bytes(b"\xff\xfe")
+  with pytest.raises(corpus_lib.CorpusError, match="doc3.txt is no longer UTF-8 text"):
+    corpus_lib.read_document(ref)
+
+
+def test_a_corpus_that_fails_leaves_no_workdir(tmp_path):
+  from jaxllm.train import loop
+  from tests.helpers import tiny_experiment
+  cfg = tiny_experiment(data=dict(paths=(str(tmp_path / "nothing*.txt"),)))
+  with pytest.raises(corpus_lib.CorpusError, match="matches no file"):
+    loop.train(cfg, str(tmp_path / "run"), progress=False)
+  assert not (tmp_path / "run").exists()

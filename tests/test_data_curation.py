@@ -147,6 +147,20 @@ def test_output_is_a_corpus_and_an_interrupted_run_restarts_clean(tmp_path):
   assert again["docs_out"] == 12
 
 
+def test_text_that_is_not_utf8_is_kept_with_replacement_only_when_asked(tmp_path):
+  (tmp_path / "good.txt").write_text("plain words here\n")
+  (tmp_path / "latin1.txt").write_bytes("caf\xe9 words here\n".encode("latin-1"))
+  settings = prepare.Settings(dedup=("exact",), filters=())
+  report = prepare.prepare([str(tmp_path / "*.txt")], str(tmp_path / "out"), settings,
+                           progress=False, undecodable="replace")
+  assert report["docs_out"] == 2
+  assert report["undecodable"] == {"count": 1, "action": "replace",
+                                   "first": [str(tmp_path / "latin1.txt")]}
+  c = corpus_lib.build_corpus([str(tmp_path / "out" / "*.jsonl")], eval_fraction=0.5)
+  texts = sorted(corpus_lib.read_document(d) for d in c.train + c.eval)
+  assert texts == ["caf\ufffd words here\n", "plain words here\n"]
+
+
 def test_workers_give_the_same_result(tmp_path):
   rng = np.random.default_rng(4)
   base = [" ".join(_words(rng, 100)) for _ in range(20)]
@@ -165,13 +179,21 @@ def test_cli_prints_the_summary_and_refuses_bad_flags_in_one_line(tmp_path):
   _write_jsonl(tmp_path / "s.jsonl", ["one two three"] * 3)
   run = lambda *args: subprocess.run([sys.executable, "-m", "jaxllm.data", *args],
                                      capture_output=True, text=True, timeout=300)
-  ok = run("prepare", f"--src={tmp_path / 's.jsonl'}", f"--out={tmp_path / 'out'}",
-           "--filters=none", "--progress=false")
+  (tmp_path / "latin1.txt").write_bytes("one two café\n".encode("latin-1"))
+  ok = run("prepare", f"--src={tmp_path / 's.jsonl'},{tmp_path / 'latin1.txt'}",
+           f"--out={tmp_path / 'out'}", "--filters=none", "--progress=false")
   assert ok.returncode == 0, ok.stderr
-  assert json.loads(ok.stdout.strip().splitlines()[-1])["exact_duplicates"] == 2
+  summary = json.loads(ok.stdout.strip().splitlines()[-1])
+  assert summary["exact_duplicates"] == 2 and summary["docs_out"] == 1
+  # The file that is not UTF-8 is left out and counted, never written with U+FFFD.
+  assert summary["undecodable"] == 1
+  report = json.loads((tmp_path / "out" / "report.json").read_text())
+  assert report["undecodable"] == {"count": 1, "action": "skip",
+                                   "first": [str(tmp_path / "latin1.txt")]}
   for args, fragment in ((["--filters=length,colour"], "--filters=colour is not one of"),
                          (["--dedup=fuzzy"], "--dedup=fuzzy is not one of"),
-                         (["--minhash_threshold=1.5"], "must be in (0, 1]")):
+                         (["--minhash_threshold=1.5"], "must be in (0, 1]"),
+                         (["--undecodable=ignore"], "--undecodable=ignore: value should be")):
     bad = run("prepare", f"--src={tmp_path / 's.jsonl'}", f"--out={tmp_path / 'bad'}", *args)
     assert bad.returncode == 2 and fragment in bad.stderr, bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr

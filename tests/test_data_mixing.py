@@ -32,7 +32,7 @@ def _jsonl(path, texts, **fields):
   with open(path, "w") as f:
     for i, t in enumerate(texts):
       f.write(json.dumps({"text": t, **{k: v[i] for k, v in fields.items()}}) + "\n")
-  return corpus_lib.file_documents(str(path))
+  return corpus_lib.file_documents(str(path)).docs
 
 
 def _texts(rng, letters, n, lo=3, hi=40):
@@ -182,6 +182,9 @@ def curriculum(tmp_path_factory):
   root = tmp_path_factory.mktemp("curriculum")
   stdlib = corpus_lib.stdlib_files()
   short = [p for p in stdlib if p.endswith("__init__.py") and 0 < os.path.getsize(p) < 1000]
+  latin1 = root / "latin1.py"  # not UTF-8: left out of the run, and counted
+  latin1.write_bytes("# café\n".encode("latin-1"))
+  short.append(str(latin1))
   cfg = tiny_experiment(
       data=dict(sources=",".join([f"init={p}" for p in short]
                                  + [f"email={p}" for p in stdlib if "/email/" in p]),
@@ -201,6 +204,7 @@ def curriculum(tmp_path_factory):
 def test_mixture_with_warm_up_and_best_fit_trains_and_resumes_bitwise(curriculum):
   cfg, root, straight, first, resumed = curriculum
   assert first["checkpoint_step"] == 7 and resumed["step"] == 12
+  assert straight["undecodable"] == 1
   rows = [r for r in _metrics(root / "straight") if "loss" in r]
   assert [r["seq_len"] for r in rows] == [8] * 4 + [16] * 4 + [32] * 4
   padding = [r["padding"] for r in rows]  # best-fit pads the tails of documents, a little
@@ -273,7 +277,7 @@ def test_packing_and_scoring_commands(curriculum, tmp_path):
   import jaxllm
   nll, tokens = eval_lib.score_texts(jaxllm.load(str(root / "straight")), texts, max_len=32,
                                      stride=16, batch_size=4, progress=False)
-  got = corpus_lib.file_documents(str(tmp_path / "scored" / "shard-00000-of-00001.jsonl"))
+  got = corpus_lib.file_documents(str(tmp_path / "scored" / "shard-00000-of-00001.jsonl")).docs
   np.testing.assert_allclose([d.difficulty for d in got], nll / tokens, atol=1e-4)
   again = run("jaxllm.eval", f"--checkpoint={root / 'straight'}", f"--data={tmp_path / 'd.jsonl'}",
               f"--scores_out={tmp_path / 'scored'}")

@@ -158,7 +158,8 @@ def test_cli_distills_a_draft_the_teacher_can_use(teacher_dir, tmp_path):
        "--config.model.max_seq_len=128", "--config.data.tokenizer_max_sentences=20000",
        "--progress=false"], cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr
-  assert "done:" in proc.stdout
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])  # one JSON line, as every command
+  assert summary["step"] == 20 and summary["checkpoint_step"] == 20
   teacher = jaxllm.load(teacher_dir)
   student = jaxllm.load(str(workdir))
   prompt = "def f(x):"

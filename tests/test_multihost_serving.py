@@ -4,6 +4,7 @@ The openai client's greedy answers equal one-device generation, and stopping pro
 process 1 cleanly."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -71,3 +72,11 @@ def test_two_processes_serve_one_model(tiny_chat_model):
         p.kill()
         outputs.append(p.communicate()[0])
   assert procs[1].returncode == 0, outputs[1][-3000:]
+  # Process 0 said where it serves and the pool it chose (the CPU default budget, 1 GiB, holds
+  # more than 4 slots x 256 tokens: the pool is those 64 pages), and logged each request.
+  assert (f"serving smol on http://127.0.0.1:{http} (KV pool: 64 pages x 16 tokens = 1024 "
+          "tokens") in outputs[0], outputs[0][-3000:]
+  for path, tokens in (("completions", completion.usage.completion_tokens),
+                       ("chat/completions", chat.usage.completion_tokens)):
+    assert re.search(f'"POST /v1/{path}" 200 {tokens} tokens [0-9]+ ms', outputs[0]), (
+        path, outputs[0][-3000:])

@@ -194,6 +194,9 @@ def test_hostile_requests_get_4xx_in_openai_shape(server):
                    headers={"content-type": "application/json"}, timeout=120)
     assert 400 <= r.status_code < 500, (body, r.status_code, r.text)
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}, body
+    if body.endswith(b'"hi"'):  # the truncated one: said so, and no field blamed
+      assert r.json()["error"]["message"].startswith("the request body is not valid JSON: ")
+      assert r.json()["error"]["param"] is None
   chat = httpx.post(f"{base}/v1/chat/completions", content=(
       b'{"model": "smollm2", "messages": [{"role": "user", "content": "\\udcff"}]}'),
       headers={"content-type": "application/json"})
@@ -209,6 +212,21 @@ def test_api_key(server):
   ok = guarded.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
   assert ok.status_code == 200
   assert guarded.get("/health").status_code == 200
+
+
+def test_default_name_drops_gguf_and_the_file_name_stays_an_alias(server):
+  from fastapi.testclient import TestClient
+  _, _, model, engine, _, _ = server
+  assert server_lib.default_model_name("/m/SmolLM2-135M-Instruct.Q4_1.gguf") == (
+      "SmolLM2-135M-Instruct.Q4_1")
+  assert server_lib.default_model_name("runs/tiny/") == "tiny"
+  client = TestClient(server_lib.create_app(model, engine, model_name="smol",
+                                            aliases=("smol.gguf",)))
+  assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["smol"]
+  for name in ("smol", "smol.gguf"):
+    r = client.post("/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["model"] == "smol", r.text
+  assert client.post("/v1/completions", json={"model": "other", "prompt": "hi"}).status_code == 404
 
 
 PROMPTS_64 = [f"def function_{i}(x):\n    return x" + " +" * (i % 7) for i in range(64)]

@@ -90,6 +90,7 @@ _TRIALS = flags.DEFINE_integer("trials", 4, "passkey: keys (random value and dep
                                lower_bound=1)
 _SCALINGS = flags.DEFINE_list("scalings", ["none"], "passkey: RoPE scalings to compare, none or "
                               "KIND:FACTOR (yarn:2, ntk:2, dynamic:2, linear:2).")
+_KEEP_FREED_MEMORY = common.define_keep_freed_memory_flag()
 _CONTEXTS = flags.DEFINE_list("contexts", ["1", "2", "4"], "context: mesh.context sizes.")
 _TPU = flags.DEFINE_string("tpu", None, "context: compile for this Cloud TPU slice's chips "
                            "(e.g. v5p-8; needs libtpu, no TPU) instead of this host's devices.")
@@ -132,8 +133,8 @@ def _attention_suite() -> tuple[dict, str]:
 
 @common.one_line_errors
 def main(argv):
-  if len(argv) != 2 or argv[1] not in SUITES:
-    raise app.UsageError(f"usage: python -m jaxllm.bench {{{'|'.join(SUITES)}}} [flags]")
+  common.positional(argv, "suite", SUITES)
+  common.keep_freed_memory(_KEEP_FREED_MEMORY)
   if argv[1] == "attention":
     result, text = _attention_suite()
   elif argv[1] == "moe":

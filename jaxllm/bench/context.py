@@ -71,7 +71,7 @@ def run(cfg: config_lib.Config, *, seq_lens: tuple[int, ...], contexts: tuple[in
         variant, n = _variant(cfg, seq_len, context, strategy)
         if n > len(devices):
           raise ValueError(f"context={context} on mesh {variant.mesh} needs {n} devices; "
-                           f"{len(devices)} are available")
+                           f"{config_lib.devices_available(len(devices))}")
         config_lib.validate_for_devices(variant, n, platform)
         compiled, seconds = aot.compiled_train_step(variant, devices[:n])
         memory = aot.analysis(compiled, seconds)

@@ -464,4 +464,10 @@ def write(path: str, cfg: ModelConfig, state: dict[str, np.ndarray], *,
     json.dump(hf_config(cfg, bos_id=bos_id, eos_id=eos_id, model_type=model_type), f, indent=2)
   with open(os.path.join(path, "generation_config.json"), "w") as f:
     json.dump({"bos_token_id": bos_id, "eos_token_id": eos_id}, f, indent=2)
-  save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+  weights = os.path.join(path, "model.safetensors")
+  save_file(state, weights, metadata={"format": "pt"})
+  # safetensors writes through a private temporary file (mode 600); give the weights the mode
+  # the JSON files beside them got (0666 less the umask), so that others can read the export.
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(weights, 0o666 & ~umask)

@@ -54,9 +54,11 @@ _MAX_TOP_NGRAM = flags.DEFINE_list(
 _DOCS_PER_SHARD = flags.DEFINE_integer("docs_per_shard", 10_000, "Documents per output shard.")
 _WORKERS = flags.DEFINE_integer("workers", 1, "Processes computing signatures and filters.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+_UNDECODABLE = flags.DEFINE_enum(
+    "undecodable", "skip", ["skip", "replace"], "Files and JSONL records that are not UTF-8: "
+    "leave them out, or keep them with each bad byte sequence as U+FFFD; counted in "
+    "report.json either way.")
 flags.mark_flags_as_required(["src"])
-_USAGE = ("usage: python -m jaxllm.data prepare --src=... --out=DIR | "
-          "python -m jaxllm.data packing --src=... --tokenizer=MODEL")
 
 
 def _methods(values: list[str]) -> tuple[str, ...]:
@@ -65,8 +67,7 @@ def _methods(values: list[str]) -> tuple[str, ...]:
 
 @common.one_line_errors
 def main(argv):
-  if len(argv) != 2 or argv[1] not in ("prepare", "packing"):
-    raise app.UsageError(_USAGE)
+  common.positional(argv, "command", ("prepare", "packing"))
   if argv[1] == "packing":
     _packing()
     return
@@ -92,12 +93,13 @@ def main(argv):
       workers=_WORKERS.value)
   try:
     report = prepare.prepare(_SRC.value, _OUT.value, settings, overwrite=_OVERWRITE.value,
-                             progress=_PROGRESS.value)
+                             progress=_PROGRESS.value, undecodable=_UNDECODABLE.value)
   except prepare.PrepareError as e:
     raise common.CommandError(str(e)) from None
   summary = {k: report[k] for k in ("docs_in", "docs_out", "exact_duplicates",
                                     "near_duplicates", "removed_by_filter", "docs_per_s",
                                     "mb_per_s")}
+  summary["undecodable"] = report["undecodable"]["count"]
   print(json.dumps(summary))
 
 
@@ -111,7 +113,7 @@ def _packing() -> None:
   except ValueError:
     raise common.CommandError(f"--seq_len={','.join(_SEQ_LEN.value)} takes integers") from None
   try:
-    docs = prepare.list_documents(_SRC.value)
+    docs = prepare.list_documents(_SRC.value, _UNDECODABLE.value).docs
   except prepare.PrepareError as e:
     raise common.CommandError(str(e)) from None
   try:

@@ -29,6 +29,7 @@ from typing import Iterable
 import numpy as np
 from tqdm import tqdm
 
+from jaxllm.config import UNDECODABLE
 from jaxllm.data import corpus as corpus_lib
 from jaxllm.data import curate
 
@@ -71,10 +72,13 @@ class Settings:
                          "--minhash_perm >= 16")
 
 
-def list_documents(sources: Iterable[str]) -> list[corpus_lib.DocRef]:
+def list_documents(sources: Iterable[str], undecodable: str = "skip") -> corpus_lib.Documents:
   """Every document of the files the sources (paths, directories, globs; `stdlib`: the running
-  Python's standard library, as training's default corpus has it) name, in order."""
-  docs = []
+  Python's standard library, as training's default corpus has it) name, in order, and the parts
+  that are not UTF-8 (left out or kept per `undecodable`: `corpus.UNDECODABLE`)."""
+  if undecodable not in UNDECODABLE:
+    raise PrepareError(f"--undecodable={undecodable} is not one of {', '.join(UNDECODABLE)}")
+  docs, bad = [], []
   sources = list(sources)
   files = corpus_lib.expand_paths([s for s in sources if s != "stdlib"]) if any(
       s != "stdlib" for s in sources) else []
@@ -82,12 +86,15 @@ def list_documents(sources: Iterable[str]) -> list[corpus_lib.DocRef]:
     files = corpus_lib.stdlib_files() + files
   for path in files:
     try:
-      docs.extend(corpus_lib.file_documents(path))
+      found = corpus_lib.file_documents(path, undecodable)
     except OSError as e:
       raise PrepareError(f"cannot read {path}: {e.strerror}") from None
+    docs.extend(found.docs)
+    bad.extend(found.undecodable)
   if not docs:
-    raise PrepareError(f"no documents in {', '.join(sources)}")
-  return docs
+    skipped = f" ({len(bad)} not UTF-8, left out)" if bad else ""
+    raise PrepareError(f"no documents in {', '.join(sources)}{skipped}")
+  return corpus_lib.Documents(docs, bad)
 
 
 def _features(args):
@@ -132,11 +139,14 @@ def open_output(out: str, overwrite: bool) -> None:
 
 
 def prepare(sources: Iterable[str], out: str, settings: Settings = Settings(), *,
-            overwrite: bool = False, progress: bool = True) -> dict:
-  """Runs the three passes (module docstring) and returns the report it writes."""
+            overwrite: bool = False, progress: bool = True, undecodable: str = "skip") -> dict:
+  """Runs the three passes (module docstring) and returns the report it writes. Files and
+  JSONL records that are not UTF-8 are left out (or kept with U+FFFD: `undecodable="replace"`)
+  and counted in the report."""
   settings.check()
   sources = list(sources)
-  docs = list_documents(sources)
+  listed = list_documents(sources, undecodable)
+  docs = listed.docs
   open_output(out, overwrite)
   start = time.perf_counter()
   root = os.path.commonpath([os.path.abspath(d.path) for d in docs])
@@ -197,6 +207,9 @@ def prepare(sources: Iterable[str], out: str, settings: Settings = Settings(), *
       "clusters": [{"kept": _name(docs[k], root), "size": len(v) + 1,
                     "removed": [_name(docs[j], root) for j in v[:10]]} for k, v in largest],
       "removed_by_filter": removed,
+      # Not UTF-8: how many files and JSONL records, the first of them, and what was done.
+      "undecodable": {"count": len(listed.undecodable), "action": undecodable,
+                      "first": listed.undecodable[:10]},
       "seconds": round(seconds, 3), "docs_per_s": round(len(docs) / seconds, 1),
       "mb_per_s": round(bytes_in / 1e6 / seconds, 3),
       "sources": sources,

@@ -89,6 +89,10 @@ class ChatRequest(CommonRequest):
 def validation_error(errors: list[dict]) -> APIError:
   """A 400 naming the first invalid field of a request that failed validation."""
   first = errors[0] if errors else {}
+  if first.get("type") == "json_invalid":  # its "loc" is a character offset, not a field
+    where = first.get("loc", ("body", "?"))[-1]
+    reason = (first.get("ctx") or {}).get("error", "JSON decode error")
+    return APIError(400, f"the request body is not valid JSON: {reason} at character {where}")
   param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
   return APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param=param)
 

@@ -16,13 +16,14 @@ import asyncio
 import json
 import os
 import secrets
+import sys
 import time
 import uuid
 
 from jaxllm.inference import engine as engine_lib
 from jaxllm.inference import generate as gen
+from jaxllm.inference import kv_budget
 from jaxllm.inference import openai_api as api
-from jaxllm.inference import paging
 
 try:
   import fastapi
@@ -55,10 +56,44 @@ class _Metrics:
     return sum(n for t, n in self.recent if now - t < 60) / max(window, 1e-9)
 
 
+class RequestLog:
+  """ASGI middleware: one line per HTTP request once its response has ended (a stream's last
+  event included): client, method and path, status, tokens generated (where the handler
+  recorded them in the request's state) and milliseconds. Pure ASGI, so that disconnects still
+  reach the handlers."""
+
+  def __init__(self, app, write=lambda line: print(line, file=sys.stderr, flush=True)):
+    self.app, self.write = app, write
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    start, status = time.perf_counter(), [0]
+
+    async def send_and_note(message):
+      if message["type"] == "http.response.start":
+        status[0] = message["status"]
+      await send(message)
+
+    try:
+      await self.app(scope, receive, send_and_note)
+    finally:
+      client = scope.get("client") or ("-", 0)
+      tokens = scope.get("state", {}).get("tokens")
+      self.write(f'{client[0]} "{scope["method"]} {scope["path"]}" {status[0] or "-"}'
+                 + (f" {tokens} tokens" if tokens is not None else "")
+                 + f" {(time.perf_counter() - start) * 1e3:.0f} ms")
+
+
 def create_app(model, engine: engine_lib.Engine, *, model_name: str,
-               api_key: str | None = None) -> "fastapi.FastAPI":
-  """The ASGI app; `model` is a `jaxllm.LoadedModel` (tokenizer, chat template)."""
+               api_key: str | None = None, aliases: tuple[str, ...] = (),
+               log_requests: bool = False) -> "fastapi.FastAPI":
+  """The ASGI app; `model` is a `jaxllm.LoadedModel` (tokenizer, chat template). Requests may
+  name the model by `model_name` or any of `aliases`; responses say `model_name`.
+  `log_requests`: a line per request on stderr (`RequestLog`)."""
   app = fastapi.FastAPI(title="jaxllm", docs_url=None, redoc_url=None)
+  if log_requests:
+    app.add_middleware(RequestLog)
   metrics = _Metrics()
   out = api.Responses(model.tokenizer, model_name)
   created = int(time.time())
@@ -86,7 +121,7 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
                      code="invalid_api_key")
 
   def _check_model(name: str):
-    if name != model_name:
+    if name != model_name and name not in aliases:
       raise api.APIError(404, f"model {name!r} does not exist (this server has {model_name!r})",
                      param="model", code="model_not_found")
 
@@ -144,6 +179,7 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
           engine.cancel(r)
     if any(r.finish_reason == "error" for r in reqs):
       raise _engine_error()
+    http_request.state.tokens = sum(len(r.tokens) for r in reqs)  # for the request log
     return out.full(body, reqs, rid, chat, ids)
 
   async def _stream(http_request, body, reqs, queue, rid, chat):
@@ -185,6 +221,7 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
           yield out.chunk(body, rid, chat, i, "", finish=api.finish_reason(r))
       yield "data: [DONE]\n\n"
     finally:
+      http_request.state.tokens = sum(len(r.tokens) for r in reqs)  # for the request log
       for r in reqs:
         if not r.done:
           engine.cancel(r)
@@ -261,11 +298,20 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
   return app
 
 
+def default_model_name(checkpoint: str) -> str:
+  """The name /v1/models serves by default: the checkpoint's base name without a file
+  extension (`SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct.Q4_1`)."""
+  base = os.path.basename(os.path.normpath(checkpoint))
+  return base[:-len(".gguf")] if base.endswith(".gguf") else base
+
+
 def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill_chunk=64,
           max_seq_len=None, model_name=None, api_key=None, kv_cache_dtype="float32",
           speculative_k=0, draft=None, mesh=None, replicas: int = 1, sink_tokens=0,
-          stream_window=0):
+          stream_window=0, kv_memory=None, log_requests=False):
   """(app, engine) for a checkpoint (quantized ones too); the engine's loop is started.
+  `app.state.kv_pool` describes the page pool it chose: `num_pages` if given, else from the
+  `kv_memory` budget (`jaxllm.inference.kv_budget`; None: the platform's default).
 
   `stream_window` > 0: StreamingLLM serving (`EngineConfig.stream_window`), each request in a
   constant number of pages and with no length limit.
@@ -290,10 +336,16 @@ def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill
   models = [jaxllm.load(checkpoint, mesh=m) for m in meshes]
   model = models[0]
   max_len = max_seq_len or model.config.max_seq_len
-  # By default, enough pages for every slot's longest sequence (or its streaming pages).
   stream = gen.stream_of(sink_tokens, stream_window)
   longest = max_len if stream is None else stream.cache_len(prefill_chunk)
-  pages = num_pages or max_slots * paging.pages_for(longest, page_size)
+  if num_pages:
+    pages, chosen = num_pages, "--num_pages"
+  else:  # the memory budget, between one longest sequence and every slot holding one
+    placed = placement.mesh_of(model.params)
+    pages, chosen = kv_budget.num_pages(
+        model.config, kv_cache_dtype, page_size=page_size, max_slots=max_slots,
+        longest=longest, budget=kv_memory,
+        devices=None if placed is None else list(placed.devices.flat))
   config = engine_lib.EngineConfig(max_slots=max_slots, num_pages=pages, page_size=page_size,
                                    prefill_chunk=prefill_chunk, max_seq_len=max_len,
                                    cache_dtype=kv_cache_dtype, speculative_k=speculative_k,
@@ -310,5 +362,15 @@ def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill
   engine = engines[0] if len(engines) == 1 else replicas_lib.Replicas(engines)
   if jax.process_index() == 0:
     engine.start()  # the others call engine.follow()
-  name = model_name or os.path.basename(os.path.normpath(checkpoint))
-  return create_app(model, engine, model_name=name, api_key=api_key), engine
+  name = model_name or default_model_name(checkpoint)
+  # The file name with its extension stays a name requests may use (it was the default).
+  base = os.path.basename(os.path.normpath(checkpoint))
+  application = create_app(model, engine, model_name=name, api_key=api_key,
+                           aliases=(base,) if base != name and not model_name else (),
+                           log_requests=log_requests)
+  application.state.kv_pool = {
+      "pages": pages, "page_size": page_size, "tokens": pages * page_size,
+      "bytes": pages * page_size * kv_budget.bytes_per_token(model.config, kv_cache_dtype),
+      "dtype": kv_cache_dtype, "chosen_by": chosen, "engines": len(engines)}
+  application.state.model_name = name
+  return application, engine

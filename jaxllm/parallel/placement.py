@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from jaxllm.config import ConfigError, MeshConfig, ModelConfig
+from jaxllm.config import ConfigError, MeshConfig, ModelConfig, devices_available
 from jaxllm.parallel import rules
 
 # The axes inference may use; pipeline stages do not apply to a KV-cached forward.
@@ -52,7 +52,7 @@ def replica_meshes(spec: str | None, replicas: int, devices=None) -> list[Mesh]:
   n = math.prod(sizes.values()) if sizes else 1
   if replicas < 1 or replicas * n > len(devices):
     raise ConfigError(f"{replicas} replicas of {n} device{'s' if n > 1 else ''} need "
-                      f"{replicas * n} devices, {len(devices)} are available")
+                      f"{replicas * n} devices, {devices_available(len(devices))}")
   return [serving_mesh(devices=devices[i * n:(i + 1) * n], **sizes) for i in range(replicas)]
 
 
@@ -83,7 +83,7 @@ def serving_mesh(*, data: int = 1, fsdp: int = 1, tensor: int = 1, expert: int =
   n = data * fsdp * tensor * expert
   if n > len(devices):
     raise ConfigError(f"the mesh data={data} x fsdp={fsdp} x tensor={tensor} x expert={expert} "
-                      f"needs {n} devices, {len(devices)} are available")
+                      f"needs {n} devices, {devices_available(len(devices))}")
   return mesh_lib.make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor, expert=expert),
                             devices[:n])
 

@@ -140,11 +140,12 @@ def evaluate(eval_step, params, batches, sharding) -> dict[str, float]:
 def _corpus(data: config_lib.DataConfig):
   """(what the train iterator reads: documents or mixture sources, the corpus)."""
   if not data.sources:
-    corpus = corpus_lib.build_corpus(data.paths, data.eval_fraction, data.eval_paths)
+    corpus = corpus_lib.build_corpus(data.paths, data.eval_fraction, data.eval_paths,
+                                     data.undecodable)
     return corpus.train, corpus
   return corpus_lib.build_mixture(config_lib.parse_sources(data.sources),
                                   config_lib.mixture_weights(data), data.eval_fraction,
-                                  data.eval_paths)
+                                  data.eval_paths, data.undecodable)
 
 
 def _tokenizer(cfg: config_lib.Config, workdir: str, corpus, teacher, say):
@@ -191,20 +192,27 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
           teacher: distill.Teacher | None = None) -> dict[str, Any]:
   """Trains (or resumes) `cfg` in `workdir`; returns a summary of the last step and eval.
 
-  `on_step(step)` is called after each completed step (tests use it to simulate preemption).
+  `progress` shows the progress bar; the run's lines (corpus, tokenizer, model, evaluations,
+  warnings) go to stderr from process 0 either way. `on_step(step)` is called after each
+  completed step (tests use it to simulate preemption).
   With `teacher` the student distills from it (`cfg.distill`): the teacher's tokenizer becomes
   the workdir's, and the student may start from the teacher's layers.
   """
   process_index = jax.process_index()
   is_main = process_index == 0
-  say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress and is_main else (lambda _: None)
+  # `progress` is the bar alone: what the run found and decided is always said (process 0).
+  say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if is_main else (lambda _: None)
   mesh_shape = config_lib.validate_for_devices(cfg, jax.device_count(), jax.default_backend())
   if teacher is not None:
     distill.check(cfg, teacher)
   workdir_lib.check_resumable(workdir, cfg)
+  train_docs, corpus = _corpus(cfg.data)  # before the workdir exists: a bad corpus leaves none
   os.makedirs(workdir, exist_ok=True)
-
-  train_docs, corpus = _corpus(cfg.data)
+  if corpus.undecodable:
+    action = ("left out" if cfg.data.undecodable == "skip"
+              else "kept with U+FFFD for their bad bytes")
+    say(f"warning: {len(corpus.undecodable)} files or JSONL records are not UTF-8 and were "
+        f"{action} (first: {corpus.undecodable[0]}; data.undecodable=skip|replace)")
   if cfg.data.sources:
     say("corpus: " + ", ".join(f"{s.name} {len(s.train)} docs x {s.weight:.3f}"
                                for s in train_docs) + f"; {len(corpus.eval)} held-out documents")
@@ -270,8 +278,11 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
   trace = profiling.TraceWindow(config_lib.parse_profile_steps(cfg.train.profile_steps),
                                 os.path.join(workdir, workdir_lib.TB_DIR))
   compiled_lengths: set[int] = set()
+  if start < cfg.train.steps:
+    say(f"step {start + 1}: compiling the train step (the first step waits for it)")
   try:
     with _PreemptionGuard() as guard, compile_log:
+      first_started = time.perf_counter()
       for step in range(start + 1, cfg.train.steps + 1):
         host_batch = next(train_iter)
         interval_padding += int(np.sum(host_batch["segment_ids"] == 0))
@@ -326,6 +337,11 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
           saved_step = checkpointer.save(state, train_iter)
           interval_start = time.perf_counter()
         bar.update(1)
+        if step == start + 1:
+          # The rate and ETA count from here: the first step's compilation is not a step.
+          if not bar.disable:
+            bar.initial, bar.start_t = bar.n, time.time()  # tqdm's clock is time.time
+          say(f"step {step}: compiled and ran in {time.perf_counter() - first_started:.1f} s")
         if on_step is not None:
           on_step(step)
         if guard.signum is not None and saved_step == step:
@@ -343,5 +359,6 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
     checkpointer.close()
   last["checkpoint_step"] = saved_step
   last["preempted_by"] = stopped_by
+  last["undecodable"] = len(corpus.undecodable)
   last["params"] = state["params"]
   return last
