@@ -269,9 +269,13 @@ def test_packing_and_scoring_commands(curriculum, tmp_path):
   for line, packing in zip(printed, config_lib.PACKINGS):
     want = pipeline.packing_stats(docs, tok, seq_len=16, packing=packing, packing_bins=4)
     assert {k: line[k] for k in want} == want
-  scored = run("jaxllm.eval", f"--checkpoint={root / 'straight'}", f"--data={tmp_path / 'd.jsonl'}",
-               "--max_len=32", f"--scores_out={tmp_path / 'scored'}", "--noprogress")
+  (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))  # not UTF-8: not scored
+  scored = run("jaxllm.eval", f"--checkpoint={root / 'straight'}",
+               f"--data={tmp_path / 'd.jsonl'},{tmp_path / 'latin1.txt'}", "--max_len=32",
+               f"--scores_out={tmp_path / 'scored'}", "--noprogress")
   assert scored.returncode == 0, scored.stderr
+  assert json.loads(scored.stdout.strip().splitlines()[-1])["undecodable"] == 1
+  assert "1 of --data's files or records are not UTF-8" in scored.stderr
   with open(tmp_path / "scored" / "report.json") as f:
     assert json.load(f)["docs"] == 12
   import jaxllm

@@ -75,7 +75,7 @@ class Settings:
 def list_documents(sources: Iterable[str], undecodable: str = "skip") -> corpus_lib.Documents:
   """Every document of the files the sources (paths, directories, globs; `stdlib`: the running
   Python's standard library, as training's default corpus has it) name, in order, and the parts
-  that are not UTF-8 (left out or kept per `undecodable`: `corpus.UNDECODABLE`)."""
+  that are not UTF-8 (left out, or kept with U+FFFD: `undecodable` "skip" or "replace")."""
   if undecodable not in UNDECODABLE:
     raise PrepareError(f"--undecodable={undecodable} is not one of {', '.join(UNDECODABLE)}")
   docs, bad = [], []
