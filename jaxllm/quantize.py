@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 from absl import app, flags
@@ -55,6 +56,17 @@ def _dir_bytes(path: str) -> int:
   if os.path.isfile(path):
     return os.path.getsize(path)
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def larger_output_note(disk_before: int, disk_after: int, bits: int) -> str | None:
+  """What to tell a user whose quantized output is larger on disk than its source: a source
+  stored more compactly than int`bits` (a 4-bit GGUF, read dequantized to float) gains nothing.
+  None when the output is not larger."""
+  if disk_after <= disk_before:
+    return None
+  return (f"note: the int{bits} output ({disk_after / 2**20:.1f} MiB) is larger than its "
+          f"source ({disk_before / 2**20:.1f} MiB), which stores its weights more compactly "
+          "(a 4-bit GGUF is read dequantized); quantize the float model, or keep the source")
 
 
 @common.one_line_errors
@@ -109,6 +121,9 @@ def main(argv):
         f"group {group or 'per-channel'}): weights in memory "
         f"{report['memory_bytes_before'] / 2**20:.1f} -> {report['memory_bytes_after'] / 2**20:.1f}"
         f" MiB, on disk {report['disk_bytes_after'] / 2**20:.1f} MiB, written to {out}")
+  note = larger_output_note(report["disk_bytes_before"], report["disk_bytes_after"], bits)
+  if note:
+    print(note, file=sys.stderr)
   print(json.dumps(report))
 
 

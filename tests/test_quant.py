@@ -174,6 +174,8 @@ def test_quantize_cli_writes_a_checkpoint_load_reads(trained, tmp_path, method, 
   assert proc.returncode == 0, proc.stderr
   report = json.loads(proc.stdout.strip().splitlines()[-1])
   assert report["memory_bytes_after"] < report["memory_bytes_before"]
+  # From a float training workdir the output is smaller, and no size note is printed.
+  assert "is larger than its source" not in proc.stderr
   model = jaxllm.load(out)
   q = model.params["blocks"]["mlp"]["down"]
   assert qtensor.is_qtensor(q) and q.bits == bits and q.group_size == 16
@@ -288,3 +290,12 @@ def test_int4_projection_by_halves_equals_dequantize_then_dot(symmetric, in_axes
   got = matmul.project(x, q, in_axes)
   assert got.shape == (2, 3, 24)
   chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_a_quantized_output_larger_than_its_source_is_noted():
+  from jaxllm.quantize import larger_output_note
+  assert larger_output_note(94 * 2**20, 60 * 2**20, 8) is None
+  # int8 of SmolLM2-135M's Q4_1 GGUF: 94 -> 176 MB.
+  note = larger_output_note(94 * 2**20, 176 * 2**20, 8)
+  assert note.startswith("note: the int8 output (176.0 MiB) is larger than its source "
+                         "(94.0 MiB)") and "4-bit GGUF" in note

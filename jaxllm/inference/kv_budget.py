@@ -1,13 +1,14 @@
 """How many KV pages a server allocates: from a memory budget, not from the worst case.
 
 The worst case (every slot holding a full-length sequence) is what `num_pages` defaulted to, and
-for SmolLM2-135M (8 slots x 8,192 tokens, float32) that is 3 GiB of pages a laptop never
+for SmolLM2-135M (8 slots x 8,192 tokens, float32) that is 2.8 GiB of pages a laptop never
 fills. A budget (`--kv_memory`) sizes the pool instead, as vLLM's `gpu_memory_utilization`
 does: bytes ("2GiB"), or on an accelerator a fraction of the device memory left after the
 weights ("0.9"). The default is 1 GiB on a CPU and 0.9 on an accelerator, never more than the
 worst case and never less than one full-length sequence (the engine needs that much). The
 engine preempts and later recomputes a request when pages run out, so a smaller pool costs
-throughput under load, not correctness.
+throughput under load, not correctness. The budget is the target model's pool; a draft model's
+pool (as many pages, of its own size) comes on top.
 """
 
 from __future__ import annotations
