@@ -169,6 +169,9 @@ HOSTILE = [  # (raw JSON body of /v1/completions, what it tries)
     b'{"model": "\\udcff", "prompt": "hi"}',
     b'{"model": "smollm2", "prompt": [100000000000000000000000]}',
     b'{"model": "smollm2", "prompt": [-1]}',
+    # Beyond int32, which the engine's step arrays hold: refused, not an engine crash.
+    b'{"model": "smollm2", "prompt": "hi", "top_k": 494844886951643}',
+    b'{"model": "smollm2", "prompt": "hi", "max_tokens": 494844886951643}',
     b'{"model": "smollm2", "prompt": []}',
     b'{"model": "smollm2", "prompt": "hi", "max_tokens": -3}',
     b'{"model": "smollm2", "prompt": "hi", "max_tokens": 100000000000000000000}',
@@ -201,6 +204,7 @@ def test_hostile_requests_get_4xx_in_openai_shape(server):
       b'{"model": "smollm2", "messages": [{"role": "user", "content": "\\udcff"}]}'),
       headers={"content-type": "application/json"})
   assert chat.status_code == 400 and "surrogate" in chat.json()["error"]["message"]
+  assert server[3].failure is None  # the engine survived them all
 
 
 def test_api_key(server):

@@ -54,11 +54,11 @@ StopText = Annotated[Text, pydantic.Field(min_length=1)]  # OpenAI: up to 4 per 
 class CommonRequest(pydantic.BaseModel):
   model_config = pydantic.ConfigDict(extra="ignore")
   model: Text
-  max_tokens: Annotated[int, pydantic.Field(ge=1)] | None = None
-  max_completion_tokens: Annotated[int, pydantic.Field(ge=1)] | None = None
+  max_tokens: Annotated[int, pydantic.Field(ge=1, lt=2 ** 31)] | None = None
+  max_completion_tokens: Annotated[int, pydantic.Field(ge=1, lt=2 ** 31)] | None = None
   temperature: Annotated[float, pydantic.Field(ge=0, le=2)] = 1.0
   top_p: Annotated[float, pydantic.Field(gt=0, le=1)] = 1.0
-  top_k: Annotated[int, pydantic.Field(ge=0)] = 0  # extension (vLLM)
+  top_k: Annotated[int, pydantic.Field(ge=0, lt=2 ** 31)] = 0  # extension (vLLM)
   min_p: Annotated[float, pydantic.Field(ge=0, le=1)] = 0.0  # extension
   repetition_penalty: Annotated[float, pydantic.Field(gt=0)] = 1.0  # extension
   frequency_penalty: Annotated[float, pydantic.Field(ge=-2, le=2)] = 0.0

@@ -47,7 +47,8 @@ class SamplingParams:
   def __post_init__(self):
     checks = [
         (self.temperature >= 0, f"temperature={self.temperature} must be >= 0"),
-        (self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = off)"),
+        # Both become int32 arrays in the engine's step: larger would crash it, not the request.
+        (0 <= self.top_k < 2 ** 31, f"top_k={self.top_k} must be in [0, 2**31) (0 = off)"),
         (0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]"),
         (0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1]"),
         (self.repetition_penalty > 0,
@@ -56,7 +57,7 @@ class SamplingParams:
          f"frequency_penalty={self.frequency_penalty} must be in [-2, 2]"),
         (-2 <= self.presence_penalty <= 2,
          f"presence_penalty={self.presence_penalty} must be in [-2, 2]"),
-        (self.max_tokens >= 1, f"max_tokens={self.max_tokens} must be >= 1"),
+        (1 <= self.max_tokens < 2 ** 31, f"max_tokens={self.max_tokens} must be in [1, 2**31)"),
         (0 <= self.seed < 2 ** 63, f"seed={self.seed} must be in [0, 2**63)"),
     ]
     for ok, message in checks:
