@@ -198,7 +198,8 @@ def test_penalties_match_their_definitions():
 def test_invalid_sampling_params_say_what_is_wrong():
   for kwargs, message in [(dict(temperature=-1), "temperature=-1 must be >= 0"),
                           (dict(top_p=0.0), "top_p=0.0 must be in"),
-                          (dict(max_tokens=0), "max_tokens=0 must be >= 1"),
+                          (dict(max_tokens=0), "max_tokens=0 must be in \\[1, 2\\*\\*31\\)"),
+                          (dict(top_k=2 ** 31), "top_k=2147483648 must be in \\[0, 2\\*\\*31\\)"),
                           (dict(repetition_penalty=0), "repetition_penalty=0 must be > 0"),
                           (dict(stop=("",)), "stop strings must be non-empty")]:
     with pytest.raises(ValueError, match=message):
