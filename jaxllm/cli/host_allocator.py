@@ -11,8 +11,9 @@ glibc's defaults back).
 `keep_freed_memory()` tells glibc (through `mallopt`, before JAX starts its threads) to serve
 every thread from one arena (a thread's own arena serves such a block by `mmap` whatever the
 mmap limit says), never to `mmap` and never to trim the heap: the block is faulted in once and
-reused. The cost is that the process keeps its peak heap, which a training or serving process
-reaches again on its next step anyway. Hosts with an accelerator keep glibc's defaults: their
+reused. The cost is that the process keeps its peak heap, which a training process reaches
+again on its next step anyway (a server would keep its model loading's peak for small steps,
+so `serve` does not call this). Hosts with an accelerator keep glibc's defaults: their
 steps' buffers live in device memory, and their host threads (input pipelines, transfers) are
 better served by glibc's many arenas.
 """
