@@ -52,23 +52,6 @@ _MESH = common.define_mesh_flag()
 flags.mark_flags_as_required(["checkpoint", "out"])
 
 
-def _dir_bytes(path: str) -> int:
-  if os.path.isfile(path):
-    return os.path.getsize(path)
-  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-
-
-def larger_output_note(disk_before: int, disk_after: int, bits: int) -> str | None:
-  """What to tell a user whose quantized output is larger on disk than its source: a source
-  stored more compactly than int`bits` (a 4-bit GGUF, read dequantized to float) gains nothing.
-  None when the output is not larger."""
-  if disk_after <= disk_before:
-    return None
-  return (f"note: the int{bits} output ({disk_after / 2**20:.1f} MiB) is larger than its "
-          f"source ({disk_before / 2**20:.1f} MiB), which stores its weights more compactly "
-          "(a 4-bit GGUF is read dequantized); quantize the float model, or keep the source")
-
-
 @common.one_line_errors
 def main(argv):
   if len(argv) > 1:
@@ -89,7 +72,7 @@ def main(argv):
   common.initialize_distributed()
   import jaxllm
   from jaxllm.checkpoint import convert
-  from jaxllm.quant import calibrate, methods
+  from jaxllm.quant import calibrate, disk_size, methods
   from jaxllm.quant import tensor as qtensor
 
   # On a mesh the model keeps its own KV heads: the checkpoint written is the model's.
@@ -115,13 +98,13 @@ def main(argv):
             "symmetric": spec.symmetric, "quantized": list(spec.quantized),
             "memory_bytes_before": qtensor.tree_nbytes(model.params),
             "memory_bytes_after": qtensor.tree_nbytes(params),
-            "disk_bytes_before": _dir_bytes(os.path.abspath(_CHECKPOINT.value)),
-            "disk_bytes_after": _dir_bytes(out), "seconds": round(seconds, 1), "out": out}
+            "disk_bytes_before": disk_size.dir_bytes(os.path.abspath(_CHECKPOINT.value)),
+            "disk_bytes_after": disk_size.dir_bytes(out), "seconds": round(seconds, 1), "out": out}
   print(f"quantized {len(spec.quantized)} weight tensors ({spec.method}, int{bits}, "
         f"group {group or 'per-channel'}): weights in memory "
         f"{report['memory_bytes_before'] / 2**20:.1f} -> {report['memory_bytes_after'] / 2**20:.1f}"
         f" MiB, on disk {report['disk_bytes_after'] / 2**20:.1f} MiB, written to {out}")
-  note = larger_output_note(report["disk_bytes_before"], report["disk_bytes_after"], bits)
+  note = disk_size.larger_output_note(report["disk_bytes_before"], report["disk_bytes_after"], bits)
   if note:
     print(note, file=sys.stderr)
   print(json.dumps(report))

@@ -18,7 +18,7 @@ import jaxllm
 from jaxllm.checkpoint import convert, layouts
 from jaxllm.checkpoint.errors import UnsupportedCheckpoint
 from jaxllm.data import chat, tokenizer as tokenizer_lib
-from jaxllm.eval import windows
+from jaxllm.eval.scoring import windows
 from jaxllm.model import transformer
 from tests.gguf_fixtures import write_llama_gguf
 from tests.helpers import REPO, tiny_model, xla_flags

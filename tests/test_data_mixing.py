@@ -221,13 +221,13 @@ def test_mixture_with_warm_up_and_best_fit_trains_and_resumes_bitwise(curriculum
 
 def test_reference_scores_are_per_document_losses_written_as_difficulty(curriculum, tmp_path):
   import jaxllm
-  from jaxllm import eval as eval_lib
+  from jaxllm.eval import scores_out, scoring
   from jaxllm.data import prepare
   _, root, *_ = curriculum
   model = jaxllm.load(str(root / "straight"))
   texts = ["def f(x):\n    return x + 1\n", "import os\n" * 30, "Z", "class A:\n    pass\n"]
   docs = _jsonl(tmp_path / "d.jsonl", texts, source=["s0", "s1", "s2", "s3"])
-  nll, tokens = eval_lib.score_texts(model, texts, max_len=32, stride=16, batch_size=3,
+  nll, tokens = scoring.score_texts(model, texts, max_len=32, stride=16, batch_size=3,
                                      progress=False)
   for text, n, t in zip(texts, nll, tokens):  # a reference: one forward pass per document
     ids = model.prompt_ids(text)
@@ -239,7 +239,7 @@ def test_reference_scores_are_per_document_losses_written_as_difficulty(curricul
     want = -sum(logp[j, ids[j + 1]] for j in range(len(ids) - 1))
     assert t == len(ids) - 1 and n == pytest.approx(want, rel=1e-4)
   prepare.open_output(str(tmp_path / "scored"), overwrite=False)
-  eval_lib.write_scores(str(tmp_path / "scored"), docs, texts, nll, tokens, {}, progress=False)
+  scores_out.write_scores(str(tmp_path / "scored"), docs, texts, nll, tokens, {}, progress=False)
   scored = corpus_lib.build_corpus([str(tmp_path / "scored" / "*.jsonl")], 0.1,
                                    eval_paths=[str(tmp_path / "d.jsonl")]).train
   by_text = {corpus_lib.read_document(d): d.difficulty for d in scored}
@@ -253,8 +253,8 @@ def test_packing_and_scoring_commands(curriculum, tmp_path):
   import subprocess
   import sys
 
-  from jaxllm import eval as eval_lib
   from jaxllm.data import tokenizer as tokenizer_lib
+  from jaxllm.eval import scoring
   _, root, *_ = curriculum
   run = lambda module, *args: subprocess.run([sys.executable, "-m", module, *args],
                                              capture_output=True, text=True, timeout=300)
@@ -279,7 +279,7 @@ def test_packing_and_scoring_commands(curriculum, tmp_path):
   with open(tmp_path / "scored" / "report.json") as f:
     assert json.load(f)["docs"] == 12
   import jaxllm
-  nll, tokens = eval_lib.score_texts(jaxllm.load(str(root / "straight")), texts, max_len=32,
+  nll, tokens = scoring.score_texts(jaxllm.load(str(root / "straight")), texts, max_len=32,
                                      stride=16, batch_size=4, progress=False)
   got = corpus_lib.file_documents(str(tmp_path / "scored" / "shard-00000-of-00001.jsonl")).docs
   np.testing.assert_allclose([d.difficulty for d in got], nll / tokens, atol=1e-4)

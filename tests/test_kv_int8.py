@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxllm import eval as eval_lib
+from jaxllm.eval import scoring
 from jaxllm.inference import engine as engine_lib
 from jaxllm.inference import generate as gen
 from jaxllm.inference import kv_cache, sampling
@@ -88,13 +88,13 @@ def test_scoring_through_the_cache():
   model = _Model(cfg, *transformer.split(transformer.create(cfg, 2)))
   texts = ["def f(x):\n  return x * 2\n" * 5, "import os\nprint(os.getcwd())\n" * 3]
   kw = dict(max_len=32, stride=16, batch_size=2, progress=False)
-  plain = eval_lib.evaluate(model, texts, **kw)
-  cached = eval_lib.evaluate(model, texts, kv_cache_dtype="float32", **kw)
-  int8 = eval_lib.evaluate(model, texts, kv_cache_dtype="int8", **kw)
+  plain = scoring.evaluate(model, texts, **kw)
+  cached = scoring.evaluate(model, texts, kv_cache_dtype="float32", **kw)
+  int8 = scoring.evaluate(model, texts, kv_cache_dtype="int8", **kw)
   assert plain[1] == cached[1] == int8[1]
   assert math.isclose(plain[0], cached[0], rel_tol=1e-5)
   assert int8[0] != cached[0] and math.isclose(plain[0], int8[0], rel_tol=1e-2)
   # Long-context scoring: each window through the cache 12 tokens at a time (32 is not a
   # multiple: the last chunk is padding with no weight).
-  chunked = eval_lib.evaluate(model, texts, prefill_chunk=12, **kw)
+  chunked = scoring.evaluate(model, texts, prefill_chunk=12, **kw)
   assert chunked[1] == plain[1] and math.isclose(plain[0], chunked[0], rel_tol=1e-5)

@@ -1,5 +1,6 @@
 """The package's layering: a lower layer never imports a higher one (function-level imports
-included), and only `jaxllm.ops` reaches the Pallas kernels.
+included), only `jaxllm.ops` reaches the Pallas kernels, and no test imports a command module
+(absl flags live in one registry per process: two commands' --checkpoint clash).
 
   entry points (jaxllm/*.py, cli, bench, a package's __main__), planner
   inference      train
@@ -87,3 +88,57 @@ def test_no_layer_imports_a_higher_one():
               or (_under(module, "jaxllm.planner") and _under(name, "pallas_kernels.backends"))):
             bad.append(f"{module} imports {name} (only jaxllm.ops runs kernels)")
   assert not bad, "\n".join(sorted(set(bad)))
+
+
+def _defines_flags(path: str) -> bool:
+  """Whether importing the module at `path` defines absl flags (a `flags.DEFINE_*` or a
+  `common.define_*_flag` call among its top-level statements)."""
+  with open(path) as f:
+    tree = ast.parse(f.read(), path)
+  for stmt in tree.body:
+    for node in ast.walk(stmt):
+      if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and (
+          node.func.attr.startswith("DEFINE")
+          or (node.func.attr.startswith("define_") and node.func.attr.endswith("_flag"))):
+        return True
+  return False
+
+
+def _module_file(name: str) -> str | None:
+  base = os.path.join(REPO, *name.split("."))
+  for path in (base + ".py", os.path.join(base, "__init__.py")):
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def command_imports(path: str) -> list[str]:
+  """The modules that define absl flags which the file at `path` imports. Flags live in one
+  process-wide registry, so a test that imports a command (`jaxllm.quantize`) clashes with
+  another command imported by another test in the same pytest worker (both define
+  --checkpoint): which tests share a worker changes from run to run."""
+  found = []
+  for name in _imports(path, "tests." + os.path.basename(path)[:-3]):
+    # `from X import y` gives X.y: a module, or a name in the module X.
+    for candidate in (name, name.rpartition(".")[0]):
+      module_path = _module_file(candidate) if candidate.startswith("jaxllm") else None
+      if module_path:
+        if _defines_flags(module_path):
+          found.append(candidate)
+        break
+  return found
+
+
+def test_no_test_imports_a_command():
+  tests_dir = os.path.join(REPO, "tests")
+  bad = [f"{f} imports {m}" for f in sorted(os.listdir(tests_dir)) if f.endswith(".py")
+         for m in command_imports(os.path.join(tests_dir, f))]
+  assert not bad, "\n".join(bad) + "\n(run commands in a subprocess; import their library)"
+
+
+def test_a_test_importing_a_command_is_caught(tmp_path):
+  planted = tmp_path / "test_planted.py"
+  planted.write_text("import jaxllm.train.__main__\nfrom jaxllm import eval\n"
+                     "from jaxllm.eval import scoring\n\n\n"
+                     "def test_x():\n  from jaxllm.quantize import main\n")
+  assert sorted(command_imports(str(planted))) == ["jaxllm.quantize", "jaxllm.train.__main__"]

@@ -293,7 +293,7 @@ def test_int4_projection_by_halves_equals_dequantize_then_dot(symmetric, in_axes
 
 
 def test_a_quantized_output_larger_than_its_source_is_noted():
-  from jaxllm.quantize import larger_output_note
+  from jaxllm.quant.disk_size import larger_output_note
   assert larger_output_note(94 * 2**20, 60 * 2**20, 8) is None
   # int8 of SmolLM2-135M's Q4_1 GGUF: 94 -> 176 MB.
   note = larger_output_note(94 * 2**20, 176 * 2**20, 8)
