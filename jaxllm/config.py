@@ -49,18 +49,18 @@ LOSS_SCALINGS = ("auto", "dynamic", "none")
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Llama-style decoder. Shapes: V vocab, D d_model, H heads, K kv heads, Dh head_dim, F d_ff."""
-  vocab_size: int = 2048
-  d_model: int = 256
-  n_layers: int = 4
-  n_heads: int = 4
-  n_kv_heads: int = 2
-  head_dim: int = 64
-  d_ff: int = 768
-  max_seq_len: int = 2048
+  vocab_size: int = 2048  # token ids (a tokenizer of this many pieces)
+  d_model: int = 256  # width of the residual stream
+  n_layers: int = 4  # transformer blocks
+  n_heads: int = 4  # query heads
+  n_kv_heads: int = 2  # key/value heads (GQA; = n_heads: MHA, 1: MQA)
+  head_dim: int = 64  # width of each head
+  d_ff: int = 768  # hidden width of the gated MLP
+  max_seq_len: int = 2048  # the longest context the model serves (KV caches, RoPE tables)
   # "rope": rotary embeddings of q and k; "alibi": no position embedding, a per-head linear
   # distance penalty on the attention logits (Press et al., 2022).
   position_encoding: str = "rope"
-  rope_theta: float = 10_000.0
+  rope_theta: float = 10_000.0  # RoPE base
   # Context extension (`jaxllm.model.positions`): "none"; "linear" (positions / factor);
   # "llama3" (Llama 3.1's wavelength-dependent scaling); "ntk" (static NTK-aware: theta grown
   # by factor^(Dh / (Dh - 2))); "dynamic" (NTK with the growth set by each sequence's length past
@@ -81,17 +81,17 @@ class ModelConfig:
   rope_attention_factor: float = 0.0
   # Local attention (Mistral): a query sees the `sliding_window` keys ending at itself; 0 = off.
   sliding_window: int = 0
-  norm_eps: float = 1e-5
-  tie_embeddings: bool = True
+  norm_eps: float = 1e-5  # RMSNorm epsilon
+  tie_embeddings: bool = True  # the output head is the embedding table transposed
   # Master params are always `param_dtype`; matmuls run in `dtype`.
   dtype: str = "float32"
   param_dtype: str = "float32"
-  remat: str = "none"
+  remat: str = "none"  # what the backward recomputes: none, full, dots, dots_no_batch, offload_dots
   # The remat policy on every N-th layer only (layers 0, N, 2N, ...); the others keep all
   # their activations: between no remat and remat on every layer. Dense, unpipelined models.
   remat_every: int = 1
-  attention_impl: str = "auto"
-  init_std: float = 0.02
+  attention_impl: str = "auto"  # xla, pallas (flash kernel), cudnn or auto (by platform)
+  init_std: float = 0.02  # normal init scale of the weights
   # Attention variants: biases on the q/k/v projections (Qwen2); RMSNorm over each query and
   # key head before RoPE (Qwen3, OLMo 2).
   qkv_bias: bool = False
@@ -129,8 +129,8 @@ class ModelConfig:
   moe_d_ff: int = 0  # each expert's hidden width; 0: d_ff
   n_shared_experts: int = 0  # always-on experts (Qwen2-MoE, DeepSeek), one MLP of their widths
   shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x @ w) scales the shared output
-  first_dense_layers: int = 0
-  moe_every: int = 1
+  first_dense_layers: int = 0  # dense layers before the first MoE group
+  moe_every: int = 1  # layers per MoE group (its last layer is MoE)
   # "softmax": top-k of softmax(logits); "sigmoid": top-k of sigmoid(logits) (DeepSeek-V3).
   router: str = "softmax"
   norm_topk_prob: bool = False  # renormalise the k chosen weights to sum to 1 (Mixtral: yes)
@@ -159,8 +159,8 @@ class DataConfig:
   eval_fraction: float = 0.05
   # Empty: train a sentencepiece model on the train split and store it in the workdir.
   tokenizer: str = ""
-  tokenizer_max_sentences: int = 300_000
-  seed: int = 0
+  tokenizer_max_sentences: int = 300_000  # lines sampled to train that tokenizer
+  seed: int = 0  # the order the training data is read in
   # Named sources for a mixture, `name=path_or_glob` entries (a name may repeat to add paths;
   # `name=stdlib` is the standard library), used instead of `paths`; each is split into train
   # and held-out files by itself.
@@ -186,26 +186,26 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  steps: int = 1000
-  batch_size: int = 16
-  seq_len: int = 256
-  lr: float = 3e-3
-  min_lr_ratio: float = 0.1
-  warmup_steps: int = 50
-  weight_decay: float = 0.1
-  b1: float = 0.9
-  b2: float = 0.95
-  eps: float = 1e-8
-  clip_norm: float = 1.0
-  grad_accum: int = 1
-  z_loss: float = 0.0
-  log_every: int = 10
-  eval_every: int = 200
-  eval_batches: int = 8
-  checkpoint_every: int = 200
-  keep_checkpoints: int = 3
-  seed: int = 0
-  microbatches: int = 1
+  steps: int = 1000  # optimizer steps in the run
+  batch_size: int = 16  # rows per step (global, over all devices)
+  seq_len: int = 256  # tokens per row
+  lr: float = 3e-3  # peak learning rate (AdamW), after linear warm-up
+  min_lr_ratio: float = 0.1  # the cosine decay ends at lr * this
+  warmup_steps: int = 50  # linear warm-up from 0 to lr
+  weight_decay: float = 0.1  # AdamW's decoupled decay (matrices only)
+  b1: float = 0.9  # Adam's first-moment decay
+  b2: float = 0.95  # Adam's second-moment decay
+  eps: float = 1e-8  # Adam's epsilon
+  clip_norm: float = 1.0  # gradients clipped to this global norm (0: off)
+  grad_accum: int = 1  # microbatches whose gradients are summed before one update
+  z_loss: float = 0.0  # weight of the mean squared log-sum-exp of the logits
+  log_every: int = 10  # steps between metrics.jsonl lines
+  eval_every: int = 200  # steps between held-out evaluations (and at the end)
+  eval_batches: int = 8  # held-out batches per evaluation
+  checkpoint_every: int = 200  # steps between checkpoints (and at the end)
+  keep_checkpoints: int = 3  # newest checkpoints kept
+  seed: int = 0  # parameter init and the train state's random key
+  microbatches: int = 1  # pipeline microbatches per step (mesh.stage > 1)
   pipeline_chunks: int = 1  # 1 = GPipe; v > 1 = circular schedule, v layer chunks per stage
   # Pipeline schedule under mesh.stage > 1: gpipe, circular (pipeline_chunks > 1) or 1f1b
   # (each microbatch's backward right after its forward: activation memory flat in the number
@@ -319,11 +319,11 @@ def mixture_weights(data: "DataConfig") -> dict[str, float]:
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """Device counts per mesh axis; -1 means all devices not used by the other axes."""
-  data: int = -1
-  fsdp: int = 1
-  tensor: int = 1
-  stage: int = 1
-  expert: int = 1
+  data: int = -1  # data parallelism (replicas of the model)
+  fsdp: int = 1  # params, gradients and optimizer state sharded (ZeRO-3)
+  tensor: int = 1  # tensor parallelism (Megatron: heads and MLP split)
+  stage: int = 1  # pipeline stages (layers split)
+  expert: int = 1  # expert parallelism (MoE experts split)
   # TPU slices the devices form (multi-slice over the data-centre network): stage, then data,
   # span them (`jaxllm.parallel.mesh.make_mesh`); `plan --aot` compiles for that many slices.
   slices: int = 1

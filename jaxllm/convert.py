@@ -1,4 +1,4 @@
-"""`python -m jaxllm.convert --src=PATH --dst=DIR --format=hf|orbax [--hf_model_type=phi3]`
+"""`python -m jaxllm.convert --checkpoint=PATH --out=DIR --format=hf|orbax [--hf_model_type=phi3]`
 
 Reads any checkpoint `jaxllm.load` reads (workdir, jaxllm directory, Hugging Face directory,
 .gguf) and writes a Hugging Face directory (float32 safetensors, config, tokenizer; loads with
@@ -8,37 +8,40 @@ onto any mesh; `jaxllm.load`, generate and eval read it).
 
 from __future__ import annotations
 
-import os
+import json
+import sys
 
 from absl import app, flags
 
 from jaxllm.cli import common
 
-_SRC = flags.DEFINE_string("src", None, "Checkpoint to read.")
-_DST = flags.DEFINE_string("dst", None, "Directory to write (must not exist or be empty).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint to read.")
+_OUT = flags.DEFINE_string("out", None, "Directory to write (must not exist or be empty).")
 _FORMAT = flags.DEFINE_enum("format", None, ["hf", "orbax"], "Output format.")
 _HF_MODEL_TYPE = flags.DEFINE_enum(
     "hf_model_type", None, ["phi3"],
     "--format=hf: write this family when it holds the same model as the default one (phi3: a "
     "Llama-shaped model in Phi-3's fused qkv/gate_up layout). Default: the family the config "
     "implies (llama, mistral, qwen2, qwen3, olmo2, mixtral, qwen2_moe, qwen3_moe).")
-flags.mark_flags_as_required(["src", "dst", "format"])
+common.define_old_spelling("src", "checkpoint")
+common.define_old_spelling("dst", "out")
+flags.mark_flags_as_required(["checkpoint", "out", "format"])
 
 
 @common.one_line_errors
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if os.path.exists(_DST.value) and os.listdir(_DST.value):
-    raise common.CommandError(f"--dst={_DST.value} exists and is not empty (nothing written)")
+  out = common.empty_out_dir(_OUT.value)
   common.initialize_distributed()
   from jaxllm.checkpoint import convert
-  ckpt = convert.read_checkpoint(_SRC.value)
+  ckpt = convert.read_checkpoint(_CHECKPOINT.value)
   if _FORMAT.value == "hf":
-    convert.export_hf(ckpt, _DST.value, _HF_MODEL_TYPE.value)
+    convert.export_hf(ckpt, out, _HF_MODEL_TYPE.value)
   else:
-    convert.export_orbax(ckpt, _DST.value)
-  print(f"wrote {_FORMAT.value} checkpoint to {_DST.value}")
+    convert.export_orbax(ckpt, out)
+  print(f"wrote {_FORMAT.value} checkpoint to {out}", file=sys.stderr)
+  print(json.dumps({"format": _FORMAT.value, "checkpoint": _CHECKPOINT.value, "out": out}))
 
 
 if __name__ == "__main__":

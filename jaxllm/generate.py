@@ -38,8 +38,8 @@ _DRAFT = flags.DEFINE_string("draft", None, "Speculative draft: ngram[:N] (promp
                              "layer_skip:N (the first N layers), int4[:G] or int8 (the model "
                              "itself quantized), or the checkpoint path of a smaller model "
                              "with the same tokenizer.")
-_K = flags.DEFINE_integer("k", 4, "Speculative: draft tokens per step.", lower_bound=1,
-                          upper_bound=16)
+_SPECULATIVE_K = flags.DEFINE_integer("speculative_k", 4, "Speculative: draft tokens per step.",
+                                      lower_bound=1, upper_bound=16)
 _SINKS = flags.DEFINE_integer("sink_tokens", 0, "Streaming (with --stream_window): the first "
                               "tokens every later one keeps attending to.", lower_bound=0)
 _STREAM_WINDOW = flags.DEFINE_integer(
@@ -49,6 +49,7 @@ _STREAM_WINDOW = flags.DEFINE_integer(
 _MESH = common.define_mesh_flag()
 flags.mark_flag_as_required("checkpoint")
 flags.mark_flags_as_mutual_exclusive(["prompt", "chat"], required=True)
+common.define_old_spelling("k", "speculative_k")
 
 
 @common.one_line_errors
@@ -62,7 +63,7 @@ def main(argv):
     sampling = dict(max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value,
                     top_k=_TOP_K.value, top_p=_TOP_P.value, min_p=_MIN_P.value,
                     repetition_penalty=_REPETITION_PENALTY.value, seed=_SEED.value,
-                    stop=tuple(_STOP.value), cache=_CACHE.value, k=_K.value,
+                    stop=tuple(_STOP.value), cache=_CACHE.value, k=_SPECULATIVE_K.value,
                     kv_cache_dtype=_KV_DTYPE.value, sink_tokens=_SINKS.value,
                     stream_window=_STREAM_WINDOW.value,
                     draft=model.draft(_DRAFT.value) if _DRAFT.value else None)

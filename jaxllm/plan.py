@@ -39,10 +39,12 @@ _SERVE = flags.DEFINE_bool("serve", False, "--aot: compile the inference program
                            "--serve_mesh.")
 _SERVE_MESH = flags.DEFINE_string("serve_mesh", None, "--serve: split the model over the "
                                   "target's first chips, as serve --mesh does (tensor=8).")
-_SERVE_BATCH = flags.DEFINE_integer("serve_batch", 8, "--serve: sequences decoded together.",
-                                    lower_bound=1)
-_SERVE_LEN = flags.DEFINE_integer("serve_len", None, "--serve: tokens per sequence (default: "
-                                  "the model's max_seq_len).", lower_bound=1)
+_MAX_SLOTS = flags.DEFINE_integer("max_slots", 8, "--serve: sequences decoded together (serve's "
+                                  "--max_slots).", lower_bound=1)
+_MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", None, "--serve: tokens per sequence (default: "
+                                    "the model's max_seq_len).", lower_bound=1)
+common.define_old_spelling("serve_batch", "max_slots")
+common.define_old_spelling("serve_len", "max_seq_len")
 
 
 @common.one_line_errors
@@ -50,7 +52,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from jaxllm import config as config_lib
-  cfg = config_lib.from_config_dict(common.config_value(_CONFIG))
+  cfg = common.experiment(_CONFIG)
   import jax
   from jaxllm.planner import plan
   if _AOT.value:
@@ -100,7 +102,7 @@ def _aot(cfg) -> None:
 
 def _aot_serving(cfg, target) -> None:
   from jaxllm.planner import aot
-  r = aot.compile_serving(cfg, target, batch=_SERVE_BATCH.value, max_len=_SERVE_LEN.value,
+  r = aot.compile_serving(cfg, target, batch=_MAX_SLOTS.value, max_len=_MAX_SEQ_LEN.value,
                           dump_hlo=_DUMP_HLO.value, mesh=_SERVE_MESH.value)
   def gib(x):
     return f"{x / 2**30:.3f} GiB"
@@ -126,7 +128,7 @@ def _aot_serving(cfg, target) -> None:
             f"{gib(max(r['prefill']['peak_bytes'], r['decode']['peak_bytes']))} of "
             f"{gib(r['hbm_bytes'])} per chip")
     print(f"error: serving {cfg.name} does not fit {target.generation} chips ({need}); lower "
-          "--serve_batch or --serve_len, or split it over more chips (--serve_mesh=tensor=N)",
+          "--max_slots or --max_seq_len, or split it over more chips (--serve_mesh=tensor=N)",
           file=sys.stderr)
     sys.exit(1)
 

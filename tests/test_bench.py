@@ -99,7 +99,7 @@ def test_bench_decode_json(tiny_chat_model):
               "--prompt_tokens=12", "--new_tokens=6",
               "--decode_peers=jaxllm_fp32,jaxllm_int4,transformers,llama_cpp",
               "--drafts=ngram:2,layer_skip:1,int4",
-              "--k=2", "--repeats=1")
+              "--speculative_k=2", "--repeats=1")
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["suite"] == "decode" and result["new_tokens"] == 6

@@ -49,7 +49,7 @@ def test_usage_errors_say_what_is_wrong_in_one_line():
   assert extra.returncode == 2
   assert extra.stderr.strip().splitlines()[-1] == "error: unexpected arguments: stray"
   assert "Traceback" not in extra.stderr and "flags:" not in extra.stderr
-  two = _run("jaxllm.data", "--src=x", "prepare", "packing")
+  two = _run("jaxllm.data", "--data=x", "prepare", "packing")
   assert two.returncode == 2
   assert two.stderr.strip().splitlines()[-1] == "error: one command expected, got: prepare packing"
 
@@ -72,3 +72,27 @@ def test_the_jaxllm_command_runs_each_entry_point():
   assert train_help.returncode == 0 and "  --workdir:" in train_help.stdout
   typo = _run("jaxllm", "trian")  # python -m jaxllm is the same command
   assert typo.returncode == 2 and typo.stderr.startswith("error: unknown command 'trian' (one of:")
+
+
+# One vocabulary across the commands; each renamed flag keeps its old spelling.
+RENAMED = {
+    "jaxllm.convert": "--src (--checkpoint), --dst (--out)",
+    "jaxllm.generate": "--k (--speculative_k)",
+    "jaxllm.eval": "--max_len (--max_seq_len)",
+    "jaxllm.plan": "--serve_batch (--max_slots), --serve_len (--max_seq_len)",
+    "jaxllm.bench": "--k (--speculative_k), --serve_draft (--draft)",
+    "jaxllm.data": "--src (--data)",
+}
+
+
+def test_renamed_flags_keep_their_old_spelling_with_a_note():
+  for module, old in RENAMED.items():
+    shown = _run(module, "--help")
+    assert shown.returncode == 0 and f"old spellings, still accepted: {old}\n" in shown.stdout, (
+        module, shown.stdout[-500:])
+  # The old spelling sets the new flag (the error names it) and says the new name.
+  proc = _run("jaxllm.eval", "--checkpoint=x", "--data=README.md", "--max_len=8", "--stride=9")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-2:] == [
+      "note: --max_len is now --max_seq_len (the old spelling still works)",
+      "error: --stride=9 must be below --max_seq_len=8"]

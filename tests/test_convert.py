@@ -184,15 +184,23 @@ def test_cli_convert_and_eval(tmp_path):
   env = {**os.environ, "XLA_FLAGS": xla_flags()}
   run = lambda *a: subprocess.run([sys.executable, "-m", *a], cwd=REPO, capture_output=True,
                                   text=True, timeout=300, env=env)
-  proc = run("jaxllm.convert", f"--src={tmp_path}/m.gguf", f"--dst={tmp_path}/hf", "--format=hf")
+  proc = run("jaxllm.convert", f"--checkpoint={tmp_path}/m.gguf", f"--out={tmp_path}/hf",
+             "--format=hf")
   assert proc.returncode == 0, proc.stderr
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+      "format": "hf", "checkpoint": f"{tmp_path}/m.gguf", "out": f"{tmp_path}/hf"}
+  # The old spellings (--src, --dst) still work, with a note naming the new ones.
   again = run("jaxllm.convert", f"--src={tmp_path}/m.gguf", f"--dst={tmp_path}/hf",
               "--format=hf")
-  assert again.returncode == 2 and "exists and is not empty" in again.stderr
+  assert again.returncode == 2
+  assert again.stderr.strip().splitlines()[-3:] == [
+      "note: --src is now --checkpoint (the old spelling still works)",
+      "note: --dst is now --out (the old spelling still works)",
+      f"error: --out={tmp_path}/hf exists and is not empty (nothing written)"]
   (tmp_path / "a.txt").write_text("abc t5 hij " * 40)
   (tmp_path / "b.txt").write_text("zyx " * 10)
   ev = run("jaxllm.eval", f"--checkpoint={tmp_path}/hf", f"--data={tmp_path}/*.txt",
-           "--max_len=32", "--noprogress")
+           "--max_seq_len=32", "--noprogress")
   assert ev.returncode == 0, ev.stderr
   result = json.loads(ev.stdout.strip().splitlines()[-1])
   assert result["files"] == 2 and result["tokens"] > 0

@@ -180,7 +180,7 @@ def test_cli_prints_the_summary_and_refuses_bad_flags_in_one_line(tmp_path):
   run = lambda *args: subprocess.run([sys.executable, "-m", "jaxllm.data", *args],
                                      capture_output=True, text=True, timeout=300)
   (tmp_path / "latin1.txt").write_bytes("one two café\n".encode("latin-1"))
-  ok = run("prepare", f"--src={tmp_path / 's.jsonl'},{tmp_path / 'latin1.txt'}",
+  ok = run("prepare", f"--data={tmp_path / 's.jsonl'},{tmp_path / 'latin1.txt'}",
            f"--out={tmp_path / 'out'}", "--filters=none", "--progress=false")
   assert ok.returncode == 0, ok.stderr
   summary = json.loads(ok.stdout.strip().splitlines()[-1])
@@ -194,6 +194,6 @@ def test_cli_prints_the_summary_and_refuses_bad_flags_in_one_line(tmp_path):
                          (["--dedup=fuzzy"], "--dedup=fuzzy is not one of"),
                          (["--minhash_threshold=1.5"], "must be in (0, 1]"),
                          (["--undecodable=ignore"], "--undecodable=ignore: value should be")):
-    bad = run("prepare", f"--src={tmp_path / 's.jsonl'}", f"--out={tmp_path / 'bad'}", *args)
+    bad = run("prepare", f"--data={tmp_path / 's.jsonl'}", f"--out={tmp_path / 'bad'}", *args)
     assert bad.returncode == 2 and fragment in bad.stderr, bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr

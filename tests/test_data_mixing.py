@@ -261,7 +261,7 @@ def test_packing_and_scoring_commands(curriculum, tmp_path):
   texts = [f"def f{i}(x):\n    return x * {i}\n" * (1 + i % 4) for i in range(12)]
   docs = _jsonl(tmp_path / "d.jsonl", texts)
   tok_path = str(root / "straight" / "tokenizer.model")
-  out = run("jaxllm.data", "packing", f"--src={tmp_path / 'd.jsonl'}", f"--tokenizer={tok_path}",
+  out = run("jaxllm.data", "packing", f"--data={tmp_path / 'd.jsonl'}", f"--tokenizer={tok_path}",
             "--seq_len=16", "--packing_bins=4")
   assert out.returncode == 0, out.stderr
   printed = [json.loads(line) for line in out.stdout.strip().splitlines()]
@@ -271,7 +271,7 @@ def test_packing_and_scoring_commands(curriculum, tmp_path):
     assert {k: line[k] for k in want} == want
   (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))  # not UTF-8: not scored
   scored = run("jaxllm.eval", f"--checkpoint={root / 'straight'}",
-               f"--data={tmp_path / 'd.jsonl'},{tmp_path / 'latin1.txt'}", "--max_len=32",
+               f"--data={tmp_path / 'd.jsonl'},{tmp_path / 'latin1.txt'}", "--max_seq_len=32",
                f"--scores_out={tmp_path / 'scored'}", "--noprogress")
   assert scored.returncode == 0, scored.stderr
   assert json.loads(scored.stdout.strip().splitlines()[-1])["undecodable"] == 1

@@ -120,7 +120,7 @@ def test_generate_cli(trained):
   spec = subprocess.run(
       [sys.executable, "-m", "jaxllm.generate", f"--checkpoint={workdir}",
        "--prompt=def fibonacci(n):", "--max_tokens=8", "--temperature=0", "--cache=paged",
-       "--draft=layer_skip:1", "--k=3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+       "--draft=layer_skip:1", "--speculative_k=3"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert spec.returncode == 0, spec.stderr
   assert spec.stdout == proc.stdout  # greedy speculative output is the target's
   bad_draft = subprocess.run(

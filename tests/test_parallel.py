@@ -4,6 +4,7 @@
 same batches; loss and updated params must match the 1-device run (relative <= 1e-5).
 """
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -62,10 +63,15 @@ def _batches(cfg, n=3):
   return out
 
 
-def _train(cfg, devices):
+def _train(cfg, devices, init=None):
+  """(state after 3 steps, their losses). The state starts as `loop.initial_state` creates it
+  on the mesh, or from `init` (a host copy of a one-device initial state) put in the mesh's
+  shardings: `test_initial_state_on_a_mesh_equals_one_device` shows the two are equal, and
+  putting skips one init compile per mesh."""
   mesh = mesh_lib.make_mesh(cfg.mesh, devices)
   graphdef, _, shardings, optimizer = loop.state_shardings(cfg, mesh)
-  state = loop.initial_state(cfg, optimizer, shardings)
+  state = (loop.initial_state(cfg, optimizer, shardings) if init is None
+           else jax.device_put(init, shardings))
   batch_sh = rules.batch_sharding(mesh)
   step_fn = step_lib.make_train_step(graphdef, optimizer, cfg.train,
                                     grad_shardings=loop.gradient_shardings(cfg, shardings, mesh))
@@ -88,9 +94,34 @@ def _assert_trains_alike(state, losses, want_state, want_losses):
     assert rel <= 1e-5, (jax.tree_util.keystr(path), rel)
 
 
+def _initial_state(cfg, devices):
+  mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+  _, _, shardings, optimizer = loop.state_shardings(cfg, mesh)
+  return loop.initial_state(cfg, optimizer, shardings)
+
+
 @pytest.fixture(scope="module")
-def single_device():
-  return _train(_config({"data": 1}), jax.devices()[:1])
+def single_device_init():
+  """The one-device initial state, on the host."""
+  return jax.device_get(_initial_state(_config({"data": 1}), jax.devices()[:1]))
+
+
+@pytest.fixture(scope="module")
+def single_device(single_device_init):
+  return _train(_config({"data": 1}), jax.devices()[:1], init=single_device_init)
+
+
+@pytest.mark.parametrize("mesh,chunks", [
+    (dict(data=1, fsdp=8), 1), (dict(data=1, tensor=8), 1), (dict(data=1, stage=4), 1),
+    (dict(data=1, fsdp=2, tensor=2, stage=2), 2),
+    (dict(data=2, fsdp=2, tensor=2, zero_stage=2), 1)],
+    ids=["fsdp8", "tp8", "pp4", "fsdp2_tp2_pp2_circular", "dp2_fsdp2_tp2_zero2"])
+def test_initial_state_on_a_mesh_equals_one_device(mesh, chunks, single_device_init):
+  """`loop.initial_state` creates each shard where it lives, and the values are those of one
+  device, bit for bit (params, Adam moments, ZeRO's moment shards, the step counters)."""
+  n = int(np.prod([v for k, v in mesh.items() if k != "zero_stage"]))
+  state = jax.device_get(_initial_state(_config(mesh, chunks=chunks), jax.devices()[:n]))
+  chex.assert_trees_all_equal(state, single_device_init)
 
 
 CIRCULAR = {"pp2_circular": dict(data=1, stage=2),
@@ -122,7 +153,7 @@ ONE_F_ONE_B = {"pp2_1f1b": dict(data=1, stage=2), "pp4_1f1b": dict(data=1, stage
 
 @pytest.mark.parametrize("name", list(MESHES) + list(CIRCULAR) + list(RING) + list(ZERO)
                          + list(ONE_F_ONE_B))
-def test_sharded_training_equals_single_device(name, single_device):
+def test_sharded_training_equals_single_device(name, single_device, single_device_init):
   mesh = {**MESHES, **CIRCULAR, **RING, **ZERO, **ONE_F_ONE_B}[name]
   n = int(np.prod([v for k, v in mesh.items() if k != "zero_stage"]))
   # Circular: 4 layers in 2 stages x 2 chunks, 4 microbatches going around the ring twice.
@@ -132,7 +163,7 @@ def test_sharded_training_equals_single_device(name, single_device):
   if name.endswith("accum2"):
     train["grad_accum"] = 2
   state, losses = _train(_config(mesh, chunks=2 if name in CIRCULAR else 1, **train),
-                         jax.devices()[:n])
+                         jax.devices()[:n], init=single_device_init)
   _assert_trains_alike(state, losses, *single_device)
 
 

@@ -22,9 +22,9 @@ for name, docs in (("raw", split.train), ("heldout", split.eval)):
       os.symlink(path, link)
   print(name, len({d.path for d in docs}), "files")
 PY
-python -m jaxllm.data prepare --src="$OUT/raw" --out="$OUT/dedup" --filters=none \
+python -m jaxllm.data prepare --data="$OUT/raw" --out="$OUT/dedup" --filters=none \
   --progress=false --overwrite | tee "$OUT/prepare_dedup.json"
-python -m jaxllm.data prepare --src="$OUT/raw" --out="$OUT/curated" --progress=false \
+python -m jaxllm.data prepare --data="$OUT/raw" --out="$OUT/curated" --progress=false \
   --overwrite | tee "$OUT/prepare_curated.json"
 common=(--config.train.steps="$STEPS" --config.train.eval_every="$STEPS"
         --config.train.checkpoint_every="$STEPS" --config.train.eval_batches=16
@@ -33,7 +33,7 @@ run() {  # name, data flags...
   local name=$1; shift
   [ -e "$OUT/w_$name/checkpoints/$STEPS" ] || python -m jaxllm.train "${common[@]}" "$@" \
     --workdir="$OUT/w_$name" 2> "$OUT/train_$name.log"
-  python -m jaxllm.eval --checkpoint="$OUT/w_$name" --data="$OUT/heldout" --max_len=256 \
+  python -m jaxllm.eval --checkpoint="$OUT/w_$name" --data="$OUT/heldout" --max_seq_len=256 \
     --batch_size=8 --noprogress | tail -1 | sed "s/^/{\"run\": \"$name\", \"eval\": /; s/$/}/" \
     | tee -a "$OUT/heldout_eval.jsonl"
 }
@@ -42,5 +42,5 @@ run raw --config.data.paths="$OUT/raw"
 tok="--config.data.tokenizer=$OUT/w_raw/tokenizer.model"
 run dedup --config.data.paths="$OUT/dedup/*.jsonl" "$tok"
 run curated --config.data.paths="$OUT/curated/*.jsonl" "$tok"
-python -m jaxllm.data packing --src="$OUT/raw" --tokenizer="$OUT/w_raw/tokenizer.model" \
+python -m jaxllm.data packing --data="$OUT/raw" --tokenizer="$OUT/w_raw/tokenizer.model" \
   --seq_len=256,1024 --packing_bins=64 | tee "$OUT/packing.jsonl"

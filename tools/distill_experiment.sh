@@ -16,7 +16,7 @@ common=(--config.train.steps="$STEPS" --config.train.eval_every="$STEPS"
         --progress=false)
 : > "$EXP/distill_eval.jsonl"
 evaluate() {
-  python -m jaxllm.eval --checkpoint="$2" --data="$EXP/heldout" --max_len=256 --batch_size=8 \
+  python -m jaxllm.eval --checkpoint="$2" --data="$EXP/heldout" --max_seq_len=256 --batch_size=8 \
     --noprogress | tail -1 | sed "s/^/{\"run\": \"$1\", \"eval\": /; s/$/}/" \
     | tee -a "$EXP/distill_eval.jsonl"
 }

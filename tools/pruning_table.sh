@@ -11,7 +11,7 @@ MODEL=$(python -m jaxllm.fetch smollm2-135m)
 STDLIB=$(python -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 DATA="$STDLIB/asyncio/taskgroups.py,$STDLIB/ensurepip/__init__.py,$STDLIB/idlelib/colorizer.py,$STDLIB/queue.py,$STDLIB/xml/sax/xmlreader.py"
 evaluate() {  # name, checkpoint
-  python -m jaxllm.eval --checkpoint="$2" --data="$DATA" --max_len=512 --stride=256 \
+  python -m jaxllm.eval --checkpoint="$2" --data="$DATA" --max_seq_len=512 --stride=256 \
     --noprogress | tail -1 | sed "s/^/{\"run\": \"$1\", \"eval\": /; s/$/}/" \
     | tee -a "$OUT/ppl.jsonl"
 }

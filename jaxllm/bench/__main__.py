@@ -65,8 +65,9 @@ _DECODE_PEERS = flags.DEFINE_list("decode_peers", ["jaxllm_fp32", "jaxllm_bf16",
 _DRAFTS = flags.DEFINE_list("drafts", ["ngram:3", "layer_skip:10", "int4"],
                             "decode: speculative draft sources (ngram[:N], layer_skip:N, int4[:G], "
                             "int8, PATH).")
-_K = flags.DEFINE_integer("k", 4, "decode, serve: speculative draft tokens per step.",
-                          lower_bound=1, upper_bound=16)
+_SPECULATIVE_K = flags.DEFINE_integer("speculative_k", 4, "decode, serve: speculative draft "
+                                      "tokens per step.", lower_bound=1, upper_bound=16)
+common.define_old_spelling("k", "speculative_k")
 _PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 64, "decode: tokens per prompt.",
                                       lower_bound=1)
 _MESH = flags.DEFINE_string("mesh", None, "serve: split the model over this mesh (tensor=4, "
@@ -81,9 +82,9 @@ _MAX_OUTPUT = flags.DEFINE_integer("max_output_tokens", 512, "serve: output leng
                                    "with mean a quarter of this and clipped to it.",
                                    # The engine's 1024-token context less the longest prompt.
                                    lower_bound=4, upper_bound=1024 - 128)
-_SERVE_DRAFT = flags.DEFINE_string("serve_draft", "ngram", "serve: what proposes tokens in the "
-                                   "speculative row (ngram[:N], layer_skip:N, int4[:G], int8, "
-                                   "PATH).")
+_DRAFT = flags.DEFINE_string("draft", "ngram", "serve: what proposes tokens in the speculative "
+                             "row (ngram[:N], layer_skip:N, int4[:G], int8, PATH).")
+common.define_old_spelling("serve_draft", "draft")
 _LENGTHS = flags.DEFINE_list("lengths", ["512", "1024", "2048"], "passkey: prompt lengths in "
                              "tokens.")
 _TRIALS = flags.DEFINE_integer("trials", 4, "passkey: keys (random value and depth) per length.",
@@ -165,8 +166,8 @@ def main(argv):
       from jaxllm.fetch import fetch
       path = fetch("smollm2-135m")
     result = serve.run(path, requests=_REQUESTS.value, rate=_RATE.value,
-                       prefix_requests=_PREFIX_REQUESTS.value, speculative_k=_K.value,
-                       draft=_SERVE_DRAFT.value, max_output_tokens=_MAX_OUTPUT.value,
+                       prefix_requests=_PREFIX_REQUESTS.value, speculative_k=_SPECULATIVE_K.value,
+                       draft=_DRAFT.value, max_output_tokens=_MAX_OUTPUT.value,
                        mesh=_MESH.value)
     text = serve.table(result)
   elif argv[1] == "decode":
@@ -181,10 +182,10 @@ def main(argv):
     random_cfg = None
     if _RANDOM_INIT.value:
       from jaxllm import config as config_lib
-      random_cfg = config_lib.from_config_dict(common.config_value(_CONFIG)).model
+      random_cfg = common.experiment(_CONFIG).model
     try:
       result = decode.run(path, batches=batches, peers=peers,
-                          drafts=tuple(_DRAFTS.value), k=_K.value,
+                          drafts=tuple(_DRAFTS.value), k=_SPECULATIVE_K.value,
                           prompt_tokens=_PROMPT_TOKENS.value, new_tokens=_NEW_TOKENS.value,
                           repeats=_REPEATS.value, random_model_config=random_cfg)
     except ValueError as e:
@@ -206,7 +207,7 @@ def main(argv):
   elif argv[1] == "context":
     from jaxllm import config as config_lib
     from jaxllm.bench import context
-    cfg = config_lib.from_config_dict(common.config_value(_CONFIG))
+    cfg = common.experiment(_CONFIG)
     seq_lens = _integers(_SEQ_LENS, ["512", "1024", "2048"])
     contexts = _integers(_CONTEXTS)
     strategies = _known(_STRATEGIES, config_lib.CONTEXT_PARALLEL)
@@ -219,14 +220,14 @@ def main(argv):
   elif argv[1] == "pipeline":
     from jaxllm import config as config_lib
     from jaxllm.bench import pipeline
-    cfg = config_lib.from_config_dict(common.config_value(_CONFIG))
+    cfg = common.experiment(_CONFIG)
     stages = _integers(_STAGES)
     result = pipeline.run(cfg, stages=stages, repeats=_REPEATS.value,
                           memory_microbatches=tuple(_integers(_PIPELINE_MEMORY, [])))
     text = pipeline.table(result)
   else:
     from jaxllm import config as config_lib
-    cfg = config_lib.from_config_dict(common.config_value(_CONFIG))
+    cfg = common.experiment(_CONFIG)
     common.initialize_distributed()
     from jaxllm.bench import train
     result = train.run(cfg, steps=_STEPS.value)

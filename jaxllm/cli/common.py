@@ -105,6 +105,21 @@ def positional(argv: list[str], what: str, choices=()) -> str:
 
 
 _HELP_FLAGS = ("-h", "-?", "--help", "-help", "--helpshort", "-helpshort")
+# absl module under which renamed flags' old spellings register: `command_help` lists them
+# apart, and `parse_flags` notes each one used.
+OLD_SPELLINGS = "jaxllm.cli.old_spellings"
+
+
+def define_old_spelling(old: str, new: str) -> None:
+  """Keeps `--old` working for the flag now called `--new` (one vocabulary across commands:
+  --checkpoint, --out, --data, --max_seq_len, --speculative_k, --draft); a run that uses it is
+  told the new name in one line."""
+  flags.DEFINE_alias(old, new, module_name=OLD_SPELLINGS)
+  flags.FLAGS[old].help = f"old spelling of --{new}"
+
+
+def _renamed_to(flag) -> str:
+  return flag.help.rpartition(" ")[2]
 
 
 def command_help() -> str:
@@ -115,8 +130,11 @@ def command_help() -> str:
     return f"{title}:\n" + "\n".join(lines) if lines else ""
 
   main = sys.modules["__main__"]
+  old = ", ".join(f"--{f.name} ({_renamed_to(f)})"
+                  for f in flags.FLAGS.get_flags_for_module(OLD_SPELLINGS))
   parts = [(main.__doc__ or "").strip(), section("flags", flags.FLAGS.main_module_help()),
            section("shared flags", flags.FLAGS.module_help(__name__)),
+           f"old spellings, still accepted: {old}" if old else "",
            "absl's own flags (logging, verbosity, ...): --helpfull"]
   return "\n\n".join(p for p in parts if p) + "\n"
 
@@ -128,7 +146,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.stdout.write(command_help())
     sys.exit(0)
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     # "Error whilst parsing config file:" is followed by a traceback whose last line is the cause.
@@ -136,6 +154,11 @@ def parse_flags(argv: list[str]) -> list[str]:
         lines or [""])[0]
     print(f"error: {message or type(e).__name__}", file=sys.stderr)
     sys.exit(2)
+  for flag in flags.FLAGS.get_flags_for_module(OLD_SPELLINGS):
+    if flag.present:
+      print(f"note: --{flag.name} is now {_renamed_to(flag)} (the old spelling still works)",
+            file=sys.stderr)
+  return rest
 
 
 def define_config_flag(default_experiment: str):
@@ -145,6 +168,8 @@ def define_config_flag(default_experiment: str):
   raises there rather than in `parse_flags`.
   """
   from ml_collections import config_flags
+  flags.DEFINE_bool("show_config", False, "Print the resolved config (every key, its value and "
+                    "what it means) and exit.")
   try:
     return config_flags.DEFINE_config_file(
         "config", default_experiment, "Experiment file (get_config() -> ConfigDict); "
@@ -171,6 +196,18 @@ def config_value(holder):
     path = config_flags.get_config_filename(flags.FLAGS[holder.name])
     raise ConfigError(f"cannot load experiment file {path!r} (missing, or no get_config())"
                       ) from None
+
+
+def experiment(holder):
+  """The validated `config.Config` of a `define_config_flag` flag (ConfigError if invalid);
+  under `--show_config` it is printed, key by key with their meanings, and the command exits."""
+  from jaxllm import config as config_lib
+  cfg = config_lib.from_config_dict(config_value(holder))
+  if flags.FLAGS.show_config:
+    from jaxllm.cli import show_config
+    sys.stdout.write(show_config.describe(cfg))
+    sys.exit(0)
+  return cfg
 
 
 def empty_out_dir(value: str) -> str:

@@ -1,5 +1,5 @@
-"""`python -m jaxllm.data prepare --src=GLOBS_OR_JSONL --out=DIR [options]`
-`python -m jaxllm.data packing --src=GLOBS_OR_JSONL --tokenizer=MODEL [--seq_len=256,1024]`
+"""`python -m jaxllm.data prepare --data=GLOBS_OR_JSONL --out=DIR [options]`
+`python -m jaxllm.data packing --data=GLOBS_OR_JSONL --tokenizer=MODEL [--seq_len=256,1024]`
 
 prepare: deduplicates (exact and MinHash near duplicates) and filters (Gopher's heuristics) text
 files and JSONL into sharded JSONL that `--config.data.paths=DIR` trains on, plus
@@ -18,7 +18,7 @@ from absl import app, flags
 
 from jaxllm.cli import common
 
-_SRC = flags.DEFINE_list("src", None, "Text files (.txt, .py, .md: one document each) and "
+_DATA = flags.DEFINE_list("data", None, "Text files (.txt, .py, .md: one document each) and "
                          ".jsonl files (one document per line, field 'text'): paths, "
                          "directories or globs; `stdlib`: the Python standard library (the "
                          "training default's corpus).")
@@ -58,7 +58,8 @@ _UNDECODABLE = flags.DEFINE_enum(
     "undecodable", "skip", ["skip", "replace"], "Files and JSONL records that are not UTF-8: "
     "leave them out, or keep them with each bad byte sequence as U+FFFD; counted in "
     "report.json either way.")
-flags.mark_flags_as_required(["src"])
+common.define_old_spelling("src", "data")
+flags.mark_flags_as_required(["data"])
 
 
 def _methods(values: list[str]) -> tuple[str, ...]:
@@ -92,7 +93,7 @@ def main(argv):
       minhash_perm=_MINHASH_PERM.value, docs_per_shard=_DOCS_PER_SHARD.value,
       workers=_WORKERS.value)
   try:
-    report = prepare.prepare(_SRC.value, _OUT.value, settings, overwrite=_OVERWRITE.value,
+    report = prepare.prepare(_DATA.value, _OUT.value, settings, overwrite=_OVERWRITE.value,
                              progress=_PROGRESS.value, undecodable=_UNDECODABLE.value)
   except prepare.PrepareError as e:
     raise common.CommandError(str(e)) from None
@@ -113,7 +114,7 @@ def _packing() -> None:
   except ValueError:
     raise common.CommandError(f"--seq_len={','.join(_SEQ_LEN.value)} takes integers") from None
   try:
-    docs = prepare.list_documents(_SRC.value, _UNDECODABLE.value).docs
+    docs = prepare.list_documents(_DATA.value, _UNDECODABLE.value).docs
   except prepare.PrepareError as e:
     raise common.CommandError(str(e)) from None
   try:

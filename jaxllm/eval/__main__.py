@@ -1,14 +1,14 @@
-"""`python -m jaxllm.eval --checkpoint=PATH --data=FILES [--max_len=N --stride=S --batch_size=B
+"""`python -m jaxllm.eval --checkpoint=PATH --data=FILES [--max_seq_len=N --stride=S --batch_size=B
 [--kv_cache_dtype=int8] [--prefill_chunk=C]]`
 
 Per-token loss and perplexity of a model over text files (comma-separated paths, directories or
 globs; a .jsonl file's records are its documents, as in training). Long documents are scored
-with a sliding window: windows of `max_len` tokens advance by
+with a sliding window: windows of `max_seq_len` tokens advance by
 `stride`, and each token is scored once, in the first window where it has the most context
 that window allows. The last stdout line is one JSON object: {"loss", "ppl", "tokens", "files"}.
 Long windows (8k tokens and more) fit in memory with `--prefill_chunk`: each window then goes
-through the KV cache C tokens at a time, so attention holds `[C, max_len]` scores, not
-`[max_len, max_len]`.
+through the KV cache C tokens at a time, so attention holds `[C, max_seq_len]` scores, not
+`[max_seq_len, max_seq_len]`.
 
 `--scores_out=DIR` also writes every document with its own loss as "difficulty" (its other
 JSONL fields kept) to sharded JSONL in DIR, the way `python -m jaxllm.data prepare` writes
@@ -29,8 +29,8 @@ from jaxllm.config import KV_CACHE_DTYPES
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, jaxllm/HF directory or .gguf.")
 _DATA = flags.DEFINE_string("data", None, "Comma-separated text files, directories or globs.")
-_MAX_LEN = flags.DEFINE_integer("max_len", 512, "Window length in tokens.", lower_bound=2)
-_STRIDE = flags.DEFINE_integer("stride", None, "Window step (default max_len // 2).",
+_MAX_LEN = flags.DEFINE_integer("max_seq_len", 512, "Window length in tokens.", lower_bound=2)
+_STRIDE = flags.DEFINE_integer("stride", None, "Window step (default max_seq_len // 2).",
                                lower_bound=1)
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Windows per forward pass.", lower_bound=1)
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -46,6 +46,7 @@ _SCORES_OUT = flags.DEFINE_string(
     "(sharded JSONL + report.json), for data.order=difficulty.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a complete earlier --scores_out.")
 _MESH = common.define_mesh_flag()
+common.define_old_spelling("max_len", "max_seq_len")
 flags.mark_flags_as_required(["checkpoint", "data"])
 
 
@@ -60,7 +61,7 @@ def main(argv):
   files = corpus.expand_paths([p for p in _DATA.value.split(",") if p])
   stride = _STRIDE.value or max(1, _MAX_LEN.value // 2)
   if stride > _MAX_LEN.value - 1:
-    raise common.CommandError(f"--stride={stride} must be below --max_len={_MAX_LEN.value}")
+    raise common.CommandError(f"--stride={stride} must be below --max_seq_len={_MAX_LEN.value}")
   found = [corpus.file_documents(f) for f in files]
   docs = [d for f in found for d in f.docs]
   undecodable = [u for f in found for u in f.undecodable]

@@ -21,8 +21,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   common.keep_freed_memory(_KEEP_FREED_MEMORY)
-  from jaxllm import config as config_lib
-  cfg = config_lib.from_config_dict(common.config_value(_CONFIG))  # validated before any JAX work
+  cfg = common.experiment(_CONFIG)  # validated before any JAX work
   common.initialize_distributed()
   from jaxllm.train import loop
   workdir = _WORKDIR.value or f"runs/{cfg.name}"
