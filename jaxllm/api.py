@@ -60,7 +60,8 @@ class LoadedModel:
                stop: str | Sequence[str] = (), stop_token_ids: Sequence[int] = (),
                cache: str = "contiguous", kv_cache_dtype: str = "float32",
                draft: speculative.Draft | None = None, k: int = 4, details: bool = False,
-               sink_tokens: int = 0, stream_window: int = 0):
+               sink_tokens: int = 0, stream_window: int = 0,
+               on_tokens: generate_lib.OnTokens | None = None):
     """Continues a text prompt (returns text), or token prompts (returns lists of ids).
 
     `cache` is the KV layout (contiguous | paged) and `kv_cache_dtype` its storage (float32 |
@@ -70,7 +71,9 @@ class LoadedModel:
     result is a `Generation` (tokens, logprobs, finish_reason; `.text` for text prompts).
     `stream_window` > 0: StreamingLLM generation in constant memory (contiguous cache), every
     token attending to the first `sink_tokens` tokens and the `stream_window` latest, so prompt
-    and output may run past the model's context.
+    and output may run past the model's context. `on_tokens` is called on the host after every
+    decoding step with the tokens so far (`generate_lib.OnTokens`; one device; what
+    `text_stream.TextStream` streams as text).
     """
     sp = sampling.SamplingParams(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -93,10 +96,12 @@ class LoadedModel:
       raise ValueError("streaming generation does not take a speculative draft")
     if draft is None:
       results = generate_lib.generate_requests(self.graphdef, self.params, prompts,
-                                               [sp] * len(prompts), stream=stream, **common)
+                                               [sp] * len(prompts), stream=stream,
+                                               on_tokens=on_tokens, **common)
     else:
       results, _ = speculative.speculative_generate(self.graphdef, self.params, prompts,
-                                                    [sp] * len(prompts), draft, k=k, **common)
+                                                    [sp] * len(prompts), draft, k=k,
+                                                    on_tokens=on_tokens, **common)
     for r in results:
       if sp.stop:
         ids, r.text, hit = sampling.apply_stop_strings(r.tokens, sp.stop, self.tokenizer.decode)

@@ -13,10 +13,10 @@ import jax.numpy as jnp
 
 import jaxllm
 from jaxllm.inference import generate as generate_lib
-from jaxllm.inference import sampling
+from jaxllm.inference import sampling, text_stream
 from jaxllm.model import transformer
 from jaxllm.train import loop
-from tests.helpers import (REPO, greedy_by_full_forward, greedy_by_recompute,
+from tests.helpers import (REPO, greedy_by_full_forward, greedy_by_recompute, xla_flags,
                            tiny_experiment, tiny_model)
 
 
@@ -105,30 +105,60 @@ def test_load_workdir_and_step(trained):
   cut = model.generate("def f(x):", max_tokens=12, temperature=0.0, stop=[stop], details=True)
   assert cut.text == full.text[:full.text.index(stop)] and cut.finish_reason == "stop"
   assert model.generate("def f(x):", max_tokens=12, draft=model.draft("ngram:2")) == full.text
+  # Streamed (the command line's --stream): pieces written while decoding runs, adding up to
+  # the final text, stop string cut; plain and speculative loops alike.
+  for draft, stops, want in ((None, [], full.text), (model.draft("ngram:2"), [], full.text),
+                             (None, [stop], cut.text)):
+    pieces = []
+    stream = text_stream.TextStream(model.tokenizer.decode, stops, write=pieces.append)
+    text = model.generate("def f(x):", max_tokens=12, temperature=0.0, stop=stops,
+                          on_tokens=stream, draft=draft)
+    written_while_decoding = len(pieces)
+    stream.finish(text)
+    assert text == want and "".join(pieces) == text, pieces
+    assert written_while_decoding >= 2 or stops, pieces  # it streamed, in pieces
 
 
-def test_generate_cli(trained):
-  workdir, _ = trained
-  proc = subprocess.run(
-      [sys.executable, "-m", "jaxllm.generate", f"--checkpoint={workdir}",
-       "--prompt=def fibonacci(n):", "--max_tokens=8", "--temperature=0"],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+def test_streamed_text_is_always_a_prefix_of_the_final_text():
+  assert text_stream.sendable("ab\ufffd") is None  # an incomplete character waits
+  assert text_stream.sendable("the end", ("ending", "x")) == "the "  # "end" may become "ending"
+  assert text_stream.sendable("a STOP b", ("STOP",)) == "a "
+  assert text_stream.stop_holdback("the end", ("ending", "x")) == 3
+  # A byte-fallback character in two tokens (9, 10: "\u00e9"), and a tokenizer that rewrites
+  # the text it has shown (Hugging Face's clean_up_tokenization_spaces: " ." becomes ".").
+  pieces = {1: "ab", 2: " ", 3: ".", 9: "", 10: ""}
+
+  def decode(ids):
+    text = "".join(pieces[i] for i in ids)
+    if 9 in ids:
+      text += "\u00e9" if 10 in ids else "\ufffd"
+    return text.replace(" .", ".")
+
+  for ids, final in (([1, 9, 10, 2, 3], "ab\u00e9."), ([1, 2, 1], "ab ab")):
+    shown = []
+    stream = text_stream.TextStream(decode, write=shown.append)
+    for n in range(1, len(ids) + 1):
+      stream(np.asarray([ids + [0] * 4]), np.asarray([n]))
+      assert final.startswith("".join(shown)) and "\ufffd" not in "".join(shown)
+    stream.finish(final)
+    assert "".join(shown) == final
+
+
+def test_chat_command_holds_a_streamed_conversation(tiny_chat_model):
+  """`jaxllm chat`: one message per stdin line (blank lines skipped), each answered through the
+  chat template with the turns before it, the text streamed; the same replies as the library."""
+  script = os.path.join(os.path.dirname(sys.executable), "jaxllm")
+  proc = subprocess.run([script, "chat", f"--checkpoint={tiny_chat_model}", "--temperature=0",
+                         "--max_tokens=6", "--stream"], input="hello there\n\nwhat is 2+2?\n",
+                        cwd=REPO, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "XLA_FLAGS": xla_flags()})
   assert proc.returncode == 0, proc.stderr
-  # The prompt, then the greedy continuation (reference: a full forward pass per token).
-  expected = greedy_by_full_forward(jaxllm.load(workdir), "def fibonacci(n):", 8)
-  assert proc.stdout.rstrip("\n") == "def fibonacci(n):" + expected.rstrip("\n")
-  spec = subprocess.run(
-      [sys.executable, "-m", "jaxllm.generate", f"--checkpoint={workdir}",
-       "--prompt=def fibonacci(n):", "--max_tokens=8", "--temperature=0", "--cache=paged",
-       "--draft=layer_skip:1", "--speculative_k=3"], cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert spec.returncode == 0, spec.stderr
-  assert spec.stdout == proc.stdout  # greedy speculative output is the target's
-  bad_draft = subprocess.run(
-      [sys.executable, "-m", "jaxllm.generate", f"--checkpoint={workdir}", "--prompt=x",
-       "--draft=layer_skip:9"], cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert bad_draft.returncode != 0 and "Traceback" not in bad_draft.stderr
-  assert "layers=9 must be in [1, 2)" in bad_draft.stderr
-  bad = subprocess.run([sys.executable, "-m", "jaxllm.generate", "--checkpoint=/no/such/dir",
-                        "--prompt=x"], cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert bad.returncode == 2 and "Traceback" not in bad.stderr
-  assert bad.stderr.strip() == "error: no such checkpoint: /no/such/dir"
+  model = jaxllm.load(tiny_chat_model)
+  messages, want = [], ""
+  for message in ("hello there", "what is 2+2?"):
+    messages.append({"role": "user", "content": message})
+    reply = model.generate([model.chat_ids(messages)], max_tokens=6, temperature=0.0,
+                           details=True)[0].text
+    messages.append({"role": "assistant", "content": reply})
+    want += reply + "\n"
+  assert proc.stdout == want

@@ -11,6 +11,8 @@ import sys
 COMMANDS = {
     "train": ("jaxllm.train", "train an experiment, or resume it"),
     "generate": ("jaxllm.generate", "continue a prompt (or --chat=MESSAGE) with a model"),
+    "chat": ("jaxllm.generate", "a conversation with a model on the terminal (generate "
+             "--interactive)"),
     "serve": ("jaxllm.serve", "an OpenAI-compatible HTTP server"),
     "eval": ("jaxllm.eval", "perplexity of a model on text files"),
     "quantize": ("jaxllm.quantize", "int8/int4 weights (RTN, GPTQ, AWQ)"),
@@ -47,8 +49,10 @@ def main(argv: list[str] | None = None) -> None:
           file=sys.stderr)
     sys.exit(2)
   module = COMMANDS[command][0]
-  # The command's module runs as `python -m` would run it, with the command's flags.
-  sys.argv = [f"jaxllm {command}", *argv[2:]]
+  # The command's module runs as `python -m` would run it, with the command's flags (chat is
+  # generate's conversation mode).
+  preset = ["--interactive"] if command == "chat" else []
+  sys.argv = [f"jaxllm {command}", *preset, *argv[2:]]
   runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 

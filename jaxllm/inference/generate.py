@@ -18,12 +18,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
 from jaxllm.inference import paging, sampling
 from jaxllm.model import cache as kv_cache
@@ -56,6 +57,19 @@ class Generation:
   logprobs: list[float]
   finish_reason: FinishReason
   text: str | None = None  # filled in by callers with a tokenizer
+
+
+# Called on the host while a decode loop runs, after every step: (tokens `[B, N]` int32, counts
+# `[B]` int32), row b's output so far being tokens[b, :counts[b]] (the stop token excluded). A
+# hashable function (it is a static argument of the jitted loop: a new one compiles anew); it
+# must not raise. How the command line streams its text (`jaxllm.inference.text_stream`).
+OnTokens = Callable[[np.ndarray, np.ndarray], None]
+
+
+def check_on_tokens(on_tokens: OnTokens | None, mesh) -> None:
+  if on_tokens is not None and mesh is not None and mesh.size > 1:
+    raise ValueError("streamed output (on_tokens) runs on one device, not a mesh of "
+                     f"{mesh.size}")
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -149,9 +163,10 @@ def prefill(graphdef, params, prompts: Sequence[Sequence[int]], cache, *,
   return last, cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "out_len", "penalties", "stream"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "out_len", "penalties", "stream",
+                                             "on_tokens"))
 def _decode_loop(graphdef, params, cache, logits_BV, arrays, max_new_B, stop_ids_BX,
-                 prompt_mask_BV, *, out_len: int, penalties: bool, stream=None):
+                 prompt_mask_BV, *, out_len: int, penalties: bool, stream=None, on_tokens=None):
   count_trace("decode_loop")
   model = nnx.merge(graphdef, params)
   B, V = logits_BV.shape
@@ -181,6 +196,8 @@ def _decode_loop(graphdef, params, cache, logits_BV, arrays, max_new_B, stop_ids
       counts = counts + jax.nn.one_hot(tok_B, V, dtype=jnp.int32) * emit_B[:, None]
     logits_B1V, cache = model.extend(tok_B[:, None], c["cache"], (~done_B).astype(jnp.int32),
                                      stream=stream)
+    if on_tokens is not None:
+      io_callback(on_tokens, None, out, n_B, ordered=True)
     return dict(i=c["i"] + 1, cache=cache, logits=logits_B1V[:, 0], out=out, logp=logp, n=n_B,
                 done=done_B, reason=reason, counts=counts)
 
@@ -228,20 +245,22 @@ def generate_requests(graphdef, params, prompts: Sequence[Sequence[int]],
                       sampling_params: Sequence[sampling.SamplingParams], *, eos_id: int = -1,
                       max_seq_len: int | None = None, cache: str = "contiguous",
                       page_size: int = 16, prefill_chunk: int = 256,
-                      cache_dtype=jnp.float32,
-                      stream: kv_cache.Stream | None = None) -> list[Generation]:
+                      cache_dtype=jnp.float32, stream: kv_cache.Stream | None = None,
+                      on_tokens: OnTokens | None = None) -> list[Generation]:
   """Continues each prompt under its own SamplingParams (stop strings are the caller's).
 
   Params placed on a mesh (`placement.place_params`) run there, the cache split like them.
   `stream` (contiguous cache only): StreamingLLM generation in constant memory, a cache of the
   first `stream.sinks` tokens and the `stream.window` latest; prompts and outputs may then run
-  past max_seq_len (positions stay within sinks + window + the prefill chunk)."""
+  past max_seq_len (positions stay within sinks + window + the prefill chunk).
+  `on_tokens`: see `OnTokens`."""
   mesh = placement.mesh_of(params)
+  check_on_tokens(on_tokens, mesh)
   with placement.in_mesh(mesh):
     return _generate_requests(graphdef, params, prompts, sampling_params, eos_id=eos_id,
                               max_seq_len=max_seq_len, cache=cache, page_size=page_size,
                               prefill_chunk=prefill_chunk, cache_dtype=cache_dtype, mesh=mesh,
-                              stream=stream)
+                              stream=stream, on_tokens=on_tokens)
 
 
 def stream_of(sink_tokens: int, stream_window: int) -> kv_cache.Stream | None:
@@ -269,7 +288,7 @@ def check_stream(stream: kv_cache.Stream, max_seq_len: int | None, cfg=None) -> 
 
 
 def _generate_requests(graphdef, params, prompts, sampling_params, *, eos_id, max_seq_len,
-                       cache, page_size, prefill_chunk, cache_dtype, mesh, stream):
+                       cache, page_size, prefill_chunk, cache_dtype, mesh, stream, on_tokens):
   cfg = model_config(graphdef, params)
   if stream is not None:
     check_stream(stream, max_seq_len, cfg)
@@ -293,7 +312,7 @@ def _generate_requests(graphdef, params, prompts, sampling_params, *, eos_id, ma
       graphdef, params, kv, last, sampling.SamplingArrays.of(sampling_params),
       jnp.asarray([sp.max_tokens for sp in sampling_params], jnp.int32),
       jnp.asarray(stop_id_array(sampling_params, eos_id)), mask, out_len=bucket(max_new),
-      penalties=penalties, stream=stream)
+      penalties=penalties, stream=stream, on_tokens=on_tokens)
   out, logp, n, reason = jax.device_get((out, logp, n, reason))
   return [Generation(out[b, :n[b]].tolist(), logp[b, :n[b]].tolist(),
                      FINISH_REASONS.get(int(reason[b]), "length")) for b in range(len(prompts))]

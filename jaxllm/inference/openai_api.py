@@ -117,17 +117,6 @@ def submit_error(error: ValueError, chat: bool) -> APIError:
                   else None)
 
 
-def stop_holdback(text: str, stops: tuple[str, ...]) -> int:
-  """Characters at the end of `text` that could still grow into a stop string."""
-  hold = 0
-  for s in stops:
-    for k in range(min(len(s) - 1, len(text)), 0, -1):
-      if text.endswith(s[:k]):
-        hold = max(hold, k)
-        break
-  return hold
-
-
 def finish_reason(request) -> str:
   return "length" if request.finish_reason == "length" else "stop"
 

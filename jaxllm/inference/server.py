@@ -24,6 +24,7 @@ from jaxllm.inference import engine as engine_lib
 from jaxllm.inference import generate as gen
 from jaxllm.inference import kv_budget
 from jaxllm.inference import openai_api as api
+from jaxllm.inference import text_stream
 
 try:
   import fastapi
@@ -207,10 +208,9 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
           pending -= 1
           text = out.text(r)
         else:
-          text = model.tokenizer.decode(r.tokens)
-          if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
+          text = text_stream.sendable(model.tokenizer.decode(r.tokens), stops)
+          if text is None:  # an incomplete UTF-8 character: wait for the rest
             continue
-          text = text[:len(text) - api.stop_holdback(text, stops)] if stops else text
         new_tokens, new_logprobs = r.tokens[ntok[i]:], r.logprobs[ntok[i]:]
         if len(text) > sent[i] or new_tokens:
           yield out.chunk(body, rid, chat, i, text[sent[i]:], tokens=new_tokens,

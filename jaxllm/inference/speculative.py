@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
 from jaxllm.inference import generate as gen
 from jaxllm.inference import sampling
@@ -163,10 +164,10 @@ def residual(p_BV, q_BV):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "draft_graphdef", "kind", "k",
-                                             "out_len", "max_ngram"))
+                                             "out_len", "max_ngram", "on_tokens"))
 def _speculative_loop(graphdef, params, draft_graphdef, draft_params, cache, draft_cache,
                       first_logits_BV, hist_BH, hlen_B, arrays, max_new_B, stop_ids_BX, *,
-                      kind: str, k: int, out_len: int, max_ngram: int):
+                      kind: str, k: int, out_len: int, max_ngram: int, on_tokens=None):
   gen.count_trace("speculative_loop")
   target = nnx.merge(graphdef, params)
   draft = None if kind == "ngram" else nnx.merge(draft_graphdef, draft_params)
@@ -260,6 +261,8 @@ def _speculative_loop(graphdef, params, draft_graphdef, draft_params, cache, dra
     hist_slot_BT = jnp.where(j_T < count_B[:, None] * active_B[:, None],
                              c["hlen"][:, None] + j_T, hist_BH.shape[1])
     hist = c["hist"].at[rows_BT, hist_slot_BT].set(commit_BT, mode="drop")
+    if on_tokens is not None:
+      io_callback(on_tokens, None, out, n_B, ordered=True)
 
     # Roll back: the target keeps cur and the accepted proposals; t_new is the next cur.
     committed_B = count_B * active_B
@@ -289,20 +292,23 @@ def speculative_generate(graphdef, params, prompts: Sequence[Sequence[int]],
                          sampling_params: Sequence[sampling.SamplingParams], draft: Draft, *,
                          k: int = 4, eos_id: int = -1, max_seq_len: int | None = None,
                          cache: str = "contiguous", page_size: int = 16,
-                         prefill_chunk: int = 256, cache_dtype=jnp.float32
+                         prefill_chunk: int = 256, cache_dtype=jnp.float32,
+                         on_tokens: gen.OnTokens | None = None
                          ) -> tuple[list[gen.Generation], Stats]:
   """Like `generate.generate_requests`, with `k` draft tokens verified per target pass (on the
   params' mesh when they are placed on one; a model draft must be placed on the same)."""
   mesh = placement.mesh_of(params)
+  gen.check_on_tokens(on_tokens, mesh)
   with placement.in_mesh(mesh):
     return _speculative_generate(graphdef, params, prompts, sampling_params, draft, k=k,
                                  eos_id=eos_id, max_seq_len=max_seq_len, cache=cache,
                                  page_size=page_size, prefill_chunk=prefill_chunk,
-                                 cache_dtype=cache_dtype, mesh=mesh)
+                                 cache_dtype=cache_dtype, mesh=mesh, on_tokens=on_tokens)
 
 
 def _speculative_generate(graphdef, params, prompts, sampling_params, draft, *, k, eos_id,
-                          max_seq_len, cache, page_size, prefill_chunk, cache_dtype, mesh):
+                          max_seq_len, cache, page_size, prefill_chunk, cache_dtype, mesh,
+                          on_tokens):
   if not 1 <= k <= 16:
     raise ValueError(f"k={k}: speculate 1 to 16 tokens per step")
   if any(sp.uses_penalties for sp in sampling_params):
@@ -342,7 +348,7 @@ def _speculative_generate(graphdef, params, prompts, sampling_params, draft, *, 
       jnp.asarray(lengths), sampling.SamplingArrays.of(sampling_params),
       jnp.asarray([sp.max_tokens for sp in sampling_params], jnp.int32),
       jnp.asarray(gen.stop_id_array(sampling_params, eos_id)), kind=draft.kind, k=k,
-      out_len=out_len, max_ngram=draft.max_ngram))
+      out_len=out_len, max_ngram=draft.max_ngram, on_tokens=on_tokens))
   results = [gen.Generation(out[b, :n[b]].tolist(), logp[b, :n[b]].tolist(),
                             gen.FINISH_REASONS.get(int(reason[b]), "length"))
              for b in range(len(prompts))]
