@@ -51,7 +51,7 @@ _STREAM_WINDOW = flags.DEFINE_integer(
     "stream_window", 0, "StreamingLLM generation in constant memory: attend to the sink tokens "
     "and this many latest tokens, at their positions within the cache, so prompt and output "
     "may run past the model's context (0 = off; contiguous cache, no draft).", lower_bound=0)
-_INTERACTIVE = flags.DEFINE_bool("interactive", False, "A conversation: user messages from "
+_INTERACTIVE = flags.DEFINE_bool("interactive", None, "A conversation: user messages from "
                                   "stdin, one per line, each answered through the chat "
                                   "template with the turns before it (jaxllm chat).")
 _STREAM = flags.DEFINE_bool("stream", None, "Print the text as it is generated (default: when "
