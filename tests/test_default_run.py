@@ -22,7 +22,7 @@ def test_default_training_reaches_half_log_vocab_and_generates_python(tmp_path):
   env = {**os.environ, "XLA_FLAGS": ""}  # the real default: one CPU device
   train = subprocess.run([sys.executable, "-m", "jaxllm.train", f"--workdir={workdir}",
                           "--noprogress"], cwd=REPO, env=env, capture_output=True, text=True,
-                         # 600 steps of 8 x 256 tokens: about 7 minutes at 0.6 s/step
+                         # 500 steps of 16 x 128 tokens: about 5 minutes at 0.5 s/step
                          # alone (2026-12-06), more beside the other pytest worker
                          timeout=1800)
   assert train.returncode == 0, train.stderr[-2000:]
