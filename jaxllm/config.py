@@ -222,9 +222,9 @@ class TrainConfig:
   # each device; "ring" passes them around the context ring, with the sequence reordered so that
   # causal masking leaves every device the same work.
   context_parallel: str = "all_gather"
-  # Sequence-length warm-up, `length:until_step,...` (e.g. "64:100,128:300"): before step 100
-  # each row of seq_len tokens is trained as seq_len/64 rows of 64 (attention within each),
-  # then 128 until step 300, then seq_len. Tokens per step and the data stream are unchanged.
+  # Sequence-length warm-up, `length:until_step,...` (e.g. "32:100,64:300"): before step 100
+  # each row of seq_len tokens is trained as seq_len/32 rows of 32 (attention within each),
+  # then 64 until step 300, then seq_len. Tokens per step and the data stream are unchanged.
   seq_len_schedule: str = ""
   # float16 training (`jaxllm.train.loss_scale`): the loss is multiplied by a scale before the
   # backward pass and the gradients divided by it; a step whose gradients are not finite is

@@ -52,7 +52,9 @@ def describe(cfg: config_lib.Config) -> str:
     if not dataclasses.is_dataclass(value):
       continue
     cls = type(value)
-    doc = (cls.__doc__ or "").strip().splitlines()
+    # dataclasses write a signature as the docstring of a class that has none
+    doc = [] if (cls.__doc__ or "").startswith(f"{cls.__name__}(") else (
+        (cls.__doc__ or "").strip().splitlines())
     lines += ["", f"# --- {section.name}" + (f": {doc[0]}" if doc else "")]
     notes = field_notes(cls)
     for field in dataclasses.fields(value):
