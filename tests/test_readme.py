@@ -3,6 +3,7 @@ spelling of a renamed flag): every `python -m jaxllm.X ...` / `jaxllm X ...` in 
 and inline code, against each command's `--help` and the config's sections."""
 
 import dataclasses
+import functools
 import os
 import re
 import subprocess
@@ -72,9 +73,7 @@ def test_readme_commands_use_flags_and_keys_that_exist():
   with open(os.path.join(REPO, "README.md")) as f:
     commands = readme_commands(f.read())
   assert len(commands) > 40 and {c for c, _ in commands} >= {"train", "generate", "serve", "chat"}
-  helps = {}
-  bad = problems(commands, lambda c: helps.setdefault(c, _help(c)) if c not in helps
-                 else helps[c])
+  bad = problems(commands, functools.cache(_help))
   assert not bad, "the README's commands name what does not exist:\n" + "\n".join(bad)
 
 

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.inference import text_stream
+
 _NEG_INF = -1e30
 
 
@@ -212,7 +214,7 @@ def apply_stop_strings(ids: Sequence[int], stops: Sequence[str], decode) -> tupl
   """
   ids = list(ids)
   text = decode(ids)
-  cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+  cut = text_stream.first_stop(text, stops)
   if cut < 0:
     return ids, text, False
   n = next(n for n in range(len(ids) + 1) if len(decode(ids[:n])) > cut)

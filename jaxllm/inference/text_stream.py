@@ -24,13 +24,18 @@ def stop_holdback(text: str, stops: Sequence[str]) -> int:
   return hold
 
 
+def first_stop(text: str, stops: Sequence[str]) -> int:
+  """Where the first of `stops` begins in `text` (-1: none of them is in it)."""
+  return min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+
+
 def sendable(text: str, stops: Sequence[str] = ()) -> str | None:
   """The part of a partial generation's `text` that the final text will start with: cut before
   a stop string already in it, less a tail that may still grow into one; None while the text
   ends in an incomplete UTF-8 character (decoded as U+FFFD until its last byte comes)."""
   if text.endswith("\ufffd"):
     return None
-  cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+  cut = first_stop(text, stops)
   if cut >= 0:
     return text[:cut]
   return text[:len(text) - stop_holdback(text, stops)]
