@@ -47,9 +47,12 @@ def test_greedy_speculation_reproduces_greedy_decoding(target):
   requests = [sampling.SamplingParams(max_tokens=m) for m in (12, 20, 7)]
   want = gen.generate_requests(graphdef, params, PROMPTS, requests)
   rates = {}
+  # Every k (odd: paged, even: contiguous) for a model draft. A smaller model and the target's
+  # first layers are model drafts too (the same k-dependent code, another draft graph): one k
+  # each; the n-gram lookup (its own proposals) at both ends. A compile per (source, k): 12.
+  ks = {"noisy_copy": range(1, 9), "small_model": (3,), "layer_skip": (4,), "ngram": (1, 8)}
   for name, draft in _drafts(graphdef, params).items():
-    # Every k for one draft; the other sources at both ends and in between.
-    for k in (range(1, 9) if name == "noisy_copy" else (1, 4, 8)):
+    for k in ks[name]:
       cache = "paged" if k % 2 else "contiguous"
       got, st = spec.speculative_generate(graphdef, params, PROMPTS, requests, draft, k=k,
                                           cache=cache)
