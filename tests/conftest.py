@@ -84,7 +84,7 @@ def pytest_ignore_collect(collection_path, config):
 # loadfile --no-loadscope-reorder` (.ci/run) a worker takes the default training run at the
 # start instead of after everything else, and the two workers finish together. pytest-xdist
 # 3.8 without --no-loadscope-reorder re-sorts files by test count, and the one-test default run
-# went last (2026-12-02: 50 minutes into a 74-minute run; BUILD.md).
+# went last (2026-12-02: 50 minutes into a 74-minute run; docs/testing.md).
 FIRST = ("test_default_run.py", "test_parallel.py", "test_bench.py", "test_engine.py",
          "test_flash_attention.py", "test_readme_snippets.py", "test_moe_parallel.py", "test_speculative.py",
          "test_multiprocess.py", "test_moe.py", "test_quant.py", "test_sharded_inference.py",

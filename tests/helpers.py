@@ -1,10 +1,23 @@
 """Small configs and helpers shared by tests."""
 
 import os
+import re
 
 from jaxllm import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def documented_pages() -> list[tuple[str, str]]:
+  """(path, text) of README.md, then the docs site's pages in mkdocs.yml's nav order: where
+  the commands and snippets users copy are written."""
+  with open(os.path.join(REPO, "mkdocs.yml")) as f:
+    nav = re.findall(r"^  - [^:]+: (\S+\.md)$", f.read(), re.M)
+  pages = []
+  for path in ["README.md"] + [f"docs/{name}" for name in nav]:
+    with open(os.path.join(REPO, path)) as f:
+      pages.append((path, f.read()))
+  return pages
 
 
 def xla_flags(devices: int = 1) -> str:

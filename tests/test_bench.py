@@ -91,7 +91,7 @@ def test_bench_pipeline_json():
 
 def test_bench_decode_json(tiny_chat_model):
   """The decode suite's plumbing at toy sizes (a tiny random model with SmolLM2's tokenizer;
-  the bench on the real model is BUILD.md's): every peer measured, ratios consistent,
+  the bench on the real model is docs/quantization.md's): every peer measured, ratios consistent,
   speculative output identical to plain greedy, compile counts reported."""
   pytest.importorskip("torch")
   pytest.importorskip("transformers")

@@ -1,6 +1,7 @@
-"""The README's commands name only commands, flags and config keys that exist (and no old
-spelling of a renamed flag): every `python -m jaxllm.X ...` / `jaxllm X ...` in its code blocks
-and inline code, against each command's `--help` and the config's sections."""
+"""The commands README.md and the docs pages show name only commands, flags and config keys
+that exist (and no old spelling of a renamed flag): every `python -m jaxllm.X ...` / `jaxllm X
+...` in their code blocks and inline code, against each command's `--help` and the config's
+sections."""
 
 import dataclasses
 import functools
@@ -11,7 +12,7 @@ import sys
 
 from jaxllm import config as config_lib
 from jaxllm.cli import main as cli_main
-from tests.helpers import REPO, xla_flags
+from tests.helpers import REPO, documented_pages, xla_flags
 
 # A command (python -m jaxllm.X or jaxllm X), then the rest of its line or code span.
 _COMMAND = re.compile(r"(?:python -m jaxllm[. ]|(?<![\w/.])jaxllm )([a-z]+)\b([^`\n]*)")
@@ -51,7 +52,8 @@ def problems(commands: list[tuple[str, str]], help_of) -> list[str]:
     for flag in _FLAG.findall(args):
       if flag in ("help", "helpfull"):
         continue
-      if f"--{flag}:" not in own and f"--[no]{flag}:" not in own:
+      negated = flag.startswith("no") and f"--[no]{flag[2:]}:" in own  # absl's --noX
+      if f"--{flag}:" not in own and f"--[no]{flag}:" not in own and not negated:
         bad.append(f"{command} --{flag}" + (" (an old spelling)" if f"--{flag} (" in old
                                             else ""))
     for section, key in _CONFIG_KEY.findall(args):
@@ -69,27 +71,31 @@ def _help(command: str) -> str:
   return proc.stdout
 
 
-def test_readme_commands_use_flags_and_keys_that_exist():
-  with open(os.path.join(REPO, "README.md")) as f:
-    commands = readme_commands(f.read())
-  assert len(commands) > 40 and {c for c, _ in commands} >= {"train", "generate", "serve", "chat"}
-  bad = problems(commands, functools.cache(_help))
-  assert not bad, "the README's commands name what does not exist:\n" + "\n".join(bad)
+def test_documented_commands_use_flags_and_keys_that_exist():
+  help_of, bad = functools.cache(_help), []
+  everywhere = []
+  for path, text in documented_pages():
+    commands = readme_commands(text)
+    everywhere += commands
+    bad += [f"{path}: {p}" for p in problems(commands, help_of)]
+  assert len(everywhere) > 40 and {c for c, _ in everywhere} >= {"train", "generate", "serve",
+                                                                 "chat"}
+  assert not bad, "the documented commands name what does not exist:\n" + "\n".join(bad)
 
 
 def test_readme_commands_are_found_and_checked_where_the_readme_writes_them():
   text = ("```bash\npython -m jaxllm.generate --checkpoint=a \\\n    --nope=1   # --not_this\n```\n"
           "```console\n$ jaxllm train --config.train.bad=1\nerror: unknown config key\n```\n"
-          "Inline: `jaxllm chat --stream`, `jaxllm train --config.train.lr=1 "
+          "Inline: `jaxllm chat --stream --nostream --nonsense`, `jaxllm train --config.train.lr=1 "
           "--config.model.nope=2` and `python -m jaxllm.eval --max_len=3`; not `runs/jaxllm "
           "train --x`; `jaxllm trian`.\n")
   commands = readme_commands(text)
-  assert commands == [("generate", "--checkpoint=a --nope=1"), ("chat", "--stream"),
+  assert commands == [("generate", "--checkpoint=a --nope=1"), ("chat", "--stream --nostream --nonsense"),
                       ("train", "--config.train.lr=1 --config.model.nope=2"),
                       ("eval", "--max_len=3"), ("trian", "")]
   helps = {"generate": "  --checkpoint: x\n", "chat": "  --[no]stream: x\n",
            "train": "  --config: x\n",
            "eval": "  --max_seq_len: x\nold spellings, still accepted: --max_len (--max_seq_len)"}
   assert problems(commands, helps.get) == [
-      "eval --max_len (an old spelling)", "generate --nope", "train --config.model.nope",
+      "chat --nonsense", "eval --max_len (an old spelling)", "generate --nope", "train --config.model.nope",
       "trian"]

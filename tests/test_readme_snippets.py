@@ -1,9 +1,10 @@
-"""The README's snippets run, at toy sizes: every shell command and Python block in its code
-fences, in README order, in one scratch directory, with its placeholders filled (PATH, FILES,
-model.gguf) and training shortened; the console block's mistakes give the errors it shows. What
-cannot run here (installs, the suite itself, a server that runs until stopped, its client, a
-benchmark of minutes) is listed in NOT_RUN with the reason and the test that covers it; a
-snippet that is neither run nor listed fails the test, as does a listed one the README lost.
+"""The documented snippets run, at toy sizes: every shell command and Python block in the code
+fences of README.md and the docs pages (`helpers.documented_pages`: README first, then the
+site's nav order), in one scratch directory, with placeholders filled (PATH, FILES, model.gguf)
+and training shortened; the console block's mistakes give the errors it shows. What cannot run
+here (installs, the suite itself, a server that runs until stopped, its client, a benchmark of
+minutes, Cloud TPU VMs) is listed in NOT_RUN with the reason and the test that covers it; a
+snippet that is neither run nor listed fails the test, as does a listed one no page shows.
 
 Slow (about two minutes of subprocesses, 2026-12-06): runs in CI and with `pytest --slow`.
 """
@@ -16,9 +17,9 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, tiny_model, xla_flags
+from tests.helpers import REPO, documented_pages, tiny_model, xla_flags
 
-# Every `python -m jaxllm.train` of a bash block trains this long (the README's runs take
+# Every `python -m jaxllm.train` of a bash block trains this long (the documented runs take
 # minutes); the model is the experiment's own.
 TOY_TRAIN = ("--config.train.steps=2 --config.train.batch_size=2 --config.train.seq_len=32 "
              "--config.train.warmup_steps=1 --config.train.eval_every=2 "
@@ -35,11 +36,13 @@ NOT_RUN = {
     "python -m jaxllm.bench moe": "a benchmark of minutes (tests/test_bench.py, test_moe_parallel.py)",
     "from openai import OpenAI": "needs a running server (tests/test_openai_api.py drives one "
                                  "with this client)",
+    "tpu_setup/": "creates, uses and deletes Cloud TPU VMs through gcloud (tests/test_tpu_setup.py "
+                  "runs each script with --dry-run)",
 }
 
 
 def snippets(text: str) -> list[tuple[int, str, str]]:
-  """(README line, "bash" | "console" | "python", code) for each bash command (lines joined
+  """(line in the page, "bash" | "console" | "python", code) for each bash command (lines joined
   at a trailing backslash, `&&` chains split, comments dropped), each console block and each
   Python block."""
   found = []
@@ -70,7 +73,7 @@ def not_run_reason(kind: str, code: str) -> str | None:
 
 def toy(kind: str, code: str, chat_model: str) -> str:
   """The snippet as it runs here: placeholders filled, training shortened, the kernels in the
-  Pallas interpreter (the README shows a GPU/TPU call), the Python API on a model with a chat
+  Pallas interpreter (the page shows a GPU/TPU call), the Python API on a model with a chat
   template (its last line needs one)."""
   if kind == "bash":
     code = code.replace("$(python -m jaxllm.fetch smollm2-135m)", chat_model)
@@ -126,9 +129,9 @@ def _run_bash(command: str, cwd) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_readme_snippets_run_at_toy_sizes(tmp_path, monkeypatch, tiny_chat_model):
-  with open(os.path.join(REPO, "README.md")) as f:
-    found = snippets(f.read())
+def test_documented_snippets_run_at_toy_sizes(tmp_path, monkeypatch, tiny_chat_model):
+  found = [(f"{path} line {line}", kind, code) for path, text in documented_pages()
+           for line, kind, code in snippets(text)]
   _scratch(tmp_path)
   monkeypatch.chdir(tmp_path)
   ran, unused = [], set(NOT_RUN)
@@ -138,7 +141,7 @@ def test_readme_snippets_run_at_toy_sizes(tmp_path, monkeypatch, tiny_chat_model
       unused -= {k for k in NOT_RUN if NOT_RUN[k] == reason}
       continue
     code = toy(kind, code, tiny_chat_model)
-    where = f"README.md line {line}: {code[:200]}"
+    where = f"{line}: {code[:200]}"
     if kind == "bash":
       proc = _run_bash(code, tmp_path)
       assert proc.returncode == 0, (where, proc.stderr[-1500:])
@@ -156,7 +159,7 @@ def test_readme_snippets_run_at_toy_sizes(tmp_path, monkeypatch, tiny_chat_model
       if "pk." in code and "import pallas_kernels" not in code:
         code = "import pallas_kernels as pk\n" + code
       try:
-        exec(compile(code, f"README.md:{line}", "exec"), scope)
+        exec(compile(code, line, "exec"), scope)
       except Exception as e:  # a readable failure naming the block
         raise AssertionError(f"{where}: {type(e).__name__}: {e}") from e
       if "jaxllm.load" in code:
@@ -164,12 +167,12 @@ def test_readme_snippets_run_at_toy_sizes(tmp_path, monkeypatch, tiny_chat_model
       if "pk.flash_attention" in code:
         assert np.isfinite(np.asarray(scope["out"])).all()
     ran.append(line)
-  assert not unused, f"NOT_RUN names what the README no longer shows: {sorted(unused)}"
-  # The chain the README implies: the default run's workdir, both converts, the quantized copies.
+  assert not unused, f"NOT_RUN names what no page shows any more: {sorted(unused)}"
+  # The chain the pages imply: the default run's workdir, both converts, the quantized copies.
   for path in ("runs/tiny/config.json", "runs/tiny_moe/config.json", "out_hf/config.json",
                "out_jax", "q8", "q4", "q4g", "q4a"):
     assert (tmp_path / path).exists(), path
-  assert len(ran) >= 18, ran
+  assert len(ran) >= 19, ran
 
 
 def test_snippets_are_found_split_and_classified():

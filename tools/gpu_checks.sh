@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks and benchmarks that need a GPU, in one call (the figures in BUILD.md came from it).
+# The checks and benchmarks that need a GPU, in one call (the figures in docs/gpu.md and docs/kernels.md came from it).
 # Usage: tools/gpu_checks.sh OUTDIR PART...
 #   kernels       flash (fwd+bwd; Triton, and the Mosaic GPU forward) and paged attention
 #                 compiled, against the reference
@@ -16,7 +16,7 @@
 #   serve         bench serve on SmolLM2: throughput, TTFT, host/device overlap on vs off
 # Runs from the repo root with the machine's own jax (0.11.x + CUDA plugin); no install.
 # Device time comes in ~15-minute windows: each part has its own timeout, and a window holds
-# about `kernels attention` or `decode train serve` (measured times in BUILD.md).
+# about `kernels attention` or `decode train serve` (measured times in docs/gpu.md).
 # GPU_CHECKS_CPU=1 runs every part on this machine's CPU at toy sizes (the script's own test).
 set -uo pipefail
 out=${1:?output directory}; shift

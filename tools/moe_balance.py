@@ -1,5 +1,5 @@
 """The router-collapse experiment on `experiments/tiny_moe.py`, and MoE vs dense at equal
-active parameters (BUILD.md's tables and tools/results/cpu-2026-11-30/moe_balance.png come
+active parameters (docs/moe.md's tables and tools/results/cpu-2026-11-30/moe_balance.png come
 from here).
 
 Five runs on the standard-library corpus, equal steps, batch and schedule:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 19's pruning table: SmolLM2-135M-Instruct held-out perplexity, dense vs magnitude /
 # Wanda / SparseGPT at 50% unstructured and 2:4, and SparseGPT 2:4 + int4, with the file list
-# and eval settings of BUILD.md's quantization table. Each pruned checkpoint is deleted after
+# and eval settings of docs/quantization.md's table. Each pruned checkpoint is deleted after
 # its evaluation (540 MB each).
 # Usage: bash tools/pruning_table.sh [OUT_DIR]   (~30 min on a 2-core CPU)
 set -euo pipefail

@@ -22,7 +22,7 @@ from jaxllm.ops import cpu_gemv
 
 # The most new tokens per sequence for which the kernel runs. It computes each query's dot
 # products on its own, where XLA's batched dot shares the work between queries: measured per
-# layer at S = 128 (SmolLM2 shapes, BUILD.md), kernel vs XLA 19 vs 48 us at T = 1, 32 vs 56 at
+# layer at S = 128 (SmolLM2 shapes, docs/quantization.md), kernel vs XLA 19 vs 48 us at T = 1, 32 vs 56 at
 # T = 2, 66 vs 85 at T = 5 (a speculative verify step of k = 4), 111 vs 92 at T = 8.
 MAX_QUERIES = 5
 

@@ -41,7 +41,7 @@ from jaxllm.ops import kernel_mode, stacked
 from jaxllm.quant import tensor as qtensor
 from pallas_kernels import backends
 
-# The most x rows for which the kernel beats XLA, measured on a 2-core AVX-512 machine (BUILD.md,
+# The most x rows for which the kernel beats XLA, measured on a 2-core AVX-512 machine (docs/quantization.md,
 # "the CPU decode kernel"): it sweeps the weights once per x row of a block, so XLA's GEMM wins
 # as rows grow, sooner for float32 weights (XLA's float dots are fast) than for quantized ones.
 # A float32 table (the tied head) stays with XLA's own product, as fast as the kernel's.

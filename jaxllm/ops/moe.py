@@ -13,7 +13,7 @@ out as zeros. Row r of the result is x[r] @ w[e(r)] `[M, N]` for w `[E, K, N]`.
   pallas  our kernel (`pallas_kernels.grouped_matmul`: Triton on GPU, interpreted on CPU)
   auto    tiled on CPU (2-3x the dense loop over experts there, where ragged_dot is slower than
           it: `python -m jaxllm.bench moe`), xla elsewhere (XLA's own grouped GEMM; our kernel
-          has not been timed on a GPU yet, see BUILD.md)
+          has not been timed on a GPU yet, see docs/kernels.md)
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ class QuantSpec:
 
 def default_head_group(head_bits: int) -> int:
   """Per vocab row for int8; groups of 32 for int4 (llama.cpp's block size; even so an int4
-  table costs SmolLM2-135M 6% of perplexity, BUILD.md)."""
+  table costs SmolLM2-135M 6% of perplexity, docs/quantization.md)."""
   return 32 if head_bits == 4 else 0
 
 

@@ -40,7 +40,7 @@ class BlockSizes:
       # Mosaic tiles are (8 sublanes, 128 lanes); 128-row blocks feed the MXU whole.
       return cls(block_q=128, block_k=128)
     # Triton: register pressure grows with bq * Dh; smaller tiles for wide heads. Measured on an
-    # H100 (tools/tune_flash.py, BUILD.md): the dk/dv pass wants 64-row query tiles (with 128,
+    # H100 (tools/tune_flash.py, docs/kernels.md): the dk/dv pass wants 64-row query tiles (with 128,
     # Dh=128 needs more shared memory than the SM has), and Dh=128 wants 32-key tiles.
     if head_dim >= 256:
       return cls(block_q=64, block_k=32, num_warps=8, num_stages=2)
