@@ -164,14 +164,20 @@ def _forward(graphdef, params, ids_BT):
 
 
 def load(path: str | os.PathLike[str], mesh: Mesh | str | None = None, *,
-         kv_head_copies: bool = True) -> LoadedModel:
+         kv_head_copies: bool = True, adapter: str | os.PathLike[str] | None = None
+         ) -> LoadedModel:
   """Loads any supported checkpoint (float32 params, or its quantized weights) onto the
   default device, or split over `mesh` (a Mesh or a spec such as "tensor=4" or
   "data=2,tensor=4", `jaxllm.parallel.placement`): heads, MLP and vocabulary over `tensor`,
   KV heads repeated where the tensor axis does not divide them (`kv_head_copies=False` keeps
-  the model's own, for tools that write it back)."""
+  the model's own, for tools that write it back). `adapter`: a LoRA adapter directory in
+  PEFT's format (`jaxllm.lora.peft_format`), applied unmerged on one device."""
   if isinstance(mesh, str):
     mesh = placement.parse_mesh(mesh)
+  if adapter is not None and mesh is not None:
+    from jaxllm.lora.peft_format import AdapterError
+    raise AdapterError("an adapter on a mesh is not supported yet: load on one device, or "
+                       "merge the adapter into the checkpoint first")
   ckpt = convert.read_checkpoint(path, mesh=mesh)
   if mesh is None:
     params, cfg = jax.tree.map(jnp.asarray, ckpt.params), ckpt.model
@@ -179,5 +185,8 @@ def load(path: str | os.PathLike[str], mesh: Mesh | str | None = None, *,
     params, cfg = placement.place_params(ckpt.params, ckpt.model, mesh,
                                          transformer.logical_axes(ckpt.model),
                                          kv_head_copies=kv_head_copies)
+  if adapter is not None:
+    from jaxllm.lora import peft_format
+    params = peft_format.load(os.fspath(adapter), params, cfg)
   graphdef, _ = transformer.abstract_params(cfg)
   return LoadedModel(cfg, graphdef, params, ckpt.tokenizer, ckpt.kind, mesh)

@@ -57,6 +57,7 @@ _INTERACTIVE = flags.DEFINE_bool("interactive", None, "A conversation: user mess
 _STREAM = flags.DEFINE_bool("stream", None, "Print the text as it is generated (default: when "
                             "stdout is a terminal and no --mesh is given).")
 _MESH = common.define_mesh_flag()
+_ADAPTER = common.define_adapter_flag()
 flags.mark_flag_as_required("checkpoint")
 flags.mark_flags_as_mutual_exclusive(["prompt", "chat", "interactive"], required=True)
 common.define_old_spelling("k", "speculative_k")
@@ -71,7 +72,7 @@ def main(argv):
   common.initialize_distributed()
   import jaxllm
   from jaxllm.inference import text_stream
-  model = jaxllm.load(_CHECKPOINT.value, mesh=_MESH.value)
+  model = jaxllm.load(_CHECKPOINT.value, mesh=_MESH.value, adapter=_ADAPTER.value)
   try:
     sampling = dict(max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value,
                     top_k=_TOP_K.value, top_p=_TOP_P.value, min_p=_MIN_P.value,

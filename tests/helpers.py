@@ -97,3 +97,16 @@ def write_tiny_chat_model(dst: str, seed: int = 0) -> str:
   _, params = transformer.split(transformer.create(cfg, seed))
   convert.export_hf(convert.Checkpoint(cfg, jax.device_get(params), tokenizer, "random"), dst)
   return dst
+
+
+def lora_with_updates(params: dict, cfg, seed: int = 2, scale: float = 0.3) -> dict:
+  """`params` with LoRA adapters (`jaxllm.lora.adapters.LoraConfig` cfg) whose b is random, not
+  zero (as after training), so that the update shows in the logits."""
+  import jax
+  from jaxllm.lora import adapters
+  lora = adapters.add(params, cfg, seed=seed)
+  found = adapters.adapters(lora)
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(found))
+  return adapters.with_adapters(lora, {
+      path: {"a": ab["a"], "b": scale * jax.random.normal(k, ab["b"].shape)}
+      for (path, ab), k in zip(found.items(), keys)})

@@ -6,7 +6,8 @@ included), only `jaxllm.ops` reaches the Pallas kernels, and no test imports a c
   inference      train
   checkpoint     data
   model          parallel
-  ops            quant (tensor formats, and the algorithms that calibrate on the model)
+  ops            quant (tensor formats, and the algorithms that calibrate on the model),
+                 lora (weight: beside the QTensor format; adapters; peft_format: above model)
   config         pallas_kernels
 """
 
@@ -20,8 +21,14 @@ HIGHER = ("jaxllm.inference", "jaxllm.train", "jaxllm.bench", "jaxllm.cli", "jax
           "jaxllm.planner")
 FORBIDDEN = [
     *[(low, high) for low in ("jaxllm.model", "jaxllm.ops", "jaxllm.quant", "jaxllm.parallel",
-                              "jaxllm.checkpoint", "jaxllm.data", "jaxllm.config")
+                              "jaxllm.checkpoint", "jaxllm.data", "jaxllm.config", "jaxllm.lora")
       for high in HIGHER],
+    # LoraWeight sits with the QTensor format (ops computes with it); the adapter walk above
+    # quant, PEFT's files above the model.
+    *[("jaxllm.lora.weight", low) for low in ("jaxllm.model", "jaxllm.ops", "jaxllm.quant")],
+    ("jaxllm.lora.adapters", "jaxllm.model"), ("jaxllm.lora.adapters", "jaxllm.ops"),
+    *[(low, "jaxllm.lora.adapters") for low in ("jaxllm.ops", "jaxllm.model", "jaxllm.quant")],
+    *[(low, "jaxllm.lora.peft_format") for low in ("jaxllm.ops", "jaxllm.model", "jaxllm.quant")],
     ("jaxllm.ops", "jaxllm.model"), ("jaxllm.quant.tensor", "jaxllm.model"),
     ("jaxllm.quant.params", "jaxllm.model"), ("jaxllm.quant.tensor", "jaxllm.ops"),
     ("jaxllm.inference", "jaxllm.train"), ("jaxllm.train", "jaxllm.inference"),

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, documented_pages, tiny_model, xla_flags
+from tests.helpers import REPO, documented_pages, lora_with_updates, tiny_model, xla_flags
 
 # Every `python -m jaxllm.train` of a bash block trains this long (the documented runs take
 # minutes); the model is the experiment's own.
@@ -72,18 +72,21 @@ def not_run_reason(kind: str, code: str) -> str | None:
 
 
 def toy(kind: str, code: str, chat_model: str) -> str:
-  """The snippet as it runs here: placeholders filled, training shortened, the kernels in the
+  """The snippet as it runs here: placeholders filled (BASE: the tiny chat model, ADAPTER: an
+  adapter made for it), training shortened, the kernels in the
   Pallas interpreter (the page shows a GPU/TPU call), the Python API on a model with a chat
   template (its last line needs one)."""
   if kind == "bash":
     code = code.replace("$(python -m jaxllm.fetch smollm2-135m)", chat_model)
     code = code.replace("=PATH", "=runs/tiny").replace("=FILES", "='docs/*.txt'")
+    code = code.replace("=BASE", f"={chat_model}").replace("=ADAPTER", "=adapter")
     if code.startswith("python -m jaxllm.train"):
       code = f"{code} {TOY_TRAIN}"
     if code.startswith("python -m jaxllm.quantize") and "--method=" in code:
       code = f"{code} {TOY_CALIBRATION}"
   elif kind == "python":
     code = code.replace('jaxllm.load("runs/tiny")', f'jaxllm.load("{chat_model}")')
+    code = code.replace('"BASE"', f'"{chat_model}"')
     code = code.replace("interpret=False", "interpret=True")
     code = code.replace("alibi_slopes=None)", "alibi_slopes=None, interpret=True)")
     code = code.replace("group_sizes)", "group_sizes, interpret=True)")
@@ -103,9 +106,9 @@ group_sizes = jnp.array([12, 20], jnp.int32)
 """
 
 
-def _scratch(tmp_path):
+def _scratch(tmp_path, chat_model):
   """The directory the snippets run in: text files for docs/*.txt, a tiny GGUF for
-  model.gguf, the clone's experiments/."""
+  model.gguf, a LoRA adapter of the chat model for ADAPTER, the clone's experiments/."""
   from jaxllm.model import transformer
   from tests.gguf_fixtures import write_llama_gguf
   import jax
@@ -118,6 +121,11 @@ def _scratch(tmp_path):
   _, params = transformer.split(transformer.create(cfg, 0))
   write_llama_gguf(tmp_path / "model.gguf", cfg, jax.device_get(params))
   (tmp_path / "experiments").symlink_to(os.path.join(REPO, "experiments"))
+  import jaxllm
+  from jaxllm.lora import adapters, peft_format
+  base = jaxllm.load(chat_model)
+  peft_format.save(str(tmp_path / "adapter"), lora_with_updates(
+      base.params, adapters.LoraConfig(rank=2, targets=("q", "v"))), base.config)
 
 
 def _run_bash(command: str, cwd) -> subprocess.CompletedProcess:
@@ -132,7 +140,7 @@ def _run_bash(command: str, cwd) -> subprocess.CompletedProcess:
 def test_documented_snippets_run_at_toy_sizes(tmp_path, monkeypatch, tiny_chat_model):
   found = [(f"{path} line {line}", kind, code) for path, text in documented_pages()
            for line, kind, code in snippets(text)]
-  _scratch(tmp_path)
+  _scratch(tmp_path, tiny_chat_model)
   monkeypatch.chdir(tmp_path)
   ran, unused = [], set(NOT_RUN)
   for line, kind, code in found:
@@ -170,9 +178,9 @@ def test_documented_snippets_run_at_toy_sizes(tmp_path, monkeypatch, tiny_chat_m
   assert not unused, f"NOT_RUN names what no page shows any more: {sorted(unused)}"
   # The chain the pages imply: the default run's workdir, both converts, the quantized copies.
   for path in ("runs/tiny/config.json", "runs/tiny_moe/config.json", "out_hf/config.json",
-               "out_jax", "q8", "q4", "q4g", "q4a"):
+               "out_jax", "q8", "q4", "q4g", "q4a", "merged/config.json", "my_adapter"):
     assert (tmp_path / path).exists(), path
-  assert len(ran) >= 19, ran
+  assert len(ran) >= 22, ran
 
 
 def test_snippets_are_found_split_and_classified():

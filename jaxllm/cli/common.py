@@ -44,6 +44,13 @@ def define_mesh_flag():
       "or expert (e.g. tensor=4 or data=2,tensor=4; unnamed axes 1). Default: one device.")
 
 
+def define_adapter_flag():
+  """`--adapter` of the inference entry points (generate, eval)."""
+  return flags.DEFINE_string(
+      "adapter", None, "A LoRA adapter directory in PEFT's format (adapter_config.json + "
+      "adapter_model.safetensors, ours or PEFT's) applied to --checkpoint, unmerged.")
+
+
 def initialize_distributed() -> None:
   from jaxllm.parallel.mesh import initialize_distributed as init
   init(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -68,9 +75,10 @@ def user_errors():
   from jaxllm.checkpoint.orbax import CheckpointError
   from jaxllm.config import ConfigError
   from jaxllm.data.corpus import CorpusError
+  from jaxllm.lora.peft_format import AdapterError
   from jaxllm.train.loop import TrainingDiverged
   return (ConfigError, CorpusError, CheckpointError, UnsupportedCheckpoint, TrainingDiverged,
-          FileNotFoundError, CommandError)
+          AdapterError, FileNotFoundError, CommandError)
 
 
 def one_line_errors(main):

