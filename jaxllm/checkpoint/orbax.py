@@ -18,8 +18,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxllm.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint cannot be restored into the requested structure; message says why."""
 
 

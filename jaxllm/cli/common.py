@@ -10,6 +10,8 @@ import sys
 
 from absl import app, flags, logging
 
+from jaxllm.errors import UserError
+
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for multi-host runs "
     "(discovered automatically on Cloud TPU VMs).")
@@ -65,20 +67,14 @@ def default_experiment(name: str = "tiny") -> str:
   return os.path.join(os.path.dirname(experiments.__file__), f"{name}.py")
 
 
-class CommandError(RuntimeError):
+class CommandError(UserError, RuntimeError):
   """A failure an entry point reports in one line (exit status 2)."""
 
 
 def user_errors():
-  """Error types that are the user's input, printed as one line instead of a traceback."""
-  from jaxllm.checkpoint.errors import UnsupportedCheckpoint
-  from jaxllm.checkpoint.orbax import CheckpointError
-  from jaxllm.config import ConfigError
-  from jaxllm.data.corpus import CorpusError
-  from jaxllm.lora.peft_format import AdapterError
-  from jaxllm.train.loop import TrainingDiverged
-  return (ConfigError, CorpusError, CheckpointError, UnsupportedCheckpoint, TrainingDiverged,
-          AdapterError, FileNotFoundError, CommandError)
+  """Error types that are the user's input, printed as one line instead of a traceback: every
+  `jaxllm.errors.UserError` (each layer's own subclass) and a missing file."""
+  return (UserError, FileNotFoundError)
 
 
 def one_line_errors(main):

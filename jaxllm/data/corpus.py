@@ -24,12 +24,13 @@ import sysconfig
 import zlib
 
 from jaxllm.config import UNDECODABLE
+from jaxllm.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".py", ".md")
 _STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
   """The corpus is missing, empty or unreadable; the message says which."""
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
+from jaxllm.errors import UserError
 from jaxllm.lora import adapters
 from jaxllm.lora.weight import LoraWeight, is_lora
 from jaxllm.model import transformer
@@ -35,7 +36,7 @@ _NAME = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(\w+\.\w+)\.lora_(
                    r"(?:\.default)?\.weight")
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError, ValueError):
   """The adapter directory cannot be read into this model; the message says why."""
 
 

@@ -19,6 +19,7 @@ from jaxllm import config as config_lib
 from jaxllm.checkpoint.orbax import Checkpointer
 from jaxllm.data import corpus as corpus_lib
 from jaxllm.data import pipeline
+from jaxllm.errors import UserError
 from jaxllm.model import transformer
 from jaxllm.parallel import mesh as mesh_lib
 from jaxllm.parallel import rules, zero
@@ -28,7 +29,7 @@ from jaxllm.train import optim, profiling, step as step_lib
 from jaxllm.train import workdir as workdir_lib
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
   """Loss or gradients became non-finite; the last good checkpoint is kept."""
 
 
