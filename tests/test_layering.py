@@ -1,6 +1,7 @@
 """The package's layering: a lower layer never imports a higher one (function-level imports
-included), only `jaxllm.ops` reaches the Pallas kernels, and no test imports a command module
-(absl flags live in one registry per process: two commands' --checkpoint clash).
+included), no two modules import each other, only `jaxllm.ops` reaches the Pallas kernels, and
+no test imports a command module (absl flags live in one registry per process: two commands'
+--checkpoint clash).
 
   entry points (jaxllm/*.py, cli, bench, a package's __main__), planner
   inference      train
@@ -96,6 +97,44 @@ def test_no_layer_imports_a_higher_one():
               or (_under(module, "jaxllm.planner") and _under(name, "pallas_kernels.backends"))):
             bad.append(f"{module} imports {name} (only jaxllm.ops runs kernels)")
   assert not bad, "\n".join(sorted(set(bad)))
+
+
+def module_imports(path: str, module: str) -> set[str]:
+  """The package modules (files) the module at `path` imports, function-level imports
+  included; `from X import y` counts as X.y when y is a module, else as X."""
+  found = set()
+  for name in _imports(path, module):
+    for candidate in (name, name.rpartition(".")[0]):
+      if candidate.startswith(("jaxllm", "pallas_kernels")) and _module_file(candidate):
+        found.add(candidate)
+        break
+  return found - {module}
+
+
+def mutual_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+  """Pairs of modules that import each other (a package importing its own submodule through
+  its __init__ counts only when the submodule imports the package back)."""
+  return sorted((a, b) for a, deps in graph.items() for b in deps
+                if a < b and a in graph.get(b, ()))
+
+
+def test_no_two_modules_import_each_other():
+  graph = {}
+  for root in ("jaxllm", "pallas_kernels"):
+    for dirpath, _, files in os.walk(os.path.join(REPO, root)):
+      for f in files:
+        if f.endswith(".py"):
+          path = os.path.join(dirpath, f)
+          graph[_module_name(path)] = module_imports(path, _module_name(path))
+  assert len(graph) > 100
+  assert not mutual_imports(graph), mutual_imports(graph)
+
+
+def test_a_mutual_import_is_caught(tmp_path):
+  (tmp_path / "a.py").write_text("def f():\n  from jaxllm.ops import ring_attention\n")
+  graph = {"jaxllm.ops.attention": module_imports(str(tmp_path / "a.py"), "jaxllm.ops.attention"),
+           "jaxllm.ops.ring_attention": {"jaxllm.ops.attention", "jaxllm.config"}}
+  assert mutual_imports(graph) == [("jaxllm.ops.attention", "jaxllm.ops.ring_attention")]
 
 
 def _defines_flags(path: str) -> bool:

@@ -30,12 +30,11 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from pallas_kernels import backends
+from jaxllm.ops import ring_attention
+from jaxllm.ops.attention_mask import MASK_VALUE, masked_scores
 from jaxllm.parallel import rules
 
 IMPLS = ("auto", "xla", "pallas", "cudnn")
-
-# Finite, so a fully masked row (padding) gives a uniform average instead of NaN.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_index: jax.Array,
@@ -66,36 +65,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_index: jax.Array,
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
   return out.reshape(B, T, H, Dh).astype(q.dtype)
-
-
-def masked_scores(q: jax.Array, k: jax.Array, *, q_index: jax.Array, kv_index: jax.Array,
-                  q_segment_ids: jax.Array | None = None,
-                  kv_segment_ids: jax.Array | None = None, sliding_window: int | None = None,
-                  sm_scale: float | None = None, alibi_slopes: jax.Array | None = None,
-                  sinks: int = 0, logit_soft_cap: float = 0.0) -> jax.Array:
-  """Scaled logits `[B, K, G, T, S]` float32 of q `[B, T, H, Dh]` against k `[B, S, K, Dh]`,
-  ALiBi added and invisible pairs set to the (finite) mask value: the masking rules of this
-  module's docstring, shared by `attention` and the ring's blocks
-  (`jaxllm.ops.ring_attention`)."""
-  B, T, H, Dh = q.shape
-  K = k.shape[2]
-  scale = Dh ** -0.5 if sm_scale is None else sm_scale
-  q_BTKGDh = q.reshape(B, T, K, H // K, Dh)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGDh, k,
-                      preferred_element_type=jnp.float32) * scale
-  if logit_soft_cap:
-    scores = logit_soft_cap * jnp.tanh(scores / logit_soft_cap)
-  if alibi_slopes is not None:
-    distance_BTS = jnp.abs(q_index[:, :, None] - kv_index[:, None, :]).astype(jnp.float32)
-    slopes_KG = jnp.asarray(alibi_slopes, jnp.float32).reshape(K, H // K)
-    scores = scores - slopes_KG[None, :, :, None, None] * distance_BTS[:, None, None]
-  mask_BTS = kv_index[:, None, :] <= q_index[:, :, None]
-  if sliding_window is not None:
-    in_window_BTS = kv_index[:, None, :] > q_index[:, :, None] - sliding_window
-    mask_BTS &= in_window_BTS | (kv_index[:, None, :] < sinks)
-  if q_segment_ids is not None:
-    mask_BTS &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-  return jnp.where(mask_BTS[:, None, None], scores, _MASK_VALUE)
 
 
 def resolve_impl(impl: str, head_dim: int, platform: str | None = None) -> str:
@@ -173,7 +142,6 @@ def _ring_self_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi_s
                          mesh, logit_soft_cap=0.0):
   """Ring attention inside a `shard_map` manual over `context` only (batch and heads stay with
   the automatic partitioner)."""
-  from jaxllm.ops import ring_attention
   B, T = q.shape[:2]
   if index is None:
     index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -272,7 +240,6 @@ def _pallas_paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales, 
 def _ring_flash_self_attention(q, k, v, segment_ids, sm_scale, mesh):
   """`ring_attention.ring_flash_attention` in a `shard_map` manual over every axis, as the flash
   kernel needs (`kernel_partition`), with the sequence over `context`."""
-  from jaxllm.ops import ring_attention
 
   def body(q, k, v, segment_ids):
     return ring_attention.ring_flash_attention(q, k, v, segment_ids=segment_ids,
@@ -350,13 +317,13 @@ def dot_product_attention(q, k, v, segment_ids, sliding_window, sm_scale, alibi_
   bias = None
   if segment_ids is not None:
     same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
-    bias = jnp.where(same, 0.0, _MASK_VALUE)[:, None]
+    bias = jnp.where(same, 0.0, MASK_VALUE)[:, None]
   if alibi_slopes is not None:
     T = q.shape[1]
     index = jnp.arange(T, dtype=jnp.int32)
     distance_TS = jnp.abs(index[:, None] - index[None, :]).astype(jnp.float32)
     alibi = -jnp.asarray(alibi_slopes, jnp.float32)[None, :, None, None] * distance_TS[None, None]
-    bias = alibi if bias is None else jnp.maximum(bias + alibi, _MASK_VALUE)
+    bias = alibi if bias is None else jnp.maximum(bias + alibi, MASK_VALUE)
   if bias is not None:
     bias = bias.astype(q.dtype)
   window = None if sliding_window is None else (sliding_window - 1, 0)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels
-from jaxllm.ops.attention import masked_scores
+from jaxllm.ops.attention_mask import masked_scores
 
 
 def load_balance_order(T: int, C: int) -> np.ndarray:
