@@ -28,15 +28,15 @@ def main(argv):
   import jax
   import numpy as np
 
+  import jaxllm
   from jaxllm.checkpoint import convert
-  from jaxllm.lora import adapters, peft_format
-  ckpt = convert.read_checkpoint(_CHECKPOINT.value)
-  params = peft_format.load(_ADAPTER.value, jax.tree.map(jax.numpy.asarray, ckpt.params),
-                            ckpt.model)
+  from jaxllm.lora import adapters
+  model = jaxllm.load(_CHECKPOINT.value, adapter=_ADAPTER.value)  # the one way adapters load
+  params = model.params
   rank, scale = adapters.config_of(params)
   merged = jax.tree.map(np.asarray, adapters.merge(params))
-  common.write_model_dir(out, convert.Checkpoint(ckpt.model, merged, ckpt.tokenizer, "jaxllm"),
-                         name="lora-merged")
+  common.write_model_dir(out, convert.Checkpoint(model.config, merged, model.tokenizer,
+                                                 "jaxllm"), name="lora-merged")
   paths = sorted(adapters.adapters(params))
   print(f"merged a rank-{rank} adapter into {len(paths)} weights; wrote {out}", file=sys.stderr)
   print(json.dumps({"checkpoint": _CHECKPOINT.value, "adapter": _ADAPTER.value, "out": out,

@@ -58,6 +58,16 @@ def full_shape(w) -> tuple[int, ...]:
   return tuple(w.shape)
 
 
+def dims(path: str, w) -> tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+  """(in_axes, batch shape, in shape, out shape) of the weight `w` at params path `path`: what
+  its adapter's a `[*batch, *in, r]` and b `[*batch, r, *out]` are shaped by."""
+  if is_lora(w):
+    raise ValueError(f"{path} already has a LoRA adapter")
+  in_axes, batch = qparams.LAYOUTS[path]
+  shape = full_shape(w)
+  return in_axes, shape[:batch], shape[batch:batch + in_axes], shape[batch + in_axes:]
+
+
 def target_paths(params: dict, cfg: LoraConfig) -> list[str]:
   flat = qparams.flatten(params)
   return [f"{stack}/{TARGETS[t]}" for stack in STACKS for t in cfg.targets
@@ -74,12 +84,7 @@ def add(params: dict, cfg: LoraConfig, seed: int = 0) -> dict:
   keys = jax.random.split(jax.random.PRNGKey(seed), len(paths))
   for path, key in zip(paths, keys):
     w = flat[path]
-    if is_lora(w):
-      raise ValueError(f"{path} already has a LoRA adapter")
-    in_axes, batch = qparams.LAYOUTS[path]
-    shape = full_shape(w)
-    lead, fan_in = shape[:batch], shape[batch:batch + in_axes]
-    fan_out = shape[batch + in_axes:]
+    in_axes, lead, fan_in, fan_out = dims(path, w)
     limit = min(math.prod(fan_in), math.prod(fan_out))
     if cfg.rank > limit:
       raise ValueError(f"lora rank={cfg.rank} is larger than {path}'s dimensions "

@@ -138,11 +138,10 @@ def load(directory: str, params: dict, cfg: ModelConfig) -> dict:
     raise AdapterError(f"{directory}: {WEIGHTS_FILE} holds no LoRA weight")
   for path, ab in pieces.items():
     w = flat[path]
-    if is_lora(w):
-      raise AdapterError(f"{path} already has a LoRA adapter")
-    in_axes, batch = qparams.LAYOUTS[path]
-    shape = adapters.full_shape(w)
-    lead, fan_in, fan_out = shape[:batch], shape[batch:batch + in_axes], shape[batch + in_axes:]
+    try:
+      in_axes, lead, fan_in, fan_out = adapters.dims(path, w)
+    except ValueError as e:
+      raise AdapterError(str(e)) from None
     a = np.zeros((*lead, *fan_in, r), np.float32)
     b = np.zeros((*lead, r, *fan_out), np.float32)
     for j, value in ab["A"].items():
