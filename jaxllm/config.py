@@ -357,6 +357,115 @@ class DistillConfig:
   init_layers: str = ""
 
 
+FINETUNE_METHODS = ("full", "lora", "qlora")
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """Fine-tuning a loaded model (`python -m jaxllm.sft`, `python -m jaxllm.dpo`)."""
+  # full: every weight; lora: low-rank adapters on a frozen float base; qlora: adapters on a
+  # frozen base rounded to int`lora.base_bits` (the `lora` section shapes the adapters).
+  method: str = "lora"
+  loss_on: str = "assistant"  # SFT: assistant (the replies / completion alone) or all tokens
+  eval_fraction: float = 0.1  # examples held out (seeded) for eval loss and exact match
+  # Held-out examples answered greedily before and after training, scored by exact match of the
+  # reply with the reference (the chosen reply of a preference pair; 0: none).
+  eval_generate: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+  """LoRA adapters of `finetune.method` lora and qlora."""
+  targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")  # projections adapted
+  rank: int = 16  # r: a is [in, r], b [r, out]
+  alpha: float = 32.0  # the update is scaled by alpha / rank
+  rslora: bool = False  # scale alpha / sqrt(rank) instead (rank-stabilised LoRA)
+  # qlora: the base's block projections rounded to this many bits (4 or 8) in groups of
+  # base_group_size rows (0: one scale per output channel); embedding, norms and head stay float.
+  base_bits: int = 4
+  base_group_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceConfig:
+  """Preference optimisation (`python -m jaxllm.dpo`) on chosen/rejected pairs."""
+  # sigmoid: DPO (Rafailov et al. 2023); ipo: IPO's squared loss on length-averaged log-ratios
+  # (Azar et al. 2023); simpo: SimPO, length-averaged log-probabilities and no reference model
+  # (Meng et al. 2024).
+  loss: str = "sigmoid"
+  beta: float = 0.1  # scale of the log-ratios (DPO's KL strength; IPO's margin is 1 / (2 beta))
+  label_smoothing: float = 0.0  # sigmoid, simpo: the chance a label is flipped (cDPO)
+  simpo_gamma: float = 0.5  # simpo: the target reward margin
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneExperiment:
+  """A fine-tuning experiment (`--config=FILE` of jaxllm.sft and jaxllm.dpo): the model is the
+  base checkpoint's, so there is no model section; `train` holds the optimizer, steps and
+  sizes."""
+  name: str
+  finetune: FinetuneConfig
+  lora: AdapterConfig
+  dpo: PreferenceConfig
+  train: TrainConfig
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+_FINETUNE_SECTIONS = {"finetune": FinetuneConfig, "lora": AdapterConfig,
+                      "dpo": PreferenceConfig, "train": TrainConfig}
+
+
+def validate_finetune(e: FinetuneExperiment) -> None:
+  """ConfigError with a one-line reason for a bad fine-tuning experiment."""
+  f, a, p = e.finetune, e.lora, e.dpo
+  if f.method not in FINETUNE_METHODS:
+    raise ConfigError(f"finetune.method={f.method!r} is not one of "
+                      f"{', '.join(FINETUNE_METHODS)}")
+  if f.loss_on not in ("assistant", "all"):
+    raise ConfigError(f"finetune.loss_on={f.loss_on!r} is not one of assistant, all")
+  if not 0.0 <= f.eval_fraction < 1.0:
+    raise ConfigError(f"finetune.eval_fraction={f.eval_fraction} must be in [0, 1)")
+  if f.eval_generate < 0:
+    raise ConfigError(f"finetune.eval_generate={f.eval_generate} must be >= 0")
+  if a.rank < 1 or not a.alpha > 0:
+    raise ConfigError(f"lora.rank={a.rank} must be >= 1 and lora.alpha={a.alpha} > 0")
+  if a.base_bits not in (4, 8):
+    raise ConfigError(f"lora.base_bits={a.base_bits} must be 4 or 8")
+  if a.base_group_size < 0 or (a.base_bits == 4 and a.base_group_size % 2):
+    raise ConfigError(f"lora.base_group_size={a.base_group_size} must be 0 (per channel) or "
+                      "a positive (for int4: even) number of rows")
+  if p.loss not in PREFERENCE_LOSSES:
+    raise ConfigError(f"dpo.loss={p.loss!r} is not one of {', '.join(PREFERENCE_LOSSES)}")
+  if not p.beta > 0 or not 0.0 <= p.label_smoothing < 0.5:
+    raise ConfigError(f"dpo.beta={p.beta} must be > 0 and dpo.label_smoothing="
+                      f"{p.label_smoothing} in [0, 0.5)")
+  validate_train(e.train)
+
+
+def finetune_from_config_dict(cd: ml_collections.ConfigDict | Mapping[str, Any]
+                              ) -> FinetuneExperiment:
+  """Builds and validates a FinetuneExperiment; ConfigError naming the first bad key."""
+  values = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
+  name = values.pop("name", "finetune")
+  if not isinstance(name, str) or not name:
+    raise ConfigError("name must be a non-empty string")
+  sections = {}
+  for key, value in values.items():
+    if key not in _FINETUNE_SECTIONS:
+      raise ConfigError(f"unknown config section {key!r} of a fine-tuning experiment (known: "
+                        f"name, {', '.join(_FINETUNE_SECTIONS)})")
+    if not isinstance(value, Mapping):
+      raise ConfigError(f"config section {key} must be a mapping, got {value!r}")
+    sections[key] = section(key, _FINETUNE_SECTIONS[key], value)
+  experiment = FinetuneExperiment(name=name, **{k: sections.get(k, cls())
+                                                for k, cls in _FINETUNE_SECTIONS.items()})
+  validate_finetune(experiment)
+  return experiment
+
+
 def parse_layers(spec: str) -> tuple[int, ...]:
   """`"0,10,29"` -> (0, 10, 29); raises ConfigError if malformed."""
   try:
@@ -387,7 +496,7 @@ def defaults(section: str) -> dict[str, Any]:
   """Every key of a config section with its default: experiment files start from these so that
   any key can be overridden with `--config.section.key=value` (ml_collections only overrides
   keys the file sets)."""
-  return dataclasses.asdict(_SECTIONS[section]())
+  return dataclasses.asdict({**_SECTIONS, **_FINETUNE_SECTIONS}[section]())
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -410,7 +519,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     if isinstance(value, str):
       return tuple(p for p in value.split(",") if p)
     if isinstance(value, (list, tuple)):
-      return tuple(str(v) for v in value)
+      # ml_collections may hand a command-line "a,b" over as the one-element ("a,b",)
+      return tuple(p for v in value for p in str(v).split(",") if p)
     raise ConfigError(f"{key}={value!r} must be a list of strings or a comma-separated string")
   if isinstance(default, str):
     if not isinstance(value, str):
@@ -419,7 +529,9 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
   return value
 
 
-def _section(name: str, cls: type, values: Mapping[str, Any]):
+def section(name: str, cls: type, values: Mapping[str, Any]):
+  """The dataclass `cls` from the ConfigDict section `name` (e.g. train -> TrainConfig), each
+  value coerced to its field's type; ConfigError for an unknown key or a wrong type."""
   fields = {f.name: f for f in dataclasses.fields(cls)}
   kwargs = {}
   for key, value in values.items():
@@ -443,7 +555,7 @@ def from_config_dict(cd: ml_collections.ConfigDict | Mapping[str, Any]) -> Confi
       raise ConfigError(f"unknown config section {key!r} (known: name, {', '.join(_SECTIONS)})")
     if not isinstance(value, Mapping):
       raise ConfigError(f"config section {key} must be a mapping, got {value!r}")
-    sections[key] = _section(key, _SECTIONS[key], value)
+    sections[key] = section(key, _SECTIONS[key], value)
   for key, cls in _SECTIONS.items():
     sections.setdefault(key, cls())
   config = Config(name=name, **sections)
@@ -548,11 +660,9 @@ def validate_model(m: ModelConfig) -> None:
   _validate_moe(m)
 
 
-def validate(config: Config) -> None:
-  """Checks constraints between keys; raises ConfigError with a one-line reason."""
-  m, t, d, mesh = config.model, config.train, config.data, config.mesh
-  validate_model(m)
-
+def validate_train(t: TrainConfig) -> None:
+  """The checks of the train section on its own (the fine-tuning commands take it without a
+  model section); ConfigError with a one-line reason."""
   for key in ("steps", "batch_size", "seq_len", "lr", "grad_accum", "log_every", "eval_every",
               "eval_batches", "checkpoint_every", "keep_checkpoints", "microbatches",
               "pipeline_chunks"):
@@ -570,11 +680,24 @@ def validate(config: Config) -> None:
     raise ConfigError("train.weight_decay, train.z_loss and train.clip_norm must be >= 0")
   if t.moe_aux_loss < 0 or t.router_z_loss < 0:
     raise ConfigError("train.moe_aux_loss and train.router_z_loss must be >= 0")
-  if t.seq_len > m.max_seq_len:
-    raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
   if t.batch_size % t.grad_accum:
     raise ConfigError(
         f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+  if t.loss_scaling not in LOSS_SCALINGS:
+    raise ConfigError(f"train.loss_scaling={t.loss_scaling!r} is not one of "
+                      f"{', '.join(LOSS_SCALINGS)}")
+  if not t.loss_scale_init >= 1.0 or t.loss_scale_period < 1:
+    raise ConfigError(f"train.loss_scale_init={t.loss_scale_init} must be >= 1 and "
+                      f"train.loss_scale_period={t.loss_scale_period} >= 1")
+
+
+def validate(config: Config) -> None:
+  """Checks constraints between keys; raises ConfigError with a one-line reason."""
+  m, t, d, mesh = config.model, config.train, config.data, config.mesh
+  validate_model(m)
+  validate_train(t)
+  if t.seq_len > m.max_seq_len:
+    raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
   if not 0.0 < d.eval_fraction < 1.0:
     raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in (0, 1)")
   if d.tokenizer_max_sentences <= 0:
@@ -602,12 +725,6 @@ def validate(config: Config) -> None:
   if mesh.zero_stage not in ZERO_STAGES:
     raise ConfigError(f"mesh.zero_stage={mesh.zero_stage} is not one of 0, 1, 2 (ZeRO stage 3, "
                       "parameters sharded too, is mesh.fsdp)")
-  if t.loss_scaling not in LOSS_SCALINGS:
-    raise ConfigError(f"train.loss_scaling={t.loss_scaling!r} is not one of "
-                      f"{', '.join(LOSS_SCALINGS)}")
-  if not t.loss_scale_init >= 1.0 or t.loss_scale_period < 1:
-    raise ConfigError(f"train.loss_scale_init={t.loss_scale_init} must be >= 1 and "
-                      f"train.loss_scale_period={t.loss_scale_period} >= 1")
   _validate_pipeline_schedule(config)
   profile = parse_profile_steps(t.profile_steps)
   if profile and profile[0] > t.steps:

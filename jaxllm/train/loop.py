@@ -33,7 +33,7 @@ class TrainingDiverged(UserError, RuntimeError):
   """Loss or gradients became non-finite; the last good checkpoint is kept."""
 
 
-class _PreemptionGuard:
+class PreemptionGuard:
   """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then saves and stops)."""
 
   def __init__(self):
@@ -282,7 +282,7 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
   if start < cfg.train.steps:
     say(f"step {start + 1}: compiling the train step (the first step waits for it)")
   try:
-    with _PreemptionGuard() as guard, compile_log:
+    with PreemptionGuard() as guard, compile_log:
       first_started = time.perf_counter()
       for step in range(start + 1, cfg.train.steps + 1):
         host_batch = next(train_iter)

@@ -1,12 +1,15 @@
 """Pure, jittable train and eval steps.
 
 TrainState is a plain dict pytree: {"params", "opt_state", "step" (int32 []), "rng" (uint32 [2])},
-plus "loss_scale" when the run scales its loss (float16).
+plus "loss_scale" when the run scales its loss (float16). The step trains
+`trainable.split(params)[0]`: every weight, or a LoRA model's adapters alone (the optimizer
+state is shaped by that part).
 Batches are the dicts of `jaxllm.data.pipeline` (`[B, T]` arrays).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -19,7 +22,7 @@ from jaxllm.model import moe
 from jaxllm.ops import ring_attention
 from jaxllm.parallel import pipeline
 from jaxllm.train import loss_scale as loss_scale_lib
-from jaxllm.train import losses
+from jaxllm.train import losses, trainable
 from jaxllm.train.optim import learning_rate_schedule
 
 TrainState = dict[str, Any]
@@ -32,7 +35,7 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int,
                loss_scale: float | None = None) -> TrainState:
   """A fresh train state; with `loss_scale` (float16 training) it holds the dynamic loss
   scale's state too (`jaxllm.train.loss_scale`)."""
-  state = {"params": params, "opt_state": optimizer.init(params),
+  state = {"params": params, "opt_state": optimizer.init(trainable.trainable_params(params)),
            "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(seed)}
   if loss_scale is not None:
     state["loss_scale"] = loss_scale_lib.init(loss_scale)
@@ -94,13 +97,38 @@ def batch_loss(graphdef, params, batch, cfg: TrainConfig | None = None, teacher=
   return total, (nll, weight, stats, kd)
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What a train step minimises: `loss(graphdef, params, batch, extra) -> (summed loss,
+  (weight, summed metrics {name: []}, MoE routing stats or None))`. The step sums loss, weight
+  and metrics over accumulated microbatches and divides the gradient and every metric by the
+  total weight (tokens for the language-model loss, pairs for preference losses), which it
+  reports as `weight_name`. `extra` is the step's third argument (a teacher's params)."""
+  loss: Callable[..., tuple[jax.Array, tuple[jax.Array, dict, Any]]]
+  weight_name: str = "tokens"
+
+
+def lm_objective(cfg: TrainConfig | None,
+                 teacher: tuple[Any, DistillConfig] | None = None) -> Objective:
+  """The language-model loss (`batch_loss`): metric `loss` the NLL per token, and `kd_loss`
+  with a teacher = (teacher graphdef, DistillConfig) whose params come as `extra`."""
+  def loss(graphdef, params, batch, teacher_params=None):
+    with_teacher = None if teacher is None else (teacher[0], teacher_params, teacher[1])
+    total, (nll, weight, stats, kd) = batch_loss(graphdef, params, batch, cfg, with_teacher)
+    sums = {"loss": nll} if kd is None else {"loss": nll, "kd_loss": kd}
+    return total, (weight, sums, stats)
+  return Objective(loss)
+
+
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: TrainConfig,
                     teacher: tuple[Any, DistillConfig] | None = None, grad_shardings=None,
-                    offload=None) -> Callable[..., tuple[TrainState, dict]]:
+                    offload=None, objective: Objective | None = None
+                    ) -> Callable[..., tuple[TrainState, dict]]:
   """`train_step(state, batch) -> (state, metrics)`; accumulates `cfg.grad_accum` microbatches.
 
-  Gradients of the summed loss are added over microbatches and divided once by the total token
-  weight, so accumulation gives the same update as one large batch. With `teacher` =
+  The step minimises `objective` (default: `lm_objective(cfg, teacher)`), the same way for
+  every objective: gradients of the summed loss are added over microbatches and divided once by
+  the total weight, so accumulation gives the same update as one large batch. With `teacher` =
   (teacher graphdef, DistillConfig) the step is `train_step(state, batch, teacher_params)`: the
   teacher runs in the same jitted step and the metrics add `kd_loss` (`loss` stays the
   student's hard-label NLL per token). `grad_shardings` (ZeRO stage 2,
@@ -114,31 +142,35 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
   non-finite gradients leaves params and optimizer state as they were (metrics `skipped` 1,
   `loss_scale` the scale it ran with).
   """
+  objective = objective or lm_objective(cfg, teacher)
   schedule = learning_rate_schedule(cfg)
   view = lambda p: p
   if cfg.qat_bits:  # quantization-aware: the forward sees rounded weights (straight-through)
     from jaxllm.quant import fake, params as qparams
     spec = qparams.QuantSpec(bits=cfg.qat_bits, group_size=cfg.qat_group_size)
     view = lambda p: fake.fake_quant_params(p, spec)
-  def loss(p, b, teacher_params, scale):
-    with_teacher = None if teacher is None else (teacher[0], teacher_params, teacher[1])
-    total, aux = batch_loss(graphdef, view(p), b, cfg, with_teacher)
+  def loss(t, frozen, b, extra, scale):
+    total, aux = objective.loss(graphdef, view(trainable.combine(t, frozen)), b, extra)
     return (total if scale is None else total * scale), aux
 
   grad_fn = jax.value_and_grad(loss, has_aux=True)
   pin = ((lambda g: g) if grad_shardings is None
          else (lambda g: jax.lax.with_sharding_constraint(g, grad_shardings)))
 
-  def train_step(state: TrainState, batch: dict, teacher_params=None) -> tuple[TrainState, dict]:
+  def train_step(state: TrainState, batch: dict, extra=None) -> tuple[TrainState, dict]:
     params = state["params"]
     model_cfg = nnx.merge(graphdef, params).cfg  # static; merging at trace time costs nothing
+    train_part, frozen = trainable.split(params)
+    if frozen is not None and grad_shardings is not None:
+      raise ValueError("ZeRO stage 2 pins full-model gradients: train LoRA adapters with "
+                       "mesh.zero_stage < 2")
     scaled = "loss_scale" in state
     # The loss is a sum over the batch's tokens; the scale applies to their mean (as loss
     # scales are usually stated), so it multiplies the sum by scale / tokens.
     scale = state["loss_scale"]["scale"] / batch["inputs"].size if scaled else None
     A = cfg.grad_accum
     if A == 1:
-      (_, (nll, weight, stats, kd)), grads = grad_fn(params, batch, teacher_params, scale)
+      (_, (weight, sums, stats)), grads = grad_fn(train_part, frozen, batch, extra, scale)
       grads = pin(grads)
     else:
       # Microbatch i takes rows i, i + A, ...: each keeps an equal share of every batch shard.
@@ -146,25 +178,27 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
                            batch)
 
       def accumulate(carry, mb):
-        g_acc, nll_acc, w_acc = carry
-        (_, (nll, w, stats, kd)), g = grad_fn(params, mb, teacher_params, scale)
-        return (pin(jax.tree.map(jnp.add, g_acc, pin(g))), nll_acc + nll, w_acc + w), (stats, kd)
+        g_acc, sums_acc, w_acc = carry
+        (_, (w, sums, stats)), g = grad_fn(train_part, frozen, mb, extra, scale)
+        return ((pin(jax.tree.map(jnp.add, g_acc, pin(g))),
+                 jax.tree.map(jnp.add, sums_acc, sums), w_acc + w), stats)
 
-      zeros = pin(jax.tree.map(jnp.zeros_like, params))
-      (grads, nll, weight), (stats, kd) = jax.lax.scan(
-          accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), micro)
-      stats, kd = jax.tree.map(lambda a: jnp.sum(a, axis=0), (stats, kd))
+      first = jax.tree.map(lambda x: x[0], micro)
+      sum_shapes = jax.eval_shape(lambda: loss(train_part, frozen, first, extra, scale)[1][1])
+      zeros = pin(jax.tree.map(jnp.zeros_like, train_part))
+      (grads, sums, weight), stats = jax.lax.scan(
+          accumulate, (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sum_shapes),
+                       jnp.zeros((), jnp.float32)), micro)
+      stats = jax.tree.map(lambda a: jnp.sum(a, axis=0), stats)
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / (denom if scale is None else denom * scale), grads)
     old_opt_state = state["opt_state"]
     if offload is not None:
       old_opt_state = jax.device_put(old_opt_state, offload[0])
-    updates, opt_state = optimizer.update(grads, old_opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    metrics = {"loss": nll / denom, "grad_norm": _global_norm(grads),
-               "lr": schedule(state["step"]), "tokens": weight}
-    if kd is not None:
-      metrics["kd_loss"] = kd / denom
+    updates, opt_state = optimizer.update(grads, old_opt_state, train_part)
+    new_params = trainable.combine(optax.apply_updates(train_part, updates), frozen)
+    metrics = {**{k: v / denom for k, v in sums.items()}, "grad_norm": _global_norm(grads),
+               "lr": schedule(state["step"]), objective.weight_name: weight}
     if stats is not None:
       new_params = _update_router_bias(new_params, params, stats, model_cfg)
       metrics.update(moe_metrics(stats, model_cfg.experts_per_token))
@@ -190,6 +224,15 @@ def make_eval_step(graphdef) -> Callable[[Any, dict], tuple[jax.Array, jax.Array
   def eval_step(params, batch):
     _, (nll, weight, _, _) = batch_loss(graphdef, params, batch)
     return nll, weight
+  return eval_step
+
+
+def make_objective_eval_step(graphdef, objective: Objective
+                             ) -> Callable[[Any, dict], tuple[jax.Array, dict]]:
+  """`eval_step(params, batch) -> (weight, summed metrics)` of `objective` (no gradient)."""
+  def eval_step(params, batch):
+    _, (weight, sums, _) = objective.loss(graphdef, params, batch, None)
+    return weight, sums
   return eval_step
 
 

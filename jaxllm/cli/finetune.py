@@ -1,0 +1,123 @@
+"""What `python -m jaxllm.sft` and `python -m jaxllm.dpo` share: the experiment, the checks
+before any compilation, the base and its trained part, exact match before and after, and the
+result written whole (`adapter/` in PEFT's format, or `model/` for full fine-tuning)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+
+from absl import flags
+
+from jaxllm.cli import common
+
+ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
+
+
+def experiment(holder):
+  """The validated `config.FinetuneExperiment` of a `define_config_flag` flag; under
+  `--show_config` it is printed, key by key with their meanings, and the command exits."""
+  from jaxllm import config as config_lib
+  result = config_lib.finetune_from_config_dict(common.config_value(holder))
+  if flags.FLAGS.show_config:
+    from jaxllm.cli import show_config
+    sys.stdout.write(show_config.describe(result))
+    sys.exit(0)
+  return result
+
+
+def write_result(workdir: str, method: str, model, base: str) -> str:
+  """The fine-tuned adapter or model, written whole under a temporary name and renamed."""
+  import jax
+  import numpy as np
+
+  from jaxllm.checkpoint import convert
+  from jaxllm.lora import peft_format
+  out = os.path.join(workdir, MODEL_DIR if method == "full" else ADAPTER_DIR)
+  tmp = f"{out}.partial-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  if method == "full":
+    common.write_model_dir(tmp, convert.Checkpoint(
+        model.config, jax.tree.map(np.asarray, model.params), model.tokenizer, "jaxllm"),
+        name="finetuned")
+  else:
+    peft_format.save(tmp, model.params, model.config, base_model=os.path.abspath(base))
+  shutil.rmtree(out, ignore_errors=True)
+  os.replace(tmp, out)
+  return out
+
+
+def _exact_match(model, records, when: str):
+  from jaxllm.eval import exact_match
+  if not records:
+    return None
+  result = exact_match.score(model, records)
+  print(f"held-out exact match {when}: {result['exact_match']:.3f} "
+        f"({result['correct']}/{result['n']})", file=sys.stderr)
+  return result["exact_match"]
+
+
+def run(command: str, holder, base_path: str, data_path: str, workdir: str | None,
+        progress: bool) -> None:
+  """Fine-tunes by `command` ("sft" or "dpo") and prints the summary line."""
+  exp = experiment(holder)  # validated before any JAX work
+  workdir = workdir or f"runs/{exp.name}"
+  from jaxllm.data import preference as preference_data
+  from jaxllm.data import sft as sft_data
+  from jaxllm.train import finetune
+  wanted = finetune.settings(command, base_path, data_path, exp)
+  finetune.check_workdir(workdir, wanted)
+  check = sft_data.check_record if command == "sft" else preference_data.check_pair
+  records = sft_data.read_jsonl(data_path, check)
+  train_records, eval_records = sft_data.split_examples(records, exp.finetune.eval_fraction,
+                                                        exp.train.seed)
+  finetune.lora_config(exp.lora)  # bad targets fail before the model loads
+
+  import jaxllm
+  base = jaxllm.load(base_path)
+  if exp.train.seq_len > base.config.max_seq_len:
+    raise common.CommandError(f"train.seq_len={exp.train.seq_len} exceeds the model's "
+                              f"max_seq_len={base.config.max_seq_len}")
+  # Every record tokenizes (or fails, naming its line) before anything compiles.
+  if command == "sft":
+    finetune.sft_examples(records, base.tokenizer, exp.finetune.loss_on)
+  else:
+    finetune.preference_pairs(records, base.tokenizer)
+  params = finetune.prepare_params(base.params, exp, exp.train.seed)
+  model = dataclasses.replace(base, params=params)
+  finetune.write_settings(workdir, wanted)
+  # Exact match on held-out prompts: a preference pair's reference is its chosen reply.
+  held_out = [(n, r if command == "sft" else _as_example(r))
+              for n, r in eval_records[:exp.finetune.eval_generate]]
+  before = _exact_match(model, held_out, "before")
+  say = lambda msg: print(msg, file=sys.stderr)
+  if command == "sft":
+    data = finetune.sft_data(train_records, eval_records, base.tokenizer, exp, say)
+    from jaxllm.train import step as step_lib
+    objective = step_lib.lm_objective(exp.train)
+  else:
+    data = finetune.preference_data(model.graphdef, params, train_records, eval_records,
+                                    base.tokenizer, exp, say)
+    from jaxllm.train import preference
+    objective = preference.objective(exp.dpo)
+  result = finetune.fit(model.graphdef, params, objective, data, workdir, exp,
+                        progress=progress)
+  model = dataclasses.replace(model, params=result.pop("params"))
+  if result["preempted_by"] is not None:
+    common.finish_training(result, workdir)
+  after = _exact_match(model, held_out, "after")
+  out = write_result(workdir, exp.finetune.method, model, base_path)
+  print(f"wrote {out}", file=sys.stderr)
+  common.finish_training({**result, "command": command, "method": exp.finetune.method,
+                          "out": out, "exact_match_before": before,
+                          "exact_match_after": after}, workdir)
+
+
+def _as_example(pair: dict) -> dict:
+  """A preference pair as the SFT example of its chosen reply."""
+  if "messages" in pair:
+    return {"messages": pair["messages"] + [{"role": "assistant", "content": pair["chosen"]}]}
+  return {"prompt": pair["prompt"], "completion": pair["chosen"]}

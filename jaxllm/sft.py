@@ -1,0 +1,47 @@
+"""`python -m jaxllm.sft --base=PATH --data=FILE.jsonl [--config=EXPERIMENT]
+[--config.finetune.method=full|lora|qlora] [--config.train.steps=N ...] [--workdir=DIR]`
+(or `jaxllm sft ...`)
+
+Supervised fine-tuning of any checkpoint `jaxllm.load` reads on JSONL chat examples
+(`{"messages": [...]}`, rendered with the model's own chat template, loss on the assistant
+turns) or prompt/completion pairs (`jaxllm.data.sft`). `finetune.method`: full (every weight),
+lora (adapters on the frozen base; the `lora` section shapes them) or qlora (adapters on the
+base rounded to int4/int8). A seeded `finetune.eval_fraction` of the examples is held out:
+held-out loss during training, and exact match of greedy replies on `finetune.eval_generate`
+of them before and after. The workdir keeps metrics.jsonl, checkpoints (the trained part and
+its optimizer state; the same command resumes) and the result: `adapter/` (PEFT's format:
+`--adapter=` of generate and eval, jaxllm.load(adapter=), `jaxllm lora merge`) or, for full
+fine-tuning, `model/` (a jaxllm directory). One device.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+
+from jaxllm.cli import common
+
+_CONFIG = common.define_config_flag(os.path.join(
+    os.path.dirname(common.default_experiment()), "sft_smollm2.py"))
+_BASE = flags.DEFINE_string("base", None, "The model to fine-tune: workdir, jaxllm/HF "
+                            "directory or .gguf.")
+_DATA = flags.DEFINE_string("data", None, "JSONL examples: {\"messages\": [...]} or "
+                            "{\"prompt\", \"completion\"} per line.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<config name>).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_KEEP_FREED_MEMORY = common.define_keep_freed_memory_flag()
+flags.mark_flags_as_required(["base", "data"])
+
+
+@common.one_line_errors
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  common.keep_freed_memory(_KEEP_FREED_MEMORY)
+  from jaxllm.cli import finetune
+  finetune.run("sft", _CONFIG, _BASE.value, _DATA.value, _WORKDIR.value, _PROGRESS.value)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=common.parse_flags)

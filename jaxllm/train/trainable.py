@@ -1,0 +1,32 @@
+"""Which part of the params a train step differentiates, clips and updates.
+
+Full training trains every weight. A model whose params hold LoRA adapters (`jaxllm.lora`)
+trains their `a` and `b` alone: the base weights, float or QTensor (QLoRA), stay frozen, get no
+gradient and no optimizer state. The train step works on `split(params)[0]` and puts the result
+back with `combine`, so one step serves both; for full training both are the identity, and a
+run keeps its numbers bitwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxllm.lora import adapters
+
+
+def split(params: dict) -> tuple[Any, dict | None]:
+  """(trainable part, frozen rest): `(params, None)` without adapters, else
+  (`{path: {"a": [*batch, *in, r], "b": [*batch, r, *out]}}`, params)."""
+  if adapters.config_of(params) is None:
+    return params, None
+  return adapters.adapters(params), params
+
+
+def combine(trainable, frozen: dict | None) -> dict:
+  """The params `split` came from, with `trainable` in its place."""
+  return trainable if frozen is None else adapters.with_adapters(frozen, trainable)
+
+
+def trainable_params(params: dict):
+  """The trainable part alone (what the optimizer state is shaped by)."""
+  return split(params)[0]

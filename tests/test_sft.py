@@ -1,0 +1,195 @@
+"""Fine-tuning (`jaxllm.train.trainable`, `jaxllm.train.sft`, `python -m jaxllm.sft`) against
+references built here: a LoRA train step moves each adapter by its gradient taken through the
+merged weight (SGD, so the update is the gradient), in one batch or accumulated, and leaves
+every base weight bitwise; QLoRA keeps its int4 base bytes and holds optimizer state for the
+adapters alone (bytes counted); a stopped run resumes to the same adapters as an unbroken one;
+the command writes an adapter that loads, and fails bad input in one line before compiling."""
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import numpy as np
+import optax
+import pytest
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxllm import config as config_lib
+from jaxllm.data import sft as sft_data
+from jaxllm.lora import adapters
+from jaxllm.lora.weight import LoraWeight
+from jaxllm.model import transformer
+from jaxllm.quant import params as qparams
+from jaxllm.quant import tensor as qtensor
+from jaxllm.train import finetune
+from jaxllm.train import step as step_lib
+from jaxllm.train import trainable
+from tests.helpers import lora_with_updates, tiny_model, xla_flags
+
+
+class CharTokenizer:
+  """Characters as ids 3..62 of a 64-token vocabulary (bos 1, eos 2)."""
+  bos_id, eos_id, add_bos, chat_template = 1, 2, True, None
+
+  def encode(self, text):
+    return [3 + ord(c) % 60 for c in text]
+
+  def decode(self, ids):
+    return "".join(chr(i - 3 + 32) for i in ids)
+
+
+def _records(n, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    a, b = (int(x) for x in rng.integers(0, 99, 2))
+    out.append((i + 1, {"prompt": f"{a}+{b}=", "completion": str(a + b)}))
+  return out
+
+
+def _batch(seq_len=24, rows=4):
+  examples = [sft_data.tokenize(r, CharTokenizer()) for _, r in _records(10)]
+  packed, _ = sft_data.pack(examples, seq_len)
+  return jax.tree.map(jnp.asarray, sft_data.to_batch(packed[:rows]))
+
+
+def _reference_loss(graphdef, params, ab, batch):
+  """Mean NLL over the learned targets, through the merged weights base + scale * a @ b."""
+  merged = adapters.merge(adapters.with_adapters(params, ab))
+  logits, _ = nnx.merge(graphdef, merged).forward(batch["inputs"], batch["positions"],
+                                                  batch["segment_ids"])
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  picked = jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+  return -jnp.sum(picked * batch["weights"]) / jnp.sum(batch["weights"])
+
+
+def _frozen_leaves(params):
+  """Every array of `params` but the adapters' a and b, by path."""
+  out = {}
+  for path, w in qparams.flatten(params).items():
+    base = w.base if isinstance(w, LoraWeight) else w
+    leaves = jax.tree_util.tree_leaves_with_path(base)
+    for sub, leaf in leaves:
+      out[path + jax.tree_util.keystr(sub)] = np.asarray(leaf)
+  return out
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_lora_step_moves_adapters_by_their_merged_weight_gradient(grad_accum):
+  cfg = tiny_model(init_std=0.3)
+  graphdef, params = transformer.split(transformer.create(cfg, 0))
+  lora = lora_with_updates(params, adapters.LoraConfig(rank=4, targets=("q", "v", "o", "down")))
+  batch = _batch()
+  lr = 0.5
+  opt = optax.sgd(lr)
+  train_cfg = config_lib.TrainConfig(grad_accum=grad_accum)
+  state = step_lib.init_state(lora, opt, seed=0)
+  new, metrics = jax.jit(step_lib.make_train_step(graphdef, opt, train_cfg))(state, batch)
+  ab = adapters.adapters(lora)
+  grads = jax.grad(lambda t: _reference_loss(graphdef, lora, t, batch))(ab)
+  moved = jax.tree.map(lambda x, y: (x - y) / lr, ab, adapters.adapters(new["params"]))
+  chex.assert_trees_all_close(moved, grads, atol=1e-5)
+  np.testing.assert_allclose(float(metrics["loss"]),
+                             float(_reference_loss(graphdef, lora, ab, batch)), rtol=1e-5)
+  before, after = _frozen_leaves(lora), _frozen_leaves(new["params"])
+  assert before.keys() == after.keys() and len(before) > 8
+  for key in before:
+    np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+
+
+def test_full_training_view_is_the_identity():
+  _, params = transformer.split(transformer.create(tiny_model(), 0))
+  part, frozen = trainable.split(params)
+  assert part is params and frozen is None and trainable.combine(part, None) is params
+
+
+def _experiment(steps, method="qlora"):
+  return config_lib.finetune_from_config_dict({
+      "name": "t", "finetune": {"method": method, "eval_fraction": 0.0},
+      "lora": {"rank": 4, "targets": ("q", "k", "up"), "base_group_size": 16},
+      "train": {"steps": steps, "batch_size": 4, "seq_len": 24, "lr": 3e-2, "warmup_steps": 1,
+                "log_every": 1, "eval_every": 100, "checkpoint_every": 2,
+                "weight_decay": 0.0}})
+
+
+def _fit(workdir, params, graphdef, steps):
+  experiment = _experiment(steps)
+  records = _records(16)
+  data = finetune.sft_data(records[:-4], records[-4:], CharTokenizer(), experiment,
+                           lambda _: None)
+  params = jax.tree.map(jnp.copy, params)  # fit donates what it is given
+  return finetune.fit(graphdef, params, step_lib.lm_objective(experiment.train), data,
+                      str(workdir), experiment, progress=False, say=lambda _: None)
+
+
+def test_qlora_fit_keeps_int4_base_holds_adapter_state_only_and_resumes(tmp_path):
+  cfg = tiny_model(init_std=0.3)
+  graphdef, params = transformer.split(transformer.create(cfg, 0))
+  start = finetune.prepare_params(params, _experiment(4), seed=0)
+  flat = qparams.flatten(start)
+  assert qtensor.is_qtensor(flat["blocks/attn/q"].base) and flat["blocks/attn/q"].base.bits == 4
+  assert qtensor.is_qtensor(flat["blocks/attn/v"])  # quantized, not adapted
+
+  # Optimizer state: AdamW's two moments of the adapters, nothing of the base.
+  from jaxllm.train import optim
+  state = step_lib.init_state(start, optim.make_optimizer(config_lib.TrainConfig()), 0)
+  adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(adapters.adapters(start)))
+  moment_bytes = sum(x.nbytes for x in jax.tree.leaves(state["opt_state"]) if x.ndim)
+  assert moment_bytes == 2 * adapter_bytes
+
+  whole = _fit(tmp_path / "whole", start, graphdef, steps=4)
+  _fit(tmp_path / "split", start, graphdef, steps=2)
+  resumed = _fit(tmp_path / "split", start, graphdef, steps=4)
+  assert resumed["step"] == 4 and resumed["checkpoint_step"] == 4
+  chex.assert_trees_all_close(adapters.adapters(resumed["params"]),
+                              adapters.adapters(whole["params"]), atol=1e-6)
+  trained = adapters.adapters(whole["params"])
+  assert all(float(jnp.abs(ab["b"]).max()) > 0 for ab in trained.values())
+  before, after = _frozen_leaves(start), _frozen_leaves(whole["params"])
+  assert before.keys() == after.keys()
+  for key in before:  # the packed int4 bytes and their scales, bitwise
+    np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+  rows = [json.loads(line) for line in open(tmp_path / "whole" / finetune.METRICS_FILE)]
+  losses = [r["loss"] for r in rows if "loss" in r]
+  assert losses[-1] < losses[0]
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, "-m", "jaxllm.sft", "--noprogress", *args],
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "XLA_FLAGS": xla_flags(devices=1)})
+
+
+def test_command_writes_a_loadable_adapter_and_refuses_bad_input(tmp_path, tiny_chat_model):
+  import jaxllm
+  from jaxllm.data import instructions
+  data = tmp_path / "chats.jsonl"
+  instructions.write_jsonl(instructions.chats(24, seed=1), str(data))
+  proc = _run(f"--base={tiny_chat_model}", f"--data={data}", f"--workdir={tmp_path / 'run'}",
+              "--config.train.steps=3", "--config.train.batch_size=2",
+              "--config.train.seq_len=96", "--config.finetune.eval_generate=2",
+              "--config.lora.targets=q,v")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads(proc.stdout.splitlines()[-1])
+  assert summary["step"] == 3 and summary["out"] == str(tmp_path / "run" / "adapter")
+  assert summary["exact_match_before"] is not None and "eval_loss" in summary
+  adapted = jaxllm.load(tiny_chat_model, adapter=summary["out"])
+  found = adapters.adapters(adapted.params)
+  assert sorted(found) == ["blocks/attn/q", "blocks/attn/v"]
+  assert all(float(np.abs(ab["b"]).max()) > 0 for ab in found.values())  # trained, not zeros
+
+  no_reply = tmp_path / "no_reply.jsonl"
+  no_reply.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+  for args, message in (
+      ([f"--data={no_reply}"], f"error: {no_reply}:1: no assistant turn to learn from"),
+      ([f"--data={data}", "--config.lora.rank=97"],
+       "error: lora rank=97 is larger than blocks/attn/q's dimensions (96,) -> (6, 16) "
+       "(at most 96)")):
+    bad = _run(f"--base={tiny_chat_model}", f"--workdir={tmp_path / 'bad'}", *args)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == message, bad.stderr
+    assert not (tmp_path / "bad").exists()
