@@ -171,13 +171,10 @@ def load(path: str | os.PathLike[str], mesh: Mesh | str | None = None, *,
   "data=2,tensor=4", `jaxllm.parallel.placement`): heads, MLP and vocabulary over `tensor`,
   KV heads repeated where the tensor axis does not divide them (`kv_head_copies=False` keeps
   the model's own, for tools that write it back). `adapter`: a LoRA adapter directory in
-  PEFT's format (`jaxllm.lora.peft_format`), applied unmerged on one device."""
+  PEFT's format (`jaxllm.lora.peft_format`), applied unmerged (on a mesh, its `a` and `b` split
+  like their weight, `placement.lora_axes`)."""
   if isinstance(mesh, str):
     mesh = placement.parse_mesh(mesh)
-  if adapter is not None and mesh is not None:
-    from jaxllm.lora.peft_format import AdapterError
-    raise AdapterError("an adapter on a mesh is not supported yet: load on one device, or "
-                       "merge the adapter into the checkpoint first")
   ckpt = convert.read_checkpoint(path, mesh=mesh)
   if mesh is None:
     params, cfg = jax.tree.map(jnp.asarray, ckpt.params), ckpt.model
@@ -187,6 +184,14 @@ def load(path: str | os.PathLike[str], mesh: Mesh | str | None = None, *,
                                          kv_head_copies=kv_head_copies)
   if adapter is not None:
     from jaxllm.lora import peft_format
+    if cfg.n_kv_heads != ckpt.model.n_kv_heads:
+      raise peft_format.AdapterError(
+          f"an adapter on this mesh: its tensor axis does not divide the model's "
+          f"{ckpt.model.n_kv_heads} KV heads (they are repeated to {cfg.n_kv_heads}); use a "
+          "tensor axis that divides them, or merge the adapter into the checkpoint first")
     params = peft_format.load(os.fspath(adapter), params, cfg)
+    if mesh is not None:
+      params = jax.device_put(params, placement.qtensor_shardings(
+          params, transformer.logical_axes(cfg), mesh))
   graphdef, _ = transformer.abstract_params(cfg)
   return LoadedModel(cfg, graphdef, params, ckpt.tokenizer, ckpt.kind, mesh)

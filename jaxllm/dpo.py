@@ -8,7 +8,7 @@ with `dpo.label_smoothing` for conservative DPO), IPO or SimPO (`jaxllm.train.pr
 The reference is the starting model (for LoRA, the base with the adapters at zero); its
 log-probabilities are computed once before training. Methods, held-out metrics (loss, reward
 margin and accuracy), exact match of greedy replies against the chosen ones, workdir, resume
-and the result (`adapter/` or `model/`) are `python -m jaxllm.sft`'s. One device.
+the result (`adapter/` or `model/`) and `--mesh` are `python -m jaxllm.sft`'s.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ _DATA = flags.DEFINE_string("data", None, "JSONL pairs: {\"prompt\" or \"message
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<config name>).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 _KEEP_FREED_MEMORY = common.define_keep_freed_memory_flag()
+_MESH = common.define_mesh_flag()
 flags.mark_flags_as_required(["base", "data"])
 
 
@@ -37,7 +38,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   common.keep_freed_memory(_KEEP_FREED_MEMORY)
   from jaxllm.cli import finetune
-  finetune.run("dpo", _CONFIG, _BASE.value, _DATA.value, _WORKDIR.value, _PROGRESS.value)
+  finetune.run("dpo", _CONFIG, _BASE.value, _DATA.value, _WORKDIR.value, _PROGRESS.value,
+               _MESH.value)
 
 
 if __name__ == "__main__":

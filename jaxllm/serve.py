@@ -60,6 +60,7 @@ _STREAM_WINDOW = flags.DEFINE_integer(
     "this many latest tokens, in constant memory and with no length limit (0: off).",
     lower_bound=0)
 _MESH = common.define_mesh_flag()
+_ADAPTER = common.define_adapter_flag()
 _REPLICAS = flags.DEFINE_integer("replicas", 1, "Engines on disjoint device groups (each of "
                                  "--mesh's shape) behind one server; requests go to the least "
                                  "loaded (or the one caching their prefix).", lower_bound=1)
@@ -89,7 +90,7 @@ def main(argv):
         draft=_DRAFT.value if _SPEC_K.value else None, mesh=_MESH.value,
         replicas=_REPLICAS.value, sink_tokens=_SINKS.value,
         stream_window=_STREAM_WINDOW.value, kv_memory=_KV_MEMORY.value,
-        log_requests=_LOG_REQUESTS.value)
+        log_requests=_LOG_REQUESTS.value, adapter=_ADAPTER.value)
   except ValueError as e:
     raise common.CommandError(str(e)) from None
   if jax.process_index() > 0:  # multi-host: process 0 serves HTTP, this one runs its steps

@@ -11,7 +11,8 @@ held-out loss during training, and exact match of greedy replies on `finetune.ev
 of them before and after. The workdir keeps metrics.jsonl, checkpoints (the trained part and
 its optimizer state; the same command resumes) and the result: `adapter/` (PEFT's format:
 `--adapter=` of generate and eval, jaxllm.load(adapter=), `jaxllm lora merge`) or, for full
-fine-tuning, `model/` (a jaxllm directory). One device.
+fine-tuning, `model/` (a jaxllm directory). `--mesh=fsdp=2,tensor=4` (data, fsdp, tensor) splits
+the model, its adapters and optimizer state, and each batch's rows over devices.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ _DATA = flags.DEFINE_string("data", None, "JSONL examples: {\"messages\": [...]}
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<config name>).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 _KEEP_FREED_MEMORY = common.define_keep_freed_memory_flag()
+_MESH = common.define_mesh_flag()
 flags.mark_flags_as_required(["base", "data"])
 
 
@@ -40,7 +42,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   common.keep_freed_memory(_KEEP_FREED_MEMORY)
   from jaxllm.cli import finetune
-  finetune.run("sft", _CONFIG, _BASE.value, _DATA.value, _WORKDIR.value, _PROGRESS.value)
+  finetune.run("sft", _CONFIG, _BASE.value, _DATA.value, _WORKDIR.value, _PROGRESS.value,
+               _MESH.value)
 
 
 if __name__ == "__main__":

@@ -208,3 +208,49 @@ def test_merge_command_writes_the_adapted_model_and_fails_bad_input_in_one_line(
   assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
       f"error: {tmp_path}: no adapter_config.json (not a PEFT/jaxllm LoRA adapter)"], bad.stderr
   assert not (tmp_path / "merged2").exists()
+
+
+def test_an_adapter_on_a_tensor_mesh_gives_one_devices_logits(tmp_path, tiny_chat_model):
+  """`jaxllm.load(adapter=, mesh=)`: a and b split like their weight; a tensor axis that does
+  not divide the KV heads (whose copies would need copied adapters) is refused in one line."""
+  import jaxllm
+  from jaxllm.parallel import placement
+  base = jaxllm.load(tiny_chat_model)
+  lora = lora_with_updates(base.params, adapters.LoraConfig(rank=4), scale=0.5)
+  peft_format.save(str(tmp_path / "ad"), lora, base.config)
+  ids = [[1, 504, 3027, 42, 9, 17]]
+  want = jaxllm.load(tiny_chat_model, adapter=tmp_path / "ad").logits(ids)
+  split = jaxllm.load(tiny_chat_model, mesh=placement.parse_mesh("tensor=3"),
+                      adapter=tmp_path / "ad")
+  np.testing.assert_allclose(split.logits(ids), want, atol=2e-4)
+  v = qparams.flatten(split.params)["blocks/attn/v"]
+  assert v.b.sharding.spec[2] == "tensor"  # [L, r, K, Dh]: KV heads over the tensor axis
+  with pytest.raises(peft_format.AdapterError, match="does not divide the model's 3 KV heads"):
+    jaxllm.load(tiny_chat_model, mesh=placement.parse_mesh("tensor=2"), adapter=tmp_path / "ad")
+
+
+def test_a_server_with_an_adapter_answers_as_the_adapted_model(tmp_path, tiny_chat_model):
+  """`serve --adapter` (server.build(adapter=)): the engine's batched, paged decoding of the
+  adapted model gives `LoadedModel.generate`'s greedy text, which the adapter changes."""
+  pytest.importorskip("fastapi")
+  from fastapi.testclient import TestClient
+
+  import jaxllm
+  from jaxllm.inference import server as server_lib
+  base = jaxllm.load(tiny_chat_model)
+  lora = lora_with_updates(base.params, adapters.LoraConfig(rank=4, targets=("q", "v", "down")),
+                           scale=1.0)
+  peft_format.save(str(tmp_path / "ad"), lora, base.config)
+  adapted = jaxllm.load(tiny_chat_model, adapter=tmp_path / "ad")
+  prompt = "The capital of"
+  want = adapted.generate(prompt, max_tokens=8)
+  assert want != base.generate(prompt, max_tokens=8)  # the adapter shows in the text
+  app, engine = server_lib.build(tiny_chat_model, adapter=str(tmp_path / "ad"), max_slots=2,
+                                 num_pages=16, max_seq_len=128, model_name="m")
+  try:
+    reply = TestClient(app).post("/v1/completions", json={
+        "model": "m", "prompt": prompt, "max_tokens": 8, "temperature": 0})
+  finally:
+    engine.shutdown()
+  assert reply.status_code == 200, reply.text
+  assert reply.json()["choices"][0]["text"] == want

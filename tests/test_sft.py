@@ -117,14 +117,19 @@ def _experiment(steps, method="qlora"):
                 "weight_decay": 0.0}})
 
 
-def _fit(workdir, params, graphdef, steps):
-  experiment = _experiment(steps)
+def _fit(workdir, params, graphdef, steps, method="qlora", mesh=None):
+  experiment = _experiment(steps, method)
   records = _records(16)
   data = finetune.sft_data(records[:-4], records[-4:], CharTokenizer(), experiment,
                            lambda _: None)
   params = jax.tree.map(jnp.copy, params)  # fit donates what it is given
   return finetune.fit(graphdef, params, step_lib.lm_objective(experiment.train), data,
-                      str(workdir), experiment, progress=False, say=lambda _: None)
+                      str(workdir), experiment, progress=False, say=lambda _: None, mesh=mesh)
+
+
+def _losses(workdir):
+  return [r["loss"] for r in map(json.loads, open(workdir / finetune.METRICS_FILE))
+          if "loss" in r]
 
 
 def test_qlora_fit_keeps_int4_base_holds_adapter_state_only_and_resumes(tmp_path):
@@ -154,9 +159,30 @@ def test_qlora_fit_keeps_int4_base_holds_adapter_state_only_and_resumes(tmp_path
   assert before.keys() == after.keys()
   for key in before:  # the packed int4 bytes and their scales, bitwise
     np.testing.assert_array_equal(after[key], before[key], err_msg=key)
-  rows = [json.loads(line) for line in open(tmp_path / "whole" / finetune.METRICS_FILE)]
-  losses = [r["loss"] for r in rows if "loss" in r]
+  losses = _losses(tmp_path / "whole")
   assert losses[-1] < losses[0]
+
+
+def test_lora_on_a_data_fsdp_tensor_mesh_trains_as_on_one_device(tmp_path):
+  """LoRA fine-tuning split over data=2 x fsdp=2 x tensor=2 (8 devices: the base, adapters and
+  moments by the logical-axis rules, rows over data and fsdp) gives one device's losses and
+  adapters within 1e-5."""
+  from jaxllm.parallel import placement
+  graphdef, params = transformer.split(transformer.create(tiny_model(init_std=0.3), 0))
+  start = finetune.prepare_params(params, _experiment(3, "lora"), seed=0)
+  one = _fit(tmp_path / "one", start, graphdef, steps=3, method="lora")
+  mesh = placement.parse_mesh("data=2,fsdp=2,tensor=2")
+  eight = _fit(tmp_path / "eight", start, graphdef, steps=3, method="lora", mesh=mesh)
+  np.testing.assert_allclose(_losses(tmp_path / "eight"), _losses(tmp_path / "one"), rtol=1e-5)
+  want = adapters.adapters(jax.device_get(one["params"]))
+  got = adapters.adapters(eight["params"])
+  for path, ab in got.items():
+    for name, x in ab.items():
+      rel = np.linalg.norm(np.asarray(x) - want[path][name]) / np.linalg.norm(want[path][name])
+      assert rel <= 1e-5, (path, name, rel)
+  # really split: q's a [L, D, r] over fsdp along D, its b [L, r, H, Dh] over tensor along H
+  q = qparams.flatten(eight["params"])["blocks/attn/q"]
+  assert q.a.sharding.spec[1] == "fsdp" and q.b.sharding.spec[2] == "tensor"
 
 
 def _run(*args):

@@ -40,14 +40,15 @@ def keep_freed_memory(holder) -> None:
 
 
 def define_mesh_flag():
-  """`--mesh` of the inference entry points (generate, eval, serve)."""
+  """`--mesh` of the inference and fine-tuning entry points (generate, eval, serve, sft,
+  dpo)."""
   return flags.DEFINE_string(
       "mesh", None, "Devices to split the model over: AXIS=N,... with AXIS data, fsdp, tensor "
       "or expert (e.g. tensor=4 or data=2,tensor=4; unnamed axes 1). Default: one device.")
 
 
 def define_adapter_flag():
-  """`--adapter` of the inference entry points (generate, eval)."""
+  """`--adapter` of the inference entry points (generate, eval, serve)."""
   return flags.DEFINE_string(
       "adapter", None, "A LoRA adapter directory in PEFT's format (adapter_config.json + "
       "adapter_model.safetensors, ours or PEFT's) applied to --checkpoint, unmerged.")

@@ -61,8 +61,9 @@ def _exact_match(model, records, when: str):
 
 
 def run(command: str, holder, base_path: str, data_path: str, workdir: str | None,
-        progress: bool) -> None:
-  """Fine-tunes by `command` ("sft" or "dpo") and prints the summary line."""
+        progress: bool, mesh: str | None = None) -> None:
+  """Fine-tunes by `command` ("sft" or "dpo") on one device or split over `mesh` (a spec,
+  `placement.parse_mesh`) and prints the summary line."""
   exp = experiment(holder)  # validated before any JAX work
   workdir = workdir or f"runs/{exp.name}"
   from jaxllm.data import preference as preference_data
@@ -77,7 +78,17 @@ def run(command: str, holder, base_path: str, data_path: str, workdir: str | Non
   finetune.lora_config(exp.lora)  # bad targets fail before the model loads
 
   import jaxllm
-  base = jaxllm.load(base_path)
+  from jaxllm.parallel import placement, rules
+  mesh = placement.parse_mesh(mesh)
+  if mesh is not None:
+    rows = 1
+    for axis in rules.batch_axes(mesh):
+      rows *= mesh.shape[axis]
+    if exp.train.batch_size % rows:
+      raise common.CommandError(f"train.batch_size={exp.train.batch_size} is not divisible by "
+                                f"the {rows} batch shards of --mesh")
+  # On a mesh the KV heads stay the model's own (copies would train apart from each other).
+  base = jaxllm.load(base_path, mesh=mesh, kv_head_copies=False)
   if exp.train.seq_len > base.config.max_seq_len:
     raise common.CommandError(f"train.seq_len={exp.train.seq_len} exceeds the model's "
                               f"max_seq_len={base.config.max_seq_len}")
@@ -104,7 +115,7 @@ def run(command: str, holder, base_path: str, data_path: str, workdir: str | Non
     from jaxllm.train import preference
     objective = preference.objective(exp.dpo)
   result = finetune.fit(model.graphdef, params, objective, data, workdir, exp,
-                        progress=progress)
+                        progress=progress, mesh=mesh)
   model = dataclasses.replace(model, params=result.pop("params"))
   if result["preempted_by"] is not None:
     common.finish_training(result, workdir)

@@ -151,7 +151,8 @@ def tokenize(record: dict, tokenizer, loss_on: str = "assistant", line: int = 0)
     for text, learn in chunks:
       add(tokenizer.encode(text), learn)
   else:
-    bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id >= 0 else []
+    bos = ([tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None
+           and tokenizer.bos_id >= 0 else [])
     add(bos + tokenizer.encode(record["prompt"]), False)
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else []
     add(tokenizer.encode(record["completion"]) + eos, True)

@@ -308,7 +308,7 @@ def default_model_name(checkpoint: str) -> str:
 def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill_chunk=64,
           max_seq_len=None, model_name=None, api_key=None, kv_cache_dtype="float32",
           speculative_k=0, draft=None, mesh=None, replicas: int = 1, sink_tokens=0,
-          stream_window=0, kv_memory=None, log_requests=False):
+          stream_window=0, kv_memory=None, log_requests=False, adapter=None):
   """(app, engine) for a checkpoint (quantized ones too); the engine's loop is started.
   `app.state.kv_pool` describes the page pool it chose: `num_pages` if given, else from the
   `kv_memory` budget (`jaxllm.inference.kv_budget`; None: the platform's default).
@@ -320,6 +320,8 @@ def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill
   `mesh`: a Mesh or a spec ("tensor=4") to split the model over (`jaxllm.load`);
   `replicas`: engines on disjoint device groups (each of the spec's shape) behind one router
   (`jaxllm.inference.replicas`). Sizes (`max_slots`, `num_pages`) are per engine.
+  `adapter`: a LoRA adapter directory (PEFT's format) every request is served with, unmerged
+  (`jaxllm.load(adapter=)`: one device).
   In a multi-process run every process calls this; only process 0's engine is started, the
   others must `engine.follow()` (`jaxllm.inference.lockstep`).
   """
@@ -333,7 +335,7 @@ def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill
     meshes = placement.replica_meshes(mesh, replicas)
   else:
     raise ValueError("replicas take their meshes from a spec (mesh='tensor=4'), not a Mesh")
-  models = [jaxllm.load(checkpoint, mesh=m) for m in meshes]
+  models = [jaxllm.load(checkpoint, mesh=m, adapter=adapter) for m in meshes]
   model = models[0]
   max_len = max_seq_len or model.config.max_seq_len
   stream = gen.stream_of(sink_tokens, stream_window)

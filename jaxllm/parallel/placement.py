@@ -188,23 +188,44 @@ def param_shardings(abstract_params: dict, axes: dict, mesh: Mesh,
   return qparams.unflatten({p: one(p, x) for p, x in flat.items()})
 
 
+def lora_axes(float_axes: tuple, w) -> tuple[tuple, tuple]:
+  """Logical axes of a LoraWeight's `a` `[*batch, *in, r]` and `b` `[*batch, r, *out]` from
+  its weight's `float_axes` (`[*batch, *in, *out]`): each splits like the weight's batch and
+  in (a) or out (b) axes; the rank stays whole."""
+  lead = w.a.ndim - w.in_axes - 1
+  return (tuple(float_axes[:lead + w.in_axes]) + (None,),
+          tuple(float_axes[:lead]) + (None,) + tuple(float_axes[lead + w.in_axes:]))
+
+
 def qtensor_shardings(params: dict, axes: dict, mesh: Mesh) -> dict:
-  """Shardings for an in-memory params tree whose leaves may be QTensors (same structure,
-  a QTensor's shardings as a QTensor of NamedShardings)."""
+  """Shardings for an in-memory params tree whose leaves may be QTensors or LoraWeights (same
+  structure: a QTensor's shardings as a QTensor of NamedShardings, a LoraWeight's as a
+  LoraWeight of its base's shardings and `lora_axes`')."""
+  from jaxllm.lora.weight import is_lora
   from jaxllm.quant import params as qparams
   from jaxllm.quant import tensor as qtensor
-  stored = qparams.to_storage(params)
+  flat_params = qparams.flatten(params)
+  bases = {p: (w.base if is_lora(w) else w) for p, w in flat_params.items()}
+  stored = qparams.to_storage(qparams.unflatten(bases))
   layouts = {p: (w.in_axes, w.values.ndim - 2)
-             for p, w in qparams.flatten(params).items() if qtensor.is_qtensor(w)}
+             for p, w in bases.items() if qtensor.is_qtensor(w)}
   flat = qparams.flatten(param_shardings(stored, axes, mesh, layouts))
+  flat_axes = qparams.flatten(axes)
   out = {}
-  for path, w in qparams.flatten(params).items():
+  for path, w in bases.items():
     if qtensor.is_qtensor(w):
       out[path] = dataclasses.replace(w, values=flat[f"{path}/values"],
                                       scales=flat[f"{path}/scales"],
                                       zeros=flat.get(f"{path}/zeros"))
     else:
       out[path] = flat[path]
+    lora = flat_params[path]
+    if is_lora(lora):
+      a_axes, b_axes = lora_axes(flat_axes[path], lora)
+      out[path] = dataclasses.replace(
+          lora, base=out[path],
+          a=NamedSharding(mesh, rules.spec_for(a_axes, lora.a.shape, mesh)),
+          b=NamedSharding(mesh, rules.spec_for(b_axes, lora.b.shape, mesh)))
   return qparams.unflatten(out)
 
 

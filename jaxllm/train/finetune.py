@@ -172,22 +172,56 @@ def _checkpoint_state(state: dict) -> dict:
   return {**state, "params": trainable.trainable_params(state["params"])}
 
 
+def state_shardings(state: dict, graphdef, optimizer, mesh) -> dict:
+  """Where a fine-tuning state lives on `mesh`: params by the logical-axis rules (a LoRA
+  weight's a and b split like their weight, `placement.lora_axes`; a QTensor base as stored),
+  the optimizer moments like the part they train, step and key replicated."""
+  from flax import nnx
+
+  from jaxllm.model import transformer
+  from jaxllm.parallel import placement, zero
+  cfg = nnx.merge(graphdef, state["params"]).cfg
+  params = placement.qtensor_shardings(state["params"], transformer.logical_axes(cfg), mesh)
+  opt = zero.state_shardings(optimizer, jax.eval_shape(lambda: state["opt_state"]),
+                             trainable.trainable_like(state["params"], params), mesh, 0)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return {**jax.tree.map(lambda _: replicated, {k: v for k, v in state.items()
+                                                if k not in ("params", "opt_state")}),
+          "params": params, "opt_state": opt}
+
+
 def fit(graphdef, params: dict, objective: step_lib.Objective, data: Data, workdir: str,
         experiment: config_lib.FinetuneExperiment, *, progress: bool = True,
-        on_step: Callable[[int], None] | None = None, say=None) -> dict[str, Any]:
+        on_step: Callable[[int], None] | None = None, say=None, mesh=None) -> dict[str, Any]:
   """Fine-tunes `params` (from `prepare_params`) on `data` in `workdir`, resuming its newest
   checkpoint; returns the summary of the last step and held-out evaluation (`eval_<metric>`),
   with "params" the fine-tuned params. The steps donate their state, so `params`' arrays (the
   frozen base included: it passes through each step in place, never copied) are consumed: use
-  the returned ones."""
+  the returned ones. `mesh` (a `jax.sharding.Mesh` with any of the data, fsdp and tensor
+  axes) splits the state (`state_shardings`) and every batch's rows over it."""
   say = say or (lambda msg: tqdm.write(msg, file=sys.stderr))
   train, method = experiment.train, experiment.finetune.method
   optimizer = optim.make_optimizer(train)
-  train_step = jax.jit(step_lib.make_train_step(graphdef, optimizer, train, objective=objective),
-                       donate_argnums=0)
-  eval_step = jax.jit(step_lib.make_objective_eval_step(graphdef, objective))
-  checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), train.keep_checkpoints)
+  step_fn = step_lib.make_train_step(graphdef, optimizer, train, objective=objective)
+  eval_fn = step_lib.make_objective_eval_step(graphdef, objective)
   state = step_lib.init_state(params, optimizer, train.seed)
+  if mesh is None:
+    train_step = jax.jit(step_fn, donate_argnums=0)
+    eval_step = jax.jit(eval_fn)
+    put_batch = lambda b: jax.tree.map(jnp.asarray, b)
+  else:
+    from jaxllm.parallel import mesh as mesh_lib
+    from jaxllm.parallel import rules
+    shardings = state_shardings(state, graphdef, optimizer, mesh)
+    state = jax.device_put(state, shardings)
+    batch_sh = rules.batch_sharding(mesh)
+    train_step = mesh_lib.under_mesh(jax.jit(step_fn, in_shardings=(shardings, batch_sh),
+                                             out_shardings=(shardings, None),
+                                             donate_argnums=0), mesh)
+    eval_step = mesh_lib.under_mesh(jax.jit(eval_fn, in_shardings=(shardings["params"],
+                                                                   batch_sh)), mesh)
+    put_batch = lambda b: jax.device_put(b, batch_sh)
+  checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), train.keep_checkpoints)
   n_train = sum(x.size for x in jax.tree.leaves(trainable.trainable_params(params)))
   n_all = sum(getattr(x, "size", 0) for x in jax.tree.leaves(params))
   say(f"method {method}: {n_train / 1e6:.3f}M trained parameters of {n_all / 1e6:.2f}M")
@@ -199,7 +233,7 @@ def fit(graphdef, params: dict, objective: step_lib.Objective, data: Data, workd
         restored["params"], trainable.split(state["params"])[1])}
   writer = metrics_lib.MetricsWriter(os.path.join(workdir, METRICS_FILE), None,
                                      resume_step=resume_step)
-  eval_data = [jax.tree.map(jnp.asarray, b) for b in data.eval_batches]
+  eval_data = [put_batch(b) for b in data.eval_batches]
 
   def evaluate(p):
     total, sums = 0.0, {}
@@ -219,7 +253,7 @@ def fit(graphdef, params: dict, objective: step_lib.Objective, data: Data, workd
   try:
     with PreemptionGuard() as guard:
       for step in range(start + 1, train.steps + 1):
-        state, metrics = train_step(state, jax.tree.map(jnp.asarray, next(batches)))
+        state, metrics = train_step(state, put_batch(next(batches)))
         final = step == train.steps
         due_ckpt = step % train.checkpoint_every == 0 or final or guard.signum is not None
         if step % train.log_every == 0 or final or due_ckpt or step == start + 1:

@@ -30,3 +30,9 @@ def combine(trainable, frozen: dict | None) -> dict:
 def trainable_params(params: dict):
   """The trainable part alone (what the optimizer state is shaped by)."""
   return split(params)[0]
+
+
+def trainable_like(params: dict, tree: dict):
+  """The part of `tree`, a tree shaped like `params` (their shardings, say), that
+  `split(params)` trains."""
+  return tree if adapters.config_of(params) is None else adapters.adapters(tree)
