@@ -76,9 +76,9 @@ def not_run_reason(kind: str, code: str) -> str | None:
 
 def toy(kind: str, code: str, chat_model: str) -> str:
   """The snippet as it runs here: placeholders filled (BASE: the tiny chat model, ADAPTER: an
-  adapter made for it), training shortened, the kernels in the
-  Pallas interpreter (the page shows a GPU/TPU call), the Python API on a model with a chat
-  template (its last line needs one)."""
+  adapter made for it), training and fine-tuning shortened (24 synthetic examples), the kernels
+  in the Pallas interpreter (the page shows a GPU/TPU call), the Python API on a model with a
+  chat template (its last line needs one)."""
   if kind == "bash":
     code = code.replace("$(python -m jaxllm.fetch smollm2-135m)", chat_model)
     code = code.replace("=PATH", "=runs/tiny").replace("=FILES", "='docs/*.txt'")
@@ -87,6 +87,8 @@ def toy(kind: str, code: str, chat_model: str) -> str:
       code = f"{code} {TOY_TRAIN}"
     if code.startswith(("python -m jaxllm.sft", "python -m jaxllm.dpo")):
       code = f"{code} {TOY_SFT}"
+    if code.startswith("python -m jaxllm.data instructions"):
+      code = re.sub(r"--examples=\d+", "--examples=24", code)
     if code.startswith("python -m jaxllm.quantize") and "--method=" in code:
       code = f"{code} {TOY_CALIBRATION}"
   elif kind == "python":
