@@ -1,5 +1,6 @@
-"""Fine-tuning a loaded model on one device: supervised (SFT) or by preference (DPO, IPO,
-SimPO), training every weight, LoRA adapters, or QLoRA adapters on an int4/int8 base.
+"""Fine-tuning a loaded model, on one device or a data x fsdp x tensor mesh: supervised (SFT)
+or by preference (DPO, IPO, SimPO), training every weight, LoRA adapters, or QLoRA adapters on
+an int4/int8 base.
 
 `prepare_params` turns the base params into what trains (adapters added; for QLoRA the base
 rounded first); `sft_data` and `preference_data` turn JSONL records into the items the steps
