@@ -448,20 +448,9 @@ def validate_finetune(e: FinetuneExperiment) -> None:
 def finetune_from_config_dict(cd: ml_collections.ConfigDict | Mapping[str, Any]
                               ) -> FinetuneExperiment:
   """Builds and validates a FinetuneExperiment; ConfigError naming the first bad key."""
-  values = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
-  name = values.pop("name", "finetune")
-  if not isinstance(name, str) or not name:
-    raise ConfigError("name must be a non-empty string")
-  sections = {}
-  for key, value in values.items():
-    if key not in _FINETUNE_SECTIONS:
-      raise ConfigError(f"unknown config section {key!r} of a fine-tuning experiment (known: "
-                        f"name, {', '.join(_FINETUNE_SECTIONS)})")
-    if not isinstance(value, Mapping):
-      raise ConfigError(f"config section {key} must be a mapping, got {value!r}")
-    sections[key] = section(key, _FINETUNE_SECTIONS[key], value)
-  experiment = FinetuneExperiment(name=name, **{k: sections.get(k, cls())
-                                                for k, cls in _FINETUNE_SECTIONS.items()})
+  name, sections = _name_and_sections(cd, _FINETUNE_SECTIONS, "finetune",
+                                      " of a fine-tuning experiment")
+  experiment = FinetuneExperiment(name=name, **sections)
   validate_finetune(experiment)
   return experiment
 
@@ -543,21 +532,29 @@ def section(name: str, cls: type, values: Mapping[str, Any]):
   return cls(**kwargs)
 
 
-def from_config_dict(cd: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
-  """Builds and validates a Config; raises ConfigError naming the first bad key."""
+def _name_and_sections(cd: ml_collections.ConfigDict | Mapping[str, Any],
+                       known: Mapping[str, type], default_name: str,
+                       kind: str = "") -> tuple[str, dict[str, Any]]:
+  """(name, every section of `known` built from `cd` or left at its defaults); ConfigError
+  for a bad name, an unknown section (`kind` says of what) or a bad key."""
   values = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
-  name = values.pop("name", "experiment")
+  name = values.pop("name", default_name)
   if not isinstance(name, str) or not name:
     raise ConfigError("name must be a non-empty string")
   sections = {}
   for key, value in values.items():
-    if key not in _SECTIONS:
-      raise ConfigError(f"unknown config section {key!r} (known: name, {', '.join(_SECTIONS)})")
+    if key not in known:
+      raise ConfigError(f"unknown config section {key!r}{kind} (known: name, "
+                        f"{', '.join(known)})")
     if not isinstance(value, Mapping):
       raise ConfigError(f"config section {key} must be a mapping, got {value!r}")
-    sections[key] = section(key, _SECTIONS[key], value)
-  for key, cls in _SECTIONS.items():
-    sections.setdefault(key, cls())
+    sections[key] = section(key, known[key], value)
+  return name, {key: sections[key] if key in sections else cls() for key, cls in known.items()}
+
+
+def from_config_dict(cd: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
+  """Builds and validates a Config; raises ConfigError naming the first bad key."""
+  name, sections = _name_and_sections(cd, _SECTIONS, "experiment")
   config = Config(name=name, **sections)
   validate(config)
   return config

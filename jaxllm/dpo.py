@@ -13,33 +13,17 @@ the result (`adapter/` or `model/`) and `--mesh` are `python -m jaxllm.sft`'s.
 
 from __future__ import annotations
 
-import os
+from absl import app
 
-from absl import app, flags
+from jaxllm.cli import common, finetune
 
-from jaxllm.cli import common
-
-_CONFIG = common.define_config_flag(os.path.join(
-    os.path.dirname(common.default_experiment()), "dpo_smollm2.py"))
-_BASE = flags.DEFINE_string("base", None, "The model to tune: workdir, jaxllm/HF directory "
-                            "or .gguf.")
-_DATA = flags.DEFINE_string("data", None, "JSONL pairs: {\"prompt\" or \"messages\", "
-                            "\"chosen\", \"rejected\"} per line.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<config name>).")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
-_KEEP_FREED_MEMORY = common.define_keep_freed_memory_flag()
-_MESH = common.define_mesh_flag()
-flags.mark_flags_as_required(["base", "data"])
+_FLAGS = finetune.define_flags("dpo_smollm2.py", "JSONL pairs: {\"prompt\" or \"messages\", "
+                                "\"chosen\", \"rejected\"} per line.")
 
 
 @common.one_line_errors
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  common.keep_freed_memory(_KEEP_FREED_MEMORY)
-  from jaxllm.cli import finetune
-  finetune.run("dpo", _CONFIG, _BASE.value, _DATA.value, _WORKDIR.value, _PROGRESS.value,
-               _MESH.value)
+  finetune.main("dpo", _FLAGS, argv)
 
 
 if __name__ == "__main__":

@@ -89,8 +89,9 @@ def test_reference_is_the_start_and_dpo_learns_the_preference(tmp_path):
                 "log_every": 1, "eval_every": 30, "checkpoint_every": 30, "weight_decay": 0.0}})
   lora = finetune.prepare_params(params, experiment)
   records, held = _pairs(48, 0), _pairs(16, 1)
-  data = finetune.preference_data(graphdef, lora, records, held, CharTokenizer(), experiment,
-                                  lambda _: None)
+  data = finetune.preference_data(graphdef, lora, *[finetune.preference_pairs(r, CharTokenizer())
+                                                   for r in (records, held)],
+                                  experiment, lambda _: None)
   # the reference of pair 0, by hand: the base's logits, the reply tokens' log-probs summed
   model = nnx.merge(graphdef, params)
   for item in data.items[:3]:

@@ -121,8 +121,8 @@ def _experiment(steps, method="qlora"):
 def _fit(workdir, params, graphdef, steps, method="qlora", mesh=None):
   experiment = _experiment(steps, method)
   records = _records(16)
-  data = finetune.sft_data(records[:-4], records[-4:], CharTokenizer(), experiment,
-                           lambda _: None)
+  data = finetune.sft_data(*[finetune.sft_examples(r, CharTokenizer(), "assistant")
+                             for r in (records[:-4], records[-4:])], experiment, lambda _: None)
   params = jax.tree.map(jnp.copy, params)  # fit donates what it is given
   return finetune.fit(graphdef, params, step_lib.lm_objective(experiment.train), data,
                       str(workdir), experiment, progress=False, say=lambda _: None, mesh=mesh)

@@ -137,8 +137,13 @@ def command_help() -> str:
   main = sys.modules["__main__"]
   old = ", ".join(f"--{f.name} ({_renamed_to(f)})"
                   for f in flags.FLAGS.get_flags_for_module(OLD_SPELLINGS))
+  # Shared flags: this module's, and those of the jaxllm.cli modules that define a family of
+  # commands' flags (cli.finetune: sft and dpo).
+  shared = [__name__] + sorted(m for m in flags.FLAGS.flags_by_module_dict()
+                               if m.startswith("jaxllm.cli.") and m not in (__name__,
+                                                                            OLD_SPELLINGS))
   parts = [(main.__doc__ or "").strip(), section("flags", flags.FLAGS.main_module_help()),
-           section("shared flags", flags.FLAGS.module_help(__name__)),
+           *[section("shared flags", flags.FLAGS.module_help(m)) for m in shared],
            f"old spellings, still accepted: {old}" if old else "",
            "absl's own flags (logging, verbosity, ...): --helpfull"]
   return "\n\n".join(p for p in parts if p) + "\n"

@@ -9,12 +9,39 @@ import os
 import shutil
 import sys
 
-from absl import flags
+from absl import app, flags
 
 from jaxllm.cli import common
 
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
+
+
+def define_flags(experiment_file: str, data_help: str) -> dict:
+  """The flags of a fine-tuning command (`--config` defaulting to experiments/`experiment_file`,
+  --base, --data, --workdir, --progress, --keep_freed_memory, --mesh), by name."""
+  holders = {
+      "config": common.define_config_flag(os.path.join(
+          os.path.dirname(common.default_experiment()), experiment_file)),
+      "base": flags.DEFINE_string("base", None, "The model to tune: workdir, jaxllm/HF "
+                                  "directory or .gguf."),
+      "data": flags.DEFINE_string("data", None, data_help),
+      "workdir": flags.DEFINE_string("workdir", None, "Run directory (default "
+                                     "runs/<config name>)."),
+      "progress": flags.DEFINE_bool("progress", True, "Show a progress bar."),
+      "keep_freed_memory": common.define_keep_freed_memory_flag(),
+      "mesh": common.define_mesh_flag()}
+  flags.mark_flags_as_required(["base", "data"])
+  return holders
+
+
+def main(command: str, holders: dict, argv) -> None:
+  """The absl main of `command` ("sft" or "dpo") with its `define_flags` holders."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  common.keep_freed_memory(holders["keep_freed_memory"])
+  run(command, holders["config"], holders["base"].value, holders["data"].value,
+      holders["workdir"].value, holders["progress"].value, holders["mesh"].value)
 
 
 def experiment(holder):
@@ -94,9 +121,11 @@ def run(command: str, holder, base_path: str, data_path: str, workdir: str | Non
                               f"max_seq_len={base.config.max_seq_len}")
   # Every record tokenizes (or fails, naming its line) before anything compiles.
   if command == "sft":
-    finetune.sft_examples(records, base.tokenizer, exp.finetune.loss_on)
+    tokenized = [finetune.sft_examples(r, base.tokenizer, exp.finetune.loss_on)
+                 for r in (train_records, eval_records)]
   else:
-    finetune.preference_pairs(records, base.tokenizer)
+    tokenized = [finetune.preference_pairs(r, base.tokenizer)
+                 for r in (train_records, eval_records)]
   params = finetune.prepare_params(base.params, exp, exp.train.seed)
   model = dataclasses.replace(base, params=params)
   finetune.write_settings(workdir, wanted)
@@ -106,12 +135,11 @@ def run(command: str, holder, base_path: str, data_path: str, workdir: str | Non
   before = _exact_match(model, held_out, "before")
   say = lambda msg: print(msg, file=sys.stderr)
   if command == "sft":
-    data = finetune.sft_data(train_records, eval_records, base.tokenizer, exp, say)
+    data = finetune.sft_data(*tokenized, exp, say)
     from jaxllm.train import step as step_lib
     objective = step_lib.lm_objective(exp.train)
   else:
-    data = finetune.preference_data(model.graphdef, params, train_records, eval_records,
-                                    base.tokenizer, exp, say)
+    data = finetune.preference_data(model.graphdef, params, *tokenized, exp, say)
     from jaxllm.train import preference
     objective = preference.objective(exp.dpo)
   result = finetune.fit(model.graphdef, params, objective, data, workdir, exp,

@@ -121,11 +121,10 @@ def sft_examples(records, tokenizer, loss_on: str) -> list[sft_data_lib.Example]
   return [sft_data_lib.tokenize(r, tokenizer, loss_on, line=n) for n, r in records]
 
 
-def sft_data(train_records, eval_records, tokenizer, experiment, say) -> Data:
-  """Packed rows of the SFT examples; held-out batches of the eval examples."""
-  loss_on, seq_len = experiment.finetune.loss_on, experiment.train.seq_len
-  train_ex = sft_examples(train_records, tokenizer, loss_on)
-  eval_ex = sft_examples(eval_records, tokenizer, loss_on)
+def sft_data(train_ex: list[sft_data_lib.Example], eval_ex: list[sft_data_lib.Example],
+             experiment, say) -> Data:
+  """Packed rows of the (`sft_examples`) train examples; held-out batches of the eval ones."""
+  seq_len = experiment.train.seq_len
   rows, cut = sft_data_lib.pack(train_ex, seq_len)
   eval_rows = sft_data_lib.pack(eval_ex, seq_len)[0] if eval_ex else []
   learned = sum(float(e.mask[1:].sum()) for e in train_ex)
@@ -146,14 +145,14 @@ def _pair_batch(items: list[dict]) -> dict:
   return batch
 
 
-def preference_data(graphdef, params, train_records, eval_records, tokenizer, experiment,
-                    say) -> Data:
-  """Pairs of rows with their reference log-probabilities under `params` (the starting point:
-  for LoRA the base itself), computed here once (zeros for SimPO, which has none)."""
+def preference_data(graphdef, params, train_pairs, eval_pairs, experiment, say) -> Data:
+  """Rows of the (`preference_pairs`) train and held-out pairs with their reference
+  log-probabilities under `params` (the starting point: for LoRA the base itself), computed
+  here once (zeros for SimPO, which has none)."""
   seq_len, batch_size = experiment.train.seq_len, experiment.train.batch_size
   parts = []
-  for records in (train_records, eval_records):
-    rows, cut = preference_data_lib.rows(preference_pairs(records, tokenizer), seq_len)
+  for pairs in (train_pairs, eval_pairs):
+    rows, cut = preference_data_lib.rows(pairs, seq_len)
     if experiment.dpo.loss == "simpo" or not rows:
       refs = np.zeros((len(rows), 2), np.float32)
     else:
