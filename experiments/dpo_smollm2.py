@@ -5,14 +5,19 @@ beta 0.1, learning rate 5e-4. `--config.dpo.loss=ipo` or `simpo` switch the loss
 python -m jaxllm.data instructions --format=pairs --out=runs/pairs.jsonl
 python -m jaxllm.dpo --base=$(python -m jaxllm.fetch smollm2-135m) \\
     --data=runs/pairs.jsonl --workdir=runs/dpo_smollm2
+
+Presets for an 8B base on accelerators, as sft_smollm2.py's with half the pairs per step (a
+pair is two sequences): `:h100-8b`, `:gpu8-8b`, `:v5p-8b`; plan one first:
+python -m jaxllm.plan --config=experiments/dpo_smollm2.py:h100-8b --base=experiments/llama3_8b.py
 """
 
 import ml_collections
 
+import experiments
 from jaxllm import config as config_lib
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(preset: str = "laptop") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "dpo_smollm2"
   c.finetune = dict(config_lib.defaults("finetune"), method="lora", eval_fraction=0.1,
@@ -22,4 +27,4 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = dict(config_lib.defaults("train"), steps=100, batch_size=4, seq_len=128, lr=5e-4,
                  warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.0, clip_norm=1.0,
                  log_every=10, eval_every=50, eval_batches=8, checkpoint_every=50)
-  return c
+  return experiments.apply_finetune_preset(c, preset, rows_per_example=2)

@@ -8,14 +8,20 @@ python -m jaxllm.sft --base=$(python -m jaxllm.fetch smollm2-135m) \\
     --data=runs/instructions.jsonl --workdir=runs/sft_smollm2
 python -m jaxllm.generate --checkpoint=$(python -m jaxllm.fetch smollm2-135m) \\
     --adapter=runs/sft_smollm2/adapter --chat="What is 12 + 30? Reply with the number only."
+
+Presets for an 8B base on accelerators (`experiments.FINETUNE_8B_PRESETS`): `:h100-8b`
+(QLoRA on one 80 GB GPU), `:gpu8-8b` (LoRA, --mesh=fsdp=8), `:v5p-8b` (LoRA on a v5p-8,
+--mesh=fsdp=4); plan one first:
+python -m jaxllm.plan --config=experiments/sft_smollm2.py:h100-8b --base=experiments/llama3_8b.py
 """
 
 import ml_collections
 
+import experiments
 from jaxllm import config as config_lib
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(preset: str = "laptop") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "sft_smollm2"
   # Every key from the defaults, so each can be overridden on the command line.
@@ -26,4 +32,4 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = dict(config_lib.defaults("train"), steps=100, batch_size=8, seq_len=128, lr=1e-3,
                  warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.0, clip_norm=1.0,
                  log_every=10, eval_every=50, eval_batches=8, checkpoint_every=50)
-  return c
+  return experiments.apply_finetune_preset(c, preset)

@@ -164,7 +164,8 @@ def _forward(graphdef, params, ids_BT):
 
 
 def load(path: str | os.PathLike[str], mesh: Mesh | str | None = None, *,
-         kv_head_copies: bool = True, adapter: str | os.PathLike[str] | None = None
+         kv_head_copies: bool = True,
+         adapter: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None
          ) -> LoadedModel:
   """Loads any supported checkpoint (float32 params, or its quantized weights) onto the
   default device, or split over `mesh` (a Mesh or a spec such as "tensor=4" or
@@ -172,7 +173,8 @@ def load(path: str | os.PathLike[str], mesh: Mesh | str | None = None, *,
   KV heads repeated where the tensor axis does not divide them (`kv_head_copies=False` keeps
   the model's own, for tools that write it back). `adapter`: a LoRA adapter directory in
   PEFT's format (`jaxllm.lora.peft_format`), applied unmerged (on a mesh, its `a` and `b` split
-  like their weight, `placement.lora_axes`)."""
+  like their weight, `placement.lora_axes`); a sequence of them: a bank (`jaxllm.lora.bank`)
+  for an engine whose requests pick adapter slot i + 1 (slot 0: the base)."""
   if isinstance(mesh, str):
     mesh = placement.parse_mesh(mesh)
   ckpt = convert.read_checkpoint(path, mesh=mesh)
@@ -189,7 +191,11 @@ def load(path: str | os.PathLike[str], mesh: Mesh | str | None = None, *,
           f"an adapter on this mesh: its tensor axis does not divide the model's "
           f"{ckpt.model.n_kv_heads} KV heads (they are repeated to {cfg.n_kv_heads}); use a "
           "tensor axis that divides them, or merge the adapter into the checkpoint first")
-    params = peft_format.load(os.fspath(adapter), params, cfg)
+    if isinstance(adapter, (str, os.PathLike)):
+      params = peft_format.load(os.fspath(adapter), params, cfg)
+    else:
+      from jaxllm.lora import bank
+      params = bank.load(adapter, params, cfg)
     if mesh is not None:
       params = jax.device_put(params, placement.qtensor_shardings(
           params, transformer.logical_axes(cfg), mesh))

@@ -372,6 +372,11 @@ class FinetuneConfig:
   # Held-out examples answered greedily before and after training, scored by exact match of the
   # reply with the reference (the chosen reply of a preference pair; 0: none).
   eval_generate: int = 16
+  # The base model's settings for this run ("": the base's own): what the backward recomputes
+  # (a model.remat policy; large models need "full" to fit) and the compute dtype
+  # (float32 or bfloat16; the weights keep their own).
+  remat: str = ""
+  compute_dtype: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,6 +386,9 @@ class AdapterConfig:
   rank: int = 16  # r: a is [in, r], b [r, out]
   alpha: float = 32.0  # the update is scaled by alpha / rank
   rslora: bool = False  # scale alpha / sqrt(rank) instead (rank-stabilised LoRA)
+  # Training: each input of the adapters' path dropped with this probability (PEFT's
+  # lora_dropout; the base's product sees every input). 0: none.
+  dropout: float = 0.0
   # qlora: the base's block projections rounded to this many bits (4 or 8) in groups of
   # base_group_size rows (0: one scale per output channel); embedding, norms and head stay float.
   base_bits: int = 4
@@ -430,8 +438,16 @@ def validate_finetune(e: FinetuneExperiment) -> None:
     raise ConfigError(f"finetune.eval_fraction={f.eval_fraction} must be in [0, 1)")
   if f.eval_generate < 0:
     raise ConfigError(f"finetune.eval_generate={f.eval_generate} must be >= 0")
+  if f.remat not in ("", *REMAT_POLICIES):
+    raise ConfigError(f"finetune.remat={f.remat!r} is not one of {', '.join(REMAT_POLICIES)} "
+                      "(or empty: the base's)")
+  if f.compute_dtype not in ("", "float32", "bfloat16"):
+    raise ConfigError(f"finetune.compute_dtype={f.compute_dtype!r} is not float32 or bfloat16 "
+                      "(or empty: the base's)")
   if a.rank < 1 or not a.alpha > 0:
     raise ConfigError(f"lora.rank={a.rank} must be >= 1 and lora.alpha={a.alpha} > 0")
+  if not 0.0 <= a.dropout < 1.0:
+    raise ConfigError(f"lora.dropout={a.dropout} must be in [0, 1)")
   if a.base_bits not in (4, 8):
     raise ConfigError(f"lora.base_bits={a.base_bits} must be 4 or 8")
   if a.base_group_size < 0 or (a.base_bits == 4 and a.base_group_size % 2):

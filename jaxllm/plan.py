@@ -6,6 +6,11 @@ activations under the chosen remat policy) and the pipeline bubble, without allo
 model. Plans any device count; when the mesh fits this machine's devices it also compiles the
 train step abstractly and reports the compiler's own memory analysis (`--nocompile` skips it).
 
+A fine-tuning config (`experiments/sft_smollm2.py`, `dpo_smollm2.py`) is planned on the shape
+of `--base` (a checkpoint's config, or an experiment file's model) over `--mesh` (sft's and
+dpo's spec): the frozen base (float, or int-N for QLoRA), adapters, their gradients and moments,
+activations (`jaxllm.planner.finetune_plan`).
+
 `--aot` compiles the train step for the TPU slice the preset names (`--config=...:v5p-64`, or
 `--topology=v5p-64`; `mesh.slices` slices of it) with libtpu's compiler on this host, no TPU
 needed (`jaxllm.planner.aot`), and reports per-chip HBM from the compiled memory analysis
@@ -43,6 +48,15 @@ _MAX_SLOTS = flags.DEFINE_integer("max_slots", 8, "--serve: sequences decoded to
                                   "--max_slots).", lower_bound=1)
 _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", None, "--serve: tokens per sequence (default: "
                                     "the model's max_seq_len).", lower_bound=1)
+_BASE = flags.DEFINE_string(
+    "base", None, "Fine-tuning configs (experiments/sft_*.py, dpo_*.py): the base model whose "
+    "shape is planned, a checkpoint (its config is read, not its weights) or an experiment "
+    "file (FILE.py[:PRESET], its model section), e.g. experiments/llama3_8b.py.")
+_MESH = flags.DEFINE_string("mesh", None, "Fine-tuning configs: the --mesh of sft/dpo "
+                            "(data=2,fsdp=2,tensor=2; default: one device).")
+_COMMAND = flags.DEFINE_enum("command", None, ["sft", "dpo"], "Fine-tuning configs: which "
+                             "command's rows (dpo: a pair, two sequences); default: dpo for a "
+                             "config named dpo*, else sft.")
 common.define_old_spelling("serve_batch", "max_slots")
 common.define_old_spelling("serve_len", "max_seq_len")
 
@@ -52,6 +66,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from jaxllm import config as config_lib
+  if "finetune" in common.config_value(_CONFIG):
+    _plan_finetune()
+    return
   cfg = common.experiment(_CONFIG)
   import jax
   from jaxllm.planner import plan
@@ -71,6 +88,53 @@ def main(argv):
                                  f"mesh.expert={sizes['expert']}")
   result = plan.plan(cfg, num_devices, compile_check=_COMPILE.value)
   print(json.dumps(result) if _JSON.value else plan.table(result))
+
+
+def _plan_finetune() -> None:
+  """The memory plan of a fine-tuning experiment on `--base`'s shape (`planner.finetune_plan`)."""
+  from jaxllm import config as config_lib
+  from jaxllm.planner import finetune_plan
+  exp = config_lib.finetune_from_config_dict(common.config_value(_CONFIG))
+  if not _BASE.value:
+    raise common.CommandError("a fine-tuning config plans a base model: give --base (a Hugging "
+                              "Face directory or an experiment file such as "
+                              "experiments/llama3_8b.py)")
+  sizes = {}
+  for part in (_MESH.value or "").split(","):
+    if part:
+      axis, _, n = part.partition("=")
+      if axis not in ("data", "fsdp", "tensor") or not n.isdigit() or int(n) < 1:
+        raise common.CommandError(f"--mesh={_MESH.value}: give AXIS=N,... with AXIS data, fsdp "
+                                  "or tensor")
+      sizes[axis] = int(n)
+  base = _base_model(_BASE.value)
+  shards = sizes.get("data", 1) * sizes.get("fsdp", 1)
+  if exp.train.batch_size % shards:
+    raise config_lib.ConfigError(f"train.batch_size={exp.train.batch_size} is not divisible by "
+                                 f"the {shards} batch shards of --mesh")
+  command = _COMMAND.value or ("dpo" if exp.name.startswith("dpo") else "sft")
+  result = finetune_plan.plan(exp, base, sizes, command)
+  print(json.dumps(result) if _JSON.value else finetune_plan.table(result))
+
+
+def _base_model(path: str):
+  """The ModelConfig of --base: a checkpoint's (its config alone, no weights read), or the
+  model section of an experiment file (FILE.py[:PRESET])."""
+  import importlib.util
+  import os
+  from jaxllm import config as config_lib
+  file, _, preset = path.partition(":")
+  if file.endswith(".py"):
+    if not os.path.isfile(file):
+      raise common.CommandError(f"--base={path}: no such experiment file")
+    spec = importlib.util.spec_from_file_location("base_experiment", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return config_lib.from_config_dict(module.get_config(*([preset] if preset else []))).model
+  from jaxllm.checkpoint import convert
+  if not os.path.exists(path):
+    raise common.CommandError(f"--base={path}: no such checkpoint or experiment file")
+  return convert.read_model_config(path)
 
 
 def _aot(cfg) -> None:

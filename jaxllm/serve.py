@@ -1,12 +1,14 @@
 """`python -m jaxllm.serve --checkpoint=PATH [--host=127.0.0.1 --port=8000 --api_key=KEY
 --max_slots=8 --kv_memory=1GiB|0.9 --num_pages=N --page_size=16 --prefill_chunk=64
---model_name=NAME --sink_tokens=4 --stream_window=N --nolog_requests]`
+--model_name=NAME --sink_tokens=4 --stream_window=N --adapter=[NAME=]DIR --nolog_requests]`
 
 An OpenAI-compatible server (`/v1/completions`, `/v1/chat/completions`, `/v1/models`,
 `/health`, `/metrics`) over the continuous-batching engine. Binds to 127.0.0.1 unless told
 otherwise. Needs the serve extra: `pip install 'jaxllm[serve]'`. It checks the port before
 loading the model, says where it serves and how large its KV pool is, and logs a line per
-request.
+request. `--adapter=DIR` serves every request with one LoRA adapter; `--adapter=NAME=DIR`,
+repeated, serves several, each request choosing by its `model` field (multi-LoRA: requests of
+different adapters share a batch).
 """
 
 from __future__ import annotations
@@ -60,7 +62,11 @@ _STREAM_WINDOW = flags.DEFINE_integer(
     "this many latest tokens, in constant memory and with no length limit (0: off).",
     lower_bound=0)
 _MESH = common.define_mesh_flag()
-_ADAPTER = common.define_adapter_flag()
+_ADAPTER = flags.DEFINE_multi_string(
+    "adapter", [], "A LoRA adapter directory in PEFT's format (adapter_config.json + "
+    "adapter_model.safetensors, ours or PEFT's) every request is served with, unmerged; or "
+    "NAME=DIR, repeated: adapters a request picks by its model field (the checkpoint's name: "
+    "none), decoded in one batch.")
 _REPLICAS = flags.DEFINE_integer("replicas", 1, "Engines on disjoint device groups (each of "
                                  "--mesh's shape) behind one server; requests go to the least "
                                  "loaded (or the one caching their prefix).", lower_bound=1)
@@ -90,7 +96,7 @@ def main(argv):
         draft=_DRAFT.value if _SPEC_K.value else None, mesh=_MESH.value,
         replicas=_REPLICAS.value, sink_tokens=_SINKS.value,
         stream_window=_STREAM_WINDOW.value, kv_memory=_KV_MEMORY.value,
-        log_requests=_LOG_REQUESTS.value, adapter=_ADAPTER.value)
+        log_requests=_LOG_REQUESTS.value, **common.adapter_arguments(_ADAPTER.value))
   except ValueError as e:
     raise common.CommandError(str(e)) from None
   if jax.process_index() > 0:  # multi-host: process 0 serves HTTP, this one runs its steps

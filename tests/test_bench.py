@@ -137,11 +137,12 @@ def test_bench_decode_json(tiny_chat_model):
 def test_bench_serve_json(tiny_chat_model):
   """The serve suite's plumbing at toy sizes (a tiny random model with SmolLM2's tokenizer):
   every mode measured over the same requests, utilisation a fraction, prefix caching reuses
-  the shared pages and changes no output."""
+  the shared pages and changes no output, nor do zero-initialised adapters (multi-LoRA)."""
   # 10 prefix requests arriving together: the first computes the 256 shared tokens, the other
   # 9 wait for its pages and reuse them.
   proc = _run("serve", "--json", f"--checkpoint={tiny_chat_model}", "--requests=6", "--rate=50",
-              "--max_output_tokens=64", "--prefix_requests=10", timeout=900)
+              "--max_output_tokens=64", "--prefix_requests=10", "--lora_adapters=2",
+              "--lora_rank=4", timeout=900)
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["max_output_tokens"] == 64
@@ -157,6 +158,9 @@ def test_bench_serve_json(tiny_chat_model):
   spec = result["rows"]["speculative"]  # greedy: proposals change the speed, not the tokens
   assert spec["identical"] and spec["output_tokens"] == cont["output_tokens"]
   assert 0 <= spec["acceptance"] <= 1
+  multi = result["rows"]["multi_lora"]  # zero-initialised adapters: the base's tokens
+  assert multi["identical"] and multi["output_tokens"] == cont["output_tokens"]
+  assert multi["adapters"] == 2 and multi["vs_continuous"] > 0
 
 
 def test_decode_of_a_random_model_with_a_checkpoints_tokenizer(tiny_chat_model):

@@ -20,8 +20,8 @@ from flax import nnx
 
 from jaxllm.inference import generate as gen
 from jaxllm.inference import sampling
-from jaxllm.lora import adapters, peft_format
-from jaxllm.lora.weight import LoraWeight
+from jaxllm.lora import adapters, bank, peft_format
+from jaxllm.lora.weight import LoraBank, LoraWeight
 from jaxllm.model import transformer
 from jaxllm.ops import quant_matmul
 from jaxllm.quant import params as qparams
@@ -79,6 +79,48 @@ class ProjectTest(chex.TestCase):
             b.reshape(2, -1))
         np.testing.assert_allclose(np.asarray(got).reshape(15, -1), want, atol=1e-4, rtol=1e-5)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_dropout_masks_the_adapters_input_alone(self):
+    """LoRA dropout (training): `x @ base + scale * ((x * m / (1 - p)) @ a) @ b` with m the
+    key's Bernoulli(1 - p) mask; the base's product sees all of x."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 5, 16)).astype(np.float32)
+    base = rng.normal(size=(16, 12)).astype(np.float32)
+    a = rng.normal(size=(16, 2)).astype(np.float32)
+    b = rng.normal(size=(2, 12)).astype(np.float32)
+    key = jax.random.key_data(jax.random.key(4))
+    lw = LoraWeight(jnp.asarray(base), jnp.asarray(a), jnp.asarray(b), 0.5, 1,
+                    dropout_key=key, dropout=0.25)
+    got = self.variant(lambda x, lw: quant_matmul.project(x, lw))(x, lw)
+    m = np.asarray(jax.random.bernoulli(jax.random.wrap_key_data(key), 0.75, x.shape))
+    assert 0.6 < m.mean() < 0.9
+    x64 = x.astype(np.float64)
+    want = x64 @ base + 0.5 * ((x64 * m / 0.75) @ a) @ b
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_a_bank_gives_each_row_its_own_adapter(self):
+    """`LoraBank.rows(ids)`: row i of the batch gets base + adapter ids[i] (slot 0: zeros),
+    against numpy, for both projection layouts."""
+    rng = np.random.default_rng(1)
+    for in_shape, out_shape in (((16,), (4, 8)), ((4, 8), (16,))):
+      in_axes = len(in_shape)
+      x = rng.normal(size=(3, 5, *in_shape)).astype(np.float32)
+      base = rng.normal(size=(*in_shape, *out_shape)).astype(np.float32)
+      a = rng.normal(size=(3, *in_shape, 2)).astype(np.float32)
+      b = rng.normal(size=(3, 2, *out_shape)).astype(np.float32)
+      a[0], b[0] = 0, 0
+      ids = np.array([2, 0, 1], np.int32)
+      bank = LoraBank(jnp.asarray(base), jnp.asarray(a), jnp.asarray(b), in_axes)
+      got = self.variant(lambda x, bank, ids: quant_matmul.project(x, bank.rows(ids), in_axes))(
+          x, bank, ids)
+      for row, slot in enumerate(ids):
+        x2 = x[row].reshape(5, -1).astype(np.float64)
+        want = x2 @ base.reshape(x2.shape[1], -1) + (x2 @ a[slot].reshape(-1, 2)) @ (
+            b[slot].reshape(2, -1))
+        np.testing.assert_allclose(np.asarray(got[row]).reshape(5, -1), want, atol=1e-4,
+                                   rtol=1e-5)
+
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_lora_logits_equal_base_plus_scaled_update_in_numpy(rslora):
@@ -133,6 +175,21 @@ def test_adapter_gradients_equal_those_through_the_merged_weight():
   got, want = jax.grad(loss_two_paths)(ab), jax.grad(loss_merged)(ab)
   chex.assert_trees_all_close(got, want, atol=2e-5, rtol=1e-4)  # float32, gradients of ~1
   assert all(float(jnp.abs(g["b"]).max()) > 0 for g in got.values())
+
+
+def test_dropout_keys_differ_per_weight_and_layer_and_rate_zero_changes_nothing():
+  graphdef, params = _model()
+  lora = adapters.add(params, adapters.LoraConfig(rank=2, targets=("q", "v")))
+  assert adapters.with_dropout(lora, jax.random.PRNGKey(0), 0.0) is lora
+  dropped = qparams.flatten(adapters.with_dropout(lora, jax.random.PRNGKey(0), 0.1))
+  keys = [np.asarray(w.dropout_key) for w in dropped.values() if isinstance(w, LoraWeight)]
+  assert len(keys) == 2 and all(k.shape == (2, 2) for k in keys)  # [L, key]
+  rows = {tuple(r) for k in keys for r in k}
+  assert len(rows) == 4  # two weights x two layers, all different
+  # Training sees different logits under dropout; evaluation (no keys) the plain model's.
+  with_b = lora_with_updates(params, adapters.LoraConfig(rank=2, targets=("q", "v")))
+  train = adapters.with_dropout(with_b, jax.random.PRNGKey(1), 0.5)
+  assert not np.allclose(_logits(graphdef, train), _logits(graphdef, with_b))
 
 
 def test_cached_decoding_with_adapters_equals_the_merged_model():
@@ -211,8 +268,9 @@ def test_merge_command_writes_the_adapted_model_and_fails_bad_input_in_one_line(
 
 
 def test_an_adapter_on_a_tensor_mesh_gives_one_devices_logits(tmp_path, tiny_chat_model):
-  """`jaxllm.load(adapter=, mesh=)`: a and b split like their weight; a tensor axis that does
-  not divide the KV heads (whose copies would need copied adapters) is refused in one line."""
+  """`jaxllm.load(adapter=, mesh=)`: a and b split like their weight (one adapter, or a bank of
+  them); a tensor axis that does not divide the KV heads (whose copies would need copied
+  adapters) is refused in one line."""
   import jaxllm
   from jaxllm.parallel import placement
   base = jaxllm.load(tiny_chat_model)
@@ -225,32 +283,112 @@ def test_an_adapter_on_a_tensor_mesh_gives_one_devices_logits(tmp_path, tiny_cha
   np.testing.assert_allclose(split.logits(ids), want, atol=2e-4)
   v = qparams.flatten(split.params)["blocks/attn/v"]
   assert v.b.sharding.spec[2] == "tensor"  # [L, r, K, Dh]: KV heads over the tensor axis
+  # A bank of adapters (multi-LoRA serving) splits the same way, its adapter axis whole.
+  banked = jaxllm.load(tiny_chat_model, mesh=placement.parse_mesh("tensor=3"),
+                       adapter=[tmp_path / "ad", tmp_path / "ad"])
+  v = qparams.flatten(banked.params)["blocks/attn/v"]
+  assert v.b.shape[1] == 3 and v.b.sharding.spec[3] == "tensor"  # [L, slots, r, K, Dh]
+  rows = bank.select(banked.params, jnp.asarray([2], jnp.int32))
+  np.testing.assert_allclose(nnx.merge(banked.graphdef, rows)(jnp.asarray(ids)), want,
+                             atol=2e-4)
   with pytest.raises(peft_format.AdapterError, match="does not divide the model's 3 KV heads"):
     jaxllm.load(tiny_chat_model, mesh=placement.parse_mesh("tensor=2"), adapter=tmp_path / "ad")
 
 
-def test_a_server_with_an_adapter_answers_as_the_adapted_model(tmp_path, tiny_chat_model):
-  """`serve --adapter` (server.build(adapter=)): the engine's batched, paged decoding of the
-  adapted model gives `LoadedModel.generate`'s greedy text, which the adapter changes."""
+def test_servers_answer_with_one_adapter_or_the_one_each_request_names(tmp_path,
+                                                                        tiny_chat_model):
+  """`serve --adapter=DIR` (server.build(adapter=)): every request gets the adapted model's
+  greedy text (`LoadedModel.generate`), which the adapter changes. `serve --adapter=a=DIR
+  --adapter=b=DIR` (server.build(adapters=)): each request gets the text of the adapter its
+  `model` field names, the checkpoint's name the base's; /v1/models lists all three, and an
+  unknown name is a 404 that lists them."""
   pytest.importorskip("fastapi")
   from fastapi.testclient import TestClient
 
   import jaxllm
   from jaxllm.inference import server as server_lib
   base = jaxllm.load(tiny_chat_model)
-  lora = lora_with_updates(base.params, adapters.LoraConfig(rank=4, targets=("q", "v", "down")),
-                           scale=1.0)
-  peft_format.save(str(tmp_path / "ad"), lora, base.config)
-  adapted = jaxllm.load(tiny_chat_model, adapter=tmp_path / "ad")
-  prompt = "The capital of"
-  want = adapted.generate(prompt, max_tokens=8)
-  assert want != base.generate(prompt, max_tokens=8)  # the adapter shows in the text
-  app, engine = server_lib.build(tiny_chat_model, adapter=str(tmp_path / "ad"), max_slots=2,
+  prompt, want = "The capital of", {"m": base.generate("The capital of", max_tokens=8)}
+  for name, seed in (("a", 2), ("b", 7)):
+    lora = lora_with_updates(base.params, adapters.LoraConfig(
+        rank=4, targets=("q", "v", "down")), seed=seed, scale=1.0)
+    peft_format.save(str(tmp_path / name), lora, base.config)
+    want[name] = jaxllm.load(tiny_chat_model, adapter=tmp_path / name).generate(
+        prompt, max_tokens=8)
+  assert len(set(want.values())) == 3  # each adapter shows in the text
+
+  def complete(client, model):
+    reply = client.post("/v1/completions", json={
+        "model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["model"] == model
+    return reply.json()["choices"][0]["text"]
+
+  app, engine = server_lib.build(tiny_chat_model, adapter=str(tmp_path / "a"), max_slots=2,
                                  num_pages=16, max_seq_len=128, model_name="m")
   try:
-    reply = TestClient(app).post("/v1/completions", json={
-        "model": "m", "prompt": prompt, "max_tokens": 8, "temperature": 0})
+    assert complete(TestClient(app), "m") == want["a"]
   finally:
     engine.shutdown()
-  assert reply.status_code == 200, reply.text
-  assert reply.json()["choices"][0]["text"] == want
+  app, engine = server_lib.build(tiny_chat_model, adapters={"a": str(tmp_path / "a"),
+                                                            "b": str(tmp_path / "b")},
+                                 max_slots=4, num_pages=32, max_seq_len=128, model_name="m")
+  try:
+    client = TestClient(app)
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["m", "a", "b"]
+    for model in ("b", "m", "a"):
+      assert complete(client, model) == want[model], model
+    reply = client.post("/v1/completions", json={"model": "c", "prompt": prompt})
+    assert reply.status_code == 404 and "'m', 'a', 'b'" in reply.json()["error"]["message"]
+  finally:
+    engine.shutdown()
+
+
+def test_requests_of_different_adapters_in_one_batch_each_equal_their_merged_model():
+  """Multi-LoRA in the engine (`jaxllm.lora.bank`): the base and two adapters (ranks 2 and 4,
+  different targets) decoded in shared batches; each request's tokens equal greedy decoding by
+  full forward passes of its own merged model. A prompt whose pages another adapter cached is
+  computed again (prefix-cache keys are per adapter), and an unknown slot is refused."""
+  from jaxllm.inference import engine as engine_lib
+  from tests.helpers import greedy_by_recompute
+  graphdef, params = _model()
+  one = lora_with_updates(params, adapters.LoraConfig(rank=2, targets=("q", "v")), seed=3,
+                          scale=1.0)
+  two = lora_with_updates(params, adapters.LoraConfig(rank=4, targets=("v", "o", "up")),
+                          seed=5, scale=1.0)
+  served = bank.build(params, [one, two])
+  assert bank.size(served) == 3
+  engine = engine_lib.Engine(graphdef, served, engine_lib.EngineConfig(
+      max_slots=4, num_pages=32, page_size=4, prefill_chunk=8))
+  prompt = [3, 17, 40, 5, 9, 22, 31, 2, 11]  # two full pages of 4: cacheable
+  slots = [0, 1, 2, 1, 2]
+  reqs = [engine.submit(prompt if i < 3 else prompt[:6] + [7], sampling.SamplingParams(
+      max_tokens=6), adapter=slot) for i, slot in enumerate(slots)]
+  steps = []
+  slot_adapters = engine._slot_adapters  # what each decode step is given
+  engine._slot_adapters = lambda: steps.append(
+      [r.adapter for r in engine._slots if r is not None]) or slot_adapters()
+  engine.run_until_idle()
+  models = {0: params, 1: adapters.merge(one), 2: adapters.merge(two)}
+  want = {(tuple(r.prompt), s): greedy_by_recompute(graphdef, models[s], r.prompt, 6)
+          for r, s in zip(reqs, slots)}
+  assert len({tuple(w) for w in want.values()}) >= 3  # the adapters change the tokens
+  for r, s in zip(reqs, slots):
+    assert r.tokens == want[tuple(r.prompt), s], (s, r.prompt)
+  assert max(len(set(step)) for step in steps) == 3  # a decode step served all three
+  # The first page of requests 3 and 4 is their adapter's earlier request's; the prompt the
+  # first three share is computed under each adapter (salted keys).
+  assert engine.stats["prefix_hit_tokens"] == 2 * 4
+  with pytest.raises(ValueError, match="holds slots 0 to 2"):
+    engine.submit(prompt, sampling.SamplingParams(max_tokens=2), adapter=3)
+
+
+def test_serves_adapter_flag_takes_one_dir_or_named_dirs():
+  from jaxllm.cli import common
+  assert common.adapter_arguments([]) == {}
+  assert common.adapter_arguments(["d"]) == {"adapter": "d"}
+  assert common.adapter_arguments(["a=x", "b=y/z"]) == {"adapters": {"a": "x", "b": "y/z"}}
+  for bad, reason in ((["d", "e"], "give one DIR"), (["d", "a=x"], "give one DIR"),
+                      (["a=x", "a=y"], "names repeat")):
+    with pytest.raises(common.CommandError, match=reason):
+      common.adapter_arguments(bad)

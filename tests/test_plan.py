@@ -185,3 +185,78 @@ def test_moe_plan_agrees_with_measured_expert_shards():
   experts = {k: v for k, v in state["params"]["moe_blocks"]["moe"].items()
              if k in ("gate", "up", "down")}
   assert result["moe"]["expert_param_bytes"] == held(experts)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_finetune_plan_equals_the_shards_a_run_holds(method):
+  """`planner.finetune_plan` on data=2 x fsdp=2 x tensor=2: the params (base and adapters) and
+  the optimizer state equal the bytes device 0 holds once `finetune.state_shardings` places a
+  run's state; adapters' parameters are r (in + out) per targeted weight and layer."""
+  from jaxllm.model import transformer
+  from jaxllm.planner import finetune_plan
+  from jaxllm.train import finetune, optim
+  from jaxllm.train import step as step_lib
+  from tests.helpers import tiny_model
+  cfg = tiny_model(d_model=64, head_dim=16, d_ff=128)
+  exp = config_lib.finetune_from_config_dict({
+      "name": "t", "finetune": {"method": method},
+      "lora": {"rank": 4, "targets": "q,v,down", "base_group_size": 32},
+      "train": {"batch_size": 8, "seq_len": 32}})
+  sizes = dict(data=2, fsdp=2, tensor=2)
+  result = finetune_plan.plan(exp, cfg, sizes)
+  graphdef, params = transformer.split(transformer.create(cfg, 0))
+  prepared = finetune.prepare_params(params, exp)
+  optimizer = optim.make_optimizer(exp.train)
+  state = step_lib.init_state(prepared, optimizer, 0)
+  mesh = mesh_lib.make_mesh(config_lib.MeshConfig(**sizes))
+  state = jax.device_put(state, finetune.state_shardings(state, graphdef, optimizer, mesh))
+  device0 = jax.devices()[0]
+
+  def held(tree):
+    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
+               if s.device == device0)
+
+  assert result["param_bytes"] == held(state["params"])
+  assert result["optimizer_bytes"] == pytest.approx(held(state["opt_state"]), abs=16)
+  if method == "full":
+    assert result["trainable_params"] == result["params"]
+  else:  # q [64 -> 4 x 16], v [64 -> 2 x 16], down [128 -> 64], 2 layers, rank 4
+    assert result["trainable_params"] == 2 * 4 * ((64 + 64) + (64 + 32) + (128 + 64))
+
+
+def test_finetune_presets_plan_an_8b_base_on_their_accelerators():
+  """The 8B presets of experiments/sft_smollm2.py and dpo_smollm2.py on Llama-3-8B's shape
+  (`jaxllm.plan --base=experiments/llama3_8b.py`): QLoRA's int4 blocks take 4.5 / 32 of
+  LoRA's float32 ones, each preset fits its devices (80 GB GPUs, 95 GB v5p chips), and a DPO
+  preset with half the pairs has the activations of SFT's rows."""
+  proc = _plan("--config=experiments/sft_smollm2.py:h100-8b", "--base=experiments/llama3_8b.py",
+               "--json")
+  assert proc.returncode == 0, proc.stderr
+  qlora = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert qlora["method"] == "qlora" and 8.0e9 < qlora["params"] < 8.1e9
+  assert qlora["total_bytes"] < 80e9
+  no_base = _plan("--config=experiments/sft_smollm2.py")
+  assert no_base.returncode == 2 and "give --base" in no_base.stderr
+  assert len(no_base.stderr.strip().splitlines()) == 1
+  import experiments.dpo_smollm2 as dpo
+  import experiments.sft_smollm2 as sft
+  from jaxllm.planner import finetune_plan
+  base = _experiment(llama3_8b, "gpu8").model
+  lora = finetune_plan.plan(config_lib.finetune_from_config_dict(
+      sft.get_config("h100-8b").to_dict() | {"finetune": dict(
+          sft.get_config("h100-8b").finetune, method="lora")}), base, {}, platform="gpu")
+  frozen = lambda r: r["param_bytes"] - r["trainable_bytes"]
+  embeddings = 2 * 128256 * 4096 * 4  # the float32 embedding and head QLoRA keeps
+  # 4 bits and a float32 scale per 64 rows against 32 bits: 4.5 / 32
+  assert (frozen(qlora) - embeddings) / (frozen(lora) - embeddings) == pytest.approx(
+      4.5 / 32, rel=0.01)
+  for module, command in ((sft, "sft"), (dpo, "dpo")):
+    for preset, sizes, capacity in (("gpu8-8b", dict(fsdp=8), 80e9),
+                                    ("v5p-8b", dict(fsdp=4), 95e9)):
+      exp = config_lib.finetune_from_config_dict(module.get_config(preset).to_dict())
+      r = finetune_plan.plan(exp, base, sizes, command, platform="gpu")
+      assert r["total_bytes"] < capacity, (command, preset, r["total_bytes"])
+  rows, pairs = (finetune_plan.plan(config_lib.finetune_from_config_dict(
+      module.get_config("h100-8b").to_dict()), base, {}, command, platform="gpu")
+      for module, command in ((sft, "sft"), (dpo, "dpo")))
+  assert pairs["activation_bytes"] == rows["activation_bytes"]

@@ -103,6 +103,33 @@ def test_lora_step_moves_adapters_by_their_merged_weight_gradient(grad_accum):
     np.testing.assert_array_equal(after[key], before[key], err_msg=key)
 
 
+def test_lora_dropout_step_drops_with_the_states_key():
+  """`lora.dropout`: the step's adapter update is the gradient of the loss with the adapters'
+  inputs masked by `adapters.with_dropout` under the state's key, not the undropped one."""
+  cfg = tiny_model(init_std=0.3)
+  graphdef, params = transformer.split(transformer.create(cfg, 0))
+  lora = lora_with_updates(params, adapters.LoraConfig(rank=4, targets=("q", "v", "down")))
+  batch, lr = _batch(), 0.5
+  opt = optax.sgd(lr)
+  state = step_lib.init_state(lora, opt, seed=3)
+  new, _ = jax.jit(step_lib.make_train_step(graphdef, opt, config_lib.TrainConfig(),
+                                            lora_dropout=0.5))(state, batch)
+  ab = adapters.adapters(lora)
+
+  def dropped_loss(t):
+    p = adapters.with_dropout(adapters.with_adapters(lora, t), state["rng"], 0.5)
+    logits, _ = nnx.merge(graphdef, p).forward(batch["inputs"], batch["positions"],
+                                               batch["segment_ids"])
+    picked = jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"][..., None],
+                                 -1)[..., 0]
+    return -jnp.sum(picked * batch["weights"]) / jnp.sum(batch["weights"])
+
+  moved = jax.tree.map(lambda x, y: (x - y) / lr, ab, adapters.adapters(new["params"]))
+  chex.assert_trees_all_close(moved, jax.grad(dropped_loss)(ab), atol=1e-5)
+  plain = jax.grad(lambda t: _reference_loss(graphdef, lora, t, batch))(ab)
+  assert not np.allclose(moved["blocks/attn/q"]["a"], plain["blocks/attn/q"]["a"], atol=1e-4)
+
+
 def test_full_training_view_is_the_identity():
   _, params = transformer.split(transformer.create(tiny_model(), 0))
   part, frozen = trainable.split(params)

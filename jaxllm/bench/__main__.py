@@ -85,6 +85,11 @@ _MAX_OUTPUT = flags.DEFINE_integer("max_output_tokens", 512, "serve: output leng
 _DRAFT = flags.DEFINE_string("draft", "ngram", "serve: what proposes tokens in the speculative "
                              "row (ngram[:N], layer_skip:N, int4[:G], int8, PATH).")
 common.define_old_spelling("serve_draft", "draft")
+_LORA_ADAPTERS = flags.DEFINE_integer(
+    "lora_adapters", 4, "serve: LoRA adapters the multi-LoRA row serves beside the base, "
+    "requests taking each in turn (0: no such row).", lower_bound=0)
+_LORA_RANK = flags.DEFINE_integer("lora_rank", 16, "serve: those adapters' rank.",
+                                  lower_bound=1)
 _LENGTHS = flags.DEFINE_list("lengths", ["512", "1024", "2048"], "passkey: prompt lengths in "
                              "tokens.")
 _TRIALS = flags.DEFINE_integer("trials", 4, "passkey: keys (random value and depth) per length.",
@@ -168,7 +173,8 @@ def main(argv):
     result = serve.run(path, requests=_REQUESTS.value, rate=_RATE.value,
                        prefix_requests=_PREFIX_REQUESTS.value, speculative_k=_SPECULATIVE_K.value,
                        draft=_DRAFT.value, max_output_tokens=_MAX_OUTPUT.value,
-                       mesh=_MESH.value)
+                       mesh=_MESH.value, lora_adapters=_LORA_ADAPTERS.value,
+                       lora_rank=_LORA_RANK.value)
     text = serve.table(result)
   elif argv[1] == "decode":
     from jaxllm.bench import decode

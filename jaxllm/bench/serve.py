@@ -16,7 +16,11 @@ on the same engine-sized batch of `max_slots`:
 Throughput = output tokens / (last completion - first arrival). KV utilisation of the paged
 cache = tokens stored / capacity of the pages running requests hold, averaged over decode
 steps. The prefix-cache rows run a second workload whose prompts share a long system prompt,
-with prefix caching on and off.
+with prefix caching on and off. The multi-LoRA row (`lora_adapters` > 0) serves the continuous
+workload with that many rank-`lora_rank` adapters on every projection, each request taking the
+base or one of them in turn, batched together (`jaxllm.lora.bank`): its cost against the base
+alone. The adapters' `b` is zero (PEFT's initialisation), so every output must equal the
+continuous row's, while the products are all computed.
 """
 
 from __future__ import annotations
@@ -44,11 +48,12 @@ def _workload(tokenizer, n, seed, bos, *, system=None, prompt_range=(16, 128),
 
 
 def _continuous(model, engine_cfg, prompts, outs, arrivals, *, prefix_caching=True,
-                speculative_k=0, overlap=True, draft=None):
+                speculative_k=0, overlap=True, draft=None, params=None):
+  """`params`: other params for the model (a LoRA bank: request i takes slot i mod size)."""
   import dataclasses
   from jaxllm.inference import engine as engine_lib
   from jaxllm.inference import sampling
-  engine = engine_lib.Engine(model.graphdef, model.params,
+  engine = engine_lib.Engine(model.graphdef, model.params if params is None else params,
                              dataclasses.replace(engine_cfg, prefix_caching=prefix_caching,
                                                  speculative_k=speculative_k,
                                                  overlap=overlap), draft=draft)
@@ -66,7 +71,8 @@ def _continuous(model, engine_cfg, prompts, outs, arrivals, *, prefix_caching=Tr
     now = time.monotonic() - start
     while len(requests) < len(prompts) and arrivals[len(requests)] <= now:
       i = len(requests)
-      r = engine.submit(prompts[i], sampling.SamplingParams(max_tokens=outs[i]))
+      r = engine.submit(prompts[i], sampling.SamplingParams(max_tokens=outs[i]),
+                        adapter=i % engine.adapter_slots)
       r.arrival = start + arrivals[i]
       requests.append(r)
     if engine.idle:
@@ -111,7 +117,8 @@ def _static(model, slots, prompts, outs, arrivals):
 def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
         page_size: int = 16, prefill_chunk: int = 64, seed: int = 0,
         prefix_requests: int = 32, system_tokens: int = 256, speculative_k: int = 4,
-        draft: str = "ngram", max_output_tokens: int = 512, mesh: str | None = None) -> dict:
+        draft: str = "ngram", max_output_tokens: int = 512, mesh: str | None = None,
+        lora_adapters: int = 4, lora_rank: int = 16) -> dict:
   """`mesh` ("tensor=4"): every mode runs on the model split over that mesh."""
   import jaxllm
   from jaxllm.inference import engine as engine_lib
@@ -154,6 +161,23 @@ def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
         vs_continuous=cont["seconds"] / spec["seconds"],
         identical=all(a.tokens == b.tokens for a, b in zip(cont["requests"],
                                                            spec["requests"])))
+  if lora_adapters:
+    from jaxllm.lora import adapters, bank
+    from jaxllm.parallel import placement
+    from jaxllm.model import transformer
+    cfg_lora = adapters.LoraConfig(rank=lora_rank, alpha=float(lora_rank))
+    banked = bank.build(model.params, [adapters.add(model.params, cfg_lora, seed=i)
+                                       for i in range(lora_adapters)])
+    if mesh is not None:
+      banked = jax.device_put(banked, placement.qtensor_shardings(
+          banked, transformer.logical_axes(model.config), model.mesh))
+    multi = _continuous(model, cfg, prompts, outs, arrivals, params=banked)
+    rows["multi_lora"] = summary(multi)
+    rows["multi_lora"].update(
+        adapters=lora_adapters, rank=lora_rank,
+        vs_continuous=cont["seconds"] / multi["seconds"],
+        identical=all(a.tokens == b.tokens for a, b in zip(cont["requests"],
+                                                           multi["requests"])))
   # Shared system prompt: the same requests with prefix caching on and off, all at once.
   system = decode_bench.stdlib_prompts(tok, prefix_requests + 1, system_tokens, bos)[-1]
   p_prompts, _ = _workload(tok, prefix_requests, seed + 2, None, system=system,
@@ -197,6 +221,13 @@ def table(result: dict) -> str:
                  f"{r['ttft_p50']:>12.2f}{r['ttft_p99']:>12.2f}{r['seconds']:>9.1f}"
                  f"   {r['vs_continuous']:.2f}x continuous, {r['acceptance']:.1%} of proposals "
                  f"accepted, outputs identical: {r['identical']}")
+  if "multi_lora" in rows:
+    r = rows["multi_lora"]
+    lines.append(f"{'+ ' + str(r['adapters']) + ' LoRAs':<12}{r['tokens_per_s']:>10.1f}"
+                 f"{r['ttft_p50']:>12.2f}{r['ttft_p99']:>12.2f}{r['seconds']:>9.1f}"
+                 f"   {r['vs_continuous']:.2f}x continuous (rank {r['rank']}, requests of "
+                 f"every adapter and the base batched together), outputs identical: "
+                 f"{r['identical']}")
   lines.append(f"continuous / static throughput: {result['continuous_vs_static']:.2f}x; KV "
                f"utilisation {rows['continuous']['kv_utilisation']:.1%}; preemptions "
                f"{rows['continuous']['preemptions']}")

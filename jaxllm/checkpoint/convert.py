@@ -183,6 +183,23 @@ def read_checkpoint(path: str | os.PathLike[str], mesh=None) -> Checkpoint:
                               "nor a .gguf file")
 
 
+def read_model_config(path: str | os.PathLike[str]) -> config_lib.ModelConfig:
+  """The ModelConfig of the checkpoint at `path` (any `read_checkpoint` reads), without
+  reading its weights."""
+  path = os.path.abspath(os.fspath(path))
+  if os.path.isfile(path) and path.endswith(".gguf"):
+    from jaxllm.checkpoint.gguf_format import GGUFFile
+    return GGUFFile(path).model_config()
+  if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == CHECKPOINT_DIR:
+    path = os.path.dirname(os.path.dirname(path))
+  if os.path.isdir(path) and hf_format.is_hf_dir(path):
+    return hf_format.model_config(hf_format.read_config(path), f"{path}/config.json")
+  if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+    return workdir_lib.read_config(path).model
+  raise UnsupportedCheckpoint(f"{path} is neither a jaxllm workdir, a Hugging Face directory "
+                              "nor a .gguf file")
+
+
 def read_tokenizer(path: str | os.PathLike[str]):
   """The tokenizer of the checkpoint at `path` (a .gguf file, a Hugging Face directory or a
   jaxllm workdir), without reading or converting its weights."""

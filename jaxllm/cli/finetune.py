@@ -127,7 +127,10 @@ def run(command: str, holder, base_path: str, data_path: str, workdir: str | Non
     tokenized = [finetune.preference_pairs(r, base.tokenizer)
                  for r in (train_records, eval_records)]
   params = finetune.prepare_params(base.params, exp, exp.train.seed)
-  model = dataclasses.replace(base, params=params)
+  from jaxllm.model import transformer
+  run_config = finetune.model_config(base.config, exp)
+  model = dataclasses.replace(base, params=params, config=run_config,
+                              graphdef=transformer.abstract_params(run_config)[0])
   finetune.write_settings(workdir, wanted)
   # Exact match on held-out prompts: a preference pair's reference is its chosen reply.
   held_out = [(n, r if command == "sft" else _as_example(r))

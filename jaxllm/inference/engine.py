@@ -50,6 +50,7 @@ from jaxllm.inference import generate as gen
 from jaxllm.inference import paging, sampling, speculative
 from jaxllm.inference import steps as steps_lib
 from jaxllm.inference import prefix_cache as prefix_cache_lib
+from jaxllm.lora import bank as lora_bank
 from jaxllm.model import cache as kv_cache
 from jaxllm.parallel import placement
 
@@ -127,6 +128,7 @@ class Request:
   prefix_keys: frozenset = frozenset()  # prefix-cache keys of its full prompt pages
   cancelled: bool = False
   key: int = -1  # submission number (the same on every process of a lockstep engine)
+  adapter: int = 0  # LoRA adapter slot where the params hold a bank (0: the base alone)
 
   @property
   def sequence(self) -> list[int]:
@@ -163,6 +165,9 @@ class Engine:
     self._inbox_cancels: list[int] = []
     self._live: dict[int, Request] = {}
     self.model_config = cfg = gen.model_config(graphdef, params)
+    # Params holding LoRA banks (`jaxllm.lora.bank`): each request picks a slot, and a step
+    # batches requests of different adapters.
+    self.adapter_slots = lora_bank.size(params)
     self.eos_id = eos_id
     self.decode_text = decode
     self.max_seq_len = config.max_seq_len or cfg.max_seq_len
@@ -241,8 +246,13 @@ class Engine:
   # ---- requests -------------------------------------------------------------------------
 
   def submit(self, prompt: Sequence[int], params: sampling.SamplingParams, *,
-             request_id: str | None = None, on_token=None, on_finish=None) -> Request:
+             request_id: str | None = None, on_token=None, on_finish=None,
+             adapter: int = 0) -> Request:
+    """`adapter`: the LoRA adapter slot of a bank (`jaxllm.lora.bank`; 0, the base alone)."""
     prompt = [int(t) for t in prompt]
+    if not 0 <= adapter < self.adapter_slots:
+      raise ValueError(f"adapter slot {adapter}: this engine holds slots 0 to "
+                       f"{self.adapter_slots - 1} (0: the base model)")
     if not prompt:
       raise ValueError("the prompt needs at least one token")
     if min(prompt) < 0 or max(prompt) >= self.model_config.vocab_size:
@@ -254,7 +264,7 @@ class Engine:
       raise EngineFailed(f"the engine has stopped after an error: {self.failure!r}")
     key = next(self._ids)
     request = Request(request_id or f"req-{key}", prompt, params, on_token=on_token,
-                      on_finish=on_finish, key=key)
+                      on_finish=on_finish, key=key, adapter=adapter)
     with self._wake:
       # In lockstep the request joins at the next step, on every process at once.
       (self._inbox if self.lockstep else self._waiting).append(request)
@@ -279,13 +289,14 @@ class Engine:
       if leader:
         arrived, self._inbox = self._inbox, []
         events = lockstep.Events(
-            [lockstep.request_event(r.id, r.prompt, r.params, r.arrival, r.key)
+            [lockstep.request_event(r.id, r.prompt, r.params, r.arrival, r.key, r.adapter)
              for r in arrived], self._inbox_cancels, self._stop)
         self._inbox_cancels = []
     events = lockstep.exchange(events)
     if not leader:
       arrived = [Request(e["id"], e["prompt"], lockstep.params_from_event(e["params"]),
-                         arrival=e["arrival"], key=e["key"]) for e in events.submitted]
+                         arrival=e["arrival"], key=e["key"], adapter=e.get("adapter", 0))
+                 for e in events.submitted]
     with self._lock:
       for r in arrived:
         self._waiting.append(r)
@@ -469,13 +480,15 @@ class Engine:
     while self._waiting and None in self._slots:
       request = self._waiting[0]
       seq = request.sequence
-      shared = self.prefix_cache.lookup(seq) if self.config.prefix_caching else []
+      shared = (self.prefix_cache.lookup(seq, request.adapter) if self.config.prefix_caching
+                else [])
       need = (paging.pages_for(len(seq), self.config.page_size) - len(shared)
               if self.stream is None else self.max_pages)
       # Admission never preempts: a request waits for pages rather than evicting a runner.
       if self.allocator.num_free < need:
         self.prefix_cache.evict(need - self.allocator.num_free)
-      if self.allocator.num_free < need or self._prefix_being_written(seq, len(shared)):
+      if (self.allocator.num_free < need
+          or self._prefix_being_written(seq, len(shared), request.adapter)):
         self.allocator.release(shared)
         self.prefix_cache.hits -= len(shared)
         return
@@ -490,17 +503,17 @@ class Engine:
       self._prompt_mask[slot, request.prompt] = True
       if self.config.prefix_caching:
         P = self.config.page_size
-        request.prefix_keys = frozenset(self.prefix_cache.keys(request.prompt,
-                                                               len(request.prompt) // P))
+        request.prefix_keys = frozenset(self.prefix_cache.keys(
+            request.prompt, len(request.prompt) // P, request.adapter))
 
-  def _prefix_being_written(self, seq: list[int], cached: int) -> bool:
+  def _prefix_being_written(self, seq: list[int], cached: int, salt: int) -> bool:
     """Whether a running request is prefilling the prompt page that would extend `seq`'s
     cached prefix. Waiting for it costs nothing (prefill runs oldest first, so this request
     could not start before it anyway) and saves recomputing the page: requests arriving
     together with one system prompt compute it once."""
     if not self.config.prefix_caching or cached >= (len(seq) - 1) // self.config.page_size:
       return False
-    key = self.prefix_cache.keys(seq, cached + 1)[-1]
+    key = self.prefix_cache.keys(seq, cached + 1, salt)[-1]
     return any(key in r.prefix_keys for r in self._slots
                if r is not None and r.prefilled < len(r.sequence))
 
@@ -527,8 +540,10 @@ class Engine:
     tokens[0, :len(chunk)] = chunk
     args = (jnp.asarray(self._page_row(request)), jnp.asarray([request.prefilled], jnp.int32),
             jnp.asarray(tokens), jnp.asarray([len(chunk)], jnp.int32))
+    adapter = (jnp.asarray([request.adapter], jnp.int32) if self.adapter_slots > 1 else None)
     logits, self._k, self._v = steps_lib.prefill_chunk(self.graphdef, self.params, self._k,
-                                                       self._v, *args, stream=self.stream)
+                                                       self._v, *args, adapter,
+                                                       stream=self.stream)
     if self._draft is not None:  # its cache holds the same tokens under the same page table
       _, self._dk, self._dv = steps_lib.prefill_chunk(
           self._draft.graphdef, self._draft.params, self._dk, self._dv, *args)
@@ -543,7 +558,7 @@ class Engine:
       else:
         self._counts = self._counts.at[request.slot].set(0)
       if self.config.prefix_caching:
-        self.prefix_cache.register(request.prompt, request.pages)
+        self.prefix_cache.register(request.prompt, request.pages, request.adapter)
 
   def _ready(self) -> list[Request]:
     """Running requests whose next token can be drawn: prefill done, every token produced so
@@ -565,6 +580,12 @@ class Engine:
           continue
         r.pages += pages
     return self._ready()
+
+  def _slot_adapters(self) -> jnp.ndarray | None:
+    """Each slot's adapter slot [B] (empty slots: 0) where the params hold banks, else None."""
+    if self.adapter_slots == 1:
+      return None
+    return jnp.asarray([0 if r is None else r.adapter for r in self._slots], jnp.int32)
 
   def _batch_arrays(self, ready: list[Request], width: int):
     """Page table [B, width], lengths [B], active [B] and draw steps [B] of the ready slots."""
@@ -598,7 +619,7 @@ class Engine:
           self.graphdef, self.params, self._k, self._v, jnp.asarray(table),
           jnp.asarray(lengths), jnp.asarray(active), self._logits, self._arrays,
           jnp.asarray(steps), self._counts, jnp.asarray(self._prompt_mask),
-          penalties=self._penalties, stream=self.stream)
+          self._slot_adapters(), penalties=self._penalties, stream=self.stream)
       self.stats["decode_steps"] += 1
       for r in ready:
         r.prefilled += 1  # the drawn token is fed and stored by the step
@@ -694,7 +715,8 @@ class Engine:
         self.graphdef, self.params, self._k, self._v, draft.graphdef, draft.params, self._dk,
         self._dv, jnp.asarray(table), jnp.asarray(lengths), jnp.asarray(active), self._logits,
         self._arrays, jnp.asarray(steps), self._sub, hist, jnp.asarray(drafts), self._counts,
-        jnp.asarray(self._prompt_mask), k=k, max_ngram=self.config.speculative_ngram,
+        jnp.asarray(self._prompt_mask), self._slot_adapters(), k=k,
+        max_ngram=self.config.speculative_ngram,
         penalties=self._penalties)
     tokens, logp, n_acc = placement.to_host((tokens, logp, n_acc))
     self.stats["decode_steps"] += 1

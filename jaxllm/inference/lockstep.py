@@ -66,10 +66,11 @@ class Events:
 
 
 def request_event(request_id: str, prompt: list[int], params: sampling.SamplingParams,
-                  arrival: float, key: int) -> dict:
+                  arrival: float, key: int, adapter: int = 0) -> dict:
   fields = dataclasses.asdict(params)
   fields["stop"], fields["stop_token_ids"] = list(params.stop), list(params.stop_token_ids)
-  return {"id": request_id, "prompt": prompt, "params": fields, "arrival": arrival, "key": key}
+  return {"id": request_id, "prompt": prompt, "params": fields, "arrival": arrival, "key": key,
+          "adapter": adapter}
 
 
 def params_from_event(fields: dict) -> sampling.SamplingParams:

@@ -3,6 +3,8 @@
 Every page a prompt fills completely is registered under a hash chained over all tokens up to
 its end; a later prompt with the same prefix takes those pages (`PageAllocator.retain`) and
 prefills only the rest. Cached pages stay until the pool needs them (least recently used first).
+A `salt` starts the chain: pages written under different LoRA adapters (whose k and v
+projections differ) never match.
 """
 
 from __future__ import annotations
@@ -22,28 +24,29 @@ class PrefixCache:
     self._pages: collections.OrderedDict[int, int] = collections.OrderedDict()
     self.hits = 0  # pages reused
 
-  def keys(self, tokens: Sequence[int], n_pages: int) -> list[int]:
-    """Key of each of the first n_pages pages: a hash chained over every token up to its end."""
-    P, key, out = self.page_size, 0, []
+  def keys(self, tokens: Sequence[int], n_pages: int, salt: int = 0) -> list[int]:
+    """Key of each of the first n_pages pages: a hash chained over every token up to its end
+    (from `salt`)."""
+    P, key, out = self.page_size, salt, []
     for i in range(n_pages):
       key = hash((key, tuple(tokens[i * P:(i + 1) * P])))
       out.append(key)
     return out
 
-  def cached_pages(self, prompt: Sequence[int]) -> int:
+  def cached_pages(self, prompt: Sequence[int], salt: int = 0) -> int:
     """How many of the prompt's leading full pages are cached (nothing is retained)."""
     n = 0
-    for key in self.keys(prompt, (len(prompt) - 1) // self.page_size):
+    for key in self.keys(prompt, (len(prompt) - 1) // self.page_size, salt):
       if self._pages.get(key) is None:
         break
       n += 1
     return n
 
-  def lookup(self, prompt: Sequence[int]) -> list[int]:
+  def lookup(self, prompt: Sequence[int], salt: int = 0) -> list[int]:
     """Pages holding the longest cached run of the prompt's full pages (retained for the
     caller); the last prompt token is always left to compute."""
     pages = []
-    for key in self.keys(prompt, (len(prompt) - 1) // self.page_size):
+    for key in self.keys(prompt, (len(prompt) - 1) // self.page_size, salt):
       page = self._pages.get(key)
       if page is None:
         break
@@ -53,9 +56,9 @@ class PrefixCache:
     self.hits += len(pages)
     return pages
 
-  def register(self, prompt: Sequence[int], pages: Sequence[int]) -> None:
+  def register(self, prompt: Sequence[int], pages: Sequence[int], salt: int = 0) -> None:
     """Offers the prompt's full pages (already written) to later requests."""
-    for key, page in zip(self.keys(prompt, len(prompt) // self.page_size), pages):
+    for key, page in zip(self.keys(prompt, len(prompt) // self.page_size, salt), pages):
       if key not in self._pages:
         self._pages[key] = page
         self.allocator.retain([page])

@@ -35,20 +35,20 @@ class Replicas:
     m = self.engines[i].metrics()
     return m["queue_depth"] + m["active_slots"]
 
-  def choose(self, prompt: Sequence[int]) -> int:
+  def choose(self, prompt: Sequence[int], adapter: int = 0) -> int:
     loads = [self.load(i) for i in range(len(self.engines))]
     least = min(loads)
-    cached = [e.prefix_cache.cached_pages(prompt) for e in self.engines]
+    cached = [e.prefix_cache.cached_pages(prompt, adapter) for e in self.engines]
     best = max(range(len(self.engines)), key=lambda i: (cached[i], -loads[i], -i))
     if cached[best] and loads[best] <= least + self.slack:
       return best
     return loads.index(least)
 
   def submit(self, prompt: Sequence[int], params: sampling.SamplingParams, *,
-             request_id: str | None = None, on_token=None, on_finish=None
+             request_id: str | None = None, on_token=None, on_finish=None, adapter: int = 0
              ) -> engine_lib.Request:
     with self._lock:
-      i = self.choose(prompt)
+      i = self.choose(prompt, adapter)
       engine = self.engines[i]
 
       def finished(request):
@@ -58,7 +58,7 @@ class Replicas:
           on_finish(request)
 
       request = engine.submit(prompt, params, request_id=request_id, on_token=on_token,
-                              on_finish=finished)
+                              on_finish=finished, adapter=adapter)
       self._owner[id(request)] = engine
       self.routed[i] += 1
     return request

@@ -88,15 +88,17 @@ class RequestLog:
 
 def create_app(model, engine: engine_lib.Engine, *, model_name: str,
                api_key: str | None = None, aliases: tuple[str, ...] = (),
-               log_requests: bool = False) -> "fastapi.FastAPI":
+               adapters: tuple[str, ...] = (), log_requests: bool = False) -> "fastapi.FastAPI":
   """The ASGI app; `model` is a `jaxllm.LoadedModel` (tokenizer, chat template). Requests may
   name the model by `model_name` or any of `aliases`; responses say `model_name`.
+  `adapters`: names of the engine's LoRA adapter slots 1, 2, ... (`jaxllm.lora.bank`): a
+  request naming one is served with it (multi-LoRA), and its responses say that name.
   `log_requests`: a line per request on stderr (`RequestLog`)."""
   app = fastapi.FastAPI(title="jaxllm", docs_url=None, redoc_url=None)
   if log_requests:
     app.add_middleware(RequestLog)
   metrics = _Metrics()
-  out = api.Responses(model.tokenizer, model_name)
+  outs = [api.Responses(model.tokenizer, name) for name in (model_name, *adapters)]
   created = int(time.time())
 
   @app.exception_handler(api.APIError)
@@ -121,12 +123,18 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
       raise api.APIError(401, "invalid or missing API key", type_="authentication_error",
                      code="invalid_api_key")
 
-  def _check_model(name: str):
+  def _check_model(name: str) -> int:
+    """The adapter slot a request's model name asks for (0: the base model)."""
+    if name in adapters:
+      return adapters.index(name) + 1
     if name != model_name and name not in aliases:
-      raise api.APIError(404, f"model {name!r} does not exist (this server has {model_name!r})",
-                     param="model", code="model_not_found")
+      served = ", ".join(repr(n) for n in (model_name, *adapters))
+      raise api.APIError(404, f"model {name!r} does not exist (this server has {served})",
+                         param="model", code="model_not_found")
+    return 0
 
-  def _submit(ids: list[int], body: api.CommonRequest, loop, queue: asyncio.Queue, index: int):
+  def _submit(ids: list[int], body: api.CommonRequest, loop, queue: asyncio.Queue, index: int,
+              slot: int):
     seed = (body.seed + index) if body.seed is not None else secrets.randbits(62)
     params = api.sampling_params(body, seed)
 
@@ -138,7 +146,7 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
       loop.call_soon_threadsafe(queue.put_nowait, ("finish", index, req))
 
     try:
-      return engine.submit(ids, params, on_token=on_token, on_finish=on_finish)
+      return engine.submit(ids, params, on_token=on_token, on_finish=on_finish, adapter=slot)
     except engine_lib.EngineFailed:
       raise _engine_error() from None
     except ValueError as e:
@@ -149,13 +157,13 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
                         code="engine_failed")
 
   async def _run(http_request: fastapi.Request, body: api.CommonRequest, ids: list[int],
-                 chat: bool):
+                 chat: bool, slot: int):
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     reqs = []
     try:
       for i in range(body.n):
-        reqs.append(_submit(ids, body, loop, queue, i))
+        reqs.append(_submit(ids, body, loop, queue, i, slot))
     except api.APIError:
       for r in reqs:
         engine.cancel(r)
@@ -164,7 +172,8 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     if body.stream:
       return responses.StreamingResponse(
-          _stream(http_request, body, reqs, queue, rid, chat), media_type="text/event-stream")
+          _stream(http_request, body, reqs, queue, rid, chat, outs[slot]),
+          media_type="text/event-stream")
     try:
       pending = len(reqs)
       while pending:
@@ -181,9 +190,9 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
     if any(r.finish_reason == "error" for r in reqs):
       raise _engine_error()
     http_request.state.tokens = sum(len(r.tokens) for r in reqs)  # for the request log
-    return out.full(body, reqs, rid, chat, ids)
+    return outs[slot].full(body, reqs, rid, chat, ids)
 
-  async def _stream(http_request, body, reqs, queue, rid, chat):
+  async def _stream(http_request, body, reqs, queue, rid, chat, out):
     sent = [0] * len(reqs)  # characters of each choice's text already sent
     ntok = [0] * len(reqs)
     stops = reqs[0].params.stop
@@ -236,8 +245,10 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
   @app.get("/v1/models")
   async def models(request: fastapi.Request):
     _auth(request)
-    return {"object": "list", "data": [{"id": model_name, "object": "model",
-                                        "created": created, "owned_by": "jaxllm"}]}
+    return {"object": "list", "data": [
+        {"id": name, "object": "model", "created": created, "owned_by": "jaxllm",
+         **({"parent": model_name} if name != model_name else {})}
+        for name in (model_name, *adapters)]}
 
   @app.get("/metrics")
   async def prometheus():
@@ -274,26 +285,26 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
   @app.post("/v1/completions")
   async def completions(request: fastapi.Request, body: api.CompletionRequest):
     _auth(request)
-    _check_model(body.model)
+    slot = _check_model(body.model)
     if isinstance(body.prompt, str):
       ids = model.prompt_ids(body.prompt)
     else:
       ids = list(body.prompt)
     if not ids:
       raise api.APIError(400, "prompt is empty", param="prompt")
-    return await _run(request, body, ids, chat=False)
+    return await _run(request, body, ids, chat=False, slot=slot)
 
   @app.post("/v1/chat/completions")
   async def chat_completions(request: fastapi.Request, body: api.ChatRequest):
     _auth(request)
-    _check_model(body.model)
+    slot = _check_model(body.model)
     if not body.messages:
       raise api.APIError(400, "messages is empty", param="messages")
     try:
       ids = model.chat_ids([m.model_dump() for m in body.messages])
     except ValueError as e:
       raise api.APIError(400, str(e), param="messages") from None
-    return await _run(request, body, ids, chat=True)
+    return await _run(request, body, ids, chat=True, slot=slot)
 
   return app
 
@@ -308,7 +319,7 @@ def default_model_name(checkpoint: str) -> str:
 def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill_chunk=64,
           max_seq_len=None, model_name=None, api_key=None, kv_cache_dtype="float32",
           speculative_k=0, draft=None, mesh=None, replicas: int = 1, sink_tokens=0,
-          stream_window=0, kv_memory=None, log_requests=False, adapter=None):
+          stream_window=0, kv_memory=None, log_requests=False, adapter=None, adapters=None):
   """(app, engine) for a checkpoint (quantized ones too); the engine's loop is started.
   `app.state.kv_pool` describes the page pool it chose: `num_pages` if given, else from the
   `kv_memory` budget (`jaxllm.inference.kv_budget`; None: the platform's default).
@@ -321,7 +332,8 @@ def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill
   `replicas`: engines on disjoint device groups (each of the spec's shape) behind one router
   (`jaxllm.inference.replicas`). Sizes (`max_slots`, `num_pages`) are per engine.
   `adapter`: a LoRA adapter directory (PEFT's format) every request is served with, unmerged
-  (`jaxllm.load(adapter=)`: one device).
+  (`jaxllm.load(adapter=)`). `adapters`: {name: directory} of LoRA adapters a request picks by
+  its `model` field (the checkpoint's name: none), batched together (`jaxllm.lora.bank`).
   In a multi-process run every process calls this; only process 0's engine is started, the
   others must `engine.follow()` (`jaxllm.inference.lockstep`).
   """
@@ -335,7 +347,17 @@ def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill
     meshes = placement.replica_meshes(mesh, replicas)
   else:
     raise ValueError("replicas take their meshes from a spec (mesh='tensor=4'), not a Mesh")
-  models = [jaxllm.load(checkpoint, mesh=m, adapter=adapter) for m in meshes]
+  adapters = dict(adapters or {})
+  if adapter is not None and adapters:
+    raise ValueError("adapter (one for every request) and adapters (chosen per request) "
+                     "exclude each other")
+  name = model_name or default_model_name(checkpoint)
+  for n in adapters:
+    if not n or n == name:
+      raise ValueError(f"adapter name {n!r} must be non-empty and differ from the model's "
+                       f"name {name!r}")
+  chosen_adapter = list(adapters.values()) if adapters else adapter
+  models = [jaxllm.load(checkpoint, mesh=m, adapter=chosen_adapter) for m in meshes]
   model = models[0]
   max_len = max_seq_len or model.config.max_seq_len
   stream = gen.stream_of(sink_tokens, stream_window)
@@ -364,12 +386,11 @@ def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill
   engine = engines[0] if len(engines) == 1 else replicas_lib.Replicas(engines)
   if jax.process_index() == 0:
     engine.start()  # the others call engine.follow()
-  name = model_name or default_model_name(checkpoint)
   # The file name with its extension stays a name requests may use (it was the default).
   base = os.path.basename(os.path.normpath(checkpoint))
   application = create_app(model, engine, model_name=name, api_key=api_key,
                            aliases=(base,) if base != name and not model_name else (),
-                           log_requests=log_requests)
+                           adapters=tuple(adapters), log_requests=log_requests)
   application.state.kv_pool = {
       "pages": pages, "page_size": page_size, "tokens": pages * page_size,
       "bytes": pages * page_size * kv_budget.bytes_per_token(model.config, kv_cache_dtype),

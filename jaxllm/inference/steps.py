@@ -18,25 +18,27 @@ from flax import nnx
 
 from jaxllm.inference import generate as gen
 from jaxllm.inference import sampling, speculative
+from jaxllm.lora import bank as lora_bank
 from jaxllm.model import cache as kv_cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "stream"), donate_argnames=("k", "v"))
-def prefill_chunk(graphdef, params, k, v, page_row_1M, length_1, tokens_1T, num_new_1, *,
-                  stream: kv_cache.Stream | None = None):
+def prefill_chunk(graphdef, params, k, v, page_row_1M, length_1, tokens_1T, num_new_1,
+                  adapter_1=None, *, stream: kv_cache.Stream | None = None):
   gen.count_trace("engine_prefill")
   cache = kv_cache.PagedKVCache(k, v, page_row_1M, length_1)
-  logits, cache = nnx.merge(graphdef, params).extend(tokens_1T, cache, num_new_1,
-                                                     last_only=True, stream=stream)
+  model = nnx.merge(graphdef, lora_bank.select(params, adapter_1))
+  logits, cache = model.extend(tokens_1T, cache, num_new_1, last_only=True, stream=stream)
   return logits[:, 0], cache.k, cache.v
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "penalties", "stream"),
                    donate_argnames=("k", "v", "logits_BV", "counts_BV"))
 def decode(graphdef, params, k, v, page_table_BM, lengths_B, active_B, logits_BV, arrays,
-            steps_B, counts_BV, prompt_mask_BV, *, penalties: bool,
+            steps_B, counts_BV, prompt_mask_BV, adapters_B=None, *, penalties: bool,
             stream: kv_cache.Stream | None = None):
-  """`stream`: every row is a StreamingLLM sequence whose M pages hold its sinks and ring."""
+  """`stream`: every row is a StreamingLLM sequence whose M pages hold its sinks and ring.
+  `adapters_B`: each row's adapter slot where `params` hold a bank (`jaxllm.lora.bank`)."""
   gen.count_trace("engine_decode")
   V = logits_BV.shape[-1]
   processed = logits_BV
@@ -47,8 +49,8 @@ def decode(graphdef, params, k, v, page_table_BM, lengths_B, active_B, logits_BV
   if penalties:
     counts_BV = counts_BV + jax.nn.one_hot(tok_B, V, dtype=jnp.int32) * active_B[:, None]
   cache = kv_cache.PagedKVCache(k, v, page_table_BM, lengths_B)
-  new_B1V, cache = nnx.merge(graphdef, params).extend(tok_B[:, None], cache,
-                                                      active_B.astype(jnp.int32), stream=stream)
+  model = nnx.merge(graphdef, lora_bank.select(params, adapters_B))
+  new_B1V, cache = model.extend(tok_B[:, None], cache, active_B.astype(jnp.int32), stream=stream)
   logits_BV = jnp.where(active_B[:, None], new_B1V[:, 0], logits_BV)
   return tok_B, logp_B, logits_BV, counts_BV, cache.k, cache.v
 
@@ -59,8 +61,8 @@ def decode(graphdef, params, k, v, page_table_BM, lengths_B, active_B, logits_BV
                                     "sub_BV", "counts_BV"))
 def decode_speculative(graphdef, params, k_pages, v_pages, draft_graphdef, draft_params,
                         dk_pages, dv_pages, page_table_BM, lengths_B, active_B, logits_BV, arrays,
-                        steps_B, sub_BV, hist_BH, drafts_B, counts_BV, prompt_mask_BV, *, k: int,
-                        max_ngram: int, penalties: bool):
+                        steps_B, sub_BV, hist_BH, drafts_B, counts_BV, prompt_mask_BV,
+                        adapters_B=None, *, k: int, max_ngram: int, penalties: bool):
   """One step that emits 1 to 1 + drafts_B[b] tokens per slot.
 
   The slot's logits give t0, drawn from the target's distribution p, or from norm(max(p - s, 0))
@@ -71,7 +73,8 @@ def decode_speculative(graphdef, params, k_pages, v_pages, draft_graphdef, draft
   u_i q_i(d_i) < p_{i-1}(d_i). That keeps the target's distribution, and greedy rows (one-hot
   p and q) accept exactly the argmax. The new slot logits are those after the last accepted
   token; the first rejection's q becomes the next step's `sub_BV`. Rows with penalties draft
-  nothing (drafts_B = 0): their counts change by t0 alone.
+  nothing (drafts_B = 0): their counts change by t0 alone. The draft model proposes without
+  the rows' adapters (`adapters_B`): the target's check keeps every row's distribution.
   """
   gen.count_trace("engine_decode_speculative")
   B, V = logits_BV.shape
@@ -111,7 +114,8 @@ def decode_speculative(graphdef, params, k_pages, v_pages, draft_graphdef, draft
   cache = kv_cache.PagedKVCache(k_pages, v_pages, page_table_BM, lengths_B)
   tokens_BT = jnp.concatenate([t0_B[:, None], d_Bk], axis=1)
   fed_B = (1 + drafts_B) * active_B.astype(jnp.int32)
-  logits_BTV, cache = nnx.merge(graphdef, params).extend(tokens_BT, cache, fed_B)
+  logits_BTV, cache = nnx.merge(graphdef, lora_bank.select(params, adapters_B)).extend(
+      tokens_BT, cache, fed_B)
   p_BTV = speculative.target_probabilities(logits_BTV, arrays)
   u_Bk = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 1), (k,)))(keys_B2)
   n_acc_B = speculative.accepted_prefix(p_BTV, q_BkV, d_Bk, u_Bk, drafts_B)

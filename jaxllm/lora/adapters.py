@@ -130,6 +130,24 @@ def with_adapters(params: dict, new: dict[str, dict[str, jax.Array]]) -> dict:
   return qparams.unflatten(flat)
 
 
+def with_dropout(params: dict, key: jax.Array, rate: float) -> dict:
+  """`params` with LoRA dropout on every adapter for one training step: each weight (and each
+  layer of a stacked one) gets its own key from `key`, so the masks differ between weights,
+  layers and steps. `rate` 0: `params` as they are."""
+  if rate == 0.0:
+    return params
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)  # a raw uint32 [2] key (TrainState's "rng")
+  flat = qparams.flatten(params)
+  for i, (path, w) in enumerate(sorted(flat.items())):
+    if is_lora(w):
+      lead = w.a.shape[:w.a.ndim - w.in_axes - 1]
+      keys = jax.random.split(jax.random.fold_in(key, i), max(math.prod(lead), 1))
+      flat[path] = dataclasses.replace(
+          w, dropout_key=jax.random.key_data(keys).reshape(*lead, -1), dropout=rate)
+  return qparams.unflatten(flat)
+
+
 def config_of(params: dict) -> tuple[int, float] | None:
   """(rank, scale) of the adapters in `params`, or None without any."""
   for w in qparams.flatten(params).values():

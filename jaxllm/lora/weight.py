@@ -23,12 +23,16 @@ import jax.numpy as jnp
 class LoraWeight:
   """`base` `[*batch, *in, *out]` (array or QTensor), `a` `[*batch, *in, r]`, `b`
   `[*batch, r, *out]`; the update is `scale * a @ b` (`scale`: alpha / r, or alpha / sqrt(r)
-  for rsLoRA)."""
+  for rsLoRA). In training with LoRA dropout (`with_dropout`), `dropout_key` `[*batch, 2]`
+  drops each input of the adapter's path with probability `dropout` (the base's product sees
+  every input, as in PEFT)."""
   base: Any
   a: jax.Array
   b: jax.Array
   scale: float = dataclasses.field(metadata=dict(static=True))
   in_axes: int = dataclasses.field(metadata=dict(static=True))
+  dropout_key: jax.Array | None = None
+  dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
 
   def __getitem__(self, key):
     if key is Ellipsis:  # how a model reads its weights (`self.q[...]`)
@@ -68,3 +72,82 @@ class LoraWeight:
 
 def is_lora(x) -> bool:
   return isinstance(x, LoraWeight)
+
+
+def dropped(x: jax.Array, w: LoraWeight) -> jax.Array:
+  """x as the adapter's path sees it: with a `dropout_key`, each element zeroed with
+  probability `dropout` and the rest scaled by 1 / (1 - dropout); else x."""
+  if w.dropout_key is None or w.dropout == 0.0:
+    return x
+  keep = jax.random.bernoulli(jax.random.wrap_key_data(w.dropout_key), 1.0 - w.dropout, x.shape)
+  return jnp.where(keep, x / (1.0 - w.dropout), 0.0).astype(x.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraBank:
+  """Several adapters of one weight, served side by side (`jaxllm.lora.bank`): `base`
+  `[*batch, *in, *out]`, `a` `[*batch, n, *in, r]`, `b` `[*batch, n, r, *out]` with each
+  adapter's scale folded into its `b` and smaller ranks padded with zeros. Adapter 0 is zeros
+  (the base alone). A bank never reaches a product: `rows(ids)` picks each row's adapter."""
+  base: Any
+  a: jax.Array
+  b: jax.Array
+  in_axes: int = dataclasses.field(metadata=dict(static=True))
+
+  def __getitem__(self, key):
+    if key is Ellipsis:
+      return self
+    raise TypeError("a LoraBank supports only [...]")
+
+  @property
+  def size(self) -> int:
+    """Adapters in the bank, the base's zero adapter included."""
+    return self.a.shape[self.a.ndim - self.in_axes - 2]
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.base.shape)
+
+  @property
+  def dtype(self):
+    return self.base.dtype
+
+  def rows(self, ids_B: jax.Array) -> RowLoraWeight:
+    """The weight with adapter `ids_B[i]` on row i of the batch."""
+    lead = self.a.ndim - self.in_axes - 2
+    return RowLoraWeight(self.base, jnp.take(self.a, ids_B, axis=lead),
+                         jnp.take(self.b, ids_B, axis=lead), self.in_axes)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowLoraWeight:
+  """A base weight with one adapter per row of the batch: `a` `[*batch, B, *in, r]`, `b`
+  `[*batch, B, r, *out]` (scale folded into b); row i of x `[B, ..., *in]` gets
+  `x_i @ base + (x_i @ a_i) @ b_i` (`ops.quant_matmul.project`)."""
+  base: Any
+  a: jax.Array
+  b: jax.Array
+  in_axes: int = dataclasses.field(metadata=dict(static=True))
+
+  def __getitem__(self, key):
+    if key is Ellipsis:
+      return self
+    raise TypeError("a RowLoraWeight supports only [...]")
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.base.shape)
+
+  @property
+  def dtype(self):
+    return self.base.dtype
+
+
+def is_bank(x) -> bool:
+  return isinstance(x, LoraBank)
+
+
+def is_row_lora(x) -> bool:
+  return isinstance(x, RowLoraWeight)

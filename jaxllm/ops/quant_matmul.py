@@ -51,11 +51,18 @@ def fused(w) -> bool:
 def project(x: jax.Array, w, in_axes: int = 1, preferred_element_type=None) -> jax.Array:
   """Contracts x's last `in_axes` axes with w's first `in_axes` axes, in x's dtype (or
   `preferred_element_type`). A LoraWeight adds its low-rank path, `scale * (x @ a) @ b`, to
-  the base's product (each part may be a LayerView, the base a QTensor)."""
+  the base's product (each part may be a LayerView, the base a QTensor); a RowLoraWeight adds
+  each row's own adapter (x's first axis is the batch)."""
   if lora_weight.is_lora(w):
     y = project(x, w.base, in_axes, preferred_element_type)
-    update = project(project(x, w.a, in_axes), w.b, 1) * jnp.asarray(w.scale, x.dtype)
+    update = project(project(lora_weight.dropped(x, w), w.a, in_axes), w.b, 1) * jnp.asarray(
+        w.scale, x.dtype)
     return y + update.astype(y.dtype)
+  if lora_weight.is_row_lora(w):
+    return y_plus_row_updates(x, w, in_axes, preferred_element_type)
+  if lora_weight.is_bank(w):
+    raise TypeError("a LoraBank reached a product: select each row's adapter first "
+                    "(jaxllm.lora.bank.select)")
   if cpu_gemv.applies(x, w, in_axes):
     lead = x.shape[:x.ndim - in_axes]
     shape = (w.get() if isinstance(w, stacked.LayerView) else w).shape
@@ -78,6 +85,22 @@ def project(x: jax.Array, w, in_axes: int = 1, preferred_element_type=None) -> j
     return y.reshape(*lead, *w.shape[in_axes:])
   return jnp.tensordot(x, w.astype(x.dtype), axes=in_axes,
                        preferred_element_type=preferred_element_type)
+
+
+def y_plus_row_updates(x: jax.Array, w, in_axes: int, preferred_element_type) -> jax.Array:
+  """x `[B, ..., *in]` times a RowLoraWeight: the base's product plus, for each row b,
+  `(x_b @ a_b) @ b_b` (the multi-adapter batch: each row's adapter is read once, `r * (in +
+  out)` multiply-adds a token as for one adapter)."""
+  y = project(x, w.base, in_axes, preferred_element_type)
+  a, b = (p.get() if isinstance(p, stacked.LayerView) else p for p in (w.a, w.b))
+  B = x.shape[0]
+  if a.shape[0] != B:
+    raise ValueError(f"adapters were selected for {a.shape[0]} rows, the batch has {B}")
+  r = a.shape[-1]
+  x3 = x.reshape(B, -1, math.prod(x.shape[x.ndim - in_axes:]))
+  xa = jnp.einsum("bni,bir->bnr", x3, a.reshape(B, -1, r).astype(x.dtype))
+  update = jnp.einsum("bnr,bro->bno", xa, b.reshape(B, r, -1).astype(x.dtype))
+  return y + update.reshape(y.shape).astype(y.dtype)
 
 
 def lookup(table, ids: jax.Array, dtype) -> jax.Array:

@@ -191,21 +191,26 @@ def param_shardings(abstract_params: dict, axes: dict, mesh: Mesh,
 def lora_axes(float_axes: tuple, w) -> tuple[tuple, tuple]:
   """Logical axes of a LoraWeight's `a` `[*batch, *in, r]` and `b` `[*batch, r, *out]` from
   its weight's `float_axes` (`[*batch, *in, *out]`): each splits like the weight's batch and
-  in (a) or out (b) axes; the rank stays whole."""
-  lead = w.a.ndim - w.in_axes - 1
-  return (tuple(float_axes[:lead + w.in_axes]) + (None,),
-          tuple(float_axes[:lead]) + (None,) + tuple(float_axes[lead + w.in_axes:]))
+  in (a) or out (b) axes; the rank stays whole. A LoraBank's adapter axis (after the batch
+  axes) stays whole too."""
+  from jaxllm.lora.weight import is_bank
+  bank = (None,) if is_bank(w) else ()
+  lead = w.a.ndim - w.in_axes - 1 - len(bank)
+  batch = tuple(float_axes[:lead])
+  return (batch + bank + tuple(float_axes[lead:lead + w.in_axes]) + (None,),
+          batch + bank + (None,) + tuple(float_axes[lead + w.in_axes:]))
 
 
 def qtensor_shardings(params: dict, axes: dict, mesh: Mesh) -> dict:
-  """Shardings for an in-memory params tree whose leaves may be QTensors or LoraWeights (same
-  structure: a QTensor's shardings as a QTensor of NamedShardings, a LoraWeight's as a
-  LoraWeight of its base's shardings and `lora_axes`')."""
-  from jaxllm.lora.weight import is_lora
+  """Shardings for an in-memory params tree whose leaves may be QTensors, LoraWeights or
+  LoraBanks (same structure: a QTensor's shardings as a QTensor of NamedShardings, a
+  LoraWeight's as a LoraWeight of its base's shardings and `lora_axes`')."""
+  from jaxllm.lora.weight import is_bank, is_lora
   from jaxllm.quant import params as qparams
   from jaxllm.quant import tensor as qtensor
   flat_params = qparams.flatten(params)
-  bases = {p: (w.base if is_lora(w) else w) for p, w in flat_params.items()}
+  adapted = lambda w: is_lora(w) or is_bank(w)
+  bases = {p: (w.base if adapted(w) else w) for p, w in flat_params.items()}
   stored = qparams.to_storage(qparams.unflatten(bases))
   layouts = {p: (w.in_axes, w.values.ndim - 2)
              for p, w in bases.items() if qtensor.is_qtensor(w)}
@@ -220,7 +225,7 @@ def qtensor_shardings(params: dict, axes: dict, mesh: Mesh) -> dict:
     else:
       out[path] = flat[path]
     lora = flat_params[path]
-    if is_lora(lora):
+    if adapted(lora):
       a_axes, b_axes = lora_axes(flat_axes[path], lora)
       out[path] = dataclasses.replace(
           lora, base=out[path],

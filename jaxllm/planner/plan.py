@@ -52,7 +52,7 @@ class _MeshShape:
 TPU_GRANULE_BYTES = 512
 
 
-def _per_device_bytes(abstract_tree, spec_tree, sizes, granule: int = 1) -> float:
+def per_device_bytes(abstract_tree, spec_tree, sizes, granule: int = 1) -> float:
   total = 0.0
   for x, spec in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(
       spec_tree, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))):
@@ -78,15 +78,15 @@ def _argument_bytes(cfg, sizes, params, param_specs, opt, opt_specs, granule: in
   shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
   batch = [jax.ShapeDtypeStruct((cfg.train.batch_size // shards, cfg.train.seq_len), jnp.int32)
            ] * 5
-  return (_per_device_bytes(params, param_specs, sizes, granule)
-          + (0 if cfg.train.offload_optimizer else _per_device_bytes(opt, opt_specs, sizes,
+  return (per_device_bytes(params, param_specs, sizes, granule)
+          + (0 if cfg.train.offload_optimizer else per_device_bytes(opt, opt_specs, sizes,
                                                                       granule))
-          + _per_device_bytes(scalars, {k: P() for k in scalars}, sizes, granule)
-          + _per_device_bytes(batch, [P()] * 5, sizes, granule))
+          + per_device_bytes(scalars, {k: P() for k in scalars}, sizes, granule)
+          + per_device_bytes(batch, [P()] * 5, sizes, granule))
 
 
-def _activation_bytes(cfg: config_lib.Config, sizes: dict, layers_per_stage: int,
-                      platform: str) -> float:
+def activation_bytes(cfg: config_lib.Config, sizes: dict, layers_per_stage: int,
+                     platform: str) -> float:
   m, t = cfg.model, cfg.train
   c = jnp.dtype(m.dtype).itemsize
   tp = sizes["tensor"]
@@ -186,15 +186,15 @@ def plan(cfg: config_lib.Config, num_devices: int, *, compile_check: bool = True
   stage = sizes["stage"]
   layers_per_stage = math.ceil(cfg.model.n_layers / stage)
   # The stacked layers' leading axis is `layers` -> `stage`, so the rules split them over stages.
-  params = _per_device_bytes(abstract_params, param_specs, sizes)
+  params = per_device_bytes(abstract_params, param_specs, sizes)
   result = {
       "config": cfg.name, "devices": num_devices, "mesh": sizes, "params": n_params,
       "param_bytes": params,
       # gradients take the params' dtype and sharding (ZeRO-2: the moments' sharding)
-      "grad_bytes": _per_device_bytes(abstract_params, grad_specs, sizes),
+      "grad_bytes": per_device_bytes(abstract_params, grad_specs, sizes),
       "zero_stage": cfg.mesh.zero_stage,
-      "optimizer_bytes": _per_device_bytes(abstract_opt, opt_specs, sizes),
-      "activation_bytes": _activation_bytes(cfg, sizes, layers_per_stage, platform),
+      "optimizer_bytes": per_device_bytes(abstract_opt, opt_specs, sizes),
+      "activation_bytes": activation_bytes(cfg, sizes, layers_per_stage, platform),
       "remat": cfg.model.remat,
       "microbatches": cfg.train.microbatches,
   }
@@ -210,8 +210,8 @@ def plan(cfg: config_lib.Config, num_devices: int, *, compile_check: bool = True
   opt_on_device = result["optimizer_bytes"]
   result["host_argument_bytes"] = 0.0
   if cfg.train.offload_optimizer:
-    result["host_argument_bytes"] = _per_device_bytes(abstract_opt, opt_specs, sizes, granule)
-    opt_on_device = max(_per_device_bytes([x], [s], sizes) for x, s in zip(
+    result["host_argument_bytes"] = per_device_bytes(abstract_opt, opt_specs, sizes, granule)
+    opt_on_device = max(per_device_bytes([x], [s], sizes) for x, s in zip(
         jax.tree.leaves(abstract_opt), jax.tree.leaves(
             opt_specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))))
   result["total_bytes"] = (result["param_bytes"] + result["grad_bytes"]
@@ -261,7 +261,7 @@ def _moe_plan(cfg: config_lib.Config, sizes: dict, abstract_params, param_specs)
   return {"experts": m.n_experts, "experts_per_token": m.experts_per_token,
           "moe_layers": transformer.layer_layout(m).groups, "total_params": total,
           "active_params": active, "expert_params": expert_params,
-          "expert_param_bytes": _per_device_bytes(experts, specs, sizes),
+          "expert_param_bytes": per_device_bytes(experts, specs, sizes),
           "all_to_all_bytes_per_layer": buffers,
           "dispatch": "capacity" if m.capacity_factor > 0 else "dropless"}
 

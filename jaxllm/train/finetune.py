@@ -40,8 +40,11 @@ SETTINGS_FILE = "finetune.json"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 # What a resumed run must keep (None: every key of the section): the trained structure and the
-# items' contents and order. Steps, rates, intervals and the exact-match sample may change.
-RESUME_KEYS = {"finetune": ("method", "loss_on", "eval_fraction"), "lora": None, "dpo": None,
+# items' contents and order. Steps, rates, intervals, LoRA dropout and the exact-match sample
+# may change.
+RESUME_KEYS = {"finetune": ("method", "loss_on", "eval_fraction"),
+               "lora": ("targets", "rank", "alpha", "rslora", "base_bits", "base_group_size"),
+               "dpo": None,
                "train": ("seq_len", "batch_size", "seed")}
 
 
@@ -61,6 +64,15 @@ def lora_config(cfg: config_lib.AdapterConfig) -> adapters.LoraConfig:
                                rslora=cfg.rslora)
   except ValueError as e:
     raise config_lib.ConfigError(f"{e}") from None
+
+
+def model_config(base: config_lib.ModelConfig,
+                 experiment: config_lib.FinetuneExperiment) -> config_lib.ModelConfig:
+  """The base's config with the run's `finetune.remat` and `finetune.compute_dtype` (where
+  set): what the train step is traced with."""
+  f = experiment.finetune
+  return dataclasses.replace(base, remat=f.remat or base.remat,
+                             dtype=f.compute_dtype or base.dtype)
 
 
 def prepare_params(params: dict, experiment: config_lib.FinetuneExperiment,
@@ -202,7 +214,9 @@ def fit(graphdef, params: dict, objective: step_lib.Objective, data: Data, workd
   say = say or (lambda msg: tqdm.write(msg, file=sys.stderr))
   train, method = experiment.train, experiment.finetune.method
   optimizer = optim.make_optimizer(train)
-  step_fn = step_lib.make_train_step(graphdef, optimizer, train, objective=objective)
+  dropout = experiment.lora.dropout if method != "full" else 0.0
+  step_fn = step_lib.make_train_step(graphdef, optimizer, train, objective=objective,
+                                     lora_dropout=dropout)
   eval_fn = step_lib.make_objective_eval_step(graphdef, objective)
   state = step_lib.init_state(params, optimizer, train.seed)
   if mesh is None:

@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from jaxllm.config import DistillConfig, TrainConfig, pipeline_schedule
+from jaxllm.lora import adapters
 from jaxllm.model import moe
 from jaxllm.ops import ring_attention
 from jaxllm.parallel import pipeline
@@ -122,7 +123,7 @@ def lm_objective(cfg: TrainConfig | None,
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: TrainConfig,
                     teacher: tuple[Any, DistillConfig] | None = None, grad_shardings=None,
-                    offload=None, objective: Objective | None = None
+                    offload=None, objective: Objective | None = None, lora_dropout: float = 0.0
                     ) -> Callable[..., tuple[TrainState, dict]]:
   """`train_step(state, batch) -> (state, metrics)`; accumulates `cfg.grad_accum` microbatches.
 
@@ -135,6 +136,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
   `jaxllm.parallel.zero.gradient_shardings`) pins every gradient, and the accumulated sum, to
   its shards as soon as it exists. `offload` = (device, host) shardings of an optimizer state
   kept in host memory: it is brought to the device for the update and sent back.
+  `lora_dropout` > 0: each microbatch drops inputs of the LoRA adapters' path with that
+  probability, masks drawn from the state's "rng" (`jaxllm.lora.adapters.with_dropout`).
 
   A state with "loss_scale" trains with dynamic loss scaling: the summed loss is multiplied by
   scale / tokens in the batch before differentiation and the gradients divided by that factor
@@ -149,8 +152,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
     from jaxllm.quant import fake, params as qparams
     spec = qparams.QuantSpec(bits=cfg.qat_bits, group_size=cfg.qat_group_size)
     view = lambda p: fake.fake_quant_params(p, spec)
-  def loss(t, frozen, b, extra, scale):
-    total, aux = objective.loss(graphdef, view(trainable.combine(t, frozen)), b, extra)
+  def loss(t, frozen, b, extra, scale, key):
+    params = adapters.with_dropout(trainable.combine(t, frozen), key, lora_dropout)
+    total, aux = objective.loss(graphdef, view(params), b, extra)
     return (total if scale is None else total * scale), aux
 
   grad_fn = jax.value_and_grad(loss, has_aux=True)
@@ -170,25 +174,29 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
     scale = state["loss_scale"]["scale"] / batch["inputs"].size if scaled else None
     A = cfg.grad_accum
     if A == 1:
-      (_, (weight, sums, stats)), grads = grad_fn(train_part, frozen, batch, extra, scale)
+      (_, (weight, sums, stats)), grads = grad_fn(train_part, frozen, batch, extra, scale,
+                                                  state["rng"])
       grads = pin(grads)
     else:
       # Microbatch i takes rows i, i + A, ...: each keeps an equal share of every batch shard.
       micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1),
                            batch)
 
-      def accumulate(carry, mb):
+      def accumulate(carry, mb_i):
+        mb, i = mb_i
         g_acc, sums_acc, w_acc = carry
-        (_, (w, sums, stats)), g = grad_fn(train_part, frozen, mb, extra, scale)
+        (_, (w, sums, stats)), g = grad_fn(train_part, frozen, mb, extra, scale,
+                                           jax.random.fold_in(state["rng"], i))
         return ((pin(jax.tree.map(jnp.add, g_acc, pin(g))),
                  jax.tree.map(jnp.add, sums_acc, sums), w_acc + w), stats)
 
       first = jax.tree.map(lambda x: x[0], micro)
-      sum_shapes = jax.eval_shape(lambda: loss(train_part, frozen, first, extra, scale)[1][1])
+      sum_shapes = jax.eval_shape(
+          lambda: loss(train_part, frozen, first, extra, scale, state["rng"])[1][1])
       zeros = pin(jax.tree.map(jnp.zeros_like, train_part))
       (grads, sums, weight), stats = jax.lax.scan(
           accumulate, (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sum_shapes),
-                       jnp.zeros((), jnp.float32)), micro)
+                       jnp.zeros((), jnp.float32)), (micro, jnp.arange(A)))
       stats = jax.tree.map(lambda a: jnp.sum(a, axis=0), stats)
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / (denom if scale is None else denom * scale), grads)
