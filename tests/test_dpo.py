@@ -24,8 +24,7 @@ from jaxllm.data import preference as preference_data
 from jaxllm.data import sft as sft_data
 from jaxllm.model import transformer
 from jaxllm.train import finetune, preference
-from tests.helpers import tiny_model, xla_flags
-from tests.test_sft import CharTokenizer
+from tests.helpers import CharTokenizer, tiny_model, xla_flags
 
 CONVERSATION = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "2 + 3?"},

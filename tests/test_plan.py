@@ -227,8 +227,8 @@ def test_finetune_plan_equals_the_shards_a_run_holds(method):
 def test_finetune_presets_plan_an_8b_base_on_their_accelerators():
   """The 8B presets of experiments/sft_smollm2.py and dpo_smollm2.py on Llama-3-8B's shape
   (`jaxllm.plan --base=experiments/llama3_8b.py`): QLoRA's int4 blocks take 4.5 / 32 of
-  LoRA's float32 ones, each preset fits its devices (80 GB GPUs, 95 GB v5p chips), and a DPO
-  preset with half the pairs has the activations of SFT's rows."""
+  LoRA's float32 ones, each preset fits its devices (80 GB GPUs, 95 GB v5p chips), and the
+  DPO and reward presets with half the pairs have the activations of SFT's rows."""
   proc = _plan("--config=experiments/sft_smollm2.py:h100-8b", "--base=experiments/llama3_8b.py",
                "--json")
   assert proc.returncode == 0, proc.stderr
@@ -256,7 +256,9 @@ def test_finetune_presets_plan_an_8b_base_on_their_accelerators():
       exp = config_lib.finetune_from_config_dict(module.get_config(preset).to_dict())
       r = finetune_plan.plan(exp, base, sizes, command, platform="gpu")
       assert r["total_bytes"] < capacity, (command, preset, r["total_bytes"])
-  rows, pairs = (finetune_plan.plan(config_lib.finetune_from_config_dict(
+  import experiments.reward_smollm2 as reward_exp
+  rows, pairs, scored = (finetune_plan.plan(config_lib.finetune_from_config_dict(
       module.get_config("h100-8b").to_dict()), base, {}, command, platform="gpu")
-      for module, command in ((sft, "sft"), (dpo, "dpo")))
-  assert pairs["activation_bytes"] == rows["activation_bytes"]
+      for module, command in ((sft, "sft"), (dpo, "dpo"), (reward_exp, "reward")))
+  assert pairs["activation_bytes"] == rows["activation_bytes"] == scored["activation_bytes"]
+  assert scored["trainable_params"] == rows["trainable_params"] + 4096  # the reward head

@@ -25,7 +25,8 @@ TOY_TRAIN = ("--config.train.steps=2 --config.train.batch_size=2 --config.train.
              "--config.train.warmup_steps=1 --config.train.eval_every=2 "
              "--config.train.eval_batches=1 --config.train.checkpoint_every=2 "
              "--config.data.tokenizer_max_sentences=5000 --config.model.n_layers=2 --noprogress")
-# Every `python -m jaxllm.sft` and `jaxllm.dpo` tunes the tiny chat model this long.
+# Every `python -m jaxllm.sft`, `jaxllm.dpo` and `jaxllm.reward` tunes the tiny chat model this
+# long.
 TOY_SFT = ("--config.train.steps=2 --config.train.batch_size=2 --config.train.seq_len=64 "
            "--config.finetune.eval_generate=2 --noprogress")
 # GPTQ and AWQ calibrate on 8 rows of 64 tokens (64 x 512 by default).
@@ -85,7 +86,8 @@ def toy(kind: str, code: str, chat_model: str) -> str:
     code = code.replace("=BASE", f"={chat_model}").replace("=ADAPTER", "=adapter")
     if code.startswith("python -m jaxllm.train"):
       code = f"{code} {TOY_TRAIN}"
-    if code.startswith(("python -m jaxllm.sft", "python -m jaxllm.dpo")):
+    if code.startswith(("python -m jaxllm.sft", "python -m jaxllm.dpo",
+                        "python -m jaxllm.reward")):
       code = f"{code} {TOY_SFT}"
     if code.startswith("python -m jaxllm.data instructions"):
       code = re.sub(r"--examples=\d+", "--examples=24", code)

@@ -30,18 +30,7 @@ from jaxllm.quant import tensor as qtensor
 from jaxllm.train import finetune
 from jaxllm.train import step as step_lib
 from jaxllm.train import trainable
-from tests.helpers import lora_with_updates, tiny_model, xla_flags
-
-
-class CharTokenizer:
-  """Characters as ids 3..62 of a 64-token vocabulary (bos 1, eos 2)."""
-  bos_id, eos_id, add_bos, chat_template = 1, 2, True, None
-
-  def encode(self, text):
-    return [3 + ord(c) % 60 for c in text]
-
-  def decode(self, ids):
-    return "".join(chr(i - 3 + 32) for i in ids)
+from tests.helpers import CharTokenizer, lora_with_updates, tiny_model, xla_flags
 
 
 def _records(n, seed=0):

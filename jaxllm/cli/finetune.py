@@ -1,6 +1,7 @@
-"""What `python -m jaxllm.sft` and `python -m jaxllm.dpo` share: the experiment, the checks
-before any compilation, the base and its trained part, exact match before and after, and the
-result written whole (`adapter/` in PEFT's format, or `model/` for full fine-tuning)."""
+"""What `python -m jaxllm.sft`, `jaxllm.dpo` and `jaxllm.reward` share: the experiment, the
+checks before any compilation, the base and its trained part, exact match (a reward model:
+pair accuracy) before and after, and the result written whole (`adapter/` in PEFT's format, or
+`model/` for full fine-tuning; a reward model's head beside it)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from jaxllm.cli import common
 
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
+REWARD_HEAD_FILE = "score.safetensors"  # a reward model's head, beside its adapter or model
 
 
 def define_flags(experiment_file: str, data_help: str) -> dict:
@@ -36,7 +38,7 @@ def define_flags(experiment_file: str, data_help: str) -> dict:
 
 
 def main(command: str, holders: dict, argv) -> None:
-  """The absl main of `command` ("sft" or "dpo") with its `define_flags` holders."""
+  """The absl main of `command` ("sft", "dpo" or "reward") with its `define_flags` holders."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   common.keep_freed_memory(holders["keep_freed_memory"])
@@ -56,8 +58,9 @@ def experiment(holder):
   return result
 
 
-def write_result(workdir: str, method: str, model, base: str) -> str:
-  """The fine-tuned adapter or model, written whole under a temporary name and renamed."""
+def write_result(workdir: str, method: str, model, base: str, head=None) -> str:
+  """The fine-tuned adapter or model, written whole under a temporary name and renamed; a
+  reward model's `head` (its params) adds `REWARD_HEAD_FILE` beside it."""
   import jax
   import numpy as np
 
@@ -72,6 +75,9 @@ def write_result(workdir: str, method: str, model, base: str) -> str:
         name="finetuned")
   else:
     peft_format.save(tmp, model.params, model.config, base_model=os.path.abspath(base))
+  if head is not None:
+    from jaxllm.train import reward
+    reward.save_head(os.path.join(tmp, REWARD_HEAD_FILE), head)
   shutil.rmtree(out, ignore_errors=True)
   os.replace(tmp, out)
   return out
@@ -89,8 +95,8 @@ def _exact_match(model, records, when: str):
 
 def run(command: str, holder, base_path: str, data_path: str, workdir: str | None,
         progress: bool, mesh: str | None = None) -> None:
-  """Fine-tunes by `command` ("sft" or "dpo") on one device or split over `mesh` (a spec,
-  `placement.parse_mesh`) and prints the summary line."""
+  """Fine-tunes by `command` ("sft", "dpo" or "reward") on one device or split over `mesh` (a
+  spec, `placement.parse_mesh`) and prints the summary line."""
   exp = experiment(holder)  # validated before any JAX work
   workdir = workdir or f"runs/{exp.name}"
   from jaxllm.data import preference as preference_data
@@ -132,11 +138,14 @@ def run(command: str, holder, base_path: str, data_path: str, workdir: str | Non
   model = dataclasses.replace(base, params=params, config=run_config,
                               graphdef=transformer.abstract_params(run_config)[0])
   finetune.write_settings(workdir, wanted)
+  say = lambda msg: print(msg, file=sys.stderr)
+  if command == "reward":
+    _run_reward(exp, model, tokenized, workdir, base_path, progress, mesh, say)
+    return
   # Exact match on held-out prompts: a preference pair's reference is its chosen reply.
   held_out = [(n, r if command == "sft" else _as_example(r))
               for n, r in eval_records[:exp.finetune.eval_generate]]
   before = _exact_match(model, held_out, "before")
-  say = lambda msg: print(msg, file=sys.stderr)
   if command == "sft":
     data = finetune.sft_data(*tokenized, exp, say)
     from jaxllm.train import step as step_lib
@@ -156,6 +165,37 @@ def run(command: str, holder, base_path: str, data_path: str, workdir: str | Non
   common.finish_training({**result, "command": command, "method": exp.finetune.method,
                           "out": out, "exact_match_before": before,
                           "exact_match_after": after}, workdir)
+
+
+def _run_reward(exp, model, tokenized, workdir: str, base_path: str, progress: bool, mesh,
+                say) -> None:
+  """A reward model (`jaxllm.train.reward`): the base (with adapters, or every weight) and a
+  scalar head trained by the Bradley-Terry loss; held-out pair accuracy before and after."""
+  from jaxllm.train import finetune, reward
+  params = reward.init_params(model.params, model.config.d_model, exp.train.seed)
+  data = finetune.reward_data(*tokenized, exp, say)
+  before = _pair_accuracy(model.graphdef, params, data, "before")
+  result = finetune.fit(model.graphdef, params, reward.objective(), data, workdir, exp,
+                        progress=progress, mesh=mesh)
+  params = result.pop("params")
+  if result["preempted_by"] is not None:
+    common.finish_training(result, workdir)
+  after = _pair_accuracy(model.graphdef, params, data, "after")
+  out = write_result(workdir, exp.finetune.method, dataclasses.replace(
+      model, params=params["model"]), base_path, head=params)
+  print(f"wrote {out}", file=sys.stderr)
+  common.finish_training({**result, "command": "reward", "method": exp.finetune.method,
+                          "out": out, "accuracy_before": before, "accuracy_after": after},
+                         workdir)
+
+
+def _pair_accuracy(graphdef, params, data, when: str):
+  from jaxllm.train import reward
+  if not data.eval_batches:
+    return None
+  acc, n = reward.accuracy(graphdef, params, data.eval_batches)
+  print(f"held-out pair accuracy {when}: {acc:.3f} ({round(acc * n)}/{n})", file=sys.stderr)
+  return acc
 
 
 def _as_example(pair: dict) -> dict:

@@ -21,6 +21,8 @@ COMMANDS = {
     "distill": ("jaxllm.distill", "train a student (or a draft) from a teacher"),
     "sft": ("jaxllm.sft", "fine-tune on chat or prompt/completion JSONL (full, LoRA, QLoRA)"),
     "dpo": ("jaxllm.dpo", "preference-tune on chosen/rejected pairs (DPO, IPO, SimPO)"),
+    "reward": ("jaxllm.reward", "train a reward model on chosen/rejected pairs "
+               "(Bradley-Terry)"),
     "plan": ("jaxllm.plan", "memory per device of a config on a mesh; TPU AOT compiles"),
     "bench": ("jaxllm.bench", "speed and memory against peers measured in the same run"),
     "fetch": ("jaxllm.fetch", "a model shipped on PyPI into the local cache"),

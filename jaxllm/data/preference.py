@@ -6,7 +6,9 @@ then the reply + `[eos]`, as `jaxllm.data.sft`'s prompt/completion) or {"message
 conversation before the reply], "chosen": "...", "rejected": "..."} (the model's chat
 template; the reply is one more assistant turn, learned through its end-of-turn marker). Each
 pair becomes two rows of `seq_len + 1` tokens, chosen then rejected, one sequence each (no
-packing: the losses compare the two sequences' summed log-probabilities).
+packing: the losses compare the two sequences' summed log-probabilities). A reward model reads
+each whole sequence instead (`to_reward_batch`: rows of `seq_len` tokens, not shifted, and the
+index of each one's last token).
 """
 
 from __future__ import annotations
@@ -88,3 +90,14 @@ def to_batch(pairs: list[list[dict]]) -> sft.Batch:
   """`[B, 2, seq_len]` arrays (the train step's keys; [:, 0] chosen, [:, 1] rejected)."""
   flat = sft.to_batch([row for pair in pairs for row in pair])
   return {k: v.reshape(len(pairs), 2, *v.shape[1:]) for k, v in flat.items()}
+
+
+def to_reward_batch(pairs: list[list[dict]]) -> dict[str, np.ndarray]:
+  """A reward model's `[B, 2, W]` batch of `rows(pairs, seq_len - 1)`'s rows (W = seq_len):
+  every token as an input (nothing is predicted), positions, segment ids, and `last` `[B, 2]`,
+  each sequence's last token (where its score is read)."""
+  def stack(key):
+    return np.stack([[row[key] for row in pair] for pair in pairs])
+  segments = stack("segment_ids")
+  return {"inputs": stack("tokens"), "positions": stack("positions"),
+          "segment_ids": segments, "last": (segments > 0).sum(-1).astype(np.int32) - 1}

@@ -321,6 +321,21 @@ class Transformer(nnx.Module):
     microbatches, GPipe or (pipeline_chunks > 1) circular (`jaxllm.parallel.pipeline`); its
     units are the layers of a dense model or the `moe_every`-layer groups of an MoE model.
     """
+    x_BTD, stats = self._trunk(tokens_BT, positions_BT, segment_ids_BT,
+                               microbatches=microbatches, pipeline_chunks=pipeline_chunks)
+    return rules.constrain(self._logits(x_BTD), rules.ACTIVATION_AXES_BTV), stats
+
+  def hidden(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+             segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+    """(the final norm's output `[B, T, D]`, what the head reads, MoE routing stats): the
+    features a reward model's scalar head takes (`jaxllm.train.reward`)."""
+    x_BTD, stats = self._trunk(tokens_BT, positions_BT, segment_ids_BT)
+    return self.final_norm(x_BTD), stats
+
+  def _trunk(self, tokens_BT, positions_BT, segment_ids_BT, *, microbatches: int = 1,
+             pipeline_chunks: int = 1) -> tuple[jax.Array, dict | None]:
+    """The embedding and every layer: (the residual stream `[B, T, D]` before the final norm,
+    routing stats)."""
     B, T = tokens_BT.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -360,7 +375,7 @@ class Transformer(nnx.Module):
           lambda x, p, depth: dense_block(x, p, positions_BT, segment_ids_BT, depth),
           lambda x, p, _: moe_block(x, p, positions_BT, segment_ids_BT), self._remat,
           self.cfg.remat_every)
-    return rules.constrain(self._logits(x_BTD), rules.ACTIVATION_AXES_BTV), stats
+    return x_BTD, stats
 
   def extend(self, tokens_BT: jax.Array, cache: KVCache | PagedKVCache,
              num_new_B: jax.Array | None = None, *, last_only: bool = False,

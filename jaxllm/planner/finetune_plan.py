@@ -8,7 +8,7 @@ weight for full fine-tuning, a float base plus adapters for LoRA, an int-N base 
 for QLoRA. Gradients and optimizer moments cover the trainable part alone (`trainable.split`),
 each split like its parameter over the mesh (`placement.qtensor_shardings`, the rules the run
 uses). Activations are `plan.activation_bytes` of the run's model config (`finetune.remat`,
-`finetune.compute_dtype`) and rows: a DPO row is a pair, two sequences. DPO's reference holds
+`finetune.compute_dtype`) and rows: a DPO or reward-model row is a pair, two sequences. DPO's reference holds
 no memory while training: its log-probabilities are computed once before the first step (for
 LoRA the reference is the base with the adapters off, for full training the starting weights,
 which the run holds anyway).
@@ -25,21 +25,25 @@ from jaxllm import config as config_lib
 from jaxllm.model import transformer
 from jaxllm.parallel import placement, zero
 from jaxllm.planner import plan as plan_lib
-from jaxllm.train import finetune, optim, trainable
+from jaxllm.train import finetune, optim, reward, trainable
 
 
 def plan(experiment: config_lib.FinetuneExperiment, base: config_lib.ModelConfig,
          sizes: dict[str, int], command: str = "sft", *, platform: str | None = None) -> dict:
   """Per-device bytes of `experiment` fine-tuning a model shaped `base` on a mesh of `sizes`
-  (data, fsdp, tensor; the others 1). `command` "dpo" counts two sequences per row."""
+  (data, fsdp, tensor; the others 1). `command` "dpo" or "reward" counts two sequences per
+  row (a pair)."""
   platform = platform or jax.default_backend()
   model = finetune.model_config(base, experiment)
   sizes = {k: sizes.get(k, 1) for k in ("data", "fsdp", "tensor", "stage", "expert")}
   mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes))
   _, abstract = transformer.abstract_params(model)
   prepared = jax.eval_shape(lambda p: finetune.prepare_params(p, experiment), abstract)
-  specs = jax.tree.map(lambda s: s.spec, placement.qtensor_shardings(
-      prepared, transformer.logical_axes(model), mesh))
+  axes = transformer.logical_axes(model)
+  if command == "reward":  # the model and its scalar head (`jaxllm.train.reward`)
+    prepared = jax.eval_shape(lambda p: reward.init_params(p, model.d_model), prepared)
+    axes = {"model": axes, reward.HEAD: ("embed",)}
+  specs = jax.tree.map(lambda s: s.spec, placement.qtensor_shardings(prepared, axes, mesh))
   train_part, _ = trainable.split(prepared)
   train_specs = trainable.trainable_like(prepared, specs)
   optimizer = optim.make_optimizer(experiment.train)
@@ -47,7 +51,7 @@ def plan(experiment: config_lib.FinetuneExperiment, base: config_lib.ModelConfig
   opt_specs = zero.optimizer_specs(optimizer, abstract_opt, train_specs, sizes, 0)
   param_bytes = plan_lib.per_device_bytes(prepared, specs, sizes)
   trainable_bytes = plan_lib.per_device_bytes(train_part, train_specs, sizes)
-  rows = 2 if command == "dpo" else 1
+  rows = 1 if command == "sft" else 2
   train = dataclasses.replace(experiment.train,
                               batch_size=experiment.train.batch_size * rows)
   run = config_lib.Config(name=experiment.name, model=model, data=config_lib.DataConfig(),
@@ -98,7 +102,7 @@ def table(result: dict) -> str:
       ("optimizer / device", gib(result["optimizer_bytes"])),
       (f"activations (remat {result['remat']}, {result['compute_dtype']})",
        gib(result["activation_bytes"]) + " (estimate"
-       + (", a pair = 2 sequences)" if result["command"] == "dpo" else ")")),
+       + (")" if result["command"] == "sft" else ", a pair = 2 sequences)")),
   ]
   if result["command"] == "dpo":
     rows.append(("reference model", "0 (its log-probabilities are computed once before "

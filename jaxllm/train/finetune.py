@@ -179,6 +179,19 @@ def preference_data(graphdef, params, train_pairs, eval_pairs, experiment, say) 
   return Data(items, _pair_batch, sft_data_lib.eval_batches(eval_items, batch_size, _pair_batch))
 
 
+def reward_data(train_pairs, eval_pairs, experiment, say) -> Data:
+  """Whole-sequence rows of the (`preference_pairs`) train and held-out pairs for a reward
+  model (`data.preference.to_reward_batch`)."""
+  seq_len, batch_size = experiment.train.seq_len, experiment.train.batch_size
+  (rows, cut), (eval_rows, _) = (preference_data_lib.rows(p, seq_len - 1)
+                                 for p in (train_pairs, eval_pairs))
+  say(f"data: {len(rows)} train / {len(eval_rows)} held-out pairs"
+      f"{f'; {cut} replies longer than a row were cut' if cut else ''}")
+  return Data(rows, preference_data_lib.to_reward_batch,
+              sft_data_lib.eval_batches(eval_rows, batch_size,
+                                        preference_data_lib.to_reward_batch))
+
+
 def _checkpoint_state(state: dict) -> dict:
   """The train state as checkpointed: the trained part in place of the params."""
   return {**state, "params": trainable.trainable_params(state["params"])}
@@ -192,8 +205,12 @@ def state_shardings(state: dict, graphdef, optimizer, mesh) -> dict:
 
   from jaxllm.model import transformer
   from jaxllm.parallel import placement, zero
-  cfg = nnx.merge(graphdef, state["params"]).cfg
-  params = placement.qtensor_shardings(state["params"], transformer.logical_axes(cfg), mesh)
+  scored = trainable.REWARD_HEAD in state["params"]  # a reward model: {"model", "score"}
+  model_params = state["params"]["model"] if scored else state["params"]
+  axes = transformer.logical_axes(nnx.merge(graphdef, model_params).cfg)
+  if scored:
+    axes = {"model": axes, trainable.REWARD_HEAD: ("embed",)}
+  params = placement.qtensor_shardings(state["params"], axes, mesh)
   opt = zero.state_shardings(optimizer, jax.eval_shape(lambda: state["opt_state"]),
                              trainable.trainable_like(state["params"], params), mesh, 0)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -163,7 +163,6 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
 
   def train_step(state: TrainState, batch: dict, extra=None) -> tuple[TrainState, dict]:
     params = state["params"]
-    model_cfg = nnx.merge(graphdef, params).cfg  # static; merging at trace time costs nothing
     train_part, frozen = trainable.split(params)
     if frozen is not None and grad_shardings is not None:
       raise ValueError("ZeRO stage 2 pins full-model gradients: train LoRA adapters with "
@@ -207,7 +206,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
     new_params = trainable.combine(optax.apply_updates(train_part, updates), frozen)
     metrics = {**{k: v / denom for k, v in sums.items()}, "grad_norm": _global_norm(grads),
                "lr": schedule(state["step"]), objective.weight_name: weight}
-    if stats is not None:
+    if stats is not None:  # an MoE language model's params (static: merging costs nothing)
+      model_cfg = nnx.merge(graphdef, params).cfg
       new_params = _update_router_bias(new_params, params, stats, model_cfg)
       metrics.update(moe_metrics(stats, model_cfg.experts_per_token))
     new_state = {"params": new_params, "opt_state": opt_state,
