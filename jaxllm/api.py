@@ -124,7 +124,11 @@ class LoadedModel:
     writes GPTQ/AWQ checkpoints); group_size defaults to per-channel for int8, 128 for int4.
     `head_bits` 8 or 4 also rounds the embedding and head (0 keeps them in float), per vocab
     row for int8 and in groups of `head_group_size` (default 32) for int4."""
+    from jaxllm.lora.weight import is_bank, is_lora
     from jaxllm.quant import params as qparams
+    if any(is_lora(w) or is_bank(w) for w in qparams.flatten(self.params).values()):
+      raise ValueError("this model holds LoRA adapters, which stay float: merge them into the "
+                       "checkpoint first (jaxllm lora merge), or draft with ngram or layer_skip")
     group = group_size if group_size is not None else (0 if bits == 8 else 128)
     head_group = (head_group_size if head_group_size is not None
                   else qparams.default_head_group(head_bits))

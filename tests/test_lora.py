@@ -348,7 +348,8 @@ def test_requests_of_different_adapters_in_one_batch_each_equal_their_merged_mod
   """Multi-LoRA in the engine (`jaxllm.lora.bank`): the base and two adapters (ranks 2 and 4,
   different targets) decoded in shared batches; each request's tokens equal greedy decoding by
   full forward passes of its own merged model. A prompt whose pages another adapter cached is
-  computed again (prefix-cache keys are per adapter), and an unknown slot is refused."""
+  computed again (prefix-cache keys are per adapter), and an unknown slot is refused; with a
+  layer-skip draft of the banked model, speculative decoding gives the same tokens."""
   from jaxllm.inference import engine as engine_lib
   from tests.helpers import greedy_by_recompute
   graphdef, params = _model()
@@ -381,6 +382,17 @@ def test_requests_of_different_adapters_in_one_batch_each_equal_their_merged_mod
   assert engine.stats["prefix_hit_tokens"] == 2 * 4
   with pytest.raises(ValueError, match="holds slots 0 to 2"):
     engine.submit(prompt, sampling.SamplingParams(max_tokens=2), adapter=3)
+  # Speculative decoding with a layer-skip draft of the banked model: each row's draft
+  # proposes with its adapter, and the tokens stay each merged model's.
+  from jaxllm.inference import speculative
+  spec = engine_lib.Engine(graphdef, served, engine_lib.EngineConfig(
+      max_slots=4, num_pages=32, page_size=4, prefill_chunk=8, speculative_k=2),
+      draft=speculative.layer_skip_draft(graphdef, served, 1))
+  again = [spec.submit(r.prompt, sampling.SamplingParams(max_tokens=6), adapter=s)
+           for r, s in zip(reqs, slots)]
+  spec.run_until_idle()
+  assert [r.tokens for r in again] == [r.tokens for r in reqs]
+  assert spec.stats["speculative_accepted"] > 0
 
 
 def test_serves_adapter_flag_takes_one_dir_or_named_dirs():

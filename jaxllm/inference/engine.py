@@ -506,14 +506,14 @@ class Engine:
         request.prefix_keys = frozenset(self.prefix_cache.keys(
             request.prompt, len(request.prompt) // P, request.adapter))
 
-  def _prefix_being_written(self, seq: list[int], cached: int, salt: int) -> bool:
+  def _prefix_being_written(self, seq: list[int], cached: int, adapter: int) -> bool:
     """Whether a running request is prefilling the prompt page that would extend `seq`'s
     cached prefix. Waiting for it costs nothing (prefill runs oldest first, so this request
     could not start before it anyway) and saves recomputing the page: requests arriving
     together with one system prompt compute it once."""
     if not self.config.prefix_caching or cached >= (len(seq) - 1) // self.config.page_size:
       return False
-    key = self.prefix_cache.keys(seq, cached + 1, salt)[-1]
+    key = self.prefix_cache.keys(seq, cached + 1, adapter)[-1]
     return any(key in r.prefix_keys for r in self._slots
                if r is not None and r.prefilled < len(r.sequence))
 
@@ -546,7 +546,8 @@ class Engine:
                                                        stream=self.stream)
     if self._draft is not None:  # its cache holds the same tokens under the same page table
       _, self._dk, self._dv = steps_lib.prefill_chunk(
-          self._draft.graphdef, self._draft.params, self._dk, self._dv, *args)
+          self._draft.graphdef, self._draft.params, self._dk, self._dv, *args,
+          adapter if lora_bank.size(self._draft.params) > 1 else None)
     request.prefilled += len(chunk)
     self.stats["prefill_tokens"] += len(chunk)
     if request.prefilled == len(seq):

@@ -5,7 +5,8 @@
                          feed it, keep the new logits; empty slots store nothing;
   `decode_speculative`   the same with up to k proposals per slot verified in the pass.
 The pools (`k`, `v`) are donated: each step updates them in place. Scheduling is the host's
-(`jaxllm.inference.engine`).
+(`jaxllm.inference.engine`). Params holding LoRA banks (`jaxllm.lora.bank`) take each row's
+adapter slot (`adapter_1`, `adapters_B`) and pick its adapter inside the step.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def decode_speculative(graphdef, params, k_pages, v_pages, draft_graphdef, draft
   u_i q_i(d_i) < p_{i-1}(d_i). That keeps the target's distribution, and greedy rows (one-hot
   p and q) accept exactly the argmax. The new slot logits are those after the last accepted
   token; the first rejection's q becomes the next step's `sub_BV`. Rows with penalties draft
-  nothing (drafts_B = 0): their counts change by t0 alone. The draft model proposes without
-  the rows' adapters (`adapters_B`): the target's check keeps every row's distribution.
+  nothing (drafts_B = 0): their counts change by t0 alone. A draft holding the target's LoRA
+  banks (`layer_skip`) proposes with each row's adapter (`adapters_B`).
   """
   gen.count_trace("engine_decode_speculative")
   B, V = logits_BV.shape
@@ -93,7 +94,7 @@ def decode_speculative(graphdef, params, k_pages, v_pages, draft_graphdef, draft
     d_Bk = speculative.ngram_proposals(hist_BH, lengths_B + 1, t0_B, k=k, max_ngram=max_ngram)
     q_BkV = jax.nn.one_hot(d_Bk, V, dtype=jnp.float32)
   else:
-    draft = nnx.merge(draft_graphdef, draft_params)
+    draft = nnx.merge(draft_graphdef, lora_bank.select(draft_params, adapters_B))
 
     def draft_step(carry, i):
       dcache, tok_B = carry
