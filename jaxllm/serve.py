@@ -96,7 +96,7 @@ def main(argv):
         draft=_DRAFT.value if _SPEC_K.value else None, mesh=_MESH.value,
         replicas=_REPLICAS.value, sink_tokens=_SINKS.value,
         stream_window=_STREAM_WINDOW.value, kv_memory=_KV_MEMORY.value,
-        log_requests=_LOG_REQUESTS.value, **common.adapter_arguments(_ADAPTER.value))
+        log_requests=_LOG_REQUESTS.value, **server.adapter_arguments(_ADAPTER.value))
   except ValueError as e:
     raise common.CommandError(str(e)) from None
   if jax.process_index() > 0:  # multi-host: process 0 serves HTTP, this one runs its steps

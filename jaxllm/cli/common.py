@@ -54,24 +54,6 @@ def define_adapter_flag():
       "adapter_model.safetensors, ours or PEFT's) applied to --checkpoint, unmerged.")
 
 
-def adapter_arguments(values: list[str]) -> dict:
-  """`server.build`'s adapter arguments from serve's --adapter values: one DIR (every
-  request), or NAME=DIR each (chosen per request)."""
-  if not values:
-    return {}
-  named = ["=" in v for v in values]
-  if not any(named) and len(values) == 1:
-    return {"adapter": values[0]}
-  if not all(named):
-    raise CommandError("--adapter: give one DIR (every request), or NAME=DIR for each "
-                       f"adapter requests choose by name; got {values}")
-  pairs = [v.split("=", 1) for v in values]
-  names = [n for n, _ in pairs]
-  if len(set(names)) < len(names):
-    raise CommandError(f"--adapter: names repeat in {names}")
-  return {"adapters": dict(pairs)}
-
-
 def initialize_distributed() -> None:
   from jaxllm.parallel.mesh import initialize_distributed as init
   init(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

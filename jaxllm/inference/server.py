@@ -316,6 +316,24 @@ def default_model_name(checkpoint: str) -> str:
   return base[:-len(".gguf")] if base.endswith(".gguf") else base
 
 
+def adapter_arguments(values: list[str]) -> dict:
+  """`build`'s adapter arguments from serve's --adapter values: one DIR (every request), or
+  NAME=DIR each (chosen per request); ValueError for a mix or repeated names."""
+  if not values:
+    return {}
+  named = ["=" in v for v in values]
+  if not any(named) and len(values) == 1:
+    return {"adapter": values[0]}
+  if not all(named):
+    raise ValueError("--adapter: give one DIR (every request), or NAME=DIR for each "
+                     f"adapter requests choose by name; got {values}")
+  pairs = [v.split("=", 1) for v in values]
+  names = [n for n, _ in pairs]
+  if len(set(names)) < len(names):
+    raise ValueError(f"--adapter: names repeat in {names}")
+  return {"adapters": dict(pairs)}
+
+
 def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill_chunk=64,
           max_seq_len=None, model_name=None, api_key=None, kv_cache_dtype="float32",
           speculative_k=0, draft=None, mesh=None, replicas: int = 1, sink_tokens=0,
