@@ -140,7 +140,7 @@ def run(command: str, holder, base_path: str, data_path: str, workdir: str | Non
   finetune.write_settings(workdir, wanted)
   say = lambda msg: print(msg, file=sys.stderr)
   if command == "reward":
-    _run_reward(exp, model, tokenized, workdir, base_path, progress, mesh, say)
+    _run_reward(exp, model, base.config, tokenized, workdir, base_path, progress, mesh, say)
     return
   # Exact match on held-out prompts: a preference pair's reference is its chosen reply.
   held_out = [(n, r if command == "sft" else _as_example(r))
@@ -160,15 +160,17 @@ def run(command: str, holder, base_path: str, data_path: str, workdir: str | Non
   if result["preempted_by"] is not None:
     common.finish_training(result, workdir)
   after = _exact_match(model, held_out, "after")
-  out = write_result(workdir, exp.finetune.method, model, base_path)
+  # Written with the base's own config: finetune.remat / compute_dtype were this run's.
+  out = write_result(workdir, exp.finetune.method,
+                     dataclasses.replace(model, config=base.config), base_path)
   print(f"wrote {out}", file=sys.stderr)
   common.finish_training({**result, "command": command, "method": exp.finetune.method,
                           "out": out, "exact_match_before": before,
                           "exact_match_after": after}, workdir)
 
 
-def _run_reward(exp, model, tokenized, workdir: str, base_path: str, progress: bool, mesh,
-                say) -> None:
+def _run_reward(exp, model, base_config, tokenized, workdir: str, base_path: str,
+                progress: bool, mesh, say) -> None:
   """A reward model (`jaxllm.train.reward`): the base (with adapters, or every weight) and a
   scalar head trained by the Bradley-Terry loss; held-out pair accuracy before and after."""
   from jaxllm.train import finetune, reward
@@ -182,7 +184,7 @@ def _run_reward(exp, model, tokenized, workdir: str, base_path: str, progress: b
     common.finish_training(result, workdir)
   after = _pair_accuracy(model.graphdef, params, data, "after")
   out = write_result(workdir, exp.finetune.method, dataclasses.replace(
-      model, params=params["model"]), base_path, head=params)
+      model, params=params["model"], config=base_config), base_path, head=params)
   print(f"wrote {out}", file=sys.stderr)
   common.finish_training({**result, "command": "reward", "method": exp.finetune.method,
                           "out": out, "accuracy_before": before, "accuracy_after": after},
