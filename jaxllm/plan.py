@@ -99,14 +99,11 @@ def _plan_finetune() -> None:
     raise common.CommandError("a fine-tuning config plans a base model: give --base (a Hugging "
                               "Face directory or an experiment file such as "
                               "experiments/llama3_8b.py)")
-  sizes = {}
-  for part in (_MESH.value or "").split(","):
-    if part:
-      axis, _, n = part.partition("=")
-      if axis not in ("data", "fsdp", "tensor") or not n.isdigit() or int(n) < 1:
-        raise common.CommandError(f"--mesh={_MESH.value}: give AXIS=N,... with AXIS data, fsdp "
-                                  "or tensor")
-      sizes[axis] = int(n)
+  from jaxllm.parallel import placement
+  sizes = placement.mesh_sizes(_MESH.value) if _MESH.value else {}  # sft's and dpo's parser
+  if set(sizes) - {"data", "fsdp", "tensor"}:
+    raise common.CommandError(f"--mesh={_MESH.value}: give AXIS=N,... with AXIS data, fsdp "
+                              "or tensor")
   base = _base_model(_BASE.value)
   shards = sizes.get("data", 1) * sizes.get("fsdp", 1)
   if exp.train.batch_size % shards:

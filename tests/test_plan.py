@@ -22,6 +22,13 @@ def _experiment(module, preset):
   return config_lib.from_config_dict(module.get_config(preset).to_dict())
 
 
+def held(tree) -> int:
+  """Bytes of `tree`'s arrays that the first device holds."""
+  device0 = jax.devices()[0]
+  return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
+             if s.device == device0)
+
+
 def test_llama3_8b_fsdp8_holds_an_eighth_of_mixed_precision_adam():
   cfg = _experiment(llama3_8b, "gpu8")
   result = plan_lib.plan(cfg, 8, compile_check=False)
@@ -78,11 +85,6 @@ def test_plan_agrees_with_measured_shards_and_the_compiler(mesh, model):
   mesh = mesh_lib.make_mesh(cfg.mesh)
   _, _, shardings, optimizer = loop.state_shardings(cfg, mesh)
   state = loop.initial_state(cfg, optimizer, shardings)
-  device0 = jax.devices()[0]
-
-  def held(tree):
-    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
-               if s.device == device0)
 
   assert result["param_bytes"] == held(state["params"])
   assert result["optimizer_bytes"] == pytest.approx(held(state["opt_state"]), abs=16)
@@ -178,9 +180,6 @@ def test_moe_plan_agrees_with_measured_expert_shards():
   mesh = mesh_lib.make_mesh(cfg.mesh)
   _, _, shardings, optimizer = loop.state_shardings(cfg, mesh)
   state = loop.initial_state(cfg, optimizer, shardings)
-  device0 = jax.devices()[0]
-  held = lambda tree: sum(s.data.nbytes for x in jax.tree.leaves(tree)
-                          for s in x.addressable_shards if s.device == device0)
   assert result["param_bytes"] == held(state["params"])
   experts = {k: v for k, v in state["params"]["moe_blocks"]["moe"].items()
              if k in ("gate", "up", "down")}
@@ -210,12 +209,6 @@ def test_finetune_plan_equals_the_shards_a_run_holds(method):
   state = step_lib.init_state(prepared, optimizer, 0)
   mesh = mesh_lib.make_mesh(config_lib.MeshConfig(**sizes))
   state = jax.device_put(state, finetune.state_shardings(state, graphdef, optimizer, mesh))
-  device0 = jax.devices()[0]
-
-  def held(tree):
-    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
-               if s.device == device0)
-
   assert result["param_bytes"] == held(state["params"])
   assert result["optimizer_bytes"] == pytest.approx(held(state["opt_state"]), abs=16)
   if method == "full":

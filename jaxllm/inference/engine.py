@@ -196,6 +196,8 @@ class Engine:
     self._k = placement.zeros_on(self.mesh, shape, config.cache_dtype, paged=True)
     self._v = placement.zeros_on(self.mesh, shape, config.cache_dtype, paged=True)
     self._draft, self._dk, self._dv = self._draft_pool(draft)
+    # A layer-skip draft shares the target's params, LoRA banks included.
+    self._draft_banked = self._draft is not None and lora_bank.size(self._draft.params) > 1
     # The attention window pages are released behind (0: none). A model draft reads the same
     # columns of its own pool, so only what both models' windows have passed goes.
     windows = [cfg.cache_window]
@@ -547,7 +549,7 @@ class Engine:
     if self._draft is not None:  # its cache holds the same tokens under the same page table
       _, self._dk, self._dv = steps_lib.prefill_chunk(
           self._draft.graphdef, self._draft.params, self._dk, self._dv, *args,
-          adapter if lora_bank.size(self._draft.params) > 1 else None)
+          adapter if self._draft_banked else None)
     request.prefilled += len(chunk)
     self.stats["prefill_tokens"] += len(chunk)
     if request.prefilled == len(seq):

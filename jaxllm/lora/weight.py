@@ -18,9 +18,28 @@ import jax
 import jax.numpy as jnp
 
 
+class _ReadLikeAWeight:
+  """What the model asks of the weight in a param's place: `[...]` (how it reads a param) gives
+  the weight itself, and shape and dtype are its base's."""
+  base: Any
+
+  def __getitem__(self, key):
+    if key is Ellipsis:
+      return self
+    raise TypeError(f"a {type(self).__name__} supports only [...]")
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.base.shape)
+
+  @property
+  def dtype(self):
+    return self.base.dtype
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LoraWeight:
+class LoraWeight(_ReadLikeAWeight):
   """`base` `[*batch, *in, *out]` (array or QTensor), `a` `[*batch, *in, r]`, `b`
   `[*batch, r, *out]`; the update is `scale * a @ b` (`scale`: alpha / r, or alpha / sqrt(r)
   for rsLoRA). In training with LoRA dropout (`with_dropout`), `dropout_key` `[*batch, 2]`
@@ -42,14 +61,6 @@ class LoraWeight:
   @property
   def rank(self) -> int:
     return self.a.shape[-1]
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return tuple(self.base.shape)
-
-  @property
-  def dtype(self):
-    return self.base.dtype
 
   @property
   def ndim(self) -> int:
@@ -85,7 +96,7 @@ def dropped(x: jax.Array, w: LoraWeight) -> jax.Array:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LoraBank:
+class LoraBank(_ReadLikeAWeight):
   """Several adapters of one weight, served side by side (`jaxllm.lora.bank`): `base`
   `[*batch, *in, *out]`, `a` `[*batch, n, *in, r]`, `b` `[*batch, n, r, *out]` with each
   adapter's scale folded into its `b` and smaller ranks padded with zeros. Adapter 0 is zeros
@@ -95,23 +106,10 @@ class LoraBank:
   b: jax.Array
   in_axes: int = dataclasses.field(metadata=dict(static=True))
 
-  def __getitem__(self, key):
-    if key is Ellipsis:
-      return self
-    raise TypeError("a LoraBank supports only [...]")
-
   @property
   def size(self) -> int:
     """Adapters in the bank, the base's zero adapter included."""
     return self.a.shape[self.a.ndim - self.in_axes - 2]
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return tuple(self.base.shape)
-
-  @property
-  def dtype(self):
-    return self.base.dtype
 
   def rows(self, ids_B: jax.Array) -> RowLoraWeight:
     """The weight with adapter `ids_B[i]` on row i of the batch."""
@@ -122,7 +120,7 @@ class LoraBank:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class RowLoraWeight:
+class RowLoraWeight(_ReadLikeAWeight):
   """A base weight with one adapter per row of the batch: `a` `[*batch, B, *in, r]`, `b`
   `[*batch, B, r, *out]` (scale folded into b); row i of x `[B, ..., *in]` gets
   `x_i @ base + (x_i @ a_i) @ b_i` (`ops.quant_matmul.project`)."""
@@ -130,19 +128,6 @@ class RowLoraWeight:
   a: jax.Array
   b: jax.Array
   in_axes: int = dataclasses.field(metadata=dict(static=True))
-
-  def __getitem__(self, key):
-    if key is Ellipsis:
-      return self
-    raise TypeError("a RowLoraWeight supports only [...]")
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return tuple(self.base.shape)
-
-  @property
-  def dtype(self):
-    return self.base.dtype
 
 
 def is_bank(x) -> bool:
