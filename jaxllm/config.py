@@ -407,6 +407,56 @@ class PreferenceConfig:
   simpo_gamma: float = 0.5  # simpo: the target reward margin
 
 
+RL_ALGORITHMS = ("grpo", "ppo")
+RL_LOSS_TYPES = ("grpo", "token", "dr_grpo")
+RL_REWARDS = ("exact_match", "final_number", "regex", "unit_test")
+RL_ROLLOUTS = ("engine", "generate")
+
+
+@dataclasses.dataclass(frozen=True)
+class RlConfig:
+  """Reinforcement learning (`python -m jaxllm.rl`): rollouts from the policy, rewards,
+  GRPO or PPO updates (`jaxllm.rl`). `train.batch_size` is not read: a step samples
+  `prompts_per_step` x `group_size` completions; `train.seq_len` bounds prompt + completion."""
+  # grpo: group-normalised advantages, KL to the reference in the loss, no value model
+  # (Shao et al. 2024); ppo: a value head on the policy's hidden state, GAE, KL to the
+  # reference in the per-token reward (Ouyang et al. 2022).
+  algorithm: str = "grpo"
+  prompts_per_step: int = 4
+  group_size: int = 4  # completions sampled per prompt (GRPO's group; PPO samples them too)
+  max_new_tokens: int = 32
+  temperature: float = 1.0  # sampling, and the policy's logits in the loss (as TRL)
+  top_p: float = 1.0
+  # Updates per rollout batch: `epochs` passes of `minibatches` steps each (TRL's
+  # num_iterations and its gradient steps per generation).
+  epochs: int = 1
+  minibatches: int = 1
+  clip_eps: float = 0.2  # the ratio's clip range [1 - clip_eps, 1 + clip_eps_high]
+  clip_eps_high: float = 0.0  # 0: clip_eps (DAPO's clip-higher when larger)
+  kl_beta: float = 0.04  # KL to the reference: GRPO's loss term / PPO's per-token penalty
+  # grpo: each completion's mean token loss, averaged over completions; token: the mean over
+  # every completion token of the batch (DAPO, TRL's bnpo); dr_grpo: summed over tokens / the
+  # batch's completions x max_new_tokens (Dr. GRPO).
+  loss_type: str = "grpo"
+  scale_rewards: bool = True  # GRPO: divide advantages by the group's reward std
+  gamma: float = 1.0  # PPO: discount
+  lam: float = 0.95  # PPO: GAE's lambda
+  vf_coef: float = 0.1  # PPO: weight of the value loss
+  value_clip: float = 0.2  # PPO: the value's clip range around its rollout value
+  # Rewards from code, summed with `reward_weights` (default 1 each): exact_match (the reply,
+  # stripped, equals the record's "answer"), final_number (its last number does), regex (it
+  # matches the record's "pattern"), unit_test (the record's "tests" pass against the reply's
+  # code in a subprocess); `reward_model` (a `jaxllm reward` workdir) adds its score.
+  rewards: tuple[str, ...] = ("exact_match",)
+  reward_weights: tuple[str, ...] = ()
+  reward_model: str = ""
+  reward_model_weight: float = 1.0
+  reward_timeout_s: float = 5.0  # a reward function (a unit test) running longer scores NaN
+  rollout: str = "engine"  # engine: continuous batching, paged KV, shared prefixes; generate
+  eval_prompts: int = 32  # held-out prompts answered greedily before / after (and eval_every)
+  max_slots: int = 16  # engine slots (concurrent completions)
+
+
 @dataclasses.dataclass(frozen=True)
 class FinetuneExperiment:
   """A fine-tuning experiment (`--config=FILE` of jaxllm.sft and jaxllm.dpo): the model is the
@@ -417,13 +467,14 @@ class FinetuneExperiment:
   lora: AdapterConfig
   dpo: PreferenceConfig
   train: TrainConfig
+  rl: RlConfig = RlConfig()
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
 
 _FINETUNE_SECTIONS = {"finetune": FinetuneConfig, "lora": AdapterConfig,
-                      "dpo": PreferenceConfig, "train": TrainConfig}
+                      "dpo": PreferenceConfig, "train": TrainConfig, "rl": RlConfig}
 
 
 def validate_finetune(e: FinetuneExperiment) -> None:
@@ -458,7 +509,58 @@ def validate_finetune(e: FinetuneExperiment) -> None:
   if not p.beta > 0 or not 0.0 <= p.label_smoothing < 0.5:
     raise ConfigError(f"dpo.beta={p.beta} must be > 0 and dpo.label_smoothing="
                       f"{p.label_smoothing} in [0, 0.5)")
+  validate_rl(e.rl)
   validate_train(e.train)
+
+
+def validate_rl(r: RlConfig) -> None:
+  """ConfigError with a one-line reason for a bad rl section."""
+  for name, value, allowed in (("algorithm", r.algorithm, RL_ALGORITHMS),
+                               ("loss_type", r.loss_type, RL_LOSS_TYPES),
+                               ("rollout", r.rollout, RL_ROLLOUTS)):
+    if value not in allowed:
+      raise ConfigError(f"rl.{name}={value!r} is not one of {', '.join(allowed)}")
+  for name in ("prompts_per_step", "group_size", "max_new_tokens", "epochs", "minibatches",
+               "max_slots"):
+    if getattr(r, name) < 1:
+      raise ConfigError(f"rl.{name}={getattr(r, name)} must be >= 1")
+  if r.eval_prompts < 0:
+    raise ConfigError(f"rl.eval_prompts={r.eval_prompts} must be >= 0")
+  if r.algorithm == "grpo" and r.group_size < 2:
+    raise ConfigError(f"rl.group_size={r.group_size}: GRPO's advantages need groups of >= 2 "
+                      "completions per prompt")
+  if (r.prompts_per_step * r.group_size) % r.minibatches:
+    raise ConfigError(f"rl.minibatches={r.minibatches} does not divide the "
+                      f"{r.prompts_per_step * r.group_size} completions of a step")
+  if not r.temperature > 0 or not 0 < r.top_p <= 1:
+    raise ConfigError(f"rl.temperature={r.temperature} must be > 0 and rl.top_p={r.top_p} "
+                      "in (0, 1]")
+  if not 0 < r.clip_eps < 1 or r.clip_eps_high < 0:
+    raise ConfigError(f"rl.clip_eps={r.clip_eps} must be in (0, 1) and rl.clip_eps_high="
+                      f"{r.clip_eps_high} >= 0")
+  for name in ("kl_beta", "vf_coef", "value_clip"):
+    if getattr(r, name) < 0:
+      raise ConfigError(f"rl.{name}={getattr(r, name)} must be >= 0")
+  if not 0 <= r.gamma <= 1 or not 0 <= r.lam <= 1:
+    raise ConfigError(f"rl.gamma={r.gamma} and rl.lam={r.lam} must be in [0, 1]")
+  unknown = [n for n in r.rewards if n not in RL_REWARDS and ":" not in n]
+  if unknown:
+    raise ConfigError(f"rl.rewards: {', '.join(unknown)} is neither one of "
+                      f"{', '.join(RL_REWARDS)} nor module:function")
+  if not r.rewards and not r.reward_model:
+    raise ConfigError("rl.rewards is empty and there is no rl.reward_model: nothing scores "
+                      "a completion")
+  if r.reward_weights:
+    if len(r.reward_weights) != len(r.rewards):
+      raise ConfigError(f"rl.reward_weights has {len(r.reward_weights)} entries for "
+                        f"{len(r.rewards)} rl.rewards")
+    try:
+      [float(w) for w in r.reward_weights]
+    except ValueError:
+      raise ConfigError(f"rl.reward_weights={','.join(r.reward_weights)} must be numbers") \
+          from None
+  if not r.reward_timeout_s > 0:
+    raise ConfigError(f"rl.reward_timeout_s={r.reward_timeout_s} must be > 0")
 
 
 def finetune_from_config_dict(cd: ml_collections.ConfigDict | Mapping[str, Any]

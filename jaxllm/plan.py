@@ -54,9 +54,11 @@ _BASE = flags.DEFINE_string(
     "file (FILE.py[:PRESET], its model section), e.g. experiments/llama3_8b.py.")
 _MESH = flags.DEFINE_string("mesh", None, "Fine-tuning configs: the --mesh of sft/dpo "
                             "(data=2,fsdp=2,tensor=2; default: one device).")
-_COMMAND = flags.DEFINE_enum("command", None, ["sft", "dpo", "reward"], "Fine-tuning configs: "
-                             "which command's rows (dpo, reward: a pair, two sequences); "
-                             "default: the config name's prefix (dpo*, reward*), else sft.")
+_COMMAND = flags.DEFINE_enum("command", None, ["sft", "dpo", "reward", "rl"],
+                             "Fine-tuning configs: which command's rows (dpo, reward: a pair, "
+                             "two sequences; rl: a step's completions per update and the "
+                             "rollout engine's pages); default: the config name's prefix "
+                             "(dpo*, reward*, grpo* or ppo*: rl), else sft.")
 common.define_old_spelling("serve_batch", "max_slots")
 common.define_old_spelling("serve_len", "max_seq_len")
 
@@ -110,7 +112,7 @@ def _plan_finetune() -> None:
     raise config_lib.ConfigError(f"train.batch_size={exp.train.batch_size} is not divisible by "
                                  f"the {shards} batch shards of --mesh")
   command = _COMMAND.value or next((c for c in ("dpo", "reward") if exp.name.startswith(c)),
-                                   "sft")
+                                   "rl" if exp.name.startswith(("grpo", "ppo")) else "sft")
   result = finetune_plan.plan(exp, base, sizes, command)
   print(json.dumps(result) if _JSON.value else finetune_plan.table(result))
 

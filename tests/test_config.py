@@ -192,7 +192,8 @@ def test_show_config_prints_every_key_with_its_value_and_meaning(tmp_path):
   assert lines[lines.index("train.lr = 0.003") - 1].startswith("# peak learning rate")
   # Every field has a comment of its own or sits in a commented group, so none is unexplained.
   sections = [type(getattr(cfg, s)) for s in ("model", "data", "train", "mesh", "distill")]
-  sections += [config_lib.FinetuneConfig, config_lib.AdapterConfig, config_lib.PreferenceConfig]
+  sections += [config_lib.FinetuneConfig, config_lib.AdapterConfig, config_lib.PreferenceConfig,
+               config_lib.RlConfig]
   for cls in sections:
     assert set(show_config.field_notes(cls)) == {f.name for f in dataclasses.fields(cls)}, cls
 

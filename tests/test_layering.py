@@ -4,6 +4,7 @@ no test imports a command module (absl flags live in one registry per process: t
 --checkpoint clash).
 
   entry points (jaxllm/*.py, cli, bench, a package's __main__), planner
+  rl (rollouts from inference, updates from train: the layer that joins them)
   inference      train
   checkpoint     data
   model          parallel
@@ -19,7 +20,7 @@ from tests.helpers import REPO
 
 # (importing package, imported package): forbidden edges, by dotted prefix.
 HIGHER = ("jaxllm.inference", "jaxllm.train", "jaxllm.bench", "jaxllm.cli", "jaxllm.api",
-          "jaxllm.planner")
+          "jaxllm.planner", "jaxllm.rl")
 FORBIDDEN = [
     *[(low, high) for low in ("jaxllm.model", "jaxllm.ops", "jaxllm.quant", "jaxllm.parallel",
                               "jaxllm.checkpoint", "jaxllm.data", "jaxllm.config", "jaxllm.lora")
@@ -36,6 +37,8 @@ FORBIDDEN = [
     ("jaxllm.inference", "jaxllm.train"), ("jaxllm.train", "jaxllm.inference"),
     ("jaxllm.inference", "jaxllm.bench"), ("jaxllm.train", "jaxllm.bench"),
     ("jaxllm.inference", "jaxllm.planner"), ("jaxllm.train", "jaxllm.planner"),
+    ("jaxllm.inference", "jaxllm.rl"), ("jaxllm.train", "jaxllm.rl"),
+    *[("jaxllm.rl", high) for high in ("jaxllm.cli", "jaxllm.bench", "jaxllm.planner")],
 ]
 ENTRY_POINTS = {"generate", "serve", "eval", "convert", "quantize", "prune", "distill", "sft",
                 "dpo", "fetch", "plan"}

@@ -255,3 +255,29 @@ def test_finetune_presets_plan_an_8b_base_on_their_accelerators():
       for module, command in ((sft, "sft"), (dpo, "dpo"), (reward_exp, "reward")))
   assert pairs["activation_bytes"] == rows["activation_bytes"] == scored["activation_bytes"]
   assert scored["trainable_params"] == rows["trainable_params"] + 4096  # the reward head
+
+
+def test_rl_presets_plan_the_rollout_pages_and_fit_their_devices():
+  """experiments/grpo_smollm2.py's presets on their bases (`jaxllm.plan` names a grpo* config
+  an rl run): the engine's page pool is 2 x max_slots sequences of seq_len + 1 tokens in
+  float32 k and v, PPO adds its value head, and each preset fits its one device (an 80 GB H100,
+  a 16 GB v5e chip)."""
+  import experiments.grpo_smollm2 as grpo
+  import experiments.llama_1b as llama_1b
+  from jaxllm.planner import finetune_plan
+  base = _experiment(llama3_8b, "gpu8").model
+  exp = config_lib.finetune_from_config_dict(grpo.get_config("h100-8b").to_dict())
+  r = finetune_plan.plan(exp, base, {}, "rl", platform="gpu")
+  pages = 2 * 64 * -(-1025 // 16)  # max_slots 64, seq_len 1024 + 1, pages of 16
+  assert r["rollout_cache_bytes"] == 2 * 32 * pages * 16 * 8 * 128 * 4
+  assert r["total_bytes"] < 80e9 and r["reference_bytes"] == 0  # QLoRA: the base is it
+  ppo = config_lib.finetune_from_config_dict(
+      grpo.get_config("h100-8b").to_dict() | {"rl": dict(grpo.get_config("h100-8b").rl,
+                                                         algorithm="ppo")})
+  assert finetune_plan.plan(ppo, base, {}, "rl", platform="gpu")["trainable_params"] == (
+      r["trainable_params"] + 4096)
+  small = config_lib.finetune_from_config_dict(grpo.get_config("v5e-1b").to_dict())
+  one_b = _experiment(llama_1b, "gpu1").model
+  assert finetune_plan.plan(small, one_b, {}, "rl", platform="tpu")["total_bytes"] < 16e9
+  proc = _plan("--config=experiments/grpo_smollm2.py:h100-8b", "--base=experiments/llama3_8b.py")
+  assert proc.returncode == 0 and "rollout engine pages" in proc.stdout, proc.stderr

@@ -45,6 +45,10 @@ def problems(commands: list[tuple[str, str]], help_of) -> list[str]:
                                config_lib.TrainConfig(), config_lib.MeshConfig())
   keys = {s: {f.name for f in dataclasses.fields(getattr(defaults, s))}
           for s in ("model", "data", "train", "mesh", "distill")}
+  # the fine-tuning commands' own sections (sft, dpo, reward, rl)
+  keys.update({s: {f.name for f in dataclasses.fields(cls)} for s, cls in (
+      ("finetune", config_lib.FinetuneConfig), ("lora", config_lib.AdapterConfig),
+      ("dpo", config_lib.PreferenceConfig), ("rl", config_lib.RlConfig))})
   for command, args in commands:
     if command not in cli_main.COMMANDS:
       continue

@@ -29,6 +29,9 @@ TOY_TRAIN = ("--config.train.steps=2 --config.train.batch_size=2 --config.train.
 # long.
 TOY_SFT = ("--config.train.steps=2 --config.train.batch_size=2 --config.train.seq_len=64 "
            "--config.finetune.eval_generate=2 --noprogress")
+# Every `python -m jaxllm.rl` takes one step of 2 x 2 short completions on it.
+TOY_RL = ("--config.train.steps=1 --config.rl.prompts_per_step=2 --config.rl.group_size=2 "
+          "--config.rl.max_new_tokens=4 --config.rl.eval_prompts=2 --noprogress")
 # GPTQ and AWQ calibrate on 8 rows of 64 tokens (64 x 512 by default).
 TOY_CALIBRATION = "--calib_rows=8 --calib_len=64"
 
@@ -89,6 +92,8 @@ def toy(kind: str, code: str, chat_model: str) -> str:
     if code.startswith(("python -m jaxllm.sft", "python -m jaxllm.dpo",
                         "python -m jaxllm.reward")):
       code = f"{code} {TOY_SFT}"
+    if code.startswith("python -m jaxllm.rl"):
+      code = f"{code} {TOY_RL}"
     if code.startswith("python -m jaxllm.data instructions"):
       code = re.sub(r"--examples=\d+", "--examples=24", code)
     if code.startswith("python -m jaxllm.quantize") and "--method=" in code:
@@ -187,7 +192,8 @@ def test_documented_snippets_run_at_toy_sizes(tmp_path, monkeypatch, tiny_chat_m
   assert not unused, f"NOT_RUN names what no page shows any more: {sorted(unused)}"
   # The chain the pages imply: the default run's workdir, both converts, the quantized copies.
   for path in ("runs/tiny/config.json", "runs/tiny_moe/config.json", "out_hf/config.json",
-               "out_jax", "q8", "q4", "q4g", "q4a", "merged/config.json", "my_adapter"):
+               "out_jax", "q8", "q4", "q4g", "q4a", "merged/config.json", "my_adapter",
+               "runs/grpo/adapter", "reward-hf/config.json"):
     assert (tmp_path / path).exists(), path
   assert len(ran) >= 22, ran
 

@@ -23,6 +23,8 @@ COMMANDS = {
     "dpo": ("jaxllm.dpo", "preference-tune on chosen/rejected pairs (DPO, IPO, SimPO)"),
     "reward": ("jaxllm.reward", "train a reward model on chosen/rejected pairs "
                "(Bradley-Terry)"),
+    "rl": ("jaxllm.rl", "reinforcement learning with rewards from code or a reward model "
+           "(GRPO, PPO)"),
     "plan": ("jaxllm.plan", "memory per device of a config on a mesh; TPU AOT compiles"),
     "bench": ("jaxllm.bench", "speed and memory against peers measured in the same run"),
     "fetch": ("jaxllm.fetch", "a model shipped on PyPI into the local cache"),

@@ -6,11 +6,12 @@ files and JSONL into sharded JSONL that `--config.data.paths=DIR` trains on, plu
 `DIR/report.json` (`jaxllm.data.prepare`). `--dedup=none` and `--filters=none` turn either off.
 
 `python -m jaxllm.data instructions --out=FILE.jsonl [--examples=400] [--seed=0]
-[--format=chat|pairs]`
+[--format=chat|pairs|prompts] [--tasks=add,sort,...]`
 
 instructions: synthetic one-turn chats with checkable answers (arithmetic, sorting, formatting,
-extraction; `jaxllm.data.instructions`) for `python -m jaxllm.sft`, or with --format=pairs their
-prompt/chosen/rejected preference rows.
+extraction; `jaxllm.data.instructions`) for `python -m jaxllm.sft`, with --format=pairs their
+prompt/chosen/rejected preference rows (`jaxllm.dpo`), with --format=prompts their prompts and
+answers (`jaxllm.rl`'s exact_match reward reads "answer").
 
 packing: packs the documents once in corpus order with each of `data.packing`'s modes and prints
 one JSON line per mode and row length: rows, the padding fraction and the cuts made into
@@ -61,9 +62,12 @@ _MAX_TOP_NGRAM = flags.DEFINE_list(
 _DOCS_PER_SHARD = flags.DEFINE_integer("docs_per_shard", 10_000, "Documents per output shard.")
 _EXAMPLES = flags.DEFINE_integer("examples", 400, "instructions: rows to write.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "instructions: the generator's seed.")
-_FORMAT = flags.DEFINE_enum("format", "chat", ["chat", "pairs"], "instructions: chat "
-                            "({\"messages\"}) or preference pairs ({\"prompt\", \"chosen\", "
-                            "\"rejected\"}).")
+_FORMAT = flags.DEFINE_enum("format", "chat", ["chat", "pairs", "prompts"], "instructions: "
+                            "chat ({\"messages\"}), preference pairs ({\"messages\", "
+                            "\"chosen\", \"rejected\"}) or prompts with their answers "
+                            "({\"messages\", \"answer\"}, for jaxllm.rl).")
+_TASKS = flags.DEFINE_list("tasks", None, "instructions: the tasks to draw from (default: all; "
+                           "add, multiply, sort, upper, reverse_words, extract_year).")
 _WORKERS = flags.DEFINE_integer("workers", 1, "Processes computing signatures and filters.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 _UNDECODABLE = flags.DEFINE_enum(
@@ -124,11 +128,16 @@ def _instructions() -> None:
   from jaxllm.data import instructions
   if not _OUT.value:
     raise app.UsageError("instructions needs --out=FILE.jsonl")
-  make = instructions.chats if _FORMAT.value == "chat" else instructions.pairs
-  rows = make(_EXAMPLES.value, _SEED.value)
+  make = {"chat": instructions.chats, "pairs": instructions.pairs,
+          "prompts": instructions.prompts}[_FORMAT.value]
+  tasks = tuple(_TASKS.value or instructions.TASKS)
+  try:
+    rows = make(_EXAMPLES.value, _SEED.value, tasks)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   instructions.write_jsonl(rows, _OUT.value)
   print(json.dumps({"out": _OUT.value, "examples": len(rows), "format": _FORMAT.value,
-                    "tasks": list(instructions.TASKS)}))
+                    "tasks": list(tasks)}))
 
 
 def _packing() -> None:

@@ -101,6 +101,13 @@ def pairs(n: int, seed: int = 0, tasks: tuple[str, ...] = TASKS) -> list[dict]:
            "rejected": p["wrong"]} for p in problems(n, seed, tasks)]
 
 
+def prompts(n: int, seed: int = 0, tasks: tuple[str, ...] = TASKS) -> list[dict]:
+  """`n` {"task", "messages": [system, user], "answer"} rows of `problems`: prompts for
+  reinforcement learning, scored by their answer (`jaxllm.rl.rewards.exact_match`)."""
+  return [{"task": p["task"], "messages": _conversation(p["question"]), "answer": p["answer"]}
+          for p in problems(n, seed, tasks)]
+
+
 def write_jsonl(rows: list[dict], path: str) -> None:
   """`rows` as JSONL at `path`, written whole under a temporary name and renamed."""
   tmp = f"{path}.partial-{os.getpid()}"

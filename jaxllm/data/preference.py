@@ -41,7 +41,9 @@ def check_pair(record: Any, where: str) -> None:
                        "conversation before the reply)")
 
 
-def _reply(record: dict, reply: str, tokenizer, line: int) -> Example:
+def reply_example(record: dict, reply: str, tokenizer, line: int = 0) -> Example:
+  """The record's prompt and `reply` as one example, rendered as training renders it (the
+  chat template, or prompt + completion), the mask on the reply's tokens alone."""
   if "messages" not in record:
     return sft.tokenize({"prompt": record["prompt"], "completion": reply}, tokenizer, line=line)
   messages = record["messages"] + [{"role": "assistant", "content": reply}]
@@ -64,8 +66,8 @@ def _reply(record: dict, reply: str, tokenizer, line: int) -> Example:
 
 def tokenize_pair(record: dict, tokenizer, line: int = 0) -> tuple[Example, Example]:
   """(chosen, rejected) examples, the mask on the reply's tokens alone."""
-  return (_reply(record, record["chosen"], tokenizer, line),
-          _reply(record, record["rejected"], tokenizer, line))
+  return (reply_example(record, record["chosen"], tokenizer, line),
+          reply_example(record, record["rejected"], tokenizer, line))
 
 
 def rows(pairs: list[tuple[Example, Example]], seq_len: int) -> tuple[list[list[dict]], int]:

@@ -245,6 +245,30 @@ class Engine:
     return (draft, placement.zeros_on(self.mesh, shape, self.config.cache_dtype, paged=True),
             placement.zeros_on(self.mesh, shape, self.config.cache_dtype, paged=True))
 
+  def set_params(self, params) -> None:
+    """Serve `params` from the next request on: new weights of the same model (an RL
+    policy after an update), used as they are (no copy). The engine must be idle; every
+    cached prefix page is dropped (its k and v came from the old weights). ValueError when
+    their structure, a shape, dtype or placement differs from the current ones (the compiled
+    steps would not fit), or when a model draft reads the old ones."""
+    import jax
+    if not self.idle:
+      raise ValueError("set_params needs an idle engine (requests still running)")
+    if self._draft is not None:
+      raise ValueError("set_params would leave the speculative draft on the old weights: "
+                       "build a new engine with the draft of the new ones")
+    old, new = jax.tree.structure(self.params), jax.tree.structure(params)
+    if old != new:
+      raise ValueError("set_params: the new params' structure differs from the engine's")
+    for a, b in zip(jax.tree.leaves(self.params), jax.tree.leaves(params)):
+      if (a.shape, a.dtype) != (b.shape, b.dtype):
+        raise ValueError(f"set_params: a weight of shape {a.shape} {a.dtype} would become "
+                         f"{b.shape} {b.dtype}")
+    if placement.mesh_of(params) != self.mesh:
+      raise ValueError("set_params: the new params are not on the engine's mesh")
+    self.params = params
+    self.prefix_cache.clear()
+
   # ---- requests -------------------------------------------------------------------------
 
   def submit(self, prompt: Sequence[int], params: sampling.SamplingParams, *,

@@ -76,5 +76,14 @@ class PrefixCache:
         freed += 1
     return freed
 
+  def clear(self) -> int:
+    """Forgets every cached page (new weights make their k and v stale); returns how many of
+    them no request held (released to the pool)."""
+    freed = self.evict(len(self._pages))
+    for page in self._pages.values():
+      self.allocator.release([page])
+    self._pages.clear()
+    return freed
+
   def __len__(self):
     return len(self._pages)

@@ -332,6 +332,16 @@ class Transformer(nnx.Module):
     x_BTD, stats = self._trunk(tokens_BT, positions_BT, segment_ids_BT)
     return self.final_norm(x_BTD), stats
 
+  def logits_and_hidden(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+                        segment_ids_BT: jax.Array | None = None
+                        ) -> tuple[jax.Array, jax.Array, dict | None]:
+    """(logits `[B, T, V]` float32, the final norm's output `[B, T, D]`, MoE routing stats)
+    of one pass: a policy's token distribution and the features of a value head on it
+    (`jaxllm.rl.losses`)."""
+    x_BTD, stats = self._trunk(tokens_BT, positions_BT, segment_ids_BT)
+    logits = rules.constrain(self._logits(x_BTD), rules.ACTIVATION_AXES_BTV)
+    return logits, self.final_norm(x_BTD), stats
+
   def _trunk(self, tokens_BT, positions_BT, segment_ids_BT, *, microbatches: int = 1,
              pipeline_chunks: int = 1) -> tuple[jax.Array, dict | None]:
     """The embedding and every layer: (the residual stream `[B, T, D]` before the final norm,

@@ -45,7 +45,10 @@ METRICS_FILE = "metrics.jsonl"
 RESUME_KEYS = {"finetune": ("method", "loss_on", "eval_fraction"),
                "lora": ("targets", "rank", "alpha", "rslora", "base_bits", "base_group_size"),
                "dpo": None,
-               "train": ("seq_len", "batch_size", "seed")}
+               "train": ("seq_len", "batch_size", "seed"),
+               # what a rollout samples and how it is scored
+               "rl": ("algorithm", "prompts_per_step", "group_size", "max_new_tokens",
+                      "temperature", "top_p", "rewards", "reward_weights", "reward_model")}
 
 
 @dataclasses.dataclass
@@ -111,7 +114,8 @@ def check_workdir(workdir: str, wanted: dict) -> None:
     have = json.load(f)
   wanted = json.loads(json.dumps(wanted))  # tuples as lists, as the file has them
   differ = [k for k in ("command", "base", "data") if have.get(k) != wanted[k]]
-  differ += [f"{section}.{k}" for section, keys in RESUME_KEYS.items()
+  # A section the saved run predates (rl, in a fine-tuning workdir of before it) is not compared.
+  differ += [f"{section}.{k}" for section, keys in RESUME_KEYS.items() if section in have
              for k in (keys or wanted[section])
              if have.get(section, {}).get(k) != wanted[section][k]]
   if differ:
@@ -192,9 +196,17 @@ def reward_data(train_pairs, eval_pairs, experiment, say) -> Data:
                                         preference_data_lib.to_reward_batch))
 
 
-def _checkpoint_state(state: dict) -> dict:
+def checkpoint_state(state: dict) -> dict:
   """The train state as checkpointed: the trained part in place of the params."""
   return {**state, "params": trainable.trainable_params(state["params"])}
+
+
+def restore_state(checkpointer: Checkpointer, state: dict, step: int) -> dict:
+  """`state` with checkpoint `step`'s trained part and optimizer state; the frozen rest (a
+  LoRA run's base) stays the one `state` holds, rebuilt from the base checkpoint."""
+  restored = checkpointer.restore(checkpoint_state(state), step=step)
+  return {**restored, "params": trainable.combine(restored["params"],
+                                                  trainable.split(state["params"])[1])}
 
 
 def state_shardings(state: dict, graphdef, optimizer, mesh) -> dict:
@@ -259,9 +271,7 @@ def fit(graphdef, params: dict, objective: step_lib.Objective, data: Data, workd
   resume_step = checkpointer.latest_step()
   if resume_step is not None:
     say(f"resuming from checkpoint step {resume_step}")
-    restored = checkpointer.restore(_checkpoint_state(state), step=resume_step)
-    state = {**restored, "params": trainable.combine(
-        restored["params"], trainable.split(state["params"])[1])}
+    state = restore_state(checkpointer, state, resume_step)
   writer = metrics_lib.MetricsWriter(os.path.join(workdir, METRICS_FILE), None,
                                      resume_step=resume_step)
   eval_data = [put_batch(b) for b in data.eval_batches]
@@ -302,7 +312,7 @@ def fit(graphdef, params: dict, objective: step_lib.Objective, data: Data, workd
           last.update(ev)
           say(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in list(ev.items())[:3]))
         if due_ckpt:
-          saved = checkpointer.save(_checkpoint_state(state))
+          saved = checkpointer.save(checkpoint_state(state))
         bar.update(1)
         if on_step is not None:
           on_step(step)

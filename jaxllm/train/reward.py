@@ -42,10 +42,17 @@ def scores(graphdef, params: dict, batch: dict) -> jax.Array:
   sequence's final hidden state at its last token (`last` `[B, 2]`) dot the head, float32."""
   B, _, T = batch["inputs"].shape
   flat = {k: batch[k].reshape(2 * B, *batch[k].shape[2:]) for k in INPUT_KEYS}
-  hidden, _ = nnx.merge(graphdef, params["model"]).hidden(flat["inputs"], flat["positions"],
-                                                          flat["segment_ids"])
-  last_D = hidden[jnp.arange(2 * B), jnp.maximum(flat["last"], 0)].astype(jnp.float32)
-  return (last_D @ params[HEAD].astype(jnp.float32)).reshape(B, 2)
+  return sequence_scores(graphdef, params, flat).reshape(B, 2)
+
+
+def sequence_scores(graphdef, params: dict, batch: dict) -> jax.Array:
+  """Rewards `[N]` of `[N, T]` rows (inputs, positions, segment_ids; `last` `[N]` each row's
+  last token): its final hidden state there dot the head, float32."""
+  N = batch["inputs"].shape[0]
+  hidden, _ = nnx.merge(graphdef, params["model"]).hidden(batch["inputs"], batch["positions"],
+                                                          batch["segment_ids"])
+  last_D = hidden[jnp.arange(N), jnp.maximum(batch["last"], 0)].astype(jnp.float32)
+  return last_D @ params[HEAD].astype(jnp.float32)
 
 
 def pair_losses(rewards: jax.Array, margin: float = 0.0
@@ -91,6 +98,42 @@ def save_head(path: str, params: dict) -> None:
 
 
 def load_head(path: str) -> jax.Array:
-  """The `[D]` head `save_head` wrote."""
+  """The `[D]` head `save_head` (or `export_hf`) wrote."""
   from safetensors.numpy import load_file
   return jnp.asarray(load_file(path)["score.weight"][0])
+
+
+def export_hf(dst: str, config, params: dict, tokenizer) -> None:
+  """The reward model `{"model", "score"}` (LoRA adapters merged in) as a Hugging Face
+  `...ForSequenceClassification` directory with one label: the causal model's export with
+  the architecture renamed, `lm_head` dropped and `score.weight` `[1, D]` added.
+  `transformers.AutoModelForSequenceClassification` scores the last token that is not
+  `pad_token_id`: the tokenizer's pad where it has its own, else unset (then it takes one
+  sequence per call, or sequences of equal length)."""
+  import json
+  import os
+
+  from safetensors.numpy import load_file, save_file
+
+  from jaxllm.checkpoint import convert
+  from jaxllm.lora import adapters
+  model_params = jax.tree.map(np.asarray, adapters.merge(params["model"]))
+  convert.export_hf(convert.Checkpoint(config, model_params, tokenizer, "reward"), dst)
+  cfg_path = os.path.join(dst, "config.json")
+  with open(cfg_path) as f:
+    hf = json.load(f)
+  hf["architectures"] = [a.replace("ForCausalLM", "ForSequenceClassification")
+                         for a in hf["architectures"]]
+  # A pad that is the EOS would hide a reply's own end token, which this model scores.
+  pad = getattr(tokenizer, "pad_id", -1)
+  pad = pad if pad is not None and pad >= 0 and pad != tokenizer.eos_id else None
+  hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
+            pad_token_id=pad)
+  with open(cfg_path, "w") as f:
+    json.dump(hf, f, indent=2)
+  weights = os.path.join(dst, "model.safetensors")
+  state = {k: v for k, v in load_file(weights).items() if k != "lm_head.weight"}
+  state["score.weight"] = np.asarray(params[HEAD], np.float32)[None, :]
+  mode = os.stat(weights).st_mode
+  save_file(state, weights, metadata={"format": "pt"})
+  os.chmod(weights, mode)
