@@ -235,10 +235,9 @@ def test_engine_samples_from_the_new_weights_after_an_update(policy):
   sampler = rollout.Sampler(graphdef, params, eos_id=-1, max_seq_len=40, max_slots=2)
   prompt = [1, 4, 8, 15, 16, 23, 42, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
   before, _ = sampler.sample(params, [prompt], [0], max_tokens=8, temperature=0.0)
-  updated = jax.tree.map(lambda x: x, losses.policy_params(params))
-  found = adapters.adapters(updated)
-  updated = adapters.with_adapters(updated, {p: {"a": ab["a"], "b": -3.0 * ab["b"]}
-                                             for p, ab in found.items()})
+  found = adapters.adapters(params)
+  updated = adapters.with_adapters(params, {p: {"a": ab["a"], "b": -3.0 * ab["b"]}
+                                            for p, ab in found.items()})
   after, _ = sampler.sample(updated, [prompt], [0], max_tokens=8, temperature=0.0)
   assert after[0].tokens == helpers.greedy_by_recompute(graphdef, updated, prompt, 8)
   assert after[0].tokens != before[0].tokens

@@ -83,7 +83,9 @@ def test_lora_step_moves_adapters_by_their_merged_weight_gradient(grad_accum):
   ab = adapters.adapters(lora)
   grads = jax.grad(lambda t: _reference_loss(graphdef, lora, t, batch))(ab)
   moved = jax.tree.map(lambda x, y: (x - y) / lr, ab, adapters.adapters(new["params"]))
-  chex.assert_trees_all_close(moved, grads, atol=1e-5)
+  # rtol: accumulated microbatch gradients are float32 sums in another order (9e-5 apart on an
+  # AMD EPYC with AVX-512, 2026-12-07); a wrong gradient (a missing scale) is off by O(1)
+  chex.assert_trees_all_close(moved, grads, atol=1e-5, rtol=5e-4)
   np.testing.assert_allclose(float(metrics["loss"]),
                              float(_reference_loss(graphdef, lora, ab, batch)), rtol=1e-5)
   before, after = _frozen_leaves(lora), _frozen_leaves(new["params"])
