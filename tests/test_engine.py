@@ -76,13 +76,14 @@ def test_mixed_workload_arriving_over_time_equals_each_request_alone(model):
   assert traces["engine_prefill"] <= 5 and traces["engine_decode"] <= 10
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_preemption_in_a_tiny_pool_completes_every_request(model, overlap):
+@pytest.mark.parametrize("overlap,prefill_rows", [(True, 1), (False, 3)])
+def test_preemption_in_a_tiny_pool_completes_every_request(model, overlap, prefill_rows):
   graphdef, weights = model
-  # 8 pages of 8 tokens hold one full-length sequence; 12 requests compete for them.
+  # 8 pages of 8 tokens hold one full-length sequence; 12 requests compete for them (and
+  # preempted ones are recomputed beside others prefilling, with prefill_rows 3).
   engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
       max_slots=4, num_pages=8, page_size=8, prefill_chunk=8, max_seq_len=64,
-      overlap=overlap))
+      overlap=overlap, prefill_rows=prefill_rows))
   work = [(p[:30], sampling.SamplingParams(**{**_params_dict(sp), "max_tokens": 30}))
           for p, sp in _workload(12, seed=2)]
   requests = engine_lib.generate_all(engine, *zip(*work))
@@ -109,16 +110,26 @@ def test_shared_prefix_pages_are_reused(model):
 
 
 def test_prompts_arriving_together_compute_their_shared_prefix_once(model):
+  """...with one request prefilling per step, or several (`prefill_rows`, an RL rollout's
+  group): the same tokens, the shared pages computed once, in fewer steps."""
   graphdef, weights = model
   system = list(range(1, 41))
-  engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
-      max_slots=4, num_pages=64, page_size=8, prefill_chunk=16))
-  requests = engine_lib.generate_all(engine, *zip(*_workload(8, seed=5, system=system)))
-  # The first admitted computes the 5 system pages; the rest wait for them, then share them.
-  assert engine.stats["prefix_hit_tokens"] == 7 * 40
-  assert engine.stats["prefill_tokens"] == sum(len(r.prompt) for r in requests) - 7 * 40
-  _check_equal_alone(model, requests)
-  assert _all_pages_back(engine)
+  steps = {}
+  for rows in (1, 4):
+    engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
+        max_slots=4, num_pages=64, page_size=8, prefill_chunk=16, prefill_rows=rows))
+    work = _workload(8, seed=5, system=system)
+    requests = [engine.submit(*w) for w in work]
+    steps[rows] = 0
+    while not engine.idle:
+      engine.step()
+      steps[rows] += 1
+    # The first admitted computes the 5 system pages; the rest wait for them, then share them.
+    assert engine.stats["prefix_hit_tokens"] == 7 * 40
+    assert engine.stats["prefill_tokens"] == sum(len(r.prompt) for r in requests) - 7 * 40
+    _check_equal_alone(model, requests)
+    assert _all_pages_back(engine)
+  assert steps[4] < steps[1]
 
 
 def test_decode_steps_are_dispatched_before_the_last_ones_tokens_are_read(model):

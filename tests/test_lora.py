@@ -383,10 +383,12 @@ def test_requests_of_different_adapters_in_one_batch_each_equal_their_merged_mod
   with pytest.raises(ValueError, match="holds slots 0 to 2"):
     engine.submit(prompt, sampling.SamplingParams(max_tokens=2), adapter=3)
   # Speculative decoding with a layer-skip draft of the banked model: each row's draft
-  # proposes with its adapter, and the tokens stay each merged model's.
+  # proposes with its adapter, and the tokens stay each merged model's (with requests of
+  # different adapters prefilling in one call, target and draft alike: prefill_rows 3).
   from jaxllm.inference import speculative
   spec = engine_lib.Engine(graphdef, served, engine_lib.EngineConfig(
-      max_slots=4, num_pages=32, page_size=4, prefill_chunk=8, speculative_k=2),
+      max_slots=4, num_pages=32, page_size=4, prefill_chunk=8, speculative_k=2,
+      prefill_rows=3),
       draft=speculative.layer_skip_draft(graphdef, served, 1))
   again = [spec.submit(r.prompt, sampling.SamplingParams(max_tokens=6), adapter=s)
            for r, s in zip(reqs, slots)]

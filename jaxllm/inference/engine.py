@@ -65,6 +65,10 @@ class EngineConfig:
   num_pages: int = 256
   page_size: int = 16
   prefill_chunk: int = 64
+  # Requests that advance by a chunk in one step's prefill call (the oldest first): 1 keeps
+  # long prompts from holding up running streams; more admits a burst of short prompts (an
+  # RL rollout's groups) in a few steps instead of one step each.
+  prefill_rows: int = 1
   max_seq_len: int | None = None  # default: the model's
   prefix_caching: bool = True
   cache_dtype: str = "float32"
@@ -90,7 +94,7 @@ class EngineConfig:
     return gen.stream_of(self.sink_tokens, self.stream_window)
 
   def __post_init__(self):
-    for name in ("max_slots", "num_pages", "page_size", "prefill_chunk"):
+    for name in ("max_slots", "num_pages", "page_size", "prefill_chunk", "prefill_rows"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
     if not 0 <= self.speculative_k <= 16 or self.speculative_ngram < 1:
@@ -370,7 +374,7 @@ class Engine:
     if all(s is None for s in self._slots):
       self._collect()  # a step whose requests have all ended since
       return bool(self._waiting)
-    self._prefill_one_chunk()
+    self._prefill_chunks()
     self._decode_step()
     return True
 
@@ -551,22 +555,26 @@ class Engine:
       return self.max_pages
     return min(gen.bucket(pages, minimum=1), self.max_pages)
 
-  def _page_row(self, request: Request) -> np.ndarray:
-    return paging.page_table_array([request.pages], self._table_width(len(request.pages)))
-
-  def _prefill_one_chunk(self) -> None:
-    """The oldest request still prefilling advances by one chunk."""
-    pending = [r for r in self._slots if r is not None and r.prefilled < len(r.sequence)]
+  def _prefill_chunks(self) -> None:
+    """The oldest requests still prefilling, up to `config.prefill_rows` of them, advance by
+    one chunk each in one call (rows past the pending ones write nothing)."""
+    pending = sorted((r for r in self._slots if r is not None and r.prefilled < len(r.sequence)),
+                     key=lambda r: r.arrival)[:self.config.prefill_rows]
     if not pending:
       return
-    request = min(pending, key=lambda r: r.arrival)
-    seq, C = request.sequence, self.config.prefill_chunk
-    chunk = seq[request.prefilled:request.prefilled + C]
-    tokens = np.zeros((1, C), np.int32)
-    tokens[0, :len(chunk)] = chunk
-    args = (jnp.asarray(self._page_row(request)), jnp.asarray([request.prefilled], jnp.int32),
-            jnp.asarray(tokens), jnp.asarray([len(chunk)], jnp.int32))
-    adapter = (jnp.asarray([request.adapter], jnp.int32) if self.adapter_slots > 1 else None)
+    R, C = self.config.prefill_rows, self.config.prefill_chunk
+    width = self._table_width(max(len(r.pages) for r in pending))
+    table = np.zeros((R, width), np.int32)
+    table[:len(pending)] = paging.page_table_array([r.pages for r in pending], width)
+    lengths, tokens, num_new = (np.zeros(R, np.int32), np.zeros((R, C), np.int32),
+                                np.zeros(R, np.int32))
+    for i, r in enumerate(pending):
+      chunk = r.sequence[r.prefilled:r.prefilled + C]
+      tokens[i, :len(chunk)], lengths[i], num_new[i] = chunk, r.prefilled, len(chunk)
+    args = (jnp.asarray(table), jnp.asarray(lengths), jnp.asarray(tokens), jnp.asarray(num_new))
+    adapter = None
+    if self.adapter_slots > 1:
+      adapter = jnp.asarray([r.adapter for r in pending] + [0] * (R - len(pending)), jnp.int32)
     logits, self._k, self._v = steps_lib.prefill_chunk(self.graphdef, self.params, self._k,
                                                        self._v, *args, adapter,
                                                        stream=self.stream)
@@ -574,18 +582,23 @@ class Engine:
       _, self._dk, self._dv = steps_lib.prefill_chunk(
           self._draft.graphdef, self._draft.params, self._dk, self._dv, *args,
           adapter if self._draft_banked else None)
-    request.prefilled += len(chunk)
-    self.stats["prefill_tokens"] += len(chunk)
-    if request.prefilled == len(seq):
-      self._logits = self._logits.at[request.slot].set(logits[0])
-      self._sub = self._sub.at[request.slot].set(0.0)
-      if request.tokens:  # recomputed after preemption: restore the penalty counts too
-        counts = np.bincount(request.tokens, minlength=self.model_config.vocab_size)
-        self._counts = self._counts.at[request.slot].set(jnp.asarray(counts, jnp.int32))
-      else:
-        self._counts = self._counts.at[request.slot].set(0)
-      if self.config.prefix_caching:
-        self.prefix_cache.register(request.prompt, request.pages, request.adapter)
+    for i, request in enumerate(pending):
+      request.prefilled += int(num_new[i])
+      self.stats["prefill_tokens"] += int(num_new[i])
+      if request.prefilled == len(request.sequence):
+        self._prefilled(request, logits[i])
+
+  def _prefilled(self, request: Request, logits_V) -> None:
+    """A request's whole sequence is in the cache: its slot's next draw reads `logits_V`."""
+    self._logits = self._logits.at[request.slot].set(logits_V)
+    self._sub = self._sub.at[request.slot].set(0.0)
+    if request.tokens:  # recomputed after preemption: restore the penalty counts too
+      counts = np.bincount(request.tokens, minlength=self.model_config.vocab_size)
+      self._counts = self._counts.at[request.slot].set(jnp.asarray(counts, jnp.int32))
+    else:
+      self._counts = self._counts.at[request.slot].set(0)
+    if self.config.prefix_caching:
+      self.prefix_cache.register(request.prompt, request.pages, request.adapter)
 
   def _ready(self) -> list[Request]:
     """Running requests whose next token can be drawn: prefill done, every token produced so

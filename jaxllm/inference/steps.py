@@ -24,12 +24,15 @@ from jaxllm.model import cache as kv_cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "stream"), donate_argnames=("k", "v"))
-def prefill_chunk(graphdef, params, k, v, page_row_1M, length_1, tokens_1T, num_new_1,
-                  adapter_1=None, *, stream: kv_cache.Stream | None = None):
+def prefill_chunk(graphdef, params, k, v, page_rows_RM, lengths_R, tokens_RC, num_new_R,
+                  adapters_R=None, *, stream: kv_cache.Stream | None = None):
+  """R requests' next chunks (`tokens_RC`, the first `num_new_R` of each row real; a row with
+  0 writes nothing) into the page pool: (the logits after each row's last new token `[R, V]`,
+  k, v)."""
   gen.count_trace("engine_prefill")
-  cache = kv_cache.PagedKVCache(k, v, page_row_1M, length_1)
-  model = nnx.merge(graphdef, lora_bank.select(params, adapter_1))
-  logits, cache = model.extend(tokens_1T, cache, num_new_1, last_only=True, stream=stream)
+  cache = kv_cache.PagedKVCache(k, v, page_rows_RM, lengths_R)
+  model = nnx.merge(graphdef, lora_bank.select(params, adapters_R))
+  logits, cache = model.extend(tokens_RC, cache, num_new_R, last_only=True, stream=stream)
   return logits[:, 0], cache.k, cache.v
 
 

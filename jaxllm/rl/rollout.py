@@ -23,6 +23,7 @@ from jaxllm.inference import generate as generate_lib
 from jaxllm.inference import paging, sampling
 
 PAGE_SIZE = 16
+PREFILL_CHUNK, PREFILL_ROWS = 64, 8
 
 
 @dataclasses.dataclass
@@ -52,9 +53,11 @@ class Sampler:
     self.engine = None
     if mode == "engine":
       pages = paging.pages_for(max_seq_len, PAGE_SIZE)
-      # Every slot's longest sequence, and as much again for cached prompt pages.
+      # Every slot's longest sequence, and as much again for cached prompt pages. A rollout
+      # submits its prompts at once: up to 8 of them prefill per step.
       config = engine_lib.EngineConfig(max_slots=max_slots, num_pages=2 * max_slots * pages,
-                                       page_size=PAGE_SIZE, prefill_chunk=128,
+                                       page_size=PAGE_SIZE, prefill_chunk=PREFILL_CHUNK,
+                                       prefill_rows=min(max_slots, PREFILL_ROWS),
                                        max_seq_len=max_seq_len)
       self.engine = engine_lib.Engine(graphdef, params, config, eos_id=eos_id)
 
