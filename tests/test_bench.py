@@ -161,6 +161,9 @@ def test_bench_serve_json(tiny_chat_model):
   multi = result["rows"]["multi_lora"]  # zero-initialised adapters: the base's tokens
   assert multi["identical"] and multi["output_tokens"] == cont["output_tokens"]
   assert multi["adapters"] == 2 and multi["vs_continuous"] > 0
+  js = result["rows"]["structured"]  # under a schema no request can finish: the same lengths
+  assert js["same_lengths"] and js["output_tokens"] == cont["output_tokens"]
+  assert js["mask_ms_per_token"] > 0 and js["vs_lockstep"] > 0
 
 
 def test_decode_of_a_random_model_with_a_checkpoints_tokenizer(tiny_chat_model):

@@ -363,3 +363,64 @@ def test_engine_refuses_a_draft_it_cannot_use(model):
   with pytest.raises(ValueError, match="speculative_k"):
     engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(num_pages=64, page_size=8),
                       draft=speculative.model_draft(*other))
+
+
+def test_logit_bias_forces_and_bans_tokens_and_leaves_neighbours_alone(model):
+  """+100 on a token makes every greedy draw that token; -100 on the free greedy choice gives
+  the model's runner-up (the full forward's second-largest logit), while logprobs stay the
+  model's own; a request without a bias in the same batch (a speculative engine: the biased
+  rows draft nothing) decodes as alone."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  graphdef, params = model
+  prompt = [5, 9, 2, 7]
+  plain = sampling.SamplingParams(max_tokens=6)
+  free = _alone(model, prompt, plain)
+  logits = nnx.merge(graphdef, params)(jnp.asarray([prompt], jnp.int32))[0, -1]
+  top2 = np.argsort(np.asarray(logits))[::-1][:2]
+  assert free.tokens[0] == top2[0]
+  engine = engine_lib.Engine(graphdef, params, engine_lib.EngineConfig(
+      max_slots=4, num_pages=32, page_size=8, speculative_k=2))
+  forced = engine.submit(prompt, sampling.SamplingParams(max_tokens=6, logit_bias={11: 100}))
+  banned = engine.submit(prompt, sampling.SamplingParams(max_tokens=1,
+                                                         logit_bias={int(top2[0]): -100.0}))
+  neighbour = engine.submit(prompt, plain)
+  engine.run_until_idle()
+  assert forced.tokens == [11] * 6
+  assert banned.tokens == [int(top2[1])]
+  logp = np.asarray(jax.nn.log_softmax(logits))
+  np.testing.assert_allclose(banned.logprobs[0], logp[top2[1]], atol=1e-5)
+  assert neighbour.tokens == free.tokens
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    engine.submit(prompt, sampling.SamplingParams(logit_bias={10 ** 6: 1.0}))
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    engine.submit(prompt, sampling.SamplingParams(stop_token_ids=(10 ** 6,)))
+  with pytest.raises(ValueError, match=r"\[-100, 100\]"):
+    sampling.SamplingParams(logit_bias={3: 101})
+
+
+def test_min_tokens_and_ignore_eos_hold_off_the_end(model):
+  """With the free greedy first token as the end of sequence, a plain request ends at once; one
+  with min_tokens=3 draws the runner-up there and is held off eos (and its stop token) for
+  three tokens, as a +-inf bias on those tokens would; ignore_eos emits eos as a token and runs
+  to max_tokens, exactly the free greedy tokens."""
+  graphdef, params = model
+  prompt = [5, 9, 2, 7]
+  free = _alone(model, prompt, sampling.SamplingParams(max_tokens=6)).tokens
+  eos, stop = free[0], 13
+  engine = engine_lib.Engine(graphdef, params, engine_lib.EngineConfig(
+      max_slots=4, num_pages=32, page_size=8), eos_id=eos)
+  plain = engine.submit(prompt, sampling.SamplingParams(max_tokens=6))
+  held = engine.submit(prompt, sampling.SamplingParams(max_tokens=6, min_tokens=3,
+                                                       stop_token_ids=(stop,)))
+  banned = engine.submit(prompt, sampling.SamplingParams(
+      max_tokens=3, logit_bias={eos: -100, stop: -100}))
+  ignoring = engine.submit(prompt, sampling.SamplingParams(max_tokens=6, ignore_eos=True))
+  engine.run_until_idle()
+  assert (plain.tokens, plain.finish_reason) == ([], "stop")
+  assert held.tokens[:3] == banned.tokens and len(banned.tokens) == 3
+  assert eos not in held.tokens[:3] and stop not in held.tokens[:3]
+  assert ignoring.tokens == free and ignoring.finish_reason == "length"
+  with pytest.raises(ValueError, match="min_tokens"):
+    sampling.SamplingParams(max_tokens=2, min_tokens=3)

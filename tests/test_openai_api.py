@@ -29,8 +29,18 @@ def test_requests_map_to_sampling_params_and_bounds_are_validated():
   assert (sp.temperature, sp.top_p, sp.max_tokens, sp.stop, sp.seed) == (0.5, 0.9, 7, ("\n",),
                                                                          4)
   assert api.sampling_params(api.CompletionRequest(model="m", prompt=[1]), 0).max_tokens == 16
+  ext = api.sampling_params(api.CompletionRequest(
+      model="m", prompt="x", max_tokens=8, min_tokens=2, ignore_eos=True, stop_token_ids=[5, 3],
+      logit_bias={"7": -100, "3": 2.5}), 0)
+  assert (ext.min_tokens, ext.ignore_eos, ext.stop_token_ids, ext.logit_bias) == (
+      2, True, (5, 3), ((3, 2.5), (7, -100.0)))
+  with pytest.raises(api.APIError, match="min_tokens"):
+    api.sampling_params(api.CompletionRequest(model="m", prompt="x", max_tokens=2,
+                                              min_tokens=3), 0)
   for bad in ({"temperature": 2.5}, {"top_p": 0}, {"n": 17}, {"stop": [""]},
-              {"stop": ["a"] * 5}, {"seed": -1}, {"logprobs": 6}, {"prompt": "\udcff"}):
+              {"stop": ["a"] * 5}, {"seed": -1}, {"logprobs": 6}, {"prompt": "\udcff"},
+              {"logit_bias": {"-1": 1}}, {"logit_bias": {"1": 101}}, {"min_tokens": -1},
+              {"stop_token_ids": [-2]}):
     with pytest.raises(pydantic.ValidationError):
       api.CompletionRequest(**{"model": "m", "prompt": "x", **bad})
   error = api.submit_error(ValueError("prompt (9 tokens) + max_tokens (8) exceeds the context"),
@@ -59,3 +69,35 @@ def test_responses_whole_and_streamed():
   completion = api.CompletionRequest(model="tiny", prompt="x")
   assert json.loads(out.chunk(completion, "id-2", False, 0, "", finish="stop")[6:])[
       "choices"][0] == {"index": 0, "text": "", "finish_reason": "stop", "logprobs": None}
+
+
+def test_output_constraints_map_to_one_grammar_spec():
+  """response_format, structured_outputs and vLLM's guided_* spellings become one
+  `grammar.GrammarSpec`; text (or nothing) none; two at once, or a schema that is not JSON,
+  a 400 naming the field."""
+  pytest.importorskip("llguidance")
+  chat = lambda **kw: api.ChatRequest(model="m", messages=[{"role": "user", "content": "x"}], **kw)
+  schema = {"type": "object"}
+  cases = [
+      (dict(response_format={"type": "json_schema", "json_schema": {"name": "a",
+                                                                    "schema": schema}}),
+       ("response_format", "json_schema", schema)),
+      (dict(response_format={"type": "json_object"}), ("response_format", "json_object", None)),
+      (dict(structured_outputs={"json": json.dumps(schema)}),
+       ("structured_outputs.json", "json_schema", schema)),
+      (dict(structured_outputs={"regex": "a+"}), ("structured_outputs.regex", "regex", "a+")),
+      (dict(guided_grammar="start: x"), ("guided_grammar", "lark", "start: x")),
+      (dict(guided_choice=["a", "b"]), ("guided_choice", "choice", ["a", "b"])),
+  ]
+  for fields, (param, kind, source) in cases:
+    got_param, spec = api.grammar_spec(chat(**fields))
+    assert (got_param, spec.kind, spec.source) == (param, kind, source), fields
+  assert api.grammar_spec(chat()) is None
+  assert api.grammar_spec(chat(response_format={"type": "text"})) is None
+  for fields, param in ((dict(guided_regex="a", guided_choice=["b"]), "guided_choice"),
+                        (dict(structured_outputs={"json": "{x"}), "structured_outputs.json"),
+                        (dict(response_format={"type": "json_schema"}),
+                         "response_format.json_schema")):
+    with pytest.raises(api.APIError) as e:
+      api.grammar_spec(chat(**fields))
+    assert (e.value.status, e.value.param) == (400, param), fields

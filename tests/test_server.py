@@ -185,6 +185,9 @@ HOSTILE = [  # (raw JSON body of /v1/completions, what it tries)
     b'{"model": "smollm2", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}',
     b'{"model": "smollm2", "prompt": "hi", "stop": [""]}',
     b'{"model": "smollm2", "prompt": {"a": 1}}',
+    b'{"model": "smollm2", "prompt": "hi", "logit_bias": {"99999999": 5}}',  # past the vocab
+    b'{"model": "smollm2", "prompt": "hi", "logit_bias": {"x": 5}}',
+    b'{"model": "smollm2", "prompt": "hi", "logit_bias": {"5": 100.5}}',
     b'{"model": "smollm2", "prompt": "hi"',  # truncated JSON
     b'[1, 2]',
 ]
@@ -205,6 +208,84 @@ def test_hostile_requests_get_4xx_in_openai_shape(server):
       headers={"content-type": "application/json"})
   assert chat.status_code == 400 and "surrogate" in chat.json()["error"]["message"]
   assert server[3].failure is None  # the engine survived them all
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
+          "properties": {"name": {"type": "string", "maxLength": 8},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 130},
+                         "tags": {"type": "array", "items": {"enum": ["a", "b"]},
+                                  "maxItems": 3}}}
+
+
+def test_structured_output_through_the_openai_client(server):
+  """response_format (json_schema on chat, json_object on completions), the extension
+  (`structured_outputs`, vLLM's `guided_*`), streamed and not, with n > 1 at temperature 1:
+  every reply validates (the `jsonschema` library) or matches, and a stream's text is the
+  whole response's."""
+  jsonschema = pytest.importorskip("jsonschema")
+  import json
+  import re
+  _, client, *_ = server
+  messages = [{"role": "user", "content": "Describe a person as JSON."}]
+  fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON,
+                                                "strict": True}}
+  out = client.chat.completions.create(model=NAME, messages=messages, response_format=fmt,
+                                       max_tokens=80, temperature=1.0, seed=5, n=4)
+  for choice in out.choices:
+    assert choice.finish_reason == "stop", choice.message.content
+    jsonschema.validate(json.loads(choice.message.content), PERSON)
+  greedy = dict(model=NAME, messages=messages, response_format=fmt, max_tokens=80,
+                temperature=0)
+  whole = client.chat.completions.create(**greedy).choices[0].message.content
+  streamed = "".join(c.choices[0].delta.content or "" for c in
+                     client.chat.completions.create(**greedy, stream=True))
+  assert streamed == whole and json.loads(whole)
+  obj = client.completions.create(model=NAME, prompt="{", max_tokens=60, temperature=0,
+                                  extra_body={"response_format": {"type": "json_object"}})
+  assert obj.choices[0].finish_reason == "length" or isinstance(
+      json.loads(obj.choices[0].text), dict), obj.choices[0].text
+  ip = client.completions.create(model=NAME, prompt="IP:", max_tokens=30, temperature=1.0, n=3,
+                                 extra_body={"structured_outputs": {
+                                     "regex": r"10\.\d{1,3}\.\d{1,3}\.\d{1,3}"}})
+  assert all(re.fullmatch(r"10\.\d{1,3}\.\d{1,3}\.\d{1,3}", c.text) for c in ip.choices)
+  pick = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10,
+                                        extra_body={"guided_choice": ["left", "right"]})
+  assert pick.choices[0].message.content in ("left", "right")
+  # logit_bias: +100 on one token forces it at every step, at temperature 1 too
+  forced = client.completions.create(model=NAME, prompt="x", max_tokens=4, temperature=1.0,
+                                     logit_bias={"1000": 100})
+  assert forced.choices[0].text == server[2].tokenizer.decode([1000] * 4)
+
+
+BAD_CONSTRAINTS = [  # (extra request fields, what the 400's message says)
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "strin"}}}},
+     "Invalid type: strin"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {
+        "not": {"type": "string"}}}}}, "Unimplemented keys"),
+    ({"response_format": {"type": "json_schema"}}, "needs a json_schema"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"structured_outputs": {"regex": "a(b"}}, "unclosed group"),
+    ({"structured_outputs": {"grammar": "start: nothing"}}, "unknown name"),
+    ({"structured_outputs": {"json": "{not json"}}, "not valid JSON"),
+    ({"structured_outputs": {"yaml": "x"}}, "structured_outputs.yaml"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "one output constraint"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {
+        "type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(5000)}}}}},
+     "at most"),
+]
+
+
+def test_bad_constraints_get_a_400_naming_the_problem(server):
+  base, *_ = server
+  for extra, reason in BAD_CONSTRAINTS:
+    for path, body in (("completions", {"prompt": "hi"}),
+                       ("chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+      r = httpx.post(f"{base}/v1/{path}", json={"model": NAME, "max_tokens": 4, **body, **extra},
+                     timeout=60)
+      assert r.status_code == 400, (extra, r.status_code, r.text)
+      assert reason in r.json()["error"]["message"], (reason, r.text)
+  assert server[3].failure is None
 
 
 def test_api_key(server):

@@ -90,6 +90,11 @@ _LORA_ADAPTERS = flags.DEFINE_integer(
     "requests taking each in turn (0: no such row).", lower_bound=0)
 _LORA_RANK = flags.DEFINE_integer("lora_rank", 16, "serve: those adapters' rank.",
                                   lower_bound=1)
+_STRUCTURED = flags.DEFINE_boolean("structured", True, "serve: a row of the same traffic with "
+                                   "every request held to a JSON schema (structured output).")
+_STRUCTURED_ROUNDS = flags.DEFINE_integer(
+    "structured_rounds", 1, "serve: back-to-back (continuous, structured) pairs the structured "
+    "row's ratio is the median of (1: against the continuous row).", lower_bound=1)
 _LENGTHS = flags.DEFINE_list("lengths", ["512", "1024", "2048"], "passkey: prompt lengths in "
                              "tokens.")
 _TRIALS = flags.DEFINE_integer("trials", 4, "passkey: keys (random value and depth) per length.",
@@ -174,7 +179,8 @@ def main(argv):
                        prefix_requests=_PREFIX_REQUESTS.value, speculative_k=_SPECULATIVE_K.value,
                        draft=_DRAFT.value, max_output_tokens=_MAX_OUTPUT.value,
                        mesh=_MESH.value, lora_adapters=_LORA_ADAPTERS.value,
-                       lora_rank=_LORA_RANK.value)
+                       lora_rank=_LORA_RANK.value, structured=_STRUCTURED.value,
+                       structured_rounds=_STRUCTURED_ROUNDS.value)
     text = serve.table(result)
   elif argv[1] == "decode":
     from jaxllm.bench import decode

@@ -20,7 +20,13 @@ with prefix caching on and off. The multi-LoRA row (`lora_adapters` > 0) serves 
 workload with that many rank-`lora_rank` adapters on every projection, each request taking the
 base or one of them in turn, batched together (`jaxllm.lora.bank`): its cost against the base
 alone. The adapters' `b` is zero (PEFT's initialisation), so every output must equal the
-continuous row's, while the products are all computed.
+continuous row's, while the products are all computed. The structured row (`structured`)
+serves the continuous workload with every request held to a JSON schema no request can
+finish (an array of at least 1000 {"name": string, "value": number} objects, `JSON_SCHEMA`),
+so each runs to its max_tokens as in the continuous row and the throughputs compare: the
+grammar's masks are computed on the host before each step and applied in it, and those steps
+run in lockstep; it reports the host time spent on masks per token. `structured_rounds` > 1
+measures it against fresh continuous runs, pair by pair, and reports the median ratio.
 """
 
 from __future__ import annotations
@@ -31,6 +37,12 @@ import jax
 import numpy as np
 
 from jaxllm.bench import decode as decode_bench
+
+# The structured row's schema: longer than any max_tokens, so every request ends at its own
+# (as in the other rows) and produces as many tokens.
+JSON_SCHEMA = {"type": "array", "minItems": 1000, "items": {
+    "type": "object", "properties": {"name": {"type": "string"}, "value": {"type": "number"}},
+    "required": ["name", "value"], "additionalProperties": False}}
 
 
 def _workload(tokenizer, n, seed, bos, *, system=None, prompt_range=(16, 128),
@@ -48,8 +60,9 @@ def _workload(tokenizer, n, seed, bos, *, system=None, prompt_range=(16, 128),
 
 
 def _continuous(model, engine_cfg, prompts, outs, arrivals, *, prefix_caching=True,
-                speculative_k=0, overlap=True, draft=None, params=None):
-  """`params`: other params for the model (a LoRA bank: request i takes slot i mod size)."""
+                speculative_k=0, overlap=True, draft=None, params=None, constraint=None):
+  """`params`: other params for the model (a LoRA bank: request i takes slot i mod size).
+  `constraint`: a function giving each request a fresh `grammar.Constraint`."""
   import dataclasses
   from jaxllm.inference import engine as engine_lib
   from jaxllm.inference import sampling
@@ -61,7 +74,10 @@ def _continuous(model, engine_cfg, prompts, outs, arrivals, *, prefix_caching=Tr
   width = 1
   while width <= engine.max_pages:
     n = max(1, min(width * engine_cfg.page_size, engine.max_seq_len - 2) - 1)
-    engine_lib.generate_all(engine, [[prompts[0][0]] * n], [sampling.SamplingParams(max_tokens=2)])
+    warm = engine.submit([prompts[0][0]] * n, sampling.SamplingParams(max_tokens=2),
+                         constraint=None if constraint is None else constraint())
+    engine.run_until_idle()
+    assert warm.done
     width *= 2
   engine.prefix_cache.evict(engine.allocator.num_pages)
   engine.stats.clear()
@@ -72,7 +88,8 @@ def _continuous(model, engine_cfg, prompts, outs, arrivals, *, prefix_caching=Tr
     while len(requests) < len(prompts) and arrivals[len(requests)] <= now:
       i = len(requests)
       r = engine.submit(prompts[i], sampling.SamplingParams(max_tokens=outs[i]),
-                        adapter=i % engine.adapter_slots)
+                        adapter=i % engine.adapter_slots,
+                        constraint=None if constraint is None else constraint())
       r.arrival = start + arrivals[i]
       requests.append(r)
     if engine.idle:
@@ -88,7 +105,8 @@ def _continuous(model, engine_cfg, prompts, outs, arrivals, *, prefix_caching=Tr
               preemptions=engine.stats["preemptions"],
               prefix_hit_tokens=engine.stats["prefix_hit_tokens"], requests=requests,
               proposed=engine.stats["speculative_proposed"],
-              accepted=engine.stats["speculative_accepted"])
+              accepted=engine.stats["speculative_accepted"],
+              mask_seconds=engine.stats["grammar_mask_s"])
 
 
 def _static(model, slots, prompts, outs, arrivals):
@@ -118,7 +136,8 @@ def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
         page_size: int = 16, prefill_chunk: int = 64, seed: int = 0,
         prefix_requests: int = 32, system_tokens: int = 256, speculative_k: int = 4,
         draft: str = "ngram", max_output_tokens: int = 512, mesh: str | None = None,
-        lora_adapters: int = 4, lora_rank: int = 16) -> dict:
+        lora_adapters: int = 4, lora_rank: int = 16, structured: bool = True,
+        structured_rounds: int = 1) -> dict:
   """`mesh` ("tensor=4"): every mode runs on the model split over that mesh."""
   import jaxllm
   from jaxllm.inference import engine as engine_lib
@@ -178,6 +197,25 @@ def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
         vs_continuous=cont["seconds"] / multi["seconds"],
         identical=all(a.tokens == b.tokens for a, b in zip(cont["requests"],
                                                            multi["requests"])))
+  if structured:
+    from jaxllm.inference import grammar
+    vocabulary = grammar.Vocabulary(tok, model.config.vocab_size)
+    compiled = vocabulary.compile(grammar.GrammarSpec("json_schema", JSON_SCHEMA))
+    # More rounds: fresh (unconstrained, constrained) pairs back to back, so a machine whose
+    # speed drifts between rows compares like with like; the median ratio is reported.
+    ratios = []
+    for i in range(structured_rounds):
+      base = cont if structured_rounds == 1 else _continuous(model, cfg, prompts, outs, arrivals)
+      js = _continuous(model, cfg, prompts, outs, arrivals,
+                       constraint=lambda: vocabulary.constraint(compiled))
+      ratios.append(base["seconds"] / js["seconds"])
+    rows["structured"] = summary(js)
+    rows["structured"].update(
+        vs_continuous=float(np.median(ratios)), vs_continuous_rounds=ratios,
+        vs_lockstep=lock["seconds"] / js["seconds"],
+        mask_ms_per_token=1e3 * js["mask_seconds"] / max(js["tokens"], 1),
+        same_lengths=[len(r.tokens) for r in js["requests"]]
+        == [len(r.tokens) for r in cont["requests"]])
   # Shared system prompt: the same requests with prefix caching on and off, all at once.
   system = decode_bench.stdlib_prompts(tok, prefix_requests + 1, system_tokens, bos)[-1]
   p_prompts, _ = _workload(tok, prefix_requests, seed + 2, None, system=system,
@@ -228,6 +266,17 @@ def table(result: dict) -> str:
                  f"   {r['vs_continuous']:.2f}x continuous (rank {r['rank']}, requests of "
                  f"every adapter and the base batched together), outputs identical: "
                  f"{r['identical']}")
+  if "structured" in rows:
+    r = rows["structured"]
+    lines.append(f"{'+ JSON':<12}{r['tokens_per_s']:>10.1f}"
+                 f"{r['ttft_p50']:>12.2f}{r['ttft_p99']:>12.2f}{r['seconds']:>9.1f}"
+                 f"   {r['vs_continuous']:.2f}x continuous"
+                 + (f" (median of {len(r['vs_continuous_rounds'])} back-to-back pairs: "
+                    + ", ".join(f"{x:.2f}" for x in r['vs_continuous_rounds']) + ")"
+                    if len(r['vs_continuous_rounds']) > 1 else "")
+                 + f", {r['vs_lockstep']:.2f}x lockstep "
+                 f"(every request under a JSON schema; masks {r['mask_ms_per_token']:.2f} ms "
+                 f"of host time per token), as many tokens: {r['same_lengths']}")
   lines.append(f"continuous / static throughput: {result['continuous_vs_static']:.2f}x; KV "
                f"utilisation {rows['continuous']['kv_utilisation']:.1%}; preemptions "
                f"{rows['continuous']['preemptions']}")

@@ -54,6 +54,11 @@ class SentencePieceTokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
+  @property
+  def processor(self) -> spm.SentencePieceProcessor:
+    """The sentencepiece processor (its pieces, byte and control ids)."""
+    return self._sp
+
   def save(self, path: str | os.PathLike[str]) -> None:
     _atomic_write(path, self.model_proto)
 
@@ -114,8 +119,12 @@ class HFTokenizer:
       return None
     return self._tok.id_to_token(token_id)
 
+  def to_json(self) -> str:
+    """The tokenizer as `tokenizer.json` holds it."""
+    return self._tok.to_str()
+
   def save(self, path: str | os.PathLike[str]) -> None:
-    _atomic_write(path, self._tok.to_str().encode())
+    _atomic_write(path, self.to_json().encode())
 
 
 def tokenizer_from_gguf_vocab(tokens: list[str], merges: list[str], token_types: list[int],

@@ -25,6 +25,15 @@ Speculative decoding (`speculative_k`): proposals come from prompt lookup or a d
 whose own page pool is addressed by the same page tables, so prefix sharing, preemption and
 freeing cover it unchanged.
 
+Structured output (`submit(constraint=)`, `jaxllm.inference.grammar`): before a step that
+draws for a constrained request, the host reads every token still in flight, advances each
+grammar past them and writes the slots' token bitmasks, which the step applies before its
+draw (unconstrained slots allow everything; with no constrained slot the step compiles without
+a mask). Such steps run in lockstep, and a constrained request drafts no speculative tokens.
+A grammar that has nothing left to add ends its request ("stop"); one that allows no token
+ends it with "grammar_dead_end". A request below its `min_tokens` takes the same path, its mask
+without the end of sequence and its stop tokens.
+
 Streaming (`stream_window`, StreamingLLM): every request gets a fixed set of pages that hold
 its first `sink_tokens` tokens and a ring of the latest ones (`jaxllm.model.cache.Stream`), so
 prompts and outputs may run past the context while each request's memory stays constant. A
@@ -133,6 +142,7 @@ class Request:
   cancelled: bool = False
   key: int = -1  # submission number (the same on every process of a lockstep engine)
   adapter: int = 0  # LoRA adapter slot where the params hold a bank (0: the base alone)
+  constraint: object | None = None  # a `grammar.Constraint` its tokens must follow
 
   @property
   def sequence(self) -> list[int]:
@@ -211,6 +221,8 @@ class Engine:
     self._logits = jnp.zeros((B, V), jnp.float32)
     self._counts = jnp.zeros((B, V), jnp.int32)
     self._prompt_mask = np.zeros((B, V), bool)
+    # Per slot, the tokens its grammar allows next (bitmask words; -1: all), host side.
+    self._token_mask = np.full((B, (V + 31) // 32), -1, np.int32)
     # Per slot, the draft distribution of the proposal the last speculative step rejected:
     # the next draw subtracts it (zero rows: nothing owed).
     self._sub = jnp.zeros((B, V), jnp.float32)
@@ -219,6 +231,7 @@ class Engine:
     self.failure: Exception | None = None  # what stopped the loop's thread, if anything did
     self._arrays_for: tuple | None = None  # the slot occupants _arrays was built for
     self._arrays = None
+    self._bias = None
     self._waiting: collections.deque[Request] = collections.deque()
     self._lock = threading.Lock()
     self._wake = threading.Condition(self._lock)
@@ -277,9 +290,17 @@ class Engine:
 
   def submit(self, prompt: Sequence[int], params: sampling.SamplingParams, *,
              request_id: str | None = None, on_token=None, on_finish=None,
-             adapter: int = 0) -> Request:
-    """`adapter`: the LoRA adapter slot of a bank (`jaxllm.lora.bank`; 0, the base alone)."""
+             adapter: int = 0, constraint=None) -> Request:
+    """`adapter`: the LoRA adapter slot of a bank (`jaxllm.lora.bank`; 0, the base alone).
+    `constraint`: a fresh `grammar.Constraint` of this model's vocabulary that the output
+    must follow (structured output); the engine's thread drives it from now on."""
     prompt = [int(t) for t in prompt]
+    if constraint is not None:
+      if self.lockstep:
+        raise ValueError("structured output is not supported on a multi-process server yet")
+      if constraint.vocabulary.vocab_size != self.model_config.vocab_size:
+        raise ValueError(f"the constraint's vocabulary ({constraint.vocabulary.vocab_size}) "
+                         f"is not the model's ({self.model_config.vocab_size})")
     if not 0 <= adapter < self.adapter_slots:
       raise ValueError(f"adapter slot {adapter}: this engine holds slots 0 to "
                        f"{self.adapter_slots - 1} (0: the base model)")
@@ -287,6 +308,10 @@ class Engine:
       raise ValueError("the prompt needs at least one token")
     if min(prompt) < 0 or max(prompt) >= self.model_config.vocab_size:
       raise ValueError(f"prompt has token ids outside [0, {self.model_config.vocab_size})")
+    named = [t for t, _ in params.logit_bias] + list(params.stop_token_ids)
+    if named and not 0 <= min(named) <= max(named) < self.model_config.vocab_size:
+      raise ValueError(f"logit_bias or stop_token_ids name a token outside the vocabulary "
+                       f"[0, {self.model_config.vocab_size})")
     if self.stream is None and len(prompt) + params.max_tokens > self.max_seq_len:
       raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) "
                        f"exceeds the context of {self.max_seq_len} tokens")
@@ -294,7 +319,7 @@ class Engine:
       raise EngineFailed(f"the engine has stopped after an error: {self.failure!r}")
     key = next(self._ids)
     request = Request(request_id or f"req-{key}", prompt, params, on_token=on_token,
-                      on_finish=on_finish, key=key, adapter=adapter)
+                      on_finish=on_finish, key=key, adapter=adapter, constraint=constraint)
     with self._wake:
       # In lockstep the request joins at the next step, on every process at once.
       (self._inbox if self.lockstep else self._waiting).append(request)
@@ -645,11 +670,17 @@ class Engine:
     self._release_out_of_window()
     ready = self._grow_pages()
     self._refresh_arrays()
-    if self.config.speculative_k:
+    constrained = any(r.constraint is not None or self._below_min_tokens(r) for r in ready)
+    if self.config.speculative_k or constrained:
+      # Proposals are verified against every token, and a grammar's mask follows from them:
+      # both need the last step's tokens on the host first.
       self._collect()
       ready = self._ready()
+    mask = self._grammar_masks(ready) if constrained else None
+    ready = [r for r in ready if not r.done]
+    if self.config.speculative_k:
       if ready:
-        self._speculative_step(ready)
+        self._speculative_step(ready, mask)
       return
     previous, self._pending = self._pending, None
     if ready:
@@ -659,7 +690,8 @@ class Engine:
           self.graphdef, self.params, self._k, self._v, jnp.asarray(table),
           jnp.asarray(lengths), jnp.asarray(active), self._logits, self._arrays,
           jnp.asarray(steps), self._counts, jnp.asarray(self._prompt_mask),
-          self._slot_adapters(), penalties=self._penalties, stream=self.stream)
+          self._slot_adapters(), self._bias, mask, penalties=self._penalties,
+          stream=self.stream)
       self.stats["decode_steps"] += 1
       for r in ready:
         r.prefilled += 1  # the drawn token is fed and stored by the step
@@ -670,6 +702,34 @@ class Engine:
       self._emit_step(previous)
     if not self.config.overlap:
       self._collect()
+
+  def _below_min_tokens(self, r: Request) -> bool:
+    """Whether the request's next draw must not end it (min_tokens not reached yet)."""
+    return len(r.tokens) + r.inflight < r.params.min_tokens
+
+  def _grammar_masks(self, ready: list[Request]):
+    """The `[B, W]` token bitmask of this step on the device: each constrained ready slot's
+    grammar's next tokens, all tokens elsewhere; without the end of sequence and the stop
+    tokens for a request below its min_tokens. A grammar that allows nothing ends its request
+    here (grammar_dead_end)."""
+    start = time.perf_counter()
+    self._token_mask[:] = -1
+    for r in ready:
+      if r.done:
+        continue
+      row = self._token_mask[r.slot]
+      if r.constraint is not None and not r.constraint.fill(row):
+        logging.warning("request %s: its grammar allows no next token (%s)", r.id,
+                        r.constraint.error or "a dead end")
+        row[:] = -1
+        self._finish(r, "grammar_dead_end")
+        continue
+      if self._below_min_tokens(r):
+        ends = [*r.params.stop_token_ids, *([self.eos_id] if self.eos_id >= 0 else [])]
+        for t in ends:  # clear token t's bit (int32 words: flip through uint32)
+          row.view(np.uint32)[t // 32] &= ~np.uint32(1 << (t % 32))
+    self.stats["grammar_mask_s"] += time.perf_counter() - start
+    return jnp.asarray(self._token_mask)
 
   def _collect(self) -> None:
     """Emits the tokens of the decode step still in flight, if any."""
@@ -696,11 +756,24 @@ class Engine:
       params = [r.params if r is not None else sampling.SamplingParams() for r in self._slots]
       self._arrays, self._arrays_for = sampling.SamplingArrays.of(params), occupants
       self._penalties = any(p.uses_penalties for p in params)
+      self._bias = None  # [B, V] on the device while some slot's request has a logit_bias
+      if any(p.logit_bias for p in params):
+        bias = np.zeros((len(params), self.model_config.vocab_size), np.float32)
+        for row, p in enumerate(params):
+          for t, b in p.logit_bias:
+            bias[row, t] = b
+        self._bias = jnp.asarray(bias)
 
   def _emit(self, r: Request, t: int, logp: float, now: float) -> bool:
     """Hands one produced token to its request; returns whether the request goes on."""
-    if t == self.eos_id or t in r.params.stop_token_ids:
+    if (t == self.eos_id and not r.params.ignore_eos) or t in r.params.stop_token_ids:
       self._finish(r, "stop")
+      return False
+    if r.constraint is not None and not r.constraint.consume(t):
+      # The step's mask allowed only what the grammar did: a token outside it is a bug.
+      logging.error("request %s: token %d is outside its grammar (%s)", r.id, t,
+                    r.constraint.error)
+      self._finish(r, "grammar_dead_end")
       return False
     r.tokens.append(t)
     r.logprobs.append(logp)
@@ -715,23 +788,29 @@ class Engine:
         return False
     if r.on_token is not None:
       r.on_token(r, t)
+    if r.constraint is not None and r.constraint.finished:  # the text is complete
+      self._finish(r, "stop")
+      return False
     if len(r.tokens) >= r.params.max_tokens:
       self._finish(r, "length")
       return False
     return True
 
-  def _speculative_step(self, ready: list[Request]) -> None:
+  def _speculative_step(self, ready: list[Request], mask) -> None:
     """Decodes with proposals; each slot emits 1 + (accepted proposals) tokens.
 
     A slot proposes only as many tokens as its pages, max_tokens and the context have room
-    for (none when it uses penalties, whose counts the step keeps for one token); pages for
-    proposals come from the free list (and the prefix cache) only, never by preempting
-    another request.
+    for (none when it uses penalties, whose counts the step keeps for one token, nor with a
+    logit bias, a grammar or min_tokens to reach, which the step applies to its first token
+    only); pages for proposals come from the free list (and the prefix cache) only, never by
+    preempting another request. `mask`: the step's token bitmask, or None.
     """
     k, P = self.config.speculative_k, self.config.page_size
     drafts = np.zeros((self.config.max_slots,), np.int32)
     for r in ready:
-      want = 0 if r.params.uses_penalties else min(
+      plain = not (r.params.uses_penalties or r.params.logit_bias or r.constraint is not None
+                   or self._below_min_tokens(r))
+      want = 0 if not plain else min(
           k, r.params.max_tokens - len(r.tokens) - 1, self.max_seq_len - r.prefilled - 1)
       extra = paging.pages_for(r.prefilled + 1 + max(want, 0), P) - len(r.pages)
       if extra > 0:
@@ -755,7 +834,7 @@ class Engine:
         self.graphdef, self.params, self._k, self._v, draft.graphdef, draft.params, self._dk,
         self._dv, jnp.asarray(table), jnp.asarray(lengths), jnp.asarray(active), self._logits,
         self._arrays, jnp.asarray(steps), self._sub, hist, jnp.asarray(drafts), self._counts,
-        jnp.asarray(self._prompt_mask), self._slot_adapters(), k=k,
+        jnp.asarray(self._prompt_mask), self._slot_adapters(), self._bias, mask, k=k,
         max_ngram=self.config.speculative_ngram,
         penalties=self._penalties)
     tokens, logp, n_acc = placement.to_host((tokens, logp, n_acc))

@@ -32,7 +32,8 @@ from jaxllm.parallel import placement
 
 CACHE_KINDS = ("contiguous", "paged")
 # Why a request ended: a stop token or string, max_tokens, or (engine) cancelled by its client.
-FinishReason = Literal["stop", "length", "cancelled", "error"]  # error: the engine failed
+# error: the engine failed; grammar_dead_end: a request's grammar allowed no next token
+FinishReason = Literal["stop", "length", "cancelled", "error", "grammar_dead_end"]
 # The decode loops' reason codes (0: still running).
 FINISH_REASONS: dict[int, FinishReason] = {1: "stop", 2: "length"}
 
@@ -212,7 +213,8 @@ def _decode_loop(graphdef, params, cache, logits_BV, arrays, max_new_B, stop_ids
 
 def stop_id_array(params: Sequence[sampling.SamplingParams], eos_id: int) -> np.ndarray:
   """`[B, X]` int32 stop tokens per request (eos included), padded with -1; X a power of two."""
-  ids = [sorted(set(p.stop_token_ids) | ({eos_id} if eos_id >= 0 else set())) for p in params]
+  ids = [sorted(set(p.stop_token_ids) | ({eos_id} if eos_id >= 0 and not p.ignore_eos
+                                           else set())) for p in params]
   width = bucket(max((len(x) for x in ids), default=1), minimum=1)
   out = np.full((len(params), width), -1, np.int32)
   for b, x in enumerate(ids):
@@ -254,6 +256,9 @@ def generate_requests(graphdef, params, prompts: Sequence[Sequence[int]],
   first `stream.sinks` tokens and the `stream.window` latest; prompts and outputs may then run
   past max_seq_len (positions stay within sinks + window + the prefill chunk).
   `on_tokens`: see `OnTokens`."""
+  if any(sp.logit_bias or sp.min_tokens for sp in sampling_params):
+    raise ValueError("logit_bias and min_tokens are applied by the serving engine "
+                     "(jaxllm.inference.engine), not by this decode loop")
   mesh = placement.mesh_of(params)
   check_on_tokens(on_tokens, mesh)
   with placement.in_mesh(mesh):

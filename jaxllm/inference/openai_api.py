@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from jaxllm.inference import sampling
 
@@ -66,11 +66,101 @@ class CommonRequest(pydantic.BaseModel):
   # Choice i samples with seed + i, below 2**63.
   seed: Annotated[int, pydantic.Field(ge=0, lt=2 ** 63 - 16)] | None = None
   stop: StopText | Annotated[list[StopText], pydantic.Field(max_length=4)] | None = None
+  # {token id (as a string, OpenAI's JSON): bias added to its logit}
+  logit_bias: Annotated[dict[Annotated[str, pydantic.Field(pattern=r"^\d{1,9}$")],
+                             Annotated[float, pydantic.Field(ge=-100, le=100)]],
+                        pydantic.Field(max_length=1024)] | None = None
   n: Annotated[int, pydantic.Field(ge=1, le=16)] = 1
   stream: bool = False
+  # Extensions (vLLM's): no end before min_tokens, the end-of-sequence token as an ordinary
+  # one, token ids that end the output.
+  min_tokens: Annotated[int, pydantic.Field(ge=0, lt=2 ** 31)] = 0
+  ignore_eos: bool = False
+  stop_token_ids: Annotated[list[Annotated[int, pydantic.Field(ge=0, lt=2 ** 31)]],
+                            pydantic.Field(max_length=64)] | None = None
 
 
-class CompletionRequest(CommonRequest):
+class JsonSchemaFormat(pydantic.BaseModel):
+  """OpenAI's `response_format.json_schema`: the schema the reply must validate against."""
+  model_config = pydantic.ConfigDict(extra="ignore", populate_by_name=True)
+  name: Annotated[Text, pydantic.Field(max_length=64)] = "response"
+  description: Text | None = None
+  schema_: dict[str, Any] = pydantic.Field(default_factory=dict, alias="schema")
+  strict: bool | None = None  # the output always follows the schema, strict or not
+
+
+class ResponseFormat(pydantic.BaseModel):
+  model_config = pydantic.ConfigDict(extra="ignore")
+  type: Literal["text", "json_object", "json_schema"]
+  json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(pydantic.BaseModel):
+  """Extension (vLLM's `structured_outputs`): exactly one of a JSON schema (`json`, an
+  object or its text), any JSON object, a regex, a Lark grammar or a list of choices."""
+  model_config = pydantic.ConfigDict(extra="forbid", populate_by_name=True)
+  json_: dict[str, Any] | Text | None = pydantic.Field(default=None, alias="json")
+  json_object: bool | None = None
+  regex: Text | None = None
+  grammar: Text | None = None
+  choice: Annotated[list[Text], pydantic.Field(min_length=1)] | None = None
+
+
+class StructuredRequest(CommonRequest):
+  """What constrains a request's output: OpenAI's `response_format`, or the extension
+  `structured_outputs` (also spelled as vLLM's older `guided_json`, `guided_regex`,
+  `guided_grammar`, `guided_choice`)."""
+  response_format: ResponseFormat | None = None
+  structured_outputs: StructuredOutputs | None = None
+  guided_json: dict[str, Any] | Text | None = None
+  guided_regex: Text | None = None
+  guided_grammar: Text | None = None
+  guided_choice: Annotated[list[Text], pydantic.Field(min_length=1)] | None = None
+
+
+def grammar_spec(body: StructuredRequest):
+  """The request's `grammar.GrammarSpec`, or None when its output is free text; APIError 400
+  when it asks for two constraints or a malformed one."""
+  from jaxllm.inference import grammar
+  found = []  # (param, kind, source)
+  rf = body.response_format
+  if rf is not None and rf.type == "json_object":
+    found.append(("response_format", "json_object", None))
+  elif rf is not None and rf.type == "json_schema":
+    if rf.json_schema is None:
+      raise APIError(400, "response_format of type json_schema needs a json_schema object",
+                     param="response_format.json_schema")
+    found.append(("response_format", "json_schema", rf.json_schema.schema_))
+  so = body.structured_outputs
+  pairs = [("guided_json", "json_schema", body.guided_json),
+           ("guided_regex", "regex", body.guided_regex),
+           ("guided_grammar", "lark", body.guided_grammar),
+           ("guided_choice", "choice", body.guided_choice)]
+  if so is not None:
+    pairs += [("structured_outputs.json", "json_schema", so.json_),
+              ("structured_outputs.json_object", "json_object", True if so.json_object else None),
+              ("structured_outputs.regex", "regex", so.regex),
+              ("structured_outputs.grammar", "lark", so.grammar),
+              ("structured_outputs.choice", "choice", so.choice)]
+  for param, kind, source in pairs:
+    if source is None:
+      continue
+    if kind == "json_schema" and isinstance(source, str):
+      try:
+        source = json.loads(source)
+      except json.JSONDecodeError as e:
+        raise APIError(400, f"{param}: the schema is not valid JSON ({e})", param=param) from None
+    found.append((param, kind, None if kind == "json_object" else source))
+  if len(found) > 1:
+    raise APIError(400, f"give one output constraint, not {len(found)} "
+                   f"({', '.join(f[0] for f in found)})", param=found[1][0])
+  if not found:
+    return None
+  param, kind, source = found[0]
+  return param, grammar.GrammarSpec(kind, source)
+
+
+class CompletionRequest(StructuredRequest):
   prompt: Text | list[int]
   logprobs: Annotated[int, pydantic.Field(ge=0, le=5)] | None = None  # OpenAI's range
 
@@ -80,7 +170,7 @@ class ChatMessage(pydantic.BaseModel):
   content: Text
 
 
-class ChatRequest(CommonRequest):
+class ChatRequest(StructuredRequest):
   messages: list[ChatMessage]
   logprobs: bool = False
   top_logprobs: Annotated[int, pydantic.Field(ge=0, le=20)] | None = None
@@ -105,7 +195,10 @@ def sampling_params(body: CommonRequest, seed: int) -> sampling.SamplingParams:
     return sampling.SamplingParams(
         temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
         repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
-        presence_penalty=body.presence_penalty, seed=seed, max_tokens=max_tokens, stop=stop)
+        presence_penalty=body.presence_penalty, seed=seed, max_tokens=max_tokens, stop=stop,
+        logit_bias={int(t): b for t, b in (body.logit_bias or {}).items()},
+        min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
+        stop_token_ids=tuple(body.stop_token_ids or ()))
   except ValueError as e:
     raise APIError(400, str(e)) from None
 
@@ -118,7 +211,9 @@ def submit_error(error: ValueError, chat: bool) -> APIError:
 
 
 def finish_reason(request) -> str:
-  return "length" if request.finish_reason == "length" else "stop"
+  """OpenAI's reasons, and "grammar_dead_end" for an output its grammar could not continue."""
+  reason = request.finish_reason
+  return reason if reason in ("length", "grammar_dead_end") else "stop"
 
 
 class Responses:

@@ -45,8 +45,8 @@ class Replicas:
     return loads.index(least)
 
   def submit(self, prompt: Sequence[int], params: sampling.SamplingParams, *,
-             request_id: str | None = None, on_token=None, on_finish=None, adapter: int = 0
-             ) -> engine_lib.Request:
+             request_id: str | None = None, on_token=None, on_finish=None, adapter: int = 0,
+             constraint=None) -> engine_lib.Request:
     with self._lock:
       i = self.choose(prompt, adapter)
       engine = self.engines[i]
@@ -58,7 +58,7 @@ class Replicas:
           on_finish(request)
 
       request = engine.submit(prompt, params, request_id=request_id, on_token=on_token,
-                              on_finish=finished, adapter=adapter)
+                              on_finish=finished, adapter=adapter, constraint=constraint)
       self._owner[id(request)] = engine
       self.routed[i] += 1
     return request

@@ -32,7 +32,11 @@ class SamplingParams:
   positive, multiplied when negative. frequency / presence penalties (OpenAI): subtract
   penalty * count / penalty * [count > 0] over the generated tokens. stop_token_ids end the
   sequence (not included in the output); stop strings are matched on the decoded text by the
-  caller that has a tokenizer (`apply_stop_strings`).
+  caller that has a tokenizer (`apply_stop_strings`). logit_bias (OpenAI): (token id, bias in
+  [-100, 100]) pairs added to the logits before the draw (the engine's; -100 all but bans a
+  token, +100 all but forces it); logprobs stay the model's own. min_tokens (the engine's):
+  neither the end of sequence nor a stop token is drawn before that many tokens. ignore_eos:
+  the end-of-sequence token is an ordinary token (the request runs to max_tokens).
   """
   temperature: float = 0.0
   top_k: int = 0
@@ -45,6 +49,9 @@ class SamplingParams:
   max_tokens: int = 64
   stop_token_ids: tuple[int, ...] = ()
   stop: tuple[str, ...] = ()
+  logit_bias: tuple[tuple[int, float], ...] = ()
+  min_tokens: int = 0
+  ignore_eos: bool = False
 
   def __post_init__(self):
     checks = [
@@ -61,6 +68,8 @@ class SamplingParams:
          f"presence_penalty={self.presence_penalty} must be in [-2, 2]"),
         (1 <= self.max_tokens < 2 ** 31, f"max_tokens={self.max_tokens} must be in [1, 2**31)"),
         (0 <= self.seed < 2 ** 63, f"seed={self.seed} must be in [0, 2**63)"),
+        (0 <= self.min_tokens <= self.max_tokens,
+         f"min_tokens={self.min_tokens} must be in [0, max_tokens={self.max_tokens}]"),
     ]
     for ok, message in checks:
       if not ok:
@@ -70,6 +79,14 @@ class SamplingParams:
     if any(not s for s in stop):
       raise ValueError("stop strings must be non-empty")
     object.__setattr__(self, "stop", stop)
+    pairs = (self.logit_bias.items() if isinstance(self.logit_bias, dict)
+             else self.logit_bias)
+    bias = tuple(sorted((int(t), float(b)) for t, b in pairs))
+    for t, b in bias:
+      if not 0 <= t < 2 ** 31 or not -100 <= b <= 100:
+        raise ValueError(f"logit_bias {{{t}: {b}}}: token ids must be >= 0 and biases in "
+                         "[-100, 100]")
+    object.__setattr__(self, "logit_bias", bias)
 
   @property
   def uses_penalties(self) -> bool:
@@ -114,6 +131,15 @@ def apply_penalties(logits_BV: jax.Array, arrays: SamplingArrays, counts_BV: jax
   logits_BV = jnp.where(seen_BV, penalised, logits_BV)
   logits_BV = logits_BV - arrays.frequency_penalty[:, None] * counts_BV
   return logits_BV - arrays.presence_penalty[:, None] * (counts_BV > 0)
+
+
+def apply_token_mask(logits_BV: jax.Array, mask_BW: jax.Array) -> jax.Array:
+  """Logits of tokens a row's bitmask leaves out set to -1e30 (`[B, W]` int32, bit j of word
+  i allows token 32 i + j: `jaxllm.inference.grammar`'s layout; a row of -1 allows all)."""
+  B, V = logits_BV.shape
+  bits_BW32 = (mask_BW[:, :, None] >> jnp.arange(32, dtype=jnp.int32)[None, None, :]) & 1
+  allowed_BV = bits_BW32.reshape(B, -1)[:, :V].astype(bool)
+  return jnp.where(allowed_BV, logits_BV, _NEG_INF)
 
 
 def _filter_sorted(logits_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array) -> jax.Array:

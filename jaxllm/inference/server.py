@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import sys
+import threading
 import time
 import uuid
 
@@ -133,8 +134,29 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
                          param="model", code="model_not_found")
     return 0
 
+  vocabulary = []  # the grammar engine's view of the tokenizer, built at the first use
+  vocabulary_lock = threading.Lock()
+
+  def _constraints(body: api.CommonRequest) -> list:
+    """A fresh grammar matcher for each of the request's choices (Nones for free text); a
+    400 when its constraint is invalid. Runs in a worker thread: a large schema takes a while
+    to check and compile."""
+    found = api.grammar_spec(body)
+    if found is None:
+      return [None] * body.n
+    param, spec = found
+    from jaxllm.inference import grammar
+    with vocabulary_lock:
+      if not vocabulary:
+        vocabulary.append(grammar.Vocabulary(model.tokenizer, model.config.vocab_size))
+    try:
+      text = vocabulary[0].compile(spec)
+    except ValueError as e:
+      raise api.APIError(400, f"{param}: {e}", param=param) from None
+    return [vocabulary[0].constraint(text) for _ in range(body.n)]
+
   def _submit(ids: list[int], body: api.CommonRequest, loop, queue: asyncio.Queue, index: int,
-              slot: int):
+              slot: int, constraint):
     seed = (body.seed + index) if body.seed is not None else secrets.randbits(62)
     params = api.sampling_params(body, seed)
 
@@ -146,7 +168,8 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
       loop.call_soon_threadsafe(queue.put_nowait, ("finish", index, req))
 
     try:
-      return engine.submit(ids, params, on_token=on_token, on_finish=on_finish, adapter=slot)
+      return engine.submit(ids, params, on_token=on_token, on_finish=on_finish, adapter=slot,
+                           constraint=constraint)
     except engine_lib.EngineFailed:
       raise _engine_error() from None
     except ValueError as e:
@@ -161,9 +184,10 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     reqs = []
+    constraints = await asyncio.to_thread(_constraints, body)
     try:
       for i in range(body.n):
-        reqs.append(_submit(ids, body, loop, queue, i, slot))
+        reqs.append(_submit(ids, body, loop, queue, i, slot, constraints[i]))
     except api.APIError:
       for r in reqs:
         engine.cancel(r)

@@ -4,6 +4,9 @@
   `decode`               draw a token for every slot from its logits (per-request sampling),
                          feed it, keep the new logits; empty slots store nothing;
   `decode_speculative`   the same with up to k proposals per slot verified in the pass.
+Both take an optional `bias_BV` (requests' logit_bias, added before the draw) and `mask_BW` (a
+grammar's allowed tokens per slot, `jaxllm.inference.grammar`) that the draw respects; None
+compiles the step without.
 The pools (`k`, `v`) are donated: each step updates them in place. Scheduling is the host's
 (`jaxllm.inference.engine`). Params holding LoRA banks (`jaxllm.lora.bank`) take each row's
 adapter slot (`adapter_1`, `adapters_B`) and pick its adapter inside the step.
@@ -39,15 +42,21 @@ def prefill_chunk(graphdef, params, k, v, page_rows_RM, lengths_R, tokens_RC, nu
 @functools.partial(jax.jit, static_argnames=("graphdef", "penalties", "stream"),
                    donate_argnames=("k", "v", "logits_BV", "counts_BV"))
 def decode(graphdef, params, k, v, page_table_BM, lengths_B, active_B, logits_BV, arrays,
-            steps_B, counts_BV, prompt_mask_BV, adapters_B=None, *, penalties: bool,
-            stream: kv_cache.Stream | None = None):
+            steps_B, counts_BV, prompt_mask_BV, adapters_B=None, bias_BV=None, mask_BW=None,
+            *, penalties: bool, stream: kv_cache.Stream | None = None):
   """`stream`: every row is a StreamingLLM sequence whose M pages hold its sinks and ring.
-  `adapters_B`: each row's adapter slot where `params` hold a bank (`jaxllm.lora.bank`)."""
+  `adapters_B`: each row's adapter slot where `params` hold a bank (`jaxllm.lora.bank`).
+  `bias_BV`: each row's logit_bias, or None; `mask_BW`: the tokens each row may draw (a
+  grammar's bitmask), or None for any."""
   gen.count_trace("engine_decode")
   V = logits_BV.shape[-1]
   processed = logits_BV
   if penalties:
     processed = sampling.apply_penalties(logits_BV, arrays, counts_BV, prompt_mask_BV)
+  if bias_BV is not None:
+    processed = processed + bias_BV
+  if mask_BW is not None:
+    processed = sampling.apply_token_mask(processed, mask_BW)
   tok_B = sampling.draw(processed, arrays, sampling.row_keys(arrays, steps_B))
   logp_B = sampling.token_logprobs(logits_BV, tok_B)
   if penalties:
@@ -66,7 +75,8 @@ def decode(graphdef, params, k, v, page_table_BM, lengths_B, active_B, logits_BV
 def decode_speculative(graphdef, params, k_pages, v_pages, draft_graphdef, draft_params,
                         dk_pages, dv_pages, page_table_BM, lengths_B, active_B, logits_BV, arrays,
                         steps_B, sub_BV, hist_BH, drafts_B, counts_BV, prompt_mask_BV,
-                        adapters_B=None, *, k: int, max_ngram: int, penalties: bool):
+                        adapters_B=None, bias_BV=None, mask_BW=None, *, k: int,
+                        max_ngram: int, penalties: bool):
   """One step that emits 1 to 1 + drafts_B[b] tokens per slot.
 
   The slot's logits give t0, drawn from the target's distribution p, or from norm(max(p - s, 0))
@@ -78,7 +88,8 @@ def decode_speculative(graphdef, params, k_pages, v_pages, draft_graphdef, draft
   p and q) accept exactly the argmax. The new slot logits are those after the last accepted
   token; the first rejection's q becomes the next step's `sub_BV`. Rows with penalties draft
   nothing (drafts_B = 0): their counts change by t0 alone. A draft holding the target's LoRA
-  banks (`layer_skip`) proposes with each row's adapter (`adapters_B`).
+  banks (`layer_skip`) proposes with each row's adapter (`adapters_B`). Rows with a logit bias
+  (`bias_BV`) or under a grammar (`mask_BW`) draw t0 with it and draft nothing.
   """
   gen.count_trace("engine_decode_speculative")
   B, V = logits_BV.shape
@@ -87,6 +98,10 @@ def decode_speculative(graphdef, params, k_pages, v_pages, draft_graphdef, draft
   processed_BV = logits_BV
   if penalties:
     processed_BV = sampling.apply_penalties(logits_BV, arrays, counts_BV, prompt_mask_BV)
+  if bias_BV is not None:
+    processed_BV = processed_BV + bias_BV
+  if mask_BW is not None:
+    processed_BV = sampling.apply_token_mask(processed_BV, mask_BW)
   resid_BV = speculative.residual(sampling.probabilities(processed_BV, arrays), sub_BV)
   t0_B = jnp.where(jnp.sum(sub_BV, -1) > 0, speculative.sample_from(resid_BV, keys_B2),
                    sampling.draw(processed_BV, arrays, keys_B2))
