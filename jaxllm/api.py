@@ -46,12 +46,14 @@ class LoadedModel:
     bos = self.tokenizer.bos_id
     return ([bos] if self.tokenizer.add_bos and bos >= 0 else []) + ids
 
-  def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a conversation rendered with the model's chat template."""
+  def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a conversation rendered with the model's chat template (`tools`: OpenAI
+    tool definitions, for templates that render them)."""
     template = self.tokenizer.chat_template
     if not template:
       raise ValueError("this model has no chat template; use a prompt instead")
-    return self.tokenizer.encode(chat_lib.render(template, messages, self.tokenizer))
+    return self.tokenizer.encode(chat_lib.render(template, messages, self.tokenizer,
+                                                 tools=tools))
 
   def generate(self, prompt: str | Sequence[int] | Sequence[Sequence[int]], *,
                max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,

@@ -257,6 +257,87 @@ def test_structured_output_through_the_openai_client(server):
   assert forced.choices[0].text == server[2].tokenizer.decode([1000] * 4)
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 12}}}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "parameters": {
+        "type": "object", "additionalProperties": False, "required": ["a", "b"],
+        "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 999},
+                       "b": {"type": "integer", "minimum": 0, "maximum": 999}}}}}
+
+
+def test_tool_calls_through_the_openai_client(server):
+  """SmolLM2's template takes no tools: they go in a system prompt, the Hermes format. A
+  required or named tool_choice always returns calls whose arguments validate (T=1, n=3,
+  streamed and not: the stream's deltas assemble into the whole response's calls); "none"
+  returns text; a second turn with the call and its result is answered."""
+  jsonschema = pytest.importorskip("jsonschema")
+  import json
+  _, client, *_ = server
+  params = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, ADD)}
+  messages = [{"role": "user", "content": "What is the weather in Oslo?"}]
+  out = client.chat.completions.create(model=NAME, messages=messages, tools=[WEATHER, ADD],
+                                       tool_choice="required", temperature=1.0, seed=3, n=3,
+                                       max_tokens=60, parallel_tool_calls=False)
+  for choice in out.choices:
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    jsonschema.validate(json.loads(call.function.arguments), params[call.function.name])
+  named = dict(model=NAME, messages=messages, tools=[WEATHER, ADD], max_tokens=60,
+               temperature=0, tool_choice={"type": "function", "function": {"name": "add"}})
+  whole = client.chat.completions.create(**named).choices[0]
+  assert whole.finish_reason == "tool_calls"
+  assert {c.function.name for c in whole.message.tool_calls} == {"add"}
+  deltas, finish = [], None
+  for chunk in client.chat.completions.create(**named, stream=True):
+    deltas += chunk.choices[0].delta.tool_calls or []
+    finish = chunk.choices[0].finish_reason or finish
+  assert finish == "tool_calls"
+  assert [(d.function.name, d.function.arguments) for d in deltas] == [
+      (c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+  plain = client.chat.completions.create(model=NAME, messages=messages, tools=[WEATHER],
+                                         tool_choice="none", max_tokens=8, temperature=0)
+  assert plain.choices[0].message.tool_calls is None
+  assert plain.choices[0].message.content == client.chat.completions.create(
+      model=NAME, messages=messages, max_tokens=8, temperature=0).choices[0].message.content
+  call = whole.message.tool_calls[0]
+  second = client.chat.completions.create(
+      model=NAME, tools=[WEATHER, ADD], max_tokens=8, temperature=0,
+      messages=messages + [
+          {"role": "assistant", "content": None, "tool_calls": [
+              {"id": call.id, "type": "function",
+               "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+          {"role": "tool", "tool_call_id": call.id, "content": "12 degrees, rain"}])
+  assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+BAD_TOOLS = [  # (extra chat request fields, what the 400's message says)
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "add"}}},
+     "names the function 'add'"),
+    ({"tool_choice": "required"}, "tool_choice needs tools"),
+    ({"tools": [dict(WEATHER, function=dict(WEATHER["function"], parameters={"type": "x"}))]},
+     "tools[0].function.parameters"),
+    ({"tools": [WEATHER, WEATHER]}, "repeat"),
+    ({"tools": [dict(WEATHER, function=dict(WEATHER["function"], name="no spaces"))]},
+     "tools.0.function.name"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+     "one output constraint"),
+    ({"messages": [{"role": "user"}]}, "needs content"),
+]
+
+
+def test_bad_tools_get_a_400_naming_the_problem(server):
+  base, *_ = server
+  for extra, reason in BAD_TOOLS:
+    body = {"model": NAME, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}],
+            **extra}
+    r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, (extra, r.status_code, r.text)
+    assert reason in r.json()["error"]["message"], (reason, r.text)
+
+
 BAD_CONSTRAINTS = [  # (extra request fields, what the 400's message says)
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "strin"}}}},
      "Invalid type: strin"),

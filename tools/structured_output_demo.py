@@ -1,6 +1,7 @@
-"""Structured output end to end: a live server of a checkpoint (SmolLM2-135M-Instruct by
-default), the official openai client, a JSON-schema request at temperature 0.7 several times,
-each reply validated by the `jsonschema` library; then the extension's regex and choice.
+"""Structured output and tool calling end to end: a live server of a checkpoint
+(SmolLM2-135M-Instruct by default), the official openai client, a JSON-schema request at
+temperature 0.7 several times, each reply validated by the `jsonschema` library; the
+extension's regex and choice; a two-turn tool-calling conversation.
 
   python tools/structured_output_demo.py [CHECKPOINT] [--n=8]
 
@@ -78,6 +79,30 @@ def main():
       messages=[{"role": "user", "content": "Is Paris in France? Answer yes or no."}],
       extra_body={"guided_choice": ["yes", "no"]}).choices[0]
   print(f"[choice yes/no] {pick.message.content}")
+  # Tool calling over two turns: the model's own choice ("auto"), then a required call, its
+  # result sent back, and the model's answer.
+  tools = [{"type": "function", "function": {
+      "name": "get_weather", "description": "The current weather in a city",
+      "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                     "properties": {"city": {"type": "string", "maxLength": 40}}}}}]
+  ask = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
+  auto = client.chat.completions.create(model="m", messages=ask, tools=tools, temperature=0,
+                                        max_tokens=60).choices[0]
+  print(f"[tools, auto] finish {auto.finish_reason}: "
+        f"{auto.message.tool_calls or auto.message.content!r}")
+  turn1 = client.chat.completions.create(model="m", messages=ask, tools=tools, temperature=0,
+                                         tool_choice="required", max_tokens=60).choices[0]
+  call = turn1.message.tool_calls[0]
+  print(f"[tools, required] finish {turn1.finish_reason}: {call.function.name}"
+        f"({call.function.arguments})")
+  turn2 = client.chat.completions.create(
+      model="m", tools=tools, temperature=0, max_tokens=60,
+      messages=ask + [{"role": "assistant", "content": None, "tool_calls": [
+          {"id": call.id, "type": "function", "function": {
+              "name": call.function.name, "arguments": call.function.arguments}}]},
+          {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 14, "sky": "rain"}'}]
+  ).choices[0]
+  print(f"[tools, turn 2] finish {turn2.finish_reason}: {turn2.message.content!r}")
   server.should_exit = True
   engine.shutdown()
   print(json.dumps({"checkpoint": path, "requests": len(out.choices), "valid": valid,
@@ -85,7 +110,9 @@ def main():
                     "seconds": round(seconds, 1),
                     "regex_matches": bool(re.fullmatch(r"\d{4}-\d{2}-\d{2}",
                                                        date.message.content)),
-                    "choice": pick.message.content}))
+                    "choice": pick.message.content, "tool_auto": auto.finish_reason,
+                    "tool_call": [call.function.name, json.loads(call.function.arguments)],
+                    "turn2": turn2.finish_reason}))
   return 0 if valid == len(out.choices) else 1
 
 

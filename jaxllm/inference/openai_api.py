@@ -118,11 +118,12 @@ class StructuredRequest(CommonRequest):
   guided_choice: Annotated[list[Text], pydantic.Field(min_length=1)] | None = None
 
 
-def grammar_spec(body: StructuredRequest):
+def grammar_spec(body: StructuredRequest, tool_spec=None):
   """The request's `grammar.GrammarSpec`, or None when its output is free text; APIError 400
-  when it asks for two constraints or a malformed one."""
+  when it asks for two constraints or a malformed one. `tool_spec`: the grammar its
+  tool_choice requires (`tool_calls.grammar_spec`), one more constraint."""
   from jaxllm.inference import grammar
-  found = []  # (param, kind, source)
+  found = [("tool_choice", tool_spec.kind, tool_spec.source)] if tool_spec else []
   rf = body.response_format
   if rf is not None and rf.type == "json_object":
     found.append(("response_format", "json_object", None))
@@ -165,15 +166,104 @@ class CompletionRequest(StructuredRequest):
   logprobs: Annotated[int, pydantic.Field(ge=0, le=5)] | None = None  # OpenAI's range
 
 
+class ContentPart(pydantic.BaseModel):
+  type: Literal["text"]
+  text: Text
+
+
+class FunctionCall(pydantic.BaseModel):
+  name: Text
+  arguments: Text  # JSON, as OpenAI sends it
+
+
+class ToolCall(pydantic.BaseModel):
+  """A call an earlier assistant turn made (sent back with the conversation)."""
+  model_config = pydantic.ConfigDict(extra="ignore")
+  id: Text | None = None
+  type: Literal["function"] = "function"
+  function: FunctionCall
+
+
 class ChatMessage(pydantic.BaseModel):
   role: Text
-  content: Text
+  content: Text | list[ContentPart] | None = None
+  tool_calls: Annotated[list[ToolCall], pydantic.Field(max_length=128)] | None = None
+  tool_call_id: Text | None = None
+  name: Text | None = None
+
+  @pydantic.model_validator(mode="after")
+  def _has_content(self):
+    if self.content is None and not self.tool_calls:
+      raise ValueError("a message needs content (an assistant's may have tool_calls instead)")
+    return self
+
+  def as_dict(self) -> dict:
+    """The message as chat templates read it: content as one string; calls' arguments as
+    objects (as Hugging Face templates expect) where they parse."""
+    content = self.content
+    if isinstance(content, list):
+      content = "".join(part.text for part in content)
+    out: dict[str, Any] = {"role": self.role, "content": content or ""}
+    if self.tool_calls:
+      calls = []
+      for c in self.tool_calls:
+        try:
+          arguments = json.loads(c.function.arguments)
+        except ValueError:
+          arguments = c.function.arguments
+        calls.append({"id": c.id, "type": "function",
+                      "function": {"name": c.function.name, "arguments": arguments}})
+      out["tool_calls"] = calls
+    if self.tool_call_id is not None:
+      out["tool_call_id"] = self.tool_call_id
+    if self.name is not None:
+      out["name"] = self.name
+    return out
+
+
+class FunctionDefinition(pydantic.BaseModel):
+  model_config = pydantic.ConfigDict(extra="ignore")
+  name: Annotated[str, pydantic.Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+  description: Text | None = None
+  parameters: dict[str, Any] | None = None  # a JSON schema; none: no arguments
+  strict: bool | None = None  # calls always follow the schema under a required tool_choice
+
+
+class Tool(pydantic.BaseModel):
+  type: Literal["function"]
+  function: FunctionDefinition
+
+
+class NamedFunction(pydantic.BaseModel):
+  name: Text
+
+
+class NamedToolChoice(pydantic.BaseModel):
+  type: Literal["function"]
+  function: NamedFunction
 
 
 class ChatRequest(StructuredRequest):
   messages: list[ChatMessage]
   logprobs: bool = False
   top_logprobs: Annotated[int, pydantic.Field(ge=0, le=20)] | None = None
+  tools: Annotated[list[Tool], pydantic.Field(max_length=128)] | None = None
+  # none | auto (the default with tools) | required | {"type": "function", "function": {...}}
+  tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+  parallel_tool_calls: bool = True
+
+  def tool_list(self) -> list[dict]:
+    return [t.model_dump(exclude_none=True) for t in self.tools or []]
+
+  def effective_tool_choice(self):
+    """"none" without tools, "auto" by default with them, else the request's (a dict for a
+    named function); APIError 400 for a choice that needs tools it does not have."""
+    choice = self.tool_choice
+    if choice is None:
+      return "auto" if self.tools else "none"
+    if not self.tools and choice != "none":
+      raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
 
 
 def validation_error(errors: list[dict]) -> APIError:
@@ -244,20 +334,38 @@ class Responses:
     return {"prompt_tokens": len(ids), "completion_tokens": out,
             "total_tokens": len(ids) + out}
 
-  def full(self, body, requests, rid: str, chat: bool, ids) -> dict:
-    """The whole (non-streamed) response to a request whose choices have all finished."""
+  def full(self, body, requests, rid: str, chat: bool, ids, tool_format: str | None = None
+           ) -> dict:
+    """The whole (non-streamed) response to a request whose choices have all finished.
+    `tool_format`: the reply may hold tool calls in that format (`tool_calls.parse`)."""
     choices = []
     for i, r in enumerate(requests):
       c: dict[str, Any] = {"index": i, "finish_reason": finish_reason(r),
                            "logprobs": self.logprobs(body, chat, r.tokens, r.logprobs)}
       if chat:
         c["message"] = {"role": "assistant", "content": self.text(r)}
+        if tool_format is not None:
+          from jaxllm.inference import tool_calls
+          content, calls = tool_calls.parse(self.text(r), tool_format)
+          if calls:
+            c["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+            c["finish_reason"] = "tool_calls"
       else:
         c["text"] = self.text(r)
       choices.append(c)
     return {"id": rid, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": self.model_name, "choices": choices,
             "usage": self.usage(ids, requests)}
+
+  def tool_calls_chunk(self, rid: str, index: int, calls: list[dict]) -> str:
+    """The server-sent event carrying choice `index`'s tool calls whole (OpenAI's delta
+    shape: each call with its position, id, name and arguments)."""
+    delta = {"tool_calls": [{"index": j, **call} for j, call in enumerate(calls)]}
+    data = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [{"index": index, "delta": delta, "finish_reason": None,
+                         "logprobs": None}]}
+    return f"data: {json.dumps(data)}\n\n"
 
   def chunk(self, body, rid: str, chat: bool, index: int, text: str, finish=None, tokens=(),
             logprobs=(), role: bool = False) -> str:

@@ -137,18 +137,22 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
   vocabulary = []  # the grammar engine's view of the tokenizer, built at the first use
   vocabulary_lock = threading.Lock()
 
-  def _constraints(body: api.CommonRequest) -> list:
-    """A fresh grammar matcher for each of the request's choices (Nones for free text); a
-    400 when its constraint is invalid. Runs in a worker thread: a large schema takes a while
-    to check and compile."""
-    found = api.grammar_spec(body)
-    if found is None:
-      return [None] * body.n
-    param, spec = found
+  def _vocabulary():
     from jaxllm.inference import grammar
     with vocabulary_lock:
       if not vocabulary:
         vocabulary.append(grammar.Vocabulary(model.tokenizer, model.config.vocab_size))
+    return vocabulary[0]
+
+  def _constraints(body: api.CommonRequest, tool_spec=None) -> list:
+    """A fresh grammar matcher for each of the request's choices (Nones for free text); a
+    400 when its constraint is invalid. Runs in a worker thread: a large schema takes a while
+    to check and compile. `tool_spec`: the grammar a required tool_choice sets."""
+    found = api.grammar_spec(body, tool_spec)
+    if found is None:
+      return [None] * body.n
+    param, spec = found
+    _vocabulary()
     try:
       text = vocabulary[0].compile(spec)
     except ValueError as e:
@@ -180,11 +184,13 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
                         code="engine_failed")
 
   async def _run(http_request: fastapi.Request, body: api.CommonRequest, ids: list[int],
-                 chat: bool, slot: int):
+                 chat: bool, slot: int, tool_format: str | None = None, tool_spec=None):
+    """`tool_format`: the reply may hold tool calls in that format; `tool_spec`: the grammar
+    that makes it call them (a required or named tool_choice)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     reqs = []
-    constraints = await asyncio.to_thread(_constraints, body)
+    constraints = await asyncio.to_thread(_constraints, body, tool_spec)
     try:
       for i in range(body.n):
         reqs.append(_submit(ids, body, loop, queue, i, slot, constraints[i]))
@@ -196,7 +202,7 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     if body.stream:
       return responses.StreamingResponse(
-          _stream(http_request, body, reqs, queue, rid, chat, outs[slot]),
+          _stream(http_request, body, reqs, queue, rid, chat, outs[slot], tool_format),
           media_type="text/event-stream")
     try:
       pending = len(reqs)
@@ -214,12 +220,17 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
     if any(r.finish_reason == "error" for r in reqs):
       raise _engine_error()
     http_request.state.tokens = sum(len(r.tokens) for r in reqs)  # for the request log
-    return outs[slot].full(body, reqs, rid, chat, ids)
+    return outs[slot].full(body, reqs, rid, chat, ids, tool_format)
 
-  async def _stream(http_request, body, reqs, queue, rid, chat, out):
+  async def _stream(http_request, body, reqs, queue, rid, chat, out, tool_format=None):
     sent = [0] * len(reqs)  # characters of each choice's text already sent
     ntok = [0] * len(reqs)
     stops = reqs[0].params.stop
+    # With tools, text from where a call may begin waits for the end of the reply.
+    held = stops
+    if tool_format is not None:
+      from jaxllm.inference import tool_calls
+      held = (*stops, tool_calls.call_marker(tool_format))
 
     try:
       if chat:
@@ -237,11 +248,16 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
           # Mid-stream: the status is sent already; the error goes as an event, then the end.
           yield f"data: {json.dumps(_engine_error().body())}\n\n"
           return
+        calls = []
         if kind == "finish":
           pending -= 1
           text = out.text(r)
+          if tool_format is not None:
+            content, calls = tool_calls.parse(text, tool_format)
+            if calls:  # the content besides the calls, where it extends what was sent
+              text = content or ""
         else:
-          text = text_stream.sendable(model.tokenizer.decode(r.tokens), stops)
+          text = text_stream.sendable(model.tokenizer.decode(r.tokens), held)
           if text is None:  # an incomplete UTF-8 character: wait for the rest
             continue
         new_tokens, new_logprobs = r.tokens[ntok[i]:], r.logprobs[ntok[i]:]
@@ -250,8 +266,11 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
                           logprobs=new_logprobs)
           sent[i] = max(sent[i], len(text))
           ntok[i] = len(r.tokens)
+        if calls:
+          yield out.tool_calls_chunk(rid, i, calls)
         if kind == "finish":
-          yield out.chunk(body, rid, chat, i, "", finish=api.finish_reason(r))
+          yield out.chunk(body, rid, chat, i, "",
+                          finish="tool_calls" if calls else api.finish_reason(r))
       yield "data: [DONE]\n\n"
     finally:
       http_request.state.tokens = sum(len(r.tokens) for r in reqs)  # for the request log
@@ -324,11 +343,33 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
     slot = _check_model(body.model)
     if not body.messages:
       raise api.APIError(400, "messages is empty", param="messages")
+    messages = [m.as_dict() for m in body.messages]
+    tools, choice = body.tool_list(), body.effective_tool_choice()
+    from jaxllm.inference import tool_calls
+    fmt, native = tool_calls.template_format(model.tokenizer.chat_template)
+    active = bool(tools) and choice != "none"
+    tool_spec = None
+    if tools:
+      def check():
+        tool_calls.check_tools(tools, _vocabulary())
+        return tool_calls.grammar_spec(tools, choice, fmt, parallel=body.parallel_tool_calls)
+      try:
+        tool_spec = await asyncio.to_thread(check)
+      except ValueError as e:
+        param = "tool_choice" if "tool_choice" in str(e) else "tools"
+        raise api.APIError(400, str(e), param=param) from None
     try:
-      ids = model.chat_ids([m.model_dump() for m in body.messages])
+      if active and native:
+        ids = model.chat_ids(messages, tools=tools)
+      elif active or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        # A template without tool support: the tools and earlier calls as text.
+        ids = model.chat_ids(tool_calls.plain_messages(messages, tools if active else []))
+      else:
+        ids = model.chat_ids(messages)
     except ValueError as e:
       raise api.APIError(400, str(e), param="messages") from None
-    return await _run(request, body, ids, chat=True, slot=slot)
+    return await _run(request, body, ids, chat=True, slot=slot,
+                      tool_format=fmt if active else None, tool_spec=tool_spec)
 
   return app
 
