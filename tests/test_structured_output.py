@@ -112,7 +112,7 @@ SPECS = [grammar.GrammarSpec("json_schema", {
                                               "b": {"type": "array", "items": {"type": "string"}}},
              "required": ["a"]}),
          grammar.GrammarSpec("json_object"),
-         grammar.GrammarSpec("regex", r"(\d{1,3}\.){3}\d{1,3}"),
+         grammar.GrammarSpec("regex", r"([0-9]{1,3}\.){3}[0-9]{1,3}"),
          grammar.GrammarSpec("lark", 'start: "say " word ("," word)*\nword: /[a-z]+/')]
 
 
@@ -213,7 +213,7 @@ def test_regex_lark_and_choice_outputs_match_and_speculation_changes_nothing(cha
   matches its regex, Lark grammar or choice."""
   model, vocabulary = chat
   prompt = model.chat_ids([{"role": "user", "content": "An address?"}])
-  specs = [grammar.GrammarSpec("regex", r"(\d{1,3}\.){3}\d{1,3}"),
+  specs = [grammar.GrammarSpec("regex", r"([0-9]{1,3}\.){3}[0-9]{1,3}"),
            grammar.GrammarSpec("lark", 'start: "say " word ("," word)*\nword: /[a-z]{1,5}/'),
            grammar.GrammarSpec("choice", CHOICES),
            grammar.GrammarSpec("json_object")]
@@ -231,7 +231,7 @@ def test_regex_lark_and_choice_outputs_match_and_speculation_changes_nothing(cha
   assert results[0] == results[1]
   texts = [model.tokenizer.decode(t) for t, _ in results[0][:-1]]
   reasons = [f for _, f in results[0][:-1]]
-  assert all(re.fullmatch(r"(\d{1,3}\.){3}\d{1,3}", t) for t in texts[0:2]), texts[0:2]
+  assert all(re.fullmatch(r"([0-9]{1,3}\.){3}[0-9]{1,3}", t) for t in texts[0:2]), texts[0:2]
   assert all(re.fullmatch(r"say [a-z]{1,5}(,[a-z]{1,5})*", t) for t in texts[2:4]), texts[2:4]
   assert all(t in CHOICES for t in texts[4:6]) and reasons[4:6] == ["stop", "stop"], texts[4:6]
   for t, f in zip(texts[6:8], reasons[6:8]):  # any object, or cut by max_tokens

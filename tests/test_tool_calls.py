@@ -157,3 +157,48 @@ def test_bad_tools_and_choices_fail_in_one_line(vocabulary):
   with pytest.raises(ValueError, match="repeat"):
     tool_calls.check_tools([TOOLS[1], TOOLS[1]], vocab)
   assert tool_calls.grammar_spec(TOOLS, "auto", "hermes") is None
+
+
+def test_a_template_with_tools_renders_them_itself_in_the_server(tiny_chat_model):
+  """A model whose template takes `tools` (the Hermes stand-in): the server hands it the
+  tools and the history (calls' arguments as objects, as Hugging Face templates expect)
+  instead of the system prompt, and a required choice returns a valid call."""
+  pytest.importorskip("fastapi")
+  from fastapi.testclient import TestClient
+  import jaxllm
+  from jaxllm.inference import engine as engine_lib
+  from jaxllm.inference import server as server_lib
+  model = jaxllm.load(tiny_chat_model)
+  model.tokenizer.chat_template = HERMES_TEMPLATE
+  engine = engine_lib.Engine(model.graphdef, model.params, engine_lib.EngineConfig(
+      max_slots=2, num_pages=64, max_seq_len=512), eos_id=model.tokenizer.eos_id,
+      decode=model.tokenizer.decode)
+  engine.start()
+  try:
+    client = TestClient(server_lib.create_app(model, engine, model_name="m"))
+    ask = [{"role": "user", "content": "1 + 2?"}]
+    r = client.post("/v1/chat/completions", json={
+        "model": "m", "messages": ask, "tools": TOOLS, "max_tokens": 40, "temperature": 0,
+        "tool_choice": "required", "parallel_tool_calls": False}).json()
+    (call,) = r["choices"][0]["message"]["tool_calls"]
+    name = call["function"]["name"]
+    jsonschema.validate(json.loads(call["function"]["arguments"]),
+                        {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}[name])
+    assert r["usage"]["prompt_tokens"] == len(model.tokenizer.encode(
+        chat_lib.render(HERMES_TEMPLATE, ask, model.tokenizer, tools=TOOLS)))
+    history = ask + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": call["id"], "content": "3"}]
+    second = client.post("/v1/chat/completions", json={
+        "model": "m", "messages": history, "tools": TOOLS, "max_tokens": 4, "temperature": 0})
+    assert second.status_code == 200, second.text
+    # The template's own rendering, the call's arguments an object (tojson writes it as JSON,
+    # not as a quoted string).
+    as_template_reads = [ask[0], {"role": "assistant", "content": "", "tool_calls": [
+        {**call, "function": {"name": name, "arguments": json.loads(
+            call["function"]["arguments"])}}]},
+        {"role": "tool", "content": "3", "tool_call_id": call["id"]}]
+    prompt = chat_lib.render(HERMES_TEMPLATE, as_template_reads, model.tokenizer, tools=TOOLS)
+    assert '"arguments": {' in prompt
+    assert second.json()["usage"]["prompt_tokens"] == len(model.tokenizer.encode(prompt))
+  finally:
+    engine.shutdown()

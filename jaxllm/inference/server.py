@@ -359,8 +359,8 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
         param = "tool_choice" if "tool_choice" in str(e) else "tools"
         raise api.APIError(400, str(e), param=param) from None
     try:
-      if active and native:
-        ids = model.chat_ids(messages, tools=tools)
+      if native:  # the template renders the tools and earlier calls itself
+        ids = model.chat_ids(messages, tools=tools if active else None)
       elif active or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
         # A template without tool support: the tools and earlier calls as text.
         ids = model.chat_ids(tool_calls.plain_messages(messages, tools if active else []))
