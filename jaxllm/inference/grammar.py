@@ -7,7 +7,7 @@ tokens that keep the text a prefix of some sentence of the grammar can be drawn.
 sequence is allowed exactly where the text is complete; a grammar with nothing left to add ends
 the request itself.
 
-The engine is llguidance (Microsoft's; the one behind llama.cpp's, vLLM's and SGLang's
+The engine is llguidance (guidance-ai's; the one behind llama.cpp's, vLLM's and SGLang's
 structured outputs): a Rust library with no Python dependencies in one abi3 wheel (xgrammar
 needs torch and transformers, outlines-core ships no mask fill of its own), which builds a
 mask for a 49k vocabulary in about a millisecond and reads Hugging Face `tokenizers` JSON
@@ -42,7 +42,7 @@ KINDS = {
 # that never ends; a schema's own "x-guidance" options override these.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # A schema or grammar larger than this is refused before compiling (a hostile request could
-# otherwise hold the engine's thread on compilation).
+# otherwise hold a server thread on compilation).
 MAX_SOURCE_CHARS = 100_000
 
 
