@@ -80,7 +80,11 @@ def test_llama3_json_replies_parse_into_calls():
   assert content is None
   assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
       ("get_weather", {"city": "Rome"}), ("add", {"a": 3, "b": 4})]
-  for text in ('{"answer": 4}', "4", '{"name": "add", "parameters": [1]}'):
+  # A ";" inside an argument is the argument's, not a separator.
+  semi = '{"name": "get_weather", "parameters": {"city": "a;b"}}'
+  assert json.loads(tool_calls.parse(semi, "llama3_json")[1][0]["function"]["arguments"]) == {
+      "city": "a;b"}
+  for text in ('{"answer": 4}', "4", '{"name": "add", "parameters": [1]}', '{"name": "add"} x'):
     assert tool_calls.parse(text, "llama3_json") == (text, [])
 
 

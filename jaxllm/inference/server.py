@@ -152,12 +152,12 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
     if found is None:
       return [None] * body.n
     param, spec = found
-    _vocabulary()
+    vocab = _vocabulary()
     try:
-      text = vocabulary[0].compile(spec)
+      text = vocab.compile(spec)
     except ValueError as e:
       raise api.APIError(400, f"{param}: {e}", param=param) from None
-    return [vocabulary[0].constraint(text) for _ in range(body.n)]
+    return [vocab.constraint(text) for _ in range(body.n)]
 
   def _submit(ids: list[int], body: api.CommonRequest, loop, queue: asyncio.Queue, index: int,
               slot: int, constraint):

@@ -26,6 +26,18 @@ from jaxllm.lora import bank as lora_bank
 from jaxllm.model import cache as kv_cache
 
 
+def _adjusted(logits_BV, arrays, counts_BV, prompt_mask_BV, bias_BV, mask_BW, penalties: bool):
+  """The logits a slot draws from: penalties, then the logit bias, then the grammar's mask
+  (each only where given)."""
+  if penalties:
+    logits_BV = sampling.apply_penalties(logits_BV, arrays, counts_BV, prompt_mask_BV)
+  if bias_BV is not None:
+    logits_BV = logits_BV + bias_BV
+  if mask_BW is not None:
+    logits_BV = sampling.apply_token_mask(logits_BV, mask_BW)
+  return logits_BV
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "stream"), donate_argnames=("k", "v"))
 def prefill_chunk(graphdef, params, k, v, page_rows_RM, lengths_R, tokens_RC, num_new_R,
                   adapters_R=None, *, stream: kv_cache.Stream | None = None):
@@ -50,13 +62,8 @@ def decode(graphdef, params, k, v, page_table_BM, lengths_B, active_B, logits_BV
   grammar's bitmask), or None for any."""
   gen.count_trace("engine_decode")
   V = logits_BV.shape[-1]
-  processed = logits_BV
-  if penalties:
-    processed = sampling.apply_penalties(logits_BV, arrays, counts_BV, prompt_mask_BV)
-  if bias_BV is not None:
-    processed = processed + bias_BV
-  if mask_BW is not None:
-    processed = sampling.apply_token_mask(processed, mask_BW)
+  processed = _adjusted(logits_BV, arrays, counts_BV, prompt_mask_BV, bias_BV, mask_BW,
+                        penalties)
   tok_B = sampling.draw(processed, arrays, sampling.row_keys(arrays, steps_B))
   logp_B = sampling.token_logprobs(logits_BV, tok_B)
   if penalties:
@@ -95,13 +102,8 @@ def decode_speculative(graphdef, params, k_pages, v_pages, draft_graphdef, draft
   B, V = logits_BV.shape
   rows_B = jnp.arange(B)
   keys_B2 = sampling.row_keys(arrays, steps_B)
-  processed_BV = logits_BV
-  if penalties:
-    processed_BV = sampling.apply_penalties(logits_BV, arrays, counts_BV, prompt_mask_BV)
-  if bias_BV is not None:
-    processed_BV = processed_BV + bias_BV
-  if mask_BW is not None:
-    processed_BV = sampling.apply_token_mask(processed_BV, mask_BW)
+  processed_BV = _adjusted(logits_BV, arrays, counts_BV, prompt_mask_BV, bias_BV, mask_BW,
+                           penalties)
   resid_BV = speculative.residual(sampling.probabilities(processed_BV, arrays), sub_BV)
   t0_B = jnp.where(jnp.sum(sub_BV, -1) > 0, speculative.sample_from(resid_BV, keys_B2),
                    sampling.draw(processed_BV, arrays, keys_B2))

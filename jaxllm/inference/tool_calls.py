@@ -138,12 +138,21 @@ def parse(text: str, fmt: str) -> tuple[str | None, list[dict]]:
     body = text.strip()
     if body.startswith(PYTHON_TAG):
       body = body[len(PYTHON_TAG):].strip()
-    calls = []
-    for part in body.split(";") if body.startswith("{") else []:
-      found = _json_calls(part.strip(), "parameters") if part.strip() else []
+    # JSON objects one after another, `;` between them (read whole: a `;` inside an
+    # argument's string is not a separator).
+    decoder, calls, at = json.JSONDecoder(), [], 0
+    while at < len(body):
+      try:
+        value, end = decoder.raw_decode(body, at)
+      except ValueError:
+        return text, []
+      found = _json_calls(json.dumps(value), "parameters")
       if found is None:
         return text, []
       calls += found
+      at = end
+      while at < len(body) and body[at] in "; \n\t":
+        at += 1
     return (None, calls) if calls else (text, [])
   raise ValueError(f"tool format {fmt!r} is not one of {FORMATS}")
 
