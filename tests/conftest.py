@@ -40,12 +40,12 @@ def pytest_addoption(parser):
                    "CI runs them in its oldest-JAX stage")
 
 
-# Tests that need torch and transformers (the `parity` extra): whole files, or single tests.
+# Tests that need the `parity` extra (torch, transformers, lm-eval): whole files, or single tests.
 # Marked `parity`; CI's main run (newest python and JAX, no torch) leaves them out with
 # --without-parity and its oldest-JAX stage (python 3.11, torch's CPU build) runs `-m parity`.
 PARITY_FILES = ("test_hf_parity.py", "test_model_families.py", "test_moe_checkpoints.py",
                 "test_lora_peft.py", "test_preference_trl.py", "test_rl_trl.py",
-                "test_reward_hf.py")
+                "test_reward_hf.py", "test_lm_eval.py")
 PARITY_TESTS = ("test_bench.py::test_bench_decode_json",)
 # The oldest supported JAX runs these besides the parity tests (files, or file::test): the
 # model, training and its bitwise resume, the checkpoint round trip and generation, each through

@@ -49,6 +49,12 @@ def test_usage_errors_say_what_is_wrong_in_one_line():
   assert extra.returncode == 2
   assert extra.stderr.strip().splitlines()[-1] == "error: unexpected arguments: stray"
   assert "Traceback" not in extra.stderr and "flags:" not in extra.stderr
+  neither = _run("jaxllm.eval", "--checkpoint=x")
+  assert neither.returncode == 2 and neither.stderr.strip().splitlines()[-1].endswith(
+      "give one of --data (text to score) and --choices (multiple-choice items)")
+  bad_item = _run("jaxllm.eval", "--checkpoint=x", "--choices=README.md")  # read before loading
+  assert bad_item.returncode == 2 and bad_item.stderr.strip().splitlines()[-1].startswith(
+      "error: --choices: README.md:1: not JSON")
   two = _run("jaxllm.data", "--data=x", "prepare", "packing")
   assert two.returncode == 2
   assert two.stderr.strip().splitlines()[-1] == "error: one command expected, got: prepare packing"

@@ -38,7 +38,7 @@ def test_requests_map_to_sampling_params_and_bounds_are_validated():
     api.sampling_params(api.CompletionRequest(model="m", prompt="x", max_tokens=2,
                                               min_tokens=3), 0)
   for bad in ({"temperature": 2.5}, {"top_p": 0}, {"n": 17}, {"stop": [""]},
-              {"stop": ["a"] * 5}, {"seed": -1}, {"logprobs": 6}, {"prompt": "\udcff"},
+              {"stop": ["a"] * (api.MAX_STOPS + 1)}, {"seed": -1}, {"logprobs": 6}, {"prompt": "\udcff"},
               {"logit_bias": {"-1": 1}}, {"logit_bias": {"1": 101}}, {"min_tokens": -1},
               {"stop_token_ids": [-2]}):
     with pytest.raises(pydantic.ValidationError):
@@ -53,7 +53,7 @@ def test_responses_whole_and_streamed():
   body = api.ChatRequest(model="tiny", messages=[{"role": "user", "content": "x"}],
                          logprobs=True, n=2)
   reqs = [_request([0, 1], "length"), _request([2], "stop", stop=("z",), text="c")]
-  whole = out.full(body, reqs, "id-1", True, [5, 6, 7])
+  whole = out.full(body, reqs, "id-1", True, [[5, 6, 7]])
   assert [c["message"]["content"] for c in whole["choices"]] == ["ab", "c"]
   assert [c["finish_reason"] for c in whole["choices"]] == ["length", "stop"]
   assert whole["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}

@@ -23,6 +23,7 @@ import httpx  # noqa: E402
 
 from jaxllm.inference import server as server_lib  # noqa: E402
 from jaxllm.inference import generate as gen  # noqa: E402
+from jaxllm.inference import logprobs  # noqa: E402
 from jaxllm.inference import sampling  # noqa: E402
 from tests.helpers import REPO  # noqa: E402
 
@@ -147,6 +148,67 @@ def test_seeded_sampling_n_logprobs_and_stop(server):
   _wait_idle(base, engine)
 
 
+def test_echo_scores_prompts_and_the_tokenizer_endpoints_round_trip(server):
+  """echo with logprobs (what evaluation harnesses send): each prompt's text and token
+  logprobs before its completion, for a batch of prompts (texts) and a prompt of ids. Each prompt
+  token's logprob equals the engine's own (paged prefill and decode) for that token forced by
+  logit_bias; each greedy token is its position's top alternative. The tokenizer endpoints
+  (vLLM's) are the model's tokenizer."""
+  base, client, model, engine, _, _ = server
+  text = "def add(a, b):\n    return"
+  ids = httpx.post(f"{base}/tokenize", json={"prompt": text, "add_special_tokens": False}
+                   ).json()["tokens"]
+  assert ids == model.tokenizer.encode(text)
+  assert httpx.post(f"{base}/detokenize", json={"tokens": ids}).json() == {"prompt": text}
+  chat = httpx.post(f"{base}/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})
+  assert chat.json()["tokens"] == model.chat_ids([{"role": "user", "content": "hi"}])
+  info = httpx.get(f"{base}/tokenizer_info").json()
+  assert info["eos_token"] == model.tokenizer.decode([model.tokenizer.eos_id])
+  assert info["chat_template"] == model.tokenizer.chat_template
+  bad = httpx.post(f"{base}/detokenize", json={"tokens": [model.config.vocab_size]})
+  assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+  out = client.completions.create(model=NAME, prompt=[text, "import os"], max_tokens=3,
+                                  temperature=0, echo=True, logprobs=2)
+  assert len(out.choices) == 2
+  first = out.choices[0]
+  assert first.text.startswith(text)
+  lp = first.logprobs
+  assert len(lp.tokens) == len(ids) + 3 and lp.token_logprobs[0] is None
+  assert lp.top_logprobs[0] is None and all(len(t) == 2 for t in lp.top_logprobs[1:])
+  assert lp.text_offset[:2] == [0, len(model.tokenizer.decode(ids[:1]))]
+  for k in (3, len(ids) - 1):  # prompt token k, forced after ids[:k]
+    forced = client.completions.create(model=NAME, prompt=ids[:k], max_tokens=1, temperature=0,
+                                       logit_bias={str(ids[k]): 100}, logprobs=0)
+    assert forced.choices[0].logprobs.token_logprobs[0] == pytest.approx(
+        lp.token_logprobs[k], abs=1e-4)
+  for t in range(len(ids), len(ids) + 3):  # greedy: each generated token is the top one
+    assert lp.top_logprobs[t][lp.tokens[t]] == pytest.approx(max(lp.top_logprobs[t].values()))
+  plain = client.completions.create(model=NAME, prompt="import os", max_tokens=3, temperature=0,
+                                    logprobs=0).choices[0]
+  assert out.choices[1].text == "import os" + plain.text
+  assert out.choices[1].logprobs.token_logprobs[-3:] == pytest.approx(
+      plain.logprobs.token_logprobs, abs=1e-4)
+  assert out.usage.prompt_tokens == len(ids) + len(model.prompt_ids("import os"))
+  # A choice ended by the end-of-sequence token still reports it (text aside): a harness
+  # scoring answers with max_tokens=1 reads the prompt's logprobs up to the last entry.
+  eos = model.tokenizer.eos_id
+  ended = client.completions.create(model=NAME, prompt=ids, max_tokens=1, temperature=0,
+                                    echo=True, logprobs=1, logit_bias={str(eos): 100})
+  assert ended.choices[0].finish_reason == "stop" and ended.choices[0].text == text
+  assert ended.choices[0].logprobs.tokens[-1] == model.tokenizer.decode([eos])
+  assert ended.choices[0].logprobs.token_logprobs[:-1] == pytest.approx(
+      lp.token_logprobs[:len(ids)], abs=1e-4)
+  # Streamed (the prompt as ids): the prompt (with its logprobs) first, then the completion.
+  events = list(client.completions.create(model=NAME, prompt=ids, max_tokens=3, temperature=0,
+                                          echo=True, logprobs=1, stream=True))
+  assert events[0].choices[0].text == text
+  assert events[0].choices[0].logprobs.token_logprobs == pytest.approx(
+      lp.token_logprobs[:len(ids)], abs=1e-4)
+  assert "".join(e.choices[0].text for e in events) == first.text
+  _wait_idle(base, engine)
+
+
 def test_bad_requests_get_openai_errors(server):
   base, client, _, _, app, _ = server
   with pytest.raises(openai.BadRequestError) as e:
@@ -182,7 +244,11 @@ HOSTILE = [  # (raw JSON body of /v1/completions, what it tries)
     b'{"model": "smollm2", "prompt": "hi", "temperature": NaN}',
     b'{"model": "smollm2", "prompt": "hi", "logprobs": -1}',
     b'{"model": "smollm2", "prompt": "hi", "n": 100000000000000000000}',
-    b'{"model": "smollm2", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}',
+    b'{"model": "smollm2", "prompt": "hi", "stop": [' + b", ".join(b'"%d"' % i for i in range(17))
+    + b']}',  # over MAX_STOPS
+    b'{"model": "smollm2", "prompt": [[1, 2], []]}',  # an empty prompt among many
+    b'{"model": "smollm2", "prompt": [[1, 2], "hi"]}',  # ids and text mixed
+    b'{"model": "smollm2", "prompt": [' + b", ".join([b'"x"'] * 65) + b']}',  # over MAX_PROMPTS
     b'{"model": "smollm2", "prompt": "hi", "stop": [""]}',
     b'{"model": "smollm2", "prompt": {"a": 1}}',
     b'{"model": "smollm2", "prompt": "hi", "logit_bias": {"99999999": 5}}',  # past the vocab
@@ -485,6 +551,11 @@ def test_two_tensor_parallel_replicas_serve_64_streams(server, want_64):
     ids = model.chat_ids([{"role": "user", "content": "Name a colour."}])
     assert chat.choices[0].message.content == model.generate([ids], max_tokens=8,
                                                              details=True)[0].text
+    # Prompt logprobs come from replica 0's weights, on its mesh: the same as one device's.
+    echoed = client.completions.create(model=NAME, prompt=ids, max_tokens=1, temperature=0,
+                                       echo=True, logprobs=1).choices[0].logprobs
+    single = logprobs.score(model.graphdef, model.params, [ids], max_len=len(ids))[0]
+    assert echoed.token_logprobs[1:len(ids)] == pytest.approx(single.token_logprobs, abs=1e-4)
     _wait_idle(base, engine)
     for e in engine.engines:
       m = e.metrics()

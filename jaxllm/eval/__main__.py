@@ -1,5 +1,6 @@
 """`python -m jaxllm.eval --checkpoint=PATH --data=FILES [--max_seq_len=N --stride=S --batch_size=B
 [--kv_cache_dtype=int8] [--prefill_chunk=C]]`
+`python -m jaxllm.eval --checkpoint=PATH --choices=ITEMS.jsonl`
 
 Per-token loss and perplexity of a model over text files (comma-separated paths, directories or
 globs; a .jsonl file's records are its documents, as in training). Long documents are scored
@@ -9,6 +10,11 @@ that window allows. The last stdout line is one JSON object: {"loss", "ppl", "to
 Long windows (8k tokens and more) fit in memory with `--prefill_chunk`: each window then goes
 through the KV cache C tokens at a time, so attention holds `[C, max_seq_len]` scores, not
 `[max_seq_len, max_seq_len]`.
+
+`--choices=ITEMS.jsonl` instead scores multiple-choice items ({"context", "choices", "gold"}) by
+loglikelihood (`jaxllm.eval.choices`): the last stdout line is {"acc", "acc_norm", "n"}, the
+numbers lm-evaluation-harness reports for the same items against `python -m jaxllm.serve`
+(`examples/lm_eval/`).
 
 `--scores_out=DIR` also writes every document with its own loss as "difficulty" (its other
 JSONL fields kept) to sharded JSONL in DIR, the way `python -m jaxllm.data prepare` writes
@@ -29,6 +35,8 @@ from jaxllm.config import KV_CACHE_DTYPES
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, jaxllm/HF directory or .gguf.")
 _DATA = flags.DEFINE_string("data", None, "Comma-separated text files, directories or globs.")
+_CHOICES = flags.DEFINE_string("choices", None, "Instead of --data: multiple-choice items "
+                               "(JSONL of context, choices, gold) scored by loglikelihood.")
 _MAX_LEN = flags.DEFINE_integer("max_seq_len", 512, "Window length in tokens.", lower_bound=2)
 _STRIDE = flags.DEFINE_integer("stride", None, "Window step (default max_seq_len // 2).",
                                lower_bound=1)
@@ -48,7 +56,10 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a complete earlier -
 _MESH = common.define_mesh_flag()
 _ADAPTER = common.define_adapter_flag()
 common.define_old_spelling("max_len", "max_seq_len")
-flags.mark_flags_as_required(["checkpoint", "data"])
+flags.mark_flags_as_required(["checkpoint"])
+flags.register_multi_flags_validator(
+    ["data", "choices"], lambda v: (v["data"] is None) != (v["choices"] is None),
+    message="give one of --data (text to score) and --choices (multiple-choice items)")
 
 
 @common.one_line_errors
@@ -57,6 +68,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   common.initialize_distributed()
   import jaxllm
+  if _CHOICES.value:
+    _choices()
+    return
   from jaxllm.data import corpus, prepare
   from jaxllm.eval import scores_out, scoring
   files = corpus.expand_paths([p for p in _DATA.value.split(",") if p])
@@ -90,6 +104,21 @@ def main(argv):
     scores_out.write_scores(_SCORES_OUT.value, docs, texts, doc_nll, doc_tokens,
                  {**summary, "checkpoint": _CHECKPOINT.value}, progress=_PROGRESS.value)
   print(json.dumps(summary))
+
+
+def _choices():
+  import jaxllm
+  from jaxllm.eval import choices
+  try:
+    items = choices.read_items(_CHOICES.value)
+  except (OSError, ValueError) as e:
+    raise common.CommandError(f"--choices: {e}") from None
+  model = jaxllm.load(_CHECKPOINT.value, mesh=_MESH.value, adapter=_ADAPTER.value)
+  try:
+    result = choices.score(model, items, batch_size=_BATCH.value)
+  except ValueError as e:  # an item too long for the model, or one with nothing to score
+    raise common.CommandError(f"--choices: {e}") from None
+  print(json.dumps({k: result[k] for k in ("acc", "acc_norm", "n")}))
 
 
 if __name__ == "__main__":

@@ -143,6 +143,10 @@ class Request:
   key: int = -1  # submission number (the same on every process of a lockstep engine)
   adapter: int = 0  # LoRA adapter slot where the params hold a bank (0: the base alone)
   constraint: object | None = None  # a `grammar.Constraint` its tokens must follow
+  # The token that ended it (end of sequence or a stop token id; not in `tokens`) and its
+  # logprob, which completions' logprobs report.
+  stop_token: int | None = None
+  stop_logprob: float | None = None
 
   @property
   def sequence(self) -> list[int]:
@@ -767,6 +771,7 @@ class Engine:
   def _emit(self, r: Request, t: int, logp: float, now: float) -> bool:
     """Hands one produced token to its request; returns whether the request goes on."""
     if (t == self.eos_id and not r.params.ignore_eos) or t in r.params.stop_token_ids:
+      r.stop_token, r.stop_logprob = t, logp
       self._finish(r, "stop")
       return False
     if r.constraint is not None and not r.constraint.consume(t):

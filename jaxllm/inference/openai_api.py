@@ -45,7 +45,10 @@ def encodable(text: str) -> str:
 
 
 Text = Annotated[str, pydantic.AfterValidator(encodable)]
-StopText = Annotated[Text, pydantic.Field(min_length=1)]  # OpenAI: up to 4 per request
+StopText = Annotated[Text, pydantic.Field(min_length=1)]
+# OpenAI takes 4 stop strings; evaluation harnesses send a task's own plus the end-of-text one,
+# often more (as vLLM does, more are accepted).
+MAX_STOPS = 16
 
 
 # The bounds below are those `sampling.SamplingParams` enforces (and OpenAI documents): stating
@@ -65,7 +68,7 @@ class CommonRequest(pydantic.BaseModel):
   presence_penalty: Annotated[float, pydantic.Field(ge=-2, le=2)] = 0.0
   # Choice i samples with seed + i, below 2**63.
   seed: Annotated[int, pydantic.Field(ge=0, lt=2 ** 63 - 16)] | None = None
-  stop: StopText | Annotated[list[StopText], pydantic.Field(max_length=4)] | None = None
+  stop: StopText | Annotated[list[StopText], pydantic.Field(max_length=MAX_STOPS)] | None = None
   # {token id (as a string, OpenAI's JSON): bias added to its logit}
   logit_bias: Annotated[dict[Annotated[str, pydantic.Field(pattern=r"^\d{1,9}$")],
                              Annotated[float, pydantic.Field(ge=-100, le=100)]],
@@ -161,9 +164,28 @@ def grammar_spec(body: StructuredRequest, tool_spec=None):
   return param, grammar.GrammarSpec(kind, source)
 
 
+TokenId = Annotated[int, pydantic.Field(ge=0, lt=2 ** 31)]
+MAX_PROMPTS = 64  # prompts in one completions request (each with its n choices)
+
+
 class CompletionRequest(StructuredRequest):
-  prompt: Text | list[int]
+  # OpenAI's four forms: a text, texts, token ids, lists of token ids. A list of prompts
+  # answers with n choices per prompt, choice p * n + j being prompt p's j-th.
+  prompt: (Text | Annotated[list[Text], pydantic.Field(max_length=MAX_PROMPTS)] | list[TokenId]
+           | Annotated[list[list[TokenId]], pydantic.Field(max_length=MAX_PROMPTS)])
   logprobs: Annotated[int, pydantic.Field(ge=0, le=5)] | None = None  # OpenAI's range
+  # The prompt before the completion in each choice's text (and, with logprobs, its tokens'
+  # logprobs: the first has none): what evaluation harnesses score answers with.
+  echo: bool = False
+
+  def prompts(self) -> list[str | list[int]]:
+    """The request's prompts, one or many; APIError 400 for none or an empty one."""
+    p = self.prompt
+    many = (isinstance(p, list) and bool(p) and not isinstance(p[0], int))
+    prompts = list(p) if many else [p]
+    if not prompts or any(len(x) == 0 for x in prompts):
+      raise APIError(400, "prompt is empty", param="prompt")
+    return prompts
 
 
 class ContentPart(pydantic.BaseModel):
@@ -266,6 +288,29 @@ class ChatRequest(StructuredRequest):
     return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
 
 
+class TokenizeRequest(pydantic.BaseModel):
+  """vLLM's /tokenize: a prompt's ids (with the model's BOS where it expects one, unless
+  add_special_tokens is false) or a conversation's, rendered with the chat template."""
+  model_config = pydantic.ConfigDict(extra="ignore")
+  model: Text | None = None
+  prompt: Text | None = None
+  messages: list[ChatMessage] | None = None
+  add_special_tokens: bool = True
+  add_generation_prompt: bool = True
+
+  @pydantic.model_validator(mode="after")
+  def _one_input(self):
+    if (self.prompt is None) == (self.messages is None):
+      raise ValueError("give one of prompt and messages")
+    return self
+
+
+class DetokenizeRequest(pydantic.BaseModel):
+  model_config = pydantic.ConfigDict(extra="ignore")
+  model: Text | None = None
+  tokens: list[TokenId]
+
+
 def validation_error(errors: list[dict]) -> APIError:
   """A 400 naming the first invalid field of a request that failed validation."""
   first = errors[0] if errors else {}
@@ -318,30 +363,52 @@ class Responses:
       return request.text
     return self.tok.decode(request.tokens)
 
-  def logprobs(self, body, chat: bool, tokens, logprobs):
-    """OpenAI's logprobs object for these tokens, or None when the request did not ask."""
+  def logprobs(self, body, chat: bool, entries: list[Entry], offset: int = 0):
+    """OpenAI's logprobs object for these tokens, or None when the request did not ask.
+    `offset`: where the first token's text begins in the choice's text (completions'
+    text_offset)."""
     if chat and body.logprobs:
-      return {"content": [{"token": self.tok.decode([t]), "logprob": lp, "bytes": None,
-                           "top_logprobs": []} for t, lp in zip(tokens, logprobs)]}
+      k = body.top_logprobs or 0
+      return {"content": [
+          {"token": self.tok.decode([t]), "logprob": lp, "bytes": None,
+           "top_logprobs": [{"token": self.tok.decode([i]), "logprob": v, "bytes": None}
+                            for i, v in (top or ())[:k]]}
+          for t, lp, top in entries]}
     if not chat and body.logprobs is not None:
-      return {"tokens": [self.tok.decode([t]) for t in tokens], "token_logprobs": list(logprobs),
-              "top_logprobs": None, "text_offset": None}
+      k = body.logprobs
+      ids = [t for t, _, _ in entries]
+      return {"tokens": [self.tok.decode([t]) for t in ids],
+              "token_logprobs": [lp for _, lp, _ in entries],
+              "top_logprobs": [None if top is None else
+                               {self.tok.decode([i]): v for i, v in top[:k]}
+                               for _, _, top in entries] if k else None,
+              "text_offset": text_offsets(self.tok, ids, offset)}
     return None
 
   @staticmethod
-  def usage(ids, requests) -> dict:
-    out = sum(len(r.tokens) for r in requests)
-    return {"prompt_tokens": len(ids), "completion_tokens": out,
-            "total_tokens": len(ids) + out}
+  def usage(prompts: list[list[int]], requests) -> dict:
+    inp, out = sum(len(p) for p in prompts), sum(len(r.tokens) for r in requests)
+    return {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out}
 
-  def full(self, body, requests, rid: str, chat: bool, ids, tool_format: str | None = None
-           ) -> dict:
-    """The whole (non-streamed) response to a request whose choices have all finished.
-    `tool_format`: the reply may hold tool calls in that format (`tool_calls.parse`)."""
+  def full(self, body, requests, rid: str, chat: bool, prompts: list[list[int]],
+           tool_format: str | None = None, scores=None, echo: list[str] | None = None) -> dict:
+    """The whole (non-streamed) response to a request whose choices have all finished; choice
+    i answers `prompts[i // n]`. `tool_format`: the reply may hold tool calls in that format
+    (`tool_calls.parse`). `scores`: each choice's `logprobs.Scored` of its prompt and tokens
+    (their top alternatives, and the prompt's logprobs under `echo`), or None. `echo`: each
+    prompt's text, written before its choices' completions."""
     choices = []
+    per_prompt = len(requests) // len(prompts)
     for i, r in enumerate(requests):
+      prompt = prompts[i // per_prompt]
+      tokens = r.tokens + ([] if chat else ending(r))
+      if scores is not None:
+        entries = scored_entries(prompt, tokens, scores[i], echo=echo is not None)
+      else:
+        lps = r.logprobs + ([r.stop_logprob] if len(tokens) > len(r.tokens) else [])
+        entries = list(zip(tokens, lps, [None] * len(tokens)))
       c: dict[str, Any] = {"index": i, "finish_reason": finish_reason(r),
-                           "logprobs": self.logprobs(body, chat, r.tokens, r.logprobs)}
+                           "logprobs": self.logprobs(body, chat, entries)}
       if chat:
         c["message"] = {"role": "assistant", "content": self.text(r)}
         if tool_format is not None:
@@ -351,11 +418,11 @@ class Responses:
             c["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
             c["finish_reason"] = "tool_calls"
       else:
-        c["text"] = self.text(r)
+        c["text"] = (echo[i // per_prompt] if echo is not None else "") + self.text(r)
       choices.append(c)
     return {"id": rid, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": self.model_name, "choices": choices,
-            "usage": self.usage(ids, requests)}
+            "usage": self.usage(prompts, requests)}
 
   def tool_calls_chunk(self, rid: str, index: int, calls: list[dict]) -> str:
     """The server-sent event carrying choice `index`'s tool calls whole (OpenAI's delta
@@ -368,17 +435,56 @@ class Responses:
     return f"data: {json.dumps(data)}\n\n"
 
   def chunk(self, body, rid: str, chat: bool, index: int, text: str, finish=None, tokens=(),
-            logprobs=(), role: bool = False) -> str:
+            logprobs=(), role: bool = False, entries: list[Entry] | None = None,
+            offset: int = 0) -> str:
     """One server-sent event of a stream: new text of choice `index` (with its tokens'
-    logprobs when asked), its finish reason, or (chat, `role`) the opening assistant delta."""
+    logprobs when asked: `tokens` and `logprobs`, or `entries`, the first at `offset` in the
+    choice's text), its finish reason, or (chat, `role`) the opening assistant delta."""
     if chat:
       delta = ({"role": "assistant", "content": ""} if role
                else {"content": text} if text or finish is None else {})
       c = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
     else:
       c = {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
-    if tokens:
-      c["logprobs"] = self.logprobs(body, chat, tokens, logprobs)
+    if entries is None and tokens:
+      entries = list(zip(tokens, logprobs, [None] * len(tokens)))
+    if entries:
+      c["logprobs"] = self.logprobs(body, chat, entries, offset)
     data = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": self.model_name, "choices": [c]}
     return f"data: {json.dumps(data)}\n\n"
+
+
+def ending(request) -> list[int]:
+  """[the token that ended a request] (end of sequence or a stop token id), or []: a
+  completion's logprobs end with it (as OpenAI's and vLLM's do; its text is not written), so a
+  harness scoring `echo` answers with max_tokens=1 finds the generated token after the prompt
+  even when the model would end there."""
+  token = getattr(request, "stop_token", None)
+  return [] if token is None else [token]
+
+
+# One token of a logprobs object: (id, its logprob or None for a prompt's first token, its
+# most likely alternatives [(id, logprob), ...] or None where they were not computed).
+Entry = tuple[int, "float | None", "list[tuple[int, float]] | None"]
+
+
+def scored_entries(prompt: list[int], tokens: list[int], scored, *, echo: bool) -> list[Entry]:
+  """The entries of a choice from `scored` (`logprobs.Scored` of prompt + tokens): the
+  generated tokens', after the prompt's own under `echo`."""
+  seq = list(prompt) + list(tokens)
+  lps = [None, *scored.token_logprobs]
+  tops = [None, *scored.top]
+  start = 0 if echo else len(prompt)
+  return list(zip(seq[start:], lps[start:len(seq)], tops[start:len(seq)]))
+
+
+def text_offsets(tokenizer, ids: list[int], offset: int = 0, context: int = 4) -> list[int]:
+  """Where each token's text begins, counted from `offset`: each token adds what decoding it
+  after the `context` tokens before it adds (so characters merged across tokens count once)."""
+  out, at = [], offset
+  for i, t in enumerate(ids):
+    out.append(at)
+    before = ids[max(0, i - context):i]
+    at += len(tokenizer.decode([*before, t])) - len(tokenizer.decode(before))
+  return out

@@ -63,6 +63,22 @@ class Replicas:
       self.routed[i] += 1
     return request
 
+  # Every replica holds the same model: what the server reads of one engine (its weights for
+  # a scoring pass, its context length) is replica 0's.
+  @property
+  def graphdef(self):
+    return self.engines[0].graphdef
+
+  @property
+  def params(self):
+    return self.engines[0].params
+
+  @property
+  def max_seq_len(self) -> int:
+    return self.engines[0].max_seq_len
+
+  lockstep = False  # replicas serve one process's devices (the server refuses both at once)
+
   @property
   def failure(self) -> Exception | None:
     """The first replica's error that stopped its loop, if any did."""

@@ -87,6 +87,17 @@ class RequestLog:
                  + f" {(time.perf_counter() - start) * 1e3:.0f} ms")
 
 
+SCORED_TOP = 20  # alternatives computed per position (the most a request may ask): one program
+
+
+def wants_scores(body) -> bool:
+  """Whether a request's response needs a scoring pass over its sequences: a completion's
+  prompt logprobs (echo) or top alternatives, a chat reply's top_logprobs."""
+  if isinstance(body, api.ChatRequest):
+    return bool(body.logprobs and body.top_logprobs)
+  return body.logprobs is not None and (body.echo or body.logprobs > 0)
+
+
 def create_app(model, engine: engine_lib.Engine, *, model_name: str,
                api_key: str | None = None, aliases: tuple[str, ...] = (),
                adapters: tuple[str, ...] = (), log_requests: bool = False) -> "fastapi.FastAPI":
@@ -144,20 +155,20 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
         vocabulary.append(grammar.Vocabulary(model.tokenizer, model.config.vocab_size))
     return vocabulary[0]
 
-  def _constraints(body: api.CommonRequest, tool_spec=None) -> list:
-    """A fresh grammar matcher for each of the request's choices (Nones for free text); a
-    400 when its constraint is invalid. Runs in a worker thread: a large schema takes a while
-    to check and compile. `tool_spec`: the grammar a required tool_choice sets."""
+  def _constraints(body: api.CommonRequest, count: int, tool_spec=None) -> list:
+    """A fresh grammar matcher for each of the request's `count` choices (Nones for free
+    text); a 400 when its constraint is invalid. Runs in a worker thread: a large schema takes
+    a while to check and compile. `tool_spec`: the grammar a required tool_choice sets."""
     found = api.grammar_spec(body, tool_spec)
     if found is None:
-      return [None] * body.n
+      return [None] * count
     param, spec = found
     vocab = _vocabulary()
     try:
       text = vocab.compile(spec)
     except ValueError as e:
       raise api.APIError(400, f"{param}: {e}", param=param) from None
-    return [vocab.constraint(text) for _ in range(body.n)]
+    return [vocab.constraint(text) for _ in range(count)]
 
   def _submit(ids: list[int], body: api.CommonRequest, loop, queue: asyncio.Queue, index: int,
               slot: int, constraint):
@@ -183,17 +194,37 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
     return api.APIError(500, f"the engine failed: {engine.failure!r}", type_="server_error",
                         code="engine_failed")
 
-  async def _run(http_request: fastapi.Request, body: api.CommonRequest, ids: list[int],
-                 chat: bool, slot: int, tool_format: str | None = None, tool_spec=None):
-    """`tool_format`: the reply may hold tool calls in that format; `tool_spec`: the grammar
-    that makes it call them (a required or named tool_choice)."""
+  def _scores(sequences: list[list[int]], slot: int) -> list:
+    """`logprobs.Scored` of each sequence (SCORED_TOP alternatives per position), with the
+    engine's current weights and the request's adapter. Runs in a worker thread."""
+    from jaxllm.inference import logprobs as logprobs_lib
+    return logprobs_lib.score(engine.graphdef, engine.params, sequences,
+                              max_len=engine.max_seq_len,
+                              top_k=min(SCORED_TOP, model.config.vocab_size), adapter=slot,
+                              batch_size=1)
+
+  def _check_scoring(body: api.CommonRequest):
+    """A 400 for prompt logprobs or top alternatives where they cannot be computed."""
+    if wants_scores(body) and engine.lockstep:
+      raise api.APIError(400, "echo with logprobs, and top logprobs, are not served by an "
+                         "engine spanning several processes", param="logprobs")
+
+  async def _run(http_request: fastapi.Request, body: api.CommonRequest,
+                 prompts: list[list[int]], chat: bool, slot: int,
+                 tool_format: str | None = None, tool_spec=None, echo: list[str] | None = None):
+    """Serves `prompts` (n choices each). `tool_format`: the reply may hold tool calls in
+    that format; `tool_spec`: the grammar that makes it call them (a required or named
+    tool_choice); `echo`: each prompt's text, written before its completions."""
+    _check_scoring(body)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     reqs = []
-    constraints = await asyncio.to_thread(_constraints, body, tool_spec)
+    constraints = await asyncio.to_thread(_constraints, body, len(prompts) * body.n, tool_spec)
     try:
-      for i in range(body.n):
-        reqs.append(_submit(ids, body, loop, queue, i, slot, constraints[i]))
+      for p, ids in enumerate(prompts):
+        for j in range(body.n):
+          i = p * body.n + j
+          reqs.append(_submit(ids, body, loop, queue, i, slot, constraints[i]))
     except api.APIError:
       for r in reqs:
         engine.cancel(r)
@@ -201,8 +232,19 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
     metrics.requests += 1
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     if body.stream:
+      prologue = []
+      if echo is not None:  # each choice opens with its prompt (and the prompt's logprobs)
+        scored = (await asyncio.to_thread(_scores, prompts, slot)
+                  if body.logprobs is not None else [None] * len(prompts))
+        for i in range(len(reqs)):
+          p = i // body.n
+          entries = (None if scored[p] is None else
+                     api.scored_entries(prompts[p], [], scored[p], echo=True))
+          prologue.append(outs[slot].chunk(body, rid, chat, i, echo[p], entries=entries))
       return responses.StreamingResponse(
-          _stream(http_request, body, reqs, queue, rid, chat, outs[slot], tool_format),
+          _stream(http_request, body, reqs, queue, rid, chat, outs[slot], tool_format,
+                  prologue=prologue, offsets=[len(echo[i // body.n]) for i in range(len(reqs))]
+                  if echo is not None else None),
           media_type="text/event-stream")
     try:
       pending = len(reqs)
@@ -220,10 +262,20 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
     if any(r.finish_reason == "error" for r in reqs):
       raise _engine_error()
     http_request.state.tokens = sum(len(r.tokens) for r in reqs)  # for the request log
-    return outs[slot].full(body, reqs, rid, chat, ids, tool_format)
+    scores = None
+    if wants_scores(body):
+      scores = await asyncio.to_thread(
+          _scores, [prompts[i // body.n] + r.tokens + ([] if chat else api.ending(r))
+                    for i, r in enumerate(reqs)], slot)
+    return outs[slot].full(body, reqs, rid, chat, prompts, tool_format, scores=scores,
+                           echo=echo)
 
-  async def _stream(http_request, body, reqs, queue, rid, chat, out, tool_format=None):
+  async def _stream(http_request, body, reqs, queue, rid, chat, out, tool_format=None,
+                    prologue=(), offsets=None):
+    """`prologue`: events sent first (echoed prompts); `offsets`: where each choice's
+    completion begins in its text (after its echoed prompt)."""
     sent = [0] * len(reqs)  # characters of each choice's text already sent
+    base = offsets or [0] * len(reqs)
     ntok = [0] * len(reqs)
     stops = reqs[0].params.stop
     # With tools, text from where a call may begin waits for the end of the reply.
@@ -233,6 +285,8 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
       held = (*stops, tool_calls.call_marker(tool_format))
 
     try:
+      for event in prologue:
+        yield event
       if chat:
         for i in range(len(reqs)):
           yield out.chunk(body, rid, chat, i, "", role=True)
@@ -261,9 +315,12 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
           if text is None:  # an incomplete UTF-8 character: wait for the rest
             continue
         new_tokens, new_logprobs = r.tokens[ntok[i]:], r.logprobs[ntok[i]:]
+        if kind == "finish" and not chat and api.ending(r):  # completions report it too
+          new_tokens, new_logprobs = new_tokens + api.ending(r), new_logprobs + [r.stop_logprob]
         if len(text) > sent[i] or new_tokens:
           yield out.chunk(body, rid, chat, i, text[sent[i]:], tokens=new_tokens,
-                          logprobs=new_logprobs)
+                          logprobs=new_logprobs,
+                          offset=base[i] + len(model.tokenizer.decode(r.tokens[:ntok[i]])))
           sent[i] = max(sent[i], len(text))
           ntok[i] = len(r.tokens)
         if calls:
@@ -329,13 +386,63 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
   async def completions(request: fastapi.Request, body: api.CompletionRequest):
     _auth(request)
     slot = _check_model(body.model)
-    if isinstance(body.prompt, str):
+    given = body.prompts()
+    prompts = [model.prompt_ids(p) if isinstance(p, str) else list(p) for p in given]
+    if any(not ids for ids in prompts):
+      raise api.APIError(400, "prompt is empty", param="prompt")
+    echo = None
+    if body.echo:
+      echo = [p if isinstance(p, str) else model.tokenizer.decode(p) for p in given]
+    return await _run(request, body, prompts, chat=False, slot=slot, echo=echo)
+
+  # vLLM's tokenizer endpoints: clients that count or build tokens themselves (lm-evaluation-
+  # harness's remote tokenizer) use the server's own tokenizer through them.
+  @app.post("/tokenize")
+  async def tokenize(request: fastapi.Request, body: api.TokenizeRequest):
+    _auth(request)
+    if body.model is not None:
+      _check_model(body.model)
+    if body.messages is not None:
+      if not body.messages:
+        raise api.APIError(400, "messages is empty", param="messages")
+      try:
+        ids = model.chat_ids([m.as_dict() for m in body.messages])
+      except ValueError as e:
+        raise api.APIError(400, str(e), param="messages") from None
+    elif body.add_special_tokens:
       ids = model.prompt_ids(body.prompt)
     else:
-      ids = list(body.prompt)
-    if not ids:
-      raise api.APIError(400, "prompt is empty", param="prompt")
-    return await _run(request, body, ids, chat=False, slot=slot)
+      ids = model.tokenizer.encode(body.prompt)
+    return {"count": len(ids), "max_model_len": engine.max_seq_len, "tokens": ids}
+
+  @app.post("/detokenize")
+  async def detokenize(request: fastapi.Request, body: api.DetokenizeRequest):
+    _auth(request)
+    if body.model is not None:
+      _check_model(body.model)
+    bad = [t for t in body.tokens if t >= model.config.vocab_size]
+    if bad:
+      raise api.APIError(400, f"token id {bad[0]} is outside the vocabulary "
+                         f"({model.config.vocab_size} ids)", param="tokens")
+    return {"prompt": model.tokenizer.decode(body.tokens)}
+
+  @app.get("/tokenizer_info")
+  async def tokenizer_info(request: fastapi.Request):
+    _auth(request)
+    tok = model.tokenizer
+
+    def special(i):  # a special token's text (sentencepiece decodes control ids to "")
+      if not 0 <= i < model.config.vocab_size:
+        return None
+      text = tok.decode([i])
+      if not text and hasattr(tok, "processor"):
+        text = tok.processor.id_to_piece(i)
+      return text or None
+
+    return {"tokenizer_class": type(tok).__name__, "vocab_size": model.config.vocab_size,
+            "model_max_length": engine.max_seq_len, "bos_token": special(tok.bos_id),
+            "eos_token": special(tok.eos_id), "pad_token": special(tok.pad_id),
+            "add_bos_token": bool(tok.add_bos), "chat_template": tok.chat_template}
 
   @app.post("/v1/chat/completions")
   async def chat_completions(request: fastapi.Request, body: api.ChatRequest):
@@ -368,7 +475,7 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
         ids = model.chat_ids(messages)
     except ValueError as e:
       raise api.APIError(400, str(e), param="messages") from None
-    return await _run(request, body, ids, chat=True, slot=slot,
+    return await _run(request, body, [ids], chat=True, slot=slot,
                       tool_format=fmt if active else None, tool_spec=tool_spec)
 
   return app
