@@ -1,5 +1,5 @@
 """`python -m jaxllm.serve --checkpoint=PATH [--host=127.0.0.1 --port=8000 --api_key=KEY
---max_slots=8 --kv_memory=1GiB|0.9 --num_pages=N --page_size=16 --prefill_chunk=64
+--max_slots=8 --kv_memory=1GiB|0.9 --num_pages=N --page_size=16 --prefill_chunk=64 --mixed_steps
 --model_name=NAME --sink_tokens=4 --stream_window=N --adapter=[NAME=]DIR --nolog_requests]`
 
 An OpenAI-compatible server (`/v1/completions`, `/v1/chat/completions`, `/v1/models`,
@@ -52,6 +52,10 @@ _DRAFT = flags.DEFINE_string("draft", "ngram", "What proposes them: ngram[:N] (p
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.", lower_bound=1)
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 64, "Prompt tokens per prefill step.",
                                       lower_bound=1)
+_MIXED_STEPS = flags.DEFINE_bool(
+    "mixed_steps", False, "Prompt tokens of requests being prefilled ride in the decode "
+    "steps (up to --prefill_chunk per step) instead of a prefill call between them: a long "
+    "prompt arriving slows the running streams' steps instead of stalling them.")
 _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", None, "Context length (default: the "
                                     "model's).", lower_bound=2)
 _SINKS = flags.DEFINE_integer("sink_tokens", 0, "Streaming (with --stream_window): the first "
@@ -96,7 +100,8 @@ def main(argv):
         draft=_DRAFT.value if _SPEC_K.value else None, mesh=_MESH.value,
         replicas=_REPLICAS.value, sink_tokens=_SINKS.value,
         stream_window=_STREAM_WINDOW.value, kv_memory=_KV_MEMORY.value,
-        log_requests=_LOG_REQUESTS.value, **server.adapter_arguments(_ADAPTER.value))
+        log_requests=_LOG_REQUESTS.value, mixed_steps=_MIXED_STEPS.value,
+        **server.adapter_arguments(_ADAPTER.value))
   except ValueError as e:
     raise common.CommandError(str(e)) from None
   if jax.process_index() > 0:  # multi-host: process 0 serves HTTP, this one runs its steps

@@ -137,12 +137,13 @@ def test_bench_decode_json(tiny_chat_model):
 def test_bench_serve_json(tiny_chat_model):
   """The serve suite's plumbing at toy sizes (a tiny random model with SmolLM2's tokenizer):
   every mode measured over the same requests, utilisation a fraction, prefix caching reuses
-  the shared pages and changes no output, nor do zero-initialised adapters (multi-LoRA)."""
+  the shared pages and changes no output, nor do zero-initialised adapters (multi-LoRA) or
+  prompt tokens riding in the decode steps (mixed steps)."""
   # 10 prefix requests arriving together: the first computes the 256 shared tokens, the other
   # 9 wait for its pages and reuse them.
   proc = _run("serve", "--json", f"--checkpoint={tiny_chat_model}", "--requests=6", "--rate=50",
               "--max_output_tokens=64", "--prefix_requests=10", "--lora_adapters=2",
-              "--lora_rank=4", timeout=900)
+              "--lora_rank=4", "--long_prompt_tokens=96", timeout=900)
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["max_output_tokens"] == 64
@@ -164,6 +165,10 @@ def test_bench_serve_json(tiny_chat_model):
   js = result["rows"]["structured"]  # under a schema no request can finish: the same lengths
   assert js["same_lengths"] and js["output_tokens"] == cont["output_tokens"]
   assert js["mask_ms_per_token"] > 0 and js["vs_lockstep"] > 0
+  mixed = result["interleaved"]  # prompts in the decode steps: other timing, same streams
+  assert mixed["identical"] and mixed["separate"]["mixed_steps"] == 0
+  assert mixed["mixed"]["mixed_steps"] > 0 and mixed["mixed"]["long_prompts"] >= 1
+  assert 0 < mixed["mixed"]["itl_p50_ms"] <= mixed["mixed"]["itl_p99_ms"]
 
 
 def test_decode_of_a_random_model_with_a_checkpoints_tokenizer(tiny_chat_model):

@@ -52,10 +52,13 @@ def _all_pages_back(engine):
   return engine.allocator.num_free == engine.allocator.num_pages
 
 
-def test_mixed_workload_arriving_over_time_equals_each_request_alone(model):
+@pytest.mark.parametrize("mixed_steps", [False, True])
+def test_mixed_workload_arriving_over_time_equals_each_request_alone(model, mixed_steps):
+  """With mixed_steps, prompts arriving while others decode go through the decode steps
+  (`steps.mixed`: their tokens as extra rows of the step), and nothing changes."""
   graphdef, weights = model
   engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
-      max_slots=8, num_pages=96, page_size=8, prefill_chunk=16))
+      max_slots=8, num_pages=96, page_size=8, prefill_chunk=16, mixed_steps=mixed_steps))
   work = _workload(64)
   before = dict(gen.trace_counts())  # other tests compile too: count this run's programs only
   rng = np.random.default_rng(1)
@@ -74,16 +77,20 @@ def test_mixed_workload_arriving_over_time_equals_each_request_alone(model):
   # 128-token context), decode with and without penalties.
   traces = {k: v - before.get(k, 0) for k, v in gen.trace_counts().items()}
   assert traces["engine_prefill"] <= 5 and traces["engine_decode"] <= 10
+  if mixed_steps:  # most prompts arrived while others decoded
+    assert engine.stats["mixed_steps"] > 20 and traces["engine_mixed"] <= 10
 
 
-@pytest.mark.parametrize("overlap,prefill_rows", [(True, 1), (False, 3)])
-def test_preemption_in_a_tiny_pool_completes_every_request(model, overlap, prefill_rows):
+@pytest.mark.parametrize("overlap,prefill_rows,mixed_steps",
+                         [(True, 1, False), (False, 3, False), (True, 1, True)])
+def test_preemption_in_a_tiny_pool_completes_every_request(model, overlap, prefill_rows,
+                                                           mixed_steps):
   graphdef, weights = model
   # 8 pages of 8 tokens hold one full-length sequence; 12 requests compete for them (and
   # preempted ones are recomputed beside others prefilling, with prefill_rows 3).
   engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
       max_slots=4, num_pages=8, page_size=8, prefill_chunk=8, max_seq_len=64,
-      overlap=overlap, prefill_rows=prefill_rows))
+      overlap=overlap, prefill_rows=prefill_rows, mixed_steps=mixed_steps))
   work = [(p[:30], sampling.SamplingParams(**{**_params_dict(sp), "max_tokens": 30}))
           for p, sp in _workload(12, seed=2)]
   requests = engine_lib.generate_all(engine, *zip(*work))

@@ -95,6 +95,12 @@ _STRUCTURED = flags.DEFINE_boolean("structured", True, "serve: a row of the same
 _STRUCTURED_ROUNDS = flags.DEFINE_integer(
     "structured_rounds", 1, "serve: back-to-back (continuous, structured) pairs the structured "
     "row's ratio is the median of (1: against the continuous row).", lower_bound=1)
+_INTERLEAVED = flags.DEFINE_boolean(
+    "interleaved", True, "serve: rows of streams decoding while long prompts arrive, prompt "
+    "chunks in steps of their own and riding in the decode steps (mixed steps): inter-token "
+    "latency.")
+_LONG_PROMPT = flags.DEFINE_integer("long_prompt_tokens", 512, "serve: the interleaved rows' "
+                                    "arriving prompt length.", lower_bound=16)
 _LENGTHS = flags.DEFINE_list("lengths", ["512", "1024", "2048"], "passkey: prompt lengths in "
                              "tokens.")
 _TRIALS = flags.DEFINE_integer("trials", 4, "passkey: keys (random value and depth) per length.",
@@ -180,7 +186,8 @@ def main(argv):
                        draft=_DRAFT.value, max_output_tokens=_MAX_OUTPUT.value,
                        mesh=_MESH.value, lora_adapters=_LORA_ADAPTERS.value,
                        lora_rank=_LORA_RANK.value, structured=_STRUCTURED.value,
-                       structured_rounds=_STRUCTURED_ROUNDS.value)
+                       structured_rounds=_STRUCTURED_ROUNDS.value,
+                       interleaved=_INTERLEAVED.value, long_prompt_tokens=_LONG_PROMPT.value)
     text = serve.table(result)
   elif argv[1] == "decode":
     from jaxllm.bench import decode

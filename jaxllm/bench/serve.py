@@ -27,6 +27,12 @@ so each runs to its max_tokens as in the continuous row and the throughputs comp
 grammar's masks are computed on the host before each step and applied in it, and those steps
 run in lockstep; it reports the host time spent on masks per token. `structured_rounds` > 1
 measures it against fresh continuous runs, pair by pair, and reports the median ratio.
+The interleaved rows (`interleaved`) keep max_slots - 1 greedy streams decoding
+max_output_tokens / 2 tokens while prompts of `long_prompt_tokens` arrive one after another
+(the next as soon as the last has its first token), with prompt chunks in prefill steps of
+their own and then riding in the decode steps (`EngineConfig.mixed_steps`): the streams'
+inter-token latency (gaps between their tokens reaching the host, p50 / p99 / max) and the
+long prompts' time to first token.
 """
 
 from __future__ import annotations
@@ -109,6 +115,54 @@ def _continuous(model, engine_cfg, prompts, outs, arrivals, *, prefix_caching=Tr
               mask_seconds=engine.stats["grammar_mask_s"])
 
 
+def _interleaved(model, engine_cfg, stream_prompts, stream_out, long_prompt, long_out, *,
+                 mixed: bool):
+  """Streams decoding while long prompts arrive one after another (the next when the last has
+  its first token): the streams' inter-token latencies, and the long prompts' times to first
+  token, with prompt chunks in steps of their own or riding in the decode steps (`mixed`)."""
+  import dataclasses
+  from jaxllm.inference import engine as engine_lib
+  from jaxllm.inference import sampling
+  engine = engine_lib.Engine(model.graphdef, model.params, dataclasses.replace(
+      engine_cfg, mixed_steps=mixed, prefix_caching=False))
+  # Compile every page-table width the run reaches, of both step kinds, before the clock
+  # starts: a short request decodes while a prompt of that width prefills.
+  from jaxllm.inference import generate as gen
+  from jaxllm.inference import paging
+  longest = max(len(stream_prompts[0]) + stream_out, len(long_prompt) + long_out)
+  widest = min(gen.bucket(paging.pages_for(longest, engine_cfg.page_size), minimum=1),
+               engine.max_pages)
+  width = 1
+  while width <= widest:
+    n = max(1, min(width * engine_cfg.page_size, engine.max_seq_len - 4) - 1)
+    warm = [engine.submit(stream_prompts[0][:1], sampling.SamplingParams(max_tokens=4)),
+            engine.submit([long_prompt[0]] * n, sampling.SamplingParams(max_tokens=2))]
+    engine.run_until_idle()
+    assert all(r.done for r in warm)
+    width *= 2
+  engine.stats.clear()
+  times: dict[int, list[float]] = {}
+  stamp = lambda r, t: times.setdefault(id(r), []).append(time.monotonic())
+  start = time.monotonic()
+  streams = [engine.submit(p, sampling.SamplingParams(max_tokens=stream_out), on_token=stamp)
+             for p in stream_prompts]
+  longs = []
+  while not all(r.done for r in streams):
+    if not longs or longs[-1].first_token_at is not None:
+      longs.append(engine.submit(long_prompt, sampling.SamplingParams(max_tokens=long_out)))
+    engine.step()
+  seconds = time.monotonic() - start
+  engine.run_until_idle()
+  gaps = np.concatenate([np.diff(times[id(r)]) for r in streams])
+  ttft = [r.first_token_at - r.arrival for r in longs if r.first_token_at is not None]
+  return dict(seconds=seconds, itl_p50_ms=1e3 * float(np.percentile(gaps, 50)),
+              itl_p99_ms=1e3 * float(np.percentile(gaps, 99)), itl_max_ms=1e3 * float(gaps.max()),
+              stream_tokens_per_s=sum(len(r.tokens) for r in streams) / seconds,
+              long_prompts=len(ttft), long_ttft_p50=float(np.percentile(ttft, 50)),
+              prompt_tokens_per_s=engine.stats["prefill_tokens"] / seconds,
+              mixed_steps=engine.stats["mixed_steps"], tokens=[r.tokens for r in streams])
+
+
 def _static(model, slots, prompts, outs, arrivals):
   from jaxllm.inference import generate as gen
   from jaxllm.inference import sampling
@@ -137,7 +191,8 @@ def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
         prefix_requests: int = 32, system_tokens: int = 256, speculative_k: int = 4,
         draft: str = "ngram", max_output_tokens: int = 512, mesh: str | None = None,
         lora_adapters: int = 4, lora_rank: int = 16, structured: bool = True,
-        structured_rounds: int = 1) -> dict:
+        structured_rounds: int = 1, interleaved: bool = True, long_prompt_tokens: int = 512
+        ) -> dict:
   """`mesh` ("tensor=4"): every mode runs on the model split over that mesh."""
   import jaxllm
   from jaxllm.inference import engine as engine_lib
@@ -216,6 +271,21 @@ def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
         mask_ms_per_token=1e3 * js["mask_seconds"] / max(js["tokens"], 1),
         same_lengths=[len(r.tokens) for r in js["requests"]]
         == [len(r.tokens) for r in cont["requests"]])
+  mixed = None
+  if interleaved:
+    # max_slots - 1 streams of max_output_tokens / 2 tokens after 32-token prompts, while
+    # prompts of long_prompt_tokens arrive one after another into the last slot.
+    pool = decode_bench.stdlib_prompts(tok, max_slots, long_prompt_tokens, bos)
+    streams = [p[:32] for p in pool[:max_slots - 1]]
+    stream_tokens = max(max_output_tokens // 2, 8)
+    runs = {m: _interleaved(model, cfg, streams, stream_tokens,
+                            pool[-1][:long_prompt_tokens], 8, mixed=m) for m in (False, True)}
+    same = runs[False].pop("tokens") == runs[True].pop("tokens")
+    mixed = dict(streams=max_slots - 1, stream_tokens=stream_tokens,
+                 long_prompt_tokens=long_prompt_tokens,
+                 separate=runs[False], mixed=runs[True], identical=same,
+                 itl_p99_ratio=runs[False]["itl_p99_ms"] / runs[True]["itl_p99_ms"],
+                 itl_p50_ratio=runs[False]["itl_p50_ms"] / runs[True]["itl_p50_ms"])
   # Shared system prompt: the same requests with prefix caching on and off, all at once.
   system = decode_bench.stdlib_prompts(tok, prefix_requests + 1, system_tokens, bos)[-1]
   p_prompts, _ = _workload(tok, prefix_requests, seed + 2, None, system=system,
@@ -235,7 +305,7 @@ def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
               requests=requests, rate=rate, max_output_tokens=max_output_tokens,
               max_slots=max_slots, page_size=page_size, mesh=mesh or "one device",
               rows=rows, continuous_vs_static=rows["continuous"]["tokens_per_s"]
-              / rows["static"]["tokens_per_s"], prefix=prefix)
+              / rows["static"]["tokens_per_s"], prefix=prefix, interleaved=mixed)
 
 
 def table(result: dict) -> str:
@@ -285,4 +355,16 @@ def table(result: dict) -> str:
                f"{p['speedup']:.2f}x faster, TTFT p50 {p['ttft_p50_ratio']:.2f}x lower, "
                f"{p['prefix_hit_tokens']} prompt tokens reused, outputs identical: "
                f"{p['identical']}")
+  m = result.get("interleaved")
+  if m:
+    for name in ("separate", "mixed"):
+      r = m[name]
+      lines.append(
+          f"{m['streams']} streams + {m['long_prompt_tokens']}-token prompts arriving, {name} "
+          f"steps: ITL p50 {r['itl_p50_ms']:.1f} ms, p99 {r['itl_p99_ms']:.1f} ms, max "
+          f"{r['itl_max_ms']:.1f} ms; {r['stream_tokens_per_s']:.1f} stream tokens/s, "
+          f"{r['prompt_tokens_per_s']:.0f} prompt tokens/s, long-prompt TTFT p50 "
+          f"{r['long_ttft_p50']:.2f} s over {r['long_prompts']}")
+    lines.append(f"mixed steps: ITL p99 {m['itl_p99_ratio']:.2f}x lower, p50 "
+                 f"{m['itl_p50_ratio']:.2f}x lower, stream outputs identical: {m['identical']}")
   return "\n".join(lines)

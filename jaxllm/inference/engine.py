@@ -97,6 +97,11 @@ class EngineConfig:
   # turned, not on the prefix alone).
   sink_tokens: int = 0
   stream_window: int = 0
+  # Ragged steps: while requests prefill, each decode step also carries up to prefill_chunk of
+  # their prompt tokens (`steps.mixed`), instead of a prefill call of its own before the decode
+  # call, so a long prompt arriving adds to the running streams' steps rather than holding
+  # them up for a chunk. Not with speculative decoding or a streaming cache (refused).
+  mixed_steps: bool = False
 
   @property
   def stream(self) -> kv_cache.Stream | None:
@@ -111,6 +116,10 @@ class EngineConfig:
                        f"speculative_ngram={self.speculative_ngram} >= 1")
     if self.cache_dtype not in KV_CACHE_DTYPES:
       raise ValueError(f"cache_dtype={self.cache_dtype!r} must be one of {KV_CACHE_DTYPES}")
+    if self.mixed_steps and (self.speculative_k or self.stream is not None):
+      raise ValueError("mixed_steps does not run with speculative decoding or a streaming "
+                       "cache yet: set mixed_steps=False, or speculative_k=0 and "
+                       "stream_window=0")
     if self.stream is not None and self.speculative_k:
       raise ValueError("speculative decoding cannot run on a streaming cache (a rejected "
                        "proposal would roll back a ring that has overwritten its oldest "
@@ -403,8 +412,11 @@ class Engine:
     if all(s is None for s in self._slots):
       self._collect()  # a step whose requests have all ended since
       return bool(self._waiting)
-    self._prefill_chunks()
-    self._decode_step()
+    if self.config.mixed_steps and self._prefilling():
+      self._mixed_step()
+    else:
+      self._prefill_chunks()
+      self._decode_step()
     return True
 
   def run_until_idle(self, max_steps: int | None = None) -> None:
@@ -587,8 +599,7 @@ class Engine:
   def _prefill_chunks(self) -> None:
     """The oldest requests still prefilling, up to `config.prefill_rows` of them, advance by
     one chunk each in one call (rows past the pending ones write nothing)."""
-    pending = sorted((r for r in self._slots if r is not None and r.prefilled < len(r.sequence)),
-                     key=lambda r: r.arrival)[:self.config.prefill_rows]
+    pending = self._prefilling()[:self.config.prefill_rows]
     if not pending:
       return
     R, C = self.config.prefill_rows, self.config.prefill_chunk
@@ -621,6 +632,11 @@ class Engine:
     """A request's whole sequence is in the cache: its slot's next draw reads `logits_V`."""
     self._logits = self._logits.at[request.slot].set(logits_V)
     self._sub = self._sub.at[request.slot].set(0.0)
+    self._prefill_done(request)
+
+  def _prefill_done(self, request: Request) -> None:
+    """What follows a completed prefill besides the slot's logits: its penalty counts (a
+    request recomputed after preemption has some) and its prompt pages in the prefix cache."""
     if request.tokens:  # recomputed after preemption: restore the penalty counts too
       counts = np.bincount(request.tokens, minlength=self.model_config.vocab_size)
       self._counts = self._counts.at[request.slot].set(jnp.asarray(counts, jnp.int32))
@@ -702,6 +718,83 @@ class Engine:
         r.inflight += 1
       self._pending = (tok, logp, [(r, r.slot, r.preemptions) for r in ready])
     # The device runs the step just dispatched while the host reads and hands out the last.
+    if previous is not None:
+      self._emit_step(previous)
+    if not self.config.overlap:
+      self._collect()
+
+  def _prefilling(self) -> list[Request]:
+    """Requests holding a slot whose sequence is not all in the cache yet, oldest first."""
+    return sorted((r for r in self._slots if r is not None and r.prefilled < len(r.sequence)),
+                  key=lambda r: r.arrival)
+
+  def _mixed_step(self) -> None:
+    """One ragged step (`steps.mixed`): the ready slots decode, and up to `prefill_chunk`
+    prompt tokens of the oldest prefilling requests go through the same pass. With nothing to
+    decode, the plain prefill chunk (denser) runs instead."""
+    self._release_out_of_window()
+    ready = self._grow_pages()
+    if not ready:
+      self._prefill_chunks()
+      self._decode_step()
+      return
+    self._refresh_arrays()
+    constrained = any(r.constraint is not None or self._below_min_tokens(r) for r in ready)
+    if constrained:  # the grammar's mask follows from the last step's tokens
+      self._collect()
+      ready = self._ready()
+    mask = self._grammar_masks(ready) if constrained else None
+    ready = [r for r in ready if not r.done]
+    B, P = self.config.max_slots, self.config.prefill_chunk
+    rows, budget = [], P  # (request, first position, tokens) of the prompt rows
+    for r in self._prefilling():
+      n = min(budget, len(r.sequence) - r.prefilled)
+      rows.append((r, r.prefilled, n))
+      budget -= n
+      if not budget:
+        break
+    width = self._table_width(max(len(r.pages) for r in [*ready, *(r for r, _, _ in rows)]))
+    table_B, lengths_B, active_B, steps = self._batch_arrays(ready, width)
+    N = B + P
+    table, lengths, active = (np.zeros((N, width), np.int32), np.zeros(N, np.int32),
+                              np.zeros(N, bool))
+    table[:B], lengths[:B], active[:B] = table_B, lengths_B, active_B
+    tokens, ends = np.zeros(P, np.int32), np.full(P, B, np.int32)
+    adapters = None
+    if self.adapter_slots > 1:
+      adapters = np.zeros(N, np.int32)
+      adapters[:B] = [0 if r is None else r.adapter for r in self._slots]
+    at = 0
+    for r, first, n in rows:
+      span = slice(B + at, B + at + n)
+      table[span] = paging.page_table_array([r.pages], width)[0]
+      lengths[span] = first + np.arange(n)
+      active[span] = True
+      tokens[at:at + n] = r.sequence[first:first + n]
+      if adapters is not None:
+        adapters[span] = r.adapter
+      if first + n == len(r.sequence):
+        ends[at + n - 1] = r.slot
+      at += n
+    previous, self._pending = self._pending, None
+    tok, logp, self._logits, self._counts, self._k, self._v = steps_lib.mixed(
+        self.graphdef, self.params, self._k, self._v, jnp.asarray(table), jnp.asarray(lengths),
+        jnp.asarray(active), self._logits, self._arrays, jnp.asarray(steps), self._counts,
+        jnp.asarray(self._prompt_mask), jnp.asarray(tokens), jnp.asarray(ends),
+        None if adapters is None else jnp.asarray(adapters), self._bias, mask,
+        penalties=self._penalties)
+    self.stats["decode_steps"] += 1
+    self.stats["mixed_steps"] += 1
+    for r in ready:
+      r.prefilled += 1
+      r.inflight += 1
+    for r, first, n in rows:
+      r.prefilled += n
+      self.stats["prefill_tokens"] += n
+      if r.prefilled == len(r.sequence):
+        self._prefill_done(r)
+    if ready:
+      self._pending = (tok, logp, [(r, r.slot, r.preemptions) for r in ready])
     if previous is not None:
       self._emit_step(previous)
     if not self.config.overlap:

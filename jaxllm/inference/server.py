@@ -509,7 +509,8 @@ def adapter_arguments(values: list[str]) -> dict:
 def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill_chunk=64,
           max_seq_len=None, model_name=None, api_key=None, kv_cache_dtype="float32",
           speculative_k=0, draft=None, mesh=None, replicas: int = 1, sink_tokens=0,
-          stream_window=0, kv_memory=None, log_requests=False, adapter=None, adapters=None):
+          stream_window=0, kv_memory=None, log_requests=False, adapter=None, adapters=None,
+          mixed_steps=False):
   """(app, engine) for a checkpoint (quantized ones too); the engine's loop is started.
   `app.state.kv_pool` describes the page pool it chose: `num_pages` if given, else from the
   `kv_memory` budget (`jaxllm.inference.kv_budget`; None: the platform's default).
@@ -521,6 +522,7 @@ def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill
   `mesh`: a Mesh or a spec ("tensor=4") to split the model over (`jaxllm.load`);
   `replicas`: engines on disjoint device groups (each of the spec's shape) behind one router
   (`jaxllm.inference.replicas`). Sizes (`max_slots`, `num_pages`) are per engine.
+  `mixed_steps`: prompt tokens ride in the decode steps (`EngineConfig.mixed_steps`).
   `adapter`: a LoRA adapter directory (PEFT's format) every request is served with, unmerged
   (`jaxllm.load(adapter=)`). `adapters`: {name: directory} of LoRA adapters a request picks by
   its `model` field (the checkpoint's name: none), batched together (`jaxllm.lora.bank`).
@@ -563,7 +565,8 @@ def build(checkpoint: str, *, max_slots=8, num_pages=None, page_size=16, prefill
   config = engine_lib.EngineConfig(max_slots=max_slots, num_pages=pages, page_size=page_size,
                                    prefill_chunk=prefill_chunk, max_seq_len=max_len,
                                    cache_dtype=kv_cache_dtype, speculative_k=speculative_k,
-                                   sink_tokens=sink_tokens, stream_window=stream_window)
+                                   sink_tokens=sink_tokens, stream_window=stream_window,
+                                   mixed_steps=mixed_steps)
   # Several processes (a pod slice, multi-host GPUs): process 0 serves, the others follow.
   lockstep = jax.process_count() > 1
   if lockstep and replicas > 1:

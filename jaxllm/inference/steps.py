@@ -3,7 +3,9 @@
   `prefill_chunk`        one chunk of one request's prompt into its pages -> its last logits;
   `decode`               draw a token for every slot from its logits (per-request sampling),
                          feed it, keep the new logits; empty slots store nothing;
-  `decode_speculative`   the same with up to k proposals per slot verified in the pass.
+  `decode_speculative`   the same with up to k proposals per slot verified in the pass;
+  `mixed`                `decode` with prompt tokens of requests being prefilled in the same
+                         pass (a ragged step: long prompts no longer hold up running streams).
 Both take an optional `bias_BV` (requests' logit_bias, added before the draw) and `mask_BW` (a
 grammar's allowed tokens per slot, `jaxllm.inference.grammar`) that the draw respects; None
 compiles the step without.
@@ -72,6 +74,38 @@ def decode(graphdef, params, k, v, page_table_BM, lengths_B, active_B, logits_BV
   model = nnx.merge(graphdef, lora_bank.select(params, adapters_B))
   new_B1V, cache = model.extend(tok_B[:, None], cache, active_B.astype(jnp.int32), stream=stream)
   logits_BV = jnp.where(active_B[:, None], new_B1V[:, 0], logits_BV)
+  return tok_B, logp_B, logits_BV, counts_BV, cache.k, cache.v
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "penalties"),
+                   donate_argnames=("k", "v", "logits_BV", "counts_BV"))
+def mixed(graphdef, params, k, v, page_table_NM, lengths_N, active_N, logits_BV, arrays,
+          steps_B, counts_BV, prompt_mask_BV, prompt_tokens_P, ends_P, adapters_N=None,
+          bias_BV=None, mask_BW=None, *, penalties: bool):
+  """`decode` and prompt tokens in one pass of N = B + P single-token rows (a ragged step).
+
+  Rows 0..B-1 are the slots, as in `decode`: each active one draws a token from its logits and
+  feeds it. Rows B.. feed `prompt_tokens_P`, tokens of prompts being prefilled, each at its own
+  position (`lengths_N`) under its request's page table: a prompt's consecutive tokens sit in
+  consecutive rows, and since every row's key and value are written into the pages before any
+  row of the layer reads them, each sees its earlier tokens of the same step. `ends_P`: the
+  slot whose prompt row p completes (its logits become that slot's), B where none.
+  Inactive rows store nothing."""
+  gen.count_trace("engine_mixed")
+  B, V = logits_BV.shape
+  processed = _adjusted(logits_BV, arrays, counts_BV, prompt_mask_BV, bias_BV, mask_BW,
+                        penalties)
+  tok_B = sampling.draw(processed, arrays, sampling.row_keys(arrays, steps_B))
+  logp_B = sampling.token_logprobs(logits_BV, tok_B)
+  if penalties:
+    counts_BV = counts_BV + jax.nn.one_hot(tok_B, V, dtype=jnp.int32) * active_N[:B, None]
+  tokens_N = jnp.concatenate([tok_B, prompt_tokens_P])
+  cache = kv_cache.PagedKVCache(k, v, page_table_NM, lengths_N)
+  model = nnx.merge(graphdef, lora_bank.select(params, adapters_N))
+  new_N1V, cache = model.extend(tokens_N[:, None], cache, active_N.astype(jnp.int32))
+  new_NV = new_N1V[:, 0]
+  logits_BV = jnp.where(active_N[:B, None], new_NV[:B], logits_BV)
+  logits_BV = logits_BV.at[ends_P].set(new_NV[B:], mode="drop")
   return tok_B, logp_B, logits_BV, counts_BV, cache.k, cache.v
 
 
