@@ -41,6 +41,8 @@ NOT_RUN = {
     "pytest": "the test suite itself",
     "python -m jaxllm.serve": "a server runs until stopped (tests/test_server.py starts one)",
     "python -m jaxllm.bench moe": "a benchmark of minutes (tests/test_bench.py, test_moe_parallel.py)",
+    "lm_eval ": "lm-evaluation-harness against a running server (tests/test_lm_eval.py runs "
+                "it on the same tasks, in CI's parity stage)",
     "from openai import OpenAI": "needs a running server (tests/test_openai_api.py drives one "
                                  "with this client)",
     "tpu_setup/": "creates, uses and deletes Cloud TPU VMs through gcloud (tests/test_tpu_setup.py "
@@ -122,7 +124,8 @@ group_sizes = jnp.array([12, 20], jnp.int32)
 
 def _scratch(tmp_path, chat_model):
   """The directory the snippets run in: text files for docs/*.txt, a tiny GGUF for
-  model.gguf, a LoRA adapter of the chat model for ADAPTER, the clone's experiments/."""
+  model.gguf, a LoRA adapter of the chat model for ADAPTER, the clone's experiments/ and
+  examples/."""
   from jaxllm.model import transformer
   from tests.gguf_fixtures import write_llama_gguf
   import jax
@@ -135,6 +138,7 @@ def _scratch(tmp_path, chat_model):
   _, params = transformer.split(transformer.create(cfg, 0))
   write_llama_gguf(tmp_path / "model.gguf", cfg, jax.device_get(params))
   (tmp_path / "experiments").symlink_to(os.path.join(REPO, "experiments"))
+  (tmp_path / "examples").symlink_to(os.path.join(REPO, "examples"))
   import jaxllm
   from jaxllm.lora import adapters, peft_format
   base = jaxllm.load(chat_model)

@@ -220,9 +220,7 @@ class Engine:
     # Params placed on a mesh (`placement.place_params`) put the engine there: page pools split
     # over KV heads, every step traced with the mesh in context.
     self.mesh = placement.mesh_of(params)
-    self._k = placement.zeros_on(self.mesh, shape, config.cache_dtype, paged=True)
-    self._v = placement.zeros_on(self.mesh, shape, config.cache_dtype, paged=True)
-    self._draft, self._dk, self._dv = self._draft_pool(draft)
+    self._draft, dk, dv = self._draft_pool(draft)
     # A layer-skip draft shares the target's params, LoRA banks included.
     self._draft_banked = self._draft is not None and lora_bank.size(self._draft.params) > 1
     # The attention window pages are released behind (0: none). A model draft reads the same
@@ -231,14 +229,15 @@ class Engine:
     if self._draft is not None:
       windows.append(gen.model_config(self._draft.graphdef, self._draft.params).cache_window)
     self._window = 0 if 0 in windows else max(windows)
-    self._logits = jnp.zeros((B, V), jnp.float32)
-    self._counts = jnp.zeros((B, V), jnp.int32)
+    # Every device array the steps update, one pytree donated into each (`steps.DecodeState`).
+    self._state = steps_lib.DecodeState(
+        k=placement.zeros_on(self.mesh, shape, config.cache_dtype, paged=True),
+        v=placement.zeros_on(self.mesh, shape, config.cache_dtype, paged=True),
+        logits_BV=jnp.zeros((B, V), jnp.float32), counts_BV=jnp.zeros((B, V), jnp.int32),
+        sub_BV=jnp.zeros((B, V), jnp.float32), dk=dk, dv=dv)
     self._prompt_mask = np.zeros((B, V), bool)
     # Per slot, the tokens its grammar allows next (bitmask words; -1: all), host side.
     self._token_mask = np.full((B, (V + 31) // 32), -1, np.int32)
-    # Per slot, the draft distribution of the proposal the last speculative step rejected:
-    # the next draw subtracts it (zero rows: nothing owed).
-    self._sub = jnp.zeros((B, V), jnp.float32)
     self._slots: list[Request | None] = [None] * B
     self._pending: tuple | None = None  # a dispatched decode step's (tokens, logprobs, rows)
     self.failure: Exception | None = None  # what stopped the loop's thread, if anything did
@@ -615,13 +614,11 @@ class Engine:
     adapter = None
     if self.adapter_slots > 1:
       adapter = jnp.asarray([r.adapter for r in pending] + [0] * (R - len(pending)), jnp.int32)
-    logits, self._k, self._v = steps_lib.prefill_chunk(self.graphdef, self.params, self._k,
-                                                       self._v, *args, adapter,
-                                                       stream=self.stream)
-    if self._draft is not None:  # its cache holds the same tokens under the same page table
-      _, self._dk, self._dv = steps_lib.prefill_chunk(
-          self._draft.graphdef, self._draft.params, self._dk, self._dv, *args,
-          adapter if self._draft_banked else None)
+    draft = self._draft
+    logits, self._state = steps_lib.prefill_chunk(
+        self.graphdef, self.params, self._state, *args, adapter,
+        None if draft is None else draft.graphdef, None if draft is None else draft.params,
+        adapter if self._draft_banked else None, stream=self.stream)
     for i, request in enumerate(pending):
       request.prefilled += int(num_new[i])
       self.stats["prefill_tokens"] += int(num_new[i])
@@ -630,18 +627,21 @@ class Engine:
 
   def _prefilled(self, request: Request, logits_V) -> None:
     """A request's whole sequence is in the cache: its slot's next draw reads `logits_V`."""
-    self._logits = self._logits.at[request.slot].set(logits_V)
-    self._sub = self._sub.at[request.slot].set(0.0)
+    state = self._state
+    self._state = state._replace(logits_BV=state.logits_BV.at[request.slot].set(logits_V),
+                                 sub_BV=state.sub_BV.at[request.slot].set(0.0))
     self._prefill_done(request)
 
   def _prefill_done(self, request: Request) -> None:
     """What follows a completed prefill besides the slot's logits: its penalty counts (a
     request recomputed after preemption has some) and its prompt pages in the prefix cache."""
     if request.tokens:  # recomputed after preemption: restore the penalty counts too
-      counts = np.bincount(request.tokens, minlength=self.model_config.vocab_size)
-      self._counts = self._counts.at[request.slot].set(jnp.asarray(counts, jnp.int32))
+      counts = jnp.asarray(np.bincount(request.tokens, minlength=self.model_config.vocab_size),
+                           jnp.int32)
     else:
-      self._counts = self._counts.at[request.slot].set(0)
+      counts = 0
+    self._state = self._state._replace(
+        counts_BV=self._state.counts_BV.at[request.slot].set(counts))
     if self.config.prefix_caching:
       self.prefix_cache.register(request.prompt, request.pages, request.adapter)
 
@@ -671,6 +671,14 @@ class Engine:
     if self.adapter_slots == 1:
       return None
     return jnp.asarray([0 if r is None else r.adapter for r in self._slots], jnp.int32)
+
+  def _batch(self, table, lengths, active, steps, adapters, mask) -> steps_lib.Batch:
+    """A step's `steps.Batch` from its host arrays and the slots' sampling state."""
+    return steps_lib.Batch(
+        page_table_BM=jnp.asarray(table), lengths_B=jnp.asarray(lengths),
+        active_B=jnp.asarray(active), steps_B=jnp.asarray(steps), arrays=self._arrays,
+        prompt_mask_BV=jnp.asarray(self._prompt_mask), adapters_B=adapters,
+        bias_BV=self._bias, mask_BW=mask)
 
   def _batch_arrays(self, ready: list[Request], width: int):
     """Page table [B, width], lengths [B], active [B] and draw steps [B] of the ready slots."""
@@ -706,12 +714,9 @@ class Engine:
     if ready:
       width = self._table_width(max(len(r.pages) for r in ready))
       table, lengths, active, steps = self._batch_arrays(ready, width)
-      tok, logp, self._logits, self._counts, self._k, self._v = steps_lib.decode(
-          self.graphdef, self.params, self._k, self._v, jnp.asarray(table),
-          jnp.asarray(lengths), jnp.asarray(active), self._logits, self._arrays,
-          jnp.asarray(steps), self._counts, jnp.asarray(self._prompt_mask),
-          self._slot_adapters(), self._bias, mask, penalties=self._penalties,
-          stream=self.stream)
+      batch = self._batch(table, lengths, active, steps, self._slot_adapters(), mask)
+      tok, logp, self._state = steps_lib.decode(self.graphdef, self.params, self._state, batch,
+                                                penalties=self._penalties, stream=self.stream)
       self.stats["decode_steps"] += 1
       for r in ready:
         r.prefilled += 1  # the drawn token is fed and stored by the step
@@ -777,12 +782,11 @@ class Engine:
         ends[at + n - 1] = r.slot
       at += n
     previous, self._pending = self._pending, None
-    tok, logp, self._logits, self._counts, self._k, self._v = steps_lib.mixed(
-        self.graphdef, self.params, self._k, self._v, jnp.asarray(table), jnp.asarray(lengths),
-        jnp.asarray(active), self._logits, self._arrays, jnp.asarray(steps), self._counts,
-        jnp.asarray(self._prompt_mask), jnp.asarray(tokens), jnp.asarray(ends),
-        None if adapters is None else jnp.asarray(adapters), self._bias, mask,
-        penalties=self._penalties)
+    batch = self._batch(table, lengths, active, steps,
+                        None if adapters is None else jnp.asarray(adapters), mask)
+    tok, logp, self._state = steps_lib.mixed(self.graphdef, self.params, self._state, batch,
+                                             jnp.asarray(tokens), jnp.asarray(ends),
+                                             penalties=self._penalties)
     self.stats["decode_steps"] += 1
     self.stats["mixed_steps"] += 1
     for r in ready:
@@ -927,13 +931,10 @@ class Engine:
         hist[r.slot, :len(seq)] = seq
       hist = jnp.asarray(hist)
     draft = self._draft or speculative.Draft("ngram")
-    (tokens, logp, n_acc, self._logits, self._sub, self._counts, self._k, self._v, self._dk,
-     self._dv) = steps_lib.decode_speculative(
-        self.graphdef, self.params, self._k, self._v, draft.graphdef, draft.params, self._dk,
-        self._dv, jnp.asarray(table), jnp.asarray(lengths), jnp.asarray(active), self._logits,
-        self._arrays, jnp.asarray(steps), self._sub, hist, jnp.asarray(drafts), self._counts,
-        jnp.asarray(self._prompt_mask), self._slot_adapters(), self._bias, mask, k=k,
-        max_ngram=self.config.speculative_ngram,
+    batch = self._batch(table, lengths, active, steps, self._slot_adapters(), mask)
+    tokens, logp, n_acc, self._state = steps_lib.decode_speculative(
+        self.graphdef, self.params, draft.graphdef, draft.params, self._state, batch, hist,
+        jnp.asarray(drafts), k=k, max_ngram=self.config.speculative_ngram,
         penalties=self._penalties)
     tokens, logp, n_acc = placement.to_host((tokens, logp, n_acc))
     self.stats["decode_steps"] += 1
