@@ -46,14 +46,17 @@ class LoadedModel:
     bos = self.tokenizer.bos_id
     return ([bos] if self.tokenizer.add_bos and bos >= 0 else []) + ids
 
-  def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+  def chat_ids(self, messages: list[dict], tools: list[dict] | None = None,
+               add_generation_prompt: bool = True) -> list[int]:
     """Token ids of a conversation rendered with the model's chat template (`tools`: OpenAI
-    tool definitions, for templates that render them)."""
+    tool definitions, for templates that render them), ending with the assistant's opening
+    unless `add_generation_prompt` is false."""
     template = self.tokenizer.chat_template
     if not template:
       raise ValueError("this model has no chat template; use a prompt instead")
-    return self.tokenizer.encode(chat_lib.render(template, messages, self.tokenizer,
-                                                 tools=tools))
+    return self.tokenizer.encode(chat_lib.render(
+        template, messages, self.tokenizer, add_generation_prompt=add_generation_prompt,
+        tools=tools))
 
   def generate(self, prompt: str | Sequence[int] | Sequence[Sequence[int]], *,
                max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,

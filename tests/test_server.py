@@ -162,6 +162,11 @@ def test_echo_scores_prompts_and_the_tokenizer_endpoints_round_trip(server):
   assert httpx.post(f"{base}/detokenize", json={"tokens": ids}).json() == {"prompt": text}
   chat = httpx.post(f"{base}/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})
   assert chat.json()["tokens"] == model.chat_ids([{"role": "user", "content": "hi"}])
+  history = httpx.post(f"{base}/tokenize", json={"messages": [{"role": "user", "content": "hi"}],
+                                                  "add_generation_prompt": False})
+  assert history.json()["tokens"] == model.chat_ids([{"role": "user", "content": "hi"}],
+                                                    add_generation_prompt=False)
+  assert len(history.json()["tokens"]) < len(chat.json()["tokens"])
   info = httpx.get(f"{base}/tokenizer_info").json()
   assert info["eos_token"] == model.tokenizer.decode([model.tokenizer.eos_id])
   assert info["chat_template"] == model.tokenizer.chat_template

@@ -80,9 +80,9 @@ def test_data_by_tensor_mesh_engine_and_speculative_decoding(model):
   assert _tokens(gen.generate_requests(g2, p2, PROMPTS, GREEDY, cache="contiguous")) == want
   engine = engine_lib.Engine(g2, p2, engine_lib.EngineConfig(max_slots=4, num_pages=64,
                                                              page_size=16, prefill_chunk=8))
-  assert tuple(engine._k.sharding.spec)[:4] == (None, None, None, "tensor")
+  assert tuple(engine.state.k.sharding.spec)[:4] == (None, None, None, "tensor")
   assert _tokens(engine_lib.generate_all(engine, PROMPTS, GREEDY)) == want
-  assert tuple(engine._k.sharding.spec)[:4] == (None, None, None, "tensor")
+  assert tuple(engine.state.k.sharding.spec)[:4] == (None, None, None, "tensor")
   draft = speculative.layer_skip_draft(g2, p2, 1)
   got, _ = speculative.speculative_generate(g2, p2, PROMPTS, GREEDY, draft, k=3)
   assert _tokens(got) == want
@@ -103,8 +103,8 @@ def test_quantized_weights_and_int8_pages_on_a_mesh(model, bits):
   engine = engine_lib.Engine(g2, p2, engine_lib.EngineConfig(
       max_slots=4, num_pages=64, page_size=16, prefill_chunk=8, cache_dtype="int8"))
   assert _tokens(engine_lib.generate_all(engine, PROMPTS, GREEDY)) == want
-  kv_bytes = placement.bytes_per_device(engine._k)
-  assert set(kv_bytes.values()) == {placement.total_bytes(engine._k) // 4}
+  kv_bytes = placement.bytes_per_device(engine.state.k)
+  assert set(kv_bytes.values()) == {placement.total_bytes(engine.state.k) // 4}
 
 
 def test_pallas_paged_kernel_runs_per_shard():

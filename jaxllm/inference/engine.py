@@ -1,12 +1,13 @@
 """Continuous batching over a paged KV cache (vLLM-style), driven by a host loop.
 
 The device holds one page pool per layer `[L, N, P, K, Dh]` shared by `max_slots` decode slots,
-and per slot the logits its next token will be drawn from. The jitted functions of
+and per slot the logits its next token will be drawn from (`steps.DecodeState`, one pytree). The jitted functions of
 `jaxllm.inference.steps` do all device work, each with fixed shapes (the page table's width is
 rounded up to a power of two, so there are at most log2(max pages per sequence) + 1 variants of
 each). The host (`Engine.step`) admits waiting requests as soon as a slot and their pages are free,
 runs at most one prefill chunk per step beside the decode step (so running streams keep
-flowing while long prompts come in), grows page tables a page at a time, streams tokens,
+flowing while long prompts come in; with `mixed_steps` the chunk's tokens ride in the decode
+step itself, `steps.mixed`), grows page tables a page at a time, streams tokens,
 applies stop tokens / stop strings / max_tokens, and frees pages the moment a request ends.
 Since the device feeds each drawn token itself, the host dispatches decode step n + 1 before it
 reads step n's tokens (`EngineConfig.overlap`): its bookkeeping runs while the device works, and
@@ -251,6 +252,11 @@ class Engine:
     self._thread: threading.Thread | None = None
     self._stop = False
     self.stats = collections.Counter()
+
+  @property
+  def state(self) -> steps_lib.DecodeState:
+    """The device arrays the steps update (page pools, slot logits, counts), as they stand."""
+    return self._state
 
   def _draft_pool(self, draft: speculative.Draft | None):
     """(draft, k pages, v pages) for a model draft; (None, None, None) for prompt lookup."""

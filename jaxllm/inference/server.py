@@ -198,10 +198,13 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
     """`logprobs.Scored` of each sequence (SCORED_TOP alternatives per position), with the
     engine's current weights and the request's adapter. Runs in a worker thread."""
     from jaxllm.inference import logprobs as logprobs_lib
-    return logprobs_lib.score(engine.graphdef, engine.params, sequences,
-                              max_len=engine.max_seq_len,
-                              top_k=min(SCORED_TOP, model.config.vocab_size), adapter=slot,
-                              batch_size=1)
+    try:
+      return logprobs_lib.score(engine.graphdef, engine.params, sequences,
+                                max_len=engine.max_seq_len,
+                                top_k=min(SCORED_TOP, model.config.vocab_size), adapter=slot,
+                                batch_size=1)
+    except ValueError as e:  # a streaming engine's output past the context
+      raise api.APIError(400, f"logprobs: {e}", param="logprobs") from None
 
   def _check_scoring(body: api.CommonRequest):
     """A 400 for prompt logprobs or top alternatives where they cannot be computed."""
@@ -406,7 +409,8 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
       if not body.messages:
         raise api.APIError(400, "messages is empty", param="messages")
       try:
-        ids = model.chat_ids([m.as_dict() for m in body.messages])
+        ids = model.chat_ids([m.as_dict() for m in body.messages],
+                             add_generation_prompt=body.add_generation_prompt)
       except ValueError as e:
         raise api.APIError(400, str(e), param="messages") from None
     elif body.add_special_tokens:
