@@ -14,32 +14,26 @@ numbers this module computes (tests/test_lm_eval.py).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 
+from jaxllm.data import sft as sft_data
 from jaxllm.inference import logprobs as logprobs_lib
 
 
 def read_items(path: str) -> list[dict]:
-  """The items of a JSONL file; ValueError naming the line of a malformed one."""
-  items = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        item = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-      if not _well_formed(item):
-        raise ValueError(f"{path}:{n}: an item is {{\"context\": non-empty text, \"choices\": "
-                         "two or more non-empty texts, \"gold\": the right choice's index}")
-      items.append(item)
-  if not items:
-    raise ValueError(f"{path} holds no items")
-  return items
+  """The items of a JSONL file (`jaxllm.data.sft.read_jsonl`); a ValueError naming the line of
+  a malformed one."""
+  return [item for _, item in sft_data.read_jsonl(path, _check_item)]
+
+
+def _check_item(item, where: str) -> None:
+  """Refuses (naming `where`, "path:line") a record that is not a multiple-choice item."""
+  if not _well_formed(item):
+    raise sft_data.SftDataError(
+        f"{where}: an item is {{\"context\": non-empty text, \"choices\": two or more "
+        "non-empty texts, \"gold\": the right choice's index}")
 
 
 def _well_formed(item) -> bool:

@@ -702,16 +702,7 @@ class Engine:
 
   def _decode_step(self) -> None:
     self._release_out_of_window()
-    ready = self._grow_pages()
-    self._refresh_arrays()
-    constrained = any(r.constraint is not None or self._below_min_tokens(r) for r in ready)
-    if self.config.speculative_k or constrained:
-      # Proposals are verified against every token, and a grammar's mask follows from them:
-      # both need the last step's tokens on the host first.
-      self._collect()
-      ready = self._ready()
-    mask = self._grammar_masks(ready) if constrained else None
-    ready = [r for r in ready if not r.done]
+    ready, mask = self._drawable(self._grow_pages(), self.config.speculative_k > 0)
     if self.config.speculative_k:
       if ready:
         self._speculative_step(ready, mask)
@@ -723,12 +714,34 @@ class Engine:
       batch = self._batch(table, lengths, active, steps, self._slot_adapters(), mask)
       tok, logp, self._state = steps_lib.decode(self.graphdef, self.params, self._state, batch,
                                                 penalties=self._penalties, stream=self.stream)
-      self.stats["decode_steps"] += 1
-      for r in ready:
-        r.prefilled += 1  # the drawn token is fed and stored by the step
-        r.inflight += 1
-      self._pending = (tok, logp, [(r, r.slot, r.preemptions) for r in ready])
-    # The device runs the step just dispatched while the host reads and hands out the last.
+      self._fed(ready, tok, logp)
+    self._after_dispatch(previous)
+
+  def _drawable(self, ready: list[Request], in_lockstep: bool):
+    """(the ready requests still running, the step's grammar mask or None): the slots'
+    sampling arrays refreshed, and the last step's tokens read first where the step needs
+    them (`in_lockstep`: speculative proposals are verified against every token; a grammar's
+    mask follows from them)."""
+    self._refresh_arrays()
+    constrained = any(r.constraint is not None or self._below_min_tokens(r) for r in ready)
+    if in_lockstep or constrained:
+      self._collect()
+      ready = self._ready()
+    mask = self._grammar_masks(ready) if constrained else None
+    return [r for r in ready if not r.done], mask
+
+  def _fed(self, ready: list[Request], tok, logp) -> None:
+    """A decode step for `ready` is dispatched: each one's drawn token is fed and stored by
+    it, and its tokens (`tok`, `logp`) wait to be read while the next step runs."""
+    self.stats["decode_steps"] += 1
+    for r in ready:
+      r.prefilled += 1
+      r.inflight += 1
+    self._pending = (tok, logp, [(r, r.slot, r.preemptions) for r in ready])
+
+  def _after_dispatch(self, previous) -> None:
+    """The device runs the step just dispatched while the host reads and hands out the last
+    (`previous`), unless overlap is off."""
     if previous is not None:
       self._emit_step(previous)
     if not self.config.overlap:
@@ -749,13 +762,7 @@ class Engine:
       self._prefill_chunks()
       self._decode_step()
       return
-    self._refresh_arrays()
-    constrained = any(r.constraint is not None or self._below_min_tokens(r) for r in ready)
-    if constrained:  # the grammar's mask follows from the last step's tokens
-      self._collect()
-      ready = self._ready()
-    mask = self._grammar_masks(ready) if constrained else None
-    ready = [r for r in ready if not r.done]
+    ready, mask = self._drawable(ready, in_lockstep=False)
     B, P = self.config.max_slots, self.config.prefill_chunk
     rows, budget = [], P  # (request, first position, tokens) of the prompt rows
     for r in self._prefilling():
@@ -793,22 +800,17 @@ class Engine:
     tok, logp, self._state = steps_lib.mixed(self.graphdef, self.params, self._state, batch,
                                              jnp.asarray(tokens), jnp.asarray(ends),
                                              penalties=self._penalties)
-    self.stats["decode_steps"] += 1
     self.stats["mixed_steps"] += 1
-    for r in ready:
-      r.prefilled += 1
-      r.inflight += 1
     for r, first, n in rows:
       r.prefilled += n
       self.stats["prefill_tokens"] += n
       if r.prefilled == len(r.sequence):
         self._prefill_done(r)
     if ready:
-      self._pending = (tok, logp, [(r, r.slot, r.preemptions) for r in ready])
-    if previous is not None:
-      self._emit_step(previous)
-    if not self.config.overlap:
-      self._collect()
+      self._fed(ready, tok, logp)
+    else:
+      self.stats["decode_steps"] += 1
+    self._after_dispatch(previous)
 
   def _below_min_tokens(self, r: Request) -> bool:
     """Whether the request's next draw must not end it (min_tokens not reached yet)."""

@@ -321,9 +321,12 @@ def create_app(model, engine: engine_lib.Engine, *, model_name: str,
         if kind == "finish" and not chat and api.ending(r):  # completions report it too
           new_tokens, new_logprobs = new_tokens + api.ending(r), new_logprobs + [r.stop_logprob]
         if len(text) > sent[i] or new_tokens:
+          # Where these tokens' text begins (completions' text_offset), only when it is sent:
+          # decoding the whole output again at every event would cost the stream O(n^2).
+          offset = (base[i] + len(model.tokenizer.decode(r.tokens[:ntok[i]]))
+                    if not chat and body.logprobs is not None and new_tokens else 0)
           yield out.chunk(body, rid, chat, i, text[sent[i]:], tokens=new_tokens,
-                          logprobs=new_logprobs,
-                          offset=base[i] + len(model.tokenizer.decode(r.tokens[:ntok[i]])))
+                          logprobs=new_logprobs, offset=offset)
           sent[i] = max(sent[i], len(text))
           ntok[i] = len(r.tokens)
         if calls:
