@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jaxllm.ops import cpu_gemv
@@ -82,7 +83,13 @@ def test_bench_pipeline_json():
   rows = result["rows"]
   assert [(r["stages"], r["microbatches"]) for r in rows] == [(2, 1), (2, 2), (2, 4), (2, 8)]
   assert [r["formula_bubble"] for r in rows] == [1 / 2, 1 / 3, 1 / 5, 1 / 9]
-  assert all(r["step_s"] > 0 and r["measured_bubble"] < 1 for r in rows)
+  # The measured bubble is the linear fit's reading of the step times; its value is timing
+  # (a noisy CPU can fit a negative slope), so only its consistency is asserted.
+  steps = np.asarray([r["step_s"] for r in rows])
+  assert (steps > 0).all()
+  tau, _ = np.polyfit([r["microbatches"] for r in rows], steps, 1)
+  np.testing.assert_allclose([r["measured_bubble"] for r in rows],
+                             [1 - r["microbatches"] * tau / r["step_s"] for r in rows], rtol=1e-6)
   # Two layers cannot make 2 stages x 2 circular chunks: GPipe and 1F1B only.
   memory = {(r["schedule"], r["microbatches"]): r["temp_bytes"] for r in result["memory"]}
   assert sorted(memory) == [("1f1b", 2), ("1f1b", 8), ("gpipe", 2), ("gpipe", 8)]
