@@ -7,7 +7,7 @@ import pytest
 
 from jaxllm.inference import engine as engine_lib
 from jaxllm.inference import generate as gen
-from jaxllm.inference import sampling
+from jaxllm.inference import sampling, traces
 from jaxllm.model import transformer
 from tests.helpers import tiny_model
 
@@ -60,7 +60,7 @@ def test_mixed_workload_arriving_over_time_equals_each_request_alone(model, mixe
   engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
       max_slots=8, num_pages=96, page_size=8, prefill_chunk=16, mixed_steps=mixed_steps))
   work = _workload(64)
-  before = dict(gen.trace_counts())  # other tests compile too: count this run's programs only
+  before = dict(traces.trace_counts())  # other tests compile too: count this run's programs only
   rng = np.random.default_rng(1)
   arrivals = np.sort(rng.integers(0, 60, len(work)))  # engine step at which each arrives
   requests, step = [], 0
@@ -75,10 +75,10 @@ def test_mixed_workload_arriving_over_time_equals_each_request_alone(model, mixe
   assert _all_pages_back(engine)
   # Fixed shapes: one program per page-table width (1, 2, 4, 8, 16 pages of 8 tokens for a
   # 128-token context), decode with and without penalties.
-  traces = {k: v - before.get(k, 0) for k, v in gen.trace_counts().items()}
-  assert traces["engine_prefill"] <= 5 and traces["engine_decode"] <= 10
+  built = {k: v - before.get(k, 0) for k, v in traces.trace_counts().items()}
+  assert built["engine_prefill"] <= 5 and built["engine_decode"] <= 10
   if mixed_steps:  # most prompts arrived while others decoded
-    assert engine.stats["mixed_steps"] > 20 and traces["engine_mixed"] <= 10
+    assert engine.stats["mixed_steps"] > 20 and built["engine_mixed"] <= 10
 
 
 @pytest.mark.parametrize("overlap,prefill_rows,mixed_steps",

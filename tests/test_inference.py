@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.inference import generate as gen
-from jaxllm.inference import kv_cache, sampling
+from jaxllm.inference import kv_cache, sampling, traces
 from jaxllm.model import cache as model_cache
 from jaxllm.model import transformer
 from tests.helpers import tiny_model
@@ -135,7 +135,7 @@ def test_compiled_shapes_are_bounded():
   cfg = tiny_model()
   graphdef, params = transformer.split(transformer.create(cfg, 2))
   rng = np.random.default_rng(1)
-  before = collections.Counter(gen.trace_counts())
+  before = collections.Counter(traces.trace_counts())
   shapes = collections.defaultdict(set)
   for _ in range(12):
     lengths = rng.integers(1, 60, size=3)
@@ -148,7 +148,7 @@ def test_compiled_shapes_are_bounded():
     S = gen.bucket(-(-int(lengths.max()) // chunk) * chunk + max_tokens)
     shapes["extend_chunk"].add((chunk, S))
     shapes["decode_loop"].add((S, gen.bucket(max_tokens)))
-  traced = collections.Counter(gen.trace_counts()) - before
+  traced = collections.Counter(traces.trace_counts()) - before
   # 12 calls with 12 different prompt sets compile once per distinct bucketed shape, no more.
   assert traced["extend_chunk"] == len(shapes["extend_chunk"]) <= 4
   assert traced["decode_loop"] == len(shapes["decode_loop"]) <= 4

@@ -344,13 +344,15 @@ def test_servers_answer_with_one_adapter_or_the_one_each_request_names(tmp_path,
     engine.shutdown()
 
 
-def test_requests_of_different_adapters_in_one_batch_each_equal_their_merged_model():
+def test_requests_of_different_adapters_in_one_batch_each_equal_their_merged_model(
+    monkeypatch):
   """Multi-LoRA in the engine (`jaxllm.lora.bank`): the base and two adapters (ranks 2 and 4,
   different targets) decoded in shared batches; each request's tokens equal greedy decoding by
   full forward passes of its own merged model. A prompt whose pages another adapter cached is
   computed again (prefix-cache keys are per adapter), and an unknown slot is refused; with a
   layer-skip draft of the banked model, speculative decoding gives the same tokens."""
   from jaxllm.inference import engine as engine_lib
+  from jaxllm.inference import steps as steps_lib
   from tests.helpers import greedy_by_recompute
   graphdef, params = _model()
   one = lora_with_updates(params, adapters.LoraConfig(rank=2, targets=("q", "v")), seed=3,
@@ -365,10 +367,11 @@ def test_requests_of_different_adapters_in_one_batch_each_equal_their_merged_mod
   slots = [0, 1, 2, 1, 2]
   reqs = [engine.submit(prompt if i < 3 else prompt[:6] + [7], sampling.SamplingParams(
       max_tokens=6), adapter=slot) for i, slot in enumerate(slots)]
-  steps = []
-  slot_adapters = engine._slot_adapters  # what each decode step is given
-  engine._slot_adapters = lambda: steps.append(
-      [r.adapter for r in engine._slots if r is not None]) or slot_adapters()
+  steps = []  # the adapters of each decode step's active rows, as the device step gets them
+  decode = steps_lib.decode
+  monkeypatch.setattr(steps_lib, "decode", lambda graphdef, params, state, batch, **kw: (
+      steps.append(np.asarray(batch.adapters_B)[np.asarray(batch.active_B)].tolist())
+      or decode(graphdef, params, state, batch, **kw)))
   engine.run_until_idle()
   models = {0: params, 1: adapters.merge(one), 2: adapters.merge(two)}
   want = {(tuple(r.prompt), s): greedy_by_recompute(graphdef, models[s], r.prompt, 6)

@@ -185,7 +185,7 @@ def run(path: str, *, batches=(1, 8, 32), peers=PEERS, drafts=("ngram:3", "layer
         k: int = 4, prompt_tokens: int = 64, new_tokens: int = 64, repeats: int = 1,
         random_model_config=None) -> dict:
   import jaxllm
-  from jaxllm.inference import generate as gen
+  from jaxllm.inference import traces
   if random_model_config is not None:
     model = random_model(random_model_config, path)
   else:
@@ -310,7 +310,7 @@ def run(path: str, *, batches=(1, 8, 32), peers=PEERS, drafts=("ngram:3", "layer
       f"random {sum(x.size for x in jax.tree.leaves(model.params)) / 1e6:,.1f}M params")
   return dict(suite="decode", checkpoint=name, backend=jax.default_backend(),
               prompt_tokens=prompt_tokens, new_tokens=new_tokens, rows=rows,
-              speculative=spec_rows, compiles=gen.trace_counts(), errors=errors,
+              speculative=spec_rows, compiles=traces.trace_counts(), errors=errors,
               repeats=repeats, greedy_matches_transformers=matches,
               greedy_matches_xla_path=same_on_xla, copy_bandwidth_gbps=bandwidth,
               llama_cpp_leading_tokens_equal_fp32=agreement)

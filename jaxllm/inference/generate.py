@@ -4,10 +4,11 @@ The hot functions are pure and jitted over `(graphdef, params, ..., cache)` with
 donated, so it is updated in place:
   `extend_chunk`   T tokens per sequence (T from a few power-of-two buckets) -> last logits;
   `decode_step`    one token per sequence, all sequences at once (per-sequence lengths);
-  `_decode_loop`   decode_step + sampling in a `lax.while_loop` that exits when all stop.
-Prompts are processed in chunks of `prefill_chunk` tokens, the cache length and output buffer
-are rounded up to powers of two, so a handful of compiled shapes serve all prompt lengths
-(`trace_counts` tells how many were built).
+Then `device_loops.decode_loop` draws and feeds the serving engine's decode step
+(`steps.draw_and_feed`) in a `lax.while_loop` that exits when all stop. Prompts are processed
+in chunks of `prefill_chunk` tokens, the cache length and output buffer are rounded up to
+powers of two, so a handful of compiled shapes serve all prompt lengths
+(`traces.trace_counts` tells how many were built).
 
 Both cache layouts work everywhere: `cache="contiguous"` (`[L, B, S, K, Dh]`) or `"paged"`
 (a page pool and a page table filled by `PageAllocator`).
@@ -15,7 +16,6 @@ Both cache layouts work everywhere: `cache="contiguous"` (`[L, B, S, K, Dh]`) or
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 from typing import Callable, Literal, Sequence
@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import io_callback
 
-from jaxllm.inference import paging, sampling
+from jaxllm.inference import device_loops, paging, sampling
+from jaxllm.inference.traces import count_trace
 from jaxllm.model import cache as kv_cache
 from jaxllm.parallel import placement
 
@@ -36,20 +36,6 @@ CACHE_KINDS = ("contiguous", "paged")
 FinishReason = Literal["stop", "length", "cancelled", "error", "grammar_dead_end"]
 # The decode loops' reason codes (0: still running).
 FINISH_REASONS: dict[int, FinishReason] = {1: "stop", 2: "length"}
-
-# How often each jitted function was traced (= compiled) in this process: a counter, read by
-# tests and benchmarks through `trace_counts`, bumped by the functions as they trace.
-_TRACES: collections.Counter = collections.Counter()
-
-
-def count_trace(name: str) -> None:
-  """Called inside a jitted function's body: runs once per trace, i.e. per compilation."""
-  _TRACES[name] += 1
-
-
-def trace_counts() -> dict[str, int]:
-  return dict(_TRACES)
-
 
 @dataclasses.dataclass
 class Generation:
@@ -164,53 +150,6 @@ def prefill(graphdef, params, prompts: Sequence[Sequence[int]], cache, *,
   return last, cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "out_len", "penalties", "stream",
-                                             "on_tokens"))
-def _decode_loop(graphdef, params, cache, logits_BV, arrays, max_new_B, stop_ids_BX,
-                 prompt_mask_BV, *, out_len: int, penalties: bool, stream=None, on_tokens=None):
-  count_trace("decode_loop")
-  model = nnx.merge(graphdef, params)
-  B, V = logits_BV.shape
-  rows_B = jnp.arange(B)
-
-  def cond(c):
-    return (c["i"] < out_len) & ~jnp.all(c["done"])
-
-  def body(c):
-    logits = c["logits"]
-    if penalties:
-      logits = sampling.apply_penalties(logits, arrays, c["counts"], prompt_mask_BV)
-    tok_B = sampling.draw(logits, arrays, sampling.row_keys(arrays, c["n"]))
-    logp_B = sampling.token_logprobs(c["logits"], tok_B)
-    active_B = ~c["done"]
-    stop_B = jnp.any(tok_B[:, None] == stop_ids_BX, axis=-1)
-    emit_B = active_B & ~stop_B
-    slot_B = jnp.where(emit_B, c["n"], out_len)  # out of range: dropped
-    out = c["out"].at[rows_B, slot_B].set(tok_B, mode="drop")
-    logp = c["logp"].at[rows_B, slot_B].set(logp_B, mode="drop")
-    n_B = c["n"] + emit_B
-    length_B = emit_B & (n_B >= max_new_B)
-    reason = jnp.where(active_B & stop_B, 1, jnp.where(length_B, 2, c["reason"]))
-    done_B = c["done"] | (active_B & stop_B) | length_B
-    counts = c["counts"]
-    if penalties:
-      counts = counts + jax.nn.one_hot(tok_B, V, dtype=jnp.int32) * emit_B[:, None]
-    logits_B1V, cache = model.extend(tok_B[:, None], c["cache"], (~done_B).astype(jnp.int32),
-                                     stream=stream)
-    if on_tokens is not None:
-      io_callback(on_tokens, None, out, n_B, ordered=True)
-    return dict(i=c["i"] + 1, cache=cache, logits=logits_B1V[:, 0], out=out, logp=logp, n=n_B,
-                done=done_B, reason=reason, counts=counts)
-
-  init = dict(i=jnp.int32(0), cache=cache, logits=logits_BV,
-              out=jnp.zeros((B, out_len), jnp.int32), logp=jnp.zeros((B, out_len), jnp.float32),
-              n=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool),
-              reason=jnp.zeros((B,), jnp.int32),
-              counts=jnp.zeros((B, V) if penalties else (1, 1), jnp.int32))
-  final = jax.lax.while_loop(cond, body, init)
-  return final["out"], final["logp"], final["n"], final["reason"]
-
-
 def stop_id_array(params: Sequence[sampling.SamplingParams], eos_id: int) -> np.ndarray:
   """`[B, X]` int32 stop tokens per request (eos included), padded with -1; X a power of two."""
   ids = [sorted(set(p.stop_token_ids) | ({eos_id} if eos_id >= 0 and not p.ignore_eos
@@ -313,7 +252,7 @@ def _generate_requests(graphdef, params, prompts, sampling_params, *, eos_id, ma
                      vocab_size=cfg.vocab_size, stream=stream)
   penalties = any(sp.uses_penalties for sp in sampling_params)
   mask = prompt_mask(prompts, cfg.vocab_size) if penalties else jnp.zeros((1, 1), bool)
-  out, logp, n, reason = _decode_loop(
+  out, logp, n, reason = device_loops.decode_loop(
       graphdef, params, kv, last, sampling.SamplingArrays.of(sampling_params),
       jnp.asarray([sp.max_tokens for sp in sampling_params], jnp.int32),
       jnp.asarray(stop_id_array(sampling_params, eos_id)), mask, out_len=bucket(max_new),

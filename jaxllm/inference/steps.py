@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxllm.inference import generate as gen
-from jaxllm.inference import sampling, speculative
+from jaxllm.inference import acceptance, sampling
+from jaxllm.inference.traces import count_trace
 from jaxllm.lora import bank as lora_bank
 from jaxllm.model import cache as kv_cache
 
@@ -73,16 +73,30 @@ def _adjusted_logits(logits_BV, counts_BV, batch: Batch, penalties: bool):
   return logits_BV
 
 
-def _draw_and_count(state: DecodeState, batch: Batch, penalties: bool, active_B):
+def _draw_and_count(logits_BV, counts_BV, batch: Batch, penalties: bool, active_B):
   """(token drawn for each slot, its logprob under the model, the counts with it)."""
-  V = state.logits_BV.shape[-1]
-  processed = _adjusted_logits(state.logits_BV, state.counts_BV, batch, penalties)
+  V = logits_BV.shape[-1]
+  processed = _adjusted_logits(logits_BV, counts_BV, batch, penalties)
   tok_B = sampling.draw(processed, batch.arrays, sampling.row_keys(batch.arrays, batch.steps_B))
-  logp_B = sampling.token_logprobs(state.logits_BV, tok_B)
-  counts_BV = state.counts_BV
+  logp_B = sampling.token_logprobs(logits_BV, tok_B)
   if penalties:
     counts_BV = counts_BV + jax.nn.one_hot(tok_B, V, dtype=jnp.int32) * active_B[:, None]
   return tok_B, logp_B, counts_BV
+
+
+def draw_and_feed(model, cache, logits_BV, counts_BV, batch: Batch, *, penalties: bool,
+                  stream: kv_cache.Stream | None = None):
+  """The decode step on any KV cache (the engine's pages, or an offline loop's contiguous or
+  paged cache): each active row draws a token from its logits and feeds it; inactive rows
+  store nothing and keep their logits. -> (token `[B]`, its logprob `[B]`, logits `[B, V]`,
+  counts `[B, V]`, cache). The batch's page table and lengths are not read (the cache has
+  them)."""
+  active_B = batch.active_B
+  tok_B, logp_B, counts_BV = _draw_and_count(logits_BV, counts_BV, batch, penalties, active_B)
+  new_B1V, cache = model.extend(tok_B[:, None], cache, active_B.astype(jnp.int32),
+                                stream=stream)
+  logits_BV = jnp.where(active_B[:, None], new_B1V[:, 0], logits_BV)
+  return tok_B, logp_B, logits_BV, counts_BV, cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "draft_graphdef", "stream"),
@@ -94,7 +108,7 @@ def prefill_chunk(graphdef, params, state: DecodeState, page_rows_RM, lengths_R,
   0 writes nothing) into the page pools, the draft's too where there is one (its pool holds
   the same tokens under the same page table): (the logits after each row's last new token
   `[R, V]`, state)."""
-  gen.count_trace("engine_prefill")
+  count_trace("engine_prefill")
   cache = kv_cache.PagedKVCache(state.k, state.v, page_rows_RM, lengths_R)
   model = nnx.merge(graphdef, lora_bank.select(params, adapters_R))
   logits, cache = model.extend(tokens_RC, cache, num_new_R, last_only=True, stream=stream)
@@ -113,13 +127,11 @@ def decode(graphdef, params, state: DecodeState, batch: Batch, *, penalties: boo
            stream: kv_cache.Stream | None = None):
   """(token `[B]`, its logprob `[B]`, state). `stream`: every row is a StreamingLLM sequence
   whose M pages hold its sinks and ring."""
-  gen.count_trace("engine_decode")
-  tok_B, logp_B, counts_BV = _draw_and_count(state, batch, penalties, batch.active_B)
+  count_trace("engine_decode")
   cache = kv_cache.PagedKVCache(state.k, state.v, batch.page_table_BM, batch.lengths_B)
   model = nnx.merge(graphdef, lora_bank.select(params, batch.adapters_B))
-  new_B1V, cache = model.extend(tok_B[:, None], cache, batch.active_B.astype(jnp.int32),
-                                stream=stream)
-  logits_BV = jnp.where(batch.active_B[:, None], new_B1V[:, 0], state.logits_BV)
+  tok_B, logp_B, logits_BV, counts_BV, cache = draw_and_feed(
+      model, cache, state.logits_BV, state.counts_BV, batch, penalties=penalties, stream=stream)
   return tok_B, logp_B, state._replace(k=cache.k, v=cache.v, logits_BV=logits_BV,
                                        counts_BV=counts_BV)
 
@@ -139,10 +151,11 @@ def mixed(graphdef, params, state: DecodeState, batch: Batch, prompt_tokens_P, e
   layer reads them, each sees its earlier tokens of the same step. `ends_P`: the slot whose
   prompt row p completes (its logits become that slot's), B where none. Inactive rows store
   nothing."""
-  gen.count_trace("engine_mixed")
+  count_trace("engine_mixed")
   B = state.logits_BV.shape[0]
   active_N = batch.active_B
-  tok_B, logp_B, counts_BV = _draw_and_count(state, batch, penalties, active_N[:B])
+  tok_B, logp_B, counts_BV = _draw_and_count(state.logits_BV, state.counts_BV, batch, penalties,
+                                             active_N[:B])
   tokens_N = jnp.concatenate([tok_B, prompt_tokens_P])
   cache = kv_cache.PagedKVCache(state.k, state.v, batch.page_table_BM, batch.lengths_B)
   model = nnx.merge(graphdef, lora_bank.select(params, batch.adapters_B))
@@ -154,81 +167,110 @@ def mixed(graphdef, params, state: DecodeState, batch: Batch, prompt_tokens_P, e
                                        counts_BV=counts_BV)
 
 
+class Verified(NamedTuple):
+  """What one speculative step leaves: tokens `[B, 1 + k]` (t0 then the proposals; the first
+  1 + accepted_B are the output), their logprobs, accepted proposals `[B]`, the slot logits
+  after the last accepted token, counts, the rejected proposal's draft distribution `sub_BV`,
+  and both caches (lengths as the step's feeds left them: the caller rolls them back to the
+  accepted tokens)."""
+  tokens_BT: jax.Array
+  logp_BT: jax.Array
+  accepted_B: jax.Array
+  logits_BV: jax.Array
+  counts_BV: jax.Array
+  sub_BV: jax.Array
+  cache: Any
+  draft_cache: Any
+
+
+def speculate_and_verify(target, draft, cache, draft_cache, logits_BV, counts_BV, sub_BV,
+                         batch: Batch, hist_BH, drafts_B, *, k: int, max_ngram: int,
+                         penalties: bool) -> Verified:
+  """One speculative step on any KV cache: emits 1 to 1 + drafts_B[b] tokens per row.
+
+  The row's logits give t0, drawn from the target's distribution p, or from norm(max(p - s, 0))
+  where the previous step rejected a proposal drawn from s (`sub_BV`, zero rows otherwise).
+  The draft proposes d_1..d_k from distributions q_i: prompt lookup over the history `hist_BH`
+  (the prompt and every token before t0; one-hot q; `draft` None) or a draft model whose cache
+  holds what the target's does (it feeds t0 and the proposals). The target scores
+  [t0, d_1..d_k] in one pass and d_i is accepted while u_i q_i(d_i) < p_{i-1}(d_i)
+  (`jaxllm.inference.acceptance`). That keeps the target's distribution, and greedy rows
+  (one-hot p and q) accept exactly the argmax. The new logits are those after the last
+  accepted token; the first rejection's q becomes the next step's `sub_BV`. Rows with
+  penalties draft nothing (drafts_B = 0): their counts change by t0 alone. Rows with a logit
+  bias or under a grammar draw t0 with it and must draft nothing.
+  """
+  B, V = logits_BV.shape
+  rows_B = jnp.arange(B)
+  active_B, arrays = batch.active_B, batch.arrays
+  lengths_B = cache.lengths
+  keys_B2 = sampling.row_keys(arrays, batch.steps_B)
+  processed_BV = _adjusted_logits(logits_BV, counts_BV, batch, penalties)
+  resid_BV = acceptance.residual(sampling.probabilities(processed_BV, arrays), sub_BV)
+  t0_B = jnp.where(jnp.sum(sub_BV, -1) > 0, acceptance.sample_from(resid_BV, keys_B2),
+                   sampling.draw(processed_BV, arrays, keys_B2))
+  if penalties:
+    counts_BV = counts_BV + jax.nn.one_hot(t0_B, V, dtype=jnp.int32) * active_B[:, None]
+  if draft is None:
+    hist_BH = hist_BH.at[rows_B, lengths_B].set(t0_B, mode="drop")
+    d_Bk = acceptance.ngram_proposals(hist_BH, lengths_B + 1, t0_B, k=k, max_ngram=max_ngram)
+    q_BkV = jax.nn.one_hot(d_Bk, V, dtype=jnp.float32)
+  else:
+    def draft_step(carry, i):
+      dcache, tok_B = carry
+      # Feeds position lengths + i; within the room the row has while i <= drafts_B.
+      fed_B = (active_B & (i <= drafts_B)).astype(jnp.int32)
+      out_B1V, dcache = draft.extend(tok_B[:, None], dcache, fed_B)
+      q_BV = sampling.probabilities(out_B1V[:, 0], arrays)
+      d_B = acceptance.sample_from(
+          q_BV, jax.vmap(lambda key: jax.random.fold_in(key, 2 + i))(keys_B2))
+      return (dcache, d_B), (d_B, q_BV)
+
+    # k + 1 feeds (t0, d_1..d_k): the last only writes d_k's entry, so the draft cache holds
+    # every token the target may keep, and its proposal is unused.
+    (draft_cache, _), (d_TB, q_TBV) = jax.lax.scan(draft_step, (draft_cache, t0_B),
+                                                   jnp.arange(k + 1))
+    d_Bk, q_BkV = jnp.moveaxis(d_TB[:k], 0, 1), jnp.moveaxis(q_TBV[:k], 0, 1)
+  tokens_BT = jnp.concatenate([t0_B[:, None], d_Bk], axis=1)
+  fed_B = (1 + drafts_B) * active_B.astype(jnp.int32)
+  logits_BTV, cache = target.extend(tokens_BT, cache, fed_B)
+  p_BTV = acceptance.target_probabilities(logits_BTV, arrays)
+  u_Bk = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 1), (k,)))(keys_B2)
+  n_acc_B = acceptance.accepted_prefix(p_BTV, q_BkV, d_Bk, u_Bk, drafts_B)
+  logp_BT = jnp.concatenate([
+      sampling.token_logprobs(logits_BV, t0_B)[:, None],
+      jnp.take_along_axis(jax.nn.log_softmax(logits_BTV[:, :k], axis=-1), d_Bk[..., None],
+                          axis=-1)[..., 0]], axis=1)
+  new_BV = jnp.take_along_axis(logits_BTV, n_acc_B[:, None, None], axis=1)[:, 0]
+  q_rej_BV = jnp.take_along_axis(q_BkV, jnp.minimum(n_acc_B, k - 1)[:, None, None], axis=1)[:, 0]
+  return Verified(
+      tokens_BT, logp_BT, n_acc_B, jnp.where(active_B[:, None], new_BV, logits_BV), counts_BV,
+      jnp.where((active_B & (n_acc_B < drafts_B))[:, None], q_rej_BV, 0.0), cache, draft_cache)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "draft_graphdef", "k", "max_ngram",
                                              "penalties"),
                    donate_argnames=("state",))
 def decode_speculative(graphdef, params, draft_graphdef, draft_params, state: DecodeState,
                        batch: Batch, hist_BH, drafts_B, *, k: int, max_ngram: int,
                        penalties: bool):
-  """One step that emits 1 to 1 + drafts_B[b] tokens per slot: (tokens `[B, 1 + k]`, their
-  logprobs, accepted proposals `[B]`, state).
-
-  The slot's logits give t0, drawn from the target's distribution p, or from norm(max(p - s, 0))
-  where the previous step rejected a proposal drawn from s (`state.sub_BV`, zero rows
-  otherwise). The draft proposes d_1..d_k from distributions q_i: prompt lookup over the
-  history `hist_BH` (one-hot q; `draft_graphdef` None) or a draft model with its own paged
-  cache (`state.dk`, `dv`) under the same page table (it feeds t0 and the proposals). The
-  target scores [t0, d_1..d_k] in one pass and d_i is accepted while u_i q_i(d_i) <
-  p_{i-1}(d_i). That keeps the target's distribution, and greedy rows (one-hot p and q) accept
-  exactly the argmax. The new slot logits are those after the last accepted token; the first
-  rejection's q becomes the next step's `sub_BV`. Rows with penalties draft nothing (drafts_B =
-  0): their counts change by t0 alone. A draft holding the target's LoRA banks (`layer_skip`)
-  proposes with each row's adapter. Rows with a logit bias or under a grammar draw t0 with it
-  and draft nothing.
-  """
-  gen.count_trace("engine_decode_speculative")
-  B, V = state.logits_BV.shape
-  rows_B = jnp.arange(B)
-  active_B, lengths_B, arrays = batch.active_B, batch.lengths_B, batch.arrays
-  keys_B2 = sampling.row_keys(arrays, batch.steps_B)
-  processed_BV = _adjusted_logits(state.logits_BV, state.counts_BV, batch, penalties)
-  sub_BV = state.sub_BV
-  resid_BV = speculative.residual(sampling.probabilities(processed_BV, arrays), sub_BV)
-  t0_B = jnp.where(jnp.sum(sub_BV, -1) > 0, speculative.sample_from(resid_BV, keys_B2),
-                   sampling.draw(processed_BV, arrays, keys_B2))
-  counts_BV = state.counts_BV
-  if penalties:
-    counts_BV = counts_BV + jax.nn.one_hot(t0_B, V, dtype=jnp.int32) * active_B[:, None]
-  dk_pages, dv_pages = state.dk, state.dv
-  if draft_graphdef is None:
-    hist_BH = hist_BH.at[rows_B, lengths_B].set(t0_B, mode="drop")
-    d_Bk = speculative.ngram_proposals(hist_BH, lengths_B + 1, t0_B, k=k, max_ngram=max_ngram)
-    q_BkV = jax.nn.one_hot(d_Bk, V, dtype=jnp.float32)
-  else:
+  """`speculate_and_verify` on the engine's pages: (tokens `[B, 1 + k]`, their logprobs,
+  accepted proposals `[B]`, state). A model draft (`draft_graphdef`) keeps its own pools
+  (`state.dk`, `dv`) under the target's page table; one holding the target's LoRA banks
+  (`layer_skip`) proposes with each row's adapter. The host keeps each row's cached length
+  (it adds 1 + accepted)."""
+  count_trace("engine_decode_speculative")
+  table, lengths = batch.page_table_BM, batch.lengths_B
+  cache = kv_cache.PagedKVCache(state.k, state.v, table, lengths)
+  target = nnx.merge(graphdef, lora_bank.select(params, batch.adapters_B))
+  draft, dcache = None, None
+  if draft_graphdef is not None:
     draft = nnx.merge(draft_graphdef, lora_bank.select(draft_params, batch.adapters_B))
-
-    def draft_step(carry, i):
-      dcache, tok_B = carry
-      # Feeds position lengths + i; within the pages the row holds while i <= drafts_B.
-      fed_B = (active_B & (i <= drafts_B)).astype(jnp.int32)
-      out_B1V, dcache = draft.extend(tok_B[:, None], dcache, fed_B)
-      q_BV = sampling.probabilities(out_B1V[:, 0], arrays)
-      d_B = speculative.sample_from(
-          q_BV, jax.vmap(lambda key: jax.random.fold_in(key, 2 + i))(keys_B2))
-      return (dcache, d_B), (d_B, q_BV)
-
-    # k + 1 feeds (t0, d_1..d_k): the last only writes d_k's entry, so the draft cache holds
-    # every token the target may keep, and its proposal is unused.
-    dcache = kv_cache.PagedKVCache(dk_pages, dv_pages, batch.page_table_BM, lengths_B)
-    (dcache, _), (d_TB, q_TBV) = jax.lax.scan(draft_step, (dcache, t0_B), jnp.arange(k + 1))
-    dk_pages, dv_pages = dcache.k, dcache.v
-    d_Bk, q_BkV = jnp.moveaxis(d_TB[:k], 0, 1), jnp.moveaxis(q_TBV[:k], 0, 1)
-  cache = kv_cache.PagedKVCache(state.k, state.v, batch.page_table_BM, lengths_B)
-  tokens_BT = jnp.concatenate([t0_B[:, None], d_Bk], axis=1)
-  fed_B = (1 + drafts_B) * active_B.astype(jnp.int32)
-  logits_BTV, cache = nnx.merge(graphdef, lora_bank.select(params, batch.adapters_B)).extend(
-      tokens_BT, cache, fed_B)
-  p_BTV = speculative.target_probabilities(logits_BTV, arrays)
-  u_Bk = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 1), (k,)))(keys_B2)
-  n_acc_B = speculative.accepted_prefix(p_BTV, q_BkV, d_Bk, u_Bk, drafts_B)
-  logp_BT = jnp.concatenate([
-      sampling.token_logprobs(state.logits_BV, t0_B)[:, None],
-      jnp.take_along_axis(jax.nn.log_softmax(logits_BTV[:, :k], axis=-1), d_Bk[..., None],
-                          axis=-1)[..., 0]], axis=1)
-  new_BV = jnp.take_along_axis(logits_BTV, n_acc_B[:, None, None], axis=1)[:, 0]
-  logits_BV = jnp.where(active_B[:, None], new_BV, state.logits_BV)
-  q_rej_BV = jnp.take_along_axis(q_BkV, jnp.minimum(n_acc_B, k - 1)[:, None, None], axis=1)[:, 0]
-  sub_BV = jnp.where((active_B & (n_acc_B < drafts_B))[:, None], q_rej_BV, 0.0)
-  return tokens_BT, logp_BT, n_acc_B, DecodeState(
-      k=cache.k, v=cache.v, logits_BV=logits_BV, counts_BV=counts_BV, sub_BV=sub_BV,
-      dk=dk_pages, dv=dv_pages)
+    dcache = kv_cache.PagedKVCache(state.dk, state.dv, table, lengths)
+  out = speculate_and_verify(target, draft, cache, dcache, state.logits_BV, state.counts_BV,
+                             state.sub_BV, batch, hist_BH, drafts_B, k=k, max_ngram=max_ngram,
+                             penalties=penalties)
+  return out.tokens_BT, out.logp_BT, out.accepted_B, DecodeState(
+      k=out.cache.k, v=out.cache.v, logits_BV=out.logits_BV, counts_BV=out.counts_BV,
+      sub_BV=out.sub_BV, dk=state.dk if dcache is None else out.draft_cache.k,
+      dv=state.dv if dcache is None else out.draft_cache.v)
