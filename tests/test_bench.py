@@ -144,8 +144,8 @@ def test_bench_decode_json(tiny_chat_model):
 def test_bench_serve_json(tiny_chat_model):
   """The serve suite's plumbing at toy sizes (a tiny random model with SmolLM2's tokenizer):
   every mode measured over the same requests, utilisation a fraction, prefix caching reuses
-  the shared pages and changes no output, nor do zero-initialised adapters (multi-LoRA) or
-  prompt tokens riding in the decode steps (mixed steps)."""
+  the shared pages and changes no output, nor do zero-initialised adapters (multi-LoRA),
+  grammar-checked proposals or prompt tokens riding in the decode steps (mixed steps)."""
   # 10 prefix requests arriving together: the first computes the 256 shared tokens, the other
   # 9 wait for its pages and reuse them.
   proc = _run("serve", "--json", f"--checkpoint={tiny_chat_model}", "--requests=6", "--rate=50",
@@ -172,6 +172,9 @@ def test_bench_serve_json(tiny_chat_model):
   js = result["rows"]["structured"]  # under a schema no request can finish: the same lengths
   assert js["same_lengths"] and js["output_tokens"] == cont["output_tokens"]
   assert js["mask_ms_per_token"] > 0 and js["vs_lockstep"] > 0
+  sjs = result["rows"]["structured_speculative"]  # grammar-checked proposals: same tokens
+  assert sjs["identical"] and sjs["output_tokens"] == js["output_tokens"]
+  assert 0 < sjs["grammar_acceptance"] <= 1 and sjs["vs_structured"] > 0
   mixed = result["interleaved"]  # prompts in the decode steps: other timing, same streams
   assert mixed["identical"] and mixed["separate"]["mixed_steps"] == 0
   assert mixed["mixed"]["mixed_steps"] > 0 and mixed["mixed"]["long_prompts"] >= 1

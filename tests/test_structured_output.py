@@ -208,16 +208,22 @@ def test_sampled_outputs_always_validate_against_random_schemas(chat):
 
 
 def test_regex_lark_and_choice_outputs_match_and_speculation_changes_nothing(chat):
-  """Greedy constrained decoding equals itself with an 8-slot speculative engine (the
-  constrained rows draft nothing; their unconstrained neighbours do), and every output
-  matches its regex, Lark grammar or choice."""
+  """Constrained decoding, greedy and sampled, equals itself token for token with an 8-slot
+  speculative engine, whose constrained rows propose what their grammar forces and prompt
+  lookup's continuation, checked against the grammar (some kept: fewer steps), while their
+  unconstrained neighbour drafts as usual; every output matches its regex, Lark grammar,
+  choice or schema."""
   model, vocabulary = chat
   prompt = model.chat_ids([{"role": "user", "content": "An address?"}])
   specs = [grammar.GrammarSpec("regex", r"([0-9]{1,3}\.){3}[0-9]{1,3}"),
            grammar.GrammarSpec("lark", 'start: "say " word ("," word)*\nword: /[a-z]{1,5}/'),
            grammar.GrammarSpec("choice", CHOICES),
-           grammar.GrammarSpec("json_object")]
-  results = []
+           grammar.GrammarSpec("json_object"),
+           grammar.GrammarSpec("json_schema", {
+               "type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                "zip": {"type": "integer"}},
+               "required": ["city", "zip"], "additionalProperties": False})]
+  results, steps = [], []
   for k in (0, 3):
     engine = _engine(model, speculative_k=k)
     reqs = [engine.submit(prompt, sampling.SamplingParams(temperature=t, seed=i, max_tokens=40),
@@ -226,9 +232,12 @@ def test_regex_lark_and_choice_outputs_match_and_speculation_changes_nothing(cha
     reqs.append(engine.submit(prompt, sampling.SamplingParams(max_tokens=12)))
     engine.run_until_idle()
     results.append([(r.tokens, r.finish_reason) for r in reqs])
+    steps.append(engine.stats["decode_steps"])
     if k:
-      assert engine.stats["speculative_proposed"] > 0  # the free neighbour drafted
+      assert engine.stats["speculative_proposed"] > engine.stats["grammar_proposed"] > 0
+      assert engine.stats["grammar_accepted"] > 0
   assert results[0] == results[1]
+  assert steps[1] < steps[0]
   texts = [model.tokenizer.decode(t) for t, _ in results[0][:-1]]
   reasons = [f for _, f in results[0][:-1]]
   assert all(re.fullmatch(r"([0-9]{1,3}\.){3}[0-9]{1,3}", t) for t in texts[0:2]), texts[0:2]
@@ -236,6 +245,8 @@ def test_regex_lark_and_choice_outputs_match_and_speculation_changes_nothing(cha
   assert all(t in CHOICES for t in texts[4:6]) and reasons[4:6] == ["stop", "stop"], texts[4:6]
   for t, f in zip(texts[6:8], reasons[6:8]):  # any object, or cut by max_tokens
     assert f == "length" or isinstance(json.loads(t), dict), t
+  for t, f in zip(texts[8:10], reasons[8:10]):
+    assert f == "length" or set(json.loads(t)) == {"city", "zip"}, t
 
 
 def test_bad_grammars_fail_in_one_line(chat):

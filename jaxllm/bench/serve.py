@@ -26,7 +26,11 @@ finish (an array of at least 1000 {"name": string, "value": number} objects, `JS
 so each runs to its max_tokens as in the continuous row and the throughputs compare: the
 grammar's masks are computed on the host before each step and applied in it, and those steps
 run in lockstep; it reports the host time spent on masks per token. `structured_rounds` > 1
-measures it against fresh continuous runs, pair by pair, and reports the median ratio.
+measures it against fresh continuous runs, pair by pair, and reports the median ratio. With
+`speculative_k`, the constrained traffic runs again on a speculative engine, whose constrained
+requests propose what their grammar forces and prompt lookup's continuation, checked against
+the grammar (`structured_speculative`: its speed against the structured row, and whether its
+outputs are the structured row's token for token).
 The interleaved rows (`interleaved`) keep max_slots - 1 greedy streams decoding
 max_output_tokens / 2 tokens while prompts of `long_prompt_tokens` arrive one after another
 (the next as soon as the last has its first token), with prompt chunks in prefill steps of
@@ -112,6 +116,8 @@ def _continuous(model, engine_cfg, prompts, outs, arrivals, *, prefix_caching=Tr
               prefix_hit_tokens=engine.stats["prefix_hit_tokens"], requests=requests,
               proposed=engine.stats["speculative_proposed"],
               accepted=engine.stats["speculative_accepted"],
+              grammar_proposed=engine.stats["grammar_proposed"],
+              grammar_accepted=engine.stats["grammar_accepted"],
               mask_seconds=engine.stats["grammar_mask_s"])
 
 
@@ -271,6 +277,17 @@ def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
         mask_ms_per_token=1e3 * js["mask_seconds"] / max(js["tokens"], 1),
         same_lengths=[len(r.tokens) for r in js["requests"]]
         == [len(r.tokens) for r in cont["requests"]])
+    if speculative_k:  # the constrained traffic again, grammar-checked proposals verified
+      sjs = _continuous(model, cfg, prompts, outs, arrivals, speculative_k=speculative_k,
+                        draft=model.draft(draft),
+                        constraint=lambda: vocabulary.constraint(compiled))
+      rows["structured_speculative"] = summary(sjs)
+      rows["structured_speculative"].update(
+          k=speculative_k, draft=draft, vs_structured=js["seconds"] / sjs["seconds"],
+          grammar_acceptance=sjs["grammar_accepted"] / max(sjs["grammar_proposed"], 1),
+          mask_ms_per_token=1e3 * sjs["mask_seconds"] / max(sjs["tokens"], 1),
+          identical=all(a.tokens == b.tokens for a, b in zip(js["requests"],
+                                                             sjs["requests"])))
   mixed = None
   if interleaved:
     # max_slots - 1 streams of max_output_tokens / 2 tokens after 32-token prompts, while
@@ -347,6 +364,14 @@ def table(result: dict) -> str:
                  + f", {r['vs_lockstep']:.2f}x lockstep "
                  f"(every request under a JSON schema; masks {r['mask_ms_per_token']:.2f} ms "
                  f"of host time per token), as many tokens: {r['same_lengths']}")
+  if "structured_speculative" in rows:
+    r = rows["structured_speculative"]
+    lines.append(f"{'+ JSON k=' + str(r['k']):<12}{r['tokens_per_s']:>10.1f}"
+                 f"{r['ttft_p50']:>12.2f}{r['ttft_p99']:>12.2f}{r['seconds']:>9.1f}"
+                 f"   {r['vs_structured']:.2f}x JSON (proposals the grammar forces or prompt "
+                 f"lookup finds, checked against it: {r['grammar_acceptance']:.1%} kept; masks "
+                 f"{r['mask_ms_per_token']:.2f} ms of host time per token), outputs identical: "
+                 f"{r['identical']}")
   lines.append(f"continuous / static throughput: {result['continuous_vs_static']:.2f}x; KV "
                f"utilisation {rows['continuous']['kv_utilisation']:.1%}; preemptions "
                f"{rows['continuous']['preemptions']}")

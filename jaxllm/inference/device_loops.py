@@ -109,12 +109,12 @@ def speculative_loop(graphdef, params, draft_graphdef, draft_params, cache, draf
     v = steps.speculate_and_verify(target, draft, c["cache"], c["draft_cache"], c["logits"],
                                    jnp.zeros((1, 1), jnp.int32), c["sub"], batch, c["hist"],
                                    drafts_B, k=k, max_ngram=max_ngram, penalties=False)
-    count_B = 1 + v.accepted_B
-    new = _commit(c, v.tokens_BT, v.logp_BT, count_B, active_B, stop_ids_BX, max_new_B, out_len)
+    new = _commit(c, v.tokens_BT, v.logp_BT, v.emitted_B, active_B, stop_ids_BX, max_new_B,
+                  out_len)
     if on_tokens is not None:
       io_callback(on_tokens, None, new["out"], new["n"], ordered=True)
     # Both caches keep t0 and the accepted proposals, as does the history.
-    kept_B = count_B * active_B
+    kept_B = v.emitted_B
     j_T = jnp.arange(k + 1)[None, :]
     slot_BT = jnp.where(j_T < kept_B[:, None], lengths_B[:, None] + j_T, c["hist"].shape[1])
     rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], slot_BT.shape)

@@ -566,11 +566,72 @@ class Engine:
         self._finish(r, "grammar_dead_end")
         continue
       if self._below_min_tokens(r):
-        ends = [*r.params.stop_token_ids, *([self.eos_id] if self.eos_id >= 0 else [])]
-        for t in ends:  # clear token t's bit (int32 words: flip through uint32)
-          row.view(np.uint32)[t // 32] &= ~np.uint32(1 << (t % 32))
+        self._hold_off_end(r, row)
     self.stats["grammar_mask_s"] += time.perf_counter() - start
     return jnp.asarray(self._token_mask)
+
+  def _hold_off_end(self, r: Request, row_W: np.ndarray) -> None:
+    """Clears the end of sequence and the request's stop tokens from a mask row."""
+    for t in [*r.params.stop_token_ids, *([self.eos_id] if self.eos_id >= 0 else [])]:
+      row_W.view(np.uint32)[t // 32] &= ~np.uint32(1 << (t % 32))  # int32 words: via uint32
+
+  def _checks_proposals(self, r: Request) -> bool:
+    """Whether a speculative step verifies grammar-checked proposals for this request (one
+    under a grammar, without penalties)."""
+    return (self.config.speculative_k > 0 and r.constraint is not None
+            and not r.params.uses_penalties)
+
+  def _grammar_proposals(self, rows: list[tuple[Request, int]]) -> dict:
+    """Proposals for requests under a grammar, each `(request, at most n)`: the token its next
+    draw gives where the last step drew it, then what its grammar forces after that, then
+    prompt lookup's continuation, walked through the grammar and cut at the first token it
+    does not allow (or where it ends). Returns {slot: (tokens, masks `[1 + k, W]`: the
+    grammar's mask before each token and after the last where the grammar goes on, else -1,
+    whether that last mask is real)} for the requests with any."""
+    start = time.perf_counter()
+    k = self.config.speculative_k
+    heads = {}
+    for r, n in rows:
+      c = r.constraint
+      head = [] if r.known_next is None else [r.known_next]
+      if head and not c.allows(head[0]):
+        head = []
+      walked = sum(c.consume(t) for t in head)
+      heads[r.slot] = (head + c.forced_tokens())[:n]
+      c.rollback(walked)
+    H = gen.bucket(max(len(r.sequence) + len(heads[r.slot]) for r, _ in rows) + 1)
+    hist = np.zeros((len(rows), H), np.int32)
+    lengths = np.zeros(len(rows), np.int32)
+    for i, (r, _) in enumerate(rows):
+      seq = r.sequence + heads[r.slot]
+      hist[i, :len(seq)], lengths[i] = seq, len(seq)
+    looked = self.runner.lookup(hist, lengths, k)
+    out = {}
+    for i, (r, n) in enumerate(rows):
+      c, ends = r.constraint, {*r.params.stop_token_ids, self.eos_id}
+      wanted = (heads[r.slot] + [t for t in looked[i].tolist() if t >= 0])[:n]
+      masks = np.full((k + 1, self._token_mask.shape[1]), -1, np.int32)
+      masks[0] = self._token_mask[r.slot]  # the step's own mask, min_tokens included
+      taken, walked, last_real = [], 0, True
+      for t in wanted:
+        if not masks[len(taken)].view(np.uint32)[t // 32] >> np.uint32(t % 32) & 1:
+          break
+        taken.append(t)
+        if t in ends:
+          last_real = False
+          break
+        walked += c.consume(t)  # allowed by the mask just filled from the same state
+        row = masks[len(taken)]
+        if c.finished or not c.fill(row):
+          row[:], last_real = -1, False
+          break
+        if len(r.tokens) + len(taken) < r.params.min_tokens:
+          self._hold_off_end(r, row)
+      c.rollback(walked)
+      if taken:
+        out[r.slot] = (taken, masks, last_real)
+    self.stats["grammar_mask_s"] += time.perf_counter() - start
+    return out
 
   def _collect(self) -> None:
     """Emits the tokens of the decode step still in flight, if any."""
@@ -634,7 +695,16 @@ class Engine:
     """
     k, P = self.config.speculative_k, self.config.page_size
     drafts = np.zeros((self.config.max_slots,), np.int32)
+    checked = []  # (request, most proposals) of the requests that propose under a grammar
     for r in ready:
+      if self._checks_proposals(r):
+        # Proposals start at the next draw and no token follows them in this step.
+        want = min(k, r.params.max_tokens - len(r.tokens), self.max_seq_len - r.prefilled)
+        extra = paging.pages_for(r.prefilled + want, P) - len(r.pages)
+        if extra > 0:
+          r.pages += self.scheduler.allocate_free(extra)
+        checked.append((r, max(0, min(want, len(r.pages) * P - r.prefilled))))
+        continue
       plain = not (r.params.uses_penalties or r.params.logit_bias or r.constraint is not None
                    or self._below_min_tokens(r))
       want = 0 if not plain else min(
@@ -643,6 +713,15 @@ class Engine:
       if extra > 0:
         r.pages += self.scheduler.allocate_free(extra)
       drafts[r.slot] = max(0, min(want, len(r.pages) * P - r.prefilled - 1))
+    proposals = self._grammar_proposals([(r, n) for r, n in checked if n]) if checked else {}
+    given = None
+    if proposals:
+      B = self.config.max_slots
+      given = (np.zeros(B, bool), np.zeros((B, k + 1), np.int32),
+               np.full((B, k + 1, self._token_mask.shape[1]), -1, np.int32))
+      for slot, (tokens, masks, _) in proposals.items():
+        given[0][slot], given[1][slot, :len(tokens)], given[2][slot] = True, tokens, masks
+        drafts[slot] = len(tokens)
     width = self.scheduler.table_width(ready)
     hist = None
     if self.runner.draft is None:  # prompt lookup searches each slot's history on the device
@@ -652,15 +731,22 @@ class Engine:
         hist[r.slot, :len(seq)] = seq
     batch = self.runner.batch(*self.scheduler.batch_arrays(ready, width),
                               self._slot_adapters(), mask)
-    tokens, logp, n_acc = self.runner.speculative(batch, hist, drafts)
+    tokens, logp, n_acc, emitted, next_tokens = self.runner.speculative(batch, hist, drafts,
+                                                                         given)
     self.stats["decode_steps"] += 1
     now = time.monotonic()
     for r in ready:
       slot, accepted = r.slot, int(n_acc[r.slot])
       self.stats["speculative_proposed"] += int(drafts[slot])
       self.stats["speculative_accepted"] += accepted
-      r.prefilled += 1 + accepted  # t0 and the accepted proposals stay in the cache
-      for j in range(1 + accepted):
+      r.known_next = None
+      if slot in proposals:
+        self.stats["grammar_proposed"] += int(drafts[slot])
+        self.stats["grammar_accepted"] += accepted
+        if accepted < drafts[slot] or proposals[slot][2]:  # drawn under the grammar's mask
+          r.known_next = int(next_tokens[slot])
+      r.prefilled += int(emitted[slot])  # the tokens it emits stay in the cache
+      for j in range(int(emitted[slot])):
         if not self._emit(r, int(tokens[slot, j]), float(logp[slot, j]), now):
           break
 

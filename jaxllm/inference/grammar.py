@@ -187,6 +187,17 @@ class Constraint:
     self.consumed += ok
     return ok
 
+  def rollback(self, n: int) -> None:
+    """Undoes the last n `consume`s (a walk over proposals that may not be kept)."""
+    if n:
+      self._matcher.rollback(n)
+      self.consumed -= n
+
+  def forced_tokens(self) -> list[int]:
+    """The tokens the grammar forces next, in its canonical tokenization of the forced text
+    ([] where it leaves a choice)."""
+    return list(self._matcher.compute_ff_tokens())
+
   def replay(self, tokens: Sequence[int]) -> bool:
     """Back to the start, then through `tokens` (a request recomputed after preemption
     keeps the tokens it produced)."""

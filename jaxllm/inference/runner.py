@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.inference import generate as gen
-from jaxllm.inference import paging, sampling, speculative
+from jaxllm.inference import acceptance, paging, sampling, speculative
 from jaxllm.inference import steps as steps_lib
 from jaxllm.lora import bank as lora_bank
 from jaxllm.parallel import placement
@@ -187,16 +187,31 @@ class Runner:
                                             penalties=self.penalties)
     return tok, logp
 
-  def speculative(self, batch: steps_lib.Batch, hist, drafts):
-    """Runs a speculative step: (tokens `[B, 1 + k]`, logprobs, accepted `[B]`) on the host.
-    `hist` `[B, H]`: each slot's sequence (prompt lookup; None with a model draft)."""
+  def speculative(self, batch: steps_lib.Batch, hist, drafts, given=None):
+    """Runs a speculative step: (tokens `[B, 1 + k]`, logprobs, accepted `[B]`, emitted `[B]`,
+    the next token of `given` rows `[B]`) on the host. `hist` `[B, H]`: each slot's sequence (prompt lookup; None with a model
+    draft). `given`: (rows `[B]` bool, tokens `[B, 1 + k]`, masks `[B, 1 + k, W]`) of the
+    grammar-checked proposals (`steps.Given`), or None."""
     draft = self.draft or speculative.Draft("ngram")
-    tokens, logp, n_acc, self.state = steps_lib.decode_speculative(
+    if given is not None:
+      given = steps_lib.Given(*(jnp.asarray(a) for a in given))
+    tokens, logp, n_acc, emitted, next_tokens, self.state = steps_lib.decode_speculative(
         self.graphdef, self.params, draft.graphdef, draft.params, self.state, batch,
-        None if hist is None else jnp.asarray(hist), jnp.asarray(drafts),
+        None if hist is None else jnp.asarray(hist), jnp.asarray(drafts), given,
         k=self.config.speculative_k, max_ngram=self.config.speculative_ngram,
         penalties=self.penalties)
-    return placement.to_host((tokens, logp, n_acc))
+    return placement.to_host((tokens, logp, n_acc, emitted, next_tokens))
+
+  def lookup(self, hist, lengths, k: int):
+    """Prompt lookup on the host's behalf: `[R, k]` tokens continuing each row's latest
+    earlier match of its last n-gram (`hist` `[R, H]`, the first `lengths[r]` real), -1 where
+    none (`acceptance.ngram_proposals`, the engine steps' own)."""
+    return np.asarray(_lookup(jnp.asarray(hist), jnp.asarray(lengths),
+                              jnp.full((len(lengths),), -1, jnp.int32), k=k,
+                              max_ngram=self.config.speculative_ngram))
+
+
+_lookup = jax.jit(acceptance.ngram_proposals, static_argnames=("k", "max_ngram"))
 
 
 def check_draft(draft: speculative.Draft | None, config):

@@ -54,6 +54,9 @@ class Request:
   # logprob, which completions' logprobs report.
   stop_token: int | None = None
   stop_logprob: float | None = None
+  # The token its next draw gives, where the last speculative step drew it (a request under a
+  # grammar: the engine proposes it first, a sure proposal). None: not known.
+  known_next: int | None = None
 
   @property
   def sequence(self) -> list[int]:
@@ -134,6 +137,7 @@ class Scheduler:
   def preempt(self, request: Request) -> None:
     self.release(request)
     request.prefilled = request.inflight = 0  # an in-flight token is dropped and redrawn
+    request.known_next = None
     request.preemptions += 1
     self.stats["preemptions"] += 1
     self.waiting.appendleft(request)

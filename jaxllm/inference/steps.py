@@ -167,15 +167,28 @@ def mixed(graphdef, params, state: DecodeState, batch: Batch, prompt_tokens_P, e
                                        counts_BV=counts_BV)
 
 
+class Given(NamedTuple):
+  """Proposals the host made and checked against a row's grammar (`rows_B`): `tokens_BT`
+  `[B, 1 + k]` proposes the row's next tokens from its very next draw on (the first
+  drafts_B[b] real), and `masks_BTW` holds the grammar's bitmask before each of them (-1 rows
+  elsewhere)."""
+  rows_B: jax.Array
+  tokens_BT: jax.Array
+  masks_BTW: jax.Array
+
+
 class Verified(NamedTuple):
-  """What one speculative step leaves: tokens `[B, 1 + k]` (t0 then the proposals; the first
-  1 + accepted_B are the output), their logprobs, accepted proposals `[B]`, the slot logits
-  after the last accepted token, counts, the rejected proposal's draft distribution `sub_BV`,
-  and both caches (lengths as the step's feeds left them: the caller rolls them back to the
-  accepted tokens)."""
+  """What one speculative step leaves: tokens `[B, 1 + k]` (the first emitted_B[b] are the
+  output), their logprobs, accepted proposals `[B]`, tokens emitted (and kept in the caches)
+  `[B]`, for rows of `Given` the token their next draw gives (-1 elsewhere), the slot logits
+  after the last of them, counts, the rejected proposal's draft
+  distribution `sub_BV`, and both caches (lengths as the step's feeds left them: the caller
+  rolls them back to the emitted tokens)."""
   tokens_BT: jax.Array
   logp_BT: jax.Array
   accepted_B: jax.Array
+  emitted_B: jax.Array
+  next_B: jax.Array
   logits_BV: jax.Array
   counts_BV: jax.Array
   sub_BV: jax.Array
@@ -183,9 +196,36 @@ class Verified(NamedTuple):
   draft_cache: Any
 
 
+def _verify_given(logits_BV, logits_BTV, batch: Batch, given: Given, drafts_B):
+  """For rows with host proposals g_0..g_{j-1}: (emitted n `[B]`, logprobs of g `[B, 1 + k]`,
+  logits after g_{n-1} `[B, V]`, the draw at position n `[B]`). Position i draws as plain
+  decoding would draw the row's (steps_B + i)-th token (its grammar's mask, its key) from the
+  logits before g_i; g_i is kept while the draw equals it. So the output is token for token
+  plain decoding's, each proposal is kept with exactly the probability the target gives it,
+  and the draw at n (where the first proposal failed, or after the last: given a real mask
+  there) is the token the row's next draw will give: the host proposes it next."""
+  B, T, V = logits_BTV.shape
+  before_BTV = jnp.concatenate([logits_BV[:, None], logits_BTV[:, :T - 1]], axis=1)
+  rep = lambda a: jnp.repeat(a, T, axis=0)
+  arrays = jax.tree.map(rep, batch.arrays)
+  flat_NV = before_BTV.reshape(B * T, V)
+  if batch.bias_BV is not None:
+    flat_NV = flat_NV + rep(batch.bias_BV)
+  flat_NV = sampling.apply_token_mask(flat_NV, given.masks_BTW.reshape(B * T, -1))
+  steps_N = (batch.steps_B[:, None] + jnp.arange(T)[None, :]).reshape(-1)
+  drawn_BT = sampling.draw(flat_NV, arrays, sampling.row_keys(arrays, steps_N)).reshape(B, T)
+  same_BT = (drawn_BT == given.tokens_BT) & (jnp.arange(T)[None, :] < drafts_B[:, None])
+  n_B = jnp.sum(jnp.cumprod(same_BT, axis=1), axis=1).astype(jnp.int32)
+  logp_BT = jnp.take_along_axis(jax.nn.log_softmax(before_BTV.astype(jnp.float32), axis=-1),
+                                given.tokens_BT[..., None], axis=-1)[..., 0]
+  # n <= drafts_B <= k = T - 1: the logits after g_{n-1} are before_BTV[:, n].
+  after_BV = jnp.take_along_axis(before_BTV, n_B[:, None, None], axis=1)[:, 0]
+  return n_B, logp_BT, after_BV, jnp.take_along_axis(drawn_BT, n_B[:, None], axis=1)[:, 0]
+
+
 def speculate_and_verify(target, draft, cache, draft_cache, logits_BV, counts_BV, sub_BV,
                          batch: Batch, hist_BH, drafts_B, *, k: int, max_ngram: int,
-                         penalties: bool) -> Verified:
+                         penalties: bool, given: Given | None = None) -> Verified:
   """One speculative step on any KV cache: emits 1 to 1 + drafts_B[b] tokens per row.
 
   The row's logits give t0, drawn from the target's distribution p, or from norm(max(p - s, 0))
@@ -198,7 +238,9 @@ def speculate_and_verify(target, draft, cache, draft_cache, logits_BV, counts_BV
   (one-hot p and q) accept exactly the argmax. The new logits are those after the last
   accepted token; the first rejection's q becomes the next step's `sub_BV`. Rows with
   penalties draft nothing (drafts_B = 0): their counts change by t0 alone. Rows with a logit
-  bias or under a grammar draw t0 with it and must draft nothing.
+  bias or under a grammar draw t0 with it and draft nothing, except rows of `given`: their
+  drafts_B host proposals, checked against the grammar, are verified from the row's next
+  draw on (`_verify_given`: 0 to drafts_B tokens, no penalties).
   """
   B, V = logits_BV.shape
   rows_B = jnp.arange(B)
@@ -218,9 +260,13 @@ def speculate_and_verify(target, draft, cache, draft_cache, logits_BV, counts_BV
   else:
     def draft_step(carry, i):
       dcache, tok_B = carry
-      # Feeds position lengths + i; within the room the row has while i <= drafts_B.
-      fed_B = (active_B & (i <= drafts_B)).astype(jnp.int32)
-      out_B1V, dcache = draft.extend(tok_B[:, None], dcache, fed_B)
+      # Feeds position lengths + i; within the room the row has while i <= drafts_B. Rows of
+      # `given` feed their proposals instead (the target's tokens, for the draft's cache).
+      fed_B = active_B & (i <= drafts_B)
+      if given is not None:
+        tok_B = jnp.where(given.rows_B, given.tokens_BT[:, i], tok_B)
+        fed_B &= ~given.rows_B | (i < drafts_B)
+      out_B1V, dcache = draft.extend(tok_B[:, None], dcache, fed_B.astype(jnp.int32))
       q_BV = sampling.probabilities(out_B1V[:, 0], arrays)
       d_B = acceptance.sample_from(
           q_BV, jax.vmap(lambda key: jax.random.fold_in(key, 2 + i))(keys_B2))
@@ -233,6 +279,9 @@ def speculate_and_verify(target, draft, cache, draft_cache, logits_BV, counts_BV
     d_Bk, q_BkV = jnp.moveaxis(d_TB[:k], 0, 1), jnp.moveaxis(q_TBV[:k], 0, 1)
   tokens_BT = jnp.concatenate([t0_B[:, None], d_Bk], axis=1)
   fed_B = (1 + drafts_B) * active_B.astype(jnp.int32)
+  if given is not None:
+    tokens_BT = jnp.where(given.rows_B[:, None], given.tokens_BT, tokens_BT)
+    fed_B = jnp.where(given.rows_B, drafts_B * active_B, fed_B)
   logits_BTV, cache = target.extend(tokens_BT, cache, fed_B)
   p_BTV = acceptance.target_probabilities(logits_BTV, arrays)
   u_Bk = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 1), (k,)))(keys_B2)
@@ -243,22 +292,35 @@ def speculate_and_verify(target, draft, cache, draft_cache, logits_BV, counts_BV
                           axis=-1)[..., 0]], axis=1)
   new_BV = jnp.take_along_axis(logits_BTV, n_acc_B[:, None, None], axis=1)[:, 0]
   q_rej_BV = jnp.take_along_axis(q_BkV, jnp.minimum(n_acc_B, k - 1)[:, None, None], axis=1)[:, 0]
+  sub_BV = jnp.where((active_B & (n_acc_B < drafts_B))[:, None], q_rej_BV, 0.0)
+  emitted_B, next_B = 1 + n_acc_B, jnp.full_like(n_acc_B, -1)
+  if given is not None:
+    n_given_B, logp_given_BT, after_BV, drawn_B = _verify_given(logits_BV, logits_BTV, batch,
+                                                                given, drafts_B)
+    g_B = given.rows_B
+    n_acc_B = jnp.where(g_B, n_given_B, n_acc_B)
+    emitted_B = jnp.where(g_B, n_given_B, emitted_B)
+    next_B = jnp.where(g_B, drawn_B, next_B)
+    logp_BT = jnp.where(g_B[:, None], logp_given_BT, logp_BT)
+    new_BV = jnp.where(g_B[:, None], after_BV, new_BV)
+    sub_BV = jnp.where(g_B[:, None], 0.0, sub_BV)
   return Verified(
-      tokens_BT, logp_BT, n_acc_B, jnp.where(active_B[:, None], new_BV, logits_BV), counts_BV,
-      jnp.where((active_B & (n_acc_B < drafts_B))[:, None], q_rej_BV, 0.0), cache, draft_cache)
+      tokens_BT, logp_BT, n_acc_B, emitted_B * active_B, next_B,
+      jnp.where(active_B[:, None], new_BV, logits_BV), counts_BV, sub_BV, cache, draft_cache)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "draft_graphdef", "k", "max_ngram",
                                              "penalties"),
                    donate_argnames=("state",))
 def decode_speculative(graphdef, params, draft_graphdef, draft_params, state: DecodeState,
-                       batch: Batch, hist_BH, drafts_B, *, k: int, max_ngram: int,
-                       penalties: bool):
+                       batch: Batch, hist_BH, drafts_B, given: Given | None = None, *, k: int,
+                       max_ngram: int, penalties: bool):
   """`speculate_and_verify` on the engine's pages: (tokens `[B, 1 + k]`, their logprobs,
-  accepted proposals `[B]`, state). A model draft (`draft_graphdef`) keeps its own pools
-  (`state.dk`, `dv`) under the target's page table; one holding the target's LoRA banks
-  (`layer_skip`) proposes with each row's adapter. The host keeps each row's cached length
-  (it adds 1 + accepted)."""
+  accepted proposals `[B]`, tokens emitted `[B]`, the next token of rows of `given` `[B]`,
+  state). A model draft (`draft_graphdef`)
+  keeps its own pools (`state.dk`, `dv`) under the target's page table; one holding the
+  target's LoRA banks (`layer_skip`) proposes with each row's adapter. The host keeps each
+  row's cached length (it adds the tokens emitted)."""
   count_trace("engine_decode_speculative")
   table, lengths = batch.page_table_BM, batch.lengths_B
   cache = kv_cache.PagedKVCache(state.k, state.v, table, lengths)
@@ -269,8 +331,8 @@ def decode_speculative(graphdef, params, draft_graphdef, draft_params, state: De
     dcache = kv_cache.PagedKVCache(state.dk, state.dv, table, lengths)
   out = speculate_and_verify(target, draft, cache, dcache, state.logits_BV, state.counts_BV,
                              state.sub_BV, batch, hist_BH, drafts_B, k=k, max_ngram=max_ngram,
-                             penalties=penalties)
-  return out.tokens_BT, out.logp_BT, out.accepted_B, DecodeState(
+                             penalties=penalties, given=given)
+  return out.tokens_BT, out.logp_BT, out.accepted_B, out.emitted_B, out.next_B, DecodeState(
       k=out.cache.k, v=out.cache.v, logits_BV=out.logits_BV, counts_BV=out.counts_BV,
       sub_BV=out.sub_BV, dk=state.dk if dcache is None else out.draft_cache.k,
       dv=state.dv if dcache is None else out.draft_cache.v)
