@@ -35,7 +35,10 @@ Structured output (`submit(constraint=)`, `jaxllm.inference.grammar`): before a 
 draws for a constrained request, the host reads every token still in flight, advances each
 grammar past them and writes the slots' token bitmasks, which the step applies before its
 draw (unconstrained slots allow everything; with no constrained slot the step compiles without
-a mask). Such steps run in lockstep, and a constrained request drafts no speculative tokens.
+a mask). Such steps run in lockstep. On a speculative engine a constrained request proposes
+tokens the host has checked against its grammar, with the grammar's mask at each position,
+and the step keeps each while plain decoding's own draw there equals it: the output is plain
+constrained decoding's, token for token.
 A grammar that has nothing left to add ends its request ("stop"); one that allows no token
 ends it with "grammar_dead_end". A request below its `min_tokens` takes the same path, its mask
 without the end of sequence and its stop tokens.
@@ -599,9 +602,10 @@ class Engine:
       walked = sum(c.consume(t) for t in head)
       heads[r.slot] = (head + c.forced_tokens())[:n]
       c.rollback(walked)
+    # Fixed shapes, as every step's: a row per slot, a power-of-two history.
     H = gen.bucket(max(len(r.sequence) + len(heads[r.slot]) for r, _ in rows) + 1)
-    hist = np.zeros((len(rows), H), np.int32)
-    lengths = np.zeros(len(rows), np.int32)
+    hist = np.zeros((self.config.max_slots, H), np.int32)
+    lengths = np.ones(self.config.max_slots, np.int32)
     for i, (r, _) in enumerate(rows):
       seq = r.sequence + heads[r.slot]
       hist[i, :len(seq)], lengths[i] = seq, len(seq)
@@ -691,7 +695,10 @@ class Engine:
     for (none when it uses penalties, whose counts the step keeps for one token, nor with a
     logit bias, a grammar or min_tokens to reach, which the step applies to its first token
     only); pages for proposals come from the free list (and the prefix cache) only, never by
-    preempting another request. `mask`: the step's token bitmask, or None.
+    preempting another request. A request under a grammar (without penalties) proposes
+    instead from its next draw on, tokens checked against its grammar
+    (`_grammar_proposals`), and emits 0 to that many. `mask`: the step's token bitmask, or
+    None.
     """
     k, P = self.config.speculative_k, self.config.page_size
     drafts = np.zeros((self.config.max_slots,), np.int32)
