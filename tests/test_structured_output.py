@@ -245,7 +245,7 @@ def test_regex_lark_and_choice_outputs_match_and_speculation_changes_nothing(cha
   assert all(t in CHOICES for t in texts[4:6]) and reasons[4:6] == ["stop", "stop"], texts[4:6]
   for t, f in zip(texts[6:8], reasons[6:8]):  # any object, or cut by max_tokens
     assert f == "length" or isinstance(json.loads(t), dict), t
-  for t, f in zip(texts[8:10], reasons[8:10]):
+  for t, f in zip(texts[8:10], reasons[8:10]):  # the schema's keys (forced: kept proposals)
     assert f == "length" or set(json.loads(t)) == {"city", "zip"}, t
 
 

@@ -722,7 +722,7 @@ class Engine:
       drafts[r.slot] = max(0, min(want, len(r.pages) * P - r.prefilled - 1))
     proposals = self._grammar_proposals([(r, n) for r, n in checked if n]) if checked else {}
     given = None
-    if proposals:
+    if checked:  # with or without proposals this step: one program per width, not two
       B = self.config.max_slots
       given = (np.zeros(B, bool), np.zeros((B, k + 1), np.int32),
                np.full((B, k + 1, self._token_mask.shape[1]), -1, np.int32))

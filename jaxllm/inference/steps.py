@@ -181,9 +181,9 @@ class Verified(NamedTuple):
   """What one speculative step leaves: tokens `[B, 1 + k]` (the first emitted_B[b] are the
   output), their logprobs, accepted proposals `[B]`, tokens emitted (and kept in the caches)
   `[B]`, for rows of `Given` the token their next draw gives (-1 elsewhere), the slot logits
-  after the last of them, counts, the rejected proposal's draft
-  distribution `sub_BV`, and both caches (lengths as the step's feeds left them: the caller
-  rolls them back to the emitted tokens)."""
+  after the last of them, counts, the rejected proposal's draft distribution `sub_BV`, and
+  both caches (lengths as the step's feeds left them: the caller rolls them back to the
+  emitted tokens)."""
   tokens_BT: jax.Array
   logp_BT: jax.Array
   accepted_B: jax.Array
@@ -251,8 +251,9 @@ def speculate_and_verify(target, draft, cache, draft_cache, logits_BV, counts_BV
   resid_BV = acceptance.residual(sampling.probabilities(processed_BV, arrays), sub_BV)
   t0_B = jnp.where(jnp.sum(sub_BV, -1) > 0, acceptance.sample_from(resid_BV, keys_B2),
                    sampling.draw(processed_BV, arrays, keys_B2))
-  if penalties:
-    counts_BV = counts_BV + jax.nn.one_hot(t0_B, V, dtype=jnp.int32) * active_B[:, None]
+  if penalties:  # rows of `given` draw no t0 (and have no penalties)
+    counted_B = active_B if given is None else active_B & ~given.rows_B
+    counts_BV = counts_BV + jax.nn.one_hot(t0_B, V, dtype=jnp.int32) * counted_B[:, None]
   if draft is None:
     hist_BH = hist_BH.at[rows_B, lengths_B].set(t0_B, mode="drop")
     d_Bk = acceptance.ngram_proposals(hist_BH, lengths_B + 1, t0_B, k=k, max_ngram=max_ngram)
@@ -317,10 +318,9 @@ def decode_speculative(graphdef, params, draft_graphdef, draft_params, state: De
                        max_ngram: int, penalties: bool):
   """`speculate_and_verify` on the engine's pages: (tokens `[B, 1 + k]`, their logprobs,
   accepted proposals `[B]`, tokens emitted `[B]`, the next token of rows of `given` `[B]`,
-  state). A model draft (`draft_graphdef`)
-  keeps its own pools (`state.dk`, `dv`) under the target's page table; one holding the
-  target's LoRA banks (`layer_skip`) proposes with each row's adapter. The host keeps each
-  row's cached length (it adds the tokens emitted)."""
+  state). A model draft (`draft_graphdef`) keeps its own pools (`state.dk`, `dv`) under the
+  target's page table; one holding the target's LoRA banks (`layer_skip`) proposes with each
+  row's adapter. The host keeps each row's cached length (it adds the tokens emitted)."""
   count_trace("engine_decode_speculative")
   table, lengths = batch.page_table_BM, batch.lengths_B
   cache = kv_cache.PagedKVCache(state.k, state.v, table, lengths)
