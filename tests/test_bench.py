@@ -161,8 +161,19 @@ def test_bench_serve_json(tiny_chat_model):
   assert 0 <= cont["ttft_p50"] <= cont["ttft_p99"]
   prefix = result["prefix"]
   assert prefix["identical"] and prefix["prefix_hit_tokens"] == 9 * 256
-  lock = result["rows"]["lockstep"]  # host overlap changes the speed, not the tokens
-  assert lock["identical"] and lock["output_tokens"] == cont["output_tokens"]
+  over, lock = result["rows"]["overlapped"], result["rows"]["lockstep"]
+  assert over["identical"] and lock["output_tokens"] == over["output_tokens"]  # speed only
+  assert cont["mode"] == "lockstep" and cont["seconds"] == lock["seconds"]  # the CPU's default
+  # The step breakdown in ms per decode step: each second in at most one part, so the parts
+  # never add up to more than the wall time (`other`, what no part holds, is not negative).
+  for row in (over, lock):
+    parts = row["step_parts_ms"]
+    assert set(parts) == {"admit", "prefill", "schedule", "dispatch", "wait", "emit", "other"}
+    assert all(v >= 0 for v in parts.values()) and parts["wait"] > 0 and parts["emit"] > 0
+  raw = result["rows"]["raw"]  # the offline loop at the engine's batch, the same weights
+  assert raw["batch"] == result["max_slots"] and raw["tokens_per_s"] > 0
+  assert cont["vs_raw"] == cont["tokens_per_s"] / raw["tokens_per_s"]
+  assert raw["with_prefill_tokens_per_s"] > 0
   spec = result["rows"]["speculative"]  # greedy: proposals change the speed, not the tokens
   assert spec["identical"] and spec["output_tokens"] == cont["output_tokens"]
   assert 0 <= spec["acceptance"] <= 1
@@ -179,6 +190,8 @@ def test_bench_serve_json(tiny_chat_model):
   assert mixed["identical"] and mixed["separate"]["mixed_steps"] == 0
   assert mixed["mixed"]["mixed_steps"] > 0 and mixed["mixed"]["long_prompts"] >= 1
   assert 0 < mixed["mixed"]["itl_p50_ms"] <= mixed["mixed"]["itl_p99_ms"]
+  bad = _run("serve", f"--checkpoint={tiny_chat_model}", "--weights=float32,fp8")
+  assert bad.returncode == 2 and "weights ['fp8']" in bad.stderr
 
 
 def test_decode_of_a_random_model_with_a_checkpoints_tokenizer(tiny_chat_model):

@@ -57,8 +57,12 @@ def test_mixed_workload_arriving_over_time_equals_each_request_alone(model, mixe
   """With mixed_steps, prompts arriving while others decode go through the decode steps
   (`steps.mixed`: their tokens as extra rows of the step), and nothing changes."""
   graphdef, weights = model
+  # Overlapped (an accelerator's default; the CPU backend's is lockstep): tokens still in
+  # flight while the next step is scheduled.
   engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
-      max_slots=8, num_pages=96, page_size=8, prefill_chunk=16, mixed_steps=mixed_steps))
+      max_slots=8, num_pages=96, page_size=8, prefill_chunk=16, mixed_steps=mixed_steps,
+      overlap=True))
+  assert engine.overlap
   work = _workload(64)
   before = dict(traces.trace_counts())  # other tests compile too: count this run's programs only
   rng = np.random.default_rng(1)
@@ -141,8 +145,10 @@ def test_prompts_arriving_together_compute_their_shared_prefix_once(model):
 
 def test_decode_steps_are_dispatched_before_the_last_ones_tokens_are_read(model):
   """With overlap, after each step one decode step is still in flight: its token is fed (in
-  the cache length) but not yet emitted; without it, every token is emitted within its step."""
+  the cache length) but not yet emitted; without it, every token is emitted within its step.
+  Unset, overlap is off on the CPU backend (where host work would compete with the step)."""
   graphdef, weights = model
+  assert not engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(num_pages=32)).overlap
   for overlap in (True, False):
     engine = engine_lib.Engine(graphdef, weights, engine_lib.EngineConfig(
         max_slots=2, num_pages=32, page_size=8, overlap=overlap))

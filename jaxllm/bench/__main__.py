@@ -66,7 +66,8 @@ _DRAFTS = flags.DEFINE_list("drafts", ["ngram:3", "layer_skip:10", "int4"],
                             "decode: speculative draft sources (ngram[:N], layer_skip:N, int4[:G], "
                             "int8, PATH).")
 _SPECULATIVE_K = flags.DEFINE_integer("speculative_k", 4, "decode, serve: speculative draft "
-                                      "tokens per step.", lower_bound=1, upper_bound=16)
+                                      "tokens per step (serve: 0 leaves out the speculative "
+                                      "rows).", lower_bound=0, upper_bound=16)
 common.define_old_spelling("k", "speculative_k")
 _PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 64, "decode: tokens per prompt.",
                                       lower_bound=1)
@@ -99,6 +100,10 @@ _INTERLEAVED = flags.DEFINE_boolean(
     "interleaved", True, "serve: rows of streams decoding while long prompts arrive, prompt "
     "chunks in steps of their own and riding in the decode steps (mixed steps): inter-token "
     "latency.")
+_WEIGHTS = flags.DEFINE_list("weights", ["float32"], "serve: the weights the continuous, "
+                             "lockstep, static and raw decode rows run with, each in turn "
+                             "(float32, int8, int4: block weights rounded in memory, embedding "
+                             "and head int8); the other rows use the first.")
 _LONG_PROMPT = flags.DEFINE_integer("long_prompt_tokens", 512, "serve: the interleaved rows' "
                                     "arriving prompt length.", lower_bound=16)
 _LENGTHS = flags.DEFINE_list("lengths", ["512", "1024", "2048"], "passkey: prompt lengths in "
@@ -181,18 +186,24 @@ def main(argv):
     else:
       from jaxllm.fetch import fetch
       path = fetch("smollm2-135m")
-    result = serve.run(path, requests=_REQUESTS.value, rate=_RATE.value,
-                       prefix_requests=_PREFIX_REQUESTS.value, speculative_k=_SPECULATIVE_K.value,
-                       draft=_DRAFT.value, max_output_tokens=_MAX_OUTPUT.value,
-                       mesh=_MESH.value, lora_adapters=_LORA_ADAPTERS.value,
-                       lora_rank=_LORA_RANK.value, structured=_STRUCTURED.value,
-                       structured_rounds=_STRUCTURED_ROUNDS.value,
-                       interleaved=_INTERLEAVED.value, long_prompt_tokens=_LONG_PROMPT.value)
+    try:
+      result = serve.run(path, requests=_REQUESTS.value, rate=_RATE.value,
+                         prefix_requests=_PREFIX_REQUESTS.value, speculative_k=_SPECULATIVE_K.value,
+                         draft=_DRAFT.value, max_output_tokens=_MAX_OUTPUT.value,
+                         mesh=_MESH.value, lora_adapters=_LORA_ADAPTERS.value,
+                         lora_rank=_LORA_RANK.value, structured=_STRUCTURED.value,
+                         structured_rounds=_STRUCTURED_ROUNDS.value,
+                         interleaved=_INTERLEAVED.value, long_prompt_tokens=_LONG_PROMPT.value,
+                         weights=tuple(_WEIGHTS.value))
+    except ValueError as e:
+      raise common.CommandError(str(e)) from None
     text = serve.table(result)
   elif argv[1] == "decode":
     from jaxllm.bench import decode
     batches = _integers(_BATCHES)
     peers = _known(_DECODE_PEERS, decode.PEERS)
+    if _SPECULATIVE_K.value < 1:
+      raise common.CommandError("decode: --speculative_k must be at least 1")
     if _CHECKPOINT.value:
       path = _CHECKPOINT.value
     else:

@@ -86,7 +86,7 @@ def random_model(cfg, path: str):
   return api.LoadedModel(cfg, graphdef, params, tokenizer, kind="random")
 
 
-def _interleaved(calls: dict, repeats: int) -> tuple[dict, dict]:
+def interleaved(calls: dict, repeats: int) -> tuple[dict, dict]:
   """Best wall time and last output of each no-argument call, timed round-robin.
 
   Every call runs once first (compiles), then `repeats` rounds time each call once in turn,
@@ -102,7 +102,7 @@ def _interleaved(calls: dict, repeats: int) -> tuple[dict, dict]:
   return best, outputs
 
 
-def _jaxllm_call(graphdef, params, prompts, new_tokens, draft=None, k=4):
+def jaxllm_call(graphdef, params, prompts, new_tokens, draft=None, k=4):
   """A no-argument callable running one generation -> (outputs, speculative stats or None)."""
   from jaxllm.inference import generate as gen
   from jaxllm.inference import sampling, speculative
@@ -228,14 +228,14 @@ def run(path: str, *, batches=(1, 8, 32), peers=PEERS, drafts=("ngram:3", "layer
       low = _bf16(model)
       if peer.endswith("int4"):
         low = low.quantized(4, head_bits=HEAD_BITS)
-      make = functools.partial(_jaxllm_call, low.graphdef, low.params)
+      make = functools.partial(jaxllm_call, low.graphdef, low.params)
       bytes_per_token[peer] = read(low.params)
     elif peer == "jaxllm_fp32":
-      make = functools.partial(_jaxllm_call, model.graphdef, model.params)
+      make = functools.partial(jaxllm_call, model.graphdef, model.params)
       bytes_per_token[peer] = read(model.params)
     elif peer in ("jaxllm_int8", "jaxllm_int4"):
       low = model.quantized(int(peer[-1]), head_bits=HEAD_BITS)
-      make = functools.partial(_jaxllm_call, low.graphdef, low.params)
+      make = functools.partial(jaxllm_call, low.graphdef, low.params)
       bytes_per_token[peer] = read(low.params)
     else:
       raise ValueError(f"unknown peer {peer!r} (one of {', '.join(PEERS)})")
@@ -243,10 +243,10 @@ def run(path: str, *, batches=(1, 8, 32), peers=PEERS, drafts=("ngram:3", "layer
       calls[peer, B, new_tokens] = make(prompts[:B], new_tokens)
       calls[peer, B, 1] = make(prompts[:B], 1)
   for spec in drafts or ():
-    calls["spec", spec] = _jaxllm_call(model.graphdef, model.params, prompts[:1], new_tokens,
+    calls["spec", spec] = jaxllm_call(model.graphdef, model.params, prompts[:1], new_tokens,
                                        model.draft(spec), k)
   bandwidth = timing.copy_bandwidth_gbps()
-  best, outputs = _interleaved(calls, repeats)
+  best, outputs = interleaved(calls, repeats)
   bandwidth = max(bandwidth, timing.copy_bandwidth_gbps())  # before and after: the better
 
   rows = []

@@ -8,12 +8,22 @@ arriving as a Poisson process at `rate` requests/s. Both modes see the same arri
 on the same engine-sized batch of `max_slots`:
   continuous  the engine: a request is admitted as soon as a slot and its pages are free, and
               streams its tokens (time to first token = its first token's time - arrival);
-  lockstep    the same engine with `overlap=False`: the host reads each decode step's tokens
-              before dispatching the next, instead of while the next one runs;
+              its default mode for the platform, one of:
+  overlapped  `overlap=True`: the host dispatches each decode step before it reads the last
+              one's tokens, and does its bookkeeping while the step runs;
+  lockstep    `overlap=False`: the host reads each decode step's tokens before dispatching the
+              next;
   static      batches of `max_slots` requests in arrival order, each batch started when it is
               full (or the last one) and the previous batch is done, run to its longest
               request with `generate_requests`; tokens arrive when the batch returns.
-Throughput = output tokens / (last completion - first arrival). KV utilisation of the paged
+Throughput = output tokens / (last completion - first arrival). Each engine row also breaks
+its wall time per decode step down into the host's parts (`engine.STEP_PARTS`, from the
+engine's own clock; `wait` is the device time the host did not hide, `other` idle time
+between arrivals). The raw decode row runs `max_slots` stdlib prompts of 64 tokens as one
+batch through the offline device loop (contiguous cache, 64 new tokens each): its decode rate
+as `jaxllm.bench decode` reports it (prefill left out), and its output rate with the prefill,
+the engine rows' ceilings at full occupancy. With `weights`, these rows run again with int8
+and int4 block weights. KV utilisation of the paged
 cache = tokens stored / capacity of the pages running requests hold, averaged over decode
 steps. The prefix-cache rows run a second workload whose prompts share a long system prompt,
 with prefix caching on and off. The multi-LoRA row (`lora_adapters` > 0) serves the continuous
@@ -70,9 +80,10 @@ def _workload(tokenizer, n, seed, bos, *, system=None, prompt_range=(16, 128),
 
 
 def _continuous(model, engine_cfg, prompts, outs, arrivals, *, prefix_caching=True,
-                speculative_k=0, overlap=True, draft=None, params=None, constraint=None):
+                speculative_k=0, overlap=None, draft=None, params=None, constraint=None):
   """`params`: other params for the model (a LoRA bank: request i takes slot i mod size).
-  `constraint`: a function giving each request a fresh `grammar.Constraint`."""
+  `constraint`: a function giving each request a fresh `grammar.Constraint`. `overlap` None:
+  the engine's default for the platform."""
   import dataclasses
   from jaxllm.inference import engine as engine_lib
   from jaxllm.inference import sampling
@@ -91,6 +102,7 @@ def _continuous(model, engine_cfg, prompts, outs, arrivals, *, prefix_caching=Tr
     width *= 2
   engine.prefix_cache.evict(engine.allocator.num_pages)
   engine.stats.clear()
+  engine.step_times.clear()
   start = time.monotonic()
   requests, util = [], []
   while len(requests) < len(prompts) or not engine.idle:
@@ -110,7 +122,12 @@ def _continuous(model, engine_cfg, prompts, outs, arrivals, *, prefix_caching=Tr
       util.append(engine.kv_utilisation())
   end = time.monotonic()
   ttft = [r.first_token_at - r.arrival for r in requests]
-  return dict(seconds=end - start, tokens=sum(len(r.tokens) for r in requests),
+  steps = max(engine.stats["decode_steps"], 1)
+  parts = {part: 1e3 * engine.step_times[part] / steps for part in engine_lib.STEP_PARTS}
+  parts["other"] = 1e3 * (end - start) / steps - sum(parts.values())
+  return dict(seconds=end - start, overlap=engine.overlap,
+              decode_steps=engine.stats["decode_steps"],
+              step_ms=1e3 * (end - start) / steps, step_parts_ms=parts, tokens=sum(len(r.tokens) for r in requests),
               ttft=ttft, kv_utilisation=float(np.mean(util)) if util else None,
               preemptions=engine.stats["preemptions"],
               prefix_hit_tokens=engine.stats["prefix_hit_tokens"], requests=requests,
@@ -192,19 +209,83 @@ def _static(model, slots, prompts, outs, arrivals):
   return dict(seconds=time.monotonic() - start, tokens=tokens, ttft=ttft)
 
 
+def _raw_decode(model, prompts, new_tokens: int = 64, repeats: int = 2) -> dict:
+  """The prompts as one batch through the offline device loop (contiguous cache, greedy,
+  exactly `new_tokens` each): decode tokens/s as `jaxllm.bench decode` reports it, prefill left
+  out (the time of the same call with one new token subtracted), and output tokens/s of the
+  whole call, prefill included."""
+  calls = {n: decode_bench.jaxllm_call(model.graphdef, model.params, prompts, n)
+           for n in (new_tokens, 1)}
+  best, _ = decode_bench.interleaved(calls, repeats)
+  B = len(prompts)
+  return dict(batch=B, new_tokens=new_tokens, prompt_tokens=len(prompts[0]),
+              tokens_per_s=B * (new_tokens - 1) / max(best[new_tokens] - best[1], 1e-9),
+              with_prefill_tokens_per_s=B * new_tokens / best[new_tokens])
+
+
+def _summary(r: dict) -> dict:
+  out = dict(seconds=r["seconds"], output_tokens=r["tokens"],
+             tokens_per_s=r["tokens"] / r["seconds"],
+             ttft_p50=float(np.percentile(r["ttft"], 50)),
+             ttft_p99=float(np.percentile(r["ttft"], 99)))
+  if "step_ms" in r:
+    out.update(decode_steps=r["decode_steps"], step_ms=r["step_ms"],
+               step_parts_ms=r["step_parts_ms"])
+  return out
+
+
+def _core_rows(model, cfg, prompts, outs, arrivals, raw_prompts):
+  """The continuous, overlapped, lockstep, static and raw decode rows of one model's weights:
+  (rows, the continuous run, the lockstep run). Continuous is the engine's default, which is
+  one of the other two (`EngineConfig.overlap`): that row's run, not another."""
+  from jaxllm.inference import engine as engine_lib
+  # The engine with the host overlapped (each decode step dispatched before the last one's
+  # tokens are read) and in lockstep (read first).
+  over = _continuous(model, cfg, prompts, outs, arrivals, overlap=True)
+  lock = _continuous(model, cfg, prompts, outs, arrivals, overlap=False)
+  default = engine_lib.default_overlap(model.params)
+  cont = over if default else lock
+  stat = _static(model, cfg.max_slots, prompts, outs, arrivals)
+  rows = {"continuous": _summary(cont), "overlapped": _summary(over),
+          "lockstep": _summary(lock), "static": _summary(stat)}
+  rows["continuous"].update(kv_utilisation=cont["kv_utilisation"],
+                            preemptions=cont["preemptions"],
+                            mode="overlapped" if default else "lockstep")
+  rows["overlapped"].update(
+      vs_lockstep=lock["seconds"] / over["seconds"],
+      identical=all(a.tokens == b.tokens for a, b in zip(over["requests"], lock["requests"])))
+  rows["raw"] = raw = _raw_decode(model, raw_prompts)
+  for mode in ("continuous", "overlapped", "lockstep"):
+    rows[mode].update(vs_raw=rows[mode]["tokens_per_s"] / raw["tokens_per_s"],
+                      vs_raw_with_prefill=rows[mode]["tokens_per_s"]
+                      / raw["with_prefill_tokens_per_s"],
+                      vs_static=rows[mode]["tokens_per_s"] / rows["static"]["tokens_per_s"])
+  return rows, cont, lock
+
+
+# Weights the serve table runs besides float32 (`weights`): the block weights rounded in
+# memory as `jaxllm.bench decode`'s int8 and int4 peers (embedding and tied head int8 per row).
+WEIGHTS = ("float32", "int8", "int4")
+
+
 def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
         page_size: int = 16, prefill_chunk: int = 64, seed: int = 0,
         prefix_requests: int = 32, system_tokens: int = 256, speculative_k: int = 4,
         draft: str = "ngram", max_output_tokens: int = 512, mesh: str | None = None,
         lora_adapters: int = 4, lora_rank: int = 16, structured: bool = True,
-        structured_rounds: int = 1, interleaved: bool = True, long_prompt_tokens: int = 512
-        ) -> dict:
-  """`mesh` ("tensor=4"): every mode runs on the model split over that mesh."""
+        structured_rounds: int = 1, interleaved: bool = True, long_prompt_tokens: int = 512,
+        weights: tuple[str, ...] = ("float32",)) -> dict:
+  """`mesh` ("tensor=4"): every mode runs on the model split over that mesh. `weights`: the
+  continuous, lockstep, static and raw rows again for each (of `WEIGHTS`); the other rows run
+  on the first."""
   import jaxllm
   from jaxllm.inference import engine as engine_lib
   from jaxllm.inference import paging
-  model = jaxllm.load(path, mesh=mesh)
-  tok = model.tokenizer
+  unknown = set(weights) - set(WEIGHTS)
+  if unknown or not weights:
+    raise ValueError(f"weights {sorted(unknown) or '(none)'}: one or more of {WEIGHTS}")
+  loaded = jaxllm.load(path, mesh=mesh)
+  tok = loaded.tokenizer
   bos = tok.bos_id if tok.add_bos and tok.bos_id >= 0 else None
   prompts, outs = _workload(tok, requests, seed, bos, out_range=(4, max_output_tokens))
   rng = np.random.default_rng(seed + 1)
@@ -213,29 +294,19 @@ def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
   cfg = engine_lib.EngineConfig(max_slots=max_slots, page_size=page_size,
                                 prefill_chunk=prefill_chunk, max_seq_len=max_len,
                                 num_pages=max_slots * paging.pages_for(max_len, page_size))
-  cont = _continuous(model, cfg, prompts, outs, arrivals)
-  stat = _static(model, max_slots, prompts, outs, arrivals)
-
-  def summary(r):
-    return dict(seconds=r["seconds"], output_tokens=r["tokens"],
-                tokens_per_s=r["tokens"] / r["seconds"],
-                ttft_p50=float(np.percentile(r["ttft"], 50)),
-                ttft_p99=float(np.percentile(r["ttft"], 99)))
-
-  rows = {"continuous": summary(cont), "static": summary(stat)}
-  rows["continuous"].update(kv_utilisation=cont["kv_utilisation"],
-                            preemptions=cont["preemptions"])
-  # The same engine with the host in lockstep: each decode step's tokens read before the next
-  # step is dispatched (what `EngineConfig.overlap` saves).
-  lock = _continuous(model, cfg, prompts, outs, arrivals, overlap=False)
-  rows["lockstep"] = summary(lock)
-  rows["lockstep"].update(
-      overlap_speedup=lock["seconds"] / cont["seconds"],
-      identical=all(a.tokens == b.tokens for a, b in zip(cont["requests"], lock["requests"])))
+  raw_prompts = decode_bench.stdlib_prompts(tok, max_slots, 64, bos)
+  by_weights = {}
+  for kind in weights:
+    model = loaded if kind == "float32" else loaded.quantized(
+        int(kind[-1]), head_bits=decode_bench.HEAD_BITS)
+    by_weights[kind] = _core_rows(model, cfg, prompts, outs, arrivals, raw_prompts)
+  model = loaded if weights[0] == "float32" else loaded.quantized(
+      int(weights[0][-1]), head_bits=decode_bench.HEAD_BITS)
+  rows, cont, lock = by_weights[weights[0]]
   if speculative_k:  # the same traffic with `draft`'s proposals verified in each step
     spec = _continuous(model, cfg, prompts, outs, arrivals, speculative_k=speculative_k,
                        draft=model.draft(draft))
-    rows["speculative"] = summary(spec)
+    rows["speculative"] = _summary(spec)
     rows["speculative"].update(
         k=speculative_k, draft=draft, acceptance=spec["accepted"] / max(spec["proposed"], 1),
         vs_continuous=cont["seconds"] / spec["seconds"],
@@ -252,7 +323,7 @@ def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
       banked = jax.device_put(banked, placement.qtensor_shardings(
           banked, transformer.logical_axes(model.config), model.mesh))
     multi = _continuous(model, cfg, prompts, outs, arrivals, params=banked)
-    rows["multi_lora"] = summary(multi)
+    rows["multi_lora"] = _summary(multi)
     rows["multi_lora"].update(
         adapters=lora_adapters, rank=lora_rank,
         vs_continuous=cont["seconds"] / multi["seconds"],
@@ -270,7 +341,7 @@ def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
       js = _continuous(model, cfg, prompts, outs, arrivals,
                        constraint=lambda: vocabulary.constraint(compiled))
       ratios.append(base["seconds"] / js["seconds"])
-    rows["structured"] = summary(js)
+    rows["structured"] = _summary(js)
     rows["structured"].update(
         vs_continuous=float(np.median(ratios)), vs_continuous_rounds=ratios,
         vs_lockstep=lock["seconds"] / js["seconds"],
@@ -281,7 +352,7 @@ def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
       sjs = _continuous(model, cfg, prompts, outs, arrivals, speculative_k=speculative_k,
                         draft=model.draft(draft),
                         constraint=lambda: vocabulary.constraint(compiled))
-      rows["structured_speculative"] = summary(sjs)
+      rows["structured_speculative"] = _summary(sjs)
       rows["structured_speculative"].update(
           k=speculative_k, draft=draft, vs_structured=js["seconds"] / sjs["seconds"],
           grammar_acceptance=sjs["grammar_accepted"] / max(sjs["grammar_proposed"], 1),
@@ -313,7 +384,7 @@ def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
   off = _continuous(model, cfg, p_prompts, p_outs, p_arrivals, prefix_caching=False)
   same = all(a.tokens == b.tokens for a, b in zip(on["requests"], off["requests"]))
   prefix = dict(requests=prefix_requests, system_tokens=system_tokens,
-                on=summary(on), off=summary(off),
+                on=_summary(on), off=_summary(off),
                 speedup=off["seconds"] / on["seconds"],
                 ttft_p50_ratio=float(np.percentile(off["ttft"], 50)
                                      / np.percentile(on["ttft"], 50)),
@@ -321,25 +392,56 @@ def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
   return dict(suite="serve", checkpoint=path, backend=jax.default_backend(),
               requests=requests, rate=rate, max_output_tokens=max_output_tokens,
               max_slots=max_slots, page_size=page_size, mesh=mesh or "one device",
-              rows=rows, continuous_vs_static=rows["continuous"]["tokens_per_s"]
+              weights=list(weights), rows=rows,
+              by_weights={kind: r for kind, (r, _, _) in by_weights.items()},
+              continuous_vs_static=rows["continuous"]["tokens_per_s"]
               / rows["static"]["tokens_per_s"], prefix=prefix, interleaved=mixed)
+
+
+def _core_table(rows: dict, weights: str) -> list[str]:
+  """The continuous, lockstep, static and raw rows of one kind of weights, and the breakdown
+  of their engine steps."""
+  lines = [f"{'mode':<12}{'tokens/s':>10}{'TTFT p50 s':>12}{'TTFT p99 s':>12}{'seconds':>9}"
+           f"   ({weights} weights)"]
+  for mode in ("continuous", "overlapped", "lockstep", "static"):
+    if mode not in rows:
+      continue
+    r = rows[mode]
+    note = ""
+    if mode == "continuous" and "mode" in r:
+      note = f"   (the engine's default here: {r['mode']})"
+    if "vs_raw" in r and mode != "lockstep":
+      note += (f"   {r['vs_static']:.2f}x static, {r['vs_raw']:.2f}x raw decode, "
+               f"{r['vs_raw_with_prefill']:.2f}x with its prefill")
+    if mode == "overlapped":
+      note += f"; {r['vs_lockstep']:.2f}x lockstep, outputs identical: {r['identical']}"
+    if mode == "lockstep" and "overlap_speedup" in r:  # results from before the overlapped row
+      note = (f"   overlap makes continuous {r['overlap_speedup']:.2f}x faster, outputs "
+              f"identical: {r['identical']}")
+    lines.append(f"{mode:<12}{r['tokens_per_s']:>10.1f}{r['ttft_p50']:>12.2f}"
+                 f"{r['ttft_p99']:>12.2f}{r['seconds']:>9.1f}{note}")
+  if "raw" in rows:
+    raw = rows["raw"]
+    lines.append(f"{'raw decode':<12}{raw['tokens_per_s']:>10.1f}{'':>33}   batch "
+                 f"{raw['batch']} in the offline device loop (contiguous cache, "
+                 f"{raw['prompt_tokens']}-token prompts, {raw['new_tokens']} new tokens, "
+                 f"prefill left out; {raw['with_prefill_tokens_per_s']:.1f} with it)")
+  for mode in ("overlapped", "lockstep"):
+    r = rows.get(mode, {})
+    if "step_parts_ms" in r:
+      parts = ", ".join(f"{k} {v:.1f}" for k, v in r["step_parts_ms"].items())
+      lines.append(f"  {mode} step: {r['step_ms']:.1f} ms of wall time per decode step "
+                   f"({r['decode_steps']} steps) = {parts}")
+  return lines
 
 
 def table(result: dict) -> str:
   rows = result["rows"]
+  weights = result.get("weights", ["float32"])
   lines = [f"serve: {result['checkpoint']} on {result['backend']} "
            f"({result.get('mesh', 'one device')}), {result['requests']} "
            f"requests at {result['rate']}/s, {result['max_slots']} slots, pages of "
-           f"{result['page_size']}",
-           f"{'mode':<12}{'tokens/s':>10}{'TTFT p50 s':>12}{'TTFT p99 s':>12}{'seconds':>9}"]
-  for mode in ("continuous", "lockstep", "static"):
-    if mode not in rows:
-      continue
-    r = rows[mode]
-    lines.append(f"{mode:<12}{r['tokens_per_s']:>10.1f}{r['ttft_p50']:>12.2f}"
-                 f"{r['ttft_p99']:>12.2f}{r['seconds']:>9.1f}"
-                 + (f"   overlap makes continuous {r['overlap_speedup']:.2f}x faster, outputs "
-                    f"identical: {r['identical']}" if mode == "lockstep" else ""))
+           f"{result['page_size']}", *_core_table(rows, weights[0])]
   if "speculative" in rows:
     r = rows["speculative"]
     lines.append(f"{'+ ' + r['draft'] + ' k=' + str(r['k']):<12}{r['tokens_per_s']:>10.1f}"
@@ -375,6 +477,8 @@ def table(result: dict) -> str:
   lines.append(f"continuous / static throughput: {result['continuous_vs_static']:.2f}x; KV "
                f"utilisation {rows['continuous']['kv_utilisation']:.1%}; preemptions "
                f"{rows['continuous']['preemptions']}")
+  for kind in weights[1:]:
+    lines += _core_table(result["by_weights"][kind], kind)
   p = result["prefix"]
   lines.append(f"prefix cache ({p['requests']} requests sharing {p['system_tokens']} tokens): "
                f"{p['speedup']:.2f}x faster, TTFT p50 {p['ttft_p50_ratio']:.2f}x lower, "

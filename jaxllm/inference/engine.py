@@ -15,8 +15,9 @@ moment a request ends. Offline generation (`generate.generate_requests`,
 `speculative.speculative_generate`) runs the same decode and speculative step functions in a
 device loop.
 Since the device feeds each drawn token itself, the host dispatches decode step n + 1 before it
-reads step n's tokens (`EngineConfig.overlap`): its bookkeeping runs while the device works, and
-a request that stopped at step n only wastes its row of step n + 1.
+reads step n's tokens (`EngineConfig.overlap`, on accelerators by default): its bookkeeping runs
+while the device works, and a request that stopped at step n only wastes its row of step n + 1.
+`Engine.step_times` counts the host's time per part of the steps (`STEP_PARTS`).
 
 Running out of pages never fails a request: the youngest running one is preempted (pages
 released, request back at the head of the queue) and later recomputed from its prompt plus the
@@ -53,6 +54,7 @@ cache as a prefill of that text would (not token by token as it was built).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -102,7 +104,11 @@ class EngineConfig:
   # Dispatch each plain decode step before reading the previous step's tokens, so the host's
   # bookkeeping (streaming, stop checks, page growth, the next step's arrays) runs while the
   # device computes. Speculative steps need every token on the host first and stay in lockstep.
-  overlap: bool = True
+  # None: overlap on an accelerator, lockstep on the CPU backend, where the "device" is the
+  # host's own cores: the bookkeeping there competes with the step's threads instead of hiding
+  # behind them (SmolLM2 on 2 cores: 11.2 ms of host work a step overlapped against 1.3 ms in
+  # lockstep, 0.90x the throughput; docs/benchmarks.md).
+  overlap: bool | None = None
   # StreamingLLM (stream_window > 0): attend to the first `sink_tokens` tokens and the
   # `stream_window` latest, in a constant number of pages per request, with no length limit.
   # Speculative decoding is refused (it would roll back a ring that already overwrote its
@@ -137,6 +143,23 @@ class EngineConfig:
       raise ValueError("speculative decoding cannot run on a streaming cache (a rejected "
                        "proposal would roll back a ring that has overwritten its oldest "
                        "tokens): set speculative_k=0 or stream_window=0")
+
+
+# The parts of an engine step `Engine.step_times` counts: taking arrivals and admitting
+# (`admit`), dispatching prefill chunks (`prefill`), building a decode step's host arrays
+# (`schedule`: pages, sampling arrays, grammar masks, the batch), dispatching it (`dispatch`),
+# waiting for a step's tokens to reach the host (`wait`: the device's time the host did not
+# hide) and handing them to their requests (`emit`: stops, streaming callbacks, grammars).
+STEP_PARTS = ("admit", "prefill", "schedule", "dispatch", "wait", "emit")
+
+
+def default_overlap(params) -> bool:
+  """`EngineConfig.overlap` unset: whether the host overlaps the device for params held where
+  they are (on an accelerator, not on the CPU backend)."""
+  leaves = jax.tree.leaves(params)
+  if leaves and isinstance(leaves[0], jax.Array):
+    return next(iter(leaves[0].devices())).platform != "cpu"
+  return jax.default_backend() != "cpu"
 
 
 class EngineFailed(RuntimeError):
@@ -183,7 +206,14 @@ class Engine:
       raise ValueError(f"num_pages={config.num_pages} cannot hold {what} ({self.max_pages} "
                        f"pages of {config.page_size})")
     self.config = config
+    self.overlap = config.overlap
+    if self.overlap is None:
+      self.overlap = default_overlap(params)
     self.stats = collections.Counter()
+    # Host seconds spent per part of the steps (`STEP_PARTS`), for the serving bench's
+    # breakdown of a step; a few clock reads a step.
+    self.step_times = collections.Counter()
+    self._timing: tuple[str, float] | None = None  # the part being timed, since when
     self.runner = runner_lib.Runner(graphdef, params, config, max_seq_len=self.max_seq_len,
                                     draft=draft)
     self.scheduler = scheduler_lib.Scheduler(
@@ -321,13 +351,30 @@ class Engine:
     with placement.in_mesh(self.mesh):
       return self._step()
 
+  @contextlib.contextmanager
+  def _timed(self, part: str):
+    """Counts the block's time to `part`, less the time of parts timed inside it (a lockstep
+    step's `wait` inside its `schedule`): each second goes to one part."""
+    now = time.perf_counter()
+    outer = self._timing
+    if outer is not None:
+      self.step_times[outer[0]] += now - outer[1]
+    self._timing = (part, now)
+    try:
+      yield
+    finally:
+      end = time.perf_counter()
+      self.step_times[part] += end - self._timing[1]
+      self._timing = None if outer is None else (outer[0], end)
+
   def _step(self) -> bool:
-    if self.lockstep:
-      self._sync()
-    with self._lock:
-      self._drop_cancelled()
-      for r in self.scheduler.admit():
-        self.runner.start_slot(r.slot, r.prompt)
+    with self._timed("admit"):
+      if self.lockstep:
+        self._sync()
+      with self._lock:
+        self._drop_cancelled()
+        for r in self.scheduler.admit():
+          self.runner.start_slot(r.slot, r.prompt)
     if not self.scheduler.running:
       self._collect()  # a step whose requests have all ended since
       return bool(self.scheduler.waiting)
@@ -425,9 +472,12 @@ class Engine:
       return
     C = self.config.prefill_chunk
     chunks = [r.sequence[r.prefilled:r.prefilled + C] for r in pending]
-    logits = self.runner.prefill([r.pages for r in pending], [r.prefilled for r in pending],
-                                 chunks, [r.adapter for r in pending],
-                                 self.scheduler.table_width(pending))
+    with self._timed("prefill"):
+      logits = self.runner.prefill([r.pages for r in pending], [r.prefilled for r in pending],
+                                   chunks, [r.adapter for r in pending],
+                                   self.scheduler.table_width(pending))
+      if not self.overlap:  # in lockstep the chunk's device time is the prefill's own
+        jax.block_until_ready(logits)
     for i, request in enumerate(pending):
       request.prefilled += len(chunks[i])
       self.stats["prefill_tokens"] += len(chunks[i])
@@ -447,18 +497,22 @@ class Engine:
     return self.runner.adapters([0 if r is None else r.adapter for r in self.scheduler.slots])
 
   def _decode_step(self) -> None:
-    self.scheduler.release_out_of_window()
-    ready, mask = self._drawable(self.scheduler.grow_pages(), self.config.speculative_k > 0)
+    with self._timed("schedule"):
+      self.scheduler.release_out_of_window()
+      ready, mask = self._drawable(self.scheduler.grow_pages(), self.config.speculative_k > 0)
     if self.config.speculative_k:
       if ready:
         self._speculative_step(ready, mask)
       return
     previous, self._pending = self._pending, None
     if ready:
-      width = self.scheduler.table_width(ready)
-      batch = self.runner.batch(*self.scheduler.batch_arrays(ready, width),
-                                self._slot_adapters(), mask)
-      self._fed(ready, *self.runner.decode(batch))
+      with self._timed("schedule"):
+        width = self.scheduler.table_width(ready)
+        batch = self.runner.batch(*self.scheduler.batch_arrays(ready, width),
+                                  self._slot_adapters(), mask)
+      with self._timed("dispatch"):
+        tok, logp = self.runner.decode(batch)
+      self._fed(ready, tok, logp)
     self._after_dispatch(previous)
 
   def _drawable(self, ready: list[Request], in_lockstep: bool):
@@ -486,10 +540,10 @@ class Engine:
 
   def _after_dispatch(self, previous) -> None:
     """The device runs the step just dispatched while the host reads and hands out the last
-    (`previous`), unless overlap is off."""
+    (`previous`), unless the engine runs in lockstep (`EngineConfig.overlap`)."""
     if previous is not None:
       self._emit_step(previous)
-    if not self.config.overlap:
+    if not self.overlap:
       self._collect()
 
   def _mixed_step(self) -> None:
@@ -534,7 +588,8 @@ class Engine:
     previous, self._pending = self._pending, None
     batch = self.runner.batch(table, lengths, active, steps, self.runner.adapters(adapters),
                               mask)
-    tok, logp = self.runner.mixed(batch, tokens, ends)
+    with self._timed("dispatch"):
+      tok, logp = self.runner.mixed(batch, tokens, ends)
     self.stats["mixed_steps"] += 1
     for r, first, n in rows:
       r.prefilled += n
@@ -647,13 +702,15 @@ class Engine:
     """Reads a dispatched decode step's tokens and emits them to the requests that still hold
     the slot they had then; the others ended or were preempted since."""
     tok, logp, rows = pending
-    tok, logp = placement.to_host((tok, logp))
-    now = time.monotonic()
-    for r, slot, epoch in rows:
-      if r.done or r.slot != slot or r.preemptions != epoch:
-        continue
-      r.inflight -= 1
-      self._emit(r, int(tok[slot]), float(logp[slot]), now)
+    with self._timed("wait"):
+      tok, logp = placement.to_host((tok, logp))
+    with self._timed("emit"):
+      now = time.monotonic()
+      for r, slot, epoch in rows:
+        if r.done or r.slot != slot or r.preemptions != epoch:
+          continue
+        r.inflight -= 1
+        self._emit(r, int(tok[slot]), float(logp[slot]), now)
 
   def _emit(self, r: Request, t: int, logp: float, now: float) -> bool:
     """Hands one produced token to its request; returns whether the request goes on."""
@@ -738,8 +795,9 @@ class Engine:
         hist[r.slot, :len(seq)] = seq
     batch = self.runner.batch(*self.scheduler.batch_arrays(ready, width),
                               self._slot_adapters(), mask)
-    tokens, logp, n_acc, emitted, next_tokens = self.runner.speculative(batch, hist, drafts,
-                                                                         given)
+    with self._timed("wait"):  # the step runs in lockstep: dispatched and read back at once
+      tokens, logp, n_acc, emitted, next_tokens = self.runner.speculative(batch, hist, drafts,
+                                                                           given)
     self.stats["decode_steps"] += 1
     now = time.monotonic()
     for r in ready:

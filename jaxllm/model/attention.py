@@ -156,6 +156,16 @@ class Attention(nnx.Module):
     if page_table_BM is not None:
       cache_k = kv_cache.write_paged(cache_k, layer, k, page_table_BM, lengths_B, num_new_B)
       cache_v = kv_cache.write_paged(cache_v, layer, v, page_table_BM, lengths_B, num_new_B)
+      int8 = isinstance(cache_k, kv_cache.Int8KV)
+      values = cache_k.values if int8 else cache_k
+      if cpu_attention.paged_applies(q, values, alibi_slopes=self.alibi_slopes,
+                                     logit_soft_cap=self.soft_cap):
+        # Reads the layer's pages in place through the table (no gathered copy of them).
+        scales = dict(k_scales_LNPK=cache_k.scales, v_scales_LNPK=cache_v.scales) if int8 else {}
+        out = self._windowed(lambda window: cpu_attention.paged_attention(
+            q, values, cache_v.values if int8 else cache_v, layer, page_table_BM,
+            q_index_BT=q_index_BT, sliding_window=window, **scales), local)
+        return self.out_projection(out), cache_k, cache_v
       # Layer l's pages are pages l*N .. of the flattened pool: no per-layer copy of the pool.
       L, N = cache_k.shape[:2]
       flat = lambda pages: pages.reshape(L * N, *pages.shape[2:])

@@ -1,7 +1,7 @@
 // Small-batch matrix products for XLA:CPU that stream their weights at memory bandwidth:
 // float32, int8 and packed int4 weights (`jaxllm.quant.tensor.QTensor`'s layout), read once
 // per call and never dequantized into memory; and a decode step's attention over a contiguous
-// KV cache (at the end). Built and registered by `jaxllm.ops.cpu_gemv`.
+// or paged KV cache (at the end). Built and registered by `jaxllm.ops.cpu_gemv`.
 //
 // Two layouts:
 //   io_block    y[m, o] = sum_i x[m, i] w[i, o]   (the model's `[in, out]` weights): each task
@@ -29,6 +29,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -602,16 +603,30 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
 constexpr float kMaskValue = -0.7f * 3.4028234663852886e38f;
 
 struct AttentionProblem {
-  const float* q;         // [B, T, H, Dh]
-  const float* k;         // [B, S, K, Dh] (this layer's)
-  const float* v;
-  const int32_t* q_index; // [B, T]
-  const int32_t* kv_index;// [B, S]
-  float* out;             // [B, T, H, Dh]
-  int64_t B, T, H, K, S, Dh;
-  int64_t window;         // 0: none
+  const float* q;          // [B, T, H, Dh]
+  const void* k;           // this layer's rows of [K, Dh]: [B, S] (contiguous) or [N, P] (pages)
+  const void* v;
+  const float* k_scales;   // int8 caches: a scale per row and kv head ([rows, K]); else null
+  const float* v_scales;
+  const int32_t* q_index;  // [B, T]
+  const int32_t* kv_index; // [B, S] (contiguous); paged: [S], position s is slot s
+  const int32_t* table;    // [B, M] page table (paged); null when contiguous
+  float* out;              // [B, T, H, Dh]
+  int64_t B, T, H, K, S, Dh;  // S: positions per sequence (paged: M * P)
+  int64_t M, P, N;         // paged: table width, page size, pages in the layer's pool
+  int64_t window;          // 0: none
   float scale;
 };
+
+// The cache row (of [K, Dh]) that holds position s of sequence b. A page number outside the
+// pool (table entries past a sequence's length may name any page) is clamped: its positions
+// are seen by no query that counts, and the read stays inside the pool.
+inline int64_t row_of(const AttentionProblem& p, int64_t b, int64_t s) {
+  if (!p.table) return b * p.S + s;
+  const int64_t page = std::min<int64_t>(std::max<int32_t>(p.table[b * p.M + s / p.P], 0),
+                                         p.N - 1);
+  return page * p.P + s % p.P;
+}
 
 inline bool visible(int32_t ki, int32_t qi, int64_t window) {
   return ki <= qi && (window == 0 || ki > static_cast<int64_t>(qi) - window);
@@ -622,6 +637,9 @@ inline bool visible(int32_t ki, int32_t qi, int64_t window) {
 // reduction for 16 dot products instead of one each), its softmax weights are exponentiated
 // 16 at a time, and its values are summed into registers, all heads of a kv head at once.
 constexpr int64_t kBlock = 16;
+// The largest head an int8 cache's blocks convert into floats on the stack (larger ones go
+// one position at a time).
+constexpr int64_t kMaxBlockDh = 256;
 
 // Lane j: the sum of v[j]'s 16 lanes. Pairs of vectors are folded into each other's halves,
 // quarters, then pairs of lanes (15 folds for 16 sums); a last permute puts sums in order.
@@ -681,17 +699,41 @@ inline __mmask16 visible_block(const int32_t* kv_index, int32_t qi, int64_t wind
 // Every query head of sequence `b`, every query token. The keys (then the values) are read
 // in one sequential pass over the cache positions, all kv heads of a position together (one
 // contiguous `[K, Dh]` row): per head, a strided walk left the reads waiting on memory.
-// Blocks of positions that no query sees are skipped. `logits` has room for H * S floats,
-// `total` for H.
+// Blocks of positions that no query sees are skipped; a paged sequence is read only up to
+// its last query's position (the pages past it are not its own yet). `T` is the cache's
+// element type: float, or int8 with a scale per row and kv head (a key's scale multiplies
+// its logit, a value's its softmax weight). `logits` has room for H * S floats, `total` for H.
+template <typename T>
 void attend_sequence(const AttentionProblem& p, int64_t b, float* logits, float* total) {
-  const int64_t G = p.H / p.K, S = p.S, Dh = p.Dh, row = p.K * Dh;
-  const float* keys = p.k + b * S * row;
-  const float* values = p.v + b * S * row;
-  const int32_t* kv_index = p.kv_index + b * S;
+  const int64_t G = p.H / p.K, Dh = p.Dh, K = p.K, row = K * Dh;
+  const T* keys = static_cast<const T*>(p.k);
+  const T* values = static_cast<const T*>(p.v);
+  const int32_t* kv_index = p.table ? p.kv_index : p.kv_index + b * p.S;
+  int64_t S = p.S;
+  if (p.table) {
+    int64_t last = -1;
+    for (int64_t t = 0; t < p.T; ++t) last = std::max<int64_t>(last, p.q_index[b * p.T + t]);
+    S = std::min<int64_t>(std::max<int64_t>(last + 1, 1), p.S);
+  }
+  auto key_row = [&](int64_t s) { return keys + row_of(p, b, s) * row; };
+  auto value_row = [&](int64_t s) { return values + row_of(p, b, s) * row; };
+  auto k_scale = [&](int64_t s, int64_t kh) {
+    return p.k_scales ? p.k_scales[row_of(p, b, s) * K + kh] : 1.0f;
+  };
+  auto v_scale = [&](int64_t s, int64_t kh) {
+    return p.v_scales ? p.v_scales[row_of(p, b, s) * K + kh] : 1.0f;
+  };
 #if JAXLLM_AVX512
-  // Whole blocks go through the vector loops (which hold a head's Dh in whole vectors); the
-  // positions after the last whole block, one at a time.
-  const int64_t blocked = Dh % 16 == 0 ? S / kBlock * kBlock : 0;
+  // Whole blocks go through the vector loops (which hold a head's Dh in whole vectors, and a
+  // block's 16 rows contiguous: pages of a multiple of 16 positions); the positions after the
+  // last whole block, one at a time.
+  const bool whole = Dh % 16 == 0 && (!p.table || p.P % kBlock == 0) &&
+                     (std::is_same_v<T, float> || Dh <= kMaxBlockDh);
+  alignas(64) float block[std::is_same_v<T, float> ? 1 : kBlock * kMaxBlockDh];
+  const int64_t blocked = whole ? S / kBlock * kBlock : 0;
+  const __m512i scale_stride = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int32_t>(K)));
 #endif
   for (int64_t t = 0; t < p.T; ++t) {
     const int32_t qi = p.q_index[b * p.T + t];
@@ -709,29 +751,54 @@ void attend_sequence(const AttentionProblem& p, int64_t b, float* logits, float*
         }
         continue;
       }
-      if (s + kBlock < blocked) prefetch(keys + (s + kBlock) * row, kBlock * row * sizeof(float));
-      for (int64_t h = 0; h < p.H; ++h) {
-        const float* key = keys + s * row + (h / G) * Dh;
-        __m512 acc[16];
-        for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
-        for (int64_t d = 0; d < Dh; d += 16) {
-          const __m512 qd = _mm512_loadu_ps(q + h * Dh + d);
-          for (int j = 0; j < 16; ++j) {
-            acc[j] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(key + j * row + d), acc[j]);
+      const int64_t first = row_of(p, b, s);  // the block's 16 rows follow it
+      if (s + kBlock < blocked) prefetch(key_row(s + kBlock), kBlock * row * sizeof(T));
+      for (int64_t kh = 0; kh < K; ++kh) {
+        // The block's keys of this kv head, [16, Dh] with a row stride: in the cache for
+        // float32, converted once into `block` for int8 (not once per query head of the group).
+        const float* key;
+        int64_t stride;
+        if constexpr (std::is_same_v<T, float>) {
+          key = keys + first * row + kh * Dh;
+          stride = row;
+        } else {
+          for (int64_t j = 0; j < kBlock; ++j) {
+            for (int64_t d = 0; d < Dh; d += 16) {
+              _mm512_storeu_ps(block + j * Dh + d, load_full(keys + (first + j) * row + kh * Dh + d));
+            }
           }
+          key = block;
+          stride = Dh;
         }
-        const __m512 l = _mm512_mul_ps(sum_each(acc), _mm512_set1_ps(p.scale));
-        _mm512_storeu_ps(logits + h * S + s,
-                         _mm512_mask_blend_ps(seen, _mm512_set1_ps(kMaskValue), l));
+        __m512 factor = _mm512_set1_ps(p.scale);
+        if (p.k_scales) {
+          factor = _mm512_mul_ps(factor, _mm512_i32gather_ps(scale_stride, p.k_scales + first * K + kh,
+                                                             sizeof(float)));
+        }
+        for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
+          __m512 acc[16];
+          for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+          for (int64_t d = 0; d < Dh; d += 16) {
+            const __m512 qd = _mm512_loadu_ps(q + h * Dh + d);
+            for (int j = 0; j < 16; ++j) {
+              acc[j] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(key + j * stride + d), acc[j]);
+            }
+          }
+          _mm512_storeu_ps(logits + h * S + s,
+                           _mm512_mask_blend_ps(seen, _mm512_set1_ps(kMaskValue),
+                                                _mm512_mul_ps(sum_each(acc), factor)));
+        }
       }
     }
 #endif
     for (; s < S; ++s) {
       const bool seen = visible(kv_index[s], qi, p.window);
       any |= seen;
-      if (s + 2 < S) prefetch(keys + (s + 2) * row, row * sizeof(float));
+      if (s + 2 < S) prefetch(key_row(s + 2), row * sizeof(T));
+      const T* key = key_row(s);
       for (int64_t h = 0; h < p.H; ++h) {
-        logits[h * S + s] = seen ? dot(q + h * Dh, keys + s * row + (h / G) * Dh, Dh) * p.scale
+        logits[h * S + s] = seen ? dot(q + h * Dh, key + (h / G) * Dh, Dh) * p.scale
+                                       * k_scale(s, h / G)
                                  : kMaskValue;
       }
     }
@@ -769,18 +836,20 @@ void attend_sequence(const AttentionProblem& p, int64_t b, float* logits, float*
     const bool in_registers = G * Dh / 16 <= 16;
     for (; in_registers && s < blocked; s += kBlock) {
       if (any && !visible_block(kv_index + s, qi, p.window)) continue;
-      if (s + kBlock < blocked) prefetch(values + (s + kBlock) * row, kBlock * row * sizeof(float));
+      const int64_t first = row_of(p, b, s);
+      if (s + kBlock < blocked) prefetch(value_row(s + kBlock), kBlock * row * sizeof(T));
       for (int64_t kh = 0; kh < p.K; ++kh) {
         __m512 acc[16];
         const int64_t chunks = Dh / 16, n = G * chunks;
         for (int64_t i = 0; i < n; ++i) acc[i] = _mm512_setzero_ps();
         for (int64_t j = 0; j < kBlock; ++j) {
-          const float* value = values + (s + j) * row + kh * Dh;
+          const T* value = values + (first + j) * row + kh * Dh;
+          const float vs = p.v_scales ? p.v_scales[(first + j) * K + kh] : 1.0f;
           for (int64_t c = 0; c < chunks; ++c) {
-            const __m512 vc = _mm512_loadu_ps(value + c * 16);
+            const __m512 vc = load_full(value + c * 16);
             for (int64_t g = 0; g < G; ++g) {
               acc[g * chunks + c] = _mm512_fmadd_ps(
-                  _mm512_set1_ps(logits[(kh * G + g) * S + s + j]), vc, acc[g * chunks + c]);
+                  _mm512_set1_ps(logits[(kh * G + g) * S + s + j] * vs), vc, acc[g * chunks + c]);
             }
           }
         }
@@ -795,10 +864,13 @@ void attend_sequence(const AttentionProblem& p, int64_t b, float* logits, float*
     }
 #endif
     for (; s < S; ++s) {
-      if (s + 2 < S) prefetch(values + (s + 2) * row, row * sizeof(float));
+      if (s + 2 < S) prefetch(value_row(s + 2), row * sizeof(T));
+      const T* value = value_row(s);
       for (int64_t h = 0; h < p.H; ++h) {
         const float weight = logits[h * S + s];
-        if (weight != 0.0f) axpy1(o + h * Dh, values + s * row + (h / G) * Dh, weight, Dh);
+        if (weight != 0.0f) {
+          axpy1(o + h * Dh, value + (h / G) * Dh, weight * v_scale(s, h / G), Dh);
+        }
       }
     }
     for (int64_t h = 0; h < p.H; ++h) {
@@ -806,6 +878,17 @@ void attend_sequence(const AttentionProblem& p, int64_t b, float* logits, float*
       for (int64_t d = 0; d < Dh; ++d) o[h * Dh + d] *= inv;
     }
   }
+}
+
+// Every sequence of the problem, one block of work each, on the caller and the team.
+template <typename T>
+void attend(ffi::ThreadPool& pool, const AttentionProblem& p) {
+  // Short contexts are a few microseconds of work: waking helpers would cost more.
+  const bool spread = p.B * p.S * p.T * p.H * p.Dh >= (1 << 18);
+  parallel_blocks(pool, p.B, [&p](int64_t b) {
+    std::vector<float> scratch(p.H * (p.S + 1));  // logits [H, S], then totals [H]
+    attend_sequence<T>(p, b, scratch.data(), scratch.data() + p.H * p.S);
+  }, spread);
 }
 
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -820,7 +903,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
     return ffi::Error::InvalidArgument(
         "decode attention: q [B, T, H, Dh], k and v stacked [L, B, S, K, Dh]");
   }
-  AttentionProblem p;
+  AttentionProblem p{};
   p.B = qd[0]; p.T = qd[1]; p.H = qd[2]; p.Dh = qd[3];
   p.S = kd[2]; p.K = kd[3];
   const int64_t L = kd[0];
@@ -837,12 +920,66 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   p.out = out->typed_data();
   p.window = window;
   p.scale = scale;
-  // Short contexts are a few microseconds of work: waking helpers would cost more.
-  const bool spread = p.B * p.S * p.T * p.H * p.Dh >= (1 << 18);
-  parallel_blocks(pool, p.B, [&p](int64_t b) {
-    std::vector<float> scratch(p.H * (p.S + 1));  // logits [H, S], then totals [H]
-    attend_sequence(p, b, scratch.data(), scratch.data() + p.H * p.S);
-  }, spread);
+  attend<float>(pool, p);
+  return ffi::Error::Success();
+}
+
+// ---- decode attention over a paged cache -------------------------------------------------
+// The same attention reading a layer's page pool in place through the page table, where
+// XLA's path first gathers each sequence's pages into a contiguous copy (for SmolLM2 at 512
+// positions a copy of every layer's keys and values at every step). Float32 pages, or int8
+// pages with their scales.
+ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
+                                ffi::AnyBuffer v, ffi::Buffer<ffi::F32> k_scales,
+                                ffi::Buffer<ffi::F32> v_scales, ffi::Buffer<ffi::S32> layer,
+                                ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> q_index,
+                                ffi::ResultBuffer<ffi::F32> out, int64_t window, float scale) {
+  auto qd = q.dimensions();
+  auto kd = k.dimensions();
+  auto vd = v.dimensions();
+  auto td = table.dimensions();
+  if (qd.size() != 4 || kd.size() != 5 || vd.size() != 5 || td.size() != 2 ||
+      !std::equal(kd.begin(), kd.end(), vd.begin()) || k.element_type() != v.element_type()) {
+    return ffi::Error::InvalidArgument(
+        "paged decode attention: q [B, T, H, Dh], k and v pages [L, N, P, K, Dh], table [B, M]");
+  }
+  const bool int8 = k.element_type() == ffi::DataType::S8;
+  if (!int8 && k.element_type() != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument("paged decode attention: float32 or int8 pages");
+  }
+  AttentionProblem p{};
+  p.B = qd[0]; p.T = qd[1]; p.H = qd[2]; p.Dh = qd[3];
+  const int64_t L = kd[0];
+  p.N = kd[1]; p.P = kd[2]; p.K = kd[3];
+  p.M = td[1];
+  p.S = p.M * p.P;
+  const int64_t l = *layer.typed_data();
+  const int64_t rows = p.N * p.P;  // a layer's rows of [K, Dh]
+  if (l < 0 || l >= L || td[0] != p.B || kd[4] != p.Dh || p.H % p.K || p.N < 1 ||
+      (int8 && (k_scales.element_count() != L * rows * p.K ||
+                v_scales.element_count() != L * rows * p.K))) {
+    return ffi::Error::InvalidArgument(
+        "paged decode attention: shapes, scales or layer index out of range");
+  }
+  const int64_t bytes = int8 ? 1 : 4;
+  p.k = static_cast<const char*>(k.untyped_data()) + l * rows * p.K * p.Dh * bytes;
+  p.v = static_cast<const char*>(v.untyped_data()) + l * rows * p.K * p.Dh * bytes;
+  p.k_scales = int8 ? k_scales.typed_data() + l * rows * p.K : nullptr;
+  p.v_scales = int8 ? v_scales.typed_data() + l * rows * p.K : nullptr;
+  p.table = table.typed_data();
+  p.q = q.typed_data();
+  p.q_index = q_index.typed_data();
+  std::vector<int32_t> positions(p.S);  // slot s holds position s
+  for (int64_t s = 0; s < p.S; ++s) positions[s] = static_cast<int32_t>(s);
+  p.kv_index = positions.data();
+  p.out = out->typed_data();
+  p.window = window;
+  p.scale = scale;
+  if (int8) {
+    attend<int8_t>(pool, p);
+  } else {
+    attend<float>(pool, p);
+  }
   return ffi::Error::Success();
 }
 
@@ -873,6 +1010,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::Buffer<ffi::S32>>()  // layer []
         .Arg<ffi::Buffer<ffi::S32>>()  // q_index [B, T]
         .Arg<ffi::Buffer<ffi::S32>>()  // kv_index [B, S]
+        .Ret<ffi::Buffer<ffi::F32>>()  // out [B, T, H, Dh]
+        .Attr<int64_t>("window")
+        .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxllmPagedDecodeAttention, PagedDecodeAttention,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::F32>>()  // q [B, T, H, Dh]
+        .Arg<ffi::AnyBuffer>()         // k pages [L, N, P, K, Dh], float32 or int8
+        .Arg<ffi::AnyBuffer>()         // v pages
+        .Arg<ffi::Buffer<ffi::F32>>()  // k scales [L, N, P, K] (int8; else a [0] placeholder)
+        .Arg<ffi::Buffer<ffi::F32>>()  // v scales
+        .Arg<ffi::Buffer<ffi::S32>>()  // layer []
+        .Arg<ffi::Buffer<ffi::S32>>()  // page table [B, M]
+        .Arg<ffi::Buffer<ffi::S32>>()  // q_index [B, T]
         .Ret<ffi::Buffer<ffi::F32>>()  // out [B, T, H, Dh]
         .Attr<int64_t>("window")
         .Attr<float>("scale"));

@@ -7,7 +7,8 @@ or int4 weight, converted and scaled element by element, at a few GB/s (an int8 
 typed FFI handler: float32, int8 and packed int4 weights (QTensor's layout, group scales and
 zero points) read once, in order, split between the calling thread and helper threads of
 the library's own (they spin between a decode step's calls; see `Team` in the source). The
-same library serves a decode step's attention (`jaxllm.ops.cpu_attention`).
+same library serves a decode step's attention over a contiguous or paged cache
+(`jaxllm.ops.cpu_attention`).
 
 The library is compiled on first use with the system's C++ compiler against the installed
 jaxlib's FFI headers (`-march=native`: the machine that runs it), cached under
@@ -48,6 +49,7 @@ from pallas_kernels import backends
 MAX_ROWS = {"float": 2, "quantized": 8, "quantized_table": 16}
 TARGET = "jaxllm_cpu_gemv"
 ATTENTION_TARGET = "jaxllm_cpu_decode_attention"  # served by jaxllm.ops.cpu_attention
+PAGED_ATTENTION_TARGET = "jaxllm_cpu_paged_decode_attention"  # likewise
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_gemv.cc")
 _MODE = contextvars.ContextVar("cpu_kernel", default="auto")
 _log = logging.getLogger(__name__)
@@ -94,6 +96,9 @@ def _register(path: str) -> None:
   library = ctypes.cdll.LoadLibrary(path)
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxllmGemv), platform="cpu")
   jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(library.JaxllmDecodeAttention),
+                              platform="cpu")
+  jax.ffi.register_ffi_target(PAGED_ATTENTION_TARGET,
+                              jax.ffi.pycapsule(library.JaxllmPagedDecodeAttention),
                               platform="cpu")
 
 
