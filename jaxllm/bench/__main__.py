@@ -188,7 +188,8 @@ def main(argv):
       path = fetch("smollm2-135m")
     try:
       result = serve.run(path, requests=_REQUESTS.value, rate=_RATE.value,
-                         prefix_requests=_PREFIX_REQUESTS.value, speculative_k=_SPECULATIVE_K.value,
+                         prefix_requests=_PREFIX_REQUESTS.value,
+                         speculative_k=_SPECULATIVE_K.value,
                          draft=_DRAFT.value, max_output_tokens=_MAX_OUTPUT.value,
                          mesh=_MESH.value, lora_adapters=_LORA_ADAPTERS.value,
                          lora_rank=_LORA_RANK.value, structured=_STRUCTURED.value,

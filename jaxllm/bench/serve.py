@@ -125,9 +125,9 @@ def _continuous(model, engine_cfg, prompts, outs, arrivals, *, prefix_caching=Tr
   steps = max(engine.stats["decode_steps"], 1)
   parts = {part: 1e3 * engine.step_times[part] / steps for part in engine_lib.STEP_PARTS}
   parts["other"] = 1e3 * (end - start) / steps - sum(parts.values())
-  return dict(seconds=end - start, overlap=engine.overlap,
-              decode_steps=engine.stats["decode_steps"],
-              step_ms=1e3 * (end - start) / steps, step_parts_ms=parts, tokens=sum(len(r.tokens) for r in requests),
+  return dict(seconds=end - start, decode_steps=engine.stats["decode_steps"],
+              step_ms=1e3 * (end - start) / steps, step_parts_ms=parts,
+              tokens=sum(len(r.tokens) for r in requests),
               ttft=ttft, kv_utilisation=float(np.mean(util)) if util else None,
               preemptions=engine.stats["preemptions"],
               prefix_hit_tokens=engine.stats["prefix_hit_tokens"], requests=requests,
@@ -263,8 +263,9 @@ def _core_rows(model, cfg, prompts, outs, arrivals, raw_prompts):
   return rows, cont, lock
 
 
-# Weights the serve table runs besides float32 (`weights`): the block weights rounded in
-# memory as `jaxllm.bench decode`'s int8 and int4 peers (embedding and tied head int8 per row).
+# The weights `run(weights=)` takes: the checkpoint's as loaded (float32), or its block weights
+# rounded in memory as `jaxllm.bench decode`'s int8 and int4 peers (embedding and tied head
+# int8 per row).
 WEIGHTS = ("float32", "int8", "int4")
 
 

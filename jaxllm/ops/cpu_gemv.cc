@@ -764,7 +764,8 @@ void attend_sequence(const AttentionProblem& p, int64_t b, float* logits, float*
         } else {
           for (int64_t j = 0; j < kBlock; ++j) {
             for (int64_t d = 0; d < Dh; d += 16) {
-              _mm512_storeu_ps(block + j * Dh + d, load_full(keys + (first + j) * row + kh * Dh + d));
+              _mm512_storeu_ps(block + j * Dh + d,
+                               load_full(keys + (first + j) * row + kh * Dh + d));
             }
           }
           key = block;
@@ -772,8 +773,8 @@ void attend_sequence(const AttentionProblem& p, int64_t b, float* logits, float*
         }
         __m512 factor = _mm512_set1_ps(p.scale);
         if (p.k_scales) {
-          factor = _mm512_mul_ps(factor, _mm512_i32gather_ps(scale_stride, p.k_scales + first * K + kh,
-                                                             sizeof(float)));
+          factor = _mm512_mul_ps(factor, _mm512_i32gather_ps(
+                                             scale_stride, p.k_scales + first * K + kh, sizeof(float)));
         }
         for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
           __m512 acc[16];
@@ -956,8 +957,8 @@ ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   const int64_t l = *layer.typed_data();
   const int64_t rows = p.N * p.P;  // a layer's rows of [K, Dh]
   if (l < 0 || l >= L || td[0] != p.B || kd[4] != p.Dh || p.H % p.K || p.N < 1 ||
-      (int8 && (k_scales.element_count() != L * rows * p.K ||
-                v_scales.element_count() != L * rows * p.K))) {
+      (int8 && (static_cast<int64_t>(k_scales.element_count()) != L * rows * p.K ||
+                static_cast<int64_t>(v_scales.element_count()) != L * rows * p.K))) {
     return ffi::Error::InvalidArgument(
         "paged decode attention: shapes, scales or layer index out of range");
   }
