@@ -244,7 +244,7 @@ def run(path: str, *, batches=(1, 8, 32), peers=PEERS, drafts=("ngram:3", "layer
       calls[peer, B, 1] = make(prompts[:B], 1)
   for spec in drafts or ():
     calls["spec", spec] = jaxllm_call(model.graphdef, model.params, prompts[:1], new_tokens,
-                                       model.draft(spec), k)
+                                      model.draft(spec), k)
   bandwidth = timing.copy_bandwidth_gbps()
   best, outputs = interleaved(calls, repeats)
   bandwidth = max(bandwidth, timing.copy_bandwidth_gbps())  # before and after: the better

@@ -400,39 +400,32 @@ def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
 
 
 def _core_table(rows: dict, weights: str) -> list[str]:
-  """The continuous, lockstep, static and raw rows of one kind of weights, and the breakdown
-  of their engine steps."""
+  """The continuous, overlapped, lockstep, static and raw rows of one kind of weights, and the
+  breakdown of their engine steps."""
   lines = [f"{'mode':<12}{'tokens/s':>10}{'TTFT p50 s':>12}{'TTFT p99 s':>12}{'seconds':>9}"
            f"   ({weights} weights)"]
   for mode in ("continuous", "overlapped", "lockstep", "static"):
-    if mode not in rows:
-      continue
     r = rows[mode]
     note = ""
-    if mode == "continuous" and "mode" in r:
+    if mode == "continuous":
       note = f"   (the engine's default here: {r['mode']})"
-    if "vs_raw" in r and mode != "lockstep":
+    if mode in ("continuous", "overlapped"):
       note += (f"   {r['vs_static']:.2f}x static, {r['vs_raw']:.2f}x raw decode, "
                f"{r['vs_raw_with_prefill']:.2f}x with its prefill")
     if mode == "overlapped":
       note += f"; {r['vs_lockstep']:.2f}x lockstep, outputs identical: {r['identical']}"
-    if mode == "lockstep" and "overlap_speedup" in r:  # results from before the overlapped row
-      note = (f"   overlap makes continuous {r['overlap_speedup']:.2f}x faster, outputs "
-              f"identical: {r['identical']}")
     lines.append(f"{mode:<12}{r['tokens_per_s']:>10.1f}{r['ttft_p50']:>12.2f}"
                  f"{r['ttft_p99']:>12.2f}{r['seconds']:>9.1f}{note}")
-  if "raw" in rows:
-    raw = rows["raw"]
-    lines.append(f"{'raw decode':<12}{raw['tokens_per_s']:>10.1f}{'':>33}   batch "
-                 f"{raw['batch']} in the offline device loop (contiguous cache, "
-                 f"{raw['prompt_tokens']}-token prompts, {raw['new_tokens']} new tokens, "
-                 f"prefill left out; {raw['with_prefill_tokens_per_s']:.1f} with it)")
+  raw = rows["raw"]
+  lines.append(f"{'raw decode':<12}{raw['tokens_per_s']:>10.1f}{'':>33}   batch "
+               f"{raw['batch']} in the offline device loop (contiguous cache, "
+               f"{raw['prompt_tokens']}-token prompts, {raw['new_tokens']} new tokens, "
+               f"prefill left out; {raw['with_prefill_tokens_per_s']:.1f} with it)")
   for mode in ("overlapped", "lockstep"):
-    r = rows.get(mode, {})
-    if "step_parts_ms" in r:
-      parts = ", ".join(f"{k} {v:.1f}" for k, v in r["step_parts_ms"].items())
-      lines.append(f"  {mode} step: {r['step_ms']:.1f} ms of wall time per decode step "
-                   f"({r['decode_steps']} steps) = {parts}")
+    r = rows[mode]
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in r["step_parts_ms"].items())
+    lines.append(f"  {mode} step: {r['step_ms']:.1f} ms of wall time per decode step "
+                 f"({r['decode_steps']} steps) = {parts}")
   return lines
 
 

@@ -11,9 +11,9 @@ same finite mask value.
 
 `paged_attention` does the same over a layer's page pool through the page table, float32 or
 int8 pages with their scales, where XLA's path gathers each sequence's pages into a contiguous
-copy first (`jaxllm.ops.attention.gather_pages`): for SmolLM2 at batch 8 and 512 positions
-that copy made the engine's decode step twice as slow as the contiguous cache's. A sequence's
-pages are read only up to its last query's position.
+copy first (`jaxllm.ops.attention.gather_pages`): for SmolLM2 at batch 8 and a table of 512
+positions that copy made the engine's decode step 1.5x slower (78.6 against 51.0 ms,
+docs/quantization.md). A sequence's pages are read only up to its last query's position.
 
 Inference only (no gradient); float32 queries and (but for int8 pages) cache; no ALiBi or
 logit soft cap (those keep XLA's path). Taken under the same `cpu_gemv.cpu_kernel` mode as the
