@@ -296,13 +296,11 @@ def run(path: str, *, requests: int = 64, rate: float = 8.0, max_slots: int = 8,
                                 prefill_chunk=prefill_chunk, max_seq_len=max_len,
                                 num_pages=max_slots * paging.pages_for(max_len, page_size))
   raw_prompts = decode_bench.stdlib_prompts(tok, max_slots, 64, bos)
-  by_weights = {}
-  for kind in weights:
-    model = loaded if kind == "float32" else loaded.quantized(
-        int(kind[-1]), head_bits=decode_bench.HEAD_BITS)
-    by_weights[kind] = _core_rows(model, cfg, prompts, outs, arrivals, raw_prompts)
-  model = loaded if weights[0] == "float32" else loaded.quantized(
-      int(weights[0][-1]), head_bits=decode_bench.HEAD_BITS)
+  models = {kind: loaded if kind == "float32" else loaded.quantized(
+      int(kind[-1]), head_bits=decode_bench.HEAD_BITS) for kind in weights}
+  by_weights = {kind: _core_rows(m, cfg, prompts, outs, arrivals, raw_prompts)
+                for kind, m in models.items()}
+  model = models[weights[0]]  # the other rows' weights
   rows, cont, lock = by_weights[weights[0]]
   if speculative_k:  # the same traffic with `draft`'s proposals verified in each step
     spec = _continuous(model, cfg, prompts, outs, arrivals, speculative_k=speculative_k,

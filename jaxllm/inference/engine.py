@@ -106,8 +106,9 @@ class EngineConfig:
   # device computes. Speculative steps need every token on the host first and stay in lockstep.
   # None: overlap on an accelerator, lockstep on the CPU backend, where the "device" is the
   # host's own cores: the bookkeeping there competes with the step's threads instead of hiding
-  # behind them (SmolLM2 on 2 cores: 11.2 ms of host work a step overlapped against 1.3 ms in
-  # lockstep, 0.90x the throughput; docs/benchmarks.md).
+  # behind them (SmolLM2 on 2 cores: 7.7 ms of host work a step overlapped against 0.8 ms in
+  # lockstep; overlapped / lockstep throughput 0.92-1.09x over 4 rounds, median 0.95;
+  # docs/benchmarks.md).
   overlap: bool | None = None
   # StreamingLLM (stream_window > 0): attend to the first `sink_tokens` tokens and the
   # `stream_window` latest, in a constant number of pages per request, with no length limit.
