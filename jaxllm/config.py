@@ -240,6 +240,51 @@ class TrainConfig:
   # The optimizer state lives in host memory (pinned_host) and visits the accelerator for each
   # step's update (GPU/TPU; `jaxllm.parallel.zero` places it).
   offload_optimizer: bool = False
+  # Surviving faults (docs/training.md). Saves happen every checkpoint_every steps and, with
+  # checkpoint_minutes > 0, also once that many minutes have passed since the last one.
+  checkpoint_minutes: float = 0.0
+  # A local tier: checkpoints also every local_checkpoint_every steps into this directory (host
+  # RAM such as /dev/shm, or a local SSD; "" off), restored instead of the workdir's when newer.
+  # One process only: a multi-host run's local copies are not one checkpoint.
+  local_checkpoint_dir: str = ""
+  local_checkpoint_every: int = 50
+  # orbax writes a checkpoint in the background while the next steps run (the step waits only
+  # for the copy to host memory); a save waits for the one before it to be committed.
+  async_checkpoint: bool = True
+  # A non-finite loss or gradient norm (or a spike, below) rolls the run back to its newest
+  # checkpoint and skips the offending step's batch; after this many rollbacks in a run it stops
+  # with a one-line reason (0: stop at the first, keeping the last good checkpoint).
+  rollback_limit: int = 3
+  # A loss above spike_loss_factor times its median over the last spike_window steps, or a
+  # gradient norm above spike_grad_factor times its median, counts as a spike (0: off; only
+  # non-finite values count). Gradient norms vary far more from step to step than losses.
+  spike_loss_factor: float = 0.0
+  spike_grad_factor: float = 0.0
+  spike_window: int = 50
+  # "T,U,...": the batches steps T, U, ... would train on are discarded (data known to be bad);
+  # rollbacks add theirs in the workdir's skipped_batches.json.
+  skip_steps: str = ""
+  # A step, evaluation or save that takes longer than this many seconds (the first step's
+  # compilation excepted) is reported with every thread's stack (0: off); with watchdog_exit
+  # the process then exits with status 75 (EX_TEMPFAIL) for a supervisor to restart it.
+  watchdog_s: float = 0.0
+  watchdog_exit: bool = False
+  # Multi-process runs: a process whose host time between log steps (wall time less the waits
+  # for device results) is above this multiple of the other processes' median is reported as
+  # a straggler (0: off).
+  straggler_factor: float = 2.0
+
+
+def parse_skip_steps(spec: str) -> tuple[int, ...]:
+  """`"13,40"` -> (13, 40); raises ConfigError if malformed."""
+  try:
+    steps = tuple(int(x) for x in spec.split(",") if x.strip())
+  except ValueError:
+    raise ConfigError(f"train.skip_steps={spec!r} is not comma-separated step numbers") \
+        from None
+  if any(s < 1 for s in steps):
+    raise ConfigError(f"train.skip_steps={spec!r}: steps count from 1")
+  return steps
 
 
 def parse_profile_steps(spec: str) -> tuple[int, int] | None:
@@ -804,6 +849,16 @@ def validate_train(t: TrainConfig) -> None:
   if not t.loss_scale_init >= 1.0 or t.loss_scale_period < 1:
     raise ConfigError(f"train.loss_scale_init={t.loss_scale_init} must be >= 1 and "
                       f"train.loss_scale_period={t.loss_scale_period} >= 1")
+  if (t.checkpoint_minutes < 0 or t.watchdog_s < 0 or t.rollback_limit < 0
+      or t.straggler_factor < 0):
+    raise ConfigError("train.checkpoint_minutes, train.watchdog_s, train.rollback_limit and "
+                      "train.straggler_factor must be >= 0")
+  for key in ("spike_loss_factor", "spike_grad_factor"):
+    if getattr(t, key) != 0 and not getattr(t, key) > 1:
+      raise ConfigError(f"train.{key}={getattr(t, key)} must be 0 (off) or above 1")
+  _positive("train.spike_window", t.spike_window)
+  _positive("train.local_checkpoint_every", t.local_checkpoint_every)
+  parse_skip_steps(t.skip_steps)
 
 
 def validate(config: Config) -> None:

@@ -1,13 +1,16 @@
 """One process of a multi-process CPU training run (driven by tests/test_multiprocess.py).
 
 usage: python -m tests.multiprocess_worker PORT NUM_PROCESSES PROCESS_ID WORKDIR STOP_AT [KIND]
+    [SLOW_PROCESS]
 Trains `EXPERIMENTS[KIND]` (default "fsdp": the dense model, FSDP over all devices; "moe": an
-MoE model with experts over mesh.expert) and simulates preemption after STOP_AT.
+MoE model with experts over mesh.expert) and simulates preemption after STOP_AT; process
+SLOW_PROCESS (if given) spends 0.3 s of host time after each step, a straggler.
 """
 
 import os
 import signal
 import sys
+import time
 
 from jaxllm.parallel import mesh as mesh_lib
 from jaxllm.train import loop
@@ -27,10 +30,12 @@ def experiment(kind: str, mesh: dict):
 EXPERIMENTS = {"fsdp": FSDP, "moe": dict(fsdp=2, expert=4)}
 
 
-def main(port, num_processes, process_id, workdir, stop_at, kind="fsdp"):
+def main(port, num_processes, process_id, workdir, stop_at, kind="fsdp", slow_process="-1"):
   mesh_lib.initialize_distributed(f"127.0.0.1:{port}", int(num_processes), int(process_id))
 
   def preempt(step):
+    if int(process_id) == int(slow_process):
+      time.sleep(0.3)
     if step == int(stop_at):
       signal.raise_signal(signal.SIGTERM)
 

@@ -36,6 +36,22 @@ def test_bench_train_json(tmp_path):
   assert result["mfu_vs_datasheet"] is None  # CPUs have no data-sheet peak
 
 
+def test_bench_checkpoint_json():
+  """Every save mode timed in every round, both restore tiers, nothing left on disk."""
+  proc = _run("checkpoint", "--json", *SMALL, "--save_every=1", "--repeats=2")
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["suite"] == "checkpoint" and result["rounds"] == 2 and result["steps"] == 2
+  assert {m: len(t) for m, t in result["seconds_all"].items()} == {"none": 2, "sync": 2,
+                                                                    "async": 2}
+  assert set(result["overhead"]) == set(result["save_blocking_s"]) == {"sync", "async"}
+  assert set(result["restore_s"]) == {"disk", "ram"} and min(result["restore_s"].values()) > 0
+  # about the parameters and both Adam moments in float32 (orbax's chunk encoding and metadata
+  # make it somewhat smaller or larger)
+  assert 0.5 < result["checkpoint_bytes"] / (3 * 4 * result["params"]) < 2
+  assert not [f for f in os.listdir(REPO) if f.startswith("jaxllm-bench-ckpt-")]
+
+
 def test_bench_table_and_usage():
   proc = _run("train", *SMALL)
   assert proc.returncode == 0, proc.stderr

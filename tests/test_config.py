@@ -73,6 +73,11 @@ def test_default_experiment_is_valid():
     ("train", dict(loss_scale_init=0.5), "train.loss_scale_init=0.5 must be >= 1"),
     ("train", dict(profile_steps="5"), "train.profile_steps='5' is not START,COUNT"),
     ("train", dict(profile_steps="0,2"), "START and COUNT must be >= 1"),
+    ("train", dict(spike_grad_factor=0.5), "train.spike_grad_factor=0.5 must be 0 (off) or "
+     "above 1"),
+    ("train", dict(skip_steps="3,x"), "train.skip_steps='3,x' is not comma-separated step"),
+    ("train", dict(checkpoint_minutes=-1.0), "train.checkpoint_minutes, train.watchdog_s, "
+     "train.rollback_limit and train.straggler_factor must be >= 0"),
     ("train", dict(profile_steps="30,2"), "starts after the last step (train.steps=20)"),
 ])
 def test_invalid_values_name_the_key(section, values, fragment):

@@ -88,6 +88,8 @@ def test_plan_agrees_with_measured_shards_and_the_compiler(mesh, model):
 
   assert result["param_bytes"] == held(state["params"])
   assert result["optimizer_bytes"] == pytest.approx(held(state["opt_state"]), abs=16)
+  assert result["checkpoint_bytes"] == sum(x.nbytes for x in jax.tree.leaves(
+      (state["params"], state["opt_state"])))
   compiled = result["compiled"]
   # The step's arguments: params + optimizer state, step (int32), rng key (2 x uint32), the
   # loss scale (float32 + int32) under float16, and this device's batch rows (5 int32/float32

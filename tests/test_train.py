@@ -1,10 +1,14 @@
-"""Training: loss falls, exact resume after preemption, refusals that keep checkpoints safe."""
+"""Training: loss falls, exact resume after preemption and kills, damaged checkpoints passed
+over, refusals that keep checkpoints safe."""
 
 import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import chex
 import numpy as np
@@ -14,7 +18,7 @@ import jax
 
 from jaxllm import config as config_lib
 from jaxllm.model import transformer
-from jaxllm.train import loop, optim, step as step_lib
+from jaxllm.train import goodput, loop, optim, step as step_lib
 from jaxllm.train.workdir import METRICS_FILE
 from tests.helpers import REPO, tiny_experiment
 
@@ -69,16 +73,17 @@ def test_resume_after_preemption_is_bitwise_exact(straight_run, tmp_path):
                               jax.device_get(straight["params"]))
 
 
-# A run killed (SIGKILL: no handler, no flush) in the middle of saving its step-20 checkpoint:
-# orbax has written everything into its temporary directory and is about to rename it into
-# place. A half-written metrics line is appended as a kill mid-write would leave it.
+# A run killed (SIGKILL: no handler, no flush) while orbax commits its step-15 checkpoint in
+# the background (train.async_checkpoint): everything is written into its temporary directory,
+# which is about to be renamed into place, while the main thread trains on. A half-written
+# metrics line is appended as a kill mid-write would leave it.
 _KILLED_DURING_SAVE = """
 import os, shutil, signal, sys
 
 def kill_before_commit(real):
   def rename(src, dst, *args, **kwargs):
     dst = os.fspath(dst)
-    if os.path.basename(dst) == "20" and os.path.basename(os.path.dirname(dst)) == "checkpoints":
+    if os.path.basename(dst) == "15" and os.path.basename(os.path.dirname(dst)) == "checkpoints":
       with open(os.path.join(sys.argv[1], "metrics.jsonl"), "a") as f:
         f.write('{"loss": 1.0, "st')
       os.kill(os.getpid(), signal.SIGKILL)
@@ -89,26 +94,120 @@ os.rename, os.replace, shutil.move = (kill_before_commit(f)
                                       for f in (os.rename, os.replace, shutil.move))
 from jaxllm.train import loop
 from tests.helpers import REPO, tiny_experiment
-loop.train(tiny_experiment(), sys.argv[1], progress=False)
+loop.train(tiny_experiment(train=dict(checkpoint_every=5)), sys.argv[1], progress=False)
+"""
+
+# The same run resumed, and killed by the test at a moment it draws at random; a short pause
+# after each step keeps the run from ending before the kill.
+_RESUMED = """
+import sys, time
+from jaxllm.train import loop
+from tests.helpers import tiny_experiment
+loop.train(tiny_experiment(train=dict(checkpoint_every=5)), sys.argv[1], progress=False,
+           on_step=lambda step: time.sleep(0.05))
 """
 
 
-def test_kill_during_a_save_resumes_from_the_last_complete_checkpoint(straight_run, tmp_path):
+def _wait_for_session(workdir, session, proc, timeout=300):
+  """Until the run in `proc` has written a goodput record of session `session`."""
+  began = time.monotonic()
+  while time.monotonic() - began < timeout and proc.poll() is None:
+    records = goodput.read_records(workdir)
+    if any(r["session"] == session for r in records):
+      return
+    time.sleep(0.02)
+  raise AssertionError(f"no goodput record of session {session}: {proc.poll()}")
+
+
+def test_kills_during_an_async_save_and_at_random_resume_exactly(straight_run, tmp_path):
   straight_dir, straight = straight_run
   workdir = str(tmp_path / "killed")
   proc = subprocess.run([sys.executable, "-c", _KILLED_DURING_SAVE, workdir], cwd=REPO,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
-  assert steps == [10]  # step 20 never committed
-  second = loop.train(tiny_experiment(), workdir, progress=False)
-  assert second["step"] == 20 and second["checkpoint_step"] == 20
+  assert steps == [5, 10]  # step 15 never committed
+  delay = random.uniform(0.0, 0.4)
+  proc = subprocess.Popen([sys.executable, "-c", _RESUMED, workdir], cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    _wait_for_session(workdir, 2, proc)
+    time.sleep(delay)
+    proc.kill()
+    _, err = proc.communicate(timeout=60)
+  finally:
+    proc.kill()
+  assert proc.returncode == -signal.SIGKILL, (delay, err[-3000:])
+  third = loop.train(tiny_experiment(train=dict(checkpoint_every=5)), workdir, progress=False)
+  assert third["step"] == 20 and third["checkpoint_step"] == 20
   want, got = _losses(straight_dir), _losses(workdir)
   assert sorted(got) == list(range(1, 21))  # the cut line and the lost steps' lines are gone
   for s in range(1, 21):
-    assert got[s] == want[s], (s, got[s], want[s])
-  chex.assert_trees_all_equal(jax.device_get(second["params"]),
+    assert got[s] == want[s], (delay, s, got[s], want[s])
+  chex.assert_trees_all_equal(jax.device_get(third["params"]),
                               jax.device_get(straight["params"]))
+  proc = subprocess.run([sys.executable, "-m", "jaxllm.goodput", workdir], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert summary["restarts"] == 2 and summary["steps"] == 20, summary
+  # the first run trained steps 11..15 at least before its kill; they were all trained again
+  assert summary["redone_steps"] >= 5 and 0 < summary["goodput"] < 1, summary
+  assert summary["compile_s"] > 0 and summary["restore_s"] > 0 and summary["checkpoint_s"] > 0
+
+
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(straight_run, tmp_path,
+                                                                      capsys):
+  straight_dir, straight = straight_run
+  workdir = str(tmp_path / "damaged")
+  shutil.copytree(straight_dir, workdir)
+  # Step 20's parameter files cut to half their size, as a disk that filled up leaves them.
+  for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "20", "params")):
+    for name in files:
+      path = os.path.join(root, name)
+      os.truncate(path, os.path.getsize(path) // 2)
+  capsys.readouterr()
+  result = loop.train(tiny_experiment(), workdir, progress=False)
+  warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+  assert len(warnings) == 1 and warnings[0].startswith(
+      f"warning: checkpoint step 20 in {workdir}/checkpoints cannot be read (")
+  assert warnings[0].endswith(f"moved to {workdir}/corrupt_checkpoints/20; resuming from step 10")
+  assert os.listdir(os.path.join(workdir, "corrupt_checkpoints", "20"))  # kept, not deleted
+  assert result["checkpoint_step"] == 20
+  want, got = _losses(straight_dir), _losses(workdir)
+  assert sorted(got) == list(range(1, 21))
+  for s in range(1, 21):
+    assert got[s] == want[s], (s, got[s], want[s])
+  chex.assert_trees_all_equal(jax.device_get(result["params"]),
+                              jax.device_get(straight["params"]))
+
+
+def test_a_crash_resumes_from_the_newer_local_tier(straight_run, tmp_path, capsys):
+  straight_dir, straight = straight_run
+  workdir, local_dir = str(tmp_path / "run"), str(tmp_path / "local")
+  cfg = tiny_experiment(train=dict(local_checkpoint_dir=local_dir, local_checkpoint_every=3))
+
+  def crash(step):
+    if step == 14:
+      raise RuntimeError("host lost")
+  with pytest.raises(RuntimeError, match="host lost"):
+    loop.train(cfg, workdir, progress=False, on_step=crash)
+
+  def steps(d):
+    return sorted(int(s) for s in os.listdir(os.path.join(d, "checkpoints")) if s.isdigit())
+  assert steps(workdir) == [10] and steps(local_dir) == [9, 12]
+  capsys.readouterr()
+  result = loop.train(cfg, workdir, progress=False)
+  assert (f"resuming from checkpoint step 12 (local tier, {local_dir})"
+          in capsys.readouterr().err)
+  want, got = _losses(straight_dir), _losses(workdir)
+  assert sorted(got) == list(range(1, 21))
+  for s in range(1, 21):
+    assert got[s] == want[s], (s, got[s], want[s])
+  chex.assert_trees_all_equal(jax.device_get(result["params"]),
+                              jax.device_get(straight["params"]))
+  with pytest.raises(config_lib.ConfigError, match="holds the checkpoints of another workdir"):
+    loop.train(cfg, str(tmp_path / "other"), progress=False)
 
 
 def test_resume_with_other_shapes_is_refused_and_keeps_checkpoints(straight_run):
@@ -124,10 +223,12 @@ def test_resume_with_other_shapes_is_refused_and_keeps_checkpoints(straight_run)
   assert open(os.path.join(workdir, "config.json")).read() == config_before
 
 
-def test_divergence_stops_without_saving(tmp_path):
+def test_divergence_stops_after_its_rollbacks_without_saving(tmp_path):
   cfg = tiny_experiment(train=dict(lr=1e30, warmup_steps=0, clip_norm=0.0, steps=10,
                                    checkpoint_every=5, eval_every=5))
-  with pytest.raises(loop.TrainingDiverged, match="non-finite"):
+  with pytest.raises(loop.TrainingDiverged,
+                     match=r"non-finite .* at step 2; 3 rollbacks so far \(train.rollback_limit=3\); "
+                     r"no checkpoint yet"):
     loop.train(cfg, str(tmp_path), progress=False)
   ckpt = tmp_path / "checkpoints"
   assert not ckpt.exists() or not [s for s in os.listdir(ckpt) if s.isdigit()]

@@ -7,7 +7,9 @@ tokens/s beside Hugging Face transformers, and speculative decoding speedups); s
 (continuous against static batching, KV utilisation, prefix-cache speedup); moe (dispatch
 modes, the grouped-matmul kernel, an expert-parallel train step); passkey (retrieval of a key
 hidden in long filler text, per length and RoPE scaling); context (per-device memory of the
-train step against sequence length under context parallelism, compiled, nothing run).
+train step against sequence length under context parallelism, compiled, nothing run);
+checkpoint (step time with synchronous and asynchronous saves against none, restore time from
+disk and from host RAM).
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ from absl import app, flags
 from jaxllm.cli import common
 
 SUITES = ("train", "attention", "pipeline", "decode", "serve", "quant_matmul", "moe", "passkey",
-          "context")
+          "context", "checkpoint")
 
 _CONFIG = common.define_config_flag(common.default_experiment())
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON result to this file.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).", lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps); checkpoint: "
+                              "per round.", lower_bound=1)
+_SAVE_EVERY = flags.DEFINE_integer("save_every", 5, "checkpoint: steps between saves.",
+                                   lower_bound=1)
 _SEQ_LENS = flags.DEFINE_list(
     "seq_lens", None, "attention, context: sequence lengths (attention: 1024..16384 on GPU/TPU, "
     "256 on CPU; context: 512,1024,2048).")
@@ -48,7 +53,7 @@ _TOKENS = flags.DEFINE_integer("tokens", None, "attention: batch x seq_len per p
 _WIDTH = flags.DEFINE_integer("width", None, "attention: heads x head_dim (default 2048; 128 on "
                               "CPU).", lower_bound=1)
 _REPEATS = flags.DEFINE_integer("repeats", 5, "attention, pipeline, decode: timed calls per "
-                                "measurement.", lower_bound=1)
+                                "measurement; checkpoint: rounds.", lower_bound=1)
 _STAGES = flags.DEFINE_list("stages", ["2", "4"], "pipeline: stage counts to measure.")
 _PIPELINE_MEMORY = flags.DEFINE_list(
     "pipeline_memory", [], "pipeline: microbatch counts at which to compile each schedule "
@@ -248,6 +253,12 @@ def main(argv):
     except ValueError as e:  # ConfigError (a length the ring cannot split) included
       raise common.CommandError(str(e)) from None
     text = context.table(result)
+  elif argv[1] == "checkpoint":
+    from jaxllm.bench import checkpoint
+    cfg = common.experiment(_CONFIG)
+    result = checkpoint.run(cfg, steps=_STEPS.value, save_every=_SAVE_EVERY.value,
+                            rounds=_REPEATS.value)
+    text = checkpoint.table(result)
   elif argv[1] == "pipeline":
     from jaxllm import config as config_lib
     from jaxllm.bench import pipeline

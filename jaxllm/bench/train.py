@@ -39,19 +39,24 @@ def matmul_peak_flops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
   return 2.0 * n ** 3 / statistics.median(_time(lambda: f(a), repeats))
 
 
+def synthetic_batch(cfg: config_lib.Config, sharding) -> dict[str, jax.Array]:
+  """A `[batch_size, seq_len]` batch of random tokens (one document per row) on `sharding`."""
+  B, T, V = cfg.train.batch_size, cfg.train.seq_len, cfg.model.vocab_size
+  tokens = np.random.default_rng(0).integers(0, V, size=(B, T + 1)).astype(np.int32)
+  host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                "weights": np.ones((B, T), np.float32), "segment_ids": np.ones((B, T), np.int32),
+                "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()}
+  return {k: jax.device_put(v, sharding) for k, v in host_batch.items()}
+
+
 def run(cfg: config_lib.Config, steps: int = 10, warmup: int = 2) -> dict:
   config_lib.validate_for_devices(cfg, jax.device_count(), jax.default_backend())
   mesh = mesh_lib.make_mesh(cfg.mesh)
   graphdef, _, shardings, optimizer = loop.state_shardings(cfg, mesh)
   state = loop.initial_state(cfg, optimizer, shardings)
   batch_sh = rules.batch_sharding(mesh)
-  B, T, V = cfg.train.batch_size, cfg.train.seq_len, cfg.model.vocab_size
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, V, size=(B, T + 1)).astype(np.int32)
-  host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                "weights": np.ones((B, T), np.float32), "segment_ids": np.ones((B, T), np.int32),
-                "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()}
-  batch = {k: jax.device_put(v, batch_sh) for k, v in host_batch.items()}
+  B, T = cfg.train.batch_size, cfg.train.seq_len
+  batch = synthetic_batch(cfg, batch_sh)
   train_step = jax.jit(step_lib.make_train_step(graphdef, optimizer, cfg.train),
                        in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
                        donate_argnums=0)

@@ -203,6 +203,11 @@ def plan(cfg: config_lib.Config, num_devices: int, *, compile_check: bool = True
                                              abstract_opt, opt_specs, granule)
   result["state_bytes_per_param"] = (result["param_bytes"] + result["grad_bytes"]
                                      + result["optimizer_bytes"]) / n_params
+  # A checkpoint holds the parameters and the optimizer state once; before an asynchronous
+  # save returns, each device's share of them is copied into its host's memory.
+  result["checkpoint_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
+      (abstract_params, abstract_opt)))
+  result["checkpoint_bytes_per_device"] = result["param_bytes"] + result["optimizer_bytes"]
   if cfg.model.n_experts:
     result["moe"] = _moe_plan(cfg, sizes, abstract_params, param_specs)
   # Offloaded, the optimizer state waits in host memory and visits the device leaf by leaf
@@ -282,6 +287,9 @@ def table(result: dict) -> str:
       ("state bytes / param", f"{result['state_bytes_per_param']:.2f} (per device)"),
       (f"activations (remat {result['remat']})", gib(result["activation_bytes"]) + " (estimate)"),
       ("total / device", gib(result["total_bytes"])),
+      ("checkpoint", f"{gib(result['checkpoint_bytes'])} (params + optimizer state, uncompressed); "
+                     f"up to {gib(result['checkpoint_bytes_per_device'])} per device copied to host "
+                     "memory before an async save returns"),
   ]
   if result.get("moe"):
     e = result["moe"]

@@ -1,4 +1,5 @@
-"""The training loop: data, sharded state, jitted steps, eval, metrics, checkpoints, preemption."""
+"""The training loop: data, sharded state, jitted steps, eval, metrics, checkpoints (two tiers),
+preemption, rollbacks of bad steps, goodput, hang and straggler reports."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxllm import config as config_lib
-from jaxllm.checkpoint.orbax import Checkpointer
+from jaxllm.checkpoint.orbax import Checkpointer, restore_newest
 from jaxllm.data import corpus as corpus_lib
 from jaxllm.data import pipeline
 from jaxllm.errors import UserError
@@ -24,13 +25,17 @@ from jaxllm.model import transformer
 from jaxllm.parallel import mesh as mesh_lib
 from jaxllm.parallel import rules, zero
 from jaxllm.train import distill
+from jaxllm.train import goodput as goodput_lib
 from jaxllm.train import metrics as metrics_lib
-from jaxllm.train import optim, profiling, step as step_lib
+from jaxllm.train import optim, profiling, recovery, step as step_lib
+from jaxllm.train import stragglers as stragglers_lib
+from jaxllm.train import watchdog as watchdog_lib
 from jaxllm.train import workdir as workdir_lib
 
 
 class TrainingDiverged(UserError, RuntimeError):
-  """Loss or gradients became non-finite; the last good checkpoint is kept."""
+  """Loss or gradients turned non-finite (or spiked) more often than train.rollback_limit
+  allows; the last good checkpoint is kept."""
 
 
 class PreemptionGuard:
@@ -170,10 +175,11 @@ def _tokenizer(cfg: config_lib.Config, workdir: str, corpus, teacher, say):
 
 
 def log_compiles(compile_log: profiling.CompileLog, writer, step: int, length: int,
-                  compiled_lengths: set[int]) -> None:
+                 compiled_lengths: set[int]) -> float:
   """One metrics row per compilation since the last call (`compile` the function, `compile_s`
   its seconds, `compiles` its count so far); a train step compiled again for a row length it
-  has compiled before is a recompilation, and a warning."""
+  has compiled before is a recompilation, and a warning. Returns the seconds compiled."""
+  total = 0.0
   for name, (_, seconds) in compile_log.take().items():
     row = {"step": step, "compile": name, "compile_s": seconds,
            "compiles": compile_log.counts[name]}
@@ -186,16 +192,20 @@ def log_compiles(compile_log: profiling.CompileLog, writer, step: int, length: i
             seconds, compile_log.counts[name])
       compiled_lengths.add(length)
     writer.write(row)
+    total += seconds
+  return total
 
 
 def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
           on_step: Callable[[int], None] | None = None,
-          teacher: distill.Teacher | None = None) -> dict[str, Any]:
+          teacher: distill.Teacher | None = None,
+          on_batch: Callable[[int, dict], dict] | None = None) -> dict[str, Any]:
   """Trains (or resumes) `cfg` in `workdir`; returns a summary of the last step and eval.
 
   `progress` shows the progress bar; the run's lines (corpus, tokenizer, model, evaluations,
   warnings) go to stderr from process 0 either way. `on_step(step)` is called after each
-  completed step (tests use it to simulate preemption).
+  completed step (tests use it to simulate preemption); `on_batch(step, batch)` returns the
+  host batch step `step` trains on (tests inject faults with it).
   With `teacher` the student distills from it (`cfg.distill`): the teacher's tokenizer becomes
   the workdir's, and the student may start from the teacher's layers.
   """
@@ -203,10 +213,16 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
   is_main = process_index == 0
   # `progress` is the bar alone: what the run found and decided is always said (process 0).
   say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if is_main else (lambda _: None)
+  say_always = lambda msg: tqdm.write(msg, file=sys.stderr)  # a line every process must say
   mesh_shape = config_lib.validate_for_devices(cfg, jax.device_count(), jax.default_backend())
   if teacher is not None:
     distill.check(cfg, teacher)
   workdir_lib.check_resumable(workdir, cfg)
+  if cfg.train.local_checkpoint_dir and jax.process_count() > 1:
+    raise config_lib.ConfigError(
+        "train.local_checkpoint_dir works in one process: the local copies of a multi-host "
+        "run are not one checkpoint (orbax's emergency checkpointing, for multi-slice TPU "
+        "runs, is not wired in)")
   train_docs, corpus = _corpus(cfg.data)  # before the workdir exists: a bad corpus leaves none
   os.makedirs(workdir, exist_ok=True)
   if corpus.undecodable:
@@ -234,23 +250,36 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
       corpus.eval, tokenizer, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
       num_batches=cfg.train.eval_batches, rows=rows)
   checkpointer = Checkpointer(os.path.join(workdir, workdir_lib.CHECKPOINT_DIR),
-                              cfg.train.keep_checkpoints)
-  resume_step = checkpointer.latest_step()
+                              cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoint)
+  local = None  # the local tier: saved more often, restored first when newer
+  if cfg.train.local_checkpoint_dir:
+    local = Checkpointer(workdir_lib.local_checkpoint_dir(workdir, cfg.train.local_checkpoint_dir),
+                         keep=2, async_save=cfg.train.async_checkpoint)
+  tiers = [local, checkpointer] if local is not None else [checkpointer]
+  clock = goodput_lib.GoodputClock(workdir, writer=is_main)
   n_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
   say(f"model: {n_params / 1e6:.2f}M params; mesh {mesh_shape} over {jax.device_count()} "
       f"{jax.default_backend()} device(s); workdir {workdir}")
-  if resume_step is not None:
-    say(f"resuming from checkpoint step {resume_step}")
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract_state, shardings)
-    state = checkpointer.restore(abstract, train_iter, step=resume_step)
-  else:
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_state, shardings)
+  initial_data = train_iter.get_state()  # where a rollback before the first checkpoint goes
+
+  def step_0_state():
     init_layers = config_lib.parse_layers(cfg.distill.init_layers)
     start_params = None
     if teacher is not None and init_layers:
       say(f"student: teacher layers {list(init_layers)} + its embeddings and head")
       start_params = distill.student_from_teacher(cfg.model, init_layers, teacher)
-    state = initial_state(cfg, optimizer, shardings, start_params)
+    return initial_state(cfg, optimizer, shardings, start_params)
+
+  restore_started = time.perf_counter()
+  state, resume_step, tier = restore_newest(tiers, abstract, train_iter, warn=say)
+  if resume_step is not None:
+    clock.add("restore", time.perf_counter() - restore_started)
+    say(f"resuming from checkpoint step {resume_step}"
+        + (f" (local tier, {cfg.train.local_checkpoint_dir})" if tiers[tier] is local else ""))
+  else:
+    state = step_0_state()
   if is_main:
     workdir_lib.write_config(workdir, cfg)
 
@@ -267,52 +296,141 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
   writer = metrics_lib.MetricsWriter(
       os.path.join(workdir, workdir_lib.METRICS_FILE) if is_main else None,
       os.path.join(workdir, workdir_lib.TB_DIR) if is_main else None, resume_step=resume_step)
+  skips = recovery.SkippedBatches(workdir, config_lib.parse_skip_steps(cfg.train.skip_steps),
+                                  writer=is_main)
+  detector = recovery.SpikeDetector(cfg.train.spike_loss_factor, cfg.train.spike_grad_factor,
+                                    cfg.train.spike_window)
+  stragglers = stragglers_lib.StragglerMonitor(cfg.train.straggler_factor, jax.process_count())
+
+  def judge(step: int, metrics) -> tuple[dict[str, Any], str | None]:
+    """(the step's metrics on the host, why the step is bad or None)."""
+    fetch_started = time.perf_counter()
+    metrics = jax.device_get(metrics)
+    stragglers.waited(time.perf_counter() - fetch_started)
+    values = {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+              for k, v in metrics.items()}
+    # Under loss scaling a step with non-finite gradients was skipped (state intact) and halved
+    # the scale; only at the floor scale of 1 is that divergence.
+    if values.get("skipped", 0.0) > 0 and values["loss_scale"] > 1.0:
+      return values, None
+    reason = detector.verdict(step, values["loss"], values["grad_norm"])
+    if reason is not None and "loss_scale" in values:
+      reason += " (loss scale 1)" if values["loss_scale"] <= 1.0 else ""
+    return values, reason
 
   start = int(jax.device_get(state["step"]))
   last: dict[str, Any] = {"step": start}
   bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and is_main),
              desc=f"train {cfg.name}", unit="step", dynamic_ncols=True)
   interval_start, interval_tokens, saved_step = time.perf_counter(), 0.0, resume_step
+  last_save = time.perf_counter()
   interval_padding = interval_rows = 0
   stopped_by: int | None = None
+  rollbacks = 0
+  end = "failed"
   compile_log = profiling.CompileLog(("train_step", "eval_step"))
   trace = profiling.TraceWindow(config_lib.parse_profile_steps(cfg.train.profile_steps),
                                 os.path.join(workdir, workdir_lib.TB_DIR))
   compiled_lengths: set[int] = set()
+  ran_lengths: set[int] = set()  # row lengths a step has run at in this process
+  evaluated = False
   if start < cfg.train.steps:
     say(f"step {start + 1}: compiling the train step (the first step waits for it)")
   try:
-    with PreemptionGuard() as guard, compile_log:
+    with PreemptionGuard() as guard, compile_log, watchdog_lib.Watchdog(
+        cfg.train.watchdog_s, process_index,
+        exit_code=watchdog_lib.EXIT_CODE if cfg.train.watchdog_exit else None,
+        report=say_always) as watchdog:
       first_started = time.perf_counter()
-      for step in range(start + 1, cfg.train.steps + 1):
+      clock.first_step()
+      pending = None  # (step, metrics): judged after the next step is dispatched
+      step = start
+      while step < cfg.train.steps:
+        step += 1
+        stragglers.step_starts()
+        iteration_started = time.perf_counter()
+        length = config_lib.seq_len_at(schedule, cfg.train.seq_len, step)
+        # A step that may compile (the first at each sequence length) is not timed by the
+        # watchdog.
+        watchdog.beat(f"step {step}" if length in ran_lengths else None)
+        data_started = time.perf_counter()
+        for _ in range(skips.count(step)):  # batches known to be bad
+          next(train_iter)
         host_batch = next(train_iter)
+        data_s = time.perf_counter() - data_started
+        if on_batch is not None:
+          host_batch = on_batch(step, host_batch)
         interval_padding += int(np.sum(host_batch["segment_ids"] == 0))
         interval_rows += host_batch["segment_ids"].shape[0]
-        length = config_lib.seq_len_at(schedule, cfg.train.seq_len, step)
         if length < cfg.train.seq_len:  # the sequence-length warm-up (one compile per length)
           host_batch = pipeline.split_rows(host_batch, length)
         trace.before(step)
-        state, metrics = train_step(state, _to_global(host_batch, batch_sh))
+        global_batch = _to_global(host_batch, batch_sh)
+        dispatch_started = time.perf_counter()
+        state, metrics = train_step(state, global_batch)
+        # Dispatch returns at once unless the runtime runs the step in this thread (XLA:CPU
+        # with collectives across processes): either way it is time on the devices.
+        stragglers.waited(time.perf_counter() - dispatch_started)
         if trace.after(step, metrics):
           say(f"profile: steps {step - trace.count + 1}-{step} traced into "
               f"{workdir}/{workdir_lib.TB_DIR}")
-        log_compiles(compile_log, writer, step, length, compiled_lengths)
+        compile_s = log_compiles(compile_log, writer, step, length, compiled_lengths)
         interval_tokens += cfg.train.batch_size * cfg.train.seq_len
         final = step == cfg.train.steps
         due_log = step % cfg.train.log_every == 0 or final or step == start + 1
-        due_ckpt = step % cfg.train.checkpoint_every == 0 or final or guard.signum is not None
-        if due_log or due_ckpt:
-          values = {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
-                    for k, v in jax.device_get(metrics).items()}
-          # Under loss scaling a step with non-finite gradients was skipped (state intact) and
-          # halved the scale; only at the floor scale of 1 is that divergence.
-          skipped = values.get("skipped", 0.0) > 0 and values["loss_scale"] > 1.0
-          if not skipped and not (math.isfinite(values["loss"])
-                                  and math.isfinite(values["grad_norm"])):
+        if due_log and cfg.train.checkpoint_minutes > 0:
+          due_time = time.perf_counter() - last_save >= 60 * cfg.train.checkpoint_minutes
+          if jax.process_count() > 1:  # every process must take the same decision
+            due_time = bool(multihost_utils.broadcast_one_to_all(np.asarray(due_time)))
+        else:
+          due_time = False
+        due_ckpt = (step % cfg.train.checkpoint_every == 0 or final or due_time
+                    or guard.signum is not None)
+        # The previous step is judged now that this one is queued behind it; a step whose
+        # metrics are logged or whose state is saved is judged at once.
+        bad = None
+        if pending is not None:
+          _, reason = judge(*pending)
+          bad = (pending[0], reason) if reason else None
+          pending = None
+        if bad is None and (due_log or due_ckpt):
+          values, reason = judge(step, metrics)
+          bad = (step, reason) if reason else None
+        elif bad is None:
+          pending = (step, metrics)
+        if bad is not None:
+          bad_step, reason = bad
+          if rollbacks >= cfg.train.rollback_limit:
+            end = "diverged"
             raise TrainingDiverged(
-                f"non-finite loss {values['loss']} / grad norm {values['grad_norm']} at step "
-                f"{step}{' (loss scale 1)' if 'loss_scale' in values else ''}; last good "
-                f"checkpoint: step {saved_step} (kept)")
+                f"{reason} at step {bad_step}; {rollbacks} rollbacks so far "
+                f"(train.rollback_limit={cfg.train.rollback_limit}); "
+                + (f"last good checkpoint: step {saved_step} (kept)" if saved_step is not None
+                   else "no checkpoint yet"))
+          rollbacks += 1
+          clock.rollbacks += 1
+          skips.add(bad_step, reason)
+          for c in tiers:
+            c.wait()
+          restore_started = time.perf_counter()
+          state, back_to, _ = restore_newest(tiers, abstract, train_iter, warn=say)
+          if back_to is None:
+            state, back_to = step_0_state(), 0
+            train_iter.set_state(initial_data)
+          clock.add("restore", time.perf_counter() - restore_started)
+          detector.rewind(back_to)
+          writer.rewind(back_to)
+          say(f"step {bad_step}: {reason}; rolled back to step {back_to}, and its batch will "
+              f"be skipped (rollback {rollbacks} of at most {cfg.train.rollback_limit}; "
+              f"{workdir}/{recovery.SKIPS_FILE})")
+          step, pending = back_to, None
+          stragglers.forget()
+          bar.n = back_to
+          bar.refresh()
+          interval_start, interval_tokens = time.perf_counter(), 0.0
+          interval_padding = interval_rows = 0
+          continue
+        eval_s = checkpoint_s = 0.0
         if due_log:
           elapsed = time.perf_counter() - interval_start
           last = {"step": step, "loss": values["loss"], "lr": values["lr"],
@@ -321,22 +439,56 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
                   "tokens_per_s": interval_tokens / max(elapsed, 1e-9),
                   # this process's rows: the share of their tokens that is packing padding
                   "padding": interval_padding / max(interval_rows * cfg.train.seq_len, 1),
-                  "seq_len": length,
+                  "seq_len": length, "goodput": clock.fraction(),
                   **{k: v for k, v in values.items() if k.startswith("moe_")}}
+          hosts = stragglers.gather()
+          if hosts is not None:
+            last["host_s_max"] = max(hosts["host_s"])
+            if hosts["straggler"] is not None:
+              p = hosts["straggler"]
+              say(f"straggler: process {p} spent {hosts['host_s'][p]:.2f} s on host work over "
+                  f"the last {hosts['steps']} steps, the other processes "
+                  f"{hosts['others_s']:.2f} s (median); they wait for it at every step's "
+                  "collectives")
           writer.write(last)
           bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
           interval_start, interval_tokens = time.perf_counter(), 0.0
           interval_padding = interval_rows = 0
         if step % cfg.train.eval_every == 0 or final:
+          eval_started = time.perf_counter()
+          watchdog.beat(f"evaluation at step {step}" if evaluated else None)
           ev = {"step": step, **evaluate(eval_step, state["params"], eval_data, batch_sh)}
-          log_compiles(compile_log, writer, step, length, compiled_lengths)
+          eval_compile_s = log_compiles(compile_log, writer, step, length, compiled_lengths)
           writer.write({k: v for k, v in ev.items() if k != "eval_tokens"})
           last.update(ev)
           say(f"step {step}: eval_loss {ev['eval_loss']:.4f}  eval_ppl {ev['eval_ppl']:.2f}")
+          eval_s = time.perf_counter() - eval_started - eval_compile_s
+          compile_s += eval_compile_s
+          evaluated = True
           interval_start = time.perf_counter()  # eval time is not training throughput
         if due_ckpt:
+          save_started = time.perf_counter()
+          watchdog.beat(f"checkpoint save at step {step}")
           saved_step = checkpointer.save(state, train_iter)
+          last_save = interval_start = time.perf_counter()
+          checkpoint_s = last_save - save_started
+        elif local is not None and step % cfg.train.local_checkpoint_every == 0:
+          save_started = time.perf_counter()
+          watchdog.beat(f"local checkpoint save at step {step}")
+          local.save(state, train_iter)
           interval_start = time.perf_counter()
+          checkpoint_s = interval_start - save_started
+        stragglers.waited(compile_s + eval_s + checkpoint_s)
+        ran_lengths.add(length)
+        clock.add("data", data_s)
+        clock.add("compile", compile_s)
+        clock.add("eval", eval_s)
+        clock.add("checkpoint", checkpoint_s)
+        clock.step_done(step, max(time.perf_counter() - iteration_started - data_s - compile_s
+                                  - eval_s - checkpoint_s, 0.0))
+        if due_log:
+          clock.write()
+          writer.write_tensorboard(step, clock.scalars())
         bar.update(1)
         if step == start + 1:
           # The rate and ETA count from here: the first step's compilation is not a step.
@@ -352,14 +504,21 @@ def train(cfg: config_lib.Config, workdir: str, *, progress: bool = True,
           saved_step = checkpointer.save(state, train_iter)
           stopped_by = guard.signum
           break
+      end = "preempted" if stopped_by is not None else "done"
   finally:
     trace.close()
     train_iter.close()
     bar.close()
     writer.close()
-    checkpointer.close()
+    wait_started = time.perf_counter()
+    for c in tiers:
+      c.close()  # waits for a save in flight: it is committed or nothing is
+    clock.add("checkpoint", time.perf_counter() - wait_started)
+    clock.write(end)
   last["checkpoint_step"] = saved_step
   last["preempted_by"] = stopped_by
   last["undecodable"] = len(corpus.undecodable)
+  last["rollbacks"] = rollbacks
+  last["goodput"] = clock.fraction()
   last["params"] = state["params"]
   return last

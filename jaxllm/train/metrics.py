@@ -18,16 +18,10 @@ class MetricsWriter:
                resume_step: int | None = None):
     """Both paths None: a writer that discards (processes other than 0 of a multi-host run)."""
     self._file = self._tb = None
+    self._path = jsonl_path
     if jsonl_path is None:
       return
-    if os.path.exists(jsonl_path):
-      with open(jsonl_path) as f:
-        # A line cut short by a killed process parses to no step and goes too.
-        kept = [line for line in f if 0 <= _step_of(line) <= (resume_step or 0)]
-      tmp = f"{jsonl_path}.tmp{os.getpid()}"
-      with open(tmp, "w") as f:
-        f.writelines(kept)
-      os.replace(tmp, jsonl_path)
+    _truncate(jsonl_path, resume_step or 0)
     self._file = open(jsonl_path, "a", buffering=1)
     if tb_dir is not None:
       from tensorboardX import SummaryWriter  # imported late: a heavy import, rank 0 only
@@ -45,6 +39,12 @@ class MetricsWriter:
         elif key != "step" and isinstance(value, list):
           self._add_per_layer(key, value, step)
 
+  def write_tensorboard(self, step: int, values: dict[str, float]) -> None:
+    """Scalars for TensorBoard alone (the goodput breakdown: goodput.jsonl holds its records)."""
+    if self._tb is not None:
+      for key, value in values.items():
+        self._tb.add_scalar(key, value, step)
+
   def _add_per_layer(self, key: str, value: list, step: int) -> None:
     """Per-layer lists (MoE load metrics): one scalar per layer, and per expert for `[L, E]`."""
     for layer, v in enumerate(value):
@@ -54,11 +54,34 @@ class MetricsWriter:
       else:
         self._tb.add_scalar(f"{key}/layer{layer}", v, step)
 
+  def rewind(self, step: int) -> None:
+    """Drops the lines after `step` (a rollback trains those steps again). The TensorBoard
+    files keep their events; TensorBoard's reader drops a tag's later points when its steps go
+    back (its purge of orphaned data)."""
+    if self._file is None:
+      return
+    self._file.close()
+    _truncate(self._path, step)
+    self._file = open(self._path, "a", buffering=1)
+
   def close(self) -> None:
     if self._file is not None:
       self._file.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _truncate(path: str, step: int) -> None:
+  """Keeps the lines of steps 0..`step` (atomically)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    # A line cut short by a killed process parses to no step and goes too.
+    kept = [line for line in f if 0 <= _step_of(line) <= step]
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
 
 
 def _step_of(line: str) -> int:

@@ -17,8 +17,8 @@ from jaxllm.data import corpus as corpus_lib
 from jaxllm.data import pipeline, tokenizer as tokenizer_lib
 
 __all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "METRICS_FILE", "TB_DIR", "TOKENIZER_FILE",
-           "check_resumable", "has_checkpoints", "prepare_tokenizer", "read_config",
-           "save_tokenizer", "write_config"]
+           "check_resumable", "has_checkpoints", "local_checkpoint_dir", "prepare_tokenizer",
+           "read_config", "save_tokenizer", "write_config"]
 
 # Model keys that change parameter shapes or meaning; train.* may change between runs.
 _SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
@@ -65,6 +65,33 @@ def check_resumable(workdir: str, config: config_lib.Config) -> None:
       raise config_lib.ConfigError(
           f"{key} {new!r} differs from {old!r} in the checkpoints of {workdir}, whose data "
           "iterator state it cannot resume; use a new --workdir or the original value")
+
+
+LOCAL_OWNER_FILE = "workdir.txt"
+
+
+def local_checkpoint_dir(workdir: str, local_dir: str) -> str:
+  """The local tier's checkpoint directory for `workdir` (train.local_checkpoint_dir): it
+  records whose it is, and a directory holding another workdir's checkpoints is refused
+  (ConfigError) before anything in it changes."""
+  owner = os.path.join(local_dir, LOCAL_OWNER_FILE)
+  mine = os.path.abspath(workdir)
+  if os.path.exists(owner):
+    with open(owner) as f:
+      theirs = f.read().strip()
+    if theirs != mine:
+      raise config_lib.ConfigError(
+          f"train.local_checkpoint_dir={local_dir} holds the checkpoints of another workdir "
+          f"({theirs}); give this run its own directory")
+  else:
+    os.makedirs(local_dir, exist_ok=True)
+    with open(owner, "w") as f:
+      f.write(mine + "\n")
+  if has_checkpoints(local_dir) and not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    raise config_lib.ConfigError(
+        f"train.local_checkpoint_dir={local_dir} holds checkpoints of an earlier run in "
+        f"{workdir}, which has started afresh; remove them or give another directory")
+  return os.path.join(local_dir, CHECKPOINT_DIR)
 
 
 def save_tokenizer(workdir: str, tokenizer) -> None:
