@@ -26,6 +26,7 @@ COMMANDS = {
     "rl": ("jaxllm.rl", "reinforcement learning with rewards from code or a reward model "
            "(GRPO, PPO)"),
     "goodput": ("jaxllm.goodput", "where a training run's time went, over all its restarts"),
+    "scaling": ("jaxllm.scaling", "fit Chinchilla's scaling law to measured runs"),
     "plan": ("jaxllm.plan", "memory per device of a config on a mesh; TPU AOT compiles"),
     "bench": ("jaxllm.bench", "speed and memory against peers measured in the same run"),
     "fetch": ("jaxllm.fetch", "a model shipped on PyPI into the local cache"),
