@@ -11,6 +11,7 @@ compute-optimal frontier as PNG files (needs matplotlib). See `jaxllm.scaling.la
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -120,10 +121,8 @@ def main(argv):
   if not _RUNS.value:
     raise app.UsageError("fit needs --runs=FILE.csv (columns params,tokens,loss[,flops])")
   if _PLOTS.value:
-    try:
-      import matplotlib  # noqa: F401
-    except ImportError:
-      raise common.CommandError("--plots needs matplotlib (pip install matplotlib)") from None
+    if importlib.util.find_spec("matplotlib") is None:
+      raise common.CommandError("--plots needs matplotlib (pip install 'jaxllm[plots]')")
     os.makedirs(_PLOTS.value, exist_ok=True)
   result = fit_command(_RUNS.value, _FLOPS.value, _BOOTSTRAP.value, _PLOTS.value)
   print(json.dumps(result))
