@@ -14,6 +14,7 @@ import collections
 import json
 import math
 import os
+import statistics
 from typing import Any
 
 from jaxllm import config as config_lib
@@ -36,7 +37,7 @@ class SpikeDetector:
     if len(self._history) == self.window:
       for name, value, factor, column in (("loss", loss, self.factors[0], 1),
                                           ("grad norm", grad_norm, self.factors[1], 2)):
-        median = _median([row[column] for row in self._history])
+        median = statistics.median(row[column] for row in self._history)
         if factor > 0 and value > factor * median:
           return (f"{name} {value:.4g} above {factor:g} x its median {median:.4g} over the "
                   f"last {self.window} steps")
@@ -47,12 +48,6 @@ class SpikeDetector:
     """Forgets the steps after `step` (they are trained again after a rollback)."""
     while self._history and self._history[-1][0] > step:
       self._history.pop()
-
-
-def _median(values: list[float]) -> float:
-  ordered = sorted(values)
-  mid = len(ordered) // 2
-  return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
 class SkippedBatches:
